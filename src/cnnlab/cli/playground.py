@@ -1,0 +1,1 @@
+"""Playground commands: convolve, pool, explain."""
