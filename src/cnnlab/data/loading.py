@@ -1,0 +1,101 @@
+"""Load a named dataset into memory, verified, and split it into train / validation / test."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cnnlab.data.idx import parse_idx
+from cnnlab.data.registry import DataFile, DatasetSpec, get_dataset
+from cnnlab.data.store import ChecksumMismatch, Location, decompress, digest_matches, fetch, locate, unavailable
+
+
+class DataError(ValueError):
+    """Dataset files that are readable but inconsistent (counts, labels, image size)."""
+
+
+@dataclass
+class Dataset:
+    """A dataset in memory: uint8 images (N, H, W), int64 labels (N,), and where they came from."""
+
+    spec: DatasetSpec
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    location: Location
+    files: list[dict] = field(default_factory=list)  # name, path, sha256, verified: the run manifest's record
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.spec.classes
+
+
+@dataclass
+class Splits:
+    """Index arrays into the training set: the validation part is never trained on."""
+
+    train: np.ndarray
+    val: np.ndarray
+
+
+def load_dataset(name: str | DatasetSpec, data_dir: str | Path | None = None, allow_mismatch: bool = False,
+                 download: bool = True, progress: bool = True) -> Dataset:
+    """Find (or download) a dataset, verify every file's checksum, and load it into memory.
+
+    A file whose checksum differs is an error unless `allow_mismatch` is set; either way the
+    digest and the verdict are recorded in `Dataset.files` for the run's manifest.
+    """
+    spec = get_dataset(name) if isinstance(name, str) else name
+    location = fetch(spec, data_dir, progress=progress) if download else locate(spec, data_dir)
+    if location is None:
+        raise unavailable(spec, data_dir)
+    arrays, records = {}, []
+    for file in spec.all_files():
+        array, record = read_verified(location.path(file), file, allow_mismatch)
+        arrays[file.name] = array
+        records.append(record)
+    (tr_img, tr_lab), (te_img, te_lab) = spec.files["train"], spec.files["test"]
+    train = check_pair(spec, arrays[tr_img.name], arrays[tr_lab.name], location.path(tr_img), location.path(tr_lab))
+    test = check_pair(spec, arrays[te_img.name], arrays[te_lab.name], location.path(te_img), location.path(te_lab))
+    return Dataset(spec, *train, *test, location=location, files=records)
+
+
+def read_verified(path: Path, file: DataFile, allow_mismatch: bool) -> tuple[np.ndarray, dict]:
+    """Read one IDX file once: hash its payload, compare with the registry, parse it."""
+    raw = path.read_bytes()
+    payload = decompress(raw, str(path))
+    ok, sha, expected = digest_matches(file, raw, payload)
+    if not ok and not allow_mismatch:
+        raise ChecksumMismatch(
+            f"{path}: checksum mismatch: the payload's SHA-256 is {sha}, the registry expects {expected}. "
+            "If you trust this copy, pass --allow-checksum-mismatch (recorded in the run's manifest).")
+    record = {"name": file.name, "path": str(path), "sha256": sha, "verified": ok}
+    return parse_idx(payload, source=str(path)), record
+
+
+def check_pair(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, images_path: Path,
+               labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Check that images and labels belong together and fit the dataset's definition."""
+    h, w, _ = spec.image_shape
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (h, w):
+        raise DataError(f"{images_path}: expected uint8 images of shape (N, {h}, {w}), "
+                        f"found {images.dtype} of shape {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: expected a 1-D array of labels, found shape {labels.shape}")
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} holds {len(images)} images but {labels_path} holds {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        bad = labels[(labels < 0) | (labels >= spec.num_classes)][0]
+        raise DataError(f"{labels_path}: label {bad} is outside 0..{spec.num_classes - 1} "
+                        f"({spec.num_classes} classes)")
+    return images, labels.astype(np.int64)
+
+
+def split_train_val(n: int, val_size: int, seed: int) -> Splits:
+    """A seeded random split of n training examples into train and validation indices."""
+    if not 0 <= val_size < n:
+        raise ValueError(f"val_size must be between 0 and {n - 1} (the training set has {n} images), got {val_size}")
+    order = np.random.default_rng(seed).permutation(n)
+    return Splits(train=np.sort(order[val_size:]), val=np.sort(order[:val_size]))

@@ -1,0 +1,158 @@
+"""Named datasets: files, checksums, mirrors, class names and how their images were made."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DataFile:
+    """One IDX file of a dataset under its standard name."""
+
+    name: str  # standard file name, e.g. "train-images-idx3-ubyte.gz"
+    sha256: str | None  # of the decompressed payload: survives recompression (Debian recompresses)
+    gz_sha256: str | None = None  # of the canonical .gz download, where the payload digest is unknown
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything cnnlab knows about a named dataset."""
+
+    name: str
+    title: str
+    classes: tuple[str, ...]
+    files: dict[str, tuple[DataFile, DataFile]]  # split -> (images, labels)
+    image_shape: tuple[int, int, int] = (28, 28, 1)  # (H, W, C), channels-last as the lesson writes it
+    mirrors: tuple[str, ...] = ()  # base URLs tried in order; empty for packaged samples
+    val_size: int = 5000  # images held out of the training set for validation
+    recipe: str = "digits"  # how the images were prepared, so user images can be prepared alike
+    packaged: bool = False  # shipped inside cnnlab itself (the offline samples)
+    apt_package: str | None = None  # Debian package that installs the files system-wide
+    source: str = ""
+    licence: str = ""
+    notes: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def all_files(self) -> list[DataFile]:
+        return [f for split in SPLITS for f in self.files[split]]
+
+
+def _idx_files(digests: dict[str, tuple[str | None, str | None]]) -> dict[str, tuple[DataFile, DataFile]]:
+    def file(name: str) -> DataFile:
+        return DataFile(name, *digests[name])
+
+    return {
+        "train": (file("train-images-idx3-ubyte.gz"), file("train-labels-idx1-ubyte.gz")),
+        "test": (file("t10k-images-idx3-ubyte.gz"), file("t10k-labels-idx1-ubyte.gz")),
+    }
+
+
+DIGITS = tuple(str(d) for d in range(10))
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+MNIST = DatasetSpec(
+    name="mnist",
+    title="MNIST handwritten digits",
+    classes=DIGITS,
+    files=_idx_files({
+        # The payload digest of the official train images is not recorded here: downloads are
+        # checked against the digest of the official .gz instead.
+        "train-images-idx3-ubyte.gz": (None, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+        "train-labels-idx1-ubyte.gz": ("65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+                                       "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+        "t10k-images-idx3-ubyte.gz": ("0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+                                      "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+        "t10k-labels-idx1-ubyte.gz": ("ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+                                      "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+    }),
+    mirrors=(
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        "http://yann.lecun.com/exdb/mnist/",
+    ),
+    recipe="digits",
+    source="Y. LeCun, C. Cortes, C. J. C. Burges, The MNIST database of handwritten digits",
+    licence="CC BY-SA 3.0",
+)
+
+FASHION_MNIST = DatasetSpec(
+    name="fashion-mnist",
+    title="Fashion-MNIST (Zalando article images)",
+    classes=FASHION_CLASSES,
+    files=_idx_files({
+        "train-images-idx3-ubyte.gz": ("c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", None),
+        "train-labels-idx1-ubyte.gz": ("bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", None),
+        "t10k-images-idx3-ubyte.gz": ("5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", None),
+        "t10k-labels-idx1-ubyte.gz": ("0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", None),
+    }),
+    mirrors=(
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        "https://raw.githubusercontent.com/zalandoresearch/fashion-mnist/master/data/fashion/",
+    ),
+    recipe="objects",
+    apt_package="dataset-fashion-mnist",
+    source="H. Xiao, K. Rasul, R. Vollgraf, Fashion-MNIST (Zalando Research), arXiv:1708.07747",
+    licence="MIT",
+)
+
+# Small real samples shipped inside the package, so the default run and the tests work offline.
+# Drawn by scripts/make_samples.py; see data/samples/README.md for provenance and licences.
+MNIST_SAMPLE = DatasetSpec(
+    name="mnist-sample",
+    title="MNIST sample (4,000 train / 1,000 test, drawn from the official MNIST test set)",
+    classes=DIGITS,
+    files=_idx_files({
+        "train-images-idx3-ubyte.gz": ("eb3f7580ad839bc88e0ccc00d5c33a0c5ffe28b538776e4577fa8b31db177459", None),
+        "train-labels-idx1-ubyte.gz": ("5f6d7070961d5ca7004bb878bdee70bb13a68da2bb4f66d20205b0cc1219ec08", None),
+        "t10k-images-idx3-ubyte.gz": ("b4f5ea0942d361006d417e6aa88b813f04d6c2ec1ebd28ab3ac9c9b2cca44b35", None),
+        "t10k-labels-idx1-ubyte.gz": ("65b4e835b991348a1bbf6d210d3bc3a826665ebd5e047e66840e4076325ade6c", None),
+    }),
+    val_size=500,
+    recipe="digits",
+    packaged=True,
+    source=MNIST.source,
+    licence=MNIST.licence,
+)
+
+FASHION_MNIST_SAMPLE = DatasetSpec(
+    name="fashion-mnist-sample",
+    title="Fashion-MNIST sample (4,000 train / 1,000 test, drawn from the official files)",
+    classes=FASHION_CLASSES,
+    files=_idx_files({
+        "train-images-idx3-ubyte.gz": ("d1f2e6d5469cc52f97a8863c0e59db31f6350ee3c44d4fa1e9a721dffa9f82ce", None),
+        "train-labels-idx1-ubyte.gz": ("7178a8d7de48a2cf08f8a612c8605a7a38d6639fe74c5e97ae21b580bc95b193", None),
+        "t10k-images-idx3-ubyte.gz": ("b089b9b70f226fb1cce42f4014c2bed7c86426e89f42e47cce26442ee1ead1be", None),
+        "t10k-labels-idx1-ubyte.gz": ("7d1ca4f1bae94d86d77bf3b7c34710ae773090d38f5070ff2bbac75588f6af7d", None),
+    }),
+    val_size=500,
+    recipe="objects",
+    packaged=True,
+    source=FASHION_MNIST.source,
+    licence=FASHION_MNIST.licence,
+)
+
+DATASETS: dict[str, DatasetSpec] = {
+    spec.name: spec for spec in (MNIST, FASHION_MNIST, MNIST_SAMPLE, FASHION_MNIST_SAMPLE)
+}
+
+
+def register(spec: DatasetSpec) -> DatasetSpec:
+    """Add a dataset to the registry (the shipped samples register themselves this way)."""
+    DATASETS[spec.name] = spec
+    return spec
+
+
+def get_dataset(name: str) -> DatasetSpec:
+    """The spec of a named dataset; an unknown name gets the nearest valid one suggested."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        near = difflib.get_close_matches(name, DATASETS, n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        raise ValueError(f"unknown dataset {name!r}{hint} (known: {', '.join(DATASETS)})") from None

@@ -1,0 +1,116 @@
+"""Named convolution kernels (blur, edges, sharpen, ...) and a parser for custom ones.
+
+`get_kernel` accepts a name ("sobel-x"), a parameterised name ("gaussian:5:1.0", "box:5")
+or the weights themselves, rows separated by ';' and values by ',' ("1,0,-1;2,0,-2;1,0,-1").
+NumPy only: no torch here.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+import numpy as np
+
+
+def box(size: int = 3) -> np.ndarray:
+    """size x size kernel of 1/size^2: the plain average of the neighbourhood."""
+    _check_size(size, "box")
+    return np.full((size, size), 1.0 / size**2)
+
+
+def gaussian(size: int = 3, sigma: float = 1.0) -> np.ndarray:
+    """size x size Gaussian blur with standard deviation `sigma` pixels, normalised to sum to 1."""
+    _check_size(size, "gaussian")
+    if sigma <= 0:
+        raise ValueError(f"gaussian sigma must be > 0, got {sigma}")
+    offsets = np.arange(size) - (size - 1) / 2           # pixel distances from the centre
+    bell = np.exp(-offsets**2 / (2 * sigma**2))          # (size,) one-dimensional Gaussian
+    kernel = np.outer(bell, bell)                        # (size, size) separable 2-D Gaussian
+    return kernel / kernel.sum()
+
+
+def _check_size(size: int, name: str) -> None:
+    if not isinstance(size, (int, np.integer)) or size < 1:
+        raise ValueError(f"{name} size must be an int >= 1, got {size!r}")
+
+
+# Each entry: name -> (description, function building the kernel). Functions, not arrays,
+# so callers can never modify a shared kernel in place.
+_NAMED: dict[str, tuple[str, Callable[[], np.ndarray]]] = {
+    "identity": ("1 in the centre: output = input", lambda: np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0]], float)),
+    "blur": ("the lesson's 3x3 kernel of 0.1: 0.9 x the local mean", lambda: np.full((3, 3), 0.1)),
+    "box": ("3x3 mean (1/9 each); box:N for N x N", box),
+    "gaussian": ("3x3 Gaussian, sigma 1; gaussian:SIZE:SIGMA for others", gaussian),
+    "sharpen": ("centre 5, neighbours -1: boosts local contrast",
+                lambda: np.array([[0, -1, 0], [-1, 5, -1], [0, -1, 0]], float)),
+    "sobel-x": ("Sobel: vertical edges (change from left to right)",
+                lambda: np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], float)),
+    "sobel-y": ("Sobel: horizontal edges (change from top to bottom)",
+                lambda: np.array([[1, 2, 1], [0, 0, 0], [-1, -2, -1]], float)),
+    "laplacian": ("4-neighbour Laplacian: edges in every direction",
+                  lambda: np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], float)),
+    "outline": ("8-neighbour edge detector: centre 8, neighbours -1",
+                lambda: np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]], float)),
+    "emboss": ("relief effect lit from the top left",
+               lambda: np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], float)),
+}
+
+# Names that take parameters after ':' and the function that builds them.
+_PARAMETERISED: dict[str, Callable[..., np.ndarray]] = {"box": box, "gaussian": gaussian}
+
+
+def list_kernels() -> dict[str, str]:
+    """Every kernel name with a one-line description, for `cnnlab convolve --help` and docs."""
+    return {name: description for name, (description, _) in _NAMED.items()}
+
+
+def get_kernel(name_or_spec: str) -> np.ndarray:
+    """The kernel for a name, a parameterised name ("gaussian:5:1.0") or literal weights ("1,0;0,-1")."""
+    spec = name_or_spec.strip()
+    if not spec:
+        raise ValueError("kernel is empty: give a name (see list_kernels()) or weights like '1,0,-1;2,0,-2'")
+    if any(ch.isdigit() for ch in spec.split(":")[0]) or ";" in spec or "," in spec:
+        return parse_kernel(spec)
+    name, *params = spec.lower().split(":")
+    if params:
+        return _parameterised(name, params, spec)
+    if name not in _NAMED:
+        raise ValueError(f"unknown kernel {spec!r}{_suggestion(name)}; known: {', '.join(_NAMED)}")
+    return _NAMED[name][1]()
+
+
+def parse_kernel(text: str) -> np.ndarray:
+    """Weights written as rows separated by ';' and values by ',' -> (rows, cols) float array."""
+    rows = [row.strip() for row in text.strip().strip(";").split(";")]
+    values = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            values.append([float(v) for v in row.split(",")])
+        except ValueError:
+            raise ValueError(f"kernel row {number} {row!r} is not a comma-separated list of numbers "
+                             f"(expected e.g. '1,0,-1;2,0,-2;1,0,-1')") from None
+    widths = [len(row) for row in values]
+    if len(set(widths)) != 1:
+        raise ValueError(f"kernel rows must all have the same number of values, got {widths} in {text!r}")
+    return np.array(values, dtype=float)
+
+
+def _parameterised(name: str, params: list[str], spec: str) -> np.ndarray:
+    """Build e.g. gaussian:5:1.0 -> gaussian(5, 1.0); the size is an int, the rest floats."""
+    if name not in _PARAMETERISED:
+        raise ValueError(f"kernel {name!r} takes no parameters{_suggestion(name, _PARAMETERISED)}; "
+                         f"parameterised kernels: {', '.join(f'{n}:SIZE' for n in _PARAMETERISED)}"
+                         f" (gaussian:SIZE:SIGMA)")
+    try:
+        size, *rest = params
+        args = [int(size), *(float(p) for p in rest)]
+        return _PARAMETERISED[name](*args)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"bad parameters in {spec!r}: expected box:SIZE or gaussian:SIZE:SIGMA "
+                         f"with SIZE an int >= 1 ({error})") from None
+
+
+def _suggestion(name: str, known: dict | None = None) -> str:
+    """' (did you mean 'sobel-x'?)' when a known name is close, else ''."""
+    close = difflib.get_close_matches(name, list(known or _NAMED), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
