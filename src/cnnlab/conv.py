@@ -71,9 +71,10 @@ def _pair(value: Pair, name: str) -> tuple[int, int]:
     return int(pair[0]), int(pair[1])
 
 
-def _pads(padding: Padding, in_hw: tuple[int, int], spans: tuple[int, int],
+def padding_amounts(padding: Padding, in_hw: tuple[int, int], spans: tuple[int, int],
           strides: tuple[int, int]) -> list[tuple[int, int]]:
-    """Zeros (before, after) for the row and column axes, from a padding spec."""
+    """Zeros (before, after) to add on the row and column axes for a padding spec; spans are the
+    dilated window sizes (kh, kw)."""
     if isinstance(padding, str):
         if padding == "valid":
             return [(0, 0), (0, 0)]
@@ -104,7 +105,7 @@ def _as_kernel_bank(kernel: np.ndarray, channels: int) -> np.ndarray:
             f"over channels, or use conv2d_per_channel to keep the colours")
     if kernel.ndim not in (2, 3, 4):
         raise ValueError(f"kernel must be (kh, kw), (kh, kw, C) or (kh, kw, C, F), got shape {kernel.shape}")
-    bank = {2: kernel[:, :, None, None], 3: kernel[:, :, :, None], 4: kernel}[kernel.ndim]
+    bank = kernel.reshape(kernel.shape + (1,) * (4 - kernel.ndim))  # missing C and F axes become 1
     if bank.shape[2] != channels:
         raise ValueError(f"kernel has {bank.shape[2]} input channels but the image has {channels}: "
                          f"kernel shape {kernel.shape}")
@@ -144,7 +145,7 @@ def conv2d(image: np.ndarray, kernel: np.ndarray, stride: Pair = 1, padding: Pad
         bank = bank[::-1, ::-1]
     strides, dilations = _pair(stride, "stride"), _pair(dilation, "dilation")
     spans = tuple(d * (k - 1) + 1 for d, k in zip(dilations, bank.shape[:2]))
-    pads = _pads(padding, hwc.shape[:2], spans, strides)
+    pads = padding_amounts(padding, hwc.shape[:2], spans, strides)
     dtype = np.result_type(hwc.dtype, bank.dtype, np.float32)  # float32 stays float32, ints -> float64
     padded = np.pad(hwc.astype(dtype, copy=False), pads + [(0, 0)])
     _check_fits(padded.shape[:2], spans, f"kernel {bank.shape[0]}x{bank.shape[1]} (dilation {dilations})")
@@ -213,7 +214,7 @@ def _pool_inputs(image: np.ndarray, size: Pair, stride: Pair | None, padding: Pa
     hwc = _as_hwc(image)
     spans = _pair(size, "size")
     strides = spans if stride is None else _pair(stride, "stride")
-    pads = _pads(padding, hwc.shape[:2], spans, strides)
+    pads = padding_amounts(padding, hwc.shape[:2], spans, strides)
     if any(before >= s or after >= s for (before, after), s in zip(pads, spans)):
         # A window made only of padding would have no real cell to take the max or mean of.
         raise ValueError(f"pool padding must be smaller than the window {spans}, got {padding!r}")

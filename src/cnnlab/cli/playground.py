@@ -1,1 +1,283 @@
-"""Playground commands: convolve, pool, explain."""
+"""Playground commands: convolve, pool, explain (conv | pool). Thin wrappers over cnnlab.conv."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import numpy as np
+import typer
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cnnlab.cli._app import app
+from cnnlab.conv import avg_pool2d, conv2d, conv2d_per_channel, explain_output_size, max_pool2d
+from cnnlab.explain import RESCALE_RULES, explain_conv, explain_pool, rescale, save_animation
+from cnnlab.kernels import get_kernel, list_kernels
+
+explain_app = typer.Typer(help="Animate a kernel or a pooling window sliding over a small image, step by step.",
+                          no_args_is_help=True)
+app.add_typer(explain_app, name="explain")
+
+
+class PoolMode(str, Enum):
+    max = "max"
+    avg = "avg"
+
+
+class Rescale(str, Enum):
+    auto = "auto"
+    clip = "clip"
+    minmax = "minmax"
+    abs = "abs"
+
+
+KERNEL_HELP = (f"Kernel: a name ({', '.join(list_kernels())}), box:SIZE, gaussian:SIZE:SIGMA, "
+               "or weights with rows separated by ';' and values by ',', e.g. '1,0,-1;2,0,-2;1,0,-1'.")
+PADDING_HELP = "'valid' (no padding), 'same' (output = ceil(input / stride), Keras), N zeros, or 'ROWS,COLS'."
+IMAGE_ARG = typer.Argument(..., help="Image file to read (PNG, JPEG, ...); scaled to floats in [0, 1].")
+
+
+# ---------------------------------------------------------------- reading, parsing, writing
+
+def open_image(path: Path, gray: bool) -> tuple[Image.Image, list[str]]:
+    """Open an image as mode 'L' or 'RGB' (EXIF rotation applied, alpha on white); notes say what was done."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)  # JPEG from a phone: apply its rotation tag
+            image.load()
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise typer.BadParameter(f"cannot read {str(path)!r} as an image ({error})", param_hint="IMAGE") from None
+    notes = []
+    if image.mode == "P":
+        image = image.convert("RGBA")
+        notes.append("palette image converted to RGB")
+    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
+        background = Image.new("RGBA", image.size, "white")
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+        notes.append("transparency dropped: composited on white")
+    if gray and image.mode != "L":
+        notes.append("converted to grey (--gray)")
+        return image.convert("L"), notes
+    return image.convert("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB"), notes
+
+
+def to_floats(image: Image.Image) -> np.ndarray:
+    """Pixels as floats in [0, 1]: (H, W) for grey, (H, W, 3) for colour."""
+    return np.asarray(image, dtype=np.float64) / 255.0
+
+
+def save_image(values: np.ndarray, path: Path) -> None:
+    """Save a [0, 1] (H, W) or (H, W, 3) array; written to a side file then renamed, never half-written."""
+    pixels = np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        Image.fromarray(pixels).save(temporary, format=Image.registered_extensions()[path.suffix.lower()])
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def check_image_output(path: Path) -> None:
+    """Fail before any work if Pillow cannot write the output's file type."""
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise typer.BadParameter(f"cannot write {path.suffix or 'a file without extension'}: use .png or .jpg",
+                                 param_hint="--out")
+
+
+def parse_padding(text: str) -> str | int | tuple[int, int]:
+    """'valid', 'same', '2' or '1,2' as the library expects them."""
+    text = text.strip().lower()
+    if text in ("valid", "same"):
+        return text
+    try:
+        numbers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise typer.BadParameter(f"expected {PADDING_HELP} Got {text!r}", param_hint="--padding") from None
+    if len(numbers) > 2 or min(numbers) < 0:
+        raise typer.BadParameter(f"expected {PADDING_HELP} Got {text!r}", param_hint="--padding")
+    return numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])
+
+
+def parse_kernel(spec: str) -> np.ndarray:
+    try:
+        return get_kernel(spec)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--kernel") from None
+
+
+def print_arithmetic(in_shape: tuple[int, ...], window: tuple[int, int], stride: int,
+                     padding: str | int | tuple[int, int], dilation: int = 1) -> None:
+    """Print the output-size formula for the height and the width."""
+    pads = padding if isinstance(padding, tuple) else (padding, padding)
+    for axis, name in enumerate(("height", "width")):
+        formula = explain_output_size(in_shape[axis], window[axis], stride, pads[axis], dilation)
+        typer.echo(f"  {name}: {formula}")
+
+
+def run_library(call, *args, **kwargs) -> np.ndarray:
+    """Call a cnnlab.conv function, turning its ValueError into a clean CLI error (exit 2)."""
+    try:
+        return call(*args, **kwargs)
+    except ValueError as error:
+        typer.echo(f"Error: {error}", err=True)
+        raise typer.Exit(2) from None
+
+
+def shape_text(shape: tuple[int, ...]) -> str:
+    return " x ".join(str(n) for n in shape)
+
+
+# ---------------------------------------------------------------- commands
+
+@app.command()
+def convolve(
+    image: Path = IMAGE_ARG,
+    out: Path = typer.Option(..., "--out", "-o", help="Where to save the result (.png, .jpg, ...)."),
+    kernel: str = typer.Option("blur", "--kernel", "-k", help=KERNEL_HELP),
+    stride: int = typer.Option(1, help="Step between kernel positions, in pixels (>= 1)."),
+    padding: str = typer.Option("valid", help=PADDING_HELP),
+    dilation: int = typer.Option(1, help="Gap between kernel taps: 2 spreads a 3x3 kernel over 5x5 pixels."),
+    gray: bool = typer.Option(False, "--gray", help="Convert the image to grey first."),
+    per_channel: bool = typer.Option(False, "--per-channel",
+                                     help="Keep colour: convolve R, G and B separately with the same kernel "
+                                          "(default: one copy per channel, results summed into one channel)."),
+    flip: bool = typer.Option(False, "--flip", help="Rotate the kernel 180 degrees: textbook convolution."),
+    rescale_rule: Rescale = typer.Option(Rescale.auto, "--rescale",
+                                         help="How raw outputs become pixels: " +
+                                              "; ".join(f"{k}: {v}" for k, v in RESCALE_RULES.items()) + "."),
+) -> None:
+    """Convolve an image with a kernel and save the result, printing the shapes and the size arithmetic."""
+    check_image_output(out)
+    weights = parse_kernel(kernel)
+    pad = parse_padding(padding)
+    picture, notes = open_image(image, gray)
+    pixels = to_floats(picture)
+    for note in notes:
+        typer.echo(f"note: {note}")
+    if pixels.ndim == 3 and per_channel:
+        result = run_library(conv2d_per_channel, pixels, weights, stride, pad, dilation, flip)
+        how = "each channel convolved separately (--per-channel): colour kept"
+    elif pixels.ndim == 3:
+        weights = np.repeat(weights[:, :, None], pixels.shape[2], axis=2)  # (kh, kw, C)
+        result = run_library(conv2d, pixels, weights, stride, pad, dilation, flip)
+        how = f"one copy of the kernel per channel, the {pixels.shape[2]} results summed into one channel"
+    else:
+        result = run_library(conv2d, pixels, weights, stride, pad, dilation, flip)
+        how = "grey image, one channel"
+    typer.echo(f"input  {shape_text(pixels.shape)}   kernel {shape_text(weights.shape)}   ({how})")
+    typer.echo(f"stride {stride}, padding {pad!r}, dilation {dilation}:")
+    print_arithmetic(pixels.shape, weights.shape[:2], stride, pad, dilation)
+    typer.echo(f"output {shape_text(result.shape)}   raw values in [{result.min():.3g}, {result.max():.3g}]")
+    display, rule = rescale(result, rescale_rule.value)
+    typer.echo(f"display: {rule} ({RESCALE_RULES[rule]})")
+    save_image(display, out)
+    typer.echo(f"saved {out}")
+
+
+@app.command()
+def pool(
+    image: Path = IMAGE_ARG,
+    out: Path = typer.Option(..., "--out", "-o", help="Where to save the result (.png, .jpg, ...)."),
+    mode: PoolMode = typer.Option(PoolMode.max, help="max: largest value of each window; avg: its mean."),
+    size: int = typer.Option(2, help="Window side, in pixels."),
+    stride: int = typer.Option(None, help="Step between windows, in pixels (default: the window size)."),
+    padding: str = typer.Option("valid", help=PADDING_HELP + " Padded cells are ignored."),
+    gray: bool = typer.Option(False, "--gray", help="Convert the image to grey first."),
+) -> None:
+    """Max- or average-pool an image (each channel separately) and save the smaller result."""
+    check_image_output(out)
+    pad = parse_padding(padding)
+    stride = stride or size
+    picture, notes = open_image(image, gray)
+    pixels = to_floats(picture)
+    for note in notes:
+        typer.echo(f"note: {note}")
+    function = max_pool2d if mode == PoolMode.max else avg_pool2d
+    result = run_library(function, pixels, size, stride, pad)
+    typer.echo(f"input  {shape_text(pixels.shape)}   {mode.value} pool {size}x{size}, stride {stride}, "
+               f"padding {pad!r}:")
+    print_arithmetic(pixels.shape, (size, size), stride, pad)
+    typer.echo(f"output {shape_text(result.shape)}   (channels pooled separately)")
+    save_image(result, out)
+    typer.echo(f"saved {out}")
+
+
+# ---------------------------------------------------------------- explain conv | pool
+
+def small_grey(path: Path, max_side: int) -> np.ndarray:
+    """The image in grey, downscaled (area average) so its longer side is at most max_side pixels."""
+    picture, notes = open_image(path, gray=True)
+    for note in notes:
+        typer.echo(f"note: {note}")
+    width, height = picture.size
+    if max(width, height) > max_side:
+        scale = max_side / max(width, height)
+        picture = picture.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BOX)
+        typer.echo(f"note: downscaled from {height}x{width} to {picture.height}x{picture.width} "
+                   f"(--max-side {max_side}) so every cell stays readable")
+    return to_floats(picture)
+
+
+def save_frames(frames, out: Path, steps: int, total: int) -> None:
+    typer.echo(f"animation: {min(steps, total)} of {total} positions shown (--steps to change), then the result")
+    save_animation(frames, out)
+    typer.echo(f"saved {out} ({len(frames)} frames)")
+
+
+def check_animation_output(out: Path) -> None:
+    if out.suffix.lower() not in (".gif", ".html", ".htm"):
+        raise typer.BadParameter(f"animation output must end in .gif or .html, got {out.name!r}", param_hint="--out")
+
+
+STEPS_HELP = "How many positions to animate before the final frame (the first ones in reading order)."
+MAX_SIDE_HELP = "Downscale the (grey) input so its longer side is at most this many pixels."
+OUT_HELP = "Animation file: .gif, or .html for a self-contained page with a step-by-step slider."
+
+
+@explain_app.command("conv")
+def explain_conv_command(
+    image: Path = IMAGE_ARG,
+    out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    kernel: str = typer.Option("blur", "--kernel", "-k", help=KERNEL_HELP),
+    stride: int = typer.Option(1, help="Step between kernel positions, in pixels (>= 1)."),
+    padding: str = typer.Option("valid", help=PADDING_HELP),
+    steps: int = typer.Option(12, min=1, help=STEPS_HELP),
+    max_side: int = typer.Option(12, min=2, help=MAX_SIDE_HELP),
+) -> None:
+    """Show a kernel sliding over a small grey image: patch, weights, products and the sum landing in the output."""
+    check_animation_output(out)
+    weights = parse_kernel(kernel)
+    pad = parse_padding(padding)
+    pixels = small_grey(image, max_side)
+    result = run_library(conv2d, pixels, weights, stride, pad)
+    typer.echo(f"input  {shape_text(pixels.shape)}   kernel {shape_text(weights.shape)}   stride {stride}, "
+               f"padding {pad!r}:")
+    print_arithmetic(pixels.shape, weights.shape, stride, pad)
+    typer.echo(f"output {shape_text(result.shape)}")
+    frames = run_library(explain_conv, pixels, weights, stride, pad, steps)
+    save_frames(frames, out, steps, result.size)
+
+
+@explain_app.command("pool")
+def explain_pool_command(
+    image: Path = IMAGE_ARG,
+    out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
+    mode: PoolMode = typer.Option(PoolMode.max, help="max: largest value of each window; avg: its mean."),
+    size: int = typer.Option(2, help="Window side, in pixels."),
+    stride: int = typer.Option(None, help="Step between windows, in pixels (default: the window size)."),
+    padding: str = typer.Option("valid", help=PADDING_HELP + " Padded cells are ignored."),
+    steps: int = typer.Option(12, min=1, help=STEPS_HELP),
+    max_side: int = typer.Option(12, min=2, help=MAX_SIDE_HELP),
+) -> None:
+    """Show a pooling window sliding over a small grey image and the max or mean landing in the output."""
+    check_animation_output(out)
+    pad = parse_padding(padding)
+    stride = stride or size
+    pixels = small_grey(image, max_side)
+    function = max_pool2d if mode == PoolMode.max else avg_pool2d
+    result = run_library(function, pixels, size, stride, pad)
+    typer.echo(f"input  {shape_text(pixels.shape)}   {mode.value} pool {size}x{size}, stride {stride}, "
+               f"padding {pad!r}:")
+    print_arithmetic(pixels.shape, (size, size), stride, pad)
+    typer.echo(f"output {shape_text(result.shape)}")
+    frames = run_library(explain_pool, pixels, mode.value, size, stride, pad, steps)
+    save_frames(frames, out, steps, result.size)

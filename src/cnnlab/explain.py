@@ -1,0 +1,275 @@
+"""Pictures for the playground: display rescaling and step-by-step animations of conv and pooling.
+
+`explain_conv` / `explain_pool` draw one frame per kernel position (the patch highlighted, the
+weights, the products and the sum landing in the output pixel) and save a GIF or an HTML stepper.
+Matplotlib's object API with the Agg canvas is used, so no display is needed. No torch here.
+"""
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image
+
+from cnnlab.conv import padding_amounts, avg_pool2d, conv2d, max_pool2d
+
+RESCALE_RULES = {
+    "auto": "clip if the output already lies in [0, 1], else minmax",
+    "clip": "values below 0 -> black, above 1 -> white",
+    "minmax": "smallest value -> black, largest -> white",
+    "abs": "|value| / largest |value|: strong responses of either sign -> white",
+}
+MAX_FRAMES = 200        # hard cap on animation frames, whatever --steps says (keeps files small)
+FRAME_MS = 700          # time each GIF frame is shown, milliseconds
+
+
+def rescale(values: np.ndarray, rule: str = "auto") -> tuple[np.ndarray, str]:
+    """Map raw conv outputs to [0, 1] for display; returns (image, the rule actually applied)."""
+    if rule == "auto":
+        rule = "clip" if values.min() >= 0 and values.max() <= 1 else "minmax"
+    if rule == "clip":
+        return np.clip(values, 0, 1), rule
+    if rule == "minmax":
+        low, high = float(values.min()), float(values.max())
+        return (values - low) / (high - low) if high > low else np.zeros_like(values), rule
+    if rule == "abs":
+        peak = float(np.abs(values).max())
+        return np.abs(values) / peak if peak > 0 else np.zeros_like(values), rule
+    raise ValueError(f"rescale rule must be one of {', '.join(RESCALE_RULES)}, got {rule!r}")
+
+
+@dataclass
+class Step:
+    """One window position: where it sits in the padded input and what it contributes."""
+    out_row: int
+    out_col: int
+    top: int            # window's top-left corner in the padded input, pixels
+    left: int
+    caption: str        # the arithmetic for this position, e.g. "0.2x0.1 + ... = 0.43"
+
+
+# ---------------------------------------------------------------- building the steps
+
+def _fmt(value: float) -> str:
+    """Short number for a picture: 2 decimals, no trailing zeros, no '-0'; negatives in brackets."""
+    text = f"{value + 0.0:.2f}".rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
+
+
+def _factor(value: float) -> str:
+    """A number as a multiplication operand: negatives bracketed, e.g. '(-1)'."""
+    text = _fmt(value)
+    return f"({text})" if text.startswith("-") else text
+
+
+def conv_steps(image: np.ndarray, kernel: np.ndarray, stride: int, padded: np.ndarray,
+               out: np.ndarray) -> list[Step]:
+    """Every kernel position in reading order with its products written out."""
+    kh, kw = kernel.shape
+    steps = []
+    for r in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            patch = padded[r * stride:r * stride + kh, c * stride:c * stride + kw]
+            terms = " + ".join(f"{_factor(p)}×{_factor(w)}" for p, w in zip(patch.ravel(), kernel.ravel()))
+            steps.append(Step(r, c, r * stride, c * stride, f"{terms} = {_fmt(out[r, c])}"))
+    return steps
+
+
+def pool_steps(mode: str, size: int, stride: int, padded: np.ndarray, out: np.ndarray) -> list[Step]:
+    """Every pooling window in reading order; padded cells (nan) are left out, as the pool does."""
+    steps = []
+    for r in range(out.shape[0]):
+        for c in range(out.shape[1]):
+            window = padded[r * stride:r * stride + size, c * stride:c * stride + size].ravel()
+            real = [_fmt(v) for v in window if v == v]
+            formula = f"max({', '.join(real)})" if mode == "max" else f"({' + '.join(real)}) / {len(real)}"
+            steps.append(Step(r, c, r * stride, c * stride, f"{formula} = {_fmt(out[r, c])}"))
+    return steps
+
+
+# ---------------------------------------------------------------- drawing
+
+def _grid(ax, values: np.ndarray, title: str, cmap: str, vmin: float, vmax: float,
+          numbers: bool) -> None:
+    """Draw a 2-D array as coloured cells, with the values written in when they fit."""
+    colours = matplotlib.colormaps[cmap].with_extremes(bad="#f4f1e4")  # nan cells: pale background
+    ax.imshow(np.ma.masked_invalid(values), cmap=colours, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if not numbers:
+        return
+    font = 8 if max(values.shape) <= 5 else 6
+    for (r, c), v in np.ndenumerate(values):
+        if v == v:  # skip nan (padding / not computed yet)
+            shade = (v - vmin) / ((vmax - vmin) or 1)  # 0..1 position in the colour map
+            dark = shade < 0.5 if cmap == "gray" else abs(shade - 0.5) > 0.3
+            ax.text(c, r, _fmt(v), ha="center", va="center", fontsize=font, color="white" if dark else "black")
+
+
+def _box(ax, top: int, left: int, height: int, width: int, colour: str = "red") -> None:
+    ax.add_patch(Rectangle((left - 0.5, top - 0.5), width, height, fill=False, edgecolor=colour, linewidth=2))
+
+
+def _render(fig: Figure) -> Image.Image:
+    """Rasterise a figure to a palette image (few colours: small GIF/PNG)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[:, :, :3]
+    return Image.fromarray(rgb).quantize(colors=64, method=Image.Quantize.MEDIANCUT)
+
+
+def _frame(input_grid: np.ndarray, input_title: str, window: tuple[int, int],
+           middle: list[tuple[np.ndarray, str, str]], output_grid: np.ndarray,
+           out_range: tuple[float, float], step: Step | None, title: str, caption: str) -> Image.Image:
+    """One frame: input with the window boxed | middle panels (kernel, products...) | output so far.
+
+    middle holds (values, panel title, colour map); step None draws the finished output, unboxed.
+    """
+    fig = Figure(figsize=(2.3 * (2 + len(middle)), 3.0), dpi=72)
+    axes = fig.subplots(1, 2 + len(middle))
+    _grid(axes[0], input_grid, input_title, "gray", 0, 1, numbers=max(input_grid.shape) <= 8)
+    for ax, (values, name, cmap) in zip(axes[1:-1], middle):
+        if cmap == "gray":
+            _grid(ax, values, name, cmap, 0, 1, numbers=True)
+        else:  # signed values: a diverging map centred on 0
+            limit = 1.5 * float(np.nanmax(np.abs(values))) or 1.0  # 1.5: pale colours, legible numbers
+            _grid(ax, values, name, cmap, -limit, limit, numbers=True)
+    _grid(axes[-1], output_grid, "output", "gray", *out_range, numbers=max(output_grid.shape) <= 8)
+    if step is not None:
+        _box(axes[0], step.top, step.left, *window)
+        _box(axes[-1], step.out_row, step.out_col, 1, 1)
+    fig.suptitle(title, fontsize=10)
+    fig.text(0.5, 0.02, _wrap(caption), ha="center", va="bottom", fontsize=8, family="monospace")
+    fig.subplots_adjust(left=0.02, right=0.98, top=0.82, bottom=0.16, wspace=0.15)
+    return _render(fig)
+
+
+def _wrap(text: str, width: int = 110) -> str:
+    """Split a long arithmetic caption over lines at ' + ' boundaries."""
+    lines, line = [], ""
+    for part in text.split(" + "):
+        candidate = f"{line} + {part}" if line else part
+        if len(candidate) > width and line:
+            lines.append(line + " +")
+            candidate = part
+        line = candidate
+    return "\n".join(lines + [line])
+
+
+# ---------------------------------------------------------------- whole animations
+
+def explain_conv(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding: str | int = "valid",
+                 steps: int = 12) -> list[Image.Image]:
+    """Frames for the first `steps` kernel positions on a small grey (H, W) image, then the result."""
+    kh, kw = kernel.shape
+    pads = padding_amounts(padding, image.shape, (kh, kw), (stride, stride))
+    padded = np.pad(image, pads)                       # conv pads with zeros: they are real inputs
+    out = conv2d(image, kernel, stride=stride, padding=padding)   # (H_out, W_out)
+    out_range = (float(out.min()), float(out.max()) if out.max() > out.min() else float(out.min()) + 1)
+    title = f"convolution: {image.shape[0]}x{image.shape[1]} input, {kh}x{kw} kernel, stride {stride}, " \
+            f"padding {padding!r} -> {out.shape[0]}x{out.shape[1]} output"
+    frames = []
+    all_steps = conv_steps(image, kernel, stride, padded, out)
+    for index, step in enumerate(all_steps[:_frame_budget(steps)]):
+        patch = padded[step.top:step.top + kh, step.left:step.left + kw]
+        so_far = _filled(out, index)
+        middle = [(patch, "patch", "gray"), (kernel, "kernel (weights)", "RdBu"),
+                  (patch * kernel, "patch × kernel", "RdBu")]
+        frames.append(_frame(padded, "input (zero padded)" if padded.shape != image.shape else "input",
+                             (kh, kw), middle, so_far, out_range, step, title,
+                             f"out[{step.out_row}, {step.out_col}] = sum of products = {step.caption}"))
+    frames.append(_frame(padded, "input", (kh, kw), [(kernel, "kernel (weights)", "RdBu")], out,
+                         out_range, None, title, f"all {len(all_steps)} positions done"))
+    return frames
+
+
+def explain_pool(image: np.ndarray, mode: str = "max", size: int = 2, stride: int | None = None,
+                 padding: str | int = "valid", steps: int = 12) -> list[Image.Image]:
+    """Frames for the first `steps` pooling windows on a small grey (H, W) image, then the result."""
+    if mode not in ("max", "avg"):
+        raise ValueError(f"pool mode must be 'max' or 'avg', got {mode!r}")
+    stride = stride or size
+    pool = max_pool2d if mode == "max" else avg_pool2d
+    out = pool(image, size=size, stride=stride, padding=padding)  # (H_out, W_out)
+    pads = padding_amounts(padding, image.shape, (size, size), (stride, stride))
+    padded = np.pad(image, pads, constant_values=np.nan)  # nan = padding, ignored by the pool
+    out_range = (0.0, 1.0)
+    title = f"{mode} pooling: {image.shape[0]}x{image.shape[1]} input, {size}x{size} window, " \
+            f"stride {stride}, padding {padding!r} -> {out.shape[0]}x{out.shape[1]} output"
+    frames = []
+    all_steps = pool_steps(mode, size, stride, padded, out)
+    for index, step in enumerate(all_steps[:_frame_budget(steps)]):
+        window = padded[step.top:step.top + size, step.left:step.left + size]
+        middle = [(window, "window", "gray")]
+        frames.append(_frame(padded, "input", (size, size), middle, _filled(out, index), out_range, step,
+                             title, f"out[{step.out_row}, {step.out_col}] = {step.caption}"))
+    frames.append(_frame(padded, "input", (size, size), [], out, out_range, None, title,
+                         f"all {len(all_steps)} windows done"))
+    return frames
+
+
+def _frame_budget(steps: int) -> int:
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return min(steps, MAX_FRAMES)
+
+
+def _filled(out: np.ndarray, last_index: int) -> np.ndarray:
+    """The output with positions after `last_index` (reading order) not computed yet (nan)."""
+    so_far = np.full(out.shape, np.nan)
+    so_far.flat[:last_index + 1] = out.flat[:last_index + 1]
+    return so_far
+
+
+def save_animation(frames: list[Image.Image], path: Path) -> None:
+    """Write frames as an animated .gif or a self-contained .html stepper; never leaves half a file."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".gif", ".html", ".htm"):
+        raise ValueError(f"animation output must end in .gif or .html, got {path.name!r}")
+    temporary = path.with_name(f".{path.name}.partial")
+    try:
+        if suffix == ".gif":
+            frames[0].save(temporary, format="GIF", save_all=True, append_images=frames[1:],
+                           duration=FRAME_MS, loop=0)
+        else:
+            temporary.write_text(_html(frames, path.stem), encoding="utf-8")
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _html(frames: list[Image.Image], title: str) -> str:
+    """A page with every frame embedded as a base64 PNG and buttons to step through them (no internet)."""
+    sources = []
+    for frame in frames:
+        buffer = io.BytesIO()
+        frame.save(buffer, format="PNG", optimize=True)
+        sources.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
+    images = "\n".join(f'<img class="f" src="{s}" style="display:{"block" if i == 0 else "none"}">'
+                        for i, s in enumerate(sources))
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title}</title></head>
+<body style="font-family:sans-serif">
+<h2>{title}</h2>
+<p><button onclick="go(-1)">&larr; previous</button> <button onclick="go(1)">next &rarr;</button>
+<button onclick="play()">play / pause</button> <span id="n"></span></p>
+{images}
+<script>
+const frames = document.querySelectorAll("img.f"); let i = 0, timer = null;
+function show() {{ frames.forEach((f, k) => f.style.display = k === i ? "block" : "none");
+  document.getElementById("n").textContent = `step ${{i + 1}} / ${{frames.length}}`; }}
+function go(d) {{ i = (i + d + frames.length) % frames.length; show(); }}
+function play() {{ if (timer) {{ clearInterval(timer); timer = null; }} else timer = setInterval(() => go(1), {FRAME_MS}); }}
+document.addEventListener("keydown", e => {{ if (e.key === "ArrowRight") go(1); if (e.key === "ArrowLeft") go(-1); }});
+show();
+</script></body></html>
+"""
