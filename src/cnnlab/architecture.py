@@ -34,8 +34,9 @@ class Layer:
 
 
 LAYER_TITLES = {
-    "conv": lambda o: f"Conv2D {o['kernel_size'][0]}x{o['kernel_size'][1]}, {o['activation']}",
-    "batch_norm": lambda o: "BatchNorm",
+    # with batch norm, the activation follows the normalisation, not the conv
+    "conv": lambda o: f"Conv2D {o['kernel_size'][0]}x{o['kernel_size'][1]}" + (f", {o['activation']}" if o["bias"] else ""),
+    "batch_norm": lambda o: f"BatchNorm, {o['activation']}",
     "max_pool": lambda o: f"MaxPool {o['size']}x{o['size']}",
     "avg_pool": lambda o: f"AvgPool {o['size']}x{o['size']}",
     "dropout": lambda o: f"Dropout {o['p']:g}",

@@ -148,7 +148,8 @@ def conv2d(image: np.ndarray, kernel: np.ndarray, stride: Pair = 1, padding: Pad
     pads = padding_amounts(padding, hwc.shape[:2], spans, strides)
     dtype = np.result_type(hwc.dtype, bank.dtype, np.float32)  # float32 stays float32, ints -> float64
     padded = np.pad(hwc.astype(dtype, copy=False), pads + [(0, 0)])
-    _check_fits(padded.shape[:2], spans, f"kernel {bank.shape[0]}x{bank.shape[1]} (dilation {dilations})")
+    dilated = "" if dilations == (1, 1) else f" with dilation {dilations}"
+    _check_fits(padded.shape[:2], spans, f"kernel {bank.shape[0]}x{bank.shape[1]}{dilated}")
 
     windows = _windows(padded, spans, strides, dilations)  # (H_out, W_out, C, kh, kw)
     out = _matmul_windows(windows, bank.astype(dtype, copy=False))  # (H_out, W_out, F)

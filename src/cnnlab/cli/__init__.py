@@ -1,6 +1,6 @@
 """Command line: thin commands that parse options and call the library."""
 from cnnlab.cli._app import app
-from cnnlab.cli import playground  # noqa: F401  (registers convolve, pool, explain)
+from cnnlab.cli import datasets, playground, training  # noqa: F401  (each registers its commands)
 
 
 def main() -> None:

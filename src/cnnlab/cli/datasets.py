@@ -1,0 +1,78 @@
+"""`cnnlab datasets list|where|fetch|verify`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cnnlab.cli._app import app
+from cnnlab.cli._errors import fail, friendly_errors
+from cnnlab.data import DATASETS, fetch, get_dataset, locate, search_places, verify
+from cnnlab.data.store import unavailable
+
+datasets_app = typer.Typer(help="List, locate, download and verify datasets.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+Name = Annotated[str, typer.Argument(help="Dataset name (see `cnnlab datasets list`).")]
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding <name>/<IDX files>; "
+                                                 "default $CNNLAB_DATA, then the user cache, then system copies.")]
+
+
+def spec_or_exit(name: str):
+    try:
+        return get_dataset(name)
+    except ValueError as exc:
+        raise fail(str(exc)) from None
+
+
+@datasets_app.command("list")
+def list_datasets(data_dir: DataDir = None) -> None:
+    """The registered datasets: classes, image shape and where a copy was found."""
+    table = Table("name", "title", "classes", "shape", "copy used")
+    for spec in DATASETS.values():
+        found = locate(spec, data_dir)
+        where = f"{found.origin}: {found.directory}" if found else "not here (fetch it)"
+        table.add_row(spec.name, spec.title, str(spec.num_classes), str(spec.image_shape), where)
+    Console(width=200).print(table)
+
+
+@datasets_app.command("where")
+def where(name: Name, data_dir: DataDir = None) -> None:
+    """Which copy of a dataset would be used, and every place looked in."""
+    spec = spec_or_exit(name)
+    found = locate(spec, data_dir)
+    for origin, directory in search_places(spec, data_dir):
+        mark = "->" if found and found.directory == directory else "  "
+        print(f"{mark} {origin:12} {directory}")
+    if found is None:
+        raise fail(str(unavailable(spec, data_dir)))
+    print(f"using {found.directory} ({found.origin})")
+
+
+@datasets_app.command("fetch")
+@friendly_errors
+def fetch_dataset(name: Name, data_dir: DataDir = None) -> None:
+    """Find a dataset or download it from its mirrors into the cache, with checksum checks."""
+    location = fetch(spec_or_exit(name), data_dir)
+    print(f"{name}: {location.directory} ({location.origin})")
+
+
+@datasets_app.command("verify")
+@friendly_errors
+def verify_dataset(name: Name, data_dir: DataDir = None) -> None:
+    """Check every file of the copy in use against the registry's SHA-256 checksums."""
+    spec = spec_or_exit(name)
+    location = locate(spec, data_dir)
+    if location is None:
+        raise unavailable(spec, data_dir)
+    checks = verify(location)
+    for check in checks:
+        verdict = "ok" if check.ok else f"MISMATCH (expected {check.expected})"
+        print(f"{check.name:28} {check.sha256}  {verdict}")
+    if not all(check.ok for check in checks):
+        raise fail(f"{location.directory}: {sum(not c.ok for c in checks)} file(s) differ from the registry; "
+                   "train on them only with --allow-checksum-mismatch", code=1)
+    print(f"{name}: all {len(checks)} files verified in {location.directory}")

@@ -1,0 +1,92 @@
+"""Metrics: loss, accuracy, per-class precision/recall/F1, confusion matrix. Returns data, prints nothing."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def to_inputs(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, H, W) or (N, C, H, W) -> float (N, C, H, W) in [0, 1], as the model sees them."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    return images.float().div_(255.0)
+
+
+@torch.no_grad()
+def infer(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Logits (N, num_classes) for uint8 images, in eval mode, batch by batch."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(to_inputs(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Mean cross-entropy and the fraction of correct top-1 predictions."""
+    loss = F.cross_entropy(logits, labels).item()
+    accuracy = (logits.argmax(dim=1) == labels).float().mean().item()
+    return loss, accuracy
+
+
+@dataclass
+class Evaluation:
+    """Test-set results of a model; `to_dict` gives the JSON of `cnnlab evaluate --json`."""
+
+    classes: tuple[str, ...]
+    loss: float
+    accuracy: float
+    confusion: np.ndarray  # (true class, predicted class) counts
+    predictions: np.ndarray  # predicted class per image
+    probabilities: np.ndarray  # (N, num_classes)
+
+    @property
+    def per_class(self) -> list[dict]:
+        """precision, recall, F1 and support for each class."""
+        cm = self.confusion
+        tp = np.diag(cm).astype(float)
+        predicted, actual = cm.sum(axis=0), cm.sum(axis=1)
+        precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+        recall = np.divide(tp, actual, out=np.zeros_like(tp), where=actual > 0)
+        denom = precision + recall
+        f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+        return [dict(label=i, class_name=name, precision=float(precision[i]), recall=float(recall[i]),
+                     f1=float(f1[i]), support=int(actual[i])) for i, name in enumerate(self.classes)]
+
+    def most_confused(self, k: int = 5) -> list[dict]:
+        """The k largest off-diagonal cells: which true class is most often taken for which."""
+        off = self.confusion.copy()
+        np.fill_diagonal(off, 0)
+        order = np.argsort(off, axis=None)[::-1][:k]
+        pairs = []
+        for flat in order:
+            t, p = np.unravel_index(flat, off.shape)
+            if off[t, p] == 0:
+                break
+            pairs.append(dict(true=self.classes[t], predicted=self.classes[p], count=int(off[t, p])))
+        return pairs
+
+    def to_dict(self) -> dict:
+        return dict(accuracy=self.accuracy, loss=self.loss, num_images=int(self.confusion.sum()),
+                    classes=list(self.classes), per_class=self.per_class,
+                    confusion_matrix=self.confusion.tolist(), most_confused=self.most_confused())
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes, num_classes) counts; rows are true classes, columns predicted ones."""
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...],
+             batch_size: int = 1000) -> Evaluation:
+    """Evaluate a model on uint8 images and int64 labels."""
+    logits = infer(model, images, batch_size)
+    loss, accuracy = loss_and_accuracy(logits, labels)
+    predictions = logits.argmax(dim=1).numpy()
+    cm = confusion_matrix(labels.numpy(), predictions, len(classes))
+    return Evaluation(tuple(classes), loss, accuracy, cm, predictions, torch.softmax(logits, 1).numpy())

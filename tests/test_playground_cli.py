@@ -1,0 +1,212 @@
+"""cnnlab convolve / pool / explain on real image files made with Pillow."""
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+
+runner = CliRunner()
+
+
+def make_pictures(folder):
+    """One file per kind of input the commands must read: 28x28 unless said otherwise."""
+    rng = np.random.default_rng(0)
+    grey = (rng.random((28, 28)) * 255).astype(np.uint8)
+    colour = (rng.random((28, 28, 3)) * 255).astype(np.uint8)
+    paths = {name: folder / f"{name}.{ext}" for name, ext in
+             [("grey", "png"), ("rgb", "png"), ("rgba", "png"), ("palette", "png"), ("jpeg", "jpg")]}
+    Image.fromarray(grey).save(paths["grey"])
+    Image.fromarray(colour).save(paths["rgb"])
+    rgba = np.dstack([colour, np.zeros((28, 28), np.uint8)])  # fully transparent: composited on white
+    Image.fromarray(rgba).save(paths["rgba"])
+    Image.fromarray(colour).convert("P", palette=Image.Palette.ADAPTIVE).save(paths["palette"])
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    Image.fromarray(colour[:10]).save(paths["jpeg"], exif=exif.tobytes())  # stored 10 high, 28 wide
+    (folder / "notes.png").write_text("this is not an image")
+    paths["not_image"] = folder / "notes.png"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    return make_pictures(tmp_path_factory.mktemp("pictures"))
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def plain(output: str) -> str:
+    """Output without rich's error-box borders and line wrapping, for matching messages."""
+    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+
+
+def size_of(path):
+    with Image.open(path) as image:
+        return image.size, image.mode
+
+
+# ---------------------------------------------------------------- convolve
+
+def test_convolve_grey_blur_prints_the_arithmetic(pictures, tmp_path):
+    out = tmp_path / "blurred.png"
+    result = invoke("convolve", pictures["grey"], "--kernel", "blur", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "out = floor((28 + 2*0 - 3) / 1) + 1 = 26" in result.output
+    assert "input  28 x 28" in result.output and "output 26 x 26" in result.output
+    assert "display: clip" in result.output
+    assert size_of(out) == ((26, 26), "L")
+
+
+def test_convolve_colour_same_stride_2_sums_the_channels(pictures, tmp_path):
+    out = tmp_path / "blurred.png"
+    result = invoke("convolve", pictures["rgb"], "--kernel", "blur", "--stride", "2", "--padding", "same", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "input  28 x 28 x 3   kernel 3 x 3 x 3" in result.output
+    assert "summed into one channel" in result.output
+    assert "out = ceil(28 / 2) = 14" in result.output
+    assert size_of(out) == ((14, 14), "L")
+
+
+def test_convolve_custom_edges_on_grey_uses_minmax(pictures, tmp_path):
+    out = tmp_path / "edges.png"
+    result = invoke("convolve", pictures["rgb"], "--kernel", "1,0,-1;2,0,-2;1,0,-1", "--gray", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "converted to grey" in result.output and "display: minmax" in result.output
+    assert size_of(out) == ((26, 26), "L")
+    pixels = np.asarray(Image.open(out))
+    assert pixels.min() == 0 and pixels.max() == 255  # min-max stretches to the full range
+
+
+def test_convolve_per_channel_keeps_colour(pictures, tmp_path):
+    out = tmp_path / "sharp.png"
+    result = invoke("convolve", pictures["rgb"], "-k", "sharpen", "--per-channel", "--rescale", "clip", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "output 26 x 26 x 3" in result.output and "display: clip" in result.output
+    assert size_of(out) == ((26, 26), "RGB")
+
+
+def test_convolve_identity_reproduces_the_picture(pictures, tmp_path):
+    out = tmp_path / "same.png"
+    result = invoke("convolve", pictures["grey"], "-k", "identity", "--padding", "same", "-o", out)
+    assert result.exit_code == 0, result.output
+    np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(pictures["grey"])))
+
+
+def test_convolve_dilation_and_int_padding(pictures, tmp_path):
+    out = tmp_path / "dilated.png"
+    result = invoke("convolve", pictures["grey"], "--dilation", "2", "--padding", "1", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "out = floor((28 + 2*1 - (2*(3-1)+1)) / 1) + 1 = 26" in result.output
+
+
+def test_rgba_is_composited_on_white(pictures, tmp_path):
+    out = tmp_path / "white.png"
+    result = invoke("convolve", pictures["rgba"], "-k", "identity", "--per-channel", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "composited on white" in result.output
+    assert (np.asarray(Image.open(out)) == 255).all()  # fully transparent pixels become white
+
+
+def test_palette_png_is_converted(pictures, tmp_path):
+    out = tmp_path / "pal.png"
+    result = invoke("convolve", pictures["palette"], "-k", "box", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "palette image converted to RGB" in result.output and "28 x 28 x 3" in result.output
+
+
+def test_jpeg_exif_rotation_is_applied(pictures, tmp_path):
+    out = tmp_path / "rotated.png"
+    result = invoke("convolve", pictures["jpeg"], "-k", "identity", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "input  28 x 10 x 3" in result.output  # stored 10 x 28, displayed 28 high after rotation
+    assert size_of(out) == ((8, 26), "L")
+
+
+# ---------------------------------------------------------------- pool
+
+@pytest.mark.parametrize("mode", ["max", "avg"])
+def test_pool_halves_each_side(pictures, tmp_path, mode):
+    out = tmp_path / "half.png"
+    result = invoke("pool", pictures["rgb"], "--mode", mode, "--size", "2", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "out = floor((28 + 2*0 - 2) / 2) + 1 = 14" in result.output
+    assert size_of(out) == ((14, 14), "RGB")
+
+
+def test_max_pool_same_padding_on_grey(pictures, tmp_path):
+    out = tmp_path / "third.png"
+    result = invoke("pool", pictures["grey"], "--size", "3", "--padding", "same", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "out = ceil(28 / 3) = 10" in result.output
+    assert size_of(out) == ((10, 10), "L")
+
+
+# ---------------------------------------------------------------- explain
+
+def test_explain_conv_gif(pictures, tmp_path):
+    out = tmp_path / "conv.gif"
+    result = invoke("explain", "conv", pictures["grey"], "--kernel", "sharpen", "--steps", "3", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "downscaled from 28x28 to 12x12" in result.output
+    assert "out = floor((12 + 2*0 - 3) / 1) + 1 = 10" in result.output
+    assert "3 of 100 positions" in result.output
+    with Image.open(out) as gif:
+        assert gif.n_frames == 4  # 3 steps + the finished output
+    assert out.stat().st_size < 400_000
+
+
+def test_explain_pool_html_is_self_contained(pictures, tmp_path):
+    out = tmp_path / "pool.html"
+    result = invoke("explain", "pool", pictures["rgb"], "--mode", "avg", "--steps", "2", "--max-side", "8", "-o", out)
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") == 3 and "http" not in page
+    assert "output 4 x 4" in result.output
+
+
+# ---------------------------------------------------------------- errors: clean message, exit != 0, no file
+
+@pytest.mark.parametrize("args, message", [
+    (["convolve", "{not_image}"], "cannot read"),
+    (["convolve", "{missing}"], "cannot read"),
+    (["pool", "{not_image}"], "cannot read"),
+    (["explain", "conv", "{not_image}"], "cannot read"),
+    (["convolve", "{grey}", "--kernel", "sobl-x"], "did you mean 'sobel-x'"),
+    (["convolve", "{grey}", "--kernel", "1,2;3"], "same number of values"),
+    (["convolve", "{grey}", "--padding", "full"], "--padding"),
+    (["convolve", "{grey}", "--stride", "0"], "stride must be an int >= 1"),
+    (["convolve", "{grey}", "--kernel", "gaussian:31"], "spans 31x31 pixels but the padded image is only 28x28"),
+    (["pool", "{grey}", "--size", "3", "--padding", "3"], "pool padding must be smaller"),
+])
+def test_bad_input_gives_a_clean_error_and_no_output(pictures, tmp_path, args, message):
+    out = tmp_path / "result.png"
+    names = {**{k: str(v) for k, v in pictures.items()}, "missing": str(tmp_path / "nowhere.png")}
+    if args[0] == "explain":
+        out = tmp_path / "result.gif"
+    result = runner.invoke(app, [a.format(**names) for a in args] + ["--out", str(out)])
+    assert result.exit_code != 0
+    assert message in plain(result.output)
+    assert "Traceback" not in result.output and not isinstance(result.exception, ValueError)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a partial file
+
+
+def test_unreadable_file_is_named_in_the_error(pictures, tmp_path):
+    result = invoke("convolve", pictures["not_image"], "--out", tmp_path / "x.png")
+    assert result.exit_code == 2 and "notes.png" in result.output
+
+
+def test_unknown_output_type_is_refused_before_work(pictures, tmp_path):
+    result = invoke("convolve", pictures["grey"], "--out", tmp_path / "x.unknown")
+    assert result.exit_code == 2 and "cannot write .unknown" in plain(result.output)
+    result = invoke("explain", "conv", pictures["grey"], "--out", tmp_path / "x.png")
+    assert result.exit_code == 2 and "must end in .gif or .html" in plain(result.output)
+
+
+def test_help_text_on_every_option():
+    for command in (["convolve"], ["pool"], ["explain", "conv"], ["explain", "pool"]):
+        result = runner.invoke(app, command + ["--help"])
+        assert result.exit_code == 0
+    assert "sobel-x" in runner.invoke(app, ["convolve", "--help"]).output
