@@ -2,6 +2,8 @@
 
 Usage: python bench/bench_conv.py [--size 1024] [--repeats 7] [--threads 2]
 Prints a Markdown table of median times and the NumPy / torch ratio (target: conv within 3x).
+Run it on a quiet machine: NumPy's BLAS threads slow down far more than torch's when other
+processes share the cores, so the load average is printed before and after.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def main() -> None:
 
     print(f"cnnlab.conv vs torch {torch.__version__} (CPU, {torch.get_num_threads()} threads), "
           f"numpy {np.__version__}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
-    print(f"image {args.size}x{args.size}x3 float32, median of {args.repeats} runs\n")
+    print(f"image {args.size}x{args.size}x3 float32, median of {args.repeats} runs, "
+          f"load average before: {os.getloadavg()[0]:.2f} (above ~0.3 other work is sharing the cores)\n")
     print("| case | numpy (ms) | torch (ms) | numpy / torch | max abs diff |")
     print("|---|---:|---:|---:|---:|")
     for name, ours, reference in cases(args.size, rng):
@@ -64,6 +67,7 @@ def main() -> None:
         ours_s, reference_s = median_seconds(ours, args.repeats), median_seconds(reference, args.repeats)
         print(f"| {name} | {ours_s * 1e3:.1f} | {reference_s * 1e3:.1f} | {ours_s / reference_s:.2f}x "
               f"| {difference:.1e} |")
+    print(f"\nload average after: {os.getloadavg()[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -152,7 +152,7 @@ def test_explain_conv_gif(pictures, tmp_path):
     assert result.exit_code == 0, result.output
     assert "downscaled from 28x28 to 12x12" in result.output
     assert "out = floor((12 + 2*0 - 3) / 1) + 1 = 10" in result.output
-    assert "3 of 100 positions" in result.output
+    assert "positions 0 to 2 of 100 shown" in result.output
     with Image.open(out) as gif:
         assert gif.n_frames == 4  # 3 steps + the finished output
     assert out.stat().st_size < 400_000
@@ -210,3 +210,32 @@ def test_help_text_on_every_option():
         result = runner.invoke(app, command + ["--help"])
         assert result.exit_code == 0
     assert "sobel-x" in runner.invoke(app, ["convolve", "--help"]).output
+
+
+def test_explain_start_picks_the_positions_shown(pictures, tmp_path):
+    out = tmp_path / "later.gif"
+    result = invoke("explain", "conv", pictures["grey"], "--start", "95", "--steps", "10", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "positions 95 to 99 of 100 shown" in result.output  # clipped at the last position
+    with Image.open(out) as gif:
+        assert gif.n_frames == 6 and gif.size == Image.open(out).size
+
+
+def test_explain_start_past_the_end_is_a_clean_error(pictures, tmp_path):
+    result = invoke("explain", "pool", pictures["grey"], "--start", "36", "-o", tmp_path / "x.gif")
+    assert result.exit_code == 2 and "0 <= start < 36" in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- display rules (cnnlab.explain.rescale)
+
+def test_rescale_rules():
+    from cnnlab.explain import rescale
+    values = np.array([[-2.0, 0.0], [1.0, 2.0]])
+    np.testing.assert_allclose(rescale(values, "clip")[0], [[0, 0], [1, 1]])
+    np.testing.assert_allclose(rescale(values, "minmax")[0], [[0, 0.5], [0.75, 1]])
+    np.testing.assert_allclose(rescale(values, "abs")[0], [[1, 0], [0.5, 1]])
+    assert rescale(values)[1] == "minmax" and rescale(values / 4 + 0.5)[1] == "clip"
+    assert (rescale(np.full((2, 2), 3.0), "minmax")[0] == 0).all()  # flat output: no division by zero
+    with pytest.raises(ValueError, match="rescale rule must be one of auto, clip, minmax, abs, got 'log'"):
+        rescale(values, "log")

@@ -39,7 +39,8 @@ def draw_scene(path: Path) -> None:
 def draw_digit(path: Path) -> None:
     """A 28x28 grey '3', white on black like MNIST."""
     image = Image.new("L", (28, 28), 0)
-    ImageDraw.Draw(image).text((7, 1), "3", fill=255, font=ImageFont.load_default(size=24))
+    ImageDraw.Draw(image).text((14, 14), "3", fill=255, anchor="mm", stroke_width=2, stroke_fill=255,
+                               font=ImageFont.load_default(size=26))
     image.save(path)
 
 
@@ -51,8 +52,8 @@ COMMANDS = [
     "convolve photo.png --kernel blur --stride 2 --padding same --per-channel --out stride2.png",
     "pool photo.png --mode max --size 4 --out max-pool.png",
     "pool photo.png --mode avg --size 4 --out avg-pool.png",
-    "explain conv digit.png --kernel sharpen --steps 6 --out explain-conv.gif",
-    "explain pool digit.png --mode max --steps 4 --out explain-pool.gif",
+    "explain conv digit.png --kernel sharpen --start 21 --steps 6 --out explain-conv.gif",
+    "explain pool digit.png --mode max --start 7 --steps 4 --out explain-pool.gif",
 ]
 
 

@@ -1,2 +1,40 @@
-"""cnnlab: learn, build, train, inspect and use CNNs for image classification."""
+"""cnnlab: learn, build, train, inspect and use CNNs for image classification.
+
+    import cnnlab
+    config = cnnlab.load_config("seed", overrides=["dropout=0.4"], data={"dataset": "fashion-mnist"})
+    result = cnnlab.train(config)             # a run directory, the history, the test evaluation
+    model, classes, config = cnnlab.load_model(result.run)
+
+Names are imported on first use, so `import cnnlab.conv` (the NumPy playground) never loads torch.
+"""
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "Config": "cnnlab.config", "ConfigError": "cnnlab.config", "load_config": "cnnlab.config",
+    "list_presets": "cnnlab.config",
+    "DATASETS": "cnnlab.data", "get_dataset": "cnnlab.data", "load_dataset": "cnnlab.data",
+    "read_idx": "cnnlab.data", "write_idx": "cnnlab.data",
+    "CNN": "cnnlab.models", "build_model": "cnnlab.models",
+    "train": "cnnlab.pipeline", "resume": "cnnlab.pipeline", "evaluate_run": "cnnlab.pipeline",
+    "summarize": "cnnlab.pipeline", "RunResult": "cnnlab.pipeline",
+    "evaluate": "cnnlab.evaluate", "Evaluation": "cnnlab.evaluate",
+    "load_model": "cnnlab.runs",
+    "Trainer": "cnnlab.train", "Callback": "cnnlab.train",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'cnnlab' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cnnlab.config import ModelConfig
+from cnnlab.config import ConfigError, ModelConfig
 from cnnlab.conv import output_size
 
 Shape = tuple[int, ...]
@@ -61,7 +61,7 @@ def plan(config: ModelConfig, input_shape: Shape = (28, 28, 1), num_classes: int
             oh = output_size(h, kh, block.stride, block.padding)
             ow = output_size(w, kw, block.stride, block.padding)
         except ValueError as exc:
-            raise ValueError(f"model.conv[{i - 1}]: a {kh}x{kw} kernel does not fit the "
+            raise ConfigError(f"model.conv[{i - 1}]: a {kh}x{kw} kernel does not fit the "
                              f"({h}, {w}, {c}) input of this layer: {exc}") from None
         params = (kh * kw * c + 1) * block.filters
         layers.append(Layer(

@@ -72,7 +72,7 @@ def _pair(value: Pair, name: str) -> tuple[int, int]:
 
 
 def padding_amounts(padding: Padding, in_hw: tuple[int, int], spans: tuple[int, int],
-          strides: tuple[int, int]) -> list[tuple[int, int]]:
+                    strides: tuple[int, int]) -> list[tuple[int, int]]:
     """Zeros (before, after) to add on the row and column axes for a padding spec; spans are the
     dilated window sizes (kh, kw)."""
     if isinstance(padding, str):

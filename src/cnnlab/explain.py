@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from cnnlab.conv import padding_amounts, avg_pool2d, conv2d, max_pool2d
+from cnnlab.conv import avg_pool2d, conv2d, max_pool2d, padding_amounts
 
 RESCALE_RULES = {
     "auto": "clip if the output already lies in [0, 1], else minmax",
@@ -52,13 +52,13 @@ class Step:
     out_col: int
     top: int            # window's top-left corner in the padded input, pixels
     left: int
-    caption: str        # the arithmetic for this position, e.g. "0.2x0.1 + ... = 0.43"
+    caption: str        # the arithmetic for this position, e.g. "0.2×0.1 + ... = 0.43"
 
 
 # ---------------------------------------------------------------- building the steps
 
 def _fmt(value: float) -> str:
-    """Short number for a picture: 2 decimals, no trailing zeros, no '-0'; negatives in brackets."""
+    """Short number for a picture: 2 decimals, no trailing zeros, never '-0'."""
     text = f"{value + 0.0:.2f}".rstrip("0").rstrip(".")
     return "0" if text == "-0" else text
 
@@ -69,8 +69,7 @@ def _factor(value: float) -> str:
     return f"({text})" if text.startswith("-") else text
 
 
-def conv_steps(image: np.ndarray, kernel: np.ndarray, stride: int, padded: np.ndarray,
-               out: np.ndarray) -> list[Step]:
+def conv_steps(kernel: np.ndarray, stride: int, padded: np.ndarray, out: np.ndarray) -> list[Step]:
     """Every kernel position in reading order with its products written out."""
     kh, kw = kernel.shape
     steps = []
@@ -128,13 +127,17 @@ def _render(fig: Figure) -> Image.Image:
 
 def _frame(input_grid: np.ndarray, input_title: str, window: tuple[int, int],
            middle: list[tuple[np.ndarray, str, str]], output_grid: np.ndarray,
-           out_range: tuple[float, float], step: Step | None, title: str, caption: str) -> Image.Image:
-    """One frame: input with the window boxed | middle panels (kernel, products...) | output so far.
+           out_range: tuple[float, float], step: Step | None, title: str, caption: str,
+           panels: int) -> Image.Image:
+    """One frame of `panels` panels: input with the window boxed | middle (kernel, products...) | output.
 
-    middle holds (values, panel title, colour map); step None draws the finished output, unboxed.
+    middle holds (values, panel title, colour map); unused middle panels stay blank so every frame of
+    an animation has the same size. step None draws the finished output, unboxed.
     """
-    fig = Figure(figsize=(2.3 * (2 + len(middle)), 3.0), dpi=72)
-    axes = fig.subplots(1, 2 + len(middle))
+    fig = Figure(figsize=(2.3 * panels, 3.0), dpi=72)
+    axes = fig.subplots(1, panels)
+    for ax in axes[1 + len(middle):-1]:
+        ax.axis("off")
     _grid(axes[0], input_grid, input_title, "gray", 0, 1, numbers=max(input_grid.shape) <= 8)
     for ax, (values, name, cmap) in zip(axes[1:-1], middle):
         if cmap == "gray":
@@ -167,8 +170,9 @@ def _wrap(text: str, width: int = 110) -> str:
 # ---------------------------------------------------------------- whole animations
 
 def explain_conv(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding: str | int = "valid",
-                 steps: int = 12) -> list[Image.Image]:
-    """Frames for the first `steps` kernel positions on a small grey (H, W) image, then the result."""
+                 steps: int = 12, start: int = 0) -> list[Image.Image]:
+    """Frames for `steps` kernel positions from position `start` (reading order) on a small grey
+    (H, W) image, then one frame with the whole result."""
     kh, kw = kernel.shape
     pads = padding_amounts(padding, image.shape, (kh, kw), (stride, stride))
     padded = np.pad(image, pads)                       # conv pads with zeros: they are real inputs
@@ -177,23 +181,24 @@ def explain_conv(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding
     title = f"convolution: {image.shape[0]}x{image.shape[1]} input, {kh}x{kw} kernel, stride {stride}, " \
             f"padding {padding!r} -> {out.shape[0]}x{out.shape[1]} output"
     frames = []
-    all_steps = conv_steps(image, kernel, stride, padded, out)
-    for index, step in enumerate(all_steps[:_frame_budget(steps)]):
+    all_steps = conv_steps(kernel, stride, padded, out)
+    for index, step in _shown(all_steps, start, steps):
         patch = padded[step.top:step.top + kh, step.left:step.left + kw]
         so_far = _filled(out, index)
         middle = [(patch, "patch", "gray"), (kernel, "kernel (weights)", "RdBu"),
                   (patch * kernel, "patch × kernel", "RdBu")]
         frames.append(_frame(padded, "input (zero padded)" if padded.shape != image.shape else "input",
                              (kh, kw), middle, so_far, out_range, step, title,
-                             f"out[{step.out_row}, {step.out_col}] = sum of products = {step.caption}"))
+                             f"out[{step.out_row}, {step.out_col}] = sum of products = {step.caption}", 5))
     frames.append(_frame(padded, "input", (kh, kw), [(kernel, "kernel (weights)", "RdBu")], out,
-                         out_range, None, title, f"all {len(all_steps)} positions done"))
+                         out_range, None, title, f"all {len(all_steps)} positions done", 5))
     return frames
 
 
 def explain_pool(image: np.ndarray, mode: str = "max", size: int = 2, stride: int | None = None,
-                 padding: str | int = "valid", steps: int = 12) -> list[Image.Image]:
-    """Frames for the first `steps` pooling windows on a small grey (H, W) image, then the result."""
+                 padding: str | int = "valid", steps: int = 12, start: int = 0) -> list[Image.Image]:
+    """Frames for `steps` pooling windows from window `start` (reading order) on a small grey
+    (H, W) image, then one frame with the whole result."""
     if mode not in ("max", "avg"):
         raise ValueError(f"pool mode must be 'max' or 'avg', got {mode!r}")
     stride = stride or size
@@ -206,20 +211,23 @@ def explain_pool(image: np.ndarray, mode: str = "max", size: int = 2, stride: in
             f"stride {stride}, padding {padding!r} -> {out.shape[0]}x{out.shape[1]} output"
     frames = []
     all_steps = pool_steps(mode, size, stride, padded, out)
-    for index, step in enumerate(all_steps[:_frame_budget(steps)]):
+    for index, step in _shown(all_steps, start, steps):
         window = padded[step.top:step.top + size, step.left:step.left + size]
         middle = [(window, "window", "gray")]
         frames.append(_frame(padded, "input", (size, size), middle, _filled(out, index), out_range, step,
-                             title, f"out[{step.out_row}, {step.out_col}] = {step.caption}"))
+                             title, f"out[{step.out_row}, {step.out_col}] = {step.caption}", 3))
     frames.append(_frame(padded, "input", (size, size), [], out, out_range, None, title,
-                         f"all {len(all_steps)} windows done"))
+                         f"all {len(all_steps)} windows done", 3))
     return frames
 
 
-def _frame_budget(steps: int) -> int:
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return min(steps, MAX_FRAMES)
+def _shown(all_steps: list[Step], start: int, steps: int) -> list[tuple[int, Step]]:
+    """(index, step) for the positions to draw: `steps` of them (at most MAX_FRAMES) from `start`."""
+    if steps < 1 or not 0 <= start < len(all_steps):
+        raise ValueError(f"need steps >= 1 and 0 <= start < {len(all_steps)} (the number of positions), "
+                         f"got steps={steps}, start={start}")
+    chosen = range(start, min(start + min(steps, MAX_FRAMES), len(all_steps)))
+    return [(index, all_steps[index]) for index in chosen]
 
 
 def _filled(out: np.ndarray, last_index: int) -> np.ndarray:

@@ -7,11 +7,11 @@ import sys
 import typer
 
 from cnnlab.config import ConfigError
-from cnnlab.data import ChecksumMismatch, DataError, DatasetUnavailable, IDXError
+from cnnlab.data import ChecksumMismatch, DataError, DatasetUnavailable, IDXError, UnknownDataset
 from cnnlab.runs import RunError
 from cnnlab.train import TrainingDiverged
 
-USER_ERRORS = (ConfigError, DatasetUnavailable, ChecksumMismatch, IDXError, DataError, RunError,
+USER_ERRORS = (ConfigError, UnknownDataset, DatasetUnavailable, ChecksumMismatch, IDXError, DataError, RunError,
                TrainingDiverged, FileNotFoundError, IsADirectoryError, PermissionError)
 
 

@@ -21,11 +21,6 @@ DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder hold
                                                  "default $CNNLAB_DATA, then the user cache, then system copies.")]
 
 
-def spec_or_exit(name: str):
-    try:
-        return get_dataset(name)
-    except ValueError as exc:
-        raise fail(str(exc)) from None
 
 
 @datasets_app.command("list")
@@ -40,15 +35,16 @@ def list_datasets(data_dir: DataDir = None) -> None:
 
 
 @datasets_app.command("where")
+@friendly_errors
 def where(name: Name, data_dir: DataDir = None) -> None:
     """Which copy of a dataset would be used, and every place looked in."""
-    spec = spec_or_exit(name)
+    spec = get_dataset(name)
     found = locate(spec, data_dir)
     for origin, directory in search_places(spec, data_dir):
         mark = "->" if found and found.directory == directory else "  "
         print(f"{mark} {origin:12} {directory}")
     if found is None:
-        raise fail(str(unavailable(spec, data_dir)))
+        raise unavailable(spec, data_dir)
     print(f"using {found.directory} ({found.origin})")
 
 
@@ -56,7 +52,7 @@ def where(name: Name, data_dir: DataDir = None) -> None:
 @friendly_errors
 def fetch_dataset(name: Name, data_dir: DataDir = None) -> None:
     """Find a dataset or download it from its mirrors into the cache, with checksum checks."""
-    location = fetch(spec_or_exit(name), data_dir)
+    location = fetch(get_dataset(name), data_dir)
     print(f"{name}: {location.directory} ({location.origin})")
 
 
@@ -64,7 +60,7 @@ def fetch_dataset(name: Name, data_dir: DataDir = None) -> None:
 @friendly_errors
 def verify_dataset(name: Name, data_dir: DataDir = None) -> None:
     """Check every file of the copy in use against the registry's SHA-256 checksums."""
-    spec = spec_or_exit(name)
+    spec = get_dataset(name)
     location = locate(spec, data_dir)
     if location is None:
         raise unavailable(spec, data_dir)

@@ -10,7 +10,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnnlab.cli._app import app
 from cnnlab.conv import avg_pool2d, conv2d, conv2d_per_channel, explain_output_size, max_pool2d
-from cnnlab.explain import RESCALE_RULES, explain_conv, explain_pool, rescale, save_animation
+from cnnlab.explain import MAX_FRAMES, RESCALE_RULES, explain_conv, explain_pool, rescale, save_animation
 from cnnlab.kernels import get_kernel, list_kernels
 
 explain_app = typer.Typer(help="Animate a kernel or a pooling window sliding over a small image, step by step.",
@@ -217,8 +217,10 @@ def small_grey(path: Path, max_side: int) -> np.ndarray:
     return to_floats(picture)
 
 
-def save_frames(frames, out: Path, steps: int, total: int) -> None:
-    typer.echo(f"animation: {min(steps, total)} of {total} positions shown (--steps to change), then the result")
+def save_frames(frames, out: Path, start: int, total: int) -> None:
+    shown = len(frames) - 1  # the last frame is the finished output
+    typer.echo(f"animation: positions {start} to {start + shown - 1} of {total} shown "
+               f"(--start, --steps to change), then the result")
     save_animation(frames, out)
     typer.echo(f"saved {out} ({len(frames)} frames)")
 
@@ -228,7 +230,8 @@ def check_animation_output(out: Path) -> None:
         raise typer.BadParameter(f"animation output must end in .gif or .html, got {out.name!r}", param_hint="--out")
 
 
-STEPS_HELP = "How many positions to animate before the final frame (the first ones in reading order)."
+STEPS_HELP = f"How many positions to animate before the final frame (at most {MAX_FRAMES})."
+START_HELP = "First position to animate, counting from 0 in reading order (earlier ones are computed silently)."
 MAX_SIDE_HELP = "Downscale the (grey) input so its longer side is at most this many pixels."
 OUT_HELP = "Animation file: .gif, or .html for a self-contained page with a step-by-step slider."
 
@@ -241,6 +244,7 @@ def explain_conv_command(
     stride: int = typer.Option(1, help="Step between kernel positions, in pixels (>= 1)."),
     padding: str = typer.Option("valid", help=PADDING_HELP),
     steps: int = typer.Option(12, min=1, help=STEPS_HELP),
+    start: int = typer.Option(0, min=0, help=START_HELP),
     max_side: int = typer.Option(12, min=2, help=MAX_SIDE_HELP),
 ) -> None:
     """Show a kernel sliding over a small grey image: patch, weights, products and the sum landing in the output."""
@@ -253,8 +257,8 @@ def explain_conv_command(
                f"padding {pad!r}:")
     print_arithmetic(pixels.shape, weights.shape, stride, pad)
     typer.echo(f"output {shape_text(result.shape)}")
-    frames = run_library(explain_conv, pixels, weights, stride, pad, steps)
-    save_frames(frames, out, steps, result.size)
+    frames = run_library(explain_conv, pixels, weights, stride, pad, steps, start)
+    save_frames(frames, out, start, result.size)
 
 
 @explain_app.command("pool")
@@ -266,6 +270,7 @@ def explain_pool_command(
     stride: int = typer.Option(None, help="Step between windows, in pixels (default: the window size)."),
     padding: str = typer.Option("valid", help=PADDING_HELP + " Padded cells are ignored."),
     steps: int = typer.Option(12, min=1, help=STEPS_HELP),
+    start: int = typer.Option(0, min=0, help=START_HELP),
     max_side: int = typer.Option(12, min=2, help=MAX_SIDE_HELP),
 ) -> None:
     """Show a pooling window sliding over a small grey image and the max or mean landing in the output."""
@@ -279,5 +284,5 @@ def explain_pool_command(
                f"padding {pad!r}:")
     print_arithmetic(pixels.shape, (size, size), stride, pad)
     typer.echo(f"output {shape_text(result.shape)}")
-    frames = run_library(explain_pool, pixels, mode.value, size, stride, pad, steps)
-    save_frames(frames, out, steps, result.size)
+    frames = run_library(explain_pool, pixels, mode.value, size, stride, pad, steps, start)
+    save_frames(frames, out, start, result.size)

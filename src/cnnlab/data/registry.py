@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 SPLITS = ("train", "test")
 
 
+class UnknownDataset(ValueError):
+    """A dataset name that is not registered."""
+
+
 @dataclass(frozen=True)
 class DataFile:
     """One IDX file of a dataset under its standard name."""
@@ -155,4 +159,4 @@ def get_dataset(name: str) -> DatasetSpec:
     except KeyError:
         near = difflib.get_close_matches(name, DATASETS, n=1)
         hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise ValueError(f"unknown dataset {name!r}{hint} (known: {', '.join(DATASETS)})") from None
+        raise UnknownDataset(f"unknown dataset {name!r}{hint} (known: {', '.join(DATASETS)})") from None

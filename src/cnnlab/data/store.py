@@ -185,7 +185,7 @@ def download_file(file: DataFile, mirrors: tuple[str, ...], target: Path, progre
             if not raw.startswith(GZIP_MAGIC):
                 kind = "an HTML page" if raw.lstrip()[:1] == b"<" else "not a gzip file"
                 raise ChecksumMismatch(f"served {kind} instead of the file")
-            ok, sha, expected = digest_matches(file, raw, decompress(raw, url))
+            ok, sha, expected = digest_matches(file, raw, decompress(raw, "the download"))
             if not ok:
                 raise ChecksumMismatch(f"checksum mismatch: got {sha}, expected {expected}")
             os.replace(tmp, target / file.name)

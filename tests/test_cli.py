@@ -1,0 +1,75 @@
+"""The CLI through Typer's runner: the commands a user types, and their errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+
+runner = CliRunner()
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_summary_prints_the_lessons_table():
+    result = run("summary", "--model", "seed")
+    assert result.exit_code == 0
+    assert "(26, 26, 32)" in result.output and "Total params: 693,962" in result.output
+
+
+def test_summary_explain_and_overrides():
+    result = run("summary", "--model", "seed", "--set", "first_layer_convs=16", "--explain")
+    assert result.exit_code == 0
+    assert "(3·3·1+1)·16 = 160" in result.output and "(26, 26, 16)" in result.output
+
+
+def test_presets_lists_and_prints_yaml():
+    assert "seed-dropout" in run("presets").output
+    assert "first_layer_conv_width" in run("presets", "seed").output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["summary", "--set", "dropotu=0.4"], "unknown config key 'dropotu'; did you mean 'dropout'"),
+    (["summary", "--model", "sed"], "unknown model preset 'sed'"),
+    (["train", "--dataset", "mnst"], "unknown dataset 'mnst'; did you mean 'mnist'"),
+    (["train", "--dataset", "fashion-mnist"], "apt-get install dataset-fashion-mnist"),
+    (["evaluate", "nowhere"], "nowhere: no such run directory"),
+    (["datasets", "verify", "fashion-mnist"], "not found"),
+])
+def test_errors_are_one_clear_line_with_status_2(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_datasets_list_where_verify():
+    listing = run("datasets", "list")
+    assert "fashion-mnist-sample" in listing.output and "package" in listing.output
+    assert "using" in run("datasets", "where", "mnist-sample").output
+    verify = run("datasets", "verify", "mnist-sample")
+    assert verify.exit_code == 0 and "all 4 files verified" in verify.output
+
+
+def test_train_then_evaluate(tmp_path):
+    result = run("train", "--dataset", "fashion-mnist-sample", "--model", "seed", "--epochs", "1",
+                 "--set", "dropout=0.4", "--set", "first_layer_convs=8", "--runs-dir", str(tmp_path), "--name", "f")
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output and f"results in {tmp_path / 'f'}" in result.output
+    table = run("evaluate", str(tmp_path / "f"))
+    assert "Ankle boot" in table.output and "most confused" in table.output
+    data = json.loads(run("evaluate", "--runs-dir", str(tmp_path), "--json").output)
+    assert {"accuracy", "loss", "per_class", "confusion_matrix"} <= set(data)
+    assert data["per_class"][0]["class_name"] == "T-shirt/top"
+    assert sum(map(sum, data["confusion_matrix"])) == 1000
+
+
+def test_python_m_cnnlab_runs():
+    out = subprocess.run([sys.executable, "-m", "cnnlab", "presets"], capture_output=True, text=True, check=True)
+    assert "seed" in out.stdout
