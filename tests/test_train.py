@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from cnnlab import pipeline, runs
 from cnnlab.config import load_config
 from cnnlab.data import DatasetUnavailable
-from cnnlab.train import Callback, TrainingDiverged, TrainingInterrupted
+from cnnlab.trainer import Callback, TrainingDiverged, TrainingInterrupted
 
 QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32"]
 

@@ -21,9 +21,9 @@ _EXPORTS = {
     "CNN": "cnnlab.models", "build_model": "cnnlab.models",
     "train": "cnnlab.pipeline", "resume": "cnnlab.pipeline", "evaluate_run": "cnnlab.pipeline",
     "summarize": "cnnlab.pipeline", "RunResult": "cnnlab.pipeline",
-    "evaluate": "cnnlab.evaluate", "Evaluation": "cnnlab.evaluate",
+    "Evaluation": "cnnlab.evaluate",
     "load_model": "cnnlab.runs",
-    "Trainer": "cnnlab.train", "Callback": "cnnlab.train",
+    "Trainer": "cnnlab.trainer", "Callback": "cnnlab.trainer",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -16,7 +16,7 @@ from cnnlab.data import Dataset, load_dataset, split_train_val
 from cnnlab.evaluate import Evaluation, evaluate
 from cnnlab.models import CNN, build_model
 from cnnlab.summary import format_summary
-from cnnlab.train import Callback, TrainData, Trainer
+from cnnlab.trainer import Callback, TrainData, Trainer, TrainingInterrupted
 from cnnlab.visualize import plot_confusion
 
 
@@ -96,7 +96,11 @@ def fit_and_test(run: Path, trainer: Trainer, dataset: Dataset) -> RunResult:
     with runs.locked(run):
         steps_before = trainer.epoch * trainer.steps_per_epoch + trainer.step
         started = time.perf_counter()
-        history = trainer.fit()
+        try:
+            history = trainer.fit()
+        except TrainingInterrupted as exc:
+            exc.run = run
+            raise
         seconds = time.perf_counter() - started
         trained = (trainer.epoch * trainer.steps_per_epoch - steps_before) * trainer.config.batch_size
         test = test_run(run, trainer.model, dataset, trainer.config.eval_batch_size)

@@ -33,7 +33,7 @@ from safetensors import safe_open
 
 from cnnlab.config import Config, config_from_dict, read_yaml
 from cnnlab.models import CNN, build_model
-from cnnlab.train import Callback, Trainer
+from cnnlab.trainer import Callback, Trainer
 
 DEFAULT_ROOT = Path("runs")
 FILES = dict(config="config.yaml", summary="summary.txt", manifest="manifest.json", metrics="metrics.jsonl",

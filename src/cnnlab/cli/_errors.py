@@ -9,7 +9,7 @@ import typer
 from cnnlab.config import ConfigError
 from cnnlab.data import ChecksumMismatch, DataError, DatasetUnavailable, IDXError, UnknownDataset
 from cnnlab.runs import RunError
-from cnnlab.train import TrainingDiverged
+from cnnlab.trainer import TrainingDiverged
 
 USER_ERRORS = (ConfigError, UnknownDataset, DatasetUnavailable, ChecksumMismatch, IDXError, DataError, RunError,
                TrainingDiverged, FileNotFoundError, IsADirectoryError, PermissionError)

@@ -13,7 +13,7 @@ from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.config import list_presets, load_config, preset_path
 from cnnlab.data import get_dataset
 from cnnlab.evaluate import Evaluation
-from cnnlab.train import ProgressBar, TrainingInterrupted
+from cnnlab.trainer import ProgressBar, TrainingInterrupted
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Model preset (see `cnnlab presets`).")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config applied over the preset.")]
@@ -92,7 +92,7 @@ def train(
                 threads=threads))
             result = pipeline.train(cfg, runs_dir, name, callbacks)
     except TrainingInterrupted as exc:
-        raise fail(f"{exc}; the checkpoint is saved. Continue with: cnnlab train --resume <run>", code=130) from None
+        raise fail(f"{exc}; the checkpoint is saved. Continue with: cnnlab train --resume {exc.run}", code=130) from None
     print_result(result)
 
 

@@ -28,6 +28,8 @@ class TrainingDiverged(RuntimeError):
 class TrainingInterrupted(Exception):
     """Training stopped on Ctrl-C or SIGTERM after saving a resumable state."""
 
+    run = None  # the run directory, filled in by whoever knows it
+
 
 @dataclass
 class TrainData:
