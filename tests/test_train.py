@@ -79,6 +79,7 @@ def test_same_seed_same_result(reference, tmp_path):
     assert comparable(again.history) == comparable(reference.history)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("epoch, step", [(1, 20), (2, 1), (1, 55)])
 def test_resume_after_an_interrupt_ends_bitwise_equal(reference, tmp_path, epoch, step):
     """Stopped mid-epoch (or at an epoch's last step), resumed: same weights and metrics as never stopping."""
@@ -92,6 +93,7 @@ def test_resume_after_an_interrupt_ends_bitwise_equal(reference, tmp_path, epoch
     assert resumed.test.accuracy == reference.test.accuracy
 
 
+@pytest.mark.slow
 def test_resume_skips_a_corrupt_latest_checkpoint(reference, tmp_path):
     with pytest.raises(TrainingInterrupted):
         pipeline.train(quick_config(), tmp_path, name="cut", callbacks=[StopAt(2, 10)], progress=False)
