@@ -73,3 +73,20 @@ def test_train_then_evaluate(tmp_path):
 def test_python_m_cnnlab_runs():
     out = subprocess.run([sys.executable, "-m", "cnnlab", "presets"], capture_output=True, text=True, check=True)
     assert "seed" in out.stdout
+
+
+def test_resume_refuses_options_that_would_change_the_run(tmp_path):
+    result = runner.invoke(app, ["train", "--resume", str(tmp_path), "--epochs", "3"])
+    assert result.exit_code == 2 and "drop --epochs" in result.output
+
+
+def test_data_dir_pointing_at_the_files_themselves_gets_a_hint(tmp_path):
+    from cnnlab.data.registry import get_dataset
+    from cnnlab.data.store import package_dir
+    import shutil
+
+    for file in get_dataset("mnist-sample").all_files():
+        shutil.copy(package_dir(get_dataset("mnist-sample")) / file.name, tmp_path / file.name)
+    result = runner.invoke(app, ["train", "--dataset", "mnist", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2
+    assert f"The files are directly in {tmp_path}" in result.output

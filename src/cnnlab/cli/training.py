@@ -84,6 +84,12 @@ def train(
     callbacks = [] if quiet else [ProgressBar()]
     try:
         if resume is not None:
+            given = [flag for flag, value in (("--config", config), ("--set", set_), ("--epochs", epochs),
+                                              ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
+                                              ("--dataset", dataset), ("--data-dir", data_dir), ("--name", name))
+                     if value]
+            if given:
+                raise fail(f"--resume continues a run with its saved config.yaml; drop {', '.join(given)}")
             print(f"resuming {resume}")
             result = pipeline.resume(resume, callbacks)
         else:

@@ -157,6 +157,9 @@ def unavailable(spec: DatasetSpec, data_dir: str | Path | None, detail: str = ""
     looked = "\n".join(f"  {origin}: {directory} (missing {', '.join(missing_files(spec, directory))})"
                        for origin, directory in search_places(spec, data_dir))
     detail = f"\n{detail}" if detail else ""
+    if data_dir is not None and all((Path(data_dir) / f.name).is_file() for f in spec.all_files()):
+        detail += (f"\nThe files are directly in {data_dir}: --data-dir takes the folder that holds "
+                   f"{spec.name}/, here {Path(data_dir).parent}")
     return DatasetUnavailable(f"dataset {spec.name!r} not found. Looked in:\n{looked}{detail}\n"
                               f"To get it: {how_to_get(spec)}")
 
