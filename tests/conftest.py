@@ -1,14 +1,15 @@
 """Shared fixtures: an isolated cache and system folder, and a tiny dataset written in the test."""
 from __future__ import annotations
 
+import gzip
+import hashlib
+
 import numpy as np
 import pytest
 
 from cnnlab.data import store
 from cnnlab.data.idx import encode_idx, write_idx
-from cnnlab.data.registry import DataFile, DatasetSpec, _idx_files
-import gzip
-import hashlib
+from cnnlab.data.registry import DatasetSpec, _idx_files
 
 
 @pytest.fixture(autouse=True)

@@ -1,7 +1,6 @@
 """The main job as named steps: load data, build the model, train, evaluate, record the run."""
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass

@@ -1,107 +1,23 @@
-"""Typed configuration: dataclasses for data, model and training; presets, files and overrides.
-
-Config flows one way: preset file -> user file -> `--set` overrides -> knobs substituted ->
-dataclasses (unknown keys are errors) -> builders. The resolved config is saved with every run and
-the model is rebuilt from it.
+"""Resolving a config: preset file -> user file -> `--set` overrides -> knobs -> typed dataclasses.
 
 Knobs are the lesson's plain config keys (filters, kernel width/height, dense size, dropout). A
 preset declares them under `knobs:` and its layer list reads them as `$name`, so `--set dropout=0.4`
-reshapes the network the way the lesson's `config.dropout = 0.4` did.
+reshapes the network the way the lesson's `config.dropout = 0.4` did. Unknown keys, and knobs the
+user set that no layer reads, are errors naming the nearest valid key.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
+import types
 import typing
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-ACTIVATIONS = ("relu", "gelu", "elu", "leaky_relu", "tanh", "sigmoid", "none")
-POOLS = (None, "max", "avg")
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "onecycle", "cosine")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the key and what was expected."""
-
-
-@dataclass
-class ConvBlock:
-    """Conv2D -> [BatchNorm] -> activation -> [pool] -> [dropout]."""
-
-    filters: int = 32  # output channels (feature maps)
-    kernel_size: int | list[int] = 3  # pixels; one int, or [height, width]
-    stride: int = 1  # pixels the kernel moves per step
-    padding: str | int = "valid"  # "valid" shrinks the image, "same" keeps its size, or zeros per side
-    activation: str = "relu"
-    batch_norm: bool = False  # normalise each channel over the batch (helps deeper nets train fast)
-    pool: str | None = None  # "max", "avg" or None
-    pool_size: int = 2  # a 2x2 pool halves each side
-    dropout: float = 0.0  # fraction of activations zeroed in training, after the pool
-
-
-@dataclass
-class DenseLayer:
-    """[dropout] -> Linear -> activation. Dropout on the layer's input, where the lesson puts it."""
-
-    units: int = 128
-    activation: str = "relu"
-    dropout: float = 0.0
-
-
-@dataclass
-class ModelConfig:
-    """conv blocks -> flatten -> dense layers -> classifier (softmax over the dataset's classes)."""
-
-    name: str = "custom"
-    conv: list[ConvBlock] = field(default_factory=list)
-    dense: list[DenseLayer] = field(default_factory=list)
-    classifier_dropout: float = 0.0  # dropout on the classifier's input
-
-
-@dataclass
-class DataConfig:
-    dataset: str = "mnist-sample"  # a registered dataset name (`cnnlab datasets list`)
-    data_dir: str | None = None  # folder holding <dataset>/<IDX files>; None: $CNNLAB_DATA, cache, system
-    val_size: int | None = None  # training images held out for validation; None: the dataset's default
-    allow_checksum_mismatch: bool = False  # use local files whose checksums differ (recorded in the run)
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 4
-    batch_size: int = 32  # images per optimisation step
-    optimizer: str = "adam"  # adam, adamw or sgd
-    lr: float = 1e-3  # peak learning rate
-    momentum: float = 0.9  # sgd only
-    weight_decay: float = 0.0
-    schedule: str = "constant"  # learning rate over the run: constant, onecycle or cosine
-    label_smoothing: float = 0.0  # target probability moved from the true class to the others
-    seed: int = 0  # seeds the validation split, initial weights, data order and dropout
-    threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
-    eval_batch_size: int = 1000  # images per forward pass when evaluating (memory, not results)
-
-
-@dataclass
-class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+from cnnlab.config.schema import SECTIONS, Config, ConfigError, nearest, validate
 
 
 # ---------------------------------------------------------------------------------------- presets
@@ -311,7 +227,7 @@ def convert(hint: Any, value: Any, where: str) -> Any:
         if args and dataclasses.is_dataclass(args[0]):
             return [build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
         return [convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else value
-    options = args if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) else (hint,)
+    options = args if origin in (typing.Union, types.UnionType) else (hint,)
     for option in options:
         if matches(option, value):
             return float(value) if option is float else value
@@ -344,65 +260,3 @@ def type_name(option: Any) -> str:
     return getattr(option, "__name__", str(option))
 
 
-# ------------------------------------------------------------------------------------ validation
-def validate(config: Config) -> None:
-    """Range and choice checks that types alone cannot express."""
-    for i, block in enumerate(config.model.conv):
-        where = f"model.conv[{i}]"
-        positive(block.filters, f"{where}.filters")
-        sizes = block.kernel_size if isinstance(block.kernel_size, list) else [block.kernel_size]
-        if len(sizes) not in (1, 2):
-            raise ConfigError(f"{where}.kernel_size: expected an int or [height, width], found {block.kernel_size}")
-        for s in sizes:
-            positive(s, f"{where}.kernel_size")
-        positive(block.stride, f"{where}.stride")
-        if isinstance(block.padding, str) and block.padding not in ("valid", "same"):
-            raise ConfigError(f"{where}.padding: expected 'valid', 'same' or an int >= 0, found {block.padding!r}")
-        if isinstance(block.padding, int) and block.padding < 0:
-            raise ConfigError(f"{where}.padding: expected an int >= 0, found {block.padding}")
-        if block.padding == "same" and block.stride != 1:
-            raise ConfigError(f"{where}: padding 'same' needs stride 1 in torch; use an int padding with stride > 1")
-        choice(block.activation, ACTIVATIONS, f"{where}.activation")
-        choice(block.pool, POOLS, f"{where}.pool")
-        positive(block.pool_size, f"{where}.pool_size")
-        fraction(block.dropout, f"{where}.dropout")
-    for i, layer in enumerate(config.model.dense):
-        positive(layer.units, f"model.dense[{i}].units")
-        choice(layer.activation, ACTIVATIONS, f"model.dense[{i}].activation")
-        fraction(layer.dropout, f"model.dense[{i}].dropout")
-    fraction(config.model.classifier_dropout, "model.classifier_dropout")
-    t = config.train
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        positive(getattr(t, key), f"train.{key}")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr: expected a learning rate > 0, found {t.lr}")
-    choice(t.optimizer, OPTIMIZERS, "train.optimizer")
-    choice(t.schedule, SCHEDULES, "train.schedule")
-    fraction(t.label_smoothing, "train.label_smoothing")
-    if t.threads is not None:
-        positive(t.threads, "train.threads")
-    if config.data.val_size is not None and config.data.val_size < 0:
-        raise ConfigError(f"data.val_size: expected an int >= 0, found {config.data.val_size}")
-
-
-def positive(value: int, where: str) -> None:
-    if value < 1:
-        raise ConfigError(f"{where}: expected an int >= 1, found {value}")
-
-
-def fraction(value: float, where: str) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ConfigError(f"{where}: expected a fraction in [0, 1), found {value}")
-
-
-def choice(value: Any, options: tuple, where: str) -> None:
-    if value not in options:
-        shown = ", ".join("null" if o is None else str(o) for o in options)
-        raise ConfigError(f"{where}: expected one of {shown}, found {value!r}"
-                          f"{nearest(str(value), [o for o in options if o])}")
-
-
-def nearest(name: str, options: list[str], prefix: str = "") -> str:
-    """'; did you mean X?' for the closest option, or ''."""
-    near = difflib.get_close_matches(name, [str(o) for o in options], n=1, cutoff=0.5)
-    return f"; did you mean '{prefix}{near[0]}'?" if near else ""

@@ -1,0 +1,35 @@
+"""Typed configuration: dataclasses for data, model and training (`schema`), and how presets,
+files and `--set` overrides resolve into them (`resolve`). No torch.
+
+Config flows one way: preset file -> user file -> overrides -> knobs substituted -> dataclasses ->
+builders. The resolved config is saved with every run and the model is rebuilt from it.
+"""
+from cnnlab.config.resolve import (
+                                   config_from_dict,
+                                   list_presets,
+                                   load_config,
+                                   merge,
+                                   parse_override,
+                                   preset_path,
+                                   read_yaml,
+                                   resolve,
+)
+from cnnlab.config.schema import (
+                                   ACTIVATIONS,
+                                   OPTIMIZERS,
+                                   POOLS,
+                                   SCHEDULES,
+                                   SECTIONS,
+                                   Config,
+                                   ConfigError,
+                                   ConvBlock,
+                                   DataConfig,
+                                   DenseLayer,
+                                   ModelConfig,
+                                   TrainConfig,
+                                   validate,
+)
+
+__all__ = ["config_from_dict", "list_presets", "load_config", "merge", "parse_override", "preset_path", "read_yaml",
+           "resolve", "ACTIVATIONS", "OPTIMIZERS", "POOLS", "SCHEDULES", "SECTIONS", "Config", "ConfigError",
+           "ConvBlock", "DataConfig", "DenseLayer", "ModelConfig", "TrainConfig", "validate"]
