@@ -90,3 +90,20 @@ def test_data_dir_pointing_at_the_files_themselves_gets_a_hint(tmp_path):
     result = runner.invoke(app, ["train", "--dataset", "mnist", "--data-dir", str(tmp_path)])
     assert result.exit_code == 2
     assert f"The files are directly in {tmp_path}" in result.output
+
+
+def test_convolve_with_a_kernel_the_model_learned(tmp_path):
+    from PIL import Image
+    import numpy as np
+
+    run("train", "--model", "seed", "--epochs", "1", "--set", "first_layer_convs=4", "--set", "dense_layer_size=8",
+        "--runs-dir", str(tmp_path), "--name", "r", "--quiet")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20), dtype=np.uint8)).save(tmp_path / "in.png")
+    result = run("convolve", str(tmp_path / "in.png"), "--kernel", f"{tmp_path / 'r'}:conv1:3",
+                 "--out", str(tmp_path / "out.png"))
+    assert result.exit_code == 0, result.output
+    assert "kernel 3 x 3" in result.output and Image.open(tmp_path / "out.png").size == (18, 18)
+    bad = runner.invoke(app, ["convolve", str(tmp_path / "in.png"), "--kernel", f"{tmp_path / 'r'}:conv9:0",
+                              "--out", str(tmp_path / "x.png")])
+    flat = " ".join(bad.output.replace("│", " ").split())  # rich wraps the message in a box
+    assert bad.exit_code == 2 and "no conv layer 'conv9' (conv layers: conv1)" in flat

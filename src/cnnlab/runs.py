@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -206,6 +207,19 @@ def load_model(run: str | Path) -> tuple[CNN, tuple[str, ...], Config]:
         raise RunError(f"{file}: weights do not fit the model in {path(run, 'config')}: {exc}") from None
     model.eval()
     return model, classes, config
+
+
+def learned_kernel(run: str | Path, layer: str, index: int) -> np.ndarray:
+    """Filter `index` of conv layer `layer` of a trained run, channels-last: (kh, kw) or (kh, kw, C)."""
+    model, _, _ = load_model(run)
+    convs = {name: module for name, module in model.features.named_children() if isinstance(module, torch.nn.Conv2d)}
+    if layer not in convs:
+        raise RunError(f"{run}: no conv layer {layer!r} (conv layers: {', '.join(convs) or 'none'})")
+    weight = convs[layer].weight.detach()  # (filters, C, kh, kw)
+    if not 0 <= index < weight.shape[0]:
+        raise RunError(f"{run}: {layer} has filters 0..{weight.shape[0] - 1}, got {index}")
+    kernel = weight[index].permute(1, 2, 0).numpy().astype("float64")  # (kh, kw, C)
+    return kernel[:, :, 0] if kernel.shape[2] == 1 else kernel
 
 
 # ---------------------------------------------------------------------------------- checkpoints

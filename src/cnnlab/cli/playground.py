@@ -30,7 +30,8 @@ class Rescale(str, Enum):
     abs = "abs"
 
 
-KERNEL_HELP = (f"Kernel: a name ({', '.join(list_kernels())}), box:SIZE, gaussian:SIZE:SIGMA, "
+KERNEL_HELP = (f"Kernel: a name ({', '.join(list_kernels())}), box:SIZE, gaussian:SIZE:SIGMA, RUN:LAYER:INDEX "
+               "(filter INDEX of a trained run's conv layer, e.g. runs/mnist-seed:conv1:5), "
                "or weights with rows separated by ';' and values by ',', e.g. '1,0,-1;2,0,-2;1,0,-1'.")
 PADDING_HELP = "'valid' (no padding), 'same' (output = ceil(input / stride), Keras), N zeros, or 'ROWS,COLS'."
 IMAGE_ARG = typer.Argument(..., help="Image file to read (PNG, JPEG, ...); scaled to floats in [0, 1].")
@@ -55,7 +56,7 @@ def open_image(path: Path, gray: bool) -> tuple[Image.Image, list[str]]:
         image = Image.alpha_composite(background, image.convert("RGBA"))
         notes.append("transparency dropped: composited on white")
     if gray and image.mode != "L":
-        notes.append("converted to grey (--gray)")
+        notes.append("converted to grey")
         return image.convert("L"), notes
     return image.convert("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB"), notes
 
@@ -98,7 +99,14 @@ def parse_padding(text: str) -> str | int | tuple[int, int]:
 
 
 def parse_kernel(spec: str) -> np.ndarray:
+    """A named or written-out kernel, or RUN:LAYER:INDEX for one a trained model learned."""
     try:
+        run, _, rest = spec.partition(":")
+        if rest and Path(run, "config.yaml").is_file():
+            from cnnlab.runs import learned_kernel  # imports torch: only when a run is named
+
+            layer, _, index = rest.partition(":")
+            return learned_kernel(run, layer, int(index) if index.isdigit() else -1)
         return get_kernel(spec)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--kernel") from None
