@@ -17,7 +17,7 @@ def to_inputs(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def infer(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def infer(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Logits (N, num_classes) for uint8 images, in eval mode, batch by batch."""
     was_training = model.training
     model.eval()
@@ -83,7 +83,7 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...],
-             batch_size: int = 1000) -> Evaluation:
+             batch_size: int = 256) -> Evaluation:
     """Evaluate a model on uint8 images and int64 labels."""
     logits = infer(model, images, batch_size)
     loss, accuracy = loss_and_accuracy(logits, labels)

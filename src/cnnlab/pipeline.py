@@ -107,7 +107,7 @@ def fit_and_test(run: Path, trainer: Trainer, dataset: Dataset) -> RunResult:
     return RunResult(run, history, test, seconds, images / seconds if seconds > 0 else 0.0)
 
 
-def test_run(run: Path, model: CNN, dataset: Dataset, batch_size: int = 1000) -> Evaluation:
+def test_run(run: Path, model: CNN, dataset: Dataset, batch_size: int = 256) -> Evaluation:
     """Evaluate on the test set and record test.json and confusion.png in the run."""
     result = evaluate(model, images_tensor(dataset.test_images), torch.from_numpy(dataset.test_labels),
                       dataset.classes, batch_size)

@@ -76,7 +76,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # target probability moved from the true class to the others
     seed: int = 0  # seeds the validation split, initial weights, data order and dropout
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
-    eval_batch_size: int = 1000  # images per forward pass when evaluating (memory, not results)
+    eval_batch_size: int = 256  # images per forward pass when evaluating: small batches stay in cache (4-7x faster than 1000 on 2 cores)
 
 
 @dataclass
