@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from cnnlab.config import ConfigError, ModelConfig
+from cnnlab.config import ConfigError, ConvBlock, ModelConfig
 from cnnlab.conv import output_size
 
 Shape = tuple[int, ...]
@@ -56,34 +56,20 @@ def plan(config: ModelConfig, input_shape: Shape = (28, 28, 1), num_classes: int
     layers: list[Layer] = []
     h, w, c = input_shape
     for i, block in enumerate(config.conv, start=1):
-        kh, kw = kernel_pair(block.kernel_size)
-        try:
-            oh = output_size(h, kh, block.stride, block.padding)
-            ow = output_size(w, kw, block.stride, block.padding)
-        except ValueError as exc:
-            raise ConfigError(f"model.conv[{i - 1}]: a {kh}x{kw} kernel does not fit the "
-                             f"({h}, {w}, {c}) input of this layer: {exc}") from None
-        params = (kh * kw * c + 1) * block.filters
-        layers.append(Layer(
-            f"conv{i}", "conv", (oh, ow, block.filters), params,
-            f"({kh}·{kw}·{c}+1)·{block.filters} = {params:,}", oh * ow * block.filters * kh * kw * c,
-            dict(in_channels=c, filters=block.filters, kernel_size=(kh, kw), stride=block.stride,
-                 padding=block.padding, activation=block.activation, bias=not block.batch_norm)))
+        conv, (h, w, c) = conv_layer(i, block, (h, w, c))
+        layers.append(conv)
+        stages = [pool_layer, norm_layer] if block.pool_first else [norm_layer, pool_layer]
+        for stage in stages:
+            layer = stage(i, block, (h, w, c))
+            if layer is not None:
+                layers.append(layer)
+                h, w, c = layer.output_shape
         if block.batch_norm:
-            # the conv's bias is dropped (BN's shift replaces it): its parameters move here
-            layers[-1] = with_params(layers[-1], kh * kw * c * block.filters,
-                                     f"{kh}·{kw}·{c}·{block.filters} = {kh * kw * c * block.filters:,} (no bias: BN shifts)")
-            layers.append(Layer(f"bn{i}", "batch_norm", (oh, ow, block.filters), 2 * block.filters,
-                                f"2·{block.filters} = {2 * block.filters} (scale and shift per channel)",
-                                options=dict(channels=block.filters, activation=block.activation)))
-        h, w, c = oh, ow, block.filters
-        if block.pool:
-            size = block.pool_size
-            oh, ow = output_size(h, size, size), output_size(w, size, size)
-            layers.append(Layer(f"pool{i}", f"{block.pool}_pool", (oh, ow, c), 0,
-                                f"no parameters: the {block.pool} of each {size}x{size} window",
-                                options=dict(size=size)))
-            h, w = oh, ow
+            # the conv's bias is dropped (BN's shift replaces it): its parameters move to the BN layer
+            kh, kw = kernel_pair(block.kernel_size)
+            weights = kh * kw * conv.options["in_channels"] * block.filters
+            layers[layers.index(conv)] = with_params(conv, weights, f"{kh}·{kw}·{conv.options['in_channels']}·"
+                                                     f"{block.filters} = {weights:,} (no bias: BN shifts)")
         if block.dropout:
             layers.append(Layer(f"drop{i}", "dropout", (h, w, c), 0, "no parameters", options=dict(p=block.dropout)))
     n = h * w * c
@@ -101,6 +87,45 @@ def plan(config: ModelConfig, input_shape: Shape = (28, 28, 1), num_classes: int
                             dict(in_features=n, units=units, activation=activation), section="head"))
         n = units
     return layers
+
+
+def conv_layer(i: int, block: ConvBlock, shape: Shape) -> tuple[Layer, Shape]:
+    """The i-th conv layer (1-based) on an input of `shape` (H, W, C), and its output shape."""
+    h, w, c = shape
+    kh, kw = kernel_pair(block.kernel_size)
+    try:
+        oh = output_size(h, kh, block.stride, block.padding)
+        ow = output_size(w, kw, block.stride, block.padding)
+    except ValueError as exc:
+        raise ConfigError(f"model.conv[{i - 1}]: a {kh}x{kw} kernel does not fit the "
+                          f"({h}, {w}, {c}) input of this layer: {exc}") from None
+    params = (kh * kw * c + 1) * block.filters
+    layer = Layer(f"conv{i}", "conv", (oh, ow, block.filters), params,
+                  f"({kh}·{kw}·{c}+1)·{block.filters} = {params:,}", oh * ow * block.filters * kh * kw * c,
+                  dict(in_channels=c, filters=block.filters, kernel_size=(kh, kw), stride=block.stride,
+                       padding=block.padding, activation=block.activation, bias=not block.batch_norm))
+    return layer, (oh, ow, block.filters)
+
+
+def norm_layer(i: int, block: ConvBlock, shape: Shape) -> Layer | None:
+    if not block.batch_norm:
+        return None
+    c = shape[2]
+    return Layer(f"bn{i}", "batch_norm", shape, 2 * c, f"2·{c} = {2 * c} (scale and shift per channel)",
+                 options=dict(channels=c, activation=block.activation))
+
+
+def pool_layer(i: int, block: ConvBlock, shape: Shape) -> Layer | None:
+    if not block.pool:
+        return None
+    h, w, c = shape
+    size = block.pool_size
+    try:
+        out = (output_size(h, size, size), output_size(w, size, size), c)
+    except ValueError:
+        raise ConfigError(f"model.conv[{i - 1}]: a {size}x{size} pool does not fit its ({h}, {w}, {c}) input") from None
+    return Layer(f"pool{i}", f"{block.pool}_pool", out, 0,
+                 f"no parameters: the {block.pool} of each {size}x{size} window", options=dict(size=size))
 
 
 def with_params(layer: Layer, params: int, formula: str) -> Layer:

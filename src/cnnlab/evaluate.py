@@ -9,20 +9,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def to_inputs(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (N, H, W) or (N, C, H, W) -> float (N, C, H, W) in [0, 1], as the model sees them."""
+def to_inputs(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """uint8 images (N, H, W) or (N, C, H, W) -> float (N, C, H, W) in [0, 1], as the model sees them.
+
+    channels_last stores them (N, H, W, C) in memory, the layout CPU convolutions run fastest on.
+    """
     if images.dim() == 3:
         images = images.unsqueeze(1)
-    return images.float().div_(255.0)
+    x = images.float().div_(255.0)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 @torch.no_grad()
-def infer(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def infer(model: nn.Module, images: torch.Tensor, batch_size: int = 256, channels_last: bool = False) -> torch.Tensor:
     """Logits (N, num_classes) for uint8 images, in eval mode, batch by batch."""
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(to_inputs(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+        return torch.cat([model(to_inputs(images[i:i + batch_size], channels_last))
+                          for i in range(0, len(images), batch_size)])
     finally:
         model.train(was_training)
 
@@ -83,9 +88,9 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...],
-             batch_size: int = 256) -> Evaluation:
+             batch_size: int = 256, channels_last: bool = False) -> Evaluation:
     """Evaluate a model on uint8 images and int64 labels."""
-    logits = infer(model, images, batch_size)
+    logits = infer(model, images, batch_size, channels_last)
     loss, accuracy = loss_and_accuracy(logits, labels)
     predictions = logits.argmax(dim=1).numpy()
     cm = confusion_matrix(labels.numpy(), predictions, len(classes))

@@ -10,7 +10,7 @@ import torch
 
 from cnnlab import runs
 from cnnlab.architecture import plan
-from cnnlab.config import Config
+from cnnlab.config import Config, TrainConfig
 from cnnlab.data import Dataset, load_dataset, split_train_val
 from cnnlab.evaluate import Evaluation, evaluate
 from cnnlab.models import CNN, build_model
@@ -61,13 +61,13 @@ def start_run(config: Config, dataset: Dataset, model: CNN, root: str | Path, na
 
 
 def train(config: Config, root: str | Path = runs.DEFAULT_ROOT, name: str | None = None,
-          callbacks: Sequence[Callback] = (), progress: bool = True) -> RunResult:
+          callbacks: Sequence[Callback] = (), progress: bool = True, dataset: Dataset | None = None) -> RunResult:
     """Train a model from a config into a new run directory, then evaluate it on the test set.
 
     Data and config problems are raised before the run directory is created, so a bad input
-    leaves nothing behind.
+    leaves nothing behind. `dataset` skips loading when the caller holds it already (benchmarks).
     """
-    dataset = open_dataset(config, progress)
+    dataset = dataset or open_dataset(config, progress)
     data = prepare_data(dataset, config)
     model = build_model(config.model, dataset.spec.image_shape, dataset.spec.num_classes, seed=config.train.seed)
     run = start_run(config, dataset, model, root, name)
@@ -102,15 +102,15 @@ def fit_and_test(run: Path, trainer: Trainer, dataset: Dataset) -> RunResult:
             raise
         seconds = time.perf_counter() - started
         trained = (trainer.epoch * trainer.steps_per_epoch - steps_before) * trainer.config.batch_size
-        test = test_run(run, trainer.model, dataset, trainer.config.eval_batch_size)
+        test = test_run(run, trainer.model, dataset, trainer.config)
     images = min(trained, len(trainer.data.train_labels) * trainer.config.epochs)
     return RunResult(run, history, test, seconds, images / seconds if seconds > 0 else 0.0)
 
 
-def test_run(run: Path, model: CNN, dataset: Dataset, batch_size: int = 256) -> Evaluation:
+def test_run(run: Path, model: CNN, dataset: Dataset, config: TrainConfig) -> Evaluation:
     """Evaluate on the test set and record test.json and confusion.png in the run."""
     result = evaluate(model, images_tensor(dataset.test_images), torch.from_numpy(dataset.test_labels),
-                      dataset.classes, batch_size)
+                      dataset.classes, config.eval_batch_size, config.channels_last)
     runs.write_json(runs.path(run, "test"), result.to_dict())
     runs.write_atomic(runs.path(run, "confusion"),
                       lambda tmp: plot_confusion(result.confusion, dataset.classes, tmp,
@@ -124,7 +124,7 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, progress: 
     if data_dir is not None:
         config.data.data_dir = str(data_dir)
     dataset = open_dataset(config, progress)
-    return test_run(Path(run), model, dataset, config.train.eval_batch_size)
+    return test_run(Path(run), model, dataset, config.train)
 
 
 def summarize(config: Config, input_shape=(28, 28, 1), num_classes: int = 10, explain: bool = False) -> str:

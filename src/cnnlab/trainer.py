@@ -86,6 +86,8 @@ class Trainer:
     def __init__(self, model: nn.Module, data: TrainData, config: TrainConfig,
                  callbacks: Sequence[Callback] = ()):
         self.model, self.data, self.config = model, data, config
+        if config.channels_last:
+            model.to(memory_format=torch.channels_last)  # in place: parameters keep their identity
         self.callbacks = list(callbacks)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.optimizer = make_optimizer(model, config)
@@ -126,7 +128,8 @@ class Trainer:
         bs = self.config.batch_size
         while self.step < self.steps_per_epoch:
             index = order[self.step * bs:(self.step + 1) * bs]
-            loss, correct = self.train_step(to_inputs(self.data.train_images[index]), self.data.train_labels[index])
+            inputs = to_inputs(self.data.train_images[index], self.config.channels_last)  # (B, C, H, W) floats
+            loss, correct = self.train_step(inputs, self.data.train_labels[index])
             self.step += 1
             self.running[0] += loss * len(index)
             self.running[1] += correct
@@ -173,7 +176,7 @@ class Trainer:
     def validate(self) -> tuple[float, float]:
         if len(self.data.val_labels) == 0:
             return math.nan, math.nan
-        logits = infer(self.model, self.data.val_images, self.config.eval_batch_size)
+        logits = infer(self.model, self.data.val_images, self.config.eval_batch_size, self.config.channels_last)
         return loss_and_accuracy(logits, self.data.val_labels)
 
     def emit(self, hook: str, *args) -> None:

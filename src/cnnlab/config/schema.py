@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ConvBlock:
-    """Conv2D -> [BatchNorm] -> activation -> [pool] -> [dropout]."""
+    """Conv2D -> [BatchNorm] -> activation -> [pool] -> [dropout] (with pool_first: Conv2D -> pool -> ...)."""
 
     filters: int = 32  # output channels (feature maps)
     kernel_size: int | list[int] = 3  # pixels; one int, or [height, width]
@@ -34,6 +34,7 @@ class ConvBlock:
     batch_norm: bool = False  # normalise each channel over the batch (helps deeper nets train fast)
     pool: str | None = None  # "max", "avg" or None
     pool_size: int = 2  # a 2x2 pool halves each side
+    pool_first: bool = False  # pool right after the conv, before batch norm: 4x cheaper BN (airbench's order)
     dropout: float = 0.0  # fraction of activations zeroed in training, after the pool
 
 
@@ -76,6 +77,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # target probability moved from the true class to the others
     seed: int = 0  # seeds the validation split, initial weights, data order and dropout
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
+    channels_last: bool = True  # weights and batches stored (N, H, W, C): 1.5-2x faster conv/BN steps on CPU
     eval_batch_size: int = 256  # images per forward pass when evaluating: small batches stay in cache (4-7x faster than 1000 on 2 cores)
 
 
