@@ -98,3 +98,14 @@ def test_saved_config_with_an_unknown_key_is_refused():
     data["train"]["lr_decay"] = 0.1
     with pytest.raises(ConfigError, match="config.yaml: unknown config key 'train.lr_decay'"):
         config_from_dict(data, source="config.yaml")
+
+
+def test_a_datasets_block_tunes_one_dataset_under_the_users_settings(tmp_path):
+    file = tmp_path / "tuned.yaml"
+    file.write_text("train: {epochs: 2}\n"
+                    "datasets:\n  fashion-mnist: {train: {epochs: 5, augment_flip: true}}\n")
+    assert load_config(None, file).train.epochs == 2
+    fashion = load_config(None, file, data={"dataset": "fashion-mnist"})
+    assert fashion.train.epochs == 5 and fashion.train.augment_flip
+    assert load_config(None, file, ["data.dataset=fashion-mnist-sample"]).train.epochs == 5
+    assert load_config(None, file, ["data.dataset=fashion-mnist", "epochs=7"]).train.epochs == 7

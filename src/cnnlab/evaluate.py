@@ -21,13 +21,21 @@ def to_inputs(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor
 
 
 @torch.no_grad()
-def infer(model: nn.Module, images: torch.Tensor, batch_size: int = 256, channels_last: bool = False) -> torch.Tensor:
-    """Logits (N, num_classes) for uint8 images, in eval mode, batch by batch."""
+def infer(model: nn.Module, images: torch.Tensor, batch_size: int = 256, channels_last: bool = False,
+          tta: bool = False) -> torch.Tensor:
+    """Logits (N, num_classes) for uint8 images, in eval mode, batch by batch.
+
+    tta averages the logits of each image and its mirror image (test-time augmentation).
+    """
     was_training = model.training
     model.eval()
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        x = to_inputs(batch, channels_last)
+        return (model(x) + model(x.flip(-1))) / 2 if tta else model(x)
+
     try:
-        return torch.cat([model(to_inputs(images[i:i + batch_size], channels_last))
-                          for i in range(0, len(images), batch_size)])
+        return torch.cat([forward(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
     finally:
         model.train(was_training)
 
@@ -88,9 +96,9 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...],
-             batch_size: int = 256, channels_last: bool = False) -> Evaluation:
+             batch_size: int = 256, channels_last: bool = False, tta: bool = False) -> Evaluation:
     """Evaluate a model on uint8 images and int64 labels."""
-    logits = infer(model, images, batch_size, channels_last)
+    logits = infer(model, images, batch_size, channels_last, tta)
     loss, accuracy = loss_and_accuracy(logits, labels)
     predictions = logits.argmax(dim=1).numpy()
     cm = confusion_matrix(labels.numpy(), predictions, len(classes))

@@ -110,7 +110,7 @@ def fit_and_test(run: Path, trainer: Trainer, dataset: Dataset) -> RunResult:
 def test_run(run: Path, model: CNN, dataset: Dataset, config: TrainConfig) -> Evaluation:
     """Evaluate on the test set and record test.json and confusion.png in the run."""
     result = evaluate(model, images_tensor(dataset.test_images), torch.from_numpy(dataset.test_labels),
-                      dataset.classes, config.eval_batch_size, config.channels_last)
+                      dataset.classes, config.eval_batch_size, config.channels_last, config.tta)
     runs.write_json(runs.path(run, "test"), result.to_dict())
     runs.write_atomic(runs.path(run, "confusion"),
                       lambda tmp: plot_confusion(result.confusion, dataset.classes, tmp,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from cnnlab.augment import augment
 from cnnlab.config import TrainConfig
 from cnnlab.evaluate import infer, loss_and_accuracy, to_inputs
 
@@ -128,7 +129,8 @@ class Trainer:
         bs = self.config.batch_size
         while self.step < self.steps_per_epoch:
             index = order[self.step * bs:(self.step + 1) * bs]
-            inputs = to_inputs(self.data.train_images[index], self.config.channels_last)  # (B, C, H, W) floats
+            images = augment(self.data.train_images[index], self.config.augment_shift, self.config.augment_flip)
+            inputs = to_inputs(images, self.config.channels_last)  # (B, C, H, W) floats in [0, 1]
             loss, correct = self.train_step(inputs, self.data.train_labels[index])
             self.step += 1
             self.running[0] += loss * len(index)
@@ -176,7 +178,8 @@ class Trainer:
     def validate(self) -> tuple[float, float]:
         if len(self.data.val_labels) == 0:
             return math.nan, math.nan
-        logits = infer(self.model, self.data.val_images, self.config.eval_batch_size, self.config.channels_last)
+        c = self.config
+        logits = infer(self.model, self.data.val_images, c.eval_batch_size, c.channels_last, c.tta)
         return loss_and_accuracy(logits, self.data.val_labels)
 
     def emit(self, hook: str, *args) -> None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from cnnlab.config.schema import SECTIONS, Config, ConfigError, nearest, validate
+from cnnlab.config.schema import SECTIONS, Config, ConfigError, DataConfig, nearest, validate
 
 
 # ---------------------------------------------------------------------------------------- presets
@@ -61,21 +61,40 @@ def load_config(model: str | None = "seed", file: str | Path | None = None,
     """Resolve a config: preset `model`, then YAML `file`, then `key=value` overrides.
 
     `section_values` (e.g. data={"dataset": "mnist"}) are applied like overrides, for callers that
-    have typed values at hand (the CLI's --dataset, --epochs).
+    have typed values at hand (the CLI's --dataset, --epochs). A file's `datasets:` block holds
+    settings for one dataset (e.g. more epochs on Fashion-MNIST) over that file's general ones.
     """
-    raw: dict[str, Any] = read_yaml(preset_path(model)) if model else {}
-    user_keys: set[str] = set()
-    if file is not None:
-        user = read_yaml(file)
-        user_keys |= {f"knobs.{k}" for k in user.get("knobs") or {}}
-        raw = merge(raw, user)
-    for section, values in section_values.items():
-        for key, value in values.items():
-            set_path(raw, f"{section}.{key}", value)
-    for item in overrides or []:
-        key, value = parse_override(item)
-        user_keys.add(apply_override(raw, key, value))
+    preset = read_yaml(preset_path(model)) if model else {}
+    user = read_yaml(file) if file is not None else {}
+    preset_tuned, user_tuned = preset.pop("datasets", None) or {}, user.pop("datasets", None) or {}
+    user_keys = {f"knobs.{k}" for k in user.get("knobs") or {}}
+
+    def assemble(base: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+        raw = merge(base, mine)
+        for section, values in section_values.items():
+            for key, value in values.items():
+                set_path(raw, f"{section}.{key}", value)
+        for item in overrides or []:
+            key, value = parse_override(item)
+            user_keys.add(apply_override(raw, key, value))
+        return raw
+
+    raw = assemble(preset, user)
+    dataset = (raw.get("data") or {}).get("dataset", DataConfig.dataset)
+    preset_block, user_block = dataset_block(preset_tuned, dataset), dataset_block(user_tuned, dataset)
+    if preset_block or user_block:  # each file's block tops that file's general settings
+        raw = assemble(merge(preset, preset_block or {}), merge(user, user_block or {}))
     return resolve(raw, user_keys)
+
+
+def dataset_block(tuned: dict[str, Any], dataset: str) -> dict[str, Any] | None:
+    """The settings a file gives for `dataset`; a shipped sample takes those of its full dataset."""
+    if not isinstance(tuned, dict):
+        raise ConfigError(f"datasets: expected a mapping of dataset name -> settings, found {tuned!r}")
+    block = tuned.get(dataset, tuned.get(dataset.removesuffix("-sample")))
+    if block is not None and not isinstance(block, dict):
+        raise ConfigError(f"datasets.{dataset}: expected a mapping of sections, found {block!r}")
+    return block
 
 
 def resolve(raw: dict[str, Any], user_keys: set[str] = frozenset()) -> Config:

@@ -77,6 +77,9 @@ class TrainConfig:
     label_smoothing: float = 0.0  # target probability moved from the true class to the others
     seed: int = 0  # seeds the validation split, initial weights, data order and dropout
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
+    augment_shift: int = 0  # pixels: each training image moved by up to this much, at random
+    augment_flip: bool = False  # mirror half the training images at random (clothes, not digits)
+    tta: bool = False  # test-time augmentation: average the predictions for each image and its mirror
     channels_last: bool = True  # weights and batches stored (N, H, W, C): 1.5-2x faster conv/BN steps on CPU
     eval_batch_size: int = 256  # images per forward pass when evaluating: small batches stay in cache (4-7x faster than 1000 on 2 cores)
 
@@ -134,6 +137,8 @@ def validate(config: Config) -> None:
     fraction(t.label_smoothing, "train.label_smoothing")
     if t.threads is not None:
         positive(t.threads, "train.threads")
+    if t.augment_shift < 0:
+        raise ConfigError(f"train.augment_shift: expected pixels >= 0, found {t.augment_shift}")
     if config.data.val_size is not None and config.data.val_size < 0:
         raise ConfigError(f"data.val_size: expected an int >= 0, found {config.data.val_size}")
 
