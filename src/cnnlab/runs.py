@@ -8,6 +8,7 @@ A run is a folder (default runs/<dataset>-<model>-<timestamp>) holding:
   model.safetensors   weights only (metadata: input shape, class names), loadable without pickle
   checkpoint.safetensors  resumable state: weights, optimizer, scheduler, RNG, epoch, step
   test.json           final test metrics;  confusion.png  the test confusion matrix
+  report.html         the self-contained HTML report, when `cnnlab report` made one
 Every file is written to a temporary name and renamed into place, so none is ever half-written.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ DEFAULT_ROOT = Path("runs")
 FILES = dict(config="config.yaml", summary="summary.txt", manifest="manifest.json", metrics="metrics.jsonl",
              weights="model.safetensors", checkpoint="checkpoint.safetensors",
              previous_checkpoint="checkpoint.prev.safetensors", test="test.json", confusion="confusion.png",
-             lock=".lock")
+             report="report.html", lock=".lock")
 
 
 class RunError(ValueError):

@@ -1,17 +1,39 @@
-"""Pictures from models and runs (PNG files via matplotlib's Agg backend, no display needed)."""
+"""Pictures of how a run did: confusion matrix, training curves, misclassified images.
+
+PNG files via matplotlib's `Figure` and the Agg backend (no pyplot, no display needed). Every
+`plot_*` function takes `out`, a path or a binary file object (the HTML report draws into memory).
+Pictures of what a network learned live in `cnnlab.activations` and `cnnlab.saliency`.
+"""
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Union
 
 import numpy as np
 
+Output = Union[str, Path, IO[bytes]]
 
-def plot_confusion(confusion: np.ndarray, classes: tuple[str, ...], out: str | Path, title: str = "") -> Path:
-    """The confusion matrix as a PNG: rows true classes, columns predictions, counts in the cells."""
+
+def new_figure(width: float, height: float, dpi: int = 100):
+    """A matplotlib Figure (inches) with constrained layout, not attached to any GUI."""
     from matplotlib.figure import Figure
 
+    return Figure(figsize=(width, height), dpi=dpi, layout="constrained")
+
+
+def save_figure(fig, out: Output) -> Output:
+    """Write a figure as PNG to a path or a binary file object."""
+    fig.savefig(out, format="png")
+    return out
+
+
+def plot_confusion(confusion: np.ndarray, classes: tuple[str, ...], out: Output, title: str = "") -> Output:
+    """The confusion matrix as a PNG: rows true classes, columns predictions, counts in the cells."""
     n = len(classes)
-    fig = Figure(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n), dpi=100, layout="constrained")
+    fig = new_figure(1.0 + 0.6 * n, 0.8 + 0.6 * n)
     ax = fig.add_subplot()
     # row-normalised colours, so small classes show their mistakes as clearly as big ones
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
@@ -26,5 +48,88 @@ def plot_confusion(confusion: np.ndarray, classes: tuple[str, ...], out: str | P
     ax.set_ylabel("true")
     if title:
         ax.set_title(title)
-    fig.savefig(out)
-    return Path(out)
+    return save_figure(fig, out)
+
+
+# ---------------------------------------------------------------------------------- curves
+def plot_curves(histories: Mapping[str, Sequence[dict]], out: Output, title: str = "") -> Output:
+    """Loss and accuracy per epoch, train (solid, circles) and validation (dashed, squares).
+
+    `histories` maps a label (the run's name) to its metrics.jsonl rows. One run: train and
+    validation in two colours; several runs overlay, one colour per run.
+    """
+    fig = new_figure(10, 4)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    several = len(histories) > 1
+    most_epochs = 1
+    for i, (label, history) in enumerate(histories.items()):
+        epochs = [m["epoch"] for m in history]
+        most_epochs = max([most_epochs, *epochs])
+        for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+            for j, (split, style, marker) in enumerate((("train", "-", "o"), ("val", "--", "s"))):
+                values = [m.get(f"{split}_{metric}", math.nan) for m in history]
+                name = "validation" if split == "val" else split
+                ax.plot(epochs, values, style, marker=marker, color=f"C{(i if several else j) % 10}",
+                        label=f"{label}: {name}" if several else name)
+    for ax, metric in ((loss_ax, "loss (cross-entropy)"), (acc_ax, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(metric)
+        ax.set_xlim(0.5, most_epochs + 0.5)
+        ax.set_xticks(range(1, most_epochs + 1, max(1, most_epochs // 10)))  # whole epochs only
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    from matplotlib.ticker import PercentFormatter
+
+    acc_ax.yaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=0))
+    loss_ax.set_title("loss per epoch (lower is better)")
+    acc_ax.set_title("accuracy per epoch (higher is better)")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, out)
+
+
+# -------------------------------------------------------------------------------- mistakes
+@dataclass(frozen=True)
+class Mistake:
+    """One misclassified test image: its index in the test set, the classes and the model's confidence."""
+
+    index: int
+    true_label: int
+    predicted_label: int
+    confidence: float  # the probability the model gave its (wrong) prediction, 0-1
+
+
+def find_mistakes(labels: np.ndarray, predictions: np.ndarray, probabilities: np.ndarray,
+                  limit: int = 25) -> list[Mistake]:
+    """The misclassified images, worst first: the most confident wrong predictions."""
+    wrong = np.flatnonzero(predictions != labels)
+    confidence = probabilities[wrong, predictions[wrong]]
+    order = wrong[np.argsort(-confidence, kind="stable")][:limit]
+    return [Mistake(int(i), int(labels[i]), int(predictions[i]), float(probabilities[i, predictions[i]]))
+            for i in order]
+
+
+def grid_shape(count: int, max_columns: int) -> tuple[int, int]:
+    """(rows, columns) of a grid holding `count` panels, at most `max_columns` wide."""
+    columns = max(1, min(count, max_columns))
+    return max(1, math.ceil(count / columns)), columns
+
+
+def plot_mistakes(images: np.ndarray, mistakes: Sequence[Mistake], classes: Sequence[str], out: Output,
+                  title: str = "", max_columns: int = 6) -> tuple[int, int]:
+    """A grid of misclassified images (uint8 (N, H, W)) titled true/predicted/confidence; returns (rows, cols)."""
+    rows, columns = grid_shape(len(mistakes), max_columns)
+    fig = new_figure(1.9 * columns, 2.1 * rows + 0.5)
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, mistake in zip(axes, mistakes):
+        ax.imshow(images[mistake.index], cmap="gray", vmin=0, vmax=255)
+        ax.set_title(f"#{mistake.index}\ntrue: {classes[mistake.true_label]}\n"
+                     f"said: {classes[mistake.predicted_label]} ({mistake.confidence:.0%})",
+                     fontsize=8, color="firebrick")
+    if not mistakes:
+        axes[0].text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    fig.suptitle(title or "misclassified test images, most confident first")
+    save_figure(fig, out)
+    return rows, columns

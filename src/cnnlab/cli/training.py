@@ -79,9 +79,13 @@ def train(
     name: Annotated[Optional[str], typer.Option(help="Run directory name (default <dataset>-<model>-<time>).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this interrupted run instead of starting one.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")] = False,
+    wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (pip install "
+                                        "'cnnlab[wandb]'; offline under ./wandb when not logged in).")] = False,
+    wandb_project: Annotated[str, typer.Option(help="W&B project for --wandb.")] = "cnnlab",
 ) -> None:
     """Train a model, evaluate it on the test set, and record everything in a run directory."""
     callbacks = [] if quiet else [ProgressBar()]
+    tracker = None
     try:
         if resume is not None:
             given = [flag for flag, value in (("--config", config), ("--set", set_), ("--epochs", epochs),
@@ -91,15 +95,32 @@ def train(
             if given:
                 raise fail(f"--resume continues a run with its saved config.yaml; drop {', '.join(given)}")
             print(f"resuming {resume}")
-            result = pipeline.resume(resume, callbacks)
+            if wandb:
+                tracker = wandb_tracker(runs.load_config(resume), wandb_project)
+            result = pipeline.resume(resume, callbacks + ([tracker] if tracker else []))
         else:
             cfg = load_config(model, config, set_, **sections(
                 dataset, data_dir, allow_checksum_mismatch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                 threads=threads))
-            result = pipeline.train(cfg, runs_dir, name, callbacks)
+            if wandb:
+                tracker = wandb_tracker(cfg, wandb_project)
+            result = pipeline.train(cfg, runs_dir, name, callbacks + ([tracker] if tracker else []))
     except TrainingInterrupted as exc:
         raise fail(f"{exc}; the checkpoint is saved. Continue with: cnnlab train --resume {exc.run}", code=130) from None
+    if tracker is not None:
+        tracker.finish(result)
     print_result(result)
+
+
+def wandb_tracker(cfg, project: str):
+    """The W&B callback for --wandb; imports wandb only now, and says how to install it if missing."""
+    from cnnlab import tracking
+
+    if not tracking.wandb_available():
+        raise fail("--wandb needs the wandb package: pip install 'cnnlab[wandb]'")
+    if tracking.wandb_mode() == "offline":
+        print("W&B: logging offline (no login found or WANDB_MODE=offline); upload later with `wandb sync`")
+    return tracking.WandbTracker(cfg, project)
 
 
 def print_result(result: pipeline.RunResult) -> None:

@@ -1,0 +1,162 @@
+"""What a trained network learned: its conv kernels, and the feature maps it computes for an image."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnlab.evaluate import to_inputs
+from cnnlab.models import CNN
+from cnnlab.visualize import Output, grid_shape, new_figure, save_figure
+
+COLOUR_NAMES = ("red", "green", "blue")
+
+
+class LayerError(ValueError):
+    """A layer name the model does not have; the message lists the ones it has."""
+
+
+def conv_layers(model: CNN) -> dict[str, nn.Conv2d]:
+    """The model's conv layers by name, in order (conv1, conv2, ...)."""
+    return {name: m for name, m in model.features.named_children() if isinstance(m, nn.Conv2d)}
+
+
+def conv_weights(model: CNN, layer: str = "conv1") -> np.ndarray:
+    """A conv layer's kernels as float (filters, input channels, kernel height, kernel width)."""
+    convs = conv_layers(model)
+    if layer not in convs:
+        raise LayerError(f"no conv layer {layer!r}; this model has: {', '.join(convs) or 'none'}")
+    return convs[layer].weight.detach().numpy().astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------- kernels
+@dataclass(frozen=True)
+class KernelGrid:
+    """How a kernel picture is laid out: a grid of rows x columns panels."""
+
+    layer: str
+    filters: int  # filters drawn (at most max_filters)
+    channels: int  # input channels drawn per filter
+    rows: int
+    columns: int
+
+
+def plot_kernels(weights: np.ndarray, out: Output, layer: str = "conv1", title: str = "",
+                 max_filters: int = 64, max_channels: int = 8) -> KernelGrid:
+    """Draw kernels (F, C, kh, kw): one panel per filter for grey input, else a row per filter, a column per channel.
+
+    One diverging colour scale for all panels (red positive, blue negative, white 0) so weights compare.
+    """
+    total_filters, total_channels = weights.shape[:2]
+    if total_channels > 1:
+        max_filters = min(max_filters, 16)  # a row per filter: keep the picture a sensible height
+    weights = weights[:max_filters, :max_channels]
+    filters, channels = weights.shape[:2]
+    if channels == 1:
+        rows, columns = grid_shape(filters, 8)
+    else:
+        rows, columns = filters, channels
+    fig = new_figure(1.1 * columns + 1.2, 1.1 * rows + 0.8)
+    axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
+    limit = float(np.abs(weights).max()) or 1.0
+    image = None
+    for ax in axes:
+        ax.axis("off")
+    for f in range(filters):
+        for c in range(channels):
+            ax = axes[f if channels == 1 else f * columns + c]
+            image = ax.imshow(weights[f, c], cmap="RdBu_r", vmin=-limit, vmax=limit)
+            ax.set_title(kernel_caption(f, c, channels), fontsize=7)
+    fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="weight (red +, blue −)")
+    kh, kw = weights.shape[2:]
+    title = title or f"{layer}: {total_filters} learned {kh}x{kw} kernels"
+    if (filters, channels) != (total_filters, total_channels):
+        title += f"\n(first {filters} filters x {channels} of {total_channels} input channels shown)"
+    fig.suptitle(title)
+    save_figure(fig, out)
+    return KernelGrid(layer, filters, channels, rows, columns)
+
+
+def kernel_caption(filter_index: int, channel: int, channels: int) -> str:
+    if channels == 1:
+        return f"filter {filter_index}"
+    name = COLOUR_NAMES[channel] if channels == 3 else f"in {channel}"
+    return f"f{filter_index} · {name}"
+
+
+# ----------------------------------------------------------------------------- feature maps
+@dataclass
+class FeatureMaps:
+    """The output of every conv stage (after its activation) for one image: name -> (C, H, W)."""
+
+    image: np.ndarray  # the uint8 (H, W) input
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+    titles: dict[str, str] = field(default_factory=dict)  # name -> "conv1 → relu" etc.
+
+
+@torch.no_grad()
+def feature_maps(model: CNN, image: np.ndarray) -> FeatureMaps:
+    """Run one uint8 (H, W) image through the conv stages, keeping each stage's activated output."""
+    model.eval()
+    modules = dict(model.features.named_children())
+    x = to_inputs(torch.from_numpy(image)[None, None])  # (1, 1, H, W) floats in [0, 1]
+    result = FeatureMaps(image)
+    for name, module in modules.items():
+        x = module(x)
+        kind, stage = split_name(name)
+        if kind in ("conv", "bn"):
+            # show conv -> [bn] -> activation at full resolution, whatever order the model runs its
+            # pool and activation in (max-pool and ReLU commute, so a model may pool first to save time)
+            activation = modules.get(f"act{stage}")
+            shown = activation(x) if activation is not None else x
+            result.maps[f"conv{stage}"] = shown[0].numpy().copy()
+            steps = [f"conv{stage}"] + (["batch norm"] if kind == "bn" else [])
+            if activation is not None and not isinstance(activation, nn.Identity):
+                steps.append(type(activation).__name__.lower())
+            result.titles[f"conv{stage}"] = " → ".join(steps)
+    return result
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """A feature module's kind and stage number: 'conv2' -> ('conv', '2'), 'act1' -> ('act', '1')."""
+    stage = name.lstrip("abcdefghijklmnopqrstuvwxyz_")
+    return name[:len(name) - len(stage)], stage
+
+
+def plot_feature_maps(result: FeatureMaps, out: Output, title: str = "", max_maps: int = 16,
+                      columns: int = 8) -> dict[str, int]:
+    """The input image, then up to `max_maps` maps of each conv stage; returns panels drawn per row group."""
+    groups = [("input", None)] + list(result.maps.items())
+    columns = min(columns, max(min(len(maps), max_maps) for _, maps in groups[1:])) if len(groups) > 1 else 1
+    shapes = {name: grid_shape(1 if maps is None else min(len(maps), max_maps), columns) for name, maps in groups}
+    height = sum(1.2 * rows + 0.5 for rows, _ in shapes.values())
+    fig = new_figure(1.2 * columns + 1.3, height + 0.4)
+    subfigures = np.atleast_1d(fig.subfigures(len(groups), 1, height_ratios=[shapes[n][0] + 0.4 for n, _ in groups]))
+    panels = {}
+    for sub, (name, maps) in zip(subfigures, groups):
+        rows, cols = shapes[name]
+        axes = np.atleast_1d(sub.subplots(rows, columns, squeeze=False)).ravel()
+        for ax in axes:
+            ax.axis("off")
+        if maps is None:
+            axes[0].imshow(result.image, cmap="gray", vmin=0, vmax=255)
+            sub.suptitle(f"input image ({result.image.shape[0]}x{result.image.shape[1]})", fontsize=9, x=0.02,
+                         ha="left")
+            panels[name] = 1
+            continue
+        shown = maps[:max_maps]
+        low, high = float(shown.min()), float(shown.max())  # one scale per layer: maps compare in strength
+        image = None
+        for i, (ax, fmap) in enumerate(zip(axes, shown)):
+            image = ax.imshow(fmap, cmap="magma", vmin=low, vmax=high if high > low else low + 1)
+            ax.set_title(f"map {i}", fontsize=7)
+        sub.colorbar(image, ax=axes.tolist(), shrink=0.9, label="activation")
+        sub.suptitle(f"{result.titles[name]}: {len(shown)} of {len(maps)} maps, {maps.shape[1]}x{maps.shape[2]} "
+                     "(bright = strong response)", fontsize=9, x=0.02, ha="left")
+        panels[name] = len(shown)
+    if title:
+        fig.suptitle(title)
+    save_figure(fig, out)
+    return panels

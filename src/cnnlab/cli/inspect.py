@@ -1,0 +1,239 @@
+"""`cnnlab show kernels|features|mistakes|saliency|curves`, `cnnlab report`, `cnnlab runs [compare]`."""
+from __future__ import annotations
+
+import functools
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from cnnlab import runs
+from cnnlab.cli._app import app
+from cnnlab.cli._errors import fail, friendly_errors
+
+show_app = typer.Typer(help="Pictures of a trained run: kernels, feature maps, mistakes, saliency, curves.",
+                       no_args_is_help=True)
+app.add_typer(show_app, name="show")
+runs_app = typer.Typer(help="A table of the runs under --runs-dir; `compare` puts runs side by side.",
+                       invoke_without_command=True)
+app.add_typer(runs_app, name="runs")
+
+Run = Annotated[Path, typer.Argument(help="Run directory (made by `cnnlab train`).")]
+ImageFile = Annotated[Optional[Path], typer.Argument(
+    help="Any image file (made 28x28 grey, white on black); or use --index.", show_default=False)]
+Index = Annotated[Optional[int], typer.Option("--index", "-i", help="Use test image N of the run's dataset instead.")]
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding <dataset>/<IDX files>.")]
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories.")]
+
+
+def out_option(what: str):
+    return Annotated[Path, typer.Option("--out", "-o", help=f"PNG file to write ({what}).")]
+
+
+def inspect_errors(command):
+    """friendly_errors, plus the input errors of the inspection library: one line, status 2."""
+    from cnnlab.activations import LayerError
+    from cnnlab.inspection import InputError
+    from cnnlab.user_images import ImageReadError
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (LayerError, InputError, ImageReadError) as exc:
+            raise fail(str(exc)) from None
+
+    return friendly_errors(wrapper)
+
+
+def save_png(out: Path, draw):
+    """Draw into a temporary file renamed over `out` (never a half-written picture); returns draw's result."""
+    if out.suffix.lower() != ".png":
+        raise fail(f"--out must be a .png file, got {out.name!r}")
+    result = []
+    runs.write_atomic(out, lambda tmp: result.append(draw(tmp)))
+    print(f"saved {out}")
+    return result[0]
+
+
+def load(run: Path, data_dir: Path | None = None):
+    from cnnlab.inspection import LoadedRun
+
+    return LoadedRun(run, data_dir)
+
+
+# ------------------------------------------------------------------------------------- show
+@show_app.command("kernels")
+@inspect_errors
+def show_kernels(run: Run, layer: Annotated[str, typer.Option(help="Conv layer: conv1, conv2, ...")] = "conv1",
+                 out: out_option("a grid of kernels") = Path("kernels.png")) -> None:
+    """The kernels a conv layer learned, as a grid (one panel per input channel for colour input)."""
+    from cnnlab import inspection
+
+    loaded = load(run)
+    grid = save_png(out, lambda tmp: inspection.show_kernels(loaded, tmp, layer))
+    print(f"{grid.layer}: {grid.filters} filters x {grid.channels} input channel(s) in a "
+          f"{grid.rows}x{grid.columns} grid")
+
+
+@show_app.command("features")
+@inspect_errors
+def show_features(run: Run, image: ImageFile = None, index: Index = None,
+                  out: out_option("the feature maps") = Path("features.png"),
+                  max_maps: Annotated[int, typer.Option(min=1, help="Maps shown per layer.")] = 16,
+                  data_dir: DataDir = None) -> None:
+    """The feature maps every conv layer computes for one image."""
+    from cnnlab import inspection
+
+    loaded = load(run, data_dir)
+    picture = inspection.choose_input(loaded, image, index)
+    panels = save_png(out, lambda tmp: inspection.show_features(loaded, tmp, picture, max_maps))
+    print(inspection.describe(loaded, picture))
+    print("maps shown: " + ", ".join(f"{name} {count}" for name, count in panels.items() if name != "input"))
+
+
+@show_app.command("mistakes")
+@inspect_errors
+def show_mistakes(run: Run, out: out_option("the grid") = Path("mistakes.png"),
+                  limit: Annotated[int, typer.Option(min=1, help="At most this many images.")] = 24,
+                  data_dir: DataDir = None) -> None:
+    """A grid of misclassified test images with true and predicted class and confidence, worst first."""
+    from cnnlab import inspection
+
+    loaded = load(run, data_dir)
+    mistakes = save_png(out, lambda tmp: inspection.show_mistakes(loaded, tmp, limit))
+    for m in mistakes[:5]:
+        print(f"  #{m.index}: true {loaded.classes[m.true_label]}, predicted "
+              f"{loaded.classes[m.predicted_label]} ({m.confidence:.0%})")
+    if len(mistakes) > 5:
+        print(f"  ... {len(mistakes) - 5} more in the picture")
+
+
+class Method(str, Enum):
+    gradcam = "gradcam"
+    gradient = "gradient"
+
+
+@show_app.command("saliency")
+@inspect_errors
+def show_saliency(run: Run, image: ImageFile = None, index: Index = None,
+                  out: out_option("image, heat map, probabilities") = Path("saliency.png"),
+                  method: Annotated[Method, typer.Option(help="gradcam: which regions of the last conv layer's "
+                                                         "maps; gradient: which input pixels.")] = Method.gradcam,
+                  target: Annotated[Optional[str], typer.Option(
+                      help="Explain this class (name or index) instead of the prediction.")] = None,
+                  data_dir: DataDir = None) -> None:
+    """Which parts of one image the prediction rests on, as a heat map over it (Grad-CAM or gradients)."""
+    from cnnlab import inspection
+
+    loaded = load(run, data_dir)
+    picture = inspection.choose_input(loaded, image, index)
+    target_index = inspection.class_index(loaded.classes, target) if target is not None else None
+    result = save_png(out, lambda tmp: inspection.show_saliency(loaded, tmp, picture, target_index, method.value))
+    print(inspection.describe(loaded, picture))
+    print(f"{result.method} for class {loaded.classes[result.target]}")
+
+
+@show_app.command("curves")
+@inspect_errors
+def show_curves(run: Run, out: out_option("loss and accuracy") = Path("curves.png")) -> None:
+    """Training and validation loss and accuracy per epoch."""
+    from cnnlab import inspection
+
+    save_png(out, lambda tmp: inspection.show_curves(run, tmp))
+
+
+# ------------------------------------------------------------------------------------ report
+@app.command()
+@inspect_errors
+def report(run: Annotated[Optional[Path], typer.Argument(help="Run directory; default the latest under --runs-dir.")]
+           = None,
+           out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file (default <run>/report.html).")]
+           = None,
+           data_dir: DataDir = None, runs_dir: RunsDir = runs.DEFAULT_ROOT) -> None:
+    """One self-contained HTML page about a run: summary, config, curves, test results, mistakes, kernels, maps."""
+    from cnnlab.report import write_report
+
+    page = write_report(run or runs.latest_run(runs_dir), out, data_dir)
+    print(f"wrote {page} (self-contained: open it in any browser, no network needed)")
+
+
+# -------------------------------------------------------------------------------------- runs
+class SortKey(str, Enum):
+    run = "run"
+    dataset = "dataset"
+    model = "model"
+    params = "params"
+    epochs = "epochs"
+    val_accuracy = "val_accuracy"
+    test_accuracy = "test_accuracy"
+    seconds = "seconds"
+    started = "started"
+
+
+@runs_app.callback()
+@friendly_errors
+def list_runs(ctx: typer.Context, runs_dir: RunsDir = runs.DEFAULT_ROOT,
+              sort: Annotated[Optional[SortKey], typer.Option(
+                  help="Sort by a column: names A-Z, numbers biggest first (default: oldest run first).")] = None,
+              reverse: Annotated[bool, typer.Option("--reverse", help="Reverse the order.")] = False,
+              json_: Annotated[bool, typer.Option("--json", help="Print a JSON list of rows.")] = False) -> None:
+    """A table of runs: dataset, model, parameters, epochs, validation and test accuracy, training time."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from cnnlab.run_table import run_rows
+
+    rows = run_rows(runs_dir, sort.value if sort else None, reverse)
+    if json_:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        print(f"no runs under {runs_dir}/: train one with `cnnlab train`")
+        return
+    print_rows(rows)
+
+
+def print_rows(rows: list[dict]) -> None:
+    from cnnlab.run_table import format_cell
+
+    table = Table("run", "dataset", "model", "params", "epochs", "val acc", "test acc", "train s", "started")
+    for row in rows:
+        table.add_row(row["run"], row["dataset"], row["model"], format_cell(row["params"]),
+                      f"{row['epochs']}/{row['epochs_planned']}", format_cell(row["val_accuracy"], "val_accuracy"),
+                      format_cell(row["test_accuracy"], "test_accuracy"), format_cell(row["seconds"], "seconds"),
+                      format_cell(row["started"]))
+    Console(width=200).print(table)
+
+
+@runs_app.command("compare")
+@friendly_errors
+def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
+            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG with the runs' curves overlaid.")]
+            = None) -> None:
+    """The config keys in which runs differ, their results side by side, and (with --out) curves overlaid."""
+    from cnnlab.run_table import config_differences, format_cell, run_row
+
+    if len(run_dirs) < 2:
+        raise fail("compare needs at least two run directories")
+    names = [p.resolve().name for p in run_dirs]
+    differences = config_differences(run_dirs)
+    table = Table("config key", *names, title="config keys that differ" if differences else None)
+    for key, values in differences.items():
+        table.add_row(key, *(format_cell(v) for v in values))
+    rows = [run_row(p) for p in run_dirs]
+    table.add_section()  # below: results, not config
+    for column in ("params", "epochs", "val_accuracy", "test_accuracy", "seconds"):
+        table.add_row(f"[bold]{column}[/bold]", *(format_cell(r[column], column) for r in rows))
+    console = Console(width=200)
+    if not differences:
+        console.print("the configs are identical")
+    console.print(table)
+    if out is not None:
+        from cnnlab.visualize import plot_curves
+
+        histories = {name: runs.read_metrics(p) for name, p in zip(names, run_dirs)}
+        save_png(out, lambda tmp: plot_curves(histories, tmp, title="training curves: " + " vs ".join(names)))

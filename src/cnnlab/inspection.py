@@ -1,0 +1,134 @@
+"""`cnnlab show ...` as library calls: load a run, pick the input, compute, draw; each returns what it drew."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnlab import runs
+from cnnlab.activations import FeatureMaps, KernelGrid, conv_weights, feature_maps, plot_feature_maps, plot_kernels
+from cnnlab.data import Dataset
+from cnnlab.evaluate import Evaluation, evaluate
+from cnnlab.pipeline import images_tensor, open_dataset
+from cnnlab.saliency import Saliency, plot_saliency, saliency
+from cnnlab.user_images import read_as_dataset_image
+from cnnlab.visualize import Mistake, Output, find_mistakes, plot_curves, plot_mistakes
+
+
+class InputError(ValueError):
+    """An input image or class choice that cannot be used; the message says what is allowed."""
+
+
+class LoadedRun:
+    """A run's model, classes and config, with its test set and test predictions loaded on first use."""
+
+    def __init__(self, run: str | Path, data_dir: str | Path | None = None):
+        self.run = Path(run)
+        self.model, self.classes, self.config = runs.load_model(run)
+        if data_dir is not None:
+            self.config.data.data_dir = str(data_dir)
+
+    @property
+    def name(self) -> str:
+        return self.run.resolve().name
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        return open_dataset(self.config, progress=False)
+
+    @cached_property
+    def test_evaluation(self) -> Evaluation:
+        d = self.dataset
+        # evaluate as pipeline.test_run did, so mistakes agree with test.json (e.g. test-time augmentation)
+        options = {key: getattr(self.config.train, key) for key in ("channels_last", "tta")
+                   if hasattr(self.config.train, key)}
+        return evaluate(self.model, images_tensor(d.test_images), torch.from_numpy(d.test_labels), self.classes,
+                        self.config.train.eval_batch_size, **options)
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One image to explain: uint8 (H, W) pixels, its true label when known, and where it came from."""
+
+    pixels: np.ndarray
+    label: int | None
+    source: str
+
+
+def choose_input(loaded: LoadedRun, image: str | Path | None = None, index: int | None = None) -> InputImage:
+    """A user's image file (made MNIST-like) or test image `index` of the run's dataset: exactly one of the two."""
+    if (image is None) == (index is None):
+        raise InputError("give either an image file or a test-set index, not both or neither")
+    if image is not None:
+        height, width = loaded.model.input_shape[:2]
+        return InputImage(read_as_dataset_image(image, (height, width)), None, Path(image).name)
+    count = len(loaded.dataset.test_labels)
+    if not 0 <= index < count:
+        raise InputError(f"--index must be 0..{count - 1} (the {loaded.config.data.dataset} test set), got {index}")
+    return InputImage(loaded.dataset.test_images[index], int(loaded.dataset.test_labels[index]),
+                      f"test image {index}")
+
+
+def describe(loaded: LoadedRun, picture: InputImage) -> str:
+    """A title naming the input, its true class if known, and the model's prediction."""
+    probabilities = loaded.model.predict_proba(torch.from_numpy(picture.pixels)[None, None].float() / 255)[0]
+    predicted = int(probabilities.argmax())
+    truth = f" (true: {loaded.classes[picture.label]})" if picture.label is not None else ""
+    return f"{loaded.name}: {picture.source}{truth}, predicted {loaded.classes[predicted]} " \
+           f"({float(probabilities[predicted]):.0%})"
+
+
+# ----------------------------------------------------------------------------------- pictures
+def show_kernels(loaded: LoadedRun, out: Output, layer: str = "conv1") -> KernelGrid:
+    """The learned kernels of one conv layer as a grid."""
+    weights = conv_weights(loaded.model, layer)
+    return plot_kernels(weights, out, layer, title=f"{loaded.name}: {layer}, {weights.shape[0]} learned "
+                        f"{weights.shape[2]}x{weights.shape[3]} kernels (input channels: {weights.shape[1]})")
+
+
+def show_features(loaded: LoadedRun, out: Output, picture: InputImage, max_maps: int = 16) -> dict[str, int]:
+    """The feature maps of every conv stage for one image; returns panels per row group."""
+    maps: FeatureMaps = feature_maps(loaded.model, picture.pixels)
+    if not maps.maps:
+        raise InputError(f"{loaded.run}: the model has no conv layers, so no feature maps")
+    return plot_feature_maps(maps, out, title=describe(loaded, picture), max_maps=max_maps)
+
+
+def show_mistakes(loaded: LoadedRun, out: Output, limit: int = 24) -> list[Mistake]:
+    """The most confidently misclassified test images, worst first; returns them in drawing order."""
+    result = loaded.test_evaluation
+    mistakes = find_mistakes(loaded.dataset.test_labels, result.predictions, result.probabilities, limit)
+    wrong = int((result.predictions != loaded.dataset.test_labels).sum())
+    plot_mistakes(loaded.dataset.test_images, mistakes, loaded.classes, out,
+                  title=f"{loaded.name}: the {len(mistakes)} most confident of {wrong} mistakes "
+                        f"in {len(result.predictions)} test images (% = confidence in the wrong class)")
+    return mistakes
+
+
+def show_saliency(loaded: LoadedRun, out: Output, picture: InputImage, target: int | None = None,
+                  method: str = "gradcam") -> Saliency:
+    """A heat map of the pixels the prediction (or class `target`) rests on, over the image."""
+    result = saliency(loaded.model, picture.pixels, target, method)
+    plot_saliency(result, loaded.classes, out, title=describe(loaded, picture), true_label=picture.label)
+    return result
+
+
+def show_curves(run: str | Path, out: Output) -> Output:
+    """Training and validation loss and accuracy per epoch, from metrics.jsonl."""
+    history = runs.read_metrics(runs.check_run(run, "metrics"))
+    if not history:
+        raise runs.RunError(f"{run}: metrics.jsonl holds no finished epoch yet")
+    return plot_curves({Path(run).resolve().name: history}, out, title=f"{Path(run).resolve().name}: training curves")
+
+
+def class_index(classes: tuple[str, ...], name_or_index: str) -> int:
+    """A class given by name (case-insensitive) or index."""
+    if name_or_index.isdigit() and int(name_or_index) < len(classes):
+        return int(name_or_index)
+    lowered = {c.lower(): i for i, c in enumerate(classes)}
+    if name_or_index.lower() in lowered:
+        return lowered[name_or_index.lower()]
+    raise InputError(f"unknown class {name_or_index!r}; classes: {', '.join(classes)} (or 0..{len(classes) - 1})")

@@ -1,0 +1,154 @@
+"""`cnnlab report`: one self-contained HTML page about a run, readable offline from disk.
+
+Every picture is embedded as a base64 `data:` URI and the style sheet is inline: the page loads
+nothing from anywhere (no server, no CDN, no web fonts), so it can be mailed or archived as is.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from string import Template
+
+import numpy as np
+
+from cnnlab import runs
+from cnnlab.activations import conv_layers
+from cnnlab.inspection import (InputImage, LoadedRun, choose_input, show_curves, show_features, show_kernels,
+                               show_mistakes, show_saliency)
+from cnnlab.run_table import format_cell, read_json, run_row
+from cnnlab.visualize import plot_confusion
+
+PAGE = Template("""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>cnnlab report: $name</title>
+<style>
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { padding: .2em .7em; border-bottom: 1px solid #eee; }
+th { text-align: left; background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+img { max-width: 100%; height: auto; } pre { background: #f7f7f7; padding: .8em; overflow-x: auto; }
+nav a { margin-right: 1em; } .note { color: #555; }
+</style></head>
+<body>
+<h1>cnnlab report: $name</h1>
+<p class="note">$generated</p>
+<nav>$nav</nav>
+$sections
+</body></html>
+""")
+
+SAMPLE_IMAGES = 3  # test images whose feature maps and saliency the report shows
+
+
+def png_data_uri(draw: Callable[[io.BytesIO], object]) -> str:
+    """Run a plot function into memory and return the PNG as a data: URI."""
+    buffer = io.BytesIO()
+    draw(buffer)
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def img(uri: str, alt: str) -> str:
+    return f'<img src="{uri}" alt="{html.escape(alt)}">'
+
+
+def table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
+    """An HTML table; cells are escaped here, columns in `numeric` are right-aligned."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{html.escape(str(c))}</td>'
+                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+# ---------------------------------------------------------------------------------- sections
+def summary_section(run: Path) -> str:
+    row = run_row(run)
+    manifest = read_json(runs.path(run, "manifest"))
+    facts = [("dataset", row["dataset"]), ("model preset", row["model"]), ("parameters", format_cell(row["params"])),
+             ("epochs", f"{row['epochs']} of {row['epochs_planned']}"),
+             ("validation accuracy (last epoch)", format_cell(row["val_accuracy"], "val_accuracy")),
+             ("test accuracy", format_cell(row["test_accuracy"], "test_accuracy")),
+             ("test loss", "-" if row["test_loss"] is None else f"{row['test_loss']:.4f}"),
+             ("training time (s)", format_cell(row["seconds"], "seconds")), ("started", format_cell(row["started"])),
+             ("versions", f"cnnlab {manifest.get('cnnlab', '?')}, torch {manifest.get('torch', '?')}"),
+             ("command", " ".join(manifest.get("command", [])) or "-"), ("run directory", str(run))]
+    return table(["", ""], [list(f) for f in facts])
+
+
+def results_section(loaded: LoadedRun) -> str:
+    result = loaded.test_evaluation
+    confusion = img(png_data_uri(lambda out: plot_confusion(
+        result.confusion, loaded.classes, out, title=f"test confusion matrix (accuracy {result.accuracy:.2%})")),
+        "confusion matrix")
+    per_class = table(["class", "precision", "recall", "F1", "images"],
+                      [[r["class_name"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
+                        r["support"]] for r in result.per_class], numeric={1, 2, 3, 4})
+    pairs = result.most_confused()
+    confused = table(["true class", "taken for", "times"], [[p["true"], p["predicted"], p["count"]] for p in pairs],
+                     numeric={2}) if pairs else "<p>No test image was misclassified.</p>"
+    return (f"<p>Rows are the true classes, columns what the model said; colours are the fraction of each "
+            f"row.</p>{confusion}<h3>Per class</h3>{per_class}<h3>Most confused pairs</h3>{confused}")
+
+
+def sample_inputs(loaded: LoadedRun, count: int = SAMPLE_IMAGES) -> list[InputImage]:
+    """The first test image of each of the first `count` classes present, so the samples differ."""
+    labels = loaded.dataset.test_labels
+    firsts = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)[:count]]
+    return [choose_input(loaded, index=i) for i in firsts]
+
+
+def learned_section(loaded: LoadedRun) -> str:
+    if not conv_layers(loaded.model):
+        return "<p>This model has no conv layers: no kernels or feature maps to show.</p>"
+    kernels = img(png_data_uri(lambda out: show_kernels(loaded, out, "conv1")), "conv1 kernels")
+    parts = [f"<h3>First-layer kernels</h3><p>Each panel is one 3x3 (or larger) filter the first conv layer "
+             f"learned; red weights add brightness, blue ones subtract it.</p>{kernels}",
+             "<h3>Feature maps and saliency of a few test images</h3><p>What every conv layer computes for the "
+             "image (bright = strong response), then which pixels the prediction rests on.</p>"]
+    for picture in sample_inputs(loaded):
+        parts.append(img(png_data_uri(lambda out: show_features(loaded, out, picture, max_maps=16)),
+                         f"feature maps of {picture.source}"))
+        parts.append(img(png_data_uri(lambda out: show_saliency(loaded, out, picture)),
+                         f"saliency of {picture.source}"))
+    return "".join(parts)
+
+
+def config_section(run: Path) -> str:
+    config = runs.path(run, "config").read_text()
+    summary_file = runs.path(run, "summary")
+    layers = summary_file.read_text() if summary_file.is_file() else "(summary.txt missing)"
+    return f"<h3>Layers</h3><pre>{html.escape(layers)}</pre><h3>config.yaml</h3><pre>{html.escape(config)}</pre>"
+
+
+def build_report(run: str | Path, data_dir: str | Path | None = None) -> str:
+    """The report page of a run as one HTML string."""
+    run = runs.check_run(run, "config", "weights")
+    loaded = LoadedRun(run, data_dir)
+    history = runs.read_metrics(run)
+    curves = (img(png_data_uri(lambda out: show_curves(run, out)), "training curves")
+              if history else "<p>No finished epoch recorded.</p>")
+    mistakes = img(png_data_uri(lambda out: show_mistakes(loaded, out, limit=18)), "misclassified test images")
+    sections = [("summary", "Summary", summary_section(run)),
+                ("curves", "Training curves", "<p>Train (solid) and validation (dashed) per epoch; validation "
+                 "getting worse while training improves means overfitting.</p>" + curves),
+                ("results", "Test results", results_section(loaded)),
+                ("mistakes", "Mistakes", "<p>Misclassified test images, the most confident mistakes first.</p>"
+                 + mistakes),
+                ("learned", "What the network learned", learned_section(loaded)),
+                ("config", "Config", config_section(run))]
+    nav = "".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections)
+    body = "".join(f'<section id="{key}"><h2>{title}</h2>{content}</section>\n' for key, title, content in sections)
+    return PAGE.substitute(name=html.escape(loaded.name), nav=nav, sections=body,
+                           generated=f"generated {datetime.now():%Y-%m-%d %H:%M} by cnnlab report; "
+                                     "self-contained: opens from disk, no network needed")
+
+
+def write_report(run: str | Path, out: str | Path | None = None, data_dir: str | Path | None = None) -> Path:
+    """Write the report page (default <run>/report.html) atomically; returns its path."""
+    page = build_report(run, data_dir)
+    target = Path(out) if out is not None else runs.path(run, "report")
+    runs.write_text(target, page)
+    return target

@@ -1,0 +1,127 @@
+"""Runs side by side: one summary row per run directory, and the config keys in which runs differ.
+
+Reads only the small files (config.yaml, metrics.jsonl, test.json, manifest.json, the weights'
+header), so listing many runs is quick and needs no dataset.
+"""
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cnnlab import runs
+from cnnlab.architecture import count_params, plan
+
+COLUMNS = ("run", "dataset", "model", "params", "epochs", "val_accuracy", "test_accuracy", "seconds", "started")
+TEXT_COLUMNS = ("run", "dataset", "model", "started")  # sorted A-Z; the numeric ones biggest first
+
+
+def read_json(file: Path) -> dict:
+    try:
+        return json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def weights_metadata(run: Path) -> dict[str, str]:
+    """The metadata in model.safetensors' header (input shape, class names), without reading the weights."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(runs.path(run, "weights")), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError):
+        return {}
+
+
+def count_run_params(run: Path, config) -> int | None:
+    """Trainable parameters of a run's model, from its config and the input shape in its weights file."""
+    meta = weights_metadata(run)
+    try:
+        input_shape = tuple(json.loads(meta["input_shape"]))
+        num_classes = len(json.loads(meta["classes"]))
+    except (KeyError, json.JSONDecodeError):
+        from cnnlab.data import UnknownDataset, get_dataset
+
+        try:
+            spec = get_dataset(config.data.dataset)
+        except UnknownDataset:
+            return None
+        input_shape, num_classes = spec.image_shape, spec.num_classes
+    return count_params(plan(config.model, input_shape, num_classes))
+
+
+def run_row(run: str | Path) -> dict[str, Any]:
+    """One run's summary: dataset, model, parameters, epochs done, last validation and test accuracy, time."""
+    run = Path(run)
+    config = runs.load_config(run)
+    history = runs.read_metrics(run)
+    test = read_json(runs.path(run, "test"))
+    manifest = read_json(runs.path(run, "manifest"))
+    return dict(
+        run=run.name, path=str(run), dataset=config.data.dataset, model=config.model.name,
+        params=count_run_params(run, config), epochs=len(history), epochs_planned=config.train.epochs,
+        val_accuracy=finite(history[-1].get("val_accuracy")) if history else None,
+        test_accuracy=test.get("accuracy"), test_loss=test.get("loss"),
+        seconds=round(sum(m.get("seconds", 0.0) for m in history), 2) if history else None,
+        started=manifest.get("started"))
+
+
+def finite(value: Any) -> float | None:
+    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def run_rows(root: str | Path = runs.DEFAULT_ROOT, sort: str | None = None, reverse: bool = False) -> list[dict]:
+    """Rows for every run under root: oldest first, or by `sort` (text A-Z, numbers biggest first; runs missing it last)."""
+    rows = [run_row(run) for run in runs.find_runs(root)]
+    if sort is None:
+        return rows[::-1] if reverse else rows
+    if sort not in COLUMNS:
+        raise ValueError(f"cannot sort by {sort!r}; columns: {', '.join(COLUMNS)}")
+    present = [r for r in rows if r[sort] is not None]
+    missing = [r for r in rows if r[sort] is None]
+    descending = sort not in TEXT_COLUMNS
+    present.sort(key=lambda r: r[sort], reverse=descending != reverse)
+    return present + missing
+
+
+# ----------------------------------------------------------------------------------- compare
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config dicts and lists as dotted keys: model.conv.0.filters -> 32 (the keys --set takes)."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list) and node and all(isinstance(v, (dict, list)) for v in node):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_differences(run_dirs: Sequence[str | Path]) -> dict[str, list[Any]]:
+    """The config keys whose values are not the same in every run: key -> one value per run (None: absent)."""
+    flats = [flatten(runs.load_config(run).to_dict()) for run in run_dirs]
+    keys = sorted(set().union(*flats), key=lambda k: (k.split(".")[0] != "data", k))
+    differences = {}
+    for key in keys:
+        values = [flat.get(key) for flat in flats]
+        if any(v != values[0] for v in values[1:]):
+            differences[key] = values
+    return differences
+
+
+def format_cell(value: Any, column: str = "") -> str:
+    """A table cell: accuracies as percentages, seconds rounded, thousands separated, '-' when unknown."""
+    if value is None:
+        return "-"
+    if column.endswith("accuracy"):
+        return f"{value:.2%}"
+    if column == "seconds":
+        return f"{value:.1f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)

@@ -1,0 +1,96 @@
+"""Which pixels a prediction rests on: Grad-CAM (HiResCAM variant) on the last conv stage, or input gradients."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cnnlab.evaluate import to_inputs
+from cnnlab.models import CNN
+from cnnlab.visualize import Output, new_figure, save_figure
+
+METHODS = {
+    "gradcam": "Grad-CAM (HiResCAM): where the last conv layer's maps raise the class score",
+    "gradient": "input gradient: how much each pixel changes the class score",
+}
+
+
+@dataclass
+class Saliency:
+    """A heat map over the input image for one class, with the model's probabilities."""
+
+    image: np.ndarray  # uint8 (H, W)
+    heat: np.ndarray  # float (H, W) in [0, 1]; 1 = most important
+    target: int  # the class explained
+    probabilities: np.ndarray  # (num_classes,)
+    method: str
+
+
+def saliency(model: CNN, image: np.ndarray, target: int | None = None, method: str = "gradcam") -> Saliency:
+    """Explain the model's score for `target` (default: its prediction) on one uint8 (H, W) image."""
+    if method not in METHODS:
+        raise ValueError(f"unknown saliency method {method!r}; choose {' or '.join(METHODS)}")
+    model.eval()
+    x = to_inputs(torch.from_numpy(image)[None, None]).requires_grad_(True)  # (1, 1, H, W)
+    has_conv = any(name.startswith("conv") for name, _ in model.features.named_children())
+    if method == "gradcam" and has_conv:
+        logits, heat = grad_cam(model, x, target)
+    else:  # a model with no conv layer (perceptron, mlp) has no maps: fall back to gradients
+        method = "gradient"
+        logits = model(x)
+        target = int(logits.argmax()) if target is None else target
+        logits[0, target].backward()
+        heat = x.grad[0].abs().amax(dim=0)  # (H, W): strongest channel per pixel
+    probabilities = torch.softmax(logits.detach()[0], dim=0).numpy()
+    target = int(probabilities.argmax()) if target is None else target
+    heat = heat.detach().numpy()
+    heat = heat / heat.max() if heat.max() > 0 else heat
+    return Saliency(image, heat.astype(np.float64), target, probabilities, method)
+
+
+def grad_cam(model: CNN, x: torch.Tensor, target: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the Grad-CAM map (H, W) at the input's size, from the last conv stage's activations."""
+    children = list(model.features.named_children())
+    last_stage = max(i for i, (name, _) in enumerate(children) if name.startswith(("conv", "bn", "act")))
+    maps = x
+    for _, module in children[:last_stage + 1]:
+        maps = module(maps)  # (1, C, h, w): the last conv stage after its activation
+    maps.retain_grad()
+    out = maps
+    for _, module in children[last_stage + 1:]:
+        out = module(out)
+    logits = model.head(out)
+    target = int(logits.argmax()) if target is None else target
+    logits[0, target].backward()
+    # HiResCAM: gradient x activation at each position, summed over maps. Classic Grad-CAM averages
+    # the gradient over positions first, which suits a global-average-pool head but washes out to
+    # nothing behind Flatten + Dense (a different weight per position), the lesson's architecture.
+    cam = F.relu((maps.grad[0] * maps[0]).sum(dim=0))  # (h, w): only evidence *for* the class
+    cam = F.interpolate(cam[None, None], size=x.shape[2:], mode="bilinear", align_corners=False)[0, 0]
+    return logits, cam
+
+
+def plot_saliency(result: Saliency, classes: tuple[str, ...] | list[str], out: Output, title: str = "",
+                  true_label: int | None = None, top: int = 5) -> Output:
+    """Three panels: the image, the heat map over it, and the top class probabilities."""
+    fig = new_figure(11, 3.6)
+    image_ax, heat_ax, bar_ax = fig.subplots(1, 3, width_ratios=[1, 1.2, 1.3])
+    image_ax.imshow(result.image, cmap="gray", vmin=0, vmax=255)
+    image_ax.set_title("input" + (f" (true: {classes[true_label]})" if true_label is not None else ""))
+    heat_ax.imshow(result.image, cmap="gray", vmin=0, vmax=255)
+    overlay = heat_ax.imshow(result.heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+    fig.colorbar(overlay, ax=heat_ax, shrink=0.85, label="importance (1 = most)")
+    heat_ax.set_title(f"{'Grad-CAM' if result.method == 'gradcam' else 'gradient'} for "
+                      f"'{classes[result.target]}'")
+    for ax in (image_ax, heat_ax):
+        ax.axis("off")
+    order = np.argsort(-result.probabilities)[:top][::-1]
+    colours = ["firebrick" if i == result.target else "steelblue" for i in order]
+    bar_ax.barh([classes[i] for i in order], result.probabilities[order], color=colours)
+    bar_ax.set_xlim(0, 1)
+    bar_ax.set_xlabel("probability")
+    bar_ax.set_title(f"top {len(order)} classes")
+    fig.suptitle(title or METHODS[result.method])
+    return save_figure(fig, out)

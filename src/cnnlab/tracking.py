@@ -1,0 +1,117 @@
+"""Weights & Biases logging for `cnnlab train --wandb`: an optional extra (`pip install 'cnnlab[wandb]'`).
+
+wandb is imported only when a tracker starts, so cnnlab without --wandb never loads it. With no
+W&B login (no WANDB_API_KEY, no api.wandb.ai entry in ~/.netrc) and no WANDB_MODE set, the run is
+logged offline under ./wandb (or $WANDB_DIR), to upload later with `wandb sync`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cnnlab.architecture import count_params
+from cnnlab.config import Config
+from cnnlab.trainer import Callback, Trainer
+
+if TYPE_CHECKING:
+    from cnnlab.pipeline import RunResult
+
+DEFAULT_PROJECT = "cnnlab"
+SAMPLE_PREDICTIONS = 32  # test images logged with their predicted class
+
+
+def wandb_available() -> bool:
+    """Whether the wandb package is installed (without importing it)."""
+    return importlib.util.find_spec("wandb") is not None
+
+
+def logged_in() -> bool:
+    """Whether W&B credentials are set up: an API key in the environment or in ~/.netrc."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def wandb_mode() -> str:
+    """WANDB_MODE if set; else online when logged in, offline otherwise (never an interactive login prompt)."""
+    return os.environ.get("WANDB_MODE") or ("online" if logged_in() else "offline")
+
+
+class WandbTracker(Callback):
+    """Logs a training run to W&B: config, per-epoch metrics; `finish` adds the test summary, sample
+    predictions with class names, and the confusion matrix."""
+
+    def __init__(self, config: Config, project: str = DEFAULT_PROJECT, samples: int = SAMPLE_PREDICTIONS):
+        self.config, self.project, self.samples = config, project, samples
+        self.run = None  # the wandb Run, from on_train_begin until finish
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        import wandb
+
+        self.run = wandb.init(project=self.project, config=self.config.to_dict(), job_type="train",
+                              mode=wandb_mode(), tags=[self.config.data.dataset, self.config.model.name])
+        self.run.define_metric("epoch")
+        self.run.define_metric("*", step_metric="epoch")  # plot everything against epochs, not log calls
+        self.run.summary["params"] = count_params(trainer.model.plan)
+        self.log_layers(trainer.model.plan)
+
+    def log_layers(self, plan) -> None:
+        import wandb
+
+        rows = [[layer.name, layer.title, str(layer.output_shape), layer.params] for layer in plan]
+        self.run.log({"layers": wandb.Table(columns=["layer", "type", "output shape", "params"], data=rows)})
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+        self.run.log(dict(metrics))
+
+    def on_interrupt(self, trainer: Trainer) -> None:
+        if self.run is not None:
+            self.run.summary["interrupted_after_epoch"] = trainer.epoch
+            self.run.finish(exit_code=130)  # shown as failed; a resumed run logs as a new W&B run
+            self.run = None
+
+    def finish(self, result: RunResult) -> None:
+        """Log the test results of a finished run and close the W&B run."""
+        if self.run is None:
+            return
+        import wandb
+
+        test = result.test
+        self.run.name = result.run.name
+        self.run.summary.update(dict(test_accuracy=test.accuracy, test_loss=test.loss, run_dir=str(result.run),
+                                     train_seconds=result.train_seconds, images_per_second=result.images_per_second))
+        dataset = self.test_set()
+        labels = dataset.test_labels
+        self.run.log(dict(
+            test_predictions=self.sample_images(dataset.test_images, labels, test),
+            confusion_matrix=wandb.plot.confusion_matrix(y_true=labels.tolist(), preds=test.predictions.tolist(),
+                                                         class_names=list(test.classes)),
+            per_class=wandb.Table(columns=["class", "precision", "recall", "f1", "support"],
+                                  data=[[r["class_name"], r["precision"], r["recall"], r["f1"], r["support"]]
+                                        for r in test.per_class])))
+        self.run.finish()
+        self.run = None
+
+    def test_set(self):
+        from cnnlab.pipeline import open_dataset
+
+        return open_dataset(self.config, progress=False)
+
+    def sample_images(self, images, labels, test) -> list[Any]:
+        """The first test images as wandb Images captioned with true and predicted class names."""
+        import wandb
+
+        captions = []
+        for i in range(min(self.samples, len(labels))):
+            predicted = int(test.predictions[i])
+            mark = "✓" if predicted == labels[i] else "✗"
+            captions.append(wandb.Image(images[i], caption=f"{mark} true {test.classes[labels[i]]}, predicted "
+                                                            f"{test.classes[predicted]} "
+                                                            f"({test.probabilities[i, predicted]:.0%})"))
+        return captions
