@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from cnnlab import pipeline, runs
-from cnnlab.config import load_config
+from cnnlab.config import list_presets, load_config
 from cnnlab.data import DatasetUnavailable
 from cnnlab.trainer import Callback, TrainingDiverged, TrainingInterrupted
 
@@ -139,3 +139,14 @@ def test_run_names_never_collide(tmp_path):
     assert first != second and first.is_dir() and second.is_dir()
     with pytest.raises(runs.RunError, match="a run of that name exists"):
         runs.new_run(config, tmp_path, first.name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", list_presets())
+def test_every_preset_trains_one_short_epoch_on_a_sample(preset, tmp_path):
+    """Accuracy claims live in the benchmarks; this proves each preset runs end to end."""
+    config = load_config(preset, overrides=["epochs=1", "data.val_size=500"],
+                         data={"dataset": "fashion-mnist-sample" if "fast" in preset else "mnist-sample"})
+    result = pipeline.train(config, tmp_path, name=preset, progress=False)
+    assert len(result.history) == 1 and 0.0 <= result.test.accuracy <= 1.0
+    assert result.history[0]["train_loss"] == result.history[0]["train_loss"]  # not NaN
