@@ -19,7 +19,7 @@ from cnnlab.evaluate import infer
 from cnnlab.inspection import LoadedRun, choose_input, show_features, show_kernels, show_mistakes, show_saliency
 from cnnlab.pipeline import images_tensor
 from cnnlab.run_table import config_differences, flatten, run_rows
-from cnnlab.user_images import read_as_dataset_image
+from cnnlab.preprocess import prepare
 
 runner = CliRunner()
 TINY = ["--model", "seed", "--epochs", "1", "--set", "dense_layer_size=8", "--quiet"]
@@ -98,14 +98,13 @@ def test_show_features_for_a_test_image_and_for_a_user_file(trained, tmp_path, l
     assert panels == {"input": 1, "conv1": 4}
 
 
-def test_user_images_become_28x28_white_on_black(tmp_path):
+def test_user_images_are_prepared_by_the_runs_dataset_recipe(loaded, tmp_path):
     drawing = np.full((90, 60), 250, np.uint8)
-    drawing[20:70, 25:35] = 10
+    drawing[20:70, 25:35] = 10  # a dark "1" on white paper
     Image.fromarray(drawing).convert("RGB").save(tmp_path / "d.jpg")
-    pixels = read_as_dataset_image(tmp_path / "d.jpg")
-    assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
-    assert pixels[0, 0] < 30 and pixels[14, 14] > 200  # background black, stroke white
-    assert pixels[14, 3] < 30  # fitted with its aspect ratio: black bars left and right
+    picture = choose_input(loaded, tmp_path / "d.jpg")
+    np.testing.assert_array_equal(picture.pixels, prepare(tmp_path / "d.jpg", "digits"))
+    assert picture.pixels.shape == (28, 28) and picture.pixels[0, 0] < 30 and picture.pixels.max() > 200
 
 
 def test_image_and_index_together_or_neither_are_refused(trained, tmp_path):

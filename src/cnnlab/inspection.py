@@ -14,7 +14,8 @@ from cnnlab.data import Dataset
 from cnnlab.evaluate import Evaluation, evaluate
 from cnnlab.pipeline import images_tensor, open_dataset
 from cnnlab.saliency import Saliency, plot_saliency, saliency
-from cnnlab.user_images import read_as_dataset_image
+from cnnlab.data import get_dataset
+from cnnlab.preprocess import prepare
 from cnnlab.visualize import Mistake, Output, find_mistakes, plot_curves, plot_mistakes
 
 
@@ -59,12 +60,13 @@ class InputImage:
 
 
 def choose_input(loaded: LoadedRun, image: str | Path | None = None, index: int | None = None) -> InputImage:
-    """A user's image file (made MNIST-like) or test image `index` of the run's dataset: exactly one of the two."""
+    """A user's image file (prepared by the run's dataset recipe) or test image `index` of the run's dataset:
+    exactly one of the two."""
     if (image is None) == (index is None):
         raise InputError("give either an image file or a test-set index, not both or neither")
     if image is not None:
-        height, width = loaded.model.input_shape[:2]
-        return InputImage(read_as_dataset_image(image, (height, width)), None, Path(image).name)
+        recipe = get_dataset(loaded.config.data.dataset).recipe
+        return InputImage(prepare(image, recipe, loaded.model.input_shape[0]), None, Path(image).name)
     count = len(loaded.dataset.test_labels)
     if not 0 <= index < count:
         raise InputError(f"--index must be 0..{count - 1} (the {loaded.config.data.dataset} test set), got {index}")

@@ -38,13 +38,13 @@ def inspect_errors(command):
     """friendly_errors, plus the input errors of the inspection library: one line, status 2."""
     from cnnlab.activations import LayerError
     from cnnlab.inspection import InputError
-    from cnnlab.user_images import ImageReadError
+    from cnnlab.preprocess import BlankImage, ImageReadError
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (LayerError, InputError, ImageReadError) as exc:
+        except (LayerError, InputError, ImageReadError, BlankImage) as exc:
             raise fail(str(exc)) from None
 
     return friendly_errors(wrapper)

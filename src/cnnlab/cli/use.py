@@ -1,0 +1,125 @@
+"""`cnnlab predict`, `export` and `serve`: use a trained run on your own pictures, elsewhere, or in a browser."""
+from __future__ import annotations
+
+import functools
+import ipaddress
+import json
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cnnlab.cli._app import app
+from cnnlab.cli._errors import fail, friendly_errors
+
+Run = Annotated[Path, typer.Argument(help="Run directory (made by `cnnlab train`).")]
+
+
+def use_errors(command):
+    """friendly_errors, plus the export library's errors: one line on stderr, status 2."""
+    from cnnlab.export import ExportError
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ExportError as exc:
+            raise fail(str(exc)) from None
+
+    return friendly_errors(wrapper)
+
+
+@app.command()
+@use_errors
+def predict(
+    run: Run,
+    images: Annotated[list[Path], typer.Argument(help="Image files: PNG, JPEG, ... any size, colour or grey.")],
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to list per image.")] = 3,
+    json_: Annotated[bool, typer.Option("--json", help="One JSON object per image, one per line.")] = False,
+    preview: Annotated[Optional[Path], typer.Option(
+        "--preview", help="Write the 28x28 images the model saw, side by side, to this PNG.")] = None,
+) -> None:
+    """Classify your own pictures, prepared the way the run's dataset was made (crop, scale, centre, invert)."""
+    from cnnlab.predict import Predictor, predict_files, save_preview
+
+    if preview is not None and preview.suffix.lower() != ".png":
+        raise fail(f"--preview must be a .png file, got {preview.name!r}")
+    predictor = Predictor.from_run(run)
+    results = predict_files(predictor, images)
+    for prediction in results.predictions:
+        if json_:
+            print(json.dumps(prediction.to_dict()))
+        else:
+            print_top(prediction.file, prediction.top(top_k))
+    for error in results.errors:
+        print(f"error: {error.message}", file=sys.stderr)
+    if preview is not None and results.predictions:
+        save_preview([p.image for p in results.predictions], preview)
+        print(f"saved {preview}", file=sys.stderr if json_ else sys.stdout)
+    if not results.ok:
+        raise typer.Exit(1)
+
+
+def print_top(file: str, top: list[tuple[str, float]]) -> None:
+    """file -> best class, then one line per class with a bar of its probability."""
+    print(f"{file}: {top[0][0]}")
+    width = max(len(name) for name, _ in top)
+    for name, probability in top:
+        print(f"  {name:<{width}}  {100 * probability:5.1f}%  {'█' * round(20 * probability)}")
+
+
+class Format(str, Enum):
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+@app.command()
+@use_errors
+def export(
+    run: Run,
+    format: Annotated[Format, typer.Option("--format", "-f", help="onnx (needs cnnlab[export]) or torchscript.")]
+    = Format.onnx,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="File to write (default <run>/model.onnx|.pt).")]
+    = None,
+) -> None:
+    """Export the run's model (probabilities out), then run the file and compare it with the original."""
+    from cnnlab.export import export_run
+
+    result = export_run(run, format.value, out)
+    runtime = "onnxruntime" if result.format == "onnx" else "torch.jit.load"
+    print(f"saved {result.file}")
+    print(f"checked with {runtime} on {result.images_checked} images: max abs difference "
+          f"{result.max_abs_difference:.2e} in probability")
+
+
+@app.command()
+@friendly_errors
+def serve(
+    runs: Annotated[list[Path], typer.Argument(help="One or more run directories; the page lets you pick one.")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it to this computer.")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """A web page to draw or upload pictures and see the prediction, the model's input and its feature maps."""
+    try:
+        import uvicorn
+
+        from cnnlab.serve import create_app
+    except ImportError as exc:
+        raise fail(f"serve needs the web packages ({exc.name} is missing): pip install 'cnnlab[serve]'") from None
+    application = create_app(runs)
+    if not is_loopback(host):
+        print(f"warning: listening on {host}: anyone who can reach this machine can use the demo", file=sys.stderr)
+    print(f"serving {', '.join(str(r) for r in runs)} on http://{host}:{port}/  (Ctrl+C stops)")
+    uvicorn.run(application, host=host, port=port, log_level="warning")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,186 @@
+"""Export a trained run for use outside cnnlab (ONNX, TorchScript), and check the export gives the same answers.
+
+The exported model takes float images (N, C, H, W) scaled to [0, 1], prepared by the dataset's recipe
+(`cnnlab.preprocess`), and returns class probabilities (N, classes). Class names, the input shape and the
+recipe travel with the file (ONNX metadata, TorchScript extra files).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from cnnlab import runs
+from cnnlab.predict import Predictor
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+TOLERANCE = 1e-4  # max abs difference in probability accepted between the exported and the original model
+
+
+class ExportError(ValueError):
+    """An export that cannot be made or checked (unknown format, missing package, outputs that differ)."""
+
+
+class WithSoftmax(nn.Module):
+    """The model followed by softmax: exported files give probabilities, not logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.model(x), dim=1)
+
+
+@dataclass
+class ExportResult:
+    """Where the export went and how closely it matches the original on real inputs."""
+
+    file: Path
+    format: str
+    max_abs_difference: float
+    images_checked: int
+
+    def to_dict(self) -> dict:
+        return dict(file=str(self.file), format=self.format, max_abs_difference=self.max_abs_difference,
+                    images_checked=self.images_checked)
+
+
+def export_run(run: str | Path, format: str = "onnx", out: str | Path | None = None,
+               check_images: np.ndarray | None = None) -> ExportResult:
+    """Export a run's model to `out` (default <run>/model.onnx or model.pt), then run the file and compare outputs.
+
+    check_images: uint8 (N, H, W) to compare on; default 64 test images of the run's dataset when they are
+    on this machine, else random ink.
+    """
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r} (known: {', '.join(FORMATS)})")
+    predictor = Predictor.from_run(run)
+    out = Path(out) if out is not None else Path(run) / f"model{FORMATS[format]}"
+    inputs = example_inputs(predictor, check_images if check_images is not None else dataset_images(predictor))
+    wrapped = WithSoftmax(predictor.model).eval()
+    with torch.no_grad():
+        expected = wrapped(inputs).numpy()
+    metadata = export_metadata(predictor)
+    if format == "onnx":
+        runs.write_atomic(out, lambda tmp: write_onnx(wrapped, inputs, tmp, metadata))
+        actual = run_onnx(out, inputs.numpy())
+    else:
+        runs.write_atomic(out, lambda tmp: write_torchscript(wrapped, inputs, tmp, metadata))
+        actual = run_torchscript(out, inputs)
+    difference = float(np.abs(actual - expected).max())
+    if not difference <= TOLERANCE:
+        raise ExportError(f"{out}: the exported model differs from the original by {difference:.2e} (> {TOLERANCE})")
+    return ExportResult(out, format, difference, len(inputs))
+
+
+def example_inputs(predictor: Predictor, images: np.ndarray | None = None, count: int = 64) -> torch.Tensor:
+    """float (N, C, H, W) in [0, 1]: the given uint8 images, or sparse random ink (closer to real inputs than noise)."""
+    height, width, channels = predictor.model.input_shape
+    if images is None:
+        rng = np.random.default_rng(0)
+        images = (rng.random((count, height, width)) < 0.2) * rng.integers(64, 256, (count, height, width))
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0)[:, None]
+    return x.expand(-1, channels, -1, -1).contiguous()
+
+
+def dataset_images(predictor: Predictor, count: int = 64) -> np.ndarray | None:
+    """The first `count` test images of the run's dataset when they are here already (never downloads), else None."""
+    from cnnlab.data import load_dataset
+
+    try:
+        return load_dataset(predictor.dataset, download=False, progress=False).test_images[:count]
+    except Exception:  # any reason the data is not at hand: the random check inputs will do
+        return None
+
+
+def export_metadata(predictor: Predictor) -> dict[str, str]:
+    return dict(classes=json.dumps(list(predictor.classes)), input_shape=json.dumps(list(predictor.model.input_shape)),
+                recipe=predictor.recipe, dataset=predictor.dataset, input="float (N, C, H, W) in [0, 1]",
+                output="class probabilities (N, classes)", producer="cnnlab")
+
+
+# ------------------------------------------------------------------------------------------ ONNX
+def write_onnx(model: nn.Module, inputs: torch.Tensor, file: Path, metadata: dict[str, str]) -> None:
+    """torch.onnx.export with a dynamic batch axis, then the metadata stored in the file's metadata_props."""
+    onnx = require("onnx")
+    with quiet_exporter():
+        torch.onnx.export(model, (inputs,), str(file), input_names=["image"], output_names=["probabilities"],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+                          external_data=False)
+    proto = onnx.load(str(file))
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, str(file))
+
+
+@contextlib.contextmanager
+def quiet_exporter():
+    """The exporter prints progress lines, logs warnings about torchvision ops cnnlab never uses, and warns about
+    its own internals' deprecations (torch 2.13): none of it is the user's business."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def run_onnx(file: Path, inputs: np.ndarray) -> np.ndarray:
+    """Outputs of an exported ONNX file under onnxruntime (CPU)."""
+    ort = require("onnxruntime")
+    session = ort.InferenceSession(str(file), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: inputs})[0]
+
+
+def onnx_metadata(file: str | Path) -> dict[str, str]:
+    """The metadata cnnlab stored in an ONNX file (classes, input_shape, recipe, ...)."""
+    ort = require("onnxruntime")
+    return dict(ort.InferenceSession(str(file), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map)
+
+
+# ------------------------------------------------------------------------------------ TorchScript
+def write_torchscript(model: nn.Module, inputs: torch.Tensor, file: Path, metadata: dict[str, str]) -> None:
+    """Traced TorchScript; metadata.json travels inside the archive (torch.jit.load(_extra_files=...)).
+
+    torch 2.13 marks torch.jit deprecated (in favour of torch.export) but still ships it; its warnings are silenced
+    here because the file is what the user asked for. ONNX is the format to prefer.
+    """
+    with torch.no_grad(), jit_deprecation_silenced():
+        traced = torch.jit.trace(model, inputs[:2])
+        torch.jit.save(traced, str(file), _extra_files={"metadata.json": json.dumps(metadata)})
+
+
+def run_torchscript(file: Path, inputs: torch.Tensor) -> np.ndarray:
+    with torch.no_grad(), jit_deprecation_silenced():
+        return torch.jit.load(str(file), map_location="cpu")(inputs).numpy()
+
+
+@contextlib.contextmanager
+def jit_deprecation_silenced():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit", category=DeprecationWarning)
+        yield
+
+
+def require(module: str):
+    """Import an optional package, or explain how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ExportError(f"exporting to ONNX needs {module}: pip install 'cnnlab[export]'") from None

@@ -1,0 +1,201 @@
+"""Predict classes for your own pictures with a trained run: prepare each image by the dataset's recipe, run the model.
+
+Library functions return data (dicts shaped like `cnnlab predict --json`); the CLI and the web app print or serve them.
+"""
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cnnlab import runs
+from cnnlab.data import UnknownDataset, get_dataset
+from cnnlab.evaluate import to_inputs
+from cnnlab.models import CNN, count_parameters
+from cnnlab.preprocess import BlankImage, ImageReadError, Source, prepare
+
+
+@dataclass
+class Predictor:
+    """A trained model with what it needs to take raw pictures: its classes and its dataset's recipe."""
+
+    model: CNN
+    classes: tuple[str, ...]
+    dataset: str
+    recipe: str
+    run: Path | None = None
+    test_accuracy: float | None = None
+    name: str = "model"
+    inference_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @classmethod
+    def from_run(cls, run: str | Path) -> "Predictor":
+        """Load a run's weights (safetensors, no pickle) and look up its dataset's recipe."""
+        model, classes, config = runs.load_model(run)
+        dataset = config.data.dataset
+        try:
+            recipe = get_dataset(dataset).recipe
+        except UnknownDataset:
+            recipe = "digits"  # a dataset registered by a plugin that is not loaded now: MNIST-style is the default
+        return cls(model, classes, dataset, recipe, Path(run), read_test_accuracy(run), Path(run).name)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the images the model takes."""
+        height, width, _ = self.model.input_shape
+        return height, width
+
+    def prepare(self, source: Source, name: str | None = None) -> np.ndarray:
+        """uint8 (H, W): the picture as the model must see it."""
+        height, width = self.input_size
+        if height != width:
+            raise ValueError(f"{self.name}: preprocessing needs a square input, the model takes {height}x{width}")
+        return prepare(source, self.recipe, height, name)
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """float (N, classes) for prepared uint8 images (N, H, W)."""
+        x = to_inputs(torch.from_numpy(np.ascontiguousarray(images)))  # (N, 1, H, W) in [0, 1]
+        channels = self.model.input_shape[2]
+        if channels != 1:
+            x = x.expand(-1, channels, -1, -1)  # a grey picture for a colour model: same value in every channel
+        # One forward pass at a time: torch already spreads each over all its threads; a web server's concurrent
+        # requests running passes side by side would oversubscribe the cores and stretch the slowest answers.
+        with self.inference_lock, torch.inference_mode():
+            return self.model.predict_proba(x).numpy()
+
+    def describe(self) -> dict:
+        """What `GET /api/model` says about this model."""
+        return dict(name=self.name, run=str(self.run) if self.run else None, dataset=self.dataset, recipe=self.recipe,
+                    classes=list(self.classes), input_shape=list(self.model.input_shape),
+                    parameters=count_parameters(self.model), test_accuracy=self.test_accuracy,
+                    conv_layers=[n for n, m in self.model.features.named_children() if isinstance(m, torch.nn.Conv2d)])
+
+
+def read_test_accuracy(run: str | Path) -> float | None:
+    """The accuracy in a run's test.json, or None when it has none (an interrupted run)."""
+    try:
+        return float(json.loads(runs.path(run, "test").read_text())["accuracy"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------- results
+@dataclass
+class Prediction:
+    """One picture's result: the prepared image the model saw and a probability per class."""
+
+    file: str
+    image: np.ndarray  # uint8 (H, W)
+    probabilities: np.ndarray  # float (classes,)
+    classes: tuple[str, ...]
+
+    @property
+    def label(self) -> int:
+        return int(np.argmax(self.probabilities))
+
+    def top(self, k: int = 3) -> list[tuple[str, float]]:
+        """The k most probable (class name, probability), most probable first."""
+        order = np.argsort(-self.probabilities, kind="stable")[:k]
+        return [(self.classes[i], float(self.probabilities[i])) for i in order]
+
+    def to_dict(self) -> dict:
+        """The JSON of `cnnlab predict --json` and `POST /api/predict`."""
+        return {"file": self.file, "label": self.label, "class_name": self.classes[self.label],
+                "probabilities": {name: float(p) for name, p in zip(self.classes, self.probabilities)}}
+
+
+@dataclass
+class FileError:
+    """A picture that could not be predicted, and why."""
+
+    file: str
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "error": self.message}
+
+
+@dataclass
+class Results:
+    """Predictions for several files, in order; `errors` holds the files that failed."""
+
+    predictions: list[Prediction] = field(default_factory=list)
+    errors: list[FileError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+PER_FILE_ERRORS = (ImageReadError, BlankImage, FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+def predict_image(predictor: Predictor, source: Source, name: str = "image") -> Prediction:
+    """Prepare one picture (path, bytes, file object or PIL image) and predict it."""
+    image = predictor.prepare(source, name)
+    return Prediction(name, image, predictor.probabilities(image[None])[0], predictor.classes)
+
+
+def predict_files(predictor: Predictor, files: list[str | Path], batch_size: int = 256) -> Results:
+    """Predict every readable file in one batched pass; unreadable ones become FileErrors, the rest still run."""
+    prepared: list[tuple[str, np.ndarray]] = []
+    results = Results()
+    for file in files:
+        try:
+            prepared.append((str(file), predictor.prepare(file, str(file))))
+        except PER_FILE_ERRORS as exc:
+            results.errors.append(FileError(str(file), file_error_message(file, exc)))
+    for start in range(0, len(prepared), batch_size):
+        chunk = prepared[start:start + batch_size]
+        probabilities = predictor.probabilities(np.stack([image for _, image in chunk]))
+        results.predictions += [Prediction(name, image, p, predictor.classes)
+                                for (name, image), p in zip(chunk, probabilities)]
+    return results
+
+
+def file_error_message(file: str | Path, exc: Exception) -> str:
+    if isinstance(exc, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        reason = {FileNotFoundError: "no such file", IsADirectoryError: "a directory, not an image file",
+                  PermissionError: "permission denied"}[type(exc)]
+        return f"{file}: {reason}"
+    text = str(exc)
+    return text if text.startswith(str(file)) else f"{file}: {text}"
+
+
+def predict_arrays(predictor: Predictor, images: np.ndarray, names: list[str] | None = None) -> list[Prediction]:
+    """Predict pictures given as arrays (N, H, W) or (N, H, W, 3|4), any size and range 0..255, via the recipe."""
+    from PIL import Image
+
+    names = names or [f"image {i}" for i in range(len(images))]
+    return [predict_image(predictor, Image.fromarray(np.asarray(a).astype(np.uint8)), n) for a, n in zip(images, names)]
+
+
+# ---------------------------------------------------------------------------------- preview
+def preview_strip(images: list[np.ndarray], columns: int = 10, scale: int = 4, gap: int = 2) -> np.ndarray:
+    """uint8 grid of the prepared images, each enlarged `scale` times (nearest), grey gaps between: the model's view."""
+    if not images:
+        raise ValueError("no images to preview")
+    height, width = images[0].shape
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    cell_h, cell_w = height * scale + gap, width * scale + gap
+    grid = np.full((rows * cell_h + gap, columns * cell_w + gap), 96, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        top, left = gap + r * cell_h, gap + c * cell_w
+        grid[top:top + height * scale, left:left + width * scale] = np.kron(image, np.ones((scale, scale), np.uint8))
+    return grid
+
+
+def save_preview(images: list[np.ndarray], out: str | Path) -> Path:
+    """Write the preview grid as a PNG (atomically)."""
+    from PIL import Image
+
+    out = Path(out)
+    grid = preview_strip(images)
+    runs.write_atomic(out, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+    return out

@@ -1,0 +1,315 @@
+"""Prepare a user's picture the way the dataset's own images were made, so the model sees what it knows.
+
+Two recipes, named by `DatasetSpec.recipe`:
+  digits   MNIST: grey, light-on-dark, cropped to the ink, fitted into 20x20 keeping the aspect
+           ratio, placed in 28x28 with the ink's centre of mass at the centre.
+  objects  Fashion-MNIST: trim the background (colour of the corners, 5% tolerance), resize the
+           longest side to 28, sharpen, centre on the background, negate to light-on-dark, grey.
+Both return uint8 (H, W) with a black (0) background, ready for `evaluate.to_inputs`.
+"""
+from __future__ import annotations
+
+import io
+import re
+import warnings
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+import numpy as np
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+
+# Above this many pixels an upload is refused before it is decoded: a small PNG can claim a huge
+# size (a decompression bomb). 50 MP still admits any phone photo; decoding it takes about 150 MB.
+MAX_PIXELS = 50_000_000
+# Work on at most this many pixels along a side: bigger inputs are max-pooled down first, which keeps
+# thin strokes (averaging would fade a 2 px pen line in a 4000 px photo to nothing).
+WORK_SIDE = 256
+MAX_SIDE = 2048  # the whole picture is max-pooled to this before any float copy is made
+
+
+class ImageReadError(ValueError):
+    """A file that cannot be read as an image (not an image, truncated, empty); the message names it."""
+
+
+class ImageTooLarge(ImageReadError):
+    """An image with more pixels than MAX_PIXELS (or that Pillow flags as a decompression bomb)."""
+
+
+class BlankImage(ValueError):
+    """An image with nothing to classify: no ink or object stands out from the background."""
+
+
+Source = str | Path | bytes | BinaryIO | Image.Image
+
+
+# ------------------------------------------------------------------------------------ reading
+def read_image(source: Source, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Open and decode any image Pillow reads, turned upright by its EXIF orientation tag.
+
+    Raises ImageReadError (ImageTooLarge for decompression bombs) with `name` (default the path) in the message.
+    """
+    if isinstance(source, Image.Image):
+        return source
+    label = name or (str(source) if isinstance(source, (str, Path)) else "upload")
+    handle = io.BytesIO(source) if isinstance(source, bytes) else source
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(handle) as opened:
+                # the header gives the size: refuse before decoding a single pixel
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise ImageTooLarge(f"{label}: {width}x{height} pixels is more than the {max_pixels:,} allowed")
+                image = ImageOps.exif_transpose(opened)
+                image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLarge(f"{label}: refused as a possible decompression bomb ({exc})") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
+        if isinstance(exc, ImageReadError):
+            raise
+        raise ImageReadError(f"{label}: not a readable image ({describe(exc)})") from None
+    return image
+
+
+def describe(exc: Exception) -> str:
+    """The exception's message without Python object addresses (Pillow names the BytesIO it was given)."""
+    return re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", str(exc)) or type(exc).__name__
+
+
+# ------------------------------------------------------------------------------ colour to grey
+def flattened(image: Image.Image) -> Image.Image:
+    """An RGB image without transparency: transparent parts become a background that contrasts with the opaque ones.
+
+    Works in Pillow (uint8, in C): a 48-megapixel photo stays ~150 MB instead of 600 MB as float arrays.
+    """
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit / float grey: stretch to 8 bits
+        values = np.asarray(image, dtype=np.float32)
+        low, high = float(values.min()), float(values.max())
+        grey = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    sample = rgba.copy()
+    sample.thumbnail((256, 256))  # enough to judge the drawing's brightness
+    pixels = np.asarray(sample, dtype=np.float32)
+    level = int(contrasting_background(pixels[:, :, :3], pixels[:, :, 3:] / 255.0))
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (level, level, level, 255)), rgba).convert("RGB")
+
+
+def contrasting_background(colour: np.ndarray, alpha: np.ndarray) -> float:
+    """White behind dark drawings, black behind light ones (a white digit on a transparent layer stays visible)."""
+    weight = float(alpha.sum())
+    if weight == 0:
+        return 255.0
+    mean = float((luminance(colour) * alpha[:, :, 0]).sum()) / weight
+    return 0.0 if mean > 127.5 else 255.0
+
+
+def luminance(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma, as Pillow's convert("L"): (H, W, 3) -> (H, W)."""
+    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def border(pixels: np.ndarray) -> np.ndarray:
+    """The outermost rows and columns of an (H, W, ...) array, concatenated."""
+    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
+# ------------------------------------------------------------------------------ digits (MNIST)
+def prepare_digit(image: Image.Image, size: int = 28, box: int = 20) -> np.ndarray:
+    """MNIST's recipe: light ink on black, cropped, fitted into box x box, centred by mass in size x size."""
+    grey = np.asarray(flattened(image).convert("L"))  # uint8 (H, W)
+    if float(np.median(border(grey))) > 127.5:  # dark ink on light paper: MNIST's ink is light
+        grey = 255 - grey
+    grey = max_pool_to(grey, MAX_SIDE)  # a huge photo: shrink first, keeping thin strokes
+    ink = ink_on_black(grey.astype(np.float32))
+    ink = max_pool_to(crop(ink, ink_box(ink)), WORK_SIDE)
+    fitted = fit_within(thicken_thin_strokes(ink, box), box)
+    return place_by_centre_of_mass(fitted, size)
+
+
+def ink_on_black(grey: np.ndarray) -> np.ndarray:
+    """float (H, W) 0..1 from light-on-dark grey 0..255: ink bright, background exactly 0, paper noise removed.
+
+    Otsu's threshold splits ink from background; values below the background's mean + 3 standard
+    deviations count as paper.
+    """
+    if float(grey.max() - grey.min()) < 24:  # under 10% contrast: nothing drawn
+        raise BlankImage("no ink found: the picture is blank or too faint")
+    threshold = otsu_threshold(grey)
+    background = grey[grey <= threshold + 0.5]  # +0.5: the histogram bins levels to whole numbers
+    floor = min(float(background.mean() + 3 * background.std()), threshold)
+    above = grey[grey > threshold]
+    ink_level = float(np.percentile(above, 95)) if above.size else float(grey.max())
+    return np.clip((grey - floor) / max(ink_level - floor, 1.0), 0.0, 1.0)
+
+
+def otsu_threshold(grey: np.ndarray) -> float:
+    """The grey level (0..255) that best splits the pixels into two classes (Otsu 1979)."""
+    counts = np.bincount(np.clip(grey, 0, 255).astype(np.uint8).ravel(), minlength=256).astype(np.float64)
+    levels = np.arange(256, dtype=np.float64)
+    weight_low = np.cumsum(counts)
+    weight_high = weight_low[-1] - weight_low
+    sum_low = np.cumsum(counts * levels)
+    mean_low = np.divide(sum_low, weight_low, out=np.zeros(256), where=weight_low > 0)
+    mean_high = np.divide(sum_low[-1] - sum_low, weight_high, out=np.zeros(256), where=weight_high > 0)
+    between = weight_low * weight_high * (mean_low - mean_high) ** 2
+    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
+    return float(best[0] + best[-1]) / 2  # the middle of a tie: two clean levels split half-way, not at the lower
+
+
+def ink_box(ink: np.ndarray, mass_trim: float = 0.002) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right), exclusive ends, around the ink; a speck holding <0.2% of the ink is left out."""
+    rows, columns = ink.sum(axis=1), ink.sum(axis=0)
+    total = float(rows.sum())
+    if total <= 0:
+        raise BlankImage("no ink found: the picture is blank or too faint")
+    top, bottom = mass_span(rows / total, mass_trim)
+    left, right = mass_span(columns / total, mass_trim)
+    return top, bottom, left, right
+
+
+def mass_span(fractions: np.ndarray, trim: float) -> tuple[int, int]:
+    """First and one-past-last index where the cumulative mass lies inside [trim, 1 - trim]."""
+    cumulative = np.cumsum(fractions)
+    start = int(np.searchsorted(cumulative, trim, side="right"))
+    end = int(np.searchsorted(cumulative, 1.0 - trim, side="left")) + 1
+    return start, max(end, start + 1)
+
+
+def crop(pixels: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    top, bottom, left, right = box
+    return pixels[top:bottom, left:right]
+
+
+def max_pool_to(ink: np.ndarray, side: int) -> np.ndarray:
+    """Shrink by an integer factor, each block keeping its brightest pixel, until both sides are <= side."""
+    factor = -(-max(ink.shape) // side)  # ceil
+    if factor <= 1:
+        return ink
+    height, width = (-(-n // factor) * factor for n in ink.shape)
+    padded = np.zeros((height, width), dtype=ink.dtype)
+    padded[:ink.shape[0], :ink.shape[1]] = ink
+    return padded.reshape(height // factor, factor, width // factor, factor).max(axis=(1, 3))
+
+
+def stroke_width(ink: np.ndarray) -> float:
+    """Mean stroke width in pixels: ink area / half its outline (a stroke of length L and width w has outline ~2L)."""
+    mask = ink > 0.5
+    area = int(mask.sum())
+    if area == 0:
+        return 0.0
+    padded = np.pad(mask, 1)
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    outline = int((mask & ~inner).sum())
+    return area / max(outline / 2, 1)
+
+
+def thicken_thin_strokes(ink: np.ndarray, box: int, target: float = 2.0) -> np.ndarray:
+    """Dilate strokes that would end up thinner than ~1.5 px once fitted into box (MNIST pens are ~2 px wide)."""
+    scale = box / max(ink.shape)
+    width = stroke_width(ink)
+    if scale >= 1 or width * scale >= 1.5:
+        return ink
+    grow = int(round(target / scale - width))
+    if grow < 2:
+        return ink
+    size = grow + 1 if grow % 2 == 0 else grow  # MaxFilter needs an odd size
+    image = Image.fromarray((ink * 255).astype(np.uint8)).filter(ImageFilter.MaxFilter(size))
+    return np.asarray(image, dtype=np.float32) / 255.0
+
+
+def fit_within(ink: np.ndarray, box: int) -> np.ndarray:
+    """Resize (anti-aliased) so the longest side is `box`, keeping the aspect ratio; float 0..1."""
+    height, width = ink.shape
+    scale = box / max(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))  # Pillow wants (W, H)
+    image = Image.fromarray(ink.astype(np.float32), mode="F").resize(new_size, Image.Resampling.LANCZOS)
+    fitted = np.clip(np.asarray(image, dtype=np.float32), 0.0, None)
+    peak = float(fitted.max())
+    return fitted / peak if peak > 0 else fitted
+
+
+def centre_of_mass(pixels: np.ndarray) -> tuple[float, float]:
+    """(row, column) of the intensity-weighted centre of an (H, W) array, in pixel indices."""
+    total = float(pixels.sum())
+    rows, columns = np.indices(pixels.shape)
+    return float((rows * pixels).sum()) / total, float((columns * pixels).sum()) / total
+
+
+def place_by_centre_of_mass(fitted: np.ndarray, size: int) -> np.ndarray:
+    """uint8 (size, size) with `fitted` pasted so its centre of mass is at the centre, never cut off."""
+    height, width = fitted.shape
+    row, column = centre_of_mass(fitted)
+    centre = size / 2  # where MNIST's own digits have it: (14.0, 14.0) on average in 28x28, std 0.3 px
+    top = min(max(int(round(centre - row)), 0), size - height)
+    left = min(max(int(round(centre - column)), 0), size - width)
+    canvas = np.zeros((size, size), dtype=np.float32)
+    canvas[top:top + height, left:left + width] = fitted
+    return np.round(canvas * 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------- objects (Fashion-MNIST)
+def prepare_object(image: Image.Image, size: int = 28, tolerance: float = 0.05) -> np.ndarray:
+    """Fashion-MNIST's recipe: trim the background, longest side to size, sharpen, centre, light-on-dark, grey.
+
+    Products on a light background are negated (as Fashion-MNIST did); ones already on a dark background are not.
+    """
+    rgb = np.asarray(shrunk(flattened(image), 8 * size), dtype=np.float32)  # (H, W, 3)
+    background = np.median(np.stack([rgb[0, 0], rgb[0, -1], rgb[-1, 0], rgb[-1, -1]]), axis=0)
+    # "close to the corner colour": within 5% of the largest possible RGB distance (255·√3)
+    distance = np.sqrt(((rgb - background) ** 2).sum(axis=2))
+    mask = despeckle(distance > tolerance * 255 * np.sqrt(3))
+    if not mask.any():
+        raise BlankImage("no object found: the picture is one colour")
+    grey = luminance(crop(rgb, ink_box(mask.astype(np.float32), mass_trim=0.001)))
+    background_grey = float(luminance(background[None, None])[0, 0])
+    resized = resize_longest_side(grey, size)
+    sharpened = resized.filter(ImageFilter.UnsharpMask(radius=1, percent=100, threshold=0))
+    framed = ImageOps.pad(sharpened, (size, size), color=int(round(background_grey)), centering=(0.5, 0.5))
+    pixels = np.asarray(framed, dtype=np.float32)
+    light_background = background_grey > 127.5
+    if light_background:
+        pixels, background_grey = 255.0 - pixels, 255.0 - background_grey
+    # stretch so the background is exactly black (an off-white sheet becomes Fashion-MNIST's pure 0)
+    stretched = (pixels - background_grey) * (255.0 / max(255.0 - background_grey, 1.0))
+    return np.clip(np.round(stretched), 0, 255).astype(np.uint8)
+
+
+def despeckle(mask: np.ndarray) -> np.ndarray:
+    """The mask without isolated pixels (3x3 median): sensor noise on a photo's background is not the object."""
+    image = Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MedianFilter(3))
+    return np.asarray(image) > 127
+
+
+def shrunk(image: Image.Image, side: int) -> Image.Image:
+    """Box-average a big photo down (integer factor) so its longest side is at most ~side: trimming needs no more."""
+    factor = max(image.size) // side
+    return image.reduce(factor) if factor > 1 else image
+
+
+def resize_longest_side(grey: np.ndarray, side: int) -> Image.Image:
+    """An L image whose longest side is `side`, aspect ratio kept (anti-aliased where Fashion-MNIST subsampled)."""
+    height, width = grey.shape
+    scale = side / max(height, width)
+    new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    image = Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8))
+    return image.resize(new_size, Image.Resampling.LANCZOS)
+
+
+# -------------------------------------------------------------------------------- by recipe
+RECIPES: dict[str, Callable[[Image.Image, int], np.ndarray]] = {
+    "digits": lambda image, size: prepare_digit(image, size, box=round(size * 20 / 28)),
+    "objects": lambda image, size: prepare_object(image, size),
+}
+
+
+def prepare(source: Source, recipe: str = "digits", size: int = 28, name: str | None = None) -> np.ndarray:
+    """Read an image (path, bytes, file object or PIL image) and prepare it by a recipe: uint8 (size, size)."""
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown preprocessing recipe {recipe!r} (known: {', '.join(RECIPES)})")
+    return RECIPES[recipe](read_image(source, name), size)

@@ -1,0 +1,231 @@
+"""The web demo: a page to draw or upload a picture, and a JSON API, for one or more trained runs.
+
+    POST /api/predict   multipart `file` (+ optional `model`): the JSON of `cnnlab predict --json`;
+                        ?details=true adds the 28x28 input and each conv layer's feature maps (PNG data URLs)
+    GET  /api/model     the models served: dataset, classes, parameters, test accuracy
+
+Safe by default: uploads over `max_upload_bytes` get 413 before they are read, images over `max_pixels`
+are refused from their header (decompression bombs), bad input gets a 4xx with a one-line message,
+and an unexpected failure a 500 without a stack trace.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from cnnlab.predict import Prediction, Predictor, predict_image
+from cnnlab.preprocess import MAX_PIXELS, BlankImage, ImageReadError, ImageTooLarge
+
+STATIC = Path(__file__).parent / "static"
+MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # a phone photo as JPEG fits; a bigger body is refused unread
+MAX_MAPS_SHOWN = 32  # feature maps per layer sent to the page
+# Uploads decoded at once: a 5 MB JPEG can hold 48 megapixels and take ~450 MB to prepare, so 16 at once
+# could exhaust memory; the CPU cannot prepare more than a couple at a time anyway.
+DECODING = threading.BoundedSemaphore(2)
+log = logging.getLogger("cnnlab.serve")
+
+
+class BodyTooLarge(HTTPException):
+    """Raised while the body streams in, once it passes the limit (the client may send no Content-Length)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"upload too large: the limit is {limit / 1024 / 1024:g} MB")
+
+
+class UploadLimit:
+    """ASGI middleware: 413 for a request body over `limit` bytes, by Content-Length or while it streams.
+
+    The rest of an over-limit body is read and dropped (up to `drain` bytes) before answering: a client still
+    sending when the server closes gets a reset connection instead of the 413 and its message.
+    """
+
+    def __init__(self, app, limit: int, drain: int | None = None):
+        self.app, self.limit = app, limit
+        self.drain = 4 * limit if drain is None else drain
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            drained = int(declared) <= self.drain and await self.discard_rest(receive, 0)
+            response = JSONResponse({"error": BodyTooLarge(self.limit).detail}, status_code=413,
+                                    headers=None if drained else {"Connection": "close"})
+            return await response(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.limit:
+                    if message.get("more_body", False):
+                        await self.discard_rest(receive, received)
+                    raise BodyTooLarge(self.limit)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+    async def discard_rest(self, receive, already: int) -> bool:
+        """Read the body to its end and drop it; False when it runs past `drain` bytes (then the connection closes)."""
+        while already <= self.drain:
+            message = await receive()
+            if message["type"] != "http.request":
+                return False
+            already += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return True
+        return False
+
+
+def unique_names(predictors: list[Predictor]) -> list[Predictor]:
+    """Give every model a distinct name for the selector: the run folder's name, numbered when two clash."""
+    seen: dict[str, int] = {}
+    for predictor in predictors:
+        base = predictor.name
+        seen[base] = seen.get(base, 0) + 1
+        if seen[base] > 1:
+            predictor.name = f"{base}-{seen[base]}"
+    return predictors
+
+
+def create_app(models: list[str | Path | Predictor], max_upload_bytes: int = MAX_UPLOAD_BYTES,
+               max_pixels: int = MAX_PIXELS) -> FastAPI:
+    """The web app serving these runs (paths or loaded Predictors); the first is the default model."""
+    if not models:
+        raise ValueError("serve needs at least one run")
+    predictors = unique_names([m if isinstance(m, Predictor) else Predictor.from_run(m) for m in models])
+    by_name = {p.name: p for p in predictors}
+    app = FastAPI(title="cnnlab", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(UploadLimit, limit=max_upload_bytes)
+    add_error_handlers(app)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/api/model")
+    def describe_models() -> dict:
+        return {"default": predictors[0].name, "models": [p.describe() for p in predictors],
+                "max_upload_bytes": max_upload_bytes}
+
+    @app.post("/api/predict")
+    async def predict(file: UploadFile, request: Request, details: bool = False) -> dict:
+        form = await request.form()
+        predictor = choose_model(by_name, request.query_params.get("model") or form.get("model"), predictors[0])
+        data = await file.read()
+        if not data:
+            raise HTTPException(400, f"{file.filename or 'upload'}: the file is empty")
+        name = file.filename or "upload"
+        return await run_in_threadpool(answer, predictor, data, name, details, max_pixels)
+
+    return app
+
+
+def choose_model(by_name: dict[str, Predictor], name: Any, default: Predictor) -> Predictor:
+    if name in (None, ""):
+        return default
+    if not isinstance(name, str) or name not in by_name:
+        raise HTTPException(404, f"no model named {name!r}; serving: {', '.join(by_name)}")
+    return by_name[name]
+
+
+def answer(predictor: Predictor, data: bytes, name: str, details: bool, max_pixels: int) -> dict:
+    """Prepare and predict one upload (runs in a worker thread); image errors become 4xx HTTPExceptions."""
+    from cnnlab.preprocess import read_image
+
+    try:
+        with DECODING:
+            image = read_image(data, name, max_pixels=max_pixels)
+            prediction = predict_image(predictor, image, name)
+    except ImageTooLarge as exc:
+        raise HTTPException(413, str(exc)) from None
+    except ImageReadError as exc:
+        raise HTTPException(400, str(exc)) from None
+    except BlankImage as exc:
+        raise HTTPException(422, f"{name}: {exc}") from None
+    result = prediction.to_dict()
+    if details:
+        result.update(model=predictor.name, input_image=png_data_url(prediction.image),
+                      feature_maps=feature_map_panels(predictor, prediction))
+    return result
+
+
+# ------------------------------------------------------------------------------- pictures for the page
+def png_data_url(pixels: np.ndarray) -> str:
+    """A uint8 (H, W) or (H, W, 3|4) array as a data:image/png;base64 URL (the page scales it up, pixelated)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def feature_map_panels(predictor: Predictor, prediction: Prediction) -> list[dict]:
+    """Each conv layer's activated output for the prepared image: a title and up to 32 maps as PNGs."""
+    from cnnlab.activations import feature_maps
+
+    with predictor.inference_lock:
+        result = feature_maps(predictor.model, prediction.image)
+    panels = []
+    for layer, maps in result.maps.items():  # maps: float (C, H, W)
+        shown = maps[:MAX_MAPS_SHOWN]
+        panels.append(dict(layer=layer, title=result.titles.get(layer, layer), count=int(maps.shape[0]),
+                           height=int(maps.shape[1]), width=int(maps.shape[2]),
+                           maps=[png_data_url(colour_map(m, *layer_range(shown))) for m in shown]))
+    return panels
+
+
+def layer_range(maps: np.ndarray) -> tuple[float, float]:
+    """One scale per layer, so the maps of a layer compare in strength (as in `cnnlab show features`)."""
+    low, high = float(maps.min()), float(maps.max())
+    return low, high if high > low else low + 1.0
+
+
+def colour_map(fmap: np.ndarray, low: float, high: float) -> np.ndarray:
+    """uint8 RGB (H, W, 3) of one map in matplotlib's magma (dark = weak, bright = strong response)."""
+    from matplotlib import colormaps
+
+    scaled = np.clip((fmap - low) / (high - low), 0.0, 1.0)
+    return (colormaps["magma"](scaled)[:, :, :3] * 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------- errors
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error is JSON {"error": "one line"}: no stack traces, no framework internals."""
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    @app.exception_handler(StarletteHTTPException)
+    async def starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        missing = [".".join(str(p) for p in e.get("loc", ())[1:]) for e in exc.errors() if e.get("type") == "missing"]
+        if missing:
+            message = f"missing form field(s): {', '.join(missing)}; send the image as multipart field 'file'"
+        else:
+            message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return JSONResponse({"error": message}, status_code=400)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)  # the trace goes to the server log only
+        return JSONResponse({"error": "internal error: see the server log"}, status_code=500)

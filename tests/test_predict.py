@@ -1,0 +1,150 @@
+"""`cnnlab predict` and `cnnlab export`: your own image files through a trained run, and the exported model."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.data import load_dataset
+from cnnlab.predict import Predictor, predict_arrays, predict_files, preview_strip
+from use_runs import tiny_run
+
+runner = CliRunner()
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return tiny_run("mnist-sample")
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory):
+    """Test digits saved as a learner's files: a dark-on-light PNG, a JPEG photo, an RGBA drawing; plus bad files."""
+    folder = tmp_path_factory.mktemp("pictures")
+    images = load_dataset("mnist-sample", progress=False).test_images[:3]
+    big = [Image.fromarray(255 - image).resize((112, 112), Image.Resampling.BICUBIC) for image in images]
+    big[0].save(folder / "zero.png")
+    big[1].convert("RGB").save(folder / "one.jpg", quality=90)
+    drawing = Image.new("RGBA", (112, 112), (0, 0, 0, 0))
+    drawing.putalpha(Image.fromarray(255 - np.asarray(big[2])))  # ink is opaque, paper transparent
+    drawing.save(folder / "two.png")
+    (folder / "notes.txt").write_text("not a picture")
+    (folder / "empty.png").write_bytes(b"")
+    return folder
+
+
+def test_predict_prints_the_top_classes(digits, pictures):
+    result = run("predict", digits, pictures / "zero.png", pictures / "one.jpg", "--top-k", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == f"{pictures / 'zero.png'}: {lines[1].split()[0]}"  # the best class is listed first
+    assert len(lines) == 2 * 3 and all(line.strip().endswith(("%", "█")) for line in lines[1:3])
+
+
+def test_predict_json_is_one_object_per_image(digits, pictures):
+    files = [pictures / "zero.png", pictures / "one.jpg", pictures / "two.png"]
+    result = run("predict", digits, *files, "--json")
+    assert result.exit_code == 0, result.output
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [o["file"] for o in objects] == [str(f) for f in files]
+    for o in objects:
+        assert set(o) == {"file", "label", "class_name", "probabilities"}
+        assert list(o["probabilities"]) == [str(d) for d in range(10)]
+        assert abs(sum(o["probabilities"].values()) - 1) < 1e-5
+        assert o["class_name"] == str(o["label"]) == max(o["probabilities"], key=o["probabilities"].get)
+
+
+def test_predict_agrees_with_the_model_on_the_original_digits(digits, pictures):
+    predictor = Predictor.from_run(digits)
+    originals = load_dataset("mnist-sample", progress=False).test_images[:3]
+    expected = predictor.probabilities(originals).argmax(axis=1)
+    got = predict_files(predictor, [pictures / "zero.png", pictures / "one.jpg", pictures / "two.png"])
+    assert sum(p.label == e for p, e in zip(got.predictions, expected)) >= 2
+
+
+def test_bad_files_are_reported_and_the_rest_still_predicted(digits, pictures, tmp_path):
+    result = run("predict", digits, pictures / "notes.txt", pictures / "zero.png", pictures / "empty.png",
+                 tmp_path / "missing.png", tmp_path, "--json")
+    assert result.exit_code == 1
+    assert [json.loads(line)["file"] for line in result.stdout.splitlines()] == [str(pictures / "zero.png")]
+    errors = result.stderr.splitlines()
+    notes, empty = pictures / "notes.txt", pictures / "empty.png"
+    assert errors == [
+        f"error: {notes}: not a readable image (cannot identify image file '{notes}')",
+        f"error: {empty}: not a readable image (cannot identify image file '{empty}')",
+        f"error: {tmp_path / 'missing.png'}: no such file",
+        f"error: {tmp_path}: a directory, not an image file",
+    ]
+    assert "Traceback" not in result.output
+
+
+def test_preview_shows_what_the_model_saw(digits, pictures, tmp_path):
+    out = tmp_path / "seen.png"
+    result = run("predict", digits, pictures / "zero.png", pictures / "one.jpg", "--preview", out)
+    assert result.exit_code == 0 and f"saved {out}" in result.output
+    preview = np.asarray(Image.open(out))
+    assert preview.shape == (2 + 28 * 4 + 2, 2 + 2 * (28 * 4 + 2))  # two 4x-enlarged 28x28 images, 2 px gaps
+    assert run("predict", digits, pictures / "zero.png", "--preview", tmp_path / "x.jpg").exit_code == 2
+
+
+def test_predict_needs_a_run(tmp_path, pictures):
+    result = run("predict", tmp_path / "nowhere", pictures / "zero.png")
+    assert result.exit_code == 2 and "no such run directory" in result.output
+
+
+def test_clothing_runs_use_their_own_recipe_and_class_names(tmp_path):
+    predictor = Predictor.from_run(tiny_run("fashion-mnist-sample"))
+    assert predictor.recipe == "objects"
+    item = load_dataset("fashion-mnist-sample", progress=False).test_images[0]  # an ankle boot
+    photo = Image.fromarray(255 - item).resize((280, 280), Image.Resampling.BICUBIC).convert("RGB")
+    (prediction,) = predict_arrays(predictor, np.asarray(photo)[None], ["boot.jpg"])
+    assert set(prediction.to_dict()["probabilities"]) >= {"Ankle boot", "Sneaker", "T-shirt/top"}
+    assert prediction.image.shape == (28, 28) and prediction.image[0].max() == 0
+
+
+def test_preview_strip_grid():
+    strip = preview_strip([np.full((28, 28), 255, np.uint8)] * 12, columns=5, scale=2, gap=1)
+    assert strip.shape == (1 + 3 * 57, 1 + 5 * 57)
+
+
+# -------------------------------------------------------------------------------------- export
+def test_export_onnx_matches_the_model_under_onnxruntime(digits, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    out = tmp_path / "digits.onnx"
+    result = run("export", digits, "--format", "onnx", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"saved {out}" in result.output
+    assert "checked with onnxruntime on 64 images: max abs difference" in result.output
+    predictor = Predictor.from_run(digits)
+    images = load_dataset("mnist-sample", progress=False).test_images[100:103]  # any batch size works
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    exported = session.run(None, {"image": images[:, None].astype(np.float32) / 255})[0]
+    assert np.abs(exported - predictor.probabilities(images)).max() < 1e-5
+    meta = session.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["classes"]) == [str(d) for d in range(10)] and meta["recipe"] == "digits"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:DeprecationWarning")  # torch 2.13 deprecates TorchScript
+def test_export_torchscript_matches_the_model(digits, tmp_path):
+    result = run("export", digits, "--format", "torchscript", "--out", tmp_path / "m.pt")
+    assert result.exit_code == 0, result.output
+    files = {"metadata.json": ""}
+    loaded = torch.jit.load(str(tmp_path / "m.pt"), _extra_files=files)
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), Predictor.from_run(digits).model.predict_proba(x), atol=1e-6)
+    assert json.loads(files["metadata.json"])["dataset"] == "mnist-sample"
+
+
+def test_export_refuses_unknown_formats(digits):
+    result = run("export", digits, "--format", "pickle")
+    assert result.exit_code == 2 and "pickle" in result.output

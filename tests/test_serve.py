@@ -1,0 +1,195 @@
+"""The web demo's API over real HTTP: uvicorn in a thread on 127.0.0.1, httpx as the client."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+for _module in ("fastapi", "uvicorn", "multipart", "httpx"):
+    pytest.importorskip(_module, reason="the web demo's tests need: pip install -e '.[test]'")
+
+import httpx  # noqa: E402
+
+from cnnlab.cli import app  # noqa: E402
+from cnnlab.data import load_dataset  # noqa: E402
+from cnnlab.serve import create_app  # noqa: E402
+from cnnlab.serve.app import STATIC  # noqa: E402
+from use_runs import png_header_claiming, running_server, tiny_run  # noqa: E402
+
+LIMIT = 5 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def server():
+    """Two models at once: MNIST digits (the default) and Fashion-MNIST clothing."""
+    application = create_app([tiny_run("mnist-sample"), tiny_run("fashion-mnist-sample")])
+    with running_server(application) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def digit_png(tmp_path_factory) -> bytes:
+    """A real test digit, dark on white and enlarged, as a learner would upload it."""
+    image = load_dataset("mnist-sample", progress=False).test_images[0]
+    buffer = io.BytesIO()
+    Image.fromarray(255 - image).resize((140, 140), Image.Resampling.BICUBIC).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def upload(client: httpx.Client, data: bytes, name: str = "digit.png", **params) -> httpx.Response:
+    return client.post("/api/predict", files={"file": (name, data, "image/png")}, params=params)
+
+
+def test_page_and_its_files_are_local(server):
+    page = server.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert '<canvas id="canvas"' in page.text and 'type="file"' in page.text
+    for name in ("app.js", "style.css"):
+        assert server.get(f"/static/{name}").status_code == 200
+    for file in STATIC.iterdir():  # no CDN, no web fonts: the demo works offline
+        assert not re.search(r"(https?:)?//[a-z0-9.-]+\.[a-z]{2,}/", file.read_text()), file.name
+
+
+def test_model_description(server):
+    info = server.get("/api/model").json()
+    assert info["default"] == "mnist" and [m["name"] for m in info["models"]] == ["mnist", "fashion-mnist"]
+    digits, clothes = info["models"]
+    assert digits["dataset"] == "mnist-sample" and digits["recipe"] == "digits"
+    assert digits["classes"] == [str(d) for d in range(10)] and clothes["classes"][9] == "Ankle boot"
+    assert digits["parameters"] > 0 and 0.5 < digits["test_accuracy"] <= 1
+    assert digits["conv_layers"] == ["conv1"] and info["max_upload_bytes"] == LIMIT
+
+
+def test_predict_returns_the_json_of_predict_json(server, digit_png, tmp_path):
+    response = upload(server, digit_png)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"file", "label", "class_name", "probabilities"} and body["file"] == "digit.png"
+    (tmp_path / "digit.png").write_bytes(digit_png)
+    import cnnlab.cli.use  # noqa: F401
+
+    cli = CliRunner().invoke(app, ["predict", str(tiny_run("mnist-sample")), str(tmp_path / "digit.png"), "--json"])
+    expected = json.loads(cli.stdout)
+    assert body["label"] == expected["label"]
+    assert all(abs(body["probabilities"][k] - p) < 1e-6 for k, p in expected["probabilities"].items())
+
+
+def test_details_add_the_input_and_the_feature_maps(server, digit_png):
+    body = upload(server, digit_png, details="true").json()
+    assert body["model"] == "mnist"
+    seen = Image.open(io.BytesIO(base64.b64decode(body["input_image"].split(",", 1)[1])))
+    assert seen.size == (28, 28) and seen.mode == "L"
+    (conv1,) = body["feature_maps"]
+    assert conv1["layer"] == "conv1" and conv1["count"] == 4 and len(conv1["maps"]) == 4
+    assert (conv1["height"], conv1["width"]) == (26, 26) and conv1["title"].startswith("conv1")
+
+
+def test_the_model_selector(server, digit_png):
+    clothes = server.post("/api/predict", files={"file": ("x.png", digit_png)}, data={"model": "fashion-mnist"}).json()
+    assert "Ankle boot" in clothes["probabilities"]
+    by_query = upload(server, digit_png, model="fashion-mnist").json()
+    assert by_query["probabilities"] == clothes["probabilities"]
+    unknown = upload(server, digit_png, model="cifar")
+    assert unknown.status_code == 404
+    assert "no model named 'cifar'; serving: mnist, fashion-mnist" in unknown.json()["error"]
+
+
+@pytest.mark.parametrize("data, status, message", [
+    (b"GIF89a but not really", 400, "not a readable image"),
+    (b"", 400, "the file is empty"),
+    (png_header_claiming(9000, 9000), 413, "9000x9000 pixels is more than the 50,000,000 allowed"),
+    (png_header_claiming(30000, 30000), 413, "decompression bomb"),
+    (np.full((30, 30), 255, np.uint8).tobytes(), 400, "not a readable image"),
+], ids=["not-an-image", "empty", "too-many-pixels", "pillow-bomb", "raw-bytes"])
+def test_bad_uploads_get_a_4xx_with_a_message(server, data, status, message):
+    response = upload(server, data, name="bad.png")
+    assert response.status_code == status
+    assert message in response.json()["error"] and "Traceback" not in response.text
+
+
+def test_blank_drawings_are_unprocessable(server):
+    buffer = io.BytesIO()
+    Image.new("L", (280, 280), 255).save(buffer, format="PNG")
+    response = upload(server, buffer.getvalue())
+    assert response.status_code == 422 and "no ink found" in response.json()["error"]
+
+
+def test_uploads_over_the_limit_are_refused_unread(server):
+    too_big = upload(server, b"\0" * (LIMIT + 1))
+    assert too_big.status_code == 413 and "the limit is 5 MB" in too_big.json()["error"]
+
+
+def test_streamed_uploads_without_a_length_are_cut_off_at_the_limit(server):
+    boundary = "cnnlab-test"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n"
+            "Content-Type: image/png\r\n\r\n").encode()
+
+    def body():  # a generator: httpx sends it chunked, without Content-Length
+        yield head
+        for _ in range(8):
+            yield b"\0" * (1024 * 1024)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    response = server.post("/api/predict", content=body(),
+                           headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert response.status_code == 413 and "upload too large" in response.json()["error"]
+
+
+def test_requests_without_a_file_field(server):
+    as_json = server.post("/api/predict", json={"image": "data"})
+    assert as_json.status_code == 400 and "send the image as multipart field 'file'" in as_json.json()["error"]
+    wrong_field = server.post("/api/predict", files={"picture": ("a.png", b"x")})
+    assert wrong_field.status_code == 400
+
+
+def test_unknown_paths_are_404_json(server):
+    response = server.get("/api/nothing")
+    assert response.status_code == 404 and response.json() == {"error": "Not Found"}
+
+
+def test_models_load_from_safetensors_without_pickle(monkeypatch):
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.load (pickle) must not be used to load a served model")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    assert create_app([tiny_run("mnist-sample")]) is not None
+
+
+def test_serve_binds_to_loopback_by_default(monkeypatch):
+    import uvicorn
+
+    import cnnlab.cli.use  # noqa: F401
+
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda application, **options: calls.append(options))
+    result = CliRunner().invoke(app, ["serve", str(tiny_run("mnist-sample"))])
+    assert result.exit_code == 0, result.output
+    assert calls == [{"host": "127.0.0.1", "port": 8000, "log_level": "warning"}]
+    exposed = CliRunner().invoke(app, ["serve", str(tiny_run("mnist-sample")), "--host", "0.0.0.0"])
+    assert "warning: listening on 0.0.0.0" in exposed.output
+
+
+def test_serve_needs_real_runs(tmp_path):
+    import cnnlab.cli.use  # noqa: F401
+
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "nope")])
+    assert result.exit_code == 2 and "no such run directory" in result.output
+
+
+def test_a_huge_declared_length_is_answered_without_reading_the_body(server):
+    import socket
+    from urllib.parse import urlsplit
+
+    address = urlsplit(str(server.base_url))
+    with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
+        sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 1000000000\r\n\r\n")
+        reply = sock.recv(4096).decode()
+    assert reply.startswith("HTTP/1.1 413") and "connection: close" in reply.lower()
