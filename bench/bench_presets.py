@@ -107,15 +107,16 @@ def main() -> None:
         reference.append(dict(seconds=final["seconds"], test_accuracy=final["test_accuracy"], epochs=final["epochs"],
                               epoch_seconds=[r["seconds"] for r in rows[:-1]]))
         rss = max(rss, rss_one)
-    results.append(summarize("plain PyTorch (reference)", reference, rss))
-    print(json.dumps(results[-1]), flush=True)
-    ref_epoch = results[-1]["epoch_seconds_median"]
+    if reference:
+        results.append(summarize("plain PyTorch (reference)", reference, rss))
+        print(json.dumps(results[-1]), flush=True)
+    ref_epoch = results[-1]["epoch_seconds_median"] if reference else None
     print(f"\n{args.dataset}, {args.seeds} seeds per preset, {args.threads} threads\n")
     print("| preset | epochs | time s (median, min-max) | test acc (median, min-max) | s/epoch | "
           "epoch speed-up vs reference | GFLOP/s | peak RSS MiB |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        speedup = f"{ref_epoch / r['epoch_seconds_median']:.2f}x" if r["epoch_seconds_median"] else ""
+        speedup = f"{ref_epoch / r['epoch_seconds_median']:.2f}x" if ref_epoch and r["epoch_seconds_median"] else ""
         gflops = f"{r['gflops_median']:.1f}" if r["gflops_median"] else ""
         print(f"| {r['name']} | {r['epochs']} | {r['seconds_median']:.1f} ({r['seconds_min']:.1f}-{r['seconds_max']:.1f}) | "
               f"{r['accuracy_median']:.4f} ({r['accuracy_min']:.4f}-{r['accuracy_max']:.4f}) | "
