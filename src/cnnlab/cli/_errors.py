@@ -20,14 +20,18 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
-def friendly_errors(command):
-    """Decorator for commands: known errors print 'error: ...' and exit with status 2."""
+def friendly_errors(command=None, *, also: tuple[type[Exception], ...] = ()):
+    """Decorator for commands: cnnlab's known errors, and those in `also`, print 'error: ...' and exit
+    with status 2. Use as @friendly_errors or @friendly_errors(also=(SomeError,))."""
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except USER_ERRORS as exc:
-            raise fail(str(exc)) from None
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except (*USER_ERRORS, *also) as exc:
+                raise fail(str(exc)) from None
 
-    return wrapper
+        return wrapper
+
+    return decorate(command) if command is not None else decorate

@@ -1,7 +1,6 @@
 """`cnnlab show kernels|features|mistakes|saliency|curves`, `cnnlab report`, `cnnlab runs [compare]`."""
 from __future__ import annotations
 
-import functools
 import json
 from enum import Enum
 from pathlib import Path
@@ -12,8 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from cnnlab import runs
+from cnnlab.activations import LayerError
 from cnnlab.cli._app import app
 from cnnlab.cli._errors import fail, friendly_errors
+from cnnlab.inspection import InputError
+from cnnlab.preprocess import BlankImage, ImageReadError
 
 show_app = typer.Typer(help="Pictures of a trained run: kernels, feature maps, mistakes, saliency, curves.",
                        no_args_is_help=True)
@@ -34,20 +36,8 @@ def out_option(what: str):
     return Annotated[Path, typer.Option("--out", "-o", help=f"PNG file to write ({what}).")]
 
 
-def inspect_errors(command):
-    """friendly_errors, plus the input errors of the inspection library: one line, status 2."""
-    from cnnlab.activations import LayerError
-    from cnnlab.inspection import InputError
-    from cnnlab.preprocess import BlankImage, ImageReadError
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (LayerError, InputError, ImageReadError, BlankImage) as exc:
-            raise fail(str(exc)) from None
-
-    return friendly_errors(wrapper)
+# the input errors of the inspection library, on top of cnnlab's own: one line, status 2
+inspect_errors = friendly_errors(also=(LayerError, InputError, ImageReadError, BlankImage))
 
 
 def save_png(out: Path, draw):

@@ -1,7 +1,6 @@
 """`cnnlab predict`, `export` and `serve`: use a trained run on your own pictures, elsewhere, or in a browser."""
 from __future__ import annotations
 
-import functools
 import ipaddress
 import json
 import sys
@@ -13,22 +12,12 @@ import typer
 
 from cnnlab.cli._app import app
 from cnnlab.cli._errors import fail, friendly_errors
+from cnnlab.export import ExportError
 
 Run = Annotated[Path, typer.Argument(help="Run directory (made by `cnnlab train`).")]
 
 
-def use_errors(command):
-    """friendly_errors, plus the export library's errors: one line on stderr, status 2."""
-    from cnnlab.export import ExportError
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except ExportError as exc:
-            raise fail(str(exc)) from None
-
-    return friendly_errors(wrapper)
+use_errors = friendly_errors(also=(ExportError,))  # cnnlab's errors and the exporter's: one line, status 2
 
 
 @app.command()

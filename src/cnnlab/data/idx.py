@@ -31,16 +31,19 @@ class IDXError(ValueError):
     """A file that is not a valid IDX file; the message names the file and what is wrong."""
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """The decompressed bytes of a raw or gzip-compressed file (gzip is detected by its magic)."""
-    path = Path(path)
-    raw = path.read_bytes()
+def decompress(raw: bytes, source: str) -> bytes:
+    """The bytes of a gzip stream (detected by its magic); raw IDX bytes pass through unchanged."""
     if not raw.startswith(GZIP_MAGIC):
         return raw
     try:
         return gzip.decompress(raw)
     except (OSError, EOFError, zlib.error) as exc:
-        raise IDXError(f"{path}: gzip stream is corrupt or truncated ({exc})") from None
+        raise IDXError(f"{source}: gzip stream is corrupt or truncated ({exc})") from None
+
+
+def read_bytes(path: str | Path) -> bytes:
+    """The decompressed bytes of a raw or gzip-compressed file."""
+    return decompress(Path(path).read_bytes(), str(path))
 
 
 def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnlab.data.idx import parse_idx
+from cnnlab.data.idx import decompress, parse_idx
 from cnnlab.data.registry import DataFile, DatasetSpec, get_dataset
-from cnnlab.data.store import ChecksumMismatch, Location, decompress, digest_matches, fetch, locate, unavailable
+from cnnlab.data.store import ChecksumMismatch, Location, digest_matches, fetch, locate, unavailable
 
 
 class DataError(ValueError):

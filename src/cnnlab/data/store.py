@@ -8,19 +8,17 @@ Lookup order for a named dataset (the first folder holding all four files wins):
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
 import http.client
 import os
 import tempfile
 import urllib.error
 import urllib.request
-import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cnnlab.data.idx import GZIP_MAGIC
+from cnnlab.data.idx import GZIP_MAGIC, decompress
 from cnnlab.data.registry import DataFile, DatasetSpec
 
 SYSTEM_ROOT = Path("/usr/share/datasets")
@@ -99,16 +97,6 @@ def digest_matches(file: DataFile, raw: bytes, payload: bytes) -> tuple[bool, st
     if file.gz_sha256 is not None:
         return hashlib.sha256(raw).hexdigest() == file.gz_sha256, payload_sha, f"{file.gz_sha256} (of the .gz)"
     return True, payload_sha, None
-
-
-def decompress(raw: bytes, source: str) -> bytes:
-    """Decompress gzip bytes (raw IDX bytes pass through unchanged)."""
-    if not raw.startswith(GZIP_MAGIC):
-        return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise ChecksumMismatch(f"{source}: gzip stream is corrupt or truncated ({exc})") from None
 
 
 def check_file(path: Path, file: DataFile) -> FileCheck:
