@@ -6,6 +6,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,8 @@ def wandb_records(file: Path) -> list:
         if length == 0 and kind == 0:
             position += block - position % block
             continue
+        if position + 7 + length > len(data):
+            raise EOFError("the last chunk is still being written")
         pending += data[position + 7:position + 7 + length]
         position += 7 + length
         if kind in (1, 4):  # FULL or LAST chunk: a record is complete
@@ -40,6 +43,27 @@ def wandb_records(file: Path) -> list:
             records.append(record)
             pending = b""
     return records
+
+
+def finished_records(file: Path, timeout: float = 30.0) -> list:
+    """The records of a run file once wandb's writer process has flushed its exit record.
+
+    wandb-core writes the file from its own process, so right after the run finishes the file can
+    still end in a half-written chunk: read again until the run's `exit` record is there.
+    """
+    from google.protobuf.message import DecodeError
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            records = wandb_records(file)
+            if any(r.WhichOneof("record_type") == "exit" for r in records):
+                return records
+        except (EOFError, DecodeError):
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{file} has no complete exit record after {timeout} s")
+        time.sleep(0.2)
 
 
 def history_rows(records) -> list[dict]:
@@ -67,7 +91,7 @@ def test_train_with_wandb_logs_offline(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "W&B: logging offline" in result.output
     [offline] = (tmp_path / "wb" / "wandb").glob("offline-run-*")
-    records = wandb_records(next(offline.glob("run-*.wandb")))
+    records = finished_records(next(offline.glob("run-*.wandb")))
     epochs = [row for row in history_rows(records) if "train_loss" in row]
     metrics = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
     assert [row["epoch"] for row in epochs] == [1, 2]
