@@ -137,12 +137,10 @@ def load_config(run: str | Path) -> Config:
 
 
 def write_manifest(run: Path, dataset_files: list[dict], allow_mismatch: bool, extra: dict | None = None) -> None:
-    import numpy
-
     import cnnlab
 
     manifest = dict(
-        cnnlab=cnnlab.__version__, torch=torch.__version__, numpy=numpy.__version__,
+        cnnlab=cnnlab.__version__, torch=torch.__version__, numpy=np.__version__,
         python=platform.python_version(), platform=platform.platform(), threads=torch.get_num_threads(),
         git_commit=git_commit(), command=sys.argv, started=datetime.now().isoformat(timespec="seconds"),
         dataset_files=dataset_files, allow_checksum_mismatch=allow_mismatch,
