@@ -1,0 +1,102 @@
+"""`cnnlab sweep run|status|best`: hyperparameter search over config keys, one run directory per trial.
+
+`run` is a subcommand (not `cnnlab sweep FILE`) because a Typer group cannot take a positional file
+and subcommand names in the same slot without guessing which the user meant.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cnnlab import runs
+from cnnlab import sweep as sweeps
+from cnnlab.cli._app import app
+from cnnlab.cli._errors import fail, friendly_errors
+from cnnlab.trainer import TrainingInterrupted
+
+sweep_app = typer.Typer(help="Hyperparameter sweeps (W&B sweep files, run offline with Optuna; many machines "
+                        "share one study through --storage postgresql://...).", no_args_is_help=True)
+app.add_typer(sweep_app, name="sweep")
+
+Storage = Annotated[Optional[str], typer.Option(
+    "--storage", help="Study storage: postgresql://user@host/db (workers on many machines), sqlite:///file.db, "
+    "or a journal file path. Default: <runs-dir>/sweeps/<name>/optuna.journal.")]
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories; trials go to "
+                                       "<runs-dir>/sweeps/<name>/trial-<n>.")]
+Name = Annotated[str, typer.Argument(help="Sweep (study) name.")]
+
+
+def storage_for(storage: str | None, runs_dir: Path, name: str) -> str:
+    return storage or sweeps.default_storage(runs_dir, name)
+
+
+@sweep_app.command("run")
+@friendly_errors(also=(sweeps.SweepError,))
+def run(
+    file: Annotated[Path, typer.Argument(help="Sweep YAML (W&B format plus model, dataset, set).")],
+    trials: Annotated[int, typer.Option("--trials", "-n", min=1, help="Trials in the whole study, all workers "
+                                        "and machines together.")] = 10,
+    workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes on this machine.")] = 1,
+    storage: Storage = None,
+    name: Annotated[Optional[str], typer.Option(help="Sweep name; default the file's `name:` or its stem. "
+                                                "The same name resumes the sweep.")] = None,
+    runs_dir: RunsDir = runs.DEFAULT_ROOT,
+) -> None:
+    """Run (or resume) a sweep until the study has --trials trials; start it on more machines to share the work."""
+    spec = sweeps.read_sweep(file)
+    name = name or spec.name or file.stem
+    sweep = sweeps.Sweep(spec, name, storage_for(storage, runs_dir, name), runs_dir, trials)
+    print(f"sweep {name}: {spec.method} search, {spec.goal} {spec.metric}, {sweep.total()} trials "
+          f"in {sweep.storage}")
+    try:
+        sweeps.run_workers(sweep, workers)
+    except TrainingInterrupted:
+        raise fail(f"interrupted; the trial will be retried. Resume with the same command "
+                   f"(cnnlab sweep run {file} --name {name})", code=130) from None
+    print_status(sweeps.load_study(name, sweep.storage))
+
+
+@sweep_app.command()
+@friendly_errors(also=(sweeps.SweepError,))
+def status(name: Name, storage: Storage = None, runs_dir: RunsDir = runs.DEFAULT_ROOT,
+           plot: Annotated[Optional[Path], typer.Option(help="Also draw each trial's metric to this PNG.")] = None
+           ) -> None:
+    """A table of the sweep's trials, the best so far, and how many were pruned or failed."""
+    study = sweeps.load_study(name, storage_for(storage, runs_dir, name))
+    print_status(study)
+    if plot is not None:
+        sweeps.plot_trials(study, plot)
+        print(f"plot written to {plot}")
+
+
+@sweep_app.command()
+@friendly_errors(also=(sweeps.SweepError,))
+def best(name: Name, out: Annotated[Path, typer.Option("--out", "-o", help="Write the best trial's config here.")]
+         = Path("best.yaml"), storage: Storage = None, runs_dir: RunsDir = runs.DEFAULT_ROOT) -> None:
+    """Write the best trial's full config, ready for `cnnlab train --config`."""
+    trial = sweeps.write_best_config(sweeps.load_study(name, storage_for(storage, runs_dir, name)), out)
+    print(f"best trial {trial.number}: value {trial.value:.4f} {trial.params}")
+    print(f"config written to {out}; train it with: cnnlab train --config {out}")
+
+
+def print_status(study) -> None:
+    summary = sweeps.summarize(study)
+    keys = sorted({k for t in summary.trials for k in t.params})
+    print(f"{'trial':>5}  {'state':8}  {'value':>8}  " + "  ".join(f"{k:>12}" for k in keys) + "  run")
+    for t in summary.trials:
+        value = f"{t.value:8.4f}" if t.value is not None else f"{'-':>8}"
+        params = "  ".join(f"{format_param(t.params.get(k)):>12}" for k in keys)
+        print(f"{t.number:5d}  {t.state.name.lower():8}  {value}  {params}  {t.user_attrs.get('run', '')}")
+    counts = ", ".join(f"{n} {state}" for state, n in summary.counts.items() if n)
+    print(f"\n{len(summary.trials)} trials: {counts or 'none yet'}")
+    if summary.best is not None:
+        print(f"best ({summary.direction}): trial {summary.best.number}, value {summary.best.value:.4f}, "
+              f"{summary.best.params}")
+
+
+def format_param(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

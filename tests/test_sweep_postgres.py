@@ -1,0 +1,86 @@
+"""Two workers sharing one sweep through a real PostgreSQL server started in a temporary data directory."""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from cnnlab import sweep as sweeps
+
+BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not BIN, reason="PostgreSQL binaries not found in /usr/lib/postgresql/*/bin "
+                       "(apt-get install postgresql; .ci/run does)"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_postgres(command: list[str]) -> list[str]:
+    """Postgres refuses to run as root: run its commands as the `postgres` user when we are root."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """A throwaway server on 127.0.0.1 and a free port; yields its SQLAlchemy URL."""
+    pytest.importorskip("psycopg2", reason="psycopg2 missing: pip install 'cnnlab[postgres]'")
+    bin_dir = Path(BIN[-1])
+    base = Path(tempfile.mkdtemp(prefix="cnnlab-pg-"))  # not under pytest's tmp: its 0700 parents bar postgres
+    data = base / "data"
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        base.chmod(0o755)
+    port = free_port()
+    subprocess.run(as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"]),
+                   check=True, capture_output=True)
+    options = f"-h 127.0.0.1 -p {port} -k {base}"  # socket in the temp dir: /var/run/postgresql may not exist
+    subprocess.run(as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(base / "log"),
+                                "-w", "start"]), check=True, capture_output=True)
+    try:
+        subprocess.run(as_postgres([str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                                    "sweeps"]), check=True, capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}/sweeps"
+    finally:
+        subprocess.run(as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]),
+                       capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_workers_share_one_study_with_exact_unique_trials(postgres, tmp_path):
+    sweep = dict(method="random", metric={"name": "val_acc", "goal": "maximize"}, model="seed",
+                 dataset="mnist-sample", set={"first_layer_convs": 4, "dense_layer_size": 8, "epochs": 1},
+                 parameters={"dropout": {"min": 0.0, "max": 0.5}, "train.lr": {"values": [1e-3, 3e-3]}})
+    file = tmp_path / "sweep.yaml"
+    file.write_text(yaml.safe_dump(sweep))
+    command = [sys.executable, "-m", "cnnlab", "sweep", "run", str(file), "--trials", "5", "--name", "shared",
+               "--storage", postgres, "--runs-dir", str(tmp_path / "runs")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two "machines" on one small CI box
+    workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for _ in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-6000:] for _, err in outputs]
+
+    trials = sweeps.load_study("shared", postgres).get_trials()
+    assert len(trials) == 5  # exact: neither worker overshoots the shared total
+    assert sorted(t.number for t in trials) == list(range(5))
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    pids = {w.pid for w in workers}
+    owners = {int(t.user_attrs["worker"].rpartition(":")[2]) for t in trials}
+    assert owners == pids  # both workers' trials are in the results
+    assert len({t.user_attrs["run"] for t in trials}) == 5
