@@ -1,0 +1,78 @@
+"""docs/tour.md cannot rot: every `$ cnnlab ...` line of its ```console blocks runs here, in order.
+
+The commands run through Typer's runner in an empty folder holding the tour's input files
+(photo.png, digit.png, trousers.png, examples/), exactly as written in the tour.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.data.loading import load_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TOUR = ROOT / "docs" / "tour.md"
+FENCE = re.compile(r"^```console\n(.*?)^```", re.S | re.M)
+
+
+def tour_commands(text: str) -> list[str]:
+    """The `$ cnnlab ...` lines of every ```console block, in order, without the `$ `."""
+    return [line[2:].strip() for block in FENCE.findall(text) for line in block.splitlines()
+            if line.startswith("$ cnnlab ")]
+
+
+def make_trousers_photo(path: Path) -> None:
+    """A stand-in for a photo of clothing: a Fashion-MNIST sample test image of trousers, drawn large,
+    dark on a light background (the tour's step 7 shows the same picture as img/tour-trousers.png)."""
+    data = load_dataset("fashion-mnist-sample", progress=False)
+    index = int(np.flatnonzero(data.test_labels == data.classes.index("Trouser"))[0])
+    item = Image.fromarray(255 - data.test_images[index]).resize((168, 168), Image.BICUBIC)
+    canvas = Image.new("RGB", (224, 224), (235, 232, 225))
+    canvas.paste(item.convert("RGB"), (28, 28))
+    canvas.save(path)
+
+
+def written_files(args: list[str]) -> list[str]:
+    return [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--out", "-o", "--plot")]
+
+
+def test_tour_parses_into_the_lessons_steps():
+    text = TOUR.read_text()
+    commands = tour_commands(text)
+    assert len(commands) >= 25
+    for needed in ("explain conv", "convolve", "--flip", "--stride 2", "pool", "summary --model seed --explain",
+                   "--name tour-seed", "--set dropout=0.4", "runs compare", "show curves", "--model deep",
+                   "show kernels", "show features", "fashion-mnist-sample", "show mistakes", "predict",
+                   "sweep run examples/lesson-sweep.yaml", "--model fast"):
+        assert any(needed in command for command in commands), needed
+    for command in commands:  # samples only: the full datasets belong in ```bash blocks, not run
+        dataset = re.search(r"--dataset (\S+)", command)
+        assert dataset is None or dataset.group(1).endswith("-sample"), command
+    for picture in re.findall(r"\]\((img/[^)]+)\)", text):
+        assert (TOUR.parent / picture).is_file(), picture
+
+
+def test_every_tour_command_runs(tmp_path, monkeypatch):
+    for name in ("photo.png", "digit.png"):
+        shutil.copy(ROOT / "docs" / "img" / name, tmp_path / name)
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    make_trousers_photo(tmp_path / "trousers.png")
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    for command in tour_commands(TOUR.read_text()):
+        args = shlex.split(command)[1:]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, f"$ {command}\n{result.output}\n{result.exception!r}"
+        for out in written_files(args):
+            assert (tmp_path / out).is_file(), f"$ {command}: {out} not written"
+        if args[0] == "train":
+            name = args[args.index("--name") + 1]
+            assert (tmp_path / "runs" / name / "test.json").is_file(), command
+    assert "Trouser" in runner.invoke(app, ["predict", "runs/tour-fashion", "trousers.png"]).output
