@@ -31,8 +31,13 @@ class RunResult:
 
 
 def images_tensor(images) -> torch.Tensor:
-    """uint8 (N, H, W) NumPy images -> uint8 tensor (N, 1, H, W)."""
-    return torch.from_numpy(images).unsqueeze(1).contiguous()
+    """uint8 NumPy images, grey (N, H, W) or colour (N, H, W, C) -> uint8 tensor (N, C, H, W).
+
+    Colour images keep their channels-last memory layout (a permuted view, no copy): the layout
+    the CPU convolutions want anyway.
+    """
+    tensor = torch.from_numpy(images)
+    return tensor.unsqueeze(1).contiguous() if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2)
 
 
 def prepare_data(dataset: Dataset, config: Config) -> TrainData:

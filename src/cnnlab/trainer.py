@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -32,14 +33,41 @@ class TrainingInterrupted(Exception):
     run = None  # the run directory, filled in by whoever knows it
 
 
+class Source(Protocol):
+    """One split of the data, read a batch at a time: in memory (`TensorSource`) or streamed from disk.
+
+    `labels` are known up front (the data order is drawn from them); `batches` yields, for each index
+    batch asked for, uint8 images (B, C, H, W) and int64 labels (B,). A streamed source may drop an
+    unreadable image from its batch (B shrinks) and report it in `skipped` (path -> reason).
+    """
+
+    labels: torch.Tensor  # (N,) int64
+    skipped: dict[str, str]
+
+    def __len__(self) -> int: ...
+    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class TensorSource:
+    """A split held in memory as uint8 images (N, C, H, W) and int64 labels (N,): no per-image Python."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels, self.skipped = images, labels, {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in index_batches:
+            yield self.images[index], self.labels[index]
+
+
 @dataclass
 class TrainData:
-    """In-memory uint8 images (N, C, H, W) and int64 labels (N,): no per-sample Python in the loop."""
+    """The training split and the validation split (which may be empty)."""
 
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    val_images: torch.Tensor
-    val_labels: torch.Tensor
+    train: Source
+    val: Source
 
 
 class Callback:
