@@ -1,6 +1,7 @@
 """Metrics: loss, accuracy, per-class precision/recall/F1, confusion matrix. Returns data, prints nothing."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,15 +10,22 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def to_inputs(images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+def to_inputs(images: torch.Tensor, channels_last: bool = False, device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 images (N, H, W) or (N, C, H, W) -> float (N, C, H, W) in [0, 1], as the model sees them.
 
     channels_last stores them (N, H, W, C) in memory, the layout CPU convolutions run fastest on.
+    The bytes travel to `device` before the conversion: a quarter of the traffic of floats.
     """
     if images.dim() == 3:
         images = images.unsqueeze(1)
+    if device is not None:
+        images = images.to(device, non_blocking=True)
     x = images.float().div_(255.0)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -30,12 +38,33 @@ def infer(model: nn.Module, images: torch.Tensor, batch_size: int = 256, channel
     was_training = model.training
     model.eval()
 
+    device = model_device(model)
+
     def forward(batch: torch.Tensor) -> torch.Tensor:
-        x = to_inputs(batch, channels_last)
-        return (model(x) + model(x.flip(-1))) / 2 if tta else model(x)
+        x = to_inputs(batch, channels_last, device)
+        return ((model(x) + model(x.flip(-1))) / 2 if tta else model(x)).cpu()
 
     try:
         return torch.cat([forward(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def predict_batches(model: nn.Module, source, positions: torch.Tensor | None = None, batch_size: int = 256,
+                    channels_last: bool = False, tta: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(logits, labels) batch by batch for the images of a `trainer.Source` at `positions` (default all).
+
+    Works alike for in-memory and streamed splits; labels are those of the images actually read
+    (a streamed split drops unreadable images).
+    """
+    positions = torch.arange(len(source)) if positions is None else positions
+    was_training = model.training
+    model.eval()
+    try:
+        for images, labels in source.batches(list(positions.split(batch_size))):
+            if len(labels):
+                yield infer(model, images, batch_size, channels_last, tta), labels
     finally:
         model.train(was_training)
 
@@ -99,6 +128,19 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, class
              batch_size: int = 256, channels_last: bool = False, tta: bool = False) -> Evaluation:
     """Evaluate a model on uint8 images and int64 labels."""
     logits = infer(model, images, batch_size, channels_last, tta)
+    return evaluation_of(logits, labels, classes)
+
+
+def evaluate_source(model: nn.Module, source, classes: tuple[str, ...], batch_size: int = 256,
+                    channels_last: bool = False, tta: bool = False) -> Evaluation:
+    """Evaluate a model on a whole `trainer.Source` (in memory or streamed from disk)."""
+    pairs = list(predict_batches(model, source, None, batch_size, channels_last, tta))
+    if not pairs:
+        raise ValueError("no readable images to evaluate")
+    return evaluation_of(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]), classes)
+
+
+def evaluation_of(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...]) -> Evaluation:
     loss, accuracy = loss_and_accuracy(logits, labels)
     predictions = logits.argmax(dim=1).numpy()
     cm = confusion_matrix(labels.numpy(), predictions, len(classes))

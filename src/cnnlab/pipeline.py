@@ -1,21 +1,23 @@
 """The main job as named steps: load data, build the model, train, evaluate, record the run."""
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from cnnlab import runs
 from cnnlab.architecture import plan
-from cnnlab.config import Config, TrainConfig
-from cnnlab.data import Dataset, load_dataset, split_train_val
-from cnnlab.evaluate import Evaluation, evaluate
+from cnnlab.config import Config, ConfigError, TrainConfig
+from cnnlab.data import DATASETS, Dataset, get_dataset, load_dataset, split_train_val
+from cnnlab.distributed import SINGLE, Context
+from cnnlab.evaluate import Evaluation, evaluate_source
 from cnnlab.models import CNN, build_model
 from cnnlab.summary import format_summary
-from cnnlab.trainer import Callback, TrainData, Trainer, TrainingInterrupted
+from cnnlab.trainer import Callback, Source, TensorSource, TrainData, Trainer, TrainingInterrupted
 from cnnlab.visualize import plot_confusion
 
 
@@ -25,9 +27,10 @@ class RunResult:
 
     run: Path
     history: list[dict]
-    test: Evaluation
+    test: Evaluation | None  # None on data-parallel ranks other than 0
     train_seconds: float  # wall time of this invocation's training loop, validation included
-    images_per_second: float  # training images processed per second of that time
+    images_per_second: float  # training images processed per second of that time (all ranks)
+    skipped: dict[str, str] = field(default_factory=dict)  # unreadable images: path -> reason
 
 
 def images_tensor(images) -> torch.Tensor:
@@ -40,12 +43,54 @@ def images_tensor(images) -> torch.Tensor:
     return tensor.unsqueeze(1).contiguous() if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2)
 
 
-def prepare_data(dataset: Dataset, config: Config) -> TrainData:
-    """Split the training set into train/validation (seeded) as in-memory uint8 tensors."""
+@dataclass
+class Data:
+    """A dataset ready to train on: its three splits as Sources, what it is, and where it came from."""
+
+    name: str
+    classes: tuple[str, ...]
+    image_shape: tuple[int, int, int]  # (H, W, C)
+    train: Source
+    val: Source
+    test: Source
+    files: list[dict] = field(default_factory=list)  # dataset files and checksums, for the manifest
+    about: dict = field(default_factory=dict)  # where the data came from, for the manifest
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def is_image_folder(name: str) -> bool:
+    """A `data.dataset` that names a folder of class sub-folders rather than a registered dataset."""
+    return name not in DATASETS and ("/" in name or Path(name).is_dir())
+
+
+def prepare_data(dataset: Dataset, config: Config) -> Data:
+    """A named dataset in memory: the training set split into train/validation (seeded), and the test set."""
     val_size = dataset.spec.val_size if config.data.val_size is None else config.data.val_size
     split = split_train_val(len(dataset.train_labels), val_size, config.train.seed)
     images, labels = images_tensor(dataset.train_images), torch.from_numpy(dataset.train_labels)
-    return TrainData(images[split.train], labels[split.train], images[split.val], labels[split.val])
+    return Data(dataset.spec.name, dataset.classes, dataset.spec.image_shape,
+                train=TensorSource(images[split.train], labels[split.train]),
+                val=TensorSource(images[split.val], labels[split.val]),
+                test=TensorSource(images_tensor(dataset.test_images), torch.from_numpy(dataset.test_labels)),
+                files=dataset.files,
+                about=dict(dataset=dataset.spec.name, data_origin=dataset.location.origin,
+                           data_dir=str(dataset.location.directory)))
+
+
+def folder_data(config: Config) -> Data:
+    """An image folder streamed from disk: 10% of the images held out for validation, 10% for test."""
+    from cnnlab.data.folder import open_image_folder
+
+    d = config.data
+    if d.val_size is not None:
+        raise ConfigError("data.val_size: image folders hold out 10% for validation and 10% for test "
+                          "(or use their val/ and test/ sub-folders); remove data.val_size")
+    folder = open_image_folder(d.dataset, (d.image_size, d.image_size), d.channels, workers=d.workers)
+    return Data(str(folder.root), folder.classes, folder.image_shape, folder.train, folder.val, folder.test,
+                about=dict(dataset=str(folder.root), data_origin="image folder", image_folder=folder.describe()))
 
 
 def open_dataset(config: Config, progress: bool = True) -> Dataset:
@@ -53,51 +98,104 @@ def open_dataset(config: Config, progress: bool = True) -> Dataset:
     return load_dataset(d.dataset, d.data_dir, allow_mismatch=d.allow_checksum_mismatch, progress=progress)
 
 
-def start_run(config: Config, dataset: Dataset, model: CNN, root: str | Path, name: str | None) -> Path:
-    """A new run directory with its config, summary and manifest."""
-    run = runs.new_run(config, root, name)
+def open_data(config: Config, progress: bool = True, context: Context = SINGLE) -> Data:
+    """The configured dataset, ready to train on; under data-parallel training rank 0 goes first
+    (it may download into the shared cache) and the others follow once it succeeded."""
+    def load() -> Data:
+        if is_image_folder(config.data.dataset):
+            return folder_data(config)
+        return prepare_data(open_dataset(config, progress and context.is_main), config)
+
+    return first_on_main(context, load)
+
+
+def first_on_main(context: Context, work):
+    """Run `work` on rank 0, then on the other ranks; a failure on rank 0 is raised on every rank."""
+    if not context.parallel:
+        return work()
+    if context.is_main:
+        try:
+            result = work()
+        except Exception as exc:
+            context.broadcast_text(f"{type(exc).__name__}: {exc}")
+            raise
+        context.broadcast_text("")
+        return result
+    failure = context.broadcast_text(None)
+    if failure:
+        raise RankZeroFailed(f"rank 0 failed: {failure}")
+    return work()
+
+
+def on_main(context: Context, work) -> str:
+    """Run `work` (returning a string, e.g. a run path) on rank 0 only; every rank gets its result."""
+    if not context.parallel:
+        return work()
+    if context.is_main:
+        try:
+            result = work()
+        except Exception as exc:
+            context.broadcast_text(f"\0{type(exc).__name__}: {exc}")
+            raise
+        return context.broadcast_text(result)
+    answer = context.broadcast_text(None)
+    if answer.startswith("\0"):
+        raise RankZeroFailed(f"rank 0 failed: {answer[1:]}")
+    return answer
+
+
+class RankZeroFailed(RuntimeError):
+    """Rank 0 failed a step the other ranks depend on; they stop with its message."""
+
+
+def start_run(config: Config, data: Data, model: CNN, root: str | Path, name: str | None,
+              reuse: bool = False) -> Path:
+    """A new run directory with its config, summary and manifest (`reuse`: an elastic restart's own)."""
+    run = runs.new_run(config, root, name, reuse=reuse)
     runs.save_config(run, config)
     summary = format_summary(model.plan, model.input_shape, config.model.name, explain=True)
     runs.write_text(runs.path(run, "summary"), summary + "\n")
-    runs.write_manifest(run, dataset.files, config.data.allow_checksum_mismatch,
-                        extra=dict(dataset=dataset.spec.name, data_origin=dataset.location.origin,
-                                   data_dir=str(dataset.location.directory)))
+    runs.write_manifest(run, data.files, config.data.allow_checksum_mismatch, extra=data.about)
     return run
 
 
 def train(config: Config, root: str | Path = runs.DEFAULT_ROOT, name: str | None = None,
-          callbacks: Sequence[Callback] = (), progress: bool = True, dataset: Dataset | None = None) -> RunResult:
+          callbacks: Sequence[Callback] = (), progress: bool = True, dataset: Dataset | None = None,
+          context: Context = SINGLE, reuse: bool = False) -> RunResult:
     """Train a model from a config into a new run directory, then evaluate it on the test set.
 
     Data and config problems are raised before the run directory is created, so a bad input
     leaves nothing behind. `dataset` skips loading when the caller holds it already (benchmarks).
+    Under data-parallel training every rank calls this; only rank 0 writes the run.
     """
-    dataset = dataset or open_dataset(config, progress)
-    data = prepare_data(dataset, config)
-    model = build_model(config.model, dataset.spec.image_shape, dataset.spec.num_classes, seed=config.train.seed)
-    run = start_run(config, dataset, model, root, name)
-    trainer = Trainer(model, data, config.train, [runs.RunRecorder(run, dataset.classes), *callbacks])
-    return fit_and_test(run, trainer, dataset)
+    data = prepare_data(dataset, config) if dataset is not None else open_data(config, progress, context)
+    model = build_model(config.model, data.image_shape, data.num_classes, seed=config.train.seed)
+    run = Path(on_main(context, lambda: str(start_run(config, data, model, root, name, reuse))))
+    recorders = [runs.RunRecorder(run, data.classes)] if context.is_main else []
+    trainer = Trainer(model, TrainData(data.train, data.val), config.train, [*recorders, *callbacks], context)
+    return fit_and_test(run, trainer, data, context)
 
 
-def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool = True) -> RunResult:
+def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool = True,
+           context: Context = SINGLE) -> RunResult:
     """Continue an interrupted run from its newest readable checkpoint, to the same end result."""
     run = runs.check_run(run, "config")
     config = runs.load_config(run)
     state, warnings = runs.load_checkpoint(run)
-    for warning in warnings:
+    for warning in warnings if context.is_main else ():
         print(f"warning: {warning}")
-    dataset = open_dataset(config, progress)
-    model = build_model(config.model, dataset.spec.image_shape, dataset.spec.num_classes)
-    trainer = Trainer(model, prepare_data(dataset, config), config.train,
-                      [runs.RunRecorder(run, dataset.classes), *callbacks])
+    data = open_data(config, progress, context)
+    model = build_model(config.model, data.image_shape, data.num_classes)
+    recorders = [runs.RunRecorder(run, data.classes)] if context.is_main else []
+    trainer = Trainer(model, TrainData(data.train, data.val), config.train, [*recorders, *callbacks], context)
     trainer.load_state_dict(state)
-    runs.rewrite_metrics(run, trainer.history)
-    return fit_and_test(run, trainer, dataset)
+    if context.is_main:
+        runs.rewrite_metrics(run, trainer.history)
+    return fit_and_test(run, trainer, data, context)
 
 
-def fit_and_test(run: Path, trainer: Trainer, dataset: Dataset) -> RunResult:
-    with runs.locked(run):
+def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SINGLE) -> RunResult:
+    with runs.locked(run) if context.is_main else contextlib.nullcontext():
         steps_before = trainer.epoch * trainer.steps_per_epoch + trainer.step
         started = time.perf_counter()
         try:
@@ -107,18 +205,34 @@ def fit_and_test(run: Path, trainer: Trainer, dataset: Dataset) -> RunResult:
             raise
         seconds = time.perf_counter() - started
         trained = (trainer.epoch * trainer.steps_per_epoch - steps_before) * trainer.config.batch_size
-        test = test_run(run, trainer.model, dataset, trainer.config)
-    images = min(trained, len(trainer.data.train_labels) * trainer.config.epochs)
-    return RunResult(run, history, test, seconds, images / seconds if seconds > 0 else 0.0)
+        skipped = merge_skipped(context, data)
+        test = None
+        if context.is_main:
+            test = test_run(run, trainer.model, data, trainer.config)
+            skipped.update(data.test.skipped)
+            if skipped:
+                runs.write_json(runs.path(run, "skipped"), skipped)
+        context.barrier()  # the other ranks return once rank 0's files are complete
+    images = min(trained, len(trainer.data.train) * trainer.config.epochs)
+    return RunResult(run, history, test, seconds, images / seconds if seconds > 0 else 0.0, skipped)
 
 
-def test_run(run: Path, model: CNN, dataset: Dataset, config: TrainConfig) -> Evaluation:
+def merge_skipped(context: Context, data: Data) -> dict[str, str]:
+    """Unreadable images met by any rank while training and validating: path -> reason."""
+    mine = {**data.train.skipped, **data.val.skipped}
+    merged: dict[str, str] = {}
+    for part in context.gather_json(mine):
+        merged.update(part)
+    return dict(sorted(merged.items()))
+
+
+def test_run(run: Path, model: CNN, data: Data, config: TrainConfig) -> Evaluation:
     """Evaluate on the test set and record test.json and confusion.png in the run."""
-    result = evaluate(model, images_tensor(dataset.test_images), torch.from_numpy(dataset.test_labels),
-                      dataset.classes, config.eval_batch_size, config.channels_last, config.tta)
+    result = evaluate_source(model, data.test, data.classes, config.eval_batch_size, config.channels_last,
+                             config.tta)
     runs.write_json(runs.path(run, "test"), result.to_dict())
     runs.write_atomic(runs.path(run, "confusion"),
-                      lambda tmp: plot_confusion(result.confusion, dataset.classes, tmp,
+                      lambda tmp: plot_confusion(result.confusion, data.classes, tmp,
                                                  title=f"{run.name}: test accuracy {result.accuracy:.2%}"))
     return result
 
@@ -128,8 +242,19 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, progress: 
     model, classes, config = runs.load_model(run)
     if data_dir is not None:
         config.data.data_dir = str(data_dir)
-    dataset = open_dataset(config, progress)
-    return test_run(Path(run), model, dataset, config.train)
+    return test_run(Path(run), model, open_data(config, progress), config.train)
+
+
+def dataset_shape(config: Config) -> tuple[tuple[int, int, int], int]:
+    """(image shape (H, W, C), number of classes) of the configured dataset, without loading images."""
+    if is_image_folder(config.data.dataset):
+        from cnnlab.data.folder import open_image_folder
+
+        d = config.data
+        folder = open_image_folder(d.dataset, (d.image_size, d.image_size), d.channels, workers=0)
+        return folder.image_shape, len(folder.classes)
+    spec = get_dataset(config.data.dataset)
+    return spec.image_shape, spec.num_classes
 
 
 def summarize(config: Config, input_shape=(28, 28, 1), num_classes: int = 10, explain: bool = False) -> str:

@@ -9,6 +9,7 @@ A run is a folder (default runs/<dataset>-<model>-<timestamp>) holding:
   checkpoint.safetensors  resumable state: weights, optimizer, scheduler, RNG, epoch, step
   test.json           final test metrics;  confusion.png  the test confusion matrix
   report.html         the self-contained HTML report, when `cnnlab report` made one
+  skipped.json        unreadable images met while training on an image folder (path -> reason), if any
 Every file is written to a temporary name and renamed into place, so none is ever half-written.
 """
 from __future__ import annotations
@@ -39,7 +40,7 @@ DEFAULT_ROOT = Path("runs")
 FILES = dict(config="config.yaml", summary="summary.txt", manifest="manifest.json", metrics="metrics.jsonl",
              weights="model.safetensors", checkpoint="checkpoint.safetensors",
              previous_checkpoint="checkpoint.prev.safetensors", test="test.json", confusion="confusion.png",
-             report="report.html", lock=".lock")
+             report="report.html", skipped="skipped.json", lock=".lock")
 
 
 class RunError(ValueError):
@@ -52,11 +53,20 @@ def path(run: str | Path, name: str) -> Path:
 
 
 # ---------------------------------------------------------------------------- creating and finding
-def new_run(config: Config, root: str | Path = DEFAULT_ROOT, name: str | None = None) -> Path:
-    """Create a fresh, empty run directory; never reuses an existing one."""
+def default_name(config: Config) -> str:
+    """<dataset>-<model>-<time>; an image folder's dataset is named by the folder's last part."""
+    dataset = Path(config.data.dataset).name if "/" in config.data.dataset else config.data.dataset
+    return f"{dataset}-{config.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
+
+
+def new_run(config: Config, root: str | Path = DEFAULT_ROOT, name: str | None = None, reuse: bool = False) -> Path:
+    """Create a fresh, empty run directory; never reuses an existing one unless `reuse` (a restarted job's)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    base = name or f"{config.data.dataset}-{config.model.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    if reuse and name is not None:
+        (root / name).mkdir(exist_ok=True)
+        return root / name
+    base = name or default_name(config)
     for attempt in range(1000):
         run = root / (base if attempt == 0 else f"{base}-{attempt + 1}")
         try:
@@ -181,7 +191,7 @@ def rewrite_metrics(run: Path, history: list[dict]) -> None:
 # ------------------------------------------------------------------------------------- weights
 def save_weights(run: Path, model: CNN, classes: tuple[str, ...]) -> None:
     """Weights as safetensors, with what is needed to use them in the metadata."""
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = dict(input_shape=json.dumps(list(model.input_shape)), classes=json.dumps(list(classes)),
                     format="cnnlab-weights-1")
     write_atomic(path(run, "weights"), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
@@ -225,7 +235,7 @@ def learned_kernel(run: str | Path, layer: str, index: int) -> np.ndarray:
 def flatten_state(node: Any, tensors: dict[str, torch.Tensor], key: str = "") -> Any:
     """Replace every tensor in a nested state by a reference, collecting the tensors by key."""
     if isinstance(node, torch.Tensor):
-        tensors[key] = node.detach().contiguous().clone()
+        tensors[key] = node.detach().cpu().contiguous().clone()
         return {"__tensor__": key}
     if isinstance(node, dict):
         return {"__dict__": [[flatten_state(k, tensors, f"{key}.k{i}"), flatten_state(v, tensors, f"{key}.{i}")]

@@ -2,7 +2,11 @@
 
 Data order, dropout and every other random choice come from seeded generators whose state is part
 of `Trainer.state_dict()`, so a run resumed from a checkpoint ends bitwise equal to one that never
-stopped (same machine, same thread count).
+stopped (same machine, same thread count, same number of processes, on the CPU).
+
+Data-parallel: every rank draws the same global order each epoch and takes its slice of every global
+batch (`index[rank::world]`); the loss is scaled so that DistributedDataParallel's gradient average
+equals the gradient of the global batch's mean loss, as one process would compute it.
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.augment import augment
 from cnnlab.config import TrainConfig
-from cnnlab.evaluate import infer, loss_and_accuracy, to_inputs
+from cnnlab.distributed import SINGLE, Context
+from cnnlab.evaluate import predict_batches, to_inputs
 
 
 class TrainingDiverged(RuntimeError):
@@ -103,6 +109,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
+def steps_in_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Global batches per epoch; a last batch too small to give every rank an image is dropped."""
+    full, tail = divmod(n, batch_size)
+    return full + (1 if tail >= world else 0)
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of the training set in a given epoch: a function of (seed, epoch) only."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -113,27 +125,41 @@ class Trainer:
     """Trains a model on in-memory data for `config.epochs` epochs, calling callbacks on the way."""
 
     def __init__(self, model: nn.Module, data: TrainData, config: TrainConfig,
-                 callbacks: Sequence[Callback] = ()):
-        self.model, self.data, self.config = model, data, config
+                 callbacks: Sequence[Callback] = (), context: Context = SINGLE):
+        self.model, self.data, self.config, self.context = model, data, config, context
+        self.device = context.device
+        model.to(self.device)
         if config.channels_last:
             model.to(memory_format=torch.channels_last)  # in place: parameters keep their identity
+        self.net = self.wrap_for_data_parallel(model)  # what the training step calls
         self.callbacks = list(callbacks)
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        # Summed, then divided by the global batch size in the step (see the module docstring).
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
         self.optimizer = make_optimizer(model, config)
-        self.steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
+        self.steps_per_epoch = steps_in_epoch(len(data.train), config.batch_size, context.world)
         self.scheduler = make_scheduler(self.optimizer, config, config.epochs * self.steps_per_epoch)
         self.epoch = 0  # completed epochs
         self.step = 0  # completed steps of the current epoch
-        self.running = [0.0, 0, 0]  # loss sum, correct, seen, over the current epoch so far
+        self.running = [0.0, 0, 0]  # loss sum, correct, seen, over the current epoch so far (all ranks)
         self.epoch_seconds = 0.0  # time spent in the current epoch so far (survives resume)
         self.history: list[dict] = []
-        self.rng_state = self.initial_rng_state(config.seed)
+        self.rng_state = self.initial_rng_state(config.seed, context.rank)
+        self.rng_states = self.rng_state.unsqueeze(0)  # (world, n): every rank's, as of the last sync point
         self.stop_requested = False
 
+    def wrap_for_data_parallel(self, model: nn.Module) -> nn.Module:
+        if not self.context.parallel:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)  # broadcasts rank 0's weights now
+
     @staticmethod
-    def initial_rng_state(seed: int) -> torch.Tensor:
+    def initial_rng_state(seed: int, rank: int = 0) -> torch.Tensor:
+        """The dropout/augmentation generator of a rank: rank 0 draws as a single process would."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(seed + 1_000_003 * rank)
             return torch.get_rng_state()
 
     # ---------------------------------------------------------------------------- the loop
@@ -149,66 +175,94 @@ class Trainer:
         self.emit("on_train_end")
         return self.history
 
+    def global_batches(self) -> list[torch.Tensor]:
+        """This epoch's remaining global batches: positions in the training split."""
+        order = epoch_order(len(self.data.train), self.config.seed, self.epoch)
+        bs = self.config.batch_size
+        return [order[step * bs:(step + 1) * bs] for step in range(self.step, self.steps_per_epoch)]
+
     def run_epoch(self) -> None:
         self.emit("on_epoch_begin")
-        order = epoch_order(len(self.data.train_labels), self.config.seed, self.epoch)
         started = time.perf_counter() - self.epoch_seconds
         self.model.train()
-        bs = self.config.batch_size
-        while self.step < self.steps_per_epoch:
-            index = order[self.step * bs:(self.step + 1) * bs]
-            images = augment(self.data.train_images[index], self.config.augment_shift, self.config.augment_flip)
-            inputs = to_inputs(images, self.config.channels_last)  # (B, C, H, W) floats in [0, 1]
-            loss, correct = self.train_step(inputs, self.data.train_labels[index])
+        rank, world = self.context.rank, self.context.world
+        batches = self.global_batches()
+        shards = [index[rank::world] for index in batches]  # disjoint slices, together the global batch
+        for index, (images, labels) in zip(batches, self.data.train.batches(shards)):
+            images = augment(images, self.config.augment_shift, self.config.augment_flip)
+            loss_sum, correct, seen, stop = self.train_step(images, labels, len(index))
             self.step += 1
-            self.running[0] += loss * len(index)
-            self.running[1] += correct
-            self.running[2] += len(index)
-            self.emit("on_batch_end", loss, correct / len(index))
-            if self.stop_requested and self.step < self.steps_per_epoch:
+            self.running = [self.running[0] + loss_sum, self.running[1] + correct, self.running[2] + seen]
+            self.emit("on_batch_end", loss_sum / max(seen, 1), correct / max(seen, 1))
+            if stop and self.step < self.steps_per_epoch:
                 self.epoch_seconds = time.perf_counter() - started
-                self.rng_state = torch.get_rng_state()
+                self.sync_rng_states()
                 self.emit("on_interrupt")
                 raise TrainingInterrupted(f"stopped in epoch {self.epoch + 1} after step {self.step} "
                                           f"of {self.steps_per_epoch}")
         self.finish_epoch(time.perf_counter() - started)
-        if self.stop_requested and self.epoch < self.config.epochs:
+        if self.stop_agreed() and self.epoch < self.config.epochs:
             self.emit("on_interrupt")
             raise TrainingInterrupted(f"stopped after epoch {self.epoch}")
 
-    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-        """One optimisation step; returns the batch's mean loss and number correct."""
-        logits = self.model(inputs)  # (B, num_classes)
-        loss = self.loss_fn(logits, labels)
-        value = loss.item()
-        if not math.isfinite(value):
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, global_count: int) -> tuple[float, int, int, bool]:
+        """One optimisation step on this rank's uint8 images (B, C, H, W).
+
+        Returns the global batch's loss sum, number correct and number seen, and whether any rank
+        was asked to stop: the same numbers on every rank, so every rank takes the same decision.
+        """
+        inputs = to_inputs(images, self.config.channels_last, self.device)  # floats in [0, 1]
+        labels = labels.to(self.device)
+        logits = self.net(inputs)  # (B, num_classes)
+        loss_sum = self.loss_fn(logits, labels)
+        correct = (logits.argmax(dim=1) == labels).sum()
+        total, hits, seen, stops = self.context.all_reduce_sum(
+            [loss_sum.item(), float(correct), float(len(labels)), float(self.stop_requested)])
+        if not math.isfinite(total):  # checked on the all-reduced sum: every rank stops at this step
             raise TrainingDiverged(
-                f"loss became {value} in epoch {self.epoch + 1}, step {self.step + 1}: training diverged. "
-                f"Try a lower learning rate (train.lr is {self.config.lr:g}) or batch norm.")
+                f"loss became {total / max(seen, 1)} in epoch {self.epoch + 1}, step {self.step + 1}: "
+                f"training diverged. Try a lower learning rate (train.lr is {self.config.lr:g}) or batch norm.")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss_sum * (self.context.world / global_count)).backward()  # DDP averages over ranks
         self.optimizer.step()
         self.scheduler.step()
-        return value, int((logits.argmax(dim=1) == labels).sum())
+        return total, int(hits), int(seen), stops > 0
+
+    def stop_agreed(self) -> bool:
+        """Whether any rank was asked to stop (an all-reduce: every rank gets the same answer)."""
+        return self.context.all_reduce_sum([float(self.stop_requested)])[0] > 0
+
+    def sync_rng_states(self) -> None:
+        """Record every rank's generator state (for checkpoints); a collective at sync points only."""
+        self.rng_state = torch.get_rng_state()
+        self.rng_states = self.context.all_gather(self.rng_state)
 
     def finish_epoch(self, seconds: float) -> None:
         loss_sum, correct, seen = self.running
         val_loss, val_accuracy = self.validate()
         self.epoch += 1
-        metrics = dict(epoch=self.epoch, train_loss=loss_sum / seen, train_accuracy=correct / seen,
+        metrics = dict(epoch=self.epoch, train_loss=loss_sum / max(seen, 1), train_accuracy=correct / max(seen, 1),
                        val_loss=val_loss, val_accuracy=val_accuracy, seconds=seconds,
                        lr=self.optimizer.param_groups[0]["lr"])
         self.history.append(metrics)
         self.step, self.running, self.epoch_seconds = 0, [0.0, 0, 0], 0.0
-        self.rng_state = torch.get_rng_state()
+        self.sync_rng_states()
         self.emit("on_epoch_end", metrics)
 
     def validate(self) -> tuple[float, float]:
-        if len(self.data.val_labels) == 0:
+        """Validation loss and accuracy; each rank scores its slice and the sums are all-reduced."""
+        if len(self.data.val) == 0:
             return math.nan, math.nan
         c = self.config
-        logits = infer(self.model, self.data.val_images, c.eval_batch_size, c.channels_last, c.tta)
-        return loss_and_accuracy(logits, self.data.val_labels)
+        positions = torch.arange(len(self.data.val))[self.context.rank::self.context.world]
+        loss_sum, correct, seen = 0.0, 0, 0
+        for logits, labels in predict_batches(self.model, self.data.val, positions, c.eval_batch_size,
+                                              c.channels_last, c.tta):
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += int((logits.argmax(dim=1) == labels).sum())
+            seen += len(labels)
+        loss_sum, correct, seen = self.context.all_reduce_sum([loss_sum, float(correct), float(seen)])
+        return (loss_sum / seen, correct / seen) if seen else (math.nan, math.nan)
 
     def emit(self, hook: str, *args) -> None:
         for callback in self.callbacks:
@@ -220,7 +274,7 @@ class Trainer:
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     scheduler=self.scheduler.state_dict(), epoch=self.epoch, step=self.step,
                     running=list(self.running), epoch_seconds=self.epoch_seconds, history=self.history,
-                    rng_state=self.rng_state)
+                    rng_state=self.rng_states)
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -230,7 +284,13 @@ class Trainer:
         self.running = [float(state["running"][0]), int(state["running"][1]), int(state["running"][2])]
         self.epoch_seconds = float(state["epoch_seconds"])
         self.history = list(state["history"])
-        self.rng_state = state["rng_state"]
+        states = state["rng_state"]
+        states = states.unsqueeze(0) if states.dim() == 1 else states  # (world, n); one row before DDP
+        if len(states) == self.context.world:
+            self.rng_states, self.rng_state = states, states[self.context.rank].clone()
+        else:  # resumed with another number of processes: dropout draws restart from the seed
+            self.rng_state = self.initial_rng_state(self.config.seed + self.epoch, self.context.rank)
+            self.rng_states = self.context.all_gather(self.rng_state)
 
 
 @contextlib.contextmanager

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from cnnlab import pipeline, runs
+from cnnlab import distributed, pipeline, runs
 from cnnlab.cli._app import app
 from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.config import list_presets, load_config, preset_path
 from cnnlab.data import get_dataset
 from cnnlab.evaluate import Evaluation
+from cnnlab.distributed import DeviceError
+from cnnlab.pipeline import RankZeroFailed
 from cnnlab.trainer import ProgressBar, TrainingInterrupted
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Model preset (see `cnnlab presets`).")]
@@ -20,7 +23,8 @@ ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML
 Overrides = Annotated[Optional[list[str]], typer.Option(
     "--set", "-s", help="Override a key: a knob (dropout=0.4) or a path (train.lr=3e-4, model.conv.0.filters=64). "
     "Repeatable.")]
-Dataset = Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset name (`cnnlab datasets list`); "
+Dataset = Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset name (`cnnlab datasets list`) or "
+                                               "a folder with one sub-folder of images per class; "
                                                "default mnist-sample, shipped with cnnlab.")]
 DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding <dataset>/<IDX files>.")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories.")]
@@ -56,13 +60,14 @@ def summary(model: Model = "seed", config: ConfigFile = None, set_: Overrides = 
             ) -> None:
     """The model layer by layer, like Keras' model.summary(): output shapes and parameters."""
     cfg = load_config(model, config, set_, **sections(dataset))
-    spec = get_dataset(cfg.data.dataset)
-    print(pipeline.summarize(cfg, spec.image_shape, spec.num_classes, explain))
+    image_shape, num_classes = pipeline.dataset_shape(cfg)
+    print(pipeline.summarize(cfg, image_shape, num_classes, explain))
 
 
 @app.command()
-@friendly_errors
+@friendly_errors(also=(DeviceError, RankZeroFailed))
 def train(
+    ctx: typer.Context,
     model: Model = "seed",
     dataset: Dataset = None,
     config: ConfigFile = None,
@@ -82,34 +87,126 @@ def train(
     wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (pip install "
                                         "'cnnlab[wandb]'; offline under ./wandb when not logged in).")] = False,
     wandb_project: Annotated[str, typer.Option(help="W&B project for --wandb.")] = "cnnlab",
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (a GPU when there is one; "
+                                                  "the default).")] = None,
+    nproc: Annotated[int, typer.Option(help="Train data-parallel in this many processes on this machine "
+                                       "(torchrun; gloo on CPU, nccl on GPUs).")] = 1,
+    max_restarts: Annotated[int, typer.Option(help="With --nproc: restart the job this many times if a process "
+                                              "dies; it resumes from the last checkpoint.")] = 0,
 ) -> None:
-    """Train a model, evaluate it on the test set, and record everything in a run directory."""
-    callbacks = [] if quiet else [ProgressBar()]
+    """Train a model, evaluate it on the test set, and record everything in a run directory.
+
+    Data-parallel: `--nproc N` on one machine, or `torchrun ... -m cnnlab train ...` across machines.
+    """
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        if resume is None and name is None:
+            name = runs.default_name(load_config(model, config, set_, **sections(dataset)))
+        launch_processes(ctx, nproc, max_restarts, name, resume, runs_dir)
+        return
+    if nproc < 1:
+        raise fail(f"--nproc: expected a number of processes >= 1, found {nproc}")
     tracker = None
     try:
         if resume is not None:
             given = [flag for flag, value in (("--config", config), ("--set", set_), ("--epochs", epochs),
                                               ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
-                                              ("--dataset", dataset), ("--data-dir", data_dir), ("--name", name))
+                                              ("--dataset", dataset), ("--data-dir", data_dir), ("--name", name),
+                                              ("--device", device))
                      if value]
             if given:
                 raise fail(f"--resume continues a run with its saved config.yaml; drop {', '.join(given)}")
-            print(f"resuming {resume}")
-            if wandb:
-                tracker = wandb_tracker(runs.load_config(resume), wandb_project)
-            result = pipeline.resume(resume, callbacks + ([tracker] if tracker else []))
+            cfg = runs.load_config(resume)
+            context = distributed.init(cfg.train.device)
+            say(context, f"resuming {resume}")
+            callbacks, tracker = training_callbacks(context, quiet, wandb and cfg, wandb_project)
+            result = pipeline.resume(resume, callbacks, context=context)
         else:
             cfg = load_config(model, config, set_, **sections(
                 dataset, data_dir, allow_checksum_mismatch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                threads=threads))
-            if wandb:
-                tracker = wandb_tracker(cfg, wandb_project)
-            result = pipeline.train(cfg, runs_dir, name, callbacks + ([tracker] if tracker else []))
+                threads=threads, device=device))
+            context = distributed.init(cfg.train.device)
+            callbacks, tracker = training_callbacks(context, quiet, wandb and cfg, wandb_project)
+            result = train_or_continue(cfg, runs_dir, name, callbacks, context)
     except TrainingInterrupted as exc:
         raise fail(f"{exc}; the checkpoint is saved. Continue with: cnnlab train --resume {exc.run}", code=130) from None
+    if not context.is_main:
+        return
     if tracker is not None:
         tracker.finish(result)
     print_result(result)
+
+
+def say(context: distributed.Context, text: str) -> None:
+    if context.is_main:
+        print(text)
+
+
+def training_callbacks(context: distributed.Context, quiet: bool, wandb_config, project: str) -> tuple[list, object]:
+    """Progress bar and W&B tracker: on rank 0 only, so a job prints and logs once."""
+    if not context.is_main:
+        return [], None
+    tracker = wandb_tracker(wandb_config, project) if wandb_config else None
+    return ([] if quiet else [ProgressBar()]) + ([tracker] if tracker else []), tracker
+
+
+def train_or_continue(cfg, runs_dir: Path, name: str | None, callbacks: list,
+                      context: distributed.Context) -> pipeline.RunResult:
+    """A new run; or, in a job that torchrun restarted after a failure, the run it had started.
+
+    A restarted job finds its run by name (`--nproc` always passes one; under a bare torchrun the
+    name comes from the rendezvous id), resumes from its checkpoint, or starts over in it when the
+    failure came before the first checkpoint.
+    """
+    if distributed.launched_by_torchrun() and name is None:
+        job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        name = f"{runs.default_name(cfg).rsplit('-', 2)[0]}-job-{job}" if job != "none" else None
+    if context.restarts and name is not None:
+        run = Path(runs_dir) / name
+        state = context.broadcast_text(
+            "resume" if runs.path(run, "checkpoint").is_file() or runs.path(run, "previous_checkpoint").is_file()
+            else "again" if run.is_dir() else "new")
+        say(context, f"restart {context.restarts}: "
+                     + {"resume": f"resuming {run} from its checkpoint", "again": f"starting {run} over",
+                        "new": f"starting {run}"}[state])
+        if state == "resume":
+            return pipeline.resume(run, callbacks, context=context)
+        return pipeline.train(cfg, runs_dir, name, callbacks, context=context, reuse=state == "again")
+    return pipeline.train(cfg, runs_dir, name, callbacks, context=context)
+
+
+def launch_processes(ctx: typer.Context, nproc: int, max_restarts: int, name: str | None, resume: Path | None,
+                     runs_dir: Path) -> None:
+    """`--nproc N`: run this same command as N torchrun ranks, under a run name fixed now, so that
+    an elastic restart finds and resumes the run its first attempt started."""
+    if resume is None and (Path(runs_dir) / name).exists():
+        raise fail(f"{Path(runs_dir) / name}: a run of that name exists; pick another --name or --resume it")
+    argv = ["train", *command_line(ctx, drop={"nproc", "max_restarts", "name"})]
+    if resume is None:
+        argv += ["--name", name]
+    print(f"launching {nproc} processes with torchrun"
+          + (f" (up to {max_restarts} restarts)" if max_restarts else "") + f": run {Path(runs_dir) / (name or '')}")
+    code = distributed.launch(nproc, argv, max_restarts)
+    if code:
+        raise fail(f"the data-parallel job failed (see the messages above); "
+                   f"its last checkpoint is in {Path(runs_dir) / name if name else resume}", code=code)
+
+
+def command_line(ctx: typer.Context, drop: set[str]) -> list[str]:
+    """The options this command was given, as command-line arguments again (for the launched ranks)."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.name in drop or value is None or value == param.default or not param.opts:
+            continue
+        flag = param.opts[0]
+        if param.is_flag:
+            args.append(flag if value else param.secondary_opts[0])
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                args += [flag, str(item)]
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 def wandb_tracker(cfg, project: str):
@@ -125,6 +222,9 @@ def wandb_tracker(cfg, project: str):
 
 def print_result(result: pipeline.RunResult) -> None:
     test = result.test
+    if result.skipped:
+        print(f"warning: {len(result.skipped)} unreadable image(s) were skipped; "
+              f"see {runs.path(result.run, 'skipped')}")
     print(f"test accuracy {test.accuracy:.4f}  loss {test.loss:.4f}  ({int(test.confusion.sum())} images)")
     if result.images_per_second:
         print(f"trained in {result.train_seconds:.1f}s  ({result.images_per_second:,.0f} images/s)")

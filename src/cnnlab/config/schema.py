@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,10 +60,14 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "mnist-sample"  # a registered dataset name (`cnnlab datasets list`)
+    dataset: str = "mnist-sample"  # a registered dataset name (`cnnlab datasets list`) or an image folder's path
     data_dir: str | None = None  # folder holding <dataset>/<IDX files>; None: $CNNLAB_DATA, cache, system
     val_size: int | None = None  # training images held out for validation; None: the dataset's default
     allow_checksum_mismatch: bool = False  # use local files whose checksums differ (recorded in the run)
+    # Image folders only (one sub-folder per class): images are fitted to image_size x image_size.
+    image_size: int = 32  # pixels per side the images are resized (centre-cropped) to
+    channels: int = 3  # 3: colour (RGB), 1: greyscale
+    workers: int | None = None  # processes decoding images in parallel; None: min(4, cores); 0: in the main process
 
 
 @dataclass
@@ -81,6 +86,7 @@ class TrainConfig:
     augment_flip: bool = False  # mirror half the training images at random (clothes, not digits)
     tta: bool = False  # test-time augmentation: average the predictions for each image and its mirror
     channels_last: bool = True  # weights and batches stored (N, H, W, C): 1.5-2x faster conv/BN steps on CPU
+    device: str = "auto"  # cpu, cuda, cuda:N, or auto (a GPU when torch sees one)
     eval_batch_size: int = 256  # images per forward pass when evaluating: small batches stay in cache (4-7x faster than 1000 on 2 cores)
 
 
@@ -139,6 +145,13 @@ def validate(config: Config) -> None:
         positive(t.threads, "train.threads")
     if t.augment_shift < 0:
         raise ConfigError(f"train.augment_shift: expected pixels >= 0, found {t.augment_shift}")
+    positive(config.data.image_size, "data.image_size")
+    choice(config.data.channels, (1, 3), "data.channels")
+    if config.data.workers is not None and config.data.workers < 0:
+        raise ConfigError(f"data.workers: expected an int >= 0, found {config.data.workers}")
+    if not (t.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", t.device)):
+        raise ConfigError(f"train.device: expected cpu, cuda, cuda:N or auto, found {t.device!r}"
+                          f"{nearest(t.device, ['auto', 'cpu', 'cuda'])}")
     if config.data.val_size is not None and config.data.val_size < 0:
         raise ConfigError(f"data.val_size: expected an int >= 0, found {config.data.val_size}")
 

@@ -1,0 +1,158 @@
+"""Data-parallel training on PyTorch's own engine: torchrun launches, DistributedDataParallel syncs.
+
+A job is N processes (ranks). Each builds the same model from the same seed, trains on its own
+slice of every global batch, and DistributedDataParallel averages the gradients, so the weights stay
+equal on every rank. Only rank 0 writes the run directory; the others wait at barriers.
+
+Processes come from torchrun, either launched here (`cnnlab train --nproc N`, which calls torchrun's
+own entry point) or by the user (`torchrun ... -m cnnlab train ...`). torchrun sets RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR/MASTER_PORT and, after an elastic restart, TORCHELASTIC_RESTART_COUNT.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT_S = float(os.environ.get("CNNLAB_DIST_TIMEOUT", "600"))  # a collective that waits longer fails, never hangs
+
+
+class DeviceError(ValueError):
+    """A device that was asked for but is not there."""
+
+
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    """'cpu', 'cuda', 'cuda:N' or 'auto' (CUDA when present) -> a torch.device; one GPU per local rank."""
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cpu":
+        return torch.device("cpu")
+    if choice.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DeviceError(f"train.device is {choice!r} but this torch sees no CUDA GPU "
+                              f"(torch {torch.__version__}, built {'with' if torch.version.cuda else 'without'} CUDA); "
+                              "use --device cpu or auto")
+        index = int(choice.split(":")[1]) if ":" in choice else local_rank
+        if index >= torch.cuda.device_count():
+            raise DeviceError(f"train.device asks for GPU {index} but only {torch.cuda.device_count()} are visible")
+        return torch.device("cuda", index)
+    raise DeviceError(f"train.device: expected cpu, cuda, cuda:N or auto, found {choice!r}")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands in the job: its rank among `world` processes and its device."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    restarts: int = 0  # elastic restarts of the job so far (torchrun's TORCHELASTIC_RESTART_COUNT)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.world > 1
+
+    # ------------------------------------------------------------------ collectives (no-ops alone)
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over all ranks (float64, so counts stay exact)."""
+        if not self.parallel:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.collective_device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(world, *tensor.shape): every rank's tensor, in rank order; shapes must match."""
+        if not self.parallel:
+            return tensor.unsqueeze(0)
+        parts = [torch.empty_like(tensor, device=self.collective_device) for _ in range(self.world)]
+        dist.all_gather(parts, tensor.to(self.collective_device))
+        return torch.stack(parts).cpu()
+
+    def broadcast_text(self, text: str | None) -> str:
+        """Rank 0's string on every rank (run names, error messages): sent as bytes, never pickled."""
+        if not self.parallel:
+            return text or ""
+        device = self.collective_device
+        data = torch.tensor(list((text or "").encode()), dtype=torch.uint8, device=device) if self.is_main else None
+        length = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64, device=device)
+        dist.broadcast(length, src=0)
+        if data is None:
+            data = torch.empty(int(length.item()), dtype=torch.uint8, device=device)
+        dist.broadcast(data, src=0)
+        return bytes(data.cpu().tolist()).decode()
+
+    def gather_json(self, value: object) -> list:
+        """Every rank's JSON-able value, in rank order (padded byte tensors, no pickle)."""
+        if not self.parallel:
+            return [value]
+        raw = json.dumps(value).encode()
+        lengths = self.all_gather(torch.tensor([len(raw)], dtype=torch.int64)).flatten().tolist()
+        padded = torch.zeros(max(lengths), dtype=torch.uint8)
+        padded[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
+        rows = self.all_gather(padded)
+        return [json.loads(bytes(row[:n].tolist()).decode()) for row, n in zip(rows, lengths)]
+
+    def barrier(self) -> None:
+        if self.parallel:
+            dist.barrier()
+
+    @property
+    def collective_device(self) -> torch.device:
+        return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+SINGLE = Context()
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init(device_choice: str = "auto") -> Context:
+    """This process's Context; joins the process group when started by torchrun (gloo on CPU, nccl on GPU)."""
+    if not launched_by_torchrun():
+        return Context(device=resolve_device(device_choice))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(device_choice, local_rank)
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    return Context(rank, world, local_rank, device, restarts)
+
+
+def shutdown(context: Context) -> None:
+    if context.parallel and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
+    """Run `python -m cnnlab <argv>` as `nproc` ranks on this machine with torchrun's own launcher.
+
+    Returns the exit code: 0 when every rank finished, 1 when the job failed (torchrun prints which
+    rank failed and why).
+    """
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(
+        ["--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
+         "--monitor-interval=0.5", "-m", "cnnlab", *argv])
+    try:
+        run(args)
+    except ChildFailedError:
+        return 1
+    return 0
