@@ -10,12 +10,14 @@ DOCUMENTED_PARAMS = {"perceptron": 7_850, "mlp": 101_770, "seed": 693_962, "seed
                      "deep": 234_410}
 
 
+@pytest.mark.parametrize("shape", [(28, 28, 1), (32, 32, 3)], ids=["grey-28", "colour-32"])
 @pytest.mark.parametrize("name", list_presets())
-def test_every_preset_builds_and_runs_a_batch(name):
-    model = build_model(load_config(name).model, (28, 28, 1), 10, seed=0)
-    logits = model(torch.rand(4, 1, 28, 28))
+def test_every_preset_builds_and_runs_a_batch(name, shape):
+    h, w, c = shape
+    model = build_model(load_config(name).model, shape, 10, seed=0)
+    logits = model(torch.rand(4, c, h, w))
     assert logits.shape == (4, 10) and torch.isfinite(logits).all()
-    probabilities = model.predict_proba(torch.rand(3, 1, 28, 28))
+    probabilities = model.predict_proba(torch.rand(3, c, h, w))
     assert torch.allclose(probabilities.sum(dim=1), torch.ones(3))
 
 

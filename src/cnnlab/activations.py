@@ -9,7 +9,8 @@ from torch import nn
 
 from cnnlab.evaluate import to_inputs
 from cnnlab.models import CNN
-from cnnlab.visualize import Output, grid_shape, new_figure, save_figure
+from cnnlab.pipeline import images_tensor
+from cnnlab.visualize import Output, draw_image, grid_shape, new_figure, save_figure
 
 COLOUR_NAMES = ("red", "green", "blue")
 
@@ -21,6 +22,11 @@ class LayerError(ValueError):
 def conv_layers(model: CNN) -> dict[str, nn.Conv2d]:
     """The model's conv layers by name, in order (conv1, conv2, ...)."""
     return {name: m for name, m in model.features.named_children() if isinstance(m, nn.Conv2d)}
+
+
+def image_input(image: np.ndarray) -> torch.Tensor:
+    """One uint8 image, grey (H, W) or colour (H, W, C) -> float (1, C, H, W) in [0, 1], as the model sees it."""
+    return to_inputs(images_tensor(np.ascontiguousarray(image)[None]))
 
 
 def conv_weights(model: CNN, layer: str = "conv1") -> np.ndarray:
@@ -91,17 +97,17 @@ def kernel_caption(filter_index: int, channel: int, channels: int) -> str:
 class FeatureMaps:
     """The output of every conv stage (after its activation) for one image: name -> (C, H, W)."""
 
-    image: np.ndarray  # the uint8 (H, W) input
+    image: np.ndarray  # the uint8 input, grey (H, W) or colour (H, W, C)
     maps: dict[str, np.ndarray] = field(default_factory=dict)
     titles: dict[str, str] = field(default_factory=dict)  # name -> "conv1 → relu" etc.
 
 
 @torch.no_grad()
 def feature_maps(model: CNN, image: np.ndarray) -> FeatureMaps:
-    """Run one uint8 (H, W) image through the conv stages, keeping each stage's activated output."""
+    """Run one uint8 image, (H, W) or (H, W, C), through the conv stages, keeping each stage's activated output."""
     model.eval()
     modules = dict(model.features.named_children())
-    x = to_inputs(torch.from_numpy(image)[None, None])  # (1, 1, H, W) floats in [0, 1]
+    x = image_input(image)  # (1, C, H, W) floats in [0, 1]
     result = FeatureMaps(image)
     for name, module in modules.items():
         x = module(x)
@@ -141,7 +147,7 @@ def plot_feature_maps(result: FeatureMaps, out: Output, title: str = "", max_map
         for ax in axes:
             ax.axis("off")
         if maps is None:
-            axes[0].imshow(result.image, cmap="gray", vmin=0, vmax=255)
+            draw_image(axes[0], result.image)
             sub.suptitle(f"input image ({result.image.shape[0]}x{result.image.shape[1]})", fontsize=9, x=0.02,
                          ha="left")
             panels[name] = 1

@@ -58,8 +58,8 @@ def export_run(run: str | Path, format: str = "onnx", out: str | Path | None = N
                check_images: np.ndarray | None = None) -> ExportResult:
     """Export a run's model to `out` (default <run>/model.onnx or model.pt), then run the file and compare outputs.
 
-    check_images: uint8 (N, H, W) to compare on; default 64 test images of the run's dataset when they are
-    on this machine, else random ink.
+    check_images: uint8 (N, H, W) or (N, H, W, C) to compare on; default 64 test images of the run's dataset
+    when they are on this machine, else random ink.
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r} (known: {', '.join(FORMATS)})")
@@ -83,12 +83,15 @@ def export_run(run: str | Path, format: str = "onnx", out: str | Path | None = N
 
 
 def example_inputs(predictor: Predictor, images: np.ndarray | None = None, count: int = 64) -> torch.Tensor:
-    """float (N, C, H, W) in [0, 1]: the given uint8 images, or sparse random ink (closer to real inputs than noise)."""
+    """float (N, C, H, W) in [0, 1]: the given uint8 images, grey (N, H, W) or colour (N, H, W, C), or sparse
+    random ink (closer to real inputs than noise)."""
     height, width, channels = predictor.model.input_shape
     if images is None:
         rng = np.random.default_rng(0)
-        images = (rng.random((count, height, width)) < 0.2) * rng.integers(64, 256, (count, height, width))
-    x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0)[:, None]
+        shape = (count, height, width) if channels == 1 else (count, height, width, channels)
+        images = (rng.random(shape) < 0.2) * rng.integers(64, 256, shape)
+    x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0)
+    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
     return x.expand(-1, channels, -1, -1).contiguous()
 
 

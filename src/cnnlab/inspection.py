@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from cnnlab import runs
-from cnnlab.activations import FeatureMaps, KernelGrid, conv_weights, feature_maps, plot_feature_maps, plot_kernels
+from cnnlab.activations import (FeatureMaps, KernelGrid, conv_weights, feature_maps, image_input, plot_feature_maps,
+                                plot_kernels)
 from cnnlab.data import Dataset
 from cnnlab.evaluate import Evaluation, evaluate
 from cnnlab.pipeline import images_tensor, open_dataset
@@ -52,7 +53,7 @@ class LoadedRun:
 
 @dataclass(frozen=True)
 class InputImage:
-    """One image to explain: uint8 (H, W) pixels, its true label when known, and where it came from."""
+    """One image to explain: uint8 pixels (H, W) or (H, W, C), its true label when known, and where it came from."""
 
     pixels: np.ndarray
     label: int | None
@@ -76,7 +77,7 @@ def choose_input(loaded: LoadedRun, image: str | Path | None = None, index: int 
 
 def describe(loaded: LoadedRun, picture: InputImage) -> str:
     """A title naming the input, its true class if known, and the model's prediction."""
-    probabilities = loaded.model.predict_proba(torch.from_numpy(picture.pixels)[None, None].float() / 255)[0]
+    probabilities = loaded.model.predict_proba(image_input(picture.pixels))[0]
     predicted = int(probabilities.argmax())
     truth = f" (true: {loaded.classes[picture.label]})" if picture.label is not None else ""
     return f"{loaded.name}: {picture.source}{truth}, predicted {loaded.classes[predicted]} " \

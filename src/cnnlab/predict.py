@@ -16,6 +16,7 @@ from cnnlab import runs
 from cnnlab.data import UnknownDataset, get_dataset
 from cnnlab.evaluate import to_inputs
 from cnnlab.models import CNN, count_parameters
+from cnnlab.pipeline import images_tensor
 from cnnlab.preprocess import BlankImage, ImageReadError, Source, prepare
 
 
@@ -50,17 +51,19 @@ class Predictor:
         return height, width
 
     def prepare(self, source: Source, name: str | None = None) -> np.ndarray:
-        """uint8 (H, W): the picture as the model must see it."""
+        """uint8 (H, W), or (H, W, 3) for a colour recipe: the picture as the model must see it."""
         height, width = self.input_size
         if height != width:
             raise ValueError(f"{self.name}: preprocessing needs a square input, the model takes {height}x{width}")
         return prepare(source, self.recipe, height, name)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
-        """float (N, classes) for prepared uint8 images (N, H, W)."""
-        x = to_inputs(torch.from_numpy(np.ascontiguousarray(images)))  # (N, 1, H, W) in [0, 1]
+        """float (N, classes) for prepared uint8 images, grey (N, H, W) or colour (N, H, W, C)."""
+        x = to_inputs(images_tensor(np.ascontiguousarray(images)))  # (N, C, H, W) in [0, 1]
         channels = self.model.input_shape[2]
-        if channels != 1:
+        if x.shape[1] != channels:
+            if x.shape[1] != 1:
+                raise ValueError(f"{self.name}: the model takes {channels} channel(s), the images have {x.shape[1]}")
             x = x.expand(-1, channels, -1, -1)  # a grey picture for a colour model: same value in every channel
         # One forward pass at a time: torch already spreads each over all its threads; a web server's concurrent
         # requests running passes side by side would oversubscribe the cores and stretch the slowest answers.
@@ -89,7 +92,7 @@ class Prediction:
     """One picture's result: the prepared image the model saw and a probability per class."""
 
     file: str
-    image: np.ndarray  # uint8 (H, W)
+    image: np.ndarray  # uint8 (H, W), or (H, W, 3) for a colour model
     probabilities: np.ndarray  # float (classes,)
     classes: tuple[str, ...]
 
@@ -176,18 +179,21 @@ def predict_arrays(predictor: Predictor, images: np.ndarray, names: list[str] | 
 
 # ---------------------------------------------------------------------------------- preview
 def preview_strip(images: list[np.ndarray], columns: int = 10, scale: int = 4, gap: int = 2) -> np.ndarray:
-    """uint8 grid of the prepared images, each enlarged `scale` times (nearest), grey gaps between: the model's view."""
+    """uint8 grid of the prepared images, each enlarged `scale` times (nearest), grey gaps between: the model's view.
+
+    Grey images (H, W) give a grey grid, colour ones (H, W, 3) an RGB grid.
+    """
     if not images:
         raise ValueError("no images to preview")
-    height, width = images[0].shape
+    height, width = images[0].shape[:2]
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
     cell_h, cell_w = height * scale + gap, width * scale + gap
-    grid = np.full((rows * cell_h + gap, columns * cell_w + gap), 96, dtype=np.uint8)
+    grid = np.full((rows * cell_h + gap, columns * cell_w + gap, *images[0].shape[2:]), 96, dtype=np.uint8)
     for i, image in enumerate(images):
         r, c = divmod(i, columns)
         top, left = gap + r * cell_h, gap + c * cell_w
-        grid[top:top + height * scale, left:left + width * scale] = np.kron(image, np.ones((scale, scale), np.uint8))
+        grid[top:top + height * scale, left:left + width * scale] = image.repeat(scale, axis=0).repeat(scale, axis=1)
     return grid
 
 

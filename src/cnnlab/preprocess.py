@@ -1,11 +1,12 @@
 """Prepare a user's picture the way the dataset's own images were made, so the model sees what it knows.
 
-Two recipes, named by `DatasetSpec.recipe`:
+Three recipes, named by `DatasetSpec.recipe`:
   digits   MNIST: grey, light-on-dark, cropped to the ink, fitted into 20x20 keeping the aspect
            ratio, placed in 28x28 with the ink's centre of mass at the centre.
   objects  Fashion-MNIST: trim the background (colour of the corners, 5% tolerance), resize the
            longest side to 28, sharpen, centre on the background, negate to light-on-dark, grey.
-Both return uint8 (H, W) with a black (0) background, ready for `evaluate.to_inputs`.
+  photos   CIFAR-10: RGB, the largest centred square cropped out, resized to 32x32; no inversion.
+digits and objects return uint8 (H, W) with a black (0) background; photos uint8 (H, W, 3) RGB.
 """
 from __future__ import annotations
 
@@ -301,15 +302,31 @@ def resize_longest_side(grey: np.ndarray, side: int) -> Image.Image:
     return image.resize(new_size, Image.Resampling.LANCZOS)
 
 
+# ------------------------------------------------------------------------------ photos (CIFAR-10)
+def prepare_photo(image: Image.Image, size: int = 32) -> np.ndarray:
+    """CIFAR-10's look: RGB, the largest centred square (the model's aspect), resized to size x size.
+
+    Nothing is trimmed or inverted: a photo's background is part of what the model learned from.
+    Returns uint8 (size, size, 3).
+    """
+    rgb = shrunk(flattened(image), 8 * size)  # a phone photo: box-average it down first (fast, no aliasing)
+    square = ImageOps.fit(rgb, (size, size), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
+    return np.array(square, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
+
+
 # -------------------------------------------------------------------------------- by recipe
 RECIPES: dict[str, Callable[[Image.Image, int], np.ndarray]] = {
     "digits": lambda image, size: prepare_digit(image, size, box=round(size * 20 / 28)),
     "objects": lambda image, size: prepare_object(image, size),
+    "photos": lambda image, size: prepare_photo(image, size),
 }
 
 
 def prepare(source: Source, recipe: str = "digits", size: int = 28, name: str | None = None) -> np.ndarray:
-    """Read an image (path, bytes, file object or PIL image) and prepare it by a recipe: uint8 (size, size)."""
+    """Read an image (path, bytes, file object or PIL image) and prepare it by a recipe.
+
+    uint8 (size, size) for the grey recipes, (size, size, 3) for photos.
+    """
     if recipe not in RECIPES:
         raise ValueError(f"unknown preprocessing recipe {recipe!r} (known: {', '.join(RECIPES)})")
     return RECIPES[recipe](read_image(source, name), size)

@@ -7,9 +7,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab.evaluate import to_inputs
+from cnnlab.activations import image_input
 from cnnlab.models import CNN
-from cnnlab.visualize import Output, new_figure, save_figure
+from cnnlab.visualize import Output, draw_image, new_figure, save_figure
 
 METHODS = {
     "gradcam": "Grad-CAM (HiResCAM): where the last conv layer's maps raise the class score",
@@ -21,7 +21,7 @@ METHODS = {
 class Saliency:
     """A heat map over the input image for one class, with the model's probabilities."""
 
-    image: np.ndarray  # uint8 (H, W)
+    image: np.ndarray  # uint8, grey (H, W) or colour (H, W, C)
     heat: np.ndarray  # float (H, W) in [0, 1]; 1 = most important
     target: int  # the class explained
     probabilities: np.ndarray  # (num_classes,)
@@ -29,11 +29,11 @@ class Saliency:
 
 
 def saliency(model: CNN, image: np.ndarray, target: int | None = None, method: str = "gradcam") -> Saliency:
-    """Explain the model's score for `target` (default: its prediction) on one uint8 (H, W) image."""
+    """Explain the model's score for `target` (default: its prediction) on one uint8 (H, W) or (H, W, C) image."""
     if method not in METHODS:
         raise ValueError(f"unknown saliency method {method!r}; choose {' or '.join(METHODS)}")
     model.eval()
-    x = to_inputs(torch.from_numpy(image)[None, None]).requires_grad_(True)  # (1, 1, H, W)
+    x = image_input(image).requires_grad_(True)  # (1, C, H, W)
     has_conv = any(name.startswith("conv") for name, _ in model.features.named_children())
     if method == "gradcam" and has_conv:
         logits, heat = grad_cam(model, x, target)
@@ -77,9 +77,9 @@ def plot_saliency(result: Saliency, classes: tuple[str, ...] | list[str], out: O
     """Three panels: the image, the heat map over it, and the top class probabilities."""
     fig = new_figure(11, 3.6)
     image_ax, heat_ax, bar_ax = fig.subplots(1, 3, width_ratios=[1, 1.2, 1.3])
-    image_ax.imshow(result.image, cmap="gray", vmin=0, vmax=255)
+    draw_image(image_ax, result.image)
     image_ax.set_title("input" + (f" (true: {classes[true_label]})" if true_label is not None else ""))
-    heat_ax.imshow(result.image, cmap="gray", vmin=0, vmax=255)
+    draw_image(heat_ax, result.image)
     overlay = heat_ax.imshow(result.heat, cmap="jet", alpha=0.5, vmin=0, vmax=1)
     fig.colorbar(overlay, ax=heat_ax, shrink=0.85, label="importance (1 = most)")
     heat_ax.set_title(f"{'Grad-CAM' if result.method == 'gradcam' else 'gradient'} for "

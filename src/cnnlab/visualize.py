@@ -30,6 +30,15 @@ def save_figure(fig, out: Output) -> Output:
     return out
 
 
+def draw_image(ax, image: np.ndarray):
+    """Draw a uint8 image: grey (H, W) on a fixed 0..255 grey scale, colour (H, W, 3) as RGB."""
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if image.ndim == 2:
+        return ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+    return ax.imshow(image)
+
+
 def plot_confusion(confusion: np.ndarray, classes: tuple[str, ...], out: Output, title: str = "") -> Output:
     """The confusion matrix as a PNG: rows true classes, columns predictions, counts in the cells."""
     n = len(classes)
@@ -117,14 +126,15 @@ def grid_shape(count: int, max_columns: int) -> tuple[int, int]:
 
 def plot_mistakes(images: np.ndarray, mistakes: Sequence[Mistake], classes: Sequence[str], out: Output,
                   title: str = "", max_columns: int = 6) -> tuple[int, int]:
-    """A grid of misclassified images (uint8 (N, H, W)) titled true/predicted/confidence; returns (rows, cols)."""
+    """A grid of misclassified images (uint8 (N, H, W) or (N, H, W, 3)) titled true/predicted/confidence;
+    returns (rows, cols)."""
     rows, columns = grid_shape(len(mistakes), max_columns)
     fig = new_figure(1.9 * columns, 2.1 * rows + 0.5)
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     for ax in axes:
         ax.axis("off")
     for ax, mistake in zip(axes, mistakes):
-        ax.imshow(images[mistake.index], cmap="gray", vmin=0, vmax=255)
+        draw_image(ax, images[mistake.index])
         ax.set_title(f"#{mistake.index}\ntrue: {classes[mistake.true_label]}\n"
                      f"said: {classes[mistake.predicted_label]} ({mistake.confidence:.0%})",
                      fontsize=8, color="firebrick")

@@ -7,12 +7,12 @@ import sys
 import typer
 
 from cnnlab.config import ConfigError
-from cnnlab.data import ChecksumMismatch, DataError, DatasetUnavailable, IDXError, UnknownDataset
+from cnnlab.data import ChecksumMismatch, CifarError, DataError, DatasetUnavailable, IDXError, UnknownDataset
 from cnnlab.runs import RunError
 from cnnlab.trainer import TrainingDiverged
 
-USER_ERRORS = (ConfigError, UnknownDataset, DatasetUnavailable, ChecksumMismatch, IDXError, DataError, RunError,
-               TrainingDiverged, FileNotFoundError, IsADirectoryError, PermissionError)
+USER_ERRORS = (ConfigError, UnknownDataset, DatasetUnavailable, ChecksumMismatch, IDXError, CifarError, DataError,
+               RunError, TrainingDiverged, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -17,7 +17,7 @@ datasets_app = typer.Typer(help="List, locate, download and verify datasets.", n
 app.add_typer(datasets_app, name="datasets")
 
 Name = Annotated[str, typer.Argument(help="Dataset name (see `cnnlab datasets list`).")]
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding <name>/<IDX files>; "
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding <name>/<dataset files>; "
                                                  "default $CNNLAB_DATA, then the user cache, then system copies.")]
 
 

@@ -26,9 +26,10 @@ app.add_typer(runs_app, name="runs")
 
 Run = Annotated[Path, typer.Argument(help="Run directory (made by `cnnlab train`).")]
 ImageFile = Annotated[Optional[Path], typer.Argument(
-    help="Any image file (made 28x28 grey, white on black); or use --index.", show_default=False)]
+    help="Any image file (prepared as the run's dataset was: 28x28 grey white on black, 32x32 colour, ...); "
+    "or use --index.", show_default=False)]
 Index = Annotated[Optional[int], typer.Option("--index", "-i", help="Use test image N of the run's dataset instead.")]
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding <dataset>/<IDX files>.")]
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding <dataset>/<dataset files>.")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories.")]
 
 

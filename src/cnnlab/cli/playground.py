@@ -164,6 +164,9 @@ def convolve(
     if pixels.ndim == 3 and per_channel:
         result = run_library(conv2d_per_channel, pixels, weights, stride, pad, dilation, flip)
         how = "each channel convolved separately (--per-channel): colour kept"
+    elif pixels.ndim == 3 and weights.ndim == 3:  # a kernel learned on colour input: a slice per channel already
+        result = run_library(conv2d, pixels, weights, stride, pad, dilation, flip)
+        how = f"the kernel's own slice for each of the {pixels.shape[2]} channels, the results summed into one"
     elif pixels.ndim == 3:
         weights = np.repeat(weights[:, :, None], pixels.shape[2], axis=2)  # (kh, kw, C)
         result = run_library(conv2d, pixels, weights, stride, pad, dilation, flip)

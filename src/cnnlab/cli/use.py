@@ -28,7 +28,8 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to list per image.")] = 3,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per image, one per line.")] = False,
     preview: Annotated[Optional[Path], typer.Option(
-        "--preview", help="Write the 28x28 images the model saw, side by side, to this PNG.")] = None,
+        "--preview", help="Write the images the model saw (28x28 grey, 32x32 colour, ...) side by side to this PNG.")]
+    = None,
 ) -> None:
     """Classify your own pictures, prepared the way the run's dataset was made (crop, scale, centre, invert)."""
     from cnnlab.predict import Predictor, predict_files, save_preview

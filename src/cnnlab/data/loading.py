@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnlab.data.cifar import read_archive
 from cnnlab.data.idx import decompress, parse_idx
 from cnnlab.data.registry import DataFile, DatasetSpec, get_dataset
-from cnnlab.data.store import ChecksumMismatch, Location, digest_matches, fetch, locate, unavailable
+from cnnlab.data.store import ChecksumMismatch, Location, check_file, digest_matches, fetch, locate, unavailable
 
 
 class DataError(ValueError):
@@ -17,7 +18,7 @@ class DataError(ValueError):
 
 @dataclass
 class Dataset:
-    """A dataset in memory: uint8 images (N, H, W), int64 labels (N,), and where they came from."""
+    """A dataset in memory: uint8 images, grey (N, H, W) or colour (N, H, W, C), int64 labels (N,), and their origin."""
 
     spec: DatasetSpec
     train_images: np.ndarray
@@ -51,6 +52,8 @@ def load_dataset(name: str | DatasetSpec, data_dir: str | Path | None = None, al
     location = fetch(spec, data_dir, progress=progress) if download else locate(spec, data_dir)
     if location is None:
         raise unavailable(spec, data_dir)
+    if spec.format == "cifar-binary":
+        return load_archive(spec, location, allow_mismatch)
     arrays, records = {}, []
     for file in spec.all_files():
         array, record = read_verified(location.path(file), file, allow_mismatch)
@@ -62,25 +65,43 @@ def load_dataset(name: str | DatasetSpec, data_dir: str | Path | None = None, al
     return Dataset(spec, *train, *test, location=location, files=records)
 
 
+def load_archive(spec: DatasetSpec, location: Location, allow_mismatch: bool) -> Dataset:
+    """A dataset held in one archive (CIFAR-10's binary batches): verify the download, read its members."""
+    file = spec.archive.file
+    path = location.path(file)
+    check = check_file(path, file)
+    refuse_mismatch(path, check.ok, check.sha256, check.expected, "the file's", allow_mismatch)
+    splits = read_archive(path, spec.archive, spec.classes)
+    train = check_pair(spec, *splits["train"], path, path)
+    test = check_pair(spec, *splits["test"], path, path)
+    record = {"name": file.name, "path": str(path), "sha256": check.sha256, "verified": check.ok}
+    return Dataset(spec, *train, *test, location=location, files=[record])
+
+
 def read_verified(path: Path, file: DataFile, allow_mismatch: bool) -> tuple[np.ndarray, dict]:
     """Read one IDX file once: hash its payload, compare with the registry, parse it."""
     raw = path.read_bytes()
     payload = decompress(raw, str(path))
     ok, sha, expected = digest_matches(file, raw, payload)
-    if not ok and not allow_mismatch:
-        raise ChecksumMismatch(
-            f"{path}: checksum mismatch: the payload's SHA-256 is {sha}, the registry expects {expected}. "
-            "If you trust this copy, pass --allow-checksum-mismatch (recorded in the run's manifest).")
+    refuse_mismatch(path, ok, sha, expected, "the payload's", allow_mismatch)
     record = {"name": file.name, "path": str(path), "sha256": sha, "verified": ok}
     return parse_idx(payload, source=str(path)), record
+
+
+def refuse_mismatch(path: Path, ok: bool, sha: str, expected: str | None, what: str, allow_mismatch: bool) -> None:
+    if not ok and not allow_mismatch:
+        raise ChecksumMismatch(
+            f"{path}: checksum mismatch: {what} SHA-256 is {sha}, the registry expects {expected}. "
+            "If you trust this copy, pass --allow-checksum-mismatch (recorded in the run's manifest).")
 
 
 def check_pair(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, images_path: Path,
                labels_path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Check that images and labels belong together and fit the dataset's definition."""
-    h, w, _ = spec.image_shape
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (h, w):
-        raise DataError(f"{images_path}: expected uint8 images of shape (N, {h}, {w}), "
+    h, w, c = spec.image_shape
+    shape = (h, w) if c == 1 else (h, w, c)  # grey (N, H, W), colour channels-last (N, H, W, C)
+    if images.dtype != np.uint8 or images.shape[1:] != shape:
+        raise DataError(f"{images_path}: expected uint8 images of shape (N, {', '.join(map(str, shape))}), "
                         f"found {images.dtype} of shape {images.shape}")
     if labels.ndim != 1:
         raise DataError(f"{labels_path}: expected a 1-D array of labels, found shape {labels.shape}")

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SPLITS = ("train", "test")
+FORMATS = ("idx", "cifar-binary")  # how a dataset's files are laid out (see DatasetSpec.format)
 
 
 class UnknownDataset(ValueError):
@@ -13,11 +14,25 @@ class UnknownDataset(ValueError):
 
 @dataclass(frozen=True)
 class DataFile:
-    """One IDX file of a dataset under its standard name."""
+    """One file of a dataset under its standard name: an IDX file, or an archive read member by member."""
 
     name: str  # standard file name, e.g. "train-images-idx3-ubyte.gz"
     sha256: str | None  # of the decompressed payload: survives recompression (Debian recompresses)
     gz_sha256: str | None = None  # of the canonical .gz download, where the payload digest is unknown
+    # An archive nobody recompresses is checked by the digest of its download alone (gz_sha256):
+    # hashing its payload would mean decompressing it in full (170 MB for CIFAR-10) just to hash it.
+    archive: bool = False
+
+
+@dataclass(frozen=True)
+class Archive:
+    """One .tar.gz holding a dataset's record files as members (CIFAR's binary batches)."""
+
+    file: DataFile  # the download, with archive=True
+    members: dict[str, tuple[str, ...]]  # split -> member paths inside the archive, in reading order
+    counts: dict[str, int]  # split -> records expected over all its members
+    meta: str | None = None  # member listing the class names one per line, checked against the spec's classes
+    extras: tuple[str, ...] = ()  # other members allowed (and ignored), e.g. a readme
 
 
 @dataclass(frozen=True)
@@ -27,8 +42,10 @@ class DatasetSpec:
     name: str
     title: str
     classes: tuple[str, ...]
-    files: dict[str, tuple[DataFile, DataFile]]  # split -> (images, labels)
+    files: dict[str, tuple[DataFile, DataFile]] = field(default_factory=dict)  # idx: split -> (images, labels)
     image_shape: tuple[int, int, int] = (28, 28, 1)  # (H, W, C), channels-last as the lesson writes it
+    format: str = "idx"  # "idx": four IDX files (`files`); "cifar-binary": one tar.gz of CIFAR batches (`archive`)
+    archive: Archive | None = None  # cifar-binary only
     mirrors: tuple[str, ...] = ()  # base URLs tried in order; empty for packaged samples
     val_size: int = 5000  # images held out of the training set for validation
     recipe: str = "digits"  # how the images were prepared, so user images can be prepared alike
@@ -42,7 +59,16 @@ class DatasetSpec:
     def num_classes(self) -> int:
         return len(self.classes)
 
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"dataset {self.name!r}: unknown format {self.format!r} (known: {', '.join(FORMATS)})")
+        if (self.format == "cifar-binary") != (self.archive is not None):
+            raise ValueError(f"dataset {self.name!r}: an archive is given for, and only for, format cifar-binary")
+
     def all_files(self) -> list[DataFile]:
+        """The files that must be present in a dataset's folder."""
+        if self.archive is not None:
+            return [self.archive.file]
         return [f for split in SPLITS for f in self.files[split]]
 
 
@@ -141,8 +167,41 @@ FASHION_MNIST_SAMPLE = DatasetSpec(
     licence=FASHION_MNIST.licence,
 )
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
+def cifar_members(folder: str, train_batches: int = 5) -> dict[str, tuple[str, ...]]:
+    """Member paths of CIFAR-10's binary batches in its archive: split -> batch files, in order."""
+    return {"train": tuple(f"{folder}/data_batch_{i}.bin" for i in range(1, train_batches + 1)),
+            "test": (f"{folder}/test_batch.bin",)}
+
+
+# The binary version, never the python one (a pickle: loading it would run whatever code it holds).
+CIFAR10 = DatasetSpec(
+    name="cifar10",
+    title="CIFAR-10 (Krizhevsky, 2009): 32x32 colour photos, 10 classes",
+    classes=CIFAR10_CLASSES,
+    image_shape=(32, 32, 3),
+    format="cifar-binary",
+    archive=Archive(
+        # 170,052,171 bytes; the official MD5 is c32a1d4ab5d03f1284b67883e8d87530
+        file=DataFile("cifar-10-binary.tar.gz", None,
+                      "c4a38c50a1bc5f3a1c5537f2155ab9d68f9f25eb1ed8d9ddda3db29a59bca1dd", archive=True),
+        members=cifar_members("cifar-10-batches-bin"),
+        counts={"train": 50_000, "test": 10_000},
+        meta="cifar-10-batches-bin/batches.meta.txt",
+        extras=("cifar-10-batches-bin/readme.html",),
+    ),
+    mirrors=("https://www.cs.toronto.edu/~kriz/",),
+    val_size=5000,
+    recipe="photos",
+    source="A. Krizhevsky, Learning Multiple Layers of Features from Tiny Images, tech. report, "
+           "University of Toronto, 2009 (https://www.cs.toronto.edu/~kriz/cifar.html)",
+    licence="no licence stated; the authors ask that the tech report be cited when the dataset is used",
+)
+
 DATASETS: dict[str, DatasetSpec] = {
-    spec.name: spec for spec in (MNIST, FASHION_MNIST, MNIST_SAMPLE, FASHION_MNIST_SAMPLE)
+    spec.name: spec for spec in (MNIST, FASHION_MNIST, MNIST_SAMPLE, FASHION_MNIST_SAMPLE, CIFAR10)
 }
 
 

@@ -1,7 +1,8 @@
 """The web demo: a page to draw or upload a picture, and a JSON API, for one or more trained runs.
 
     POST /api/predict   multipart `file` (+ optional `model`): the JSON of `cnnlab predict --json`;
-                        ?details=true adds the 28x28 input and each conv layer's feature maps (PNG data URLs)
+                        ?details=true adds the prepared input (28x28 grey, 32x32 colour, ...) and each conv
+                        layer's feature maps (PNG data URLs)
     GET  /api/model     the models served: dataset, classes, parameters, test accuracy
 
 Safe by default: uploads over `max_upload_bytes` get 413 before they are read, images over `max_pixels`

@@ -1,5 +1,5 @@
 // The demo page: draw on the canvas (pointer events: mouse, pen, touch) or upload a picture,
-// POST it to /api/predict?details=true, show the probabilities, the 28x28 input and the feature maps.
+// POST it to /api/predict?details=true, show the probabilities, the prepared input and the feature maps.
 "use strict";
 
 const canvas = document.getElementById("canvas");
@@ -123,9 +123,10 @@ function describeModel() {
   const accuracy = model.test_accuracy == null ? "not tested" : `${(100 * model.test_accuracy).toFixed(1)}% test accuracy`;
   document.getElementById("model-info").textContent =
     `${model.dataset} · ${model.classes.length} classes · ${model.parameters.toLocaleString("en")} parameters · ${accuracy}`;
-  document.getElementById("hint").textContent = model.recipe === "objects"
-    ? "Upload a photo of one clothing item or shoe on a plain background (or draw one)."
-    : "Draw one large digit on the white square; it is predicted when you lift the pen.";
+  document.getElementById("hint").textContent = {
+    objects: "Upload a photo of one clothing item or shoe on a plain background (or draw one).",
+    photos: `Upload a photo of one of: ${model.classes.join(", ")} (the middle square is used).`,
+  }[model.recipe] || "Draw one large digit on the white square; it is predicted when you lift the pen.";
 }
 
 async function predict(blob, name) {
