@@ -129,8 +129,14 @@ def init(device_choice: str = "auto") -> Context:
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        timeout = datetime.timedelta(seconds=TIMEOUT_S)
+        store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+        # torchrun's agent store outlives a restart: without a prefix per attempt, a restarted rank
+        # can read the dead rank's address from the previous attempt and fail to connect to it
+        # (pytorch/pytorch#167288).
+        store = dist.PrefixStore(f"cnnlab/attempt-{restarts}", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                                world_size=world, timeout=timeout)
     return Context(rank, world, local_rank, device, restarts)
 
 

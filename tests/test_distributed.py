@@ -1,0 +1,142 @@
+"""Data-parallel training: real torchrun jobs of 2 processes on localhost (gloo), as a user runs them."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.config import ConfigError, load_config
+from cnnlab.distributed import DeviceError, resolve_device
+from cnnlab.trainer import steps_in_epoch
+
+QUICK = ["--model", "seed", "--epochs", "1", "--quiet", "--set", "data.val_size=200"]
+
+
+def cnnlab(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`cnnlab ARGS` in a fresh process, as from a shell."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "cnnlab", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    cwd = tmp_path_factory.mktemp("ddp")
+    done = cnnlab(cwd, "train", *QUICK, "--nproc", "2", "--name", "ddp")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return cwd / "runs" / "ddp"
+
+
+@pytest.mark.slow  # a torchrun job: 3 Python processes that import torch
+def test_two_processes_train_to_the_weights_of_one_with_the_same_global_batch(two_process_run, tmp_path):
+    single = cnnlab(tmp_path, "train", *QUICK, "--name", "single")
+    assert single.returncode == 0, single.stderr
+    one, two = weights(tmp_path / "runs" / "single"), weights(two_process_run)
+    assert one.keys() == two.keys()
+    for key in one:
+        # Same images in every global batch, gradients averaged by DDP: equal up to float summation order.
+        torch.testing.assert_close(two[key], one[key], atol=1e-4, rtol=1e-3, msg=key)
+    moved = (one["features.conv1.weight"] - load_initial_conv1()).abs().max()
+    assert moved > 1e-2  # the comparison is between trained weights, not two copies of the initial ones
+    (m1,), (m2,) = metrics(tmp_path / "runs" / "single"), metrics(two_process_run)
+    assert m2["val_accuracy"] == pytest.approx(m1["val_accuracy"], abs=0.01)  # all-reduced over both ranks
+    assert m2["train_loss"] == pytest.approx(m1["train_loss"], rel=1e-3)
+
+
+def load_initial_conv1() -> torch.Tensor:
+    from cnnlab.models import build_model
+
+    config = load_config("seed")
+    return build_model(config.model, (28, 28, 1), 10, seed=0).features.conv1.weight.detach()
+
+
+@pytest.mark.slow  # a torchrun job: 3 Python processes that import torch
+def test_only_rank_zero_writes_the_run(two_process_run):
+    runs = two_process_run.parent
+    assert [p.name for p in runs.iterdir()] == ["ddp"]
+    # Each rank would append its own line per epoch if both recorded the run.
+    assert [m["epoch"] for m in metrics(two_process_run)] == [1]
+    manifest = json.loads((two_process_run / "manifest.json").read_text())
+    assert manifest["dataset"] == "mnist-sample"
+    assert json.loads((two_process_run / "test.json").read_text())["num_images"] == 1000
+
+
+@pytest.mark.slow  # a torchrun job: 3 Python processes that import torch
+def test_a_worker_killed_mid_epoch_is_restarted_and_the_job_resumes_from_its_checkpoint(tmp_path):
+    args = ["train", "--model", "seed", "--epochs", "3", "--set", "data.val_size=200", "--quiet"]
+    reference = cnnlab(tmp_path, *args, "--nproc", "2", "--name", "uninterrupted")
+    assert reference.returncode == 0, reference.stderr
+
+    run = tmp_path / "runs" / "killed"
+    job = subprocess.Popen([sys.executable, "-m", "cnnlab", *args, "--nproc", "2", "--max-restarts", "2",
+                            "--name", "killed"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").read_text().strip()):
+            assert job.poll() is None and time.monotonic() < deadline, "no epoch finished"
+            time.sleep(0.05)
+        workers = children(job.pid)
+        assert len(workers) == 2
+        os.kill(workers[-1], signal.SIGKILL)  # a rank dies in epoch 2, after the first checkpoint
+        output, _ = job.communicate(timeout=240)
+    finally:
+        job.kill()
+    assert job.returncode == 0, output
+    assert "restart 1: resuming" in output
+    assert [m["epoch"] for m in metrics(run)] == [1, 2, 3]
+    killed, uninterrupted = weights(run), weights(tmp_path / "runs" / "uninterrupted")
+    for key in killed:  # resumed from the epoch-1 checkpoint: the same end state as never stopping
+        assert torch.equal(killed[key], uninterrupted[key]), key
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_nproc_refuses_an_existing_run_name_before_launching(tmp_path):
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    result = CliRunner().invoke(app, ["train", "--nproc", "2", "--runs-dir", str(tmp_path / "runs"), "--name", "taken"])
+    assert result.exit_code != 0 and "a run of that name exists" in result.output
+
+
+
+@pytest.mark.parametrize("n, batch, world, steps", [(100, 32, 1, 4), (97, 32, 1, 4), (97, 32, 2, 3), (98, 32, 2, 4),
+                                                    (64, 32, 2, 2)])
+def test_a_last_batch_too_small_to_share_is_dropped(n, batch, world, steps):
+    assert steps_in_epoch(n, batch, world) == steps
+
+
+def test_devices():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ConfigError, match="train.device"):
+        load_config("seed", None, ["train.device=gpu"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
+def test_train_on_cuda_without_a_gpu_says_so(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--device", "cuda", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and "no CUDA GPU" in result.output
+    assert not (tmp_path / "runs").exists()
