@@ -279,6 +279,7 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.match_optimizer_state_layout()
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.running = [float(state["running"][0]), int(state["running"][1]), int(state["running"][2])]
@@ -291,6 +292,19 @@ class Trainer:
         else:  # resumed with another number of processes: dropout draws restart from the seed
             self.rng_state = self.initial_rng_state(self.config.seed + self.epoch, self.context.rank)
             self.rng_states = self.context.all_gather(self.rng_state)
+
+
+    def match_optimizer_state_layout(self) -> None:
+        """Give loaded moment buffers their parameter's memory layout (channels-last conv weights).
+
+        Checkpoints store tensors contiguous; fused optimizers walk parameter and state memory in
+        step, so a contiguous buffer beside a channels-last weight would pair the wrong elements
+        (with 3 input channels, not with 1, where both layouts coincide).
+        """
+        for param, state in self.optimizer.state.items():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.shape == param.shape:
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 @contextlib.contextmanager

@@ -8,11 +8,12 @@ import typer
 
 from cnnlab.config import ConfigError
 from cnnlab.data import ChecksumMismatch, CifarError, DataError, DatasetUnavailable, IDXError, UnknownDataset
+from cnnlab.data.folder import FolderError
 from cnnlab.runs import RunError
 from cnnlab.trainer import TrainingDiverged
 
 USER_ERRORS = (ConfigError, UnknownDataset, DatasetUnavailable, ChecksumMismatch, IDXError, CifarError, DataError,
-               RunError, TrainingDiverged, FileNotFoundError, IsADirectoryError, PermissionError)
+               FolderError, RunError, TrainingDiverged, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
