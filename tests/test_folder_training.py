@@ -72,6 +72,26 @@ def test_a_folder_with_corrupt_files_trains_and_reports_them(tmp_path):
     assert "(12, 12, 3)" in summary.output and summary.output.count("(3,)") == 1  # 3 classes out
 
 
+def test_show_and_predict_work_on_a_folder_run(tmp_path):
+    folder = write_colour_folder(tmp_path / "colours")
+    with_bad_files(folder)
+    runs_dir = tmp_path / "runs"
+    assert CliRunner().invoke(app, ["train", "--dataset", str(folder), *SMALL, "--runs-dir", str(runs_dir),
+                                    "--name", "c"]).exit_code == 0
+    run = runs_dir / "c"
+    green = np.zeros((40, 30, 3), dtype=np.uint8)
+    green[..., 1] = 220
+    Image.fromarray(green).save(tmp_path / "mine.png")
+    predicted = CliRunner().invoke(app, ["predict", str(run), str(tmp_path / "mine.png"), "--json"])
+    assert predicted.exit_code == 0, predicted.output
+    assert json.loads(predicted.output.splitlines()[0])["class_name"] == "green"  # prepared as in training: RGB, centre square
+    for command, extra in (("mistakes", []), ("features", ["--index", "0"]), ("saliency", [str(tmp_path / "mine.png")])):
+        out = tmp_path / f"{command}.png"
+        shown = CliRunner().invoke(app, ["show", command, str(run), *extra, "--out", str(out)])
+        assert shown.exit_code == 0, (command, shown.output)
+        assert Image.open(out).mode in ("RGB", "RGBA")
+
+
 def test_a_folder_that_is_not_one_says_what_is_expected(tmp_path):
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")

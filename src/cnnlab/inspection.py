@@ -9,14 +9,20 @@ import numpy as np
 import torch
 
 from cnnlab import runs
-from cnnlab.activations import (FeatureMaps, KernelGrid, conv_weights, feature_maps, image_input, plot_feature_maps,
-                                plot_kernels)
+from cnnlab.activations import (
+    FeatureMaps,
+    KernelGrid,
+    conv_weights,
+    feature_maps,
+    image_input,
+    plot_feature_maps,
+    plot_kernels,
+)
 from cnnlab.data import Dataset
 from cnnlab.evaluate import Evaluation, evaluate
-from cnnlab.pipeline import images_tensor, open_dataset
-from cnnlab.saliency import Saliency, plot_saliency, saliency
-from cnnlab.data import get_dataset
+from cnnlab.pipeline import TestImages, dataset_recipe, images_tensor, open_test_set
 from cnnlab.preprocess import prepare
+from cnnlab.saliency import Saliency, plot_saliency, saliency
 from cnnlab.visualize import Mistake, Output, find_mistakes, plot_curves, plot_mistakes
 
 
@@ -38,8 +44,8 @@ class LoadedRun:
         return self.run.resolve().name
 
     @cached_property
-    def dataset(self) -> Dataset:
-        return open_dataset(self.config, progress=False)
+    def dataset(self) -> Dataset | TestImages:
+        return open_test_set(self.config)
 
     @cached_property
     def test_evaluation(self) -> Evaluation:
@@ -66,7 +72,7 @@ def choose_input(loaded: LoadedRun, image: str | Path | None = None, index: int 
     if (image is None) == (index is None):
         raise InputError("give either an image file or a test-set index, not both or neither")
     if image is not None:
-        recipe = get_dataset(loaded.config.data.dataset).recipe
+        recipe = dataset_recipe(loaded.config)
         return InputImage(prepare(image, recipe, loaded.model.input_shape[0]), None, Path(image).name)
     count = len(loaded.dataset.test_labels)
     if not 0 <= index < count:

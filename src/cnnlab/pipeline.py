@@ -7,17 +7,32 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from cnnlab import runs
 from cnnlab.architecture import plan
 from cnnlab.config import Config, ConfigError, TrainConfig
-from cnnlab.data import DATASETS, Dataset, get_dataset, load_dataset, split_train_val
+from cnnlab.data import (
+    DATASETS,
+    Dataset,
+    UnknownDataset,
+    get_dataset,
+    load_dataset,
+    split_train_val,
+)
 from cnnlab.distributed import SINGLE, Context
 from cnnlab.evaluate import Evaluation, evaluate_source
 from cnnlab.models import CNN, build_model
 from cnnlab.summary import format_summary
-from cnnlab.trainer import Callback, Source, TensorSource, TrainData, Trainer, TrainingInterrupted
+from cnnlab.trainer import (
+    Callback,
+    Source,
+    TensorSource,
+    TrainData,
+    Trainer,
+    TrainingInterrupted,
+)
 from cnnlab.visualize import plot_confusion
 
 
@@ -243,6 +258,34 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, progress: 
     if data_dir is not None:
         config.data.data_dir = str(data_dir)
     return test_run(Path(run), model, open_data(config, progress), config.train)
+
+
+def dataset_recipe(config: Config) -> str:
+    """How user pictures are prepared for a model trained on this dataset (`cnnlab.preprocess` recipes)."""
+    if is_image_folder(config.data.dataset):
+        return "photos" if config.data.channels == 3 else "photos-grey"
+    try:
+        return get_dataset(config.data.dataset).recipe
+    except UnknownDataset:
+        return "digits"  # a dataset registered by a plugin that is not loaded now: MNIST-style is the default
+
+
+@dataclass
+class TestImages:
+    """A run's test set as NumPy arrays: uint8 images (N, H, W) or (N, H, W, C), int64 labels (N,)."""
+
+    test_images: np.ndarray
+    test_labels: np.ndarray
+
+
+def open_test_set(config: Config) -> Dataset | TestImages:
+    """The test images of a run's dataset in memory, for pictures of mistakes and saliency (an image
+    folder's test split is decoded; unreadable files are left out as in training)."""
+    if not is_image_folder(config.data.dataset):
+        return open_dataset(config, progress=False)
+    images, labels = folder_data(config).test.load_all()  # (N, C, H, W)
+    pixels = images.permute(0, 2, 3, 1).numpy()
+    return TestImages(pixels[..., 0] if pixels.shape[-1] == 1 else pixels, labels.numpy())
 
 
 def dataset_shape(config: Config) -> tuple[tuple[int, int, int], int]:

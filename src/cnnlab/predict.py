@@ -13,7 +13,6 @@ import numpy as np
 import torch
 
 from cnnlab import runs
-from cnnlab.data import UnknownDataset, get_dataset
 from cnnlab.evaluate import to_inputs
 from cnnlab.models import CNN, count_parameters
 from cnnlab.pipeline import images_tensor
@@ -37,12 +36,10 @@ class Predictor:
     def from_run(cls, run: str | Path) -> "Predictor":
         """Load a run's weights (safetensors, no pickle) and look up its dataset's recipe."""
         model, classes, config = runs.load_model(run)
-        dataset = config.data.dataset
-        try:
-            recipe = get_dataset(dataset).recipe
-        except UnknownDataset:
-            recipe = "digits"  # a dataset registered by a plugin that is not loaded now: MNIST-style is the default
-        return cls(model, classes, dataset, recipe, Path(run), read_test_accuracy(run), Path(run).name)
+        from cnnlab.pipeline import dataset_recipe
+
+        return cls(model, classes, config.data.dataset, dataset_recipe(config), Path(run), read_test_accuracy(run),
+                   Path(run).name)
 
     @property
     def input_size(self) -> tuple[int, int]:

@@ -5,7 +5,8 @@ Three recipes, named by `DatasetSpec.recipe`:
            ratio, placed in 28x28 with the ink's centre of mass at the centre.
   objects  Fashion-MNIST: trim the background (colour of the corners, 5% tolerance), resize the
            longest side to 28, sharpen, centre on the background, negate to light-on-dark, grey.
-  photos   CIFAR-10: RGB, the largest centred square cropped out, resized to 32x32; no inversion.
+  photos   CIFAR-10 and colour image folders: RGB, the largest centred square cropped out, resized to 32x32;
+           no inversion (photos-grey: the same, then grey, for folders trained with data.channels=1).
 digits and objects return uint8 (H, W) with a black (0) background; photos uint8 (H, W, 3) RGB.
 """
 from __future__ import annotations
@@ -319,6 +320,8 @@ RECIPES: dict[str, Callable[[Image.Image, int], np.ndarray]] = {
     "digits": lambda image, size: prepare_digit(image, size, box=round(size * 20 / 28)),
     "objects": lambda image, size: prepare_object(image, size),
     "photos": lambda image, size: prepare_photo(image, size),
+    # Image folders trained in grey (data.channels=1): the photo recipe, then ITU-R 601 luma as Pillow's "L".
+    "photos-grey": lambda image, size: np.array(Image.fromarray(prepare_photo(image, size)).convert("L")),
 }
 
 

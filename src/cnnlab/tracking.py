@@ -99,9 +99,9 @@ class WandbTracker(Callback):
         self.run = None
 
     def test_set(self):
-        from cnnlab.pipeline import open_dataset
+        from cnnlab.pipeline import open_test_set
 
-        return open_dataset(self.config, progress=False)
+        return open_test_set(self.config)
 
     def sample_images(self, images, labels, test) -> list[Any]:
         """The first test images as wandb Images captioned with true and predicted class names."""

@@ -337,7 +337,13 @@ class ProgressBar(Callback):
         self.progress = None
 
     def on_epoch_begin(self, trainer: Trainer) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.progress = Progress(TextColumn(f"epoch {trainer.epoch + 1}/{trainer.config.epochs}"), BarColumn(),
                                  MofNCompleteColumn(), TextColumn("{task.fields[stats]}"), TimeRemainingColumn(),

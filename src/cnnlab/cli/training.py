@@ -12,9 +12,8 @@ from cnnlab import distributed, pipeline, runs
 from cnnlab.cli._app import app
 from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.config import list_presets, load_config, preset_path
-from cnnlab.data import get_dataset
-from cnnlab.evaluate import Evaluation
 from cnnlab.distributed import DeviceError
+from cnnlab.evaluate import Evaluation
 from cnnlab.pipeline import RankZeroFailed
 from cnnlab.trainer import ProgressBar, TrainingInterrupted
 
