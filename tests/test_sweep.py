@@ -82,6 +82,20 @@ def test_hyperband_prunes_a_hopeless_learning_rate(tmp_path):
     assert "pruned" in result.output
 
 
+def test_non_finite_objectives_and_diverged_trials_count_as_failed(tmp_path):
+    # val_size=0: no validation split, so the objective is NaN; SGD at lr=1e12 makes the loss diverge.
+    file = write_sweep(tmp_path, {"train.lr": {"values": [1e-3, 1e12]}},
+                       set={"data.val_size": 0, "train.optimizer": "sgd"})
+    result = sweep_cli("run", str(file), "--trials", "2", "--runs-dir", str(tmp_path / "runs"))
+    assert result.exit_code == 0, result.output
+    trials = study_of(tmp_path).get_trials()
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
+    errors = sorted(t.user_attrs["error"] for t in trials)
+    assert "the objective val_accuracy is nan" in errors[1] and "diverged" in errors[0]
+    best = sweep_cli("best", "sweep", "--runs-dir", str(tmp_path / "runs"))
+    assert best.exit_code != 0  # no trial to call best
+
+
 def test_unknown_key_is_an_error_before_anything_runs(tmp_path):
     file = write_sweep(tmp_path, {"dropotu": {"values": [0.1, 0.2]}})
     result = runner.invoke(app, ["sweep", "run", str(file), "--runs-dir", str(tmp_path / "runs")])

@@ -107,7 +107,7 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: dict[st
         with Heartbeat(study, trial):
             result = pipeline.train(config, run.parent, run.name, [PruningReporter(trial, metric)],
                                     progress=False, dataset=dataset)
-    except (optuna.TrialPruned, TrainingDiverged) as exc:  # a diverged loss is a hopeless trial, not a crash
+    except optuna.TrialPruned as exc:
         trial.set_user_attr("pruned", str(exc))
         study.tell(trial, state=TrialState.PRUNED)
         log(f"trial {trial.number} {params}: pruned ({exc})")
@@ -116,12 +116,18 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: dict[st
         study.tell(trial, state=TrialState.FAIL)
         retry_callback()(study, study._storage.get_trial(trial._trial_id))
         raise
-    except (ConfigError, RuntimeError, ValueError) as exc:  # one bad combination must not end the sweep
+    except (ConfigError, RuntimeError, ValueError) as exc:  # one bad combination (or a diverged loss:
+        # TrainingDiverged is a RuntimeError) must not end the sweep
         trial.set_user_attr("error", str(exc))
         study.tell(trial, state=TrialState.FAIL)
         log(f"trial {trial.number} {params}: failed: {exc}")
         return TrialState.FAIL
     value = result.history[-1][metric]
+    if not math.isfinite(value):  # NaN or inf would rank as best or worst by accident: a failed trial
+        trial.set_user_attr("error", f"the objective {metric} is {value}")
+        study.tell(trial, state=TrialState.FAIL)
+        log(f"trial {trial.number} {params}: failed: the objective {metric} is {value}")
+        return TrialState.FAIL
     study.tell(trial, value)
     log(f"trial {trial.number} {params}: {metric} {value:.4f}  ({run})")
     return TrialState.COMPLETE
