@@ -9,6 +9,7 @@ An IDX file is a big-endian header followed by the payload:
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -27,42 +28,154 @@ IDX_DTYPES: dict[int, np.dtype] = {
 GZIP_MAGIC = b"\x1f\x8b"
 
 
+# Refused from the header, before anything is inflated or allocated: the largest real IDX file
+# (MNIST's training images) holds 47 MB, so 4 GiB is generous and still bounds memory.
+MAX_PAYLOAD_BYTES = 4 << 30
+# Deflate's best case is one 258-byte match per 2 bits, 1032:1; a gzip file of n bytes cannot
+# inflate to more than about n * 1032 bytes, so a header declaring more is forged or the file cut.
+GZIP_MAX_RATIO = 1032
+HEADER_MIN = 4  # zero, zero, dtype code, ndim
+INFLATE_INPUT_BYTES = 1 << 20  # compressed bytes handed to zlib per step
+
+
 class IDXError(ValueError):
     """A file that is not a valid IDX file; the message names the file and what is wrong."""
 
 
 def decompress(raw: bytes, source: str) -> bytes:
-    """The bytes of a gzip stream (detected by its magic); raw IDX bytes pass through unchanged."""
+    """The IDX bytes of a gzip stream (detected by its magic), inflated no further than its header declares.
+
+    The header is read first; a declared size that is absurd (over MAX_PAYLOAD_BYTES, or more than
+    the compressed size can hold) is refused before anything else is inflated, and inflating stops
+    one byte past the declared size. Raw IDX bytes pass through unchanged (parse_idx checks them).
+    """
     if not raw.startswith(GZIP_MAGIC):
         return raw
-    try:
-        return gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as exc:
-        raise IDXError(f"{source}: gzip stream is corrupt or truncated ({exc})") from None
+    stream = GzipStream(raw, source)
+    head = stream.read(HEADER_MIN)
+    if len(head) < HEADER_MIN:
+        raise IDXError(f"{source}: {len(head)} bytes is too short for an IDX header (needs at least 4)")
+    dims = stream.read(4 * check_magic(head, source))
+    header = head + dims
+    shape, dtype, expected = declared(header, len(header), source)
+    bound = len(raw) * GZIP_MAX_RATIO
+    if len(header) + expected > bound:
+        raise IDXError(f"{source}: header declares shape {shape} of {dtype.name} ({expected:,} payload bytes) but "
+                       f"the file is a {len(raw):,}-byte gzip stream, which inflates to at most {bound:,} bytes "
+                       "(a forged header or a truncated file); refused before inflating it")
+    payload = stream.read(expected + 1)  # one byte more than declared tells "trailing data" apart
+    if len(payload) > expected:
+        raise IDXError(f"{source}: header declares shape {shape} of {dtype.name} ({expected:,} payload bytes) "
+                       f"but the file holds more than {expected:,} payload bytes (trailing data; "
+                       "decompression stopped there)")
+    if len(payload) < expected:
+        raise IDXError(f"{source}: header declares shape {shape} of {dtype.name} ({expected:,} payload bytes) "
+                       f"but the file holds {len(payload):,} payload bytes (truncated)")
+    return header + payload
+
+
+class GzipStream:
+    """A gzip file (one member or several, as `gzip` writes them) inflated on demand, never past what is asked."""
+
+    def __init__(self, raw: bytes, source: str):
+        self.raw = memoryview(raw)
+        self.offset = 0  # compressed bytes handed to zlib so far
+        self.source = source
+        self.inflater = None  # the current member's decompressor; None between members
+        self.tail = b""  # input zlib has not consumed yet (kept back by max_length)
+        self.members = 0  # gzip members started
+
+    def read(self, size: int) -> bytes:
+        """Up to `size` more bytes; fewer only where the stream ends."""
+        parts, left = [], size
+        try:
+            while left > 0:
+                if self.inflater is None and not self.next_member():
+                    break
+                if not self.tail:
+                    self.tail = bytes(self.raw[self.offset:self.offset + INFLATE_INPUT_BYTES])
+                    self.offset += len(self.tail)
+                chunk = self.inflater.decompress(self.tail, left)  # output never exceeds `left`
+                self.tail = self.inflater.unconsumed_tail
+                parts.append(chunk)
+                left -= len(chunk)
+                if self.inflater.eof:
+                    self.tail = self.inflater.unused_data + self.tail
+                    self.inflater = None
+                elif not self.tail and self.offset >= len(self.raw):
+                    raise IDXError(f"{self.source}: gzip stream is corrupt or truncated (it ends before its "
+                                   "end-of-stream marker)")
+        except zlib.error as exc:
+            raise IDXError(f"{self.source}: gzip stream is corrupt or truncated ({exc})") from None
+        return b"".join(parts)
+
+    def next_member(self) -> bool:
+        """Start the next gzip member; False at the end (zero padding after a member is allowed, as gzip does)."""
+        if self.members == 0:
+            rest = bytes(self.raw)
+        else:  # at most the compressed file, and only copied between members
+            rest = (self.tail + bytes(self.raw[self.offset:])).lstrip(b"\x00")
+            if not rest:
+                return False
+        if not rest.startswith(GZIP_MAGIC):
+            raise IDXError(f"{self.source}: gzip stream is corrupt or truncated (found {len(rest):,} bytes that are "
+                           "not gzip after the end of the compressed data)")
+        self.raw, self.offset, self.tail = memoryview(rest), 0, b""
+        self.inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header and CRC-32/length trailer
+        self.members += 1
+        return True
+
+
+def check_magic(head: bytes, source: str) -> int:
+    """The number of dimensions in a valid 4-byte IDX magic number."""
+    zero, code, ndim = struct.unpack(">HBB", head[:4])
+    if zero != 0 or code not in IDX_DTYPES:
+        raise IDXError(f"{source}: bad magic number 0x{head[:4].hex()}: expected 0x0000 followed by a "
+                       f"dtype code ({', '.join(hex(c) for c in IDX_DTYPES)}) and the number of dimensions")
+    if ndim == 0:
+        raise IDXError(f"{source}: header declares 0 dimensions; expected at least 1")
+    return ndim
+
+
+def declared(data: bytes, size: int, source: str) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, payload bytes) that an IDX header declares; `size` is the file's length, for messages.
+
+    Sizes are Python integers (no overflow); one over MAX_PAYLOAD_BYTES is refused here, before any allocation.
+    """
+    if len(data) < HEADER_MIN:
+        raise IDXError(f"{source}: {len(data)} bytes is too short for an IDX header (needs at least 4)")
+    ndim = check_magic(data, source)
+    header_len = 4 + 4 * ndim
+    if len(data) < header_len:
+        raise IDXError(f"{source}: header declares {ndim} dimensions, which needs {header_len} header "
+                       f"bytes, but the file has only {size}")
+    shape = struct.unpack(f">{ndim}I", data[4:header_len])
+    dtype = IDX_DTYPES[data[2]]
+    expected = math.prod(shape) * dtype.itemsize
+    if expected > MAX_PAYLOAD_BYTES:
+        raise IDXError(f"{source}: header declares shape {shape} of {dtype.name} ({expected:,} payload bytes), more "
+                       f"than the {MAX_PAYLOAD_BYTES:,} an IDX file may hold; refused before reading the payload")
+    return shape, dtype, expected
+
+
+def read_raw(path: str | Path) -> bytes:
+    """A file's bytes as stored, refused unread when larger than any IDX file (compressed or not) may be."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size > MAX_PAYLOAD_BYTES + (1 << 20):
+        raise IDXError(f"{path}: {size:,} bytes; expected at most {MAX_PAYLOAD_BYTES:,} for an IDX file")
+    return path.read_bytes()
 
 
 def read_bytes(path: str | Path) -> bytes:
     """The decompressed bytes of a raw or gzip-compressed file."""
-    return decompress(Path(path).read_bytes(), str(path))
+    return decompress(read_raw(path), str(path))
 
 
 def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
     """Parse IDX bytes into an array of the header's shape, in native byte order."""
-    if len(data) < 4:
-        raise IDXError(f"{source}: {len(data)} bytes is too short for an IDX header (needs at least 4)")
-    zero, code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or code not in IDX_DTYPES:
-        raise IDXError(f"{source}: bad magic number 0x{data[:4].hex()}: expected 0x0000 followed by a "
-                       f"dtype code ({', '.join(hex(c) for c in IDX_DTYPES)}) and the number of dimensions")
-    if ndim == 0:
-        raise IDXError(f"{source}: header declares 0 dimensions; expected at least 1")
-    header_len = 4 + 4 * ndim
-    if len(data) < header_len:
-        raise IDXError(f"{source}: header declares {ndim} dimensions, which needs {header_len} header "
-                       f"bytes, but the file has only {len(data)}")
-    shape = struct.unpack(f">{ndim}I", data[4:header_len])
-    dtype = IDX_DTYPES[code]
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    shape, dtype, expected = declared(data, len(data), source)
+    header_len = 4 + 4 * len(shape)
     found = len(data) - header_len
     if found != expected:
         raise IDXError(f"{source}: header declares shape {shape} of {dtype.name} ({expected} payload bytes) "
