@@ -140,3 +140,40 @@ def test_train_on_cuda_without_a_gpu_says_so(tmp_path):
     result = CliRunner().invoke(app, ["train", "--device", "cuda", "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 2 and "no CUDA GPU" in result.output
     assert not (tmp_path / "runs").exists()
+
+
+def ddp_case(case: str, tmp_path: Path, **env: str) -> list[dict]:
+    """Run tests/ddp_cases.py CASE as a 2-rank torchrun job; every rank's JSON report, in rank order."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(Path(__file__).with_name("ddp_cases.py")), case, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **env})
+    assert done.returncode == 0, done.stdout + done.stderr
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow  # a torchrun job
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    rank0, rank1 = ddp_case("nan_on_one_rank", tmp_path)
+    # Rank 1's weights went NaN after step 3; only its loss is NaN, yet both stop before step 4's update.
+    assert (rank0["epoch"], rank0["step"]) == (rank1["epoch"], rank1["step"]) == (0, 3)
+    assert "diverged" in rank0["error"] and rank0["error"] == rank1["error"]
+
+
+@pytest.mark.slow  # a torchrun job
+def test_shards_are_disjoint_cover_each_global_batch_and_are_reshuffled_every_epoch(tmp_path):
+    rank0, rank1 = ddp_case("shards", tmp_path)
+    steps, batch = rank0["steps_per_epoch"], rank0["batch_size"]
+    assert len(rank0["asked"]) == len(rank1["asked"]) == 2 * steps
+    for i, (mine, theirs) in enumerate(zip(rank0["asked"], rank1["asked"])):
+        epoch, step = divmod(i, steps)
+        global_batch = rank0["orders"][epoch][step * batch:(step + 1) * batch]
+        assert not set(mine) & set(theirs)
+        assert sorted(mine + theirs) == sorted(global_batch)
+    assert rank0["orders"][0] != rank0["orders"][1]
+    assert rank0["asked"][:steps] != rank0["asked"][steps:]  # epoch 2 is not epoch 1 again
+
+
+@pytest.mark.slow  # a torchrun job
+def test_a_rank_that_never_arrives_fails_the_collective_instead_of_hanging(tmp_path):
+    rank0, _ = ddp_case("timeout", tmp_path, CNNLAB_DIST_TIMEOUT="3")
+    assert rank0["error"] is not None and rank0["seconds"] < 12, rank0

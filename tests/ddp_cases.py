@@ -1,0 +1,105 @@
+"""Data-parallel fault cases, run by tests/test_distributed.py as real torchrun jobs:
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_cases.py CASE OUT_DIR
+
+Each rank writes OUT_DIR/rank<r>.json with what it saw; the test compares the ranks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from cnnlab import distributed
+from cnnlab.config import load_config
+from cnnlab.models import build_model
+from cnnlab.trainer import Callback, TensorSource, Trainer, TrainData, TrainingDiverged, epoch_order
+
+CONFIG = load_config("seed", None, ["model.conv.0.filters=4", "dense_layer_size=8", "batch_size=16", "epochs=2",
+                                    "channels_last=false"])
+
+
+def random_data(n: int = 200, seed: int = 0) -> TrainData:
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    return TrainData(TensorSource(images, labels), TensorSource(images[:40], labels[:40]))
+
+
+class PoisonOnRank(Callback):
+    """Turns one rank's classifier bias into NaN after a given step: only that rank's loss goes NaN."""
+
+    def __init__(self, rank: int, epoch: int, step: int):
+        self.rank, self.epoch, self.step = rank, epoch, step
+
+    def on_batch_end(self, trainer, loss, accuracy):
+        if trainer.context.rank == self.rank and (trainer.epoch + 1, trainer.step) == (self.epoch, self.step):
+            with torch.no_grad():
+                trainer.model.head.classifier.bias.fill_(math.nan)
+
+
+class RecordingSource(TensorSource):
+    """A TensorSource that remembers which positions this rank was asked for, batch by batch."""
+
+    def __init__(self, source: TensorSource):
+        super().__init__(source.images, source.labels)
+        self.asked: list[list[int]] = []
+
+    def batches(self, index_batches):
+        for index in index_batches:
+            self.asked.append(index.tolist())
+            yield self.images[index], self.labels[index]
+
+
+def trainer(context, data, callbacks=()) -> Trainer:
+    model = build_model(CONFIG.model, (28, 28, 1), 10, seed=0)
+    return Trainer(model, data, CONFIG.train, list(callbacks), context)
+
+
+def nan_on_one_rank(context) -> dict:
+    run = trainer(context, random_data(), [PoisonOnRank(rank=1, epoch=1, step=3)])
+    try:
+        run.fit()
+    except TrainingDiverged as exc:
+        return dict(error=str(exc), epoch=run.epoch, step=run.step)
+    return dict(error=None)
+
+
+def shards(context) -> dict:
+    data = random_data()
+    recorder = RecordingSource(data.train)
+    run = trainer(context, TrainData(recorder, data.val))
+    run.fit()
+    orders = [epoch_order(len(recorder), CONFIG.train.seed, epoch).tolist() for epoch in range(CONFIG.train.epochs)]
+    return dict(asked=recorder.asked, orders=orders, steps_per_epoch=run.steps_per_epoch,
+                batch_size=CONFIG.train.batch_size)
+
+
+def timeout(context) -> dict:
+    if context.rank == 1:
+        time.sleep(15)  # a rank stuck in a bug: does not reach the collective in time
+        return {}
+    started = time.monotonic()
+    try:
+        context.all_reduce_sum([1.0])
+    except Exception as exc:  # noqa: BLE001 -- the point is which error and when
+        return dict(error=f"{type(exc).__name__}: {exc}"[:300], seconds=time.monotonic() - started)
+    return dict(error=None, seconds=time.monotonic() - started)
+
+
+CASES = dict(nan_on_one_rank=nan_on_one_rank, shards=shards, timeout=timeout)
+
+
+def main() -> None:
+    case, out = sys.argv[1], Path(sys.argv[2])
+    context = distributed.init("cpu")
+    result = CASES[case](context)
+    (out / f"rank{context.rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
