@@ -4,10 +4,12 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,3 +86,32 @@ def test_two_workers_share_one_study_with_exact_unique_trials(postgres, tmp_path
     owners = {int(t.user_attrs["worker"].rpartition(":")[2]) for t in trials}
     assert owners == pids  # both workers' trials are in the results
     assert len({t.user_attrs["run"] for t in trials}) == 5
+
+
+def test_a_worker_killed_mid_trial_is_detected_by_its_heartbeat_and_its_trial_retried(postgres, tmp_path):
+    sweep = dict(method="random", metric={"name": "val_acc", "goal": "maximize"}, model="seed",
+                 dataset="mnist-sample", set={"first_layer_convs": 4, "dense_layer_size": 8, "epochs": 3},
+                 parameters={"dropout": {"values": [0.0, 0.1, 0.2]}})
+    file = tmp_path / "sweep.yaml"
+    file.write_text(yaml.safe_dump(sweep))
+    command = [sys.executable, "-m", "cnnlab", "sweep", "run", str(file), "--trials", "2", "--name", "killed",
+               "--storage", postgres, "--runs-dir", str(tmp_path / "runs")]
+    env = dict(os.environ, CNNLAB_SWEEP_HEARTBEAT_SECONDS="1", CNNLAB_SWEEP_GRACE_SECONDS="3")
+    worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "runs" / "sweeps" / "killed" / "trial-0" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not metrics.is_file() and time.monotonic() < deadline:  # mid-trial: after its first epoch
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    assert sweeps.load_study("killed", postgres).get_trials()[0].state == TrialState.RUNNING
+    time.sleep(4)  # longer than the grace period: the dead trial's heartbeat is now stale
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-4000:]
+    trials = sweeps.load_study("killed", postgres).get_trials()
+    assert trials[0].state == TrialState.FAIL  # marked failed from its stale heartbeat
+    retry = [t for t in trials if t.system_attrs.get("failed_trial") == 0]
+    assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == trials[0].params
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # numbers stay unique
+    assert [t.state for t in sweeps.counted_trials(trials)] == [TrialState.COMPLETE] * 2

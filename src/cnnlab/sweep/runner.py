@@ -62,7 +62,10 @@ class Heartbeat:
             self.stop.wait(HEARTBEAT_SECONDS)
 
     def __enter__(self) -> Heartbeat:
-        if isinstance(self.storage, optuna.storages.RDBStorage) and self.storage.get_heartbeat_interval():
+        # The study's storage is Optuna's cache wrapped around the RDBStorage, not an RDBStorage itself:
+        # ask for the heartbeat interval instead of checking the type (a type check never beat).
+        interval = getattr(self.storage, "get_heartbeat_interval", lambda: None)()
+        if interval:
             self.thread.start()
         return self
 

@@ -19,8 +19,10 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from cnnlab.sweep.spec import SweepError, SweepSpec
 
 MAX_RETRY = 2  # times a trial whose worker died is tried again
-HEARTBEAT_SECONDS = 10  # RDB storage: how often a running trial says it is alive
-GRACE_SECONDS = 60  # RDB storage: silence after which a running trial counts as dead
+# RDB storage: how often a running trial says it is alive, and the silence after which it counts as
+# dead (its worker was killed or lost its machine). Environment overrides for slow links, and tests.
+HEARTBEAT_SECONDS = int(os.environ.get("CNNLAB_SWEEP_HEARTBEAT_SECONDS", "10"))
+GRACE_SECONDS = int(os.environ.get("CNNLAB_SWEEP_GRACE_SECONDS", "60"))
 
 
 # ----------------------------------------------------------------------------------- Optuna parts
