@@ -6,17 +6,20 @@
     GET  /api/model     the models served: dataset, classes, parameters, test accuracy
 
 Safe by default: uploads over `max_upload_bytes` get 413 before they are read, images over `max_pixels`
-are refused from their header (decompression bombs), bad input gets a 4xx with a one-line message,
-and an unexpected failure a 500 without a stack trace.
+are refused from their header (decompression bombs), formats outside ACCEPTED_FORMATS get 415 (judged by
+Pillow from the bytes, not by the name or the client's content type), bad input gets a 4xx with a one-line
+message, and an unexpected failure a 500 without a stack trace.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import io
 import logging
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request, UploadFile
@@ -24,17 +27,25 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
-from starlette.concurrency import run_in_threadpool
 
 from cnnlab.predict import Prediction, Predictor, predict_image
-from cnnlab.preprocess import MAX_PIXELS, BlankImage, ImageReadError, ImageTooLarge
+from cnnlab.preprocess import MAX_PIXELS, BlankImage, ImageReadError, ImageTooLarge, read_image
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # a phone photo as JPEG fits; a bigger body is refused unread
 MAX_MAPS_SHOWN = 32  # feature maps per layer sent to the page
 # Uploads decoded at once: a 5 MB JPEG can hold 48 megapixels and take ~450 MB to prepare, so 16 at once
-# could exhaust memory; the CPU cannot prepare more than a couple at a time anyway.
-DECODING = threading.BoundedSemaphore(2)
+# could exhaust memory; the CPU cannot prepare more than a couple at a time anyway. Their own two threads, not
+# the shared pool's 40: glibc keeps what a thread freed in that thread's arena, so decodes spread over 40 threads
+# held ~2 GB after a few hundred uploads (and kept growing), the same decodes on two threads stay under 1 GB.
+DECODERS = 2
+DECODING = ThreadPoolExecutor(DECODERS, thread_name_prefix="cnnlab-decode")
+# Pillow's format names of the pictures people upload (MPO: a phone camera's multi-picture JPEG). Pillow reads
+# some 40 formats; strangers' bytes only reach these decoders, so TIFF, PSD, JPEG 2000, ICO... are refused, and
+# EPS, whose decoding runs Ghostscript, never gets that far.
+ACCEPTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "GIF": "GIF", "BMP": "BMP", "WEBP": "WebP"}
+ACCEPTED = ", ".join(dict.fromkeys(ACCEPTED_FORMATS.values()))  # "PNG, JPEG, GIF, BMP, WebP" for messages
+MAX_NAME_CHARS = 255  # a file name longer than any file system allows is not a browser's
 log = logging.getLogger("cnnlab.serve")
 
 
@@ -122,17 +133,17 @@ def create_app(models: list[str | Path | Predictor], max_upload_bytes: int = MAX
     @app.get("/api/model")
     def describe_models() -> dict:
         return {"default": predictors[0].name, "models": [p.describe() for p in predictors],
-                "max_upload_bytes": max_upload_bytes}
+                "max_upload_bytes": max_upload_bytes, "accepted_formats": ACCEPTED.split(", ")}
 
     @app.post("/api/predict")
     async def predict(file: UploadFile, request: Request, details: bool = False) -> dict:
         form = await request.form()
         predictor = choose_model(by_name, request.query_params.get("model") or form.get("model"), predictors[0])
-        data = await file.read()
-        if not data:
-            raise HTTPException(400, f"{file.filename or 'upload'}: the file is empty")
-        name = file.filename or "upload"
-        return await run_in_threadpool(answer, predictor, data, name, details, max_pixels)
+        name = plain_name(file.filename)
+        # the upload stays in its spooled file (on disk past 1 MB) until a decoding slot is free: requests
+        # waiting in line hold no more memory than that, whatever their number
+        work = functools.partial(answer, predictor, file.file, name, details, max_pixels)
+        return await asyncio.get_running_loop().run_in_executor(DECODING, work)
 
     return app
 
@@ -140,23 +151,29 @@ def create_app(models: list[str | Path | Predictor], max_upload_bytes: int = MAX
 def choose_model(by_name: dict[str, Predictor], name: Any, default: Predictor) -> Predictor:
     if name in (None, ""):
         return default
-    if not isinstance(name, str) or name not in by_name:
+    if not isinstance(name, str):
+        raise HTTPException(400, "the model field must be text (a model's name), not a file")
+    if name not in by_name:
         raise HTTPException(404, f"no model named {name!r}; serving: {', '.join(by_name)}")
     return by_name[name]
 
 
-def answer(predictor: Predictor, data: bytes, name: str, details: bool, max_pixels: int) -> dict:
-    """Prepare and predict one upload (runs in a worker thread); image errors become 4xx HTTPExceptions."""
-    from cnnlab.preprocess import read_image
+def plain_name(filename: str | None) -> str:
+    """The upload's file name, only echoed back: 400 for one with folders or control characters."""
+    if not filename:
+        return "upload"
+    if ("/" in filename or "\\" in filename or filename in (".", "..") or len(filename) > MAX_NAME_CHARS
+            or any(ord(c) < 32 or ord(c) == 127 for c in filename)):
+        raise HTTPException(400, f"the file name {filename[:80]!r} must be a plain name: no folders, no control "
+                                 f"characters, at most {MAX_NAME_CHARS} characters")
+    return filename
 
+
+def answer(predictor: Predictor, upload: IO[bytes], name: str, details: bool, max_pixels: int) -> dict:
+    """Prepare and predict one upload (in a DECODING thread); image errors become 4xx HTTPExceptions."""
+    image = decoded(upload.read(), name, max_pixels)
     try:
-        with DECODING:
-            image = read_image(data, name, max_pixels=max_pixels)
-            prediction = predict_image(predictor, image, name)
-    except ImageTooLarge as exc:
-        raise HTTPException(413, str(exc)) from None
-    except ImageReadError as exc:
-        raise HTTPException(400, str(exc)) from None
+        prediction = predict_image(predictor, image, name)
     except BlankImage as exc:
         raise HTTPException(422, f"{name}: {exc}") from None
     result = prediction.to_dict()
@@ -164,6 +181,43 @@ def answer(predictor: Predictor, data: bytes, name: str, details: bool, max_pixe
         result.update(model=predictor.name, input_image=png_data_url(prediction.image),
                       feature_maps=feature_map_panels(predictor, prediction))
     return result
+
+
+def decoded(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """The upload as a decoded image, or a 4xx: 400 empty or unreadable, 413 too many pixels, 415 not accepted."""
+    if not data:
+        raise HTTPException(400, f"{name}: the file is empty")
+    detected = detected_format(data)
+    if detected is not None and detected not in ACCEPTED_FORMATS:
+        raise HTTPException(415, f"{name}: {detected} files are not accepted; send one of: {ACCEPTED}")
+    try:
+        return read_image(data, name, max_pixels=max_pixels)
+    except ImageTooLarge as exc:
+        raise HTTPException(413, str(exc)) from None
+    except ImageReadError as exc:
+        raise HTTPException(400, f"{exc}; accepted formats: {ACCEPTED}") from None
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as exc:  # noqa: BLE001  a decoder's own error on malformed bytes (struct.error, ...): bad input
+        log.warning("%s: the decoder failed with %s: %s", name, type(exc).__name__, exc)
+        raise HTTPException(400, f"{name}: not a readable image ({type(exc).__name__} while decoding)") from None
+
+
+def detected_format(data: bytes) -> str | None:
+    """Pillow's name for the bytes' format from their header (no pixels decoded); None when it knows none.
+
+    PDF and SVG, which Pillow does not read, are named too, so a user learns what to send instead.
+    """
+    if data.startswith(b"%PDF-"):
+        return "PDF"
+    head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if head.startswith((b"<?xml", b"<svg", b"<!doctype svg")) and b"<svg" in head:
+        return "SVG"
+    try:  # (no warnings.catch_warnings here: it is not thread-safe, and read_image judges the size anyway)
+        with Image.open(io.BytesIO(data)) as probe:
+            return probe.format
+    except Exception:  # noqa: BLE001  unreadable, or a bomb's header: read_image, run next, says why with the status
+        return None
 
 
 # ------------------------------------------------------------------------------- pictures for the page
