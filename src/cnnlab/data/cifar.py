@@ -6,9 +6,12 @@ The binary version (never the python one, a pickle) holds one file per batch. Ea
   then 1024 green and 1024 blue bytes
 The archive is read as a stream (one pass over the gzip) and only regular files with the expected names
 are accepted: a link, a device, or a member with any other path (../evil, /etc/passwd) is an error.
+Nothing is inflated past what the spec's record counts allow: a member declaring more is refused from
+its tar header, and the whole stream stops at the expected size plus SLACK_BYTES (a gzip bomb).
 """
 from __future__ import annotations
 
+import gzip
 import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -20,6 +23,8 @@ from cnnlab.data.registry import Archive
 SIDE = 32  # pixels per image side
 CHANNELS = 3  # red, green, blue planes, in that order
 RECORD_BYTES = 1 + CHANNELS * SIDE * SIDE  # 3073: the label byte, then the planes
+SMALL_MEMBER_BYTES = 1 << 20  # the meta and extra members (class names, a readme): 61 and 88 bytes in CIFAR-10
+SLACK_BYTES = 16 << 20  # tar headers, padding, meta and extras on top of the records, in the inflated stream
 
 
 class CifarError(ValueError):
@@ -53,28 +58,34 @@ def read_members(path: Path, archive: Archive) -> tuple[dict[str, bytes], str | 
     blobs: dict[str, bytes] = {}
     meta = None
     seen: set[str] = set()
+    limit = sum(archive.counts.values()) * RECORD_BYTES + SLACK_BYTES
     try:
-        with tarfile.open(path, mode="r|gz") as tar:  # stream mode: members in archive order, one pass
-            for member in tar:
-                name = member.name
-                if member.isdir() and name.rstrip("/") in folders:
-                    continue
-                if name not in allowed:
-                    raise CifarError(f"{path}: unexpected member {name!r} ({member_kind(member)}); expected only "
-                                     f"{', '.join(sorted(allowed))} (and their folder)")
-                if not member.isfile():
-                    raise CifarError(f"{path}: member {name}: expected a regular file, found a {member_kind(member)}")
-                if name in seen:
-                    raise CifarError(f"{path}: member {name} appears twice; expected it once")
-                seen.add(name)
-                if name in records:
-                    if member.size % RECORD_BYTES:
-                        raise CifarError(f"{path}: member {name}: expected a whole number of {RECORD_BYTES}-byte "
-                                         f"records, found {member.size:,} bytes ({member.size // RECORD_BYTES:,} "
-                                         f"records and {member.size % RECORD_BYTES} bytes over)")
-                    blobs[name] = read_member(path, tar, member)
-                elif name == archive.meta:
-                    meta = read_member(path, tar, member).decode("utf-8", errors="replace")
+        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as inflated:
+            if raw.read(2) != b"\x1f\x8b":
+                raise tarfile.ReadError("not a gzip file")
+            raw.seek(0)
+            with tarfile.open(fileobj=Capped(inflated, limit, path), mode="r|") as tar:  # one pass, in order
+                for member in tar:
+                    name = member.name
+                    if member.isdir() and name.rstrip("/") in folders:
+                        continue
+                    if name not in allowed:
+                        raise CifarError(f"{path}: unexpected member {name!r} ({member_kind(member)}); expected only "
+                                         f"{', '.join(sorted(allowed))} (and their folder)")
+                    if not member.isfile():
+                        raise CifarError(f"{path}: member {name}: expected a regular file, found a {member_kind(member)}")
+                    if name in seen:
+                        raise CifarError(f"{path}: member {name} appears twice; expected it once")
+                    seen.add(name)
+                    check_size(path, archive, member, records)
+                    if name in records:
+                        if member.size % RECORD_BYTES:
+                            raise CifarError(f"{path}: member {name}: expected a whole number of {RECORD_BYTES}-byte "
+                                             f"records, found {member.size:,} bytes ({member.size // RECORD_BYTES:,} "
+                                             f"records and {member.size % RECORD_BYTES} bytes over)")
+                        blobs[name] = read_member(path, tar, member)
+                    elif name == archive.meta:
+                        meta = read_member(path, tar, member).decode("utf-8", errors="replace")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
         raise CifarError(f"{path}: not a readable tar.gz archive ({exc})") from None
     missing = sorted(allowed - seen - set(archive.extras))
@@ -82,6 +93,35 @@ def read_members(path: Path, archive: Archive) -> tuple[dict[str, bytes], str | 
         raise CifarError(f"{path}: member(s) missing: {', '.join(missing)}; the archive holds "
                          f"{', '.join(sorted(seen)) or 'none of the expected members'}")
     return blobs, meta
+
+
+class Capped:
+    """A read-only stream that raises CifarError instead of giving more than `limit` bytes in all."""
+
+    def __init__(self, stream, limit: int, path: Path):
+        self.stream, self.limit, self.path, self.given = stream, limit, path, 0
+
+    def read(self, size: int = -1) -> bytes:
+        want = self.limit + 1 - self.given if size is None or size < 0 else min(size, self.limit + 1 - self.given)
+        data = self.stream.read(want)
+        self.given += len(data)
+        if self.given > self.limit:
+            raise CifarError(f"{self.path}: the archive inflates to more than {self.limit:,} bytes; expected its "
+                             f"records and small members only (a decompression bomb?); stopped reading there")
+        return data
+
+
+def check_size(path: Path, archive: Archive, member: tarfile.TarInfo, records: set[str]) -> None:
+    """Refuse a member whose tar header declares more bytes than the spec allows, before reading it."""
+    if member.name in records:
+        split = next(split for split, names in archive.members.items() if member.name in names)
+        most = archive.counts[split] * RECORD_BYTES
+        what = f"the {archive.counts[split]:,} records of the {split} split"
+    else:
+        most, what = SMALL_MEMBER_BYTES, "a small text member"
+    if member.size > most:
+        raise CifarError(f"{path}: member {member.name}: its header declares {member.size:,} bytes; expected at most "
+                         f"{most:,} ({what})")
 
 
 def read_member(path: Path, tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:

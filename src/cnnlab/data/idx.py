@@ -35,7 +35,9 @@ MAX_PAYLOAD_BYTES = 4 << 30
 # inflate to more than about n * 1032 bytes, so a header declaring more is forged or the file cut.
 GZIP_MAX_RATIO = 1032
 HEADER_MIN = 4  # zero, zero, dtype code, ndim
-INFLATE_INPUT_BYTES = 1 << 20  # compressed bytes handed to zlib per step
+MAX_NDIM = 32  # NumPy 1's limit (NumPy 2 allows 64); MNIST's files have 1 or 3
+INFLATE_INPUT_BYTES = 1 << 20  # compressed bytes handed to zlib per step, at most
+FIRST_INPUT_BYTES = 1 << 10  # ... and at the start of each gzip member
 
 
 class IDXError(ValueError):
@@ -75,14 +77,19 @@ def decompress(raw: bytes, source: str) -> bytes:
 
 
 class GzipStream:
-    """A gzip file (one member or several, as `gzip` writes them) inflated on demand, never past what is asked."""
+    """A gzip file (one member or several, as `gzip` writes them) inflated on demand, never past what is asked.
+
+    zlib copies the input it has not used at each member's end, so each member is fed small pieces first
+    (FIRST_INPUT_BYTES, doubling up to INFLATE_INPUT_BYTES): a file of many tiny members stays linear.
+    """
 
     def __init__(self, raw: bytes, source: str):
         self.raw = memoryview(raw)
-        self.offset = 0  # compressed bytes handed to zlib so far
+        self.offset = 0  # compressed bytes handed to zlib so far; the pending input is raw[offset - len(tail):offset]
+        self.tail = b""  # input handed over that zlib has not consumed yet (kept back by max_length)
         self.source = source
         self.inflater = None  # the current member's decompressor; None between members
-        self.tail = b""  # input zlib has not consumed yet (kept back by max_length)
+        self.piece = FIRST_INPUT_BYTES
         self.members = 0  # gzip members started
 
     def read(self, size: int) -> bytes:
@@ -93,15 +100,16 @@ class GzipStream:
                 if self.inflater is None and not self.next_member():
                     break
                 if not self.tail:
-                    self.tail = bytes(self.raw[self.offset:self.offset + INFLATE_INPUT_BYTES])
+                    self.tail = bytes(self.raw[self.offset:self.offset + self.piece])
                     self.offset += len(self.tail)
+                    self.piece = min(2 * self.piece, INFLATE_INPUT_BYTES)
                 chunk = self.inflater.decompress(self.tail, left)  # output never exceeds `left`
                 self.tail = self.inflater.unconsumed_tail
                 parts.append(chunk)
                 left -= len(chunk)
-                if self.inflater.eof:
-                    self.tail = self.inflater.unused_data + self.tail
-                    self.inflater = None
+                if self.inflater.eof:  # the input after the member goes back (unconsumed_tail may repeat it)
+                    self.offset -= len(self.inflater.unused_data)
+                    self.tail, self.inflater = b"", None
                 elif not self.tail and self.offset >= len(self.raw):
                     raise IDXError(f"{self.source}: gzip stream is corrupt or truncated (it ends before its "
                                    "end-of-stream marker)")
@@ -111,17 +119,20 @@ class GzipStream:
 
     def next_member(self) -> bool:
         """Start the next gzip member; False at the end (zero padding after a member is allowed, as gzip does)."""
-        if self.members == 0:
-            rest = bytes(self.raw)
-        else:  # at most the compressed file, and only copied between members
-            rest = (self.tail + bytes(self.raw[self.offset:])).lstrip(b"\x00")
-            if not rest:
+        if self.members:
+            step = FIRST_INPUT_BYTES
+            while self.offset < len(self.raw) and self.raw[self.offset] == 0:  # skip the padding, piece by piece
+                piece = bytes(self.raw[self.offset:self.offset + step])
+                self.offset += len(piece) - len(piece.lstrip(b"\x00"))
+                step = min(2 * step, INFLATE_INPUT_BYTES)
+            if self.offset >= len(self.raw):
                 return False
-        if not rest.startswith(GZIP_MAGIC):
-            raise IDXError(f"{self.source}: gzip stream is corrupt or truncated (found {len(rest):,} bytes that are "
-                           "not gzip after the end of the compressed data)")
-        self.raw, self.offset, self.tail = memoryview(rest), 0, b""
+        if self.raw[self.offset:self.offset + 2] != GZIP_MAGIC:
+            raise IDXError(f"{self.source}: gzip stream is corrupt or truncated (found "
+                           f"{len(self.raw) - self.offset:,} bytes that are not gzip after the end of the "
+                           "compressed data)")
         self.inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header and CRC-32/length trailer
+        self.piece = FIRST_INPUT_BYTES
         self.members += 1
         return True
 
@@ -132,8 +143,8 @@ def check_magic(head: bytes, source: str) -> int:
     if zero != 0 or code not in IDX_DTYPES:
         raise IDXError(f"{source}: bad magic number 0x{head[:4].hex()}: expected 0x0000 followed by a "
                        f"dtype code ({', '.join(hex(c) for c in IDX_DTYPES)}) and the number of dimensions")
-    if ndim == 0:
-        raise IDXError(f"{source}: header declares 0 dimensions; expected at least 1")
+    if not 1 <= ndim <= MAX_NDIM:
+        raise IDXError(f"{source}: header declares {ndim} dimensions; expected 1 to {MAX_NDIM}")
     return ndim
 
 
@@ -152,9 +163,13 @@ def declared(data: bytes, size: int, source: str) -> tuple[tuple[int, ...], np.d
     shape = struct.unpack(f">{ndim}I", data[4:header_len])
     dtype = IDX_DTYPES[data[2]]
     expected = math.prod(shape) * dtype.itemsize
-    if expected > MAX_PAYLOAD_BYTES:
-        raise IDXError(f"{source}: header declares shape {shape} of {dtype.name} ({expected:,} payload bytes), more "
-                       f"than the {MAX_PAYLOAD_BYTES:,} an IDX file may hold; refused before reading the payload")
+    # NumPy also refuses a shape whose non-zero sides overflow, even when one side is 0: (0, 2**32, 2**32)
+    extent = math.prod(max(side, 1) for side in shape) * dtype.itemsize
+    if max(expected, extent) > MAX_PAYLOAD_BYTES:
+        size_of = f"{expected:,} payload bytes" if expected else f"{extent:,} bytes counting its non-zero sides"
+        raise IDXError(f"{source}: header declares shape {shape} of {dtype.name} ({size_of}), more than the "
+                       f"{MAX_PAYLOAD_BYTES:,} an IDX file may hold (a forged header or a truncated file); "
+                       "refused before reading the payload")
     return shape, dtype, expected
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from cnnlab.data.cifar import read_archive
-from cnnlab.data.idx import decompress, parse_idx
+from cnnlab.data.idx import decompress, parse_idx, read_raw
 from cnnlab.data.registry import DataFile, DatasetSpec, get_dataset
 from cnnlab.data.store import ChecksumMismatch, Location, check_file, digest_matches, fetch, locate, unavailable
 
@@ -80,7 +80,7 @@ def load_archive(spec: DatasetSpec, location: Location, allow_mismatch: bool) ->
 
 def read_verified(path: Path, file: DataFile, allow_mismatch: bool) -> tuple[np.ndarray, dict]:
     """Read one IDX file once: hash its payload, compare with the registry, parse it."""
-    raw = path.read_bytes()
+    raw = read_raw(path)
     payload = decompress(raw, str(path))
     ok, sha, expected = digest_matches(file, raw, payload)
     refuse_mismatch(path, ok, sha, expected, "the payload's", allow_mismatch)

@@ -18,12 +18,15 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from cnnlab.data.idx import GZIP_MAGIC, decompress
+from cnnlab.data.idx import GZIP_MAGIC, MAX_PAYLOAD_BYTES, decompress, read_raw
 from cnnlab.data.registry import DataFile, DatasetSpec
 
 SYSTEM_ROOT = Path("/usr/share/datasets")
 DOWNLOAD_TIMEOUT_S = 30.0  # per connection attempt and per read; a dead mirror must not hang a run
 CHUNK_BYTES = 1 << 16
+# A mirror that sends more than this (or announces it) is cut off: CIFAR-10's archive, the largest
+# download, is 170 MB; an IDX file is refused above MAX_PAYLOAD_BYTES anyway.
+MAX_DOWNLOAD_BYTES = MAX_PAYLOAD_BYTES
 
 
 class DatasetUnavailable(RuntimeError):
@@ -116,7 +119,7 @@ def check_file(path: Path, file: DataFile) -> FileCheck:
     if file.archive:
         ok, sha, expected = archive_digest_matches(file, path)
     else:
-        raw = path.read_bytes()
+        raw = read_raw(path)
         ok, sha, expected = digest_matches(file, raw, decompress(raw, str(path)))
     return FileCheck(file.name, path, sha, ok, expected)
 
@@ -191,7 +194,7 @@ def download_file(file: DataFile, mirrors: tuple[str, ...], target: Path, progre
             if file.archive:  # checked by the download's digest: a 170 MB archive is not decompressed to hash it
                 ok, sha, expected = archive_digest_matches(file, tmp)
             else:
-                raw = tmp.read_bytes()
+                raw = read_raw(tmp)
                 ok, sha, expected = digest_matches(file, raw, decompress(raw, "the download"))
             if not ok:
                 raise ChecksumMismatch(f"checksum mismatch: got {sha}, expected {expected}")
@@ -233,11 +236,15 @@ def stream_url(url: str, out, timeout: float, progress: bool, label: str) -> Non
         if "text/html" in response.headers.get("Content-Type", ""):
             raise ChecksumMismatch("served an HTML page instead of the file")
         total = int(response.headers.get("Content-Length") or 0) or None
+        if total is not None and total > MAX_DOWNLOAD_BYTES:
+            raise ChecksumMismatch(f"announced {total:,} bytes; expected at most {MAX_DOWNLOAD_BYTES:,}")
         with Progress(*Progress.get_default_columns(), DownloadColumn(), TransferSpeedColumn(),
                       disable=not progress, transient=True) as bar:
             task = bar.add_task(f"downloading {label}", total=total)
             while chunk := response.read(CHUNK_BYTES):
                 out.write(chunk)
+                if out.tell() > MAX_DOWNLOAD_BYTES:
+                    raise ChecksumMismatch(f"sent more than {MAX_DOWNLOAD_BYTES:,} bytes; stopped there")
                 bar.update(task, advance=len(chunk))
         if total is not None and out.tell() != total:
             raise ChecksumMismatch(f"connection closed after {out.tell()} of {total} bytes")
