@@ -10,11 +10,14 @@ A run is a folder (default runs/<dataset>-<model>-<timestamp>) holding:
   test.json           final test metrics;  confusion.png  the test confusion matrix
   report.html         the self-contained HTML report, when `cnnlab report` made one
   skipped.json        unreadable images met while training on an image folder (path -> reason), if any
-Every file is written to a temporary name and renamed into place, so none is ever half-written.
+Every file is written to a temporary name, flushed to disk and renamed into place, so none is ever
+half-written, and no tensor holding NaN or inf is ever saved. Model files are read with safetensors
+only, never unpickled, and checked against the config before anything is built from them.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -30,11 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from cnnlab.config import Config, config_from_dict, read_yaml
+from cnnlab.config import Config, ConfigError, config_from_dict, read_yaml
 from cnnlab.models import CNN, build_model
-from cnnlab.trainer import Callback, Trainer
+from cnnlab.trainer import Callback, Trainer, TrainingDiverged
 
 DEFAULT_ROOT = Path("runs")
 FILES = dict(config="config.yaml", summary="summary.txt", manifest="manifest.json", metrics="metrics.jsonl",
@@ -44,7 +47,8 @@ FILES = dict(config="config.yaml", summary="summary.txt", manifest="manifest.jso
 
 
 class RunError(ValueError):
-    """A run directory that is missing, incomplete or busy; the message names it."""
+    """A run directory that is missing, incomplete, busy or unwritable, or a run file that is not what
+    cnnlab wrote; the message names it."""
 
 
 def path(run: str | Path, name: str) -> Path:
@@ -116,15 +120,42 @@ def locked(run: str | Path) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------- atomic writes
-def write_atomic(target: Path, write) -> None:
-    """Call write(tmp_path), then rename tmp over target: readers see the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
+def temp_name(target: Path) -> str:
+    """The prefix of write_atomic's temporary files for `target` (a killed writer can leave one behind)."""
+    return f".{target.name}."
+
+
+def write_atomic(target: Path, write, before_rename=None) -> None:
+    """Call write(tmp_path), flush it to disk, then rename tmp over target: readers see the old file or
+    the new one, even after a crash. `before_rename()` runs once the new file is complete."""
+    fd, tmp = tempfile.mkstemp(prefix=temp_name(target), suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
     try:
         write(Path(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, target)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def remove_stale_temps(run: Path) -> list[Path]:
+    """Delete temporary files a killed writer left in the run (call with the run's lock held)."""
+    patterns = [f"{temp_name(Path(name))}*.tmp*" for name in FILES.values()]
+    patterns.append(".tmp??????")  # safetensors' own temporary file (Rust's tempfile) beside the target
+    stale = [p for pattern in patterns for p in run.glob(pattern) if p.is_file()]
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return stale
+
+
+def reason(exc: OSError) -> str:
+    """'No space left on device (ENOSPC)': the system's words and the error's name."""
+    name = errno.errorcode.get(exc.errno or 0)
+    text = exc.strerror or str(exc)
+    return f"{text} ({name})" if name else text
 
 
 def write_text(target: Path, text: str) -> None:
@@ -180,7 +211,10 @@ def read_metrics(run: str | Path) -> list[dict]:
     file = path(run, "metrics")
     if not file.is_file():
         return []
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    try:
+        return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{file}: not one JSON object per line ({exc})") from None
 
 
 def rewrite_metrics(run: Path, history: list[dict]) -> None:
@@ -189,31 +223,113 @@ def rewrite_metrics(run: Path, history: list[dict]) -> None:
 
 
 # ------------------------------------------------------------------------------------- weights
+def non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """'<key> holds nan (or inf) values' for the first float tensor that is not all finite, else None."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return f"tensor {key!r} holds {'nan' if bool(torch.isnan(tensor).any()) else 'inf'} values"
+    return None
+
+
+def check_finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Refuse to save NaN or inf: a file that loads but predicts nothing is worse than the previous one."""
+    problem = non_finite(tensors)
+    if problem:
+        raise TrainingDiverged(f"{file} not saved: {problem}: training diverged. Try a lower learning rate "
+                               f"or batch norm; the files saved before are kept.")
+
+
 def save_weights(run: Path, model: CNN, classes: tuple[str, ...]) -> None:
     """Weights as safetensors, with what is needed to use them in the metadata."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    check_finite(tensors, path(run, "weights"))
     metadata = dict(input_shape=json.dumps(list(model.input_shape)), classes=json.dumps(list(classes)),
                     format="cnnlab-weights-1")
     write_atomic(path(run, "weights"), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+PICKLE_STARTS = (b"\x80", b"PK\x03\x04")  # a pickle protocol 2+ opcode; a zip archive (torch.save since 1.6)
+
+
+def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, or a RunError naming it; never unpickles anything."""
+    try:
+        with open(file, "rb") as handle:
+            start = handle.read(4)
+        if start.startswith(PICKLE_STARTS):
+            raise RunError(f"{file}: a pickle or torch.save file, not safetensors; cnnlab never unpickles "
+                           f"files (unpickling can run any code)")
+        with safe_open(str(file), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError) as exc:
+        raise RunError(f"{file}: not a valid safetensors file ({exc})") from None
+    return tensors, metadata
+
+
+def metadata_json(file: Path, metadata: dict[str, str], key: str, valid, expected: str) -> Any:
+    """One JSON value of a weights file's metadata, checked by `valid`."""
+    if key not in metadata:
+        raise RunError(f"{file}: not a cnnlab weights file: its metadata has no {key!r}")
+    try:
+        value = json.loads(metadata[key])
+    except json.JSONDecodeError:
+        value = None
+    if not valid(value):
+        raise RunError(f"{file}: metadata {key!r} should be {expected}, found {metadata[key][:80]!r}")
+    return value
+
+
+def check_tensors_fit(file: Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor],
+                      config_file: Path) -> None:
+    """Same keys, shapes and dtypes as the model rebuilt from the config, or a one-line RunError."""
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        raise RunError(f"{file}: tensor {missing[0]!r} is missing (the model in {config_file} needs it)")
+    if extra:
+        raise RunError(f"{file}: tensor {extra[0]!r} is not part of the model in {config_file}")
+    for key, want in expected.items():
+        have = found[key]
+        if have.shape != want.shape:
+            raise RunError(f"{file}: tensor {key!r} has shape {tuple(have.shape)}, the model in {config_file} "
+                           f"needs {tuple(want.shape)}")
+        if have.dtype != want.dtype:
+            raise RunError(f"{file}: tensor {key!r} is {have.dtype}, the model needs {want.dtype}")
+
+
+def is_shape(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 3
+            and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 65536 for d in value))
+
+
+def is_class_list(value: Any) -> bool:
+    return (isinstance(value, list) and 1 <= len(value) <= 100_000 and all(isinstance(c, str) for c in value)
+            and len(set(value)) == len(value))
+
+
 def load_model(run: str | Path) -> tuple[CNN, tuple[str, ...], Config]:
-    """Rebuild a run's model from its config.yaml and load model.safetensors: (model, classes, config)."""
+    """Rebuild a run's model from its config.yaml and load model.safetensors: (model, classes, config).
+
+    The file is checked before a model is built: a file that is not safetensors (a pickle), metadata
+    that does not describe a model, or tensors that do not fit the config give a RunError naming it.
+    """
     run = check_run(run, "config", "weights")
     config = load_config(run)
-    file = path(run, "weights")
+    file, config_file = path(run, "weights"), path(run, "config")
+    tensors, meta = read_safetensors(file)
+    input_shape = tuple(metadata_json(file, meta, "input_shape", is_shape, "[height, width, channels]"))
+    classes = tuple(metadata_json(file, meta, "classes", is_class_list, "a list of distinct class names"))
     try:
-        with safe_open(str(file), framework="pt") as handle:
-            meta = handle.metadata() or {}
-        tensors = load_file(str(file))
-        input_shape, classes = tuple(json.loads(meta["input_shape"])), tuple(json.loads(meta["classes"]))
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
-        raise RunError(f"{file}: not a cnnlab weights file ({exc})") from None
+        with torch.device("meta"):  # shapes without memory: a huge model in the config allocates nothing
+            shapes = build_model(config.model, input_shape, len(classes)).state_dict()
+    except ConfigError as exc:
+        raise RunError(f"{file}: its input shape {input_shape} does not fit {config_file}: {exc}") from None
+    check_tensors_fit(file, shapes, tensors, config_file)
     model = build_model(config.model, input_shape, len(classes))
-    try:
-        model.load_state_dict(tensors)
-    except RuntimeError as exc:
-        raise RunError(f"{file}: weights do not fit the model in {path(run, 'config')}: {exc}") from None
+    problem = non_finite(tensors)
+    if problem:
+        raise RunError(f"{file}: {problem}; a model with them cannot predict")
+    model.load_state_dict(tensors)
     model.eval()
     return model, classes, config
 
@@ -248,59 +364,164 @@ def flatten_state(node: Any, tensors: dict[str, torch.Tensor], key: str = "") ->
 
 
 def unflatten_state(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of flatten_state; a ValueError for a reference to a tensor the file does not hold."""
     if isinstance(node, dict) and "__tensor__" in node:
-        return tensors[node["__tensor__"]]
+        key = node["__tensor__"]
+        if not isinstance(key, str) or key not in tensors:
+            raise ValueError(f"its state refers to tensor {key!r}, which the file does not hold")
+        return tensors[key]
     if isinstance(node, dict) and "__dict__" in node:
-        return {unflatten_state(k, tensors): unflatten_state(v, tensors) for k, v in node["__dict__"]}
+        pairs = node["__dict__"]
+        if not isinstance(pairs, list) or not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise ValueError("its state holds a malformed mapping")
+        keys = [unflatten_state(k, tensors) for k, _ in pairs]
+        if not all(isinstance(k, (str, int, float, bool)) or k is None for k in keys):
+            raise ValueError("its state holds a mapping with a key that is not a plain value")
+        return {k: unflatten_state(v, tensors) for k, (_, v) in zip(keys, pairs)}
+    if isinstance(node, dict):
+        raise ValueError("its state holds a mapping cnnlab did not write")
     if isinstance(node, list):
         return [unflatten_state(v, tensors) for v in node]
     return node
 
 
+# The trainer's state (Trainer.state_dict) as a checkpoint must hold it: key -> what is checked.
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+STATE_CHECKS = dict(
+    model=("a mapping of tensors", lambda v: isinstance(v, dict) and bool(v)
+           and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())),
+    optimizer=("a mapping with 'state' and 'param_groups'", lambda v: isinstance(v, dict)
+               and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list)),
+    scheduler=("a mapping", lambda v: isinstance(v, dict)),
+    epoch=("a count >= 0", _count),
+    step=("a count >= 0", _count),
+    running=("[loss sum, correct, seen]", lambda v: isinstance(v, list) and len(v) == 3 and all(map(_number, v))),
+    epoch_seconds=("a number", _number),
+    history=("a list of per-epoch metrics", lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v)),
+    rng_state=("a uint8 tensor", lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8
+               and v.dim() in (1, 2)),
+)
+
+
+def check_state(state: Any) -> None:
+    """A ValueError naming the first key of the trainer's state that is missing or of the wrong kind."""
+    if not isinstance(state, dict):
+        raise ValueError("its state is not a mapping")
+    for key, (expected, valid) in STATE_CHECKS.items():
+        if key not in state:
+            raise ValueError(f"its state has no {key!r}")
+        if not valid(state[key]):
+            raise ValueError(f"its state's {key!r} should be {expected}")
+
+
 def save_checkpoint(run: Path, state: dict) -> None:
-    """Write the trainer's state atomically; the previous checkpoint is kept as a fallback."""
+    """Write the trainer's state atomically; the previous checkpoint is kept as a fallback.
+
+    The new file is complete and on disk before anything moves, and checkpoint.safetensors always
+    exists (old or new): the previous one is hard-linked to checkpoint.prev.safetensors, then the
+    new one renamed over it. A failure at any point leaves at least one readable checkpoint.
+    """
     tensors: dict[str, torch.Tensor] = {}
     skeleton = json.dumps(flatten_state(state, tensors))
     current, previous = path(run, "checkpoint"), path(run, "previous_checkpoint")
+    check_finite(tensors, current)
 
-    def write(tmp: Path) -> None:
-        save_file(tensors, str(tmp), metadata={"state": skeleton, "format": "cnnlab-checkpoint-1"})
+    def keep_previous() -> None:
         if current.exists():
-            os.replace(current, previous)
+            link = previous.with_name(f"{temp_name(previous)}link.tmp{previous.suffix}")
+            link.unlink(missing_ok=True)
+            os.link(current, link)
+            os.replace(link, previous)
 
-    write_atomic(current, write)
+    write_atomic(current, lambda tmp: save_file(tensors, str(tmp), metadata={"state": skeleton,
+                                                                          "format": "cnnlab-checkpoint-1"}),
+                 before_rename=keep_previous)
 
 
 def read_checkpoint(file: Path) -> dict:
-    with safe_open(str(file), framework="pt") as handle:
-        skeleton = json.loads((handle.metadata() or {})["state"])
-    return unflatten_state(skeleton, load_file(str(file)))
+    """A checkpoint's state, checked; RunError for a file that is not safetensors, ValueError for a state
+    that is not one the trainer can continue from."""
+    tensors, metadata = read_safetensors(file)
+    if metadata.get("format") != "cnnlab-checkpoint-1" or "state" not in metadata:
+        raise ValueError("not a cnnlab checkpoint (no cnnlab-checkpoint-1 state in its metadata)")
+    try:
+        skeleton = json.loads(metadata["state"])
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"its state is not valid JSON ({exc})") from None
+    state = unflatten_state(skeleton, tensors)
+    check_state(state)
+    problem = non_finite(tensors)
+    if problem:
+        raise ValueError(problem)
+    return state
 
 
-def load_checkpoint(run: str | Path) -> tuple[dict, list[str]]:
-    """The newest readable checkpoint of a run, and warnings about any unreadable one skipped."""
-    warnings = []
+def load_checkpoint(run: str | Path, restore=None) -> tuple[dict, list[str]]:
+    """The newest readable checkpoint of a run, and warnings about any unreadable one skipped.
+
+    `restore(state)` (e.g. Trainer.load_state_dict), when given, is tried on each: a checkpoint it
+    rejects (tensors that do not fit the model) counts as unreadable too.
+    """
+    run = Path(run)
+    warnings, found = [], []
     for key in ("checkpoint", "previous_checkpoint"):
         file = path(run, key)
         if not file.is_file():
             continue
+        found.append(file)
         try:
-            return read_checkpoint(file), warnings
-        except (SafetensorError, OSError, KeyError, ValueError) as exc:
-            warnings.append(f"{file} is unreadable ({exc}); trying the previous checkpoint")
-    raise RunError(f"{run}: no readable checkpoint to resume from" + (f" ({'; '.join(warnings)})" if warnings else ""))
+            state = read_checkpoint(file)
+            if restore is not None:
+                restore(state)
+            return state, warnings
+        except (RunError, ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
+            detail = " ".join(str(exc).removeprefix(f"{file}: ").split())  # one line: torch's span several
+            warnings.append(f"{file} is unreadable ({detail})")
+    if not found:
+        raise RunError(f"{run}: no checkpoint to resume from: training stopped before the end of its first "
+                       f"epoch (or was never started here); train it again under a new name")
+    raise RunError(f"{run}: no readable checkpoint to resume from ({'; '.join(warnings)})")
 
 
 class RunRecorder(Callback):
-    """Records a run as it trains: metrics, weights and a checkpoint after every epoch and on interrupt."""
+    """Records a run as it trains: metrics, weights and a checkpoint after every epoch and on interrupt.
+
+    A file that cannot be written (disk full, read-only) stops training with a RunError naming the
+    run and the reason; the files written before it, the previous checkpoint included, stay intact.
+    """
 
     def __init__(self, run: Path, classes: tuple[str, ...]):
         self.run, self.classes = run, classes
 
+    def on_train_begin(self, trainer: Trainer) -> None:
+        remove_stale_temps(self.run)  # left by a killed trainer; the run's lock is held now
+
     def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
-        append_metrics(self.run, metrics)
-        save_weights(self.run, trainer.model, self.classes)
-        save_checkpoint(self.run, trainer.state_dict())
+        where = f"epoch {trainer.epoch}"
+        # weights before the checkpoint: a checkpoint of the last epoch means its weights are saved too
+        # (resuming a finished run does not write them again)
+        self.save("weights", where, save_weights, self.run, trainer.model, self.classes)
+        self.save("checkpoint", where, save_checkpoint, self.run, trainer.state_dict())
+        # the whole file, atomically (never a half-written line); resume rewrites it from the checkpoint
+        self.save("metrics", where, rewrite_metrics, self.run, trainer.history)
 
     def on_interrupt(self, trainer: Trainer) -> None:
-        save_checkpoint(self.run, trainer.state_dict())
+        self.save("checkpoint", f"epoch {trainer.epoch + 1}, step {trainer.step}", save_checkpoint, self.run,
+                  trainer.state_dict())
+
+    def save(self, key: str, where: str, save, *args) -> None:
+        """Call save(*args); a write that fails (disk full, read-only) becomes a RunError saying so."""
+        try:
+            save(*args)
+        except (OSError, SafetensorError) as exc:
+            why = reason(exc) if isinstance(exc, OSError) else str(exc)
+            raise RunError(f"{self.run}: could not save {FILES[key]} after {where}: {why}. Training stopped; "
+                           f"the files saved before are intact. Free space or make the folder writable, then "
+                           f"continue with: cnnlab train --resume {self.run}") from None

@@ -45,14 +45,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except (UnicodeDecodeError, IsADirectoryError):  # a binary file (a .pt pickle) or a folder
+        raise ConfigError(f"{path}: not a YAML text file") from None
+    except yaml.YAMLError as exc:  # python/object tags land here too: safe_load never builds objects
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, knobs), "
                           f"found {type(data).__name__}")
     return data
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: the problem and where it is."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -1,0 +1,252 @@
+"""Faults while training: SIGKILL at random moments, SIGTERM, a full or read-only disk, weights turning inf.
+
+Whatever happens, a run keeps a readable checkpoint (or says clearly it has none yet), resuming ends
+bitwise equal to never stopping, and no file with NaN or inf, and no temporary file, is left behind.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cnnlab import pipeline, runs
+from cnnlab.config import load_config
+from cnnlab.runs import RunError
+from cnnlab.trainer import Callback, TrainingDiverged
+
+# about 0.25 s an epoch on one thread: kills land in training, not only in start-up
+CLI_SETTINGS = ["epochs=5", "batch_size=32", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
+                "train.threads=1"]
+QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32"]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(runs.path(run, "weights")))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def comparable(run: Path) -> list[dict]:
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in runs.read_metrics(run)]
+
+
+def temp_files(run: Path) -> list[str]:
+    return [p.name for p in run.iterdir() if ".tmp" in p.name]
+
+
+# ------------------------------------------------------------------------------ killed processes
+def start(root: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cnnlab", "train", *args, "-q"], cwd=root, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def train_args(name: str) -> list[str]:
+    return ["--dataset", "mnist-sample", "--runs-dir", "runs", "--name", name,
+            *[part for item in CLI_SETTINGS for part in ("--set", item)]]
+
+
+def wait_for(process: subprocess.Popen, ready, timeout: float = 60.0) -> bool:
+    """Poll every millisecond until ready() or the process ends; True when ready() came first."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if ready():
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def lines(run: Path) -> int:
+    try:
+        return len(runs.path(run, "metrics").read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def kill_when(process: subprocess.Popen, moment: str, run: Path, rng: random.Random) -> None:
+    """SIGKILL at `moment`: while a checkpoint is being written, right after an epoch's line, or at random."""
+    if moment == "mid-save":  # a temporary checkpoint file exists: a write after the first is under way
+        wait_for(process, lambda: lines(run) >= 1)
+        wait_for(process, lambda: any(n.startswith(".checkpoint") for n in os.listdir(run)))
+    elif moment == "epoch-end":
+        first = lines(run)
+        wait_for(process, lambda: lines(run) > first)
+    else:  # at a random time after the first epoch (before it, resume has nothing: tested apart)
+        wait_for(process, lambda: lines(run) >= 1)
+        time.sleep(rng.uniform(0.0, 0.8))
+    process.kill()
+    process.communicate()
+
+
+@pytest.fixture(scope="module")
+def cli_reference(tmp_path_factory) -> Path:
+    """The uninterrupted run, trained by the same command on this machine."""
+    root = tmp_path_factory.mktemp("reference")
+    process = start(root, *train_args("ref"))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    return root / "runs" / "ref"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moments", [("mid-save", "epoch-end"), ("random", "random"), ("epoch-end", "mid-save")],
+                         ids=["mid-save-then-epoch-end", "random-twice", "epoch-end-then-mid-save"])
+def test_sigkill_then_resume_ends_bitwise_equal(cli_reference, tmp_path, moments):
+    """Killed twice (the second time while resuming), then resumed to the end: the same run as never killed."""
+    rng = random.Random(f"{moments}")
+    run = tmp_path / "runs" / "cut"
+    process = start(tmp_path, *train_args("cut"))
+    for i, moment in enumerate(moments):
+        kill_when(process, moment, run, rng)
+        assert process.returncode == -signal.SIGKILL, f"kill {i + 1} came too late: the run had finished"
+        state, warnings = runs.load_checkpoint(run)  # always a readable one
+        assert not warnings and 1 <= state["epoch"] <= 5
+        process = start(tmp_path, "--resume", str(run))
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert same_weights(cli_reference, run)
+    assert comparable(run) == comparable(cli_reference)
+    assert runs.path(run, "test").read_text() == runs.path(cli_reference, "test").read_text()
+    assert not temp_files(run)
+
+
+@pytest.mark.slow
+def test_sigkill_before_the_first_checkpoint_says_there_is_none(tmp_path):
+    process = start(tmp_path, *train_args("early"))
+    run = tmp_path / "runs" / "early"
+    assert wait_for(process, lambda: runs.path(run, "manifest").is_file())
+    process.kill()
+    process.communicate()
+    resumed = start(tmp_path, "--resume", str(run))
+    _, stderr = resumed.communicate(timeout=60)
+    assert resumed.returncode == 2
+    assert stderr.splitlines() == [f"error: {Path('runs/early')}: no checkpoint to resume from: training stopped "
+                                   f"before the end of its first epoch (or was never started here); train it "
+                                   f"again under a new name"] or "no checkpoint to resume from" in stderr
+
+
+@pytest.mark.slow
+def test_sigterm_mid_epoch_exits_130_and_resumes_bitwise_equal(cli_reference, tmp_path):
+    run = tmp_path / "runs" / "term"
+    process = start(tmp_path, *train_args("term"))
+    wait_for(process, lambda: lines(run) >= 1)  # the handler is installed once training runs
+    time.sleep(0.1)  # into epoch 2
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert f"Continue with: cnnlab train --resume {Path('runs/term')}" in stderr
+    state, _ = runs.load_checkpoint(run)
+    assert state["step"] > 0 or state["epoch"] >= 2  # mid-epoch, unless the signal met an epoch's end
+    resumed = start(tmp_path, "--resume", str(run))
+    _, stderr = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, stderr
+    assert same_weights(cli_reference, run) and comparable(run) == comparable(cli_reference)
+    assert not temp_files(run)
+
+
+# ---------------------------------------------------------------------------- full or read-only disk
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    return pipeline.train(load_config("seed", overrides=QUICK), tmp_path_factory.mktemp("ref"), name="ref",
+                          progress=False).run
+
+
+def fail_on(monkeypatch, what: str, error: int, at: int) -> None:
+    """Make the `at`-th write of `what` fail with `error` after writing half a file (as a full disk does)."""
+    seen = []
+    if what in ("checkpoint", "weights"):
+        real = runs.save_file
+        wanted = {"checkpoint": "cnnlab-checkpoint-1", "weights": "cnnlab-weights-1"}[what]
+
+        def save_file(tensors, filename, metadata=None):
+            if (metadata or {}).get("format") == wanted:
+                seen.append(filename)
+                if len(seen) == at:
+                    Path(filename).write_bytes(b"\0" * 100)
+                    raise OSError(error, os.strerror(error))
+            return real(tensors, filename, metadata=metadata)
+
+        monkeypatch.setattr(runs, "save_file", save_file)
+    else:  # the rename that puts a new checkpoint in place
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if Path(dst).name == "checkpoint.safetensors":
+                seen.append(dst)
+                if len(seen) == at:
+                    raise OSError(error, os.strerror(error), str(dst))
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(runs.os, "replace", replace)
+
+
+@pytest.mark.parametrize("what, error", [("checkpoint", errno.ENOSPC), ("weights", errno.ENOSPC),
+                                         ("rename", errno.EROFS)])
+def test_a_failed_save_stops_loudly_and_keeps_the_last_checkpoint(reference, tmp_path, monkeypatch, what, error):
+    with monkeypatch.context() as patch:
+        fail_on(patch, what, error, at=2)  # the end of epoch 2
+        with pytest.raises(RunError) as failure:
+            pipeline.train(load_config("seed", overrides=QUICK), tmp_path, name="full", progress=False)
+    run = tmp_path / "full"
+    message = str(failure.value)
+    assert str(run) in message and os.strerror(error) in message and errno.errorcode[error] in message
+    assert f"cnnlab train --resume {run}" in message
+    assert not temp_files(run)
+    state, warnings = runs.load_checkpoint(run)
+    assert not warnings and state["epoch"] == 1
+    assert runs.path(run, "checkpoint").is_file()  # never moved away, whatever failed
+    pipeline.resume(run, progress=False)
+    assert same_weights(reference, run) and comparable(run) == comparable(reference)
+
+
+# ------------------------------------------------------------------------------------ never inf
+class Poison(Callback):
+    """Turn one weight into inf after the last step of epoch `epoch` (after the optimizer, before saving)."""
+
+    def __init__(self, epoch: int, value: float = float("inf")):
+        self.epoch, self.value = epoch, value
+
+    def on_batch_end(self, trainer, loss, accuracy):
+        if trainer.epoch + 1 == self.epoch and trainer.step == trainer.steps_per_epoch:
+            with torch.no_grad():
+                trainer.model.head.classifier.weight[0, 0] = self.value
+
+
+def test_weights_that_turn_non_finite_are_never_saved(tmp_path):
+    config = load_config("seed", overrides=QUICK)
+    with pytest.raises(TrainingDiverged, match=r"model.safetensors not saved: tensor .* holds inf values"):
+        pipeline.train(config, tmp_path, name="first", callbacks=[Poison(1)], progress=False)
+    first = tmp_path / "first"
+    assert not runs.path(first, "checkpoint").exists() and not runs.path(first, "weights").exists()
+    assert not runs.path(first, "metrics").exists()
+    with pytest.raises(TrainingDiverged, match="holds nan values"):
+        pipeline.train(config, tmp_path, name="second", callbacks=[Poison(2, float("nan"))], progress=False)
+    second = tmp_path / "second"
+    state, warnings = runs.load_checkpoint(second)
+    assert not warnings and state["epoch"] == 1 and [m["epoch"] for m in runs.read_metrics(second)] == [1]
+    model, _, _ = runs.load_model(second)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not temp_files(second)
+
+
+def test_a_huge_learning_rate_leaves_only_finite_files(tmp_path):
+    config = load_config("seed", overrides=[*QUICK, "epochs=1", "train.optimizer=sgd", "train.lr=1e6"])
+    try:  # diverges as a NaN loss, or as weights that are refused, or not at all: files stay finite
+        pipeline.train(config, tmp_path, name="lr", progress=False)
+    except TrainingDiverged:
+        pass
+    for key in ("weights", "checkpoint", "previous_checkpoint"):
+        file = runs.path(tmp_path / "lr", key)
+        if file.exists():
+            assert all(torch.isfinite(t).all() for t in load_file(str(file)).values() if t.is_floating_point())
