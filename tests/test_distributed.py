@@ -119,10 +119,11 @@ def test_nproc_refuses_an_existing_run_name_before_launching(tmp_path):
 
 
 
-@pytest.mark.parametrize("n, batch, world, steps", [(100, 32, 1, 4), (97, 32, 1, 4), (97, 32, 2, 3), (98, 32, 2, 4),
-                                                    (64, 32, 2, 2)])
-def test_a_last_batch_too_small_to_share_is_dropped(n, batch, world, steps):
-    assert steps_in_epoch(n, batch, world) == steps
+@pytest.mark.parametrize("n, batch, steps", [(100, 32, 4), (97, 32, 4), (96, 32, 3), (1, 32, 1)])
+def test_steps_per_epoch_do_not_depend_on_the_number_of_processes(n, batch, steps):
+    # A rank whose slice of the short last batch is empty still takes the step (zero loss, zero
+    # gradient), so a run can resume with another number of processes on the same schedule.
+    assert steps_in_epoch(n, batch) == steps
 
 
 def test_devices():

@@ -109,10 +109,13 @@ class StopAt(Callback):
             trainer.stop_requested = True
 
 
-def test_a_folder_run_resumes_mid_epoch_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_folder_run_resumes_mid_epoch_to_the_same_weights(tmp_path, workers):
     folder = write_colour_folder(tmp_path / "colours", per_class=30)
-    config = load_config("seed", None, ["data.image_size=12", "data.workers=0", "batch_size=16", "epochs=2",
-                                        "model.conv.0.filters=4", "dense_layer_size=16"], data=dict(dataset=str(folder)))
+    # Dropout and augmentation draw from the generator that a DataLoader would also draw its seed from.
+    config = load_config("seed", None, [f"data.workers={workers}", "data.image_size=12", "batch_size=16", "epochs=2",
+                                        "model.conv.0.filters=4", "dense_layer_size=16", "dropout=0.3",
+                                        "augment_flip=true"], data=dict(dataset=str(folder)))
     whole = pipeline.train(config, tmp_path / "runs", name="whole", progress=False)
     with pytest.raises(TrainingInterrupted):
         pipeline.train(config, tmp_path / "runs", name="cut", callbacks=[StopAt(2, 2)], progress=False)

@@ -459,8 +459,6 @@ def model_entry_key(run: Path) -> str:
     return model_entry(state, "head.classifier.bias")[1]["__tensor__"]
 
 
-@pytest.mark.xfail(strict=True, reason="pipeline.resume should pass restore=trainer.load_state_dict to "
-                                       "runs.load_checkpoint (pipeline.py is not this change's file)")
 def test_resume_of_a_checkpoint_that_does_not_fit_is_one_line(copy_run):
     run = copy_run()
     key = model_entry_key(run)

@@ -106,6 +106,13 @@ class Context:
         if self.parallel:
             dist.barrier()
 
+    def broadcast_buffers(self, model: torch.nn.Module) -> None:
+        """Rank 0's buffers (batch-norm running statistics) on every rank: each rank's last forward
+        updated its own copy from its own slice of the batch."""
+        if self.parallel:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, src=0)
+
     @property
     def collective_device(self) -> torch.device:
         return self.device if dist.is_initialized() and dist.get_backend() == "nccl" else torch.device("cpu")
@@ -126,15 +133,20 @@ def init(device_choice: str = "auto") -> Context:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_choice, local_rank)
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if world > 1 and ":" in device_choice:
+        raise DeviceError(f"train.device {device_choice!r} names one GPU for all {world} processes; "
+                          "use cuda (rank i takes GPU i of its machine)")
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         timeout = datetime.timedelta(seconds=TIMEOUT_S)
         store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
-        # torchrun's agent store outlives a restart: without a prefix per attempt, a restarted rank
-        # can read the dead rank's address from the previous attempt and fail to connect to it
-        # (pytorch/pytorch#167288).
-        store = dist.PrefixStore(f"cnnlab/attempt-{restarts}", store)
+        if int(os.environ.get("GROUP_WORLD_SIZE", "1")) == 1:
+            # torchrun's agent store outlives a restart: without a prefix per attempt, a restarted rank
+            # can read the dead rank's address from the previous attempt and fail to connect to it
+            # (pytorch/pytorch#167288). On one machine every rank has the same restart count; across
+            # machines a node that rejoins resets others without counting, so no prefix there.
+            store = dist.PrefixStore(f"cnnlab/attempt-{restarts}", store)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                                 world_size=world, timeout=timeout)
     return Context(rank, world, local_rank, device, restarts)
@@ -148,9 +160,10 @@ def shutdown(context: Context) -> None:
 def launch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     """Run `python -m cnnlab <argv>` as `nproc` ranks on this machine with torchrun's own launcher.
 
-    Returns the exit code: 0 when every rank finished, 1 when the job failed (torchrun prints which
-    rank failed and why).
+    Returns the exit code: 0 when every rank finished, 130 when stopped by a signal, 1 when the job
+    failed (torchrun prints which rank failed and why).
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -161,4 +174,6 @@ def launch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
         run(args)
     except ChildFailedError:
         return 1
+    except SignalException:  # Ctrl-C or SIGTERM: the ranks stopped and saved a checkpoint
+        return 130
     return 0

@@ -196,14 +196,14 @@ def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool =
     """Continue an interrupted run from its newest readable checkpoint, to the same end result."""
     run = runs.check_run(run, "config")
     config = runs.load_config(run)
-    state, warnings = runs.load_checkpoint(run)
-    for warning in warnings if context.is_main else ():
-        print(f"warning: {warning}")
     data = open_data(config, progress, context)
     model = build_model(config.model, data.image_shape, data.num_classes)
     recorders = [runs.RunRecorder(run, data.classes)] if context.is_main else []
     trainer = Trainer(model, TrainData(data.train, data.val), config.train, [*recorders, *callbacks], context)
-    trainer.load_state_dict(state)
+    # A checkpoint the model rejects (tensors that do not fit) counts as unreadable: the previous one is tried.
+    _, warnings = runs.load_checkpoint(run, restore=trainer.load_state_dict)
+    for warning in warnings if context.is_main else ():
+        print(f"warning: {warning}")
     if context.is_main:
         runs.rewrite_metrics(run, trainer.history)
     return fit_and_test(run, trainer, data, context)

@@ -109,10 +109,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
-def steps_in_epoch(n: int, batch_size: int, world: int = 1) -> int:
-    """Global batches per epoch; a last batch too small to give every rank an image is dropped."""
-    full, tail = divmod(n, batch_size)
-    return full + (1 if tail >= world else 0)
+def steps_in_epoch(n: int, batch_size: int) -> int:
+    """Global batches per epoch, the last one possibly short. The same for any number of ranks, so a
+    run can resume with another (a rank whose slice of the short batch is empty still takes the step)."""
+    return math.ceil(n / batch_size)
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -136,7 +136,7 @@ class Trainer:
         # Summed, then divided by the global batch size in the step (see the module docstring).
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
         self.optimizer = make_optimizer(model, config)
-        self.steps_per_epoch = steps_in_epoch(len(data.train), config.batch_size, context.world)
+        self.steps_per_epoch = steps_in_epoch(len(data.train), config.batch_size)
         self.scheduler = make_scheduler(self.optimizer, config, config.epochs * self.steps_per_epoch)
         self.epoch = 0  # completed epochs
         self.step = 0  # completed steps of the current epoch
@@ -186,11 +186,10 @@ class Trainer:
         started = time.perf_counter() - self.epoch_seconds
         self.model.train()
         rank, world = self.context.rank, self.context.world
-        batches = self.global_batches()
-        shards = [index[rank::world] for index in batches]  # disjoint slices, together the global batch
-        for index, (images, labels) in zip(batches, self.data.train.batches(shards)):
+        shards = [index[rank::world] for index in self.global_batches()]  # disjoint; together the global batch
+        for images, labels in self.data.train.batches(shards):
             images = augment(images, self.config.augment_shift, self.config.augment_flip)
-            loss_sum, correct, seen, stop = self.train_step(images, labels, len(index))
+            loss_sum, correct, seen, stop = self.train_step(images, labels)
             self.step += 1
             self.running = [self.running[0] + loss_sum, self.running[1] + correct, self.running[2] + seen]
             self.emit("on_batch_end", loss_sum / max(seen, 1), correct / max(seen, 1))
@@ -205,7 +204,7 @@ class Trainer:
             self.emit("on_interrupt")
             raise TrainingInterrupted(f"stopped after epoch {self.epoch}")
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor, global_count: int) -> tuple[float, int, int, bool]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int, bool]:
         """One optimisation step on this rank's uint8 images (B, C, H, W).
 
         Returns the global batch's loss sum, number correct and number seen, and whether any rank
@@ -223,7 +222,8 @@ class Trainer:
                 f"loss became {total / max(seen, 1)} in epoch {self.epoch + 1}, step {self.step + 1}: "
                 f"training diverged. Try a lower learning rate (train.lr is {self.config.lr:g}) or batch norm.")
         self.optimizer.zero_grad(set_to_none=True)
-        (loss_sum * (self.context.world / global_count)).backward()  # DDP averages over ranks
+        # The mean over the images all ranks read (unreadable ones skipped); DDP averages over ranks.
+        (loss_sum * (self.context.world / max(seen, 1))).backward()
         self.optimizer.step()
         self.scheduler.step()
         return total, int(hits), int(seen), stops > 0
@@ -253,6 +253,7 @@ class Trainer:
         """Validation loss and accuracy; each rank scores its slice and the sums are all-reduced."""
         if len(self.data.val) == 0:
             return math.nan, math.nan
+        self.context.broadcast_buffers(self.model)  # batch-norm statistics: rank 0's, as saved
         c = self.config
         positions = torch.arange(len(self.data.val))[self.context.rank::self.context.world]
         loss_sum, correct, seen = 0.0, 0, 0
@@ -355,7 +356,7 @@ class ProgressBar(Callback):
         if trainer.step % 20 == 0 or trainer.step == trainer.steps_per_epoch:  # redraws cost time
             loss_sum, correct, seen = trainer.running
             self.progress.update(self.task, completed=trainer.step,
-                                 stats=f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f}")
+                                 stats=f"loss {loss_sum / max(seen, 1):.4f} acc {correct / max(seen, 1):.4f}")
 
     def stop(self) -> None:
         if self.progress is not None:

@@ -127,7 +127,11 @@ def train(
             callbacks, tracker = training_callbacks(context, quiet, wandb and cfg, wandb_project)
             result = train_or_continue(cfg, runs_dir, name, callbacks, context)
     except TrainingInterrupted as exc:
-        raise fail(f"{exc}; the checkpoint is saved. Continue with: cnnlab train --resume {exc.run}", code=130) from None
+        if distributed.launched_by_torchrun() and os.environ.get("RANK") != "0":
+            raise typer.Exit(130) from None  # rank 0 says it once
+        again = f"cnnlab train --resume {exc.run}" + (f" --nproc {os.environ['WORLD_SIZE']}"
+                                                      if distributed.launched_by_torchrun() else "")
+        raise fail(f"{exc}; the checkpoint is saved. Continue with: {again}", code=130) from None
     if not context.is_main:
         return
     if tracker is not None:
@@ -154,23 +158,36 @@ def train_or_continue(cfg, runs_dir: Path, name: str | None, callbacks: list,
 
     A restarted job finds its run by name (`--nproc` always passes one; under a bare torchrun the
     name comes from the rendezvous id), resumes from its checkpoint, or starts over in it when the
-    failure came before the first checkpoint.
+    failure came before the first checkpoint. Rank 0 decides, from the run directory, and tells the
+    others: their restart counts need not agree (a node that rejoins resets the others uncounted).
     """
     if distributed.launched_by_torchrun() and name is None:
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
         name = f"{runs.default_name(cfg).rsplit('-', 2)[0]}-job-{job}" if job != "none" else None
-    if context.restarts and name is not None:
-        run = Path(runs_dir) / name
-        state = context.broadcast_text(
-            "resume" if runs.path(run, "checkpoint").is_file() or runs.path(run, "previous_checkpoint").is_file()
-            else "again" if run.is_dir() else "new")
-        say(context, f"restart {context.restarts}: "
-                     + {"resume": f"resuming {run} from its checkpoint", "again": f"starting {run} over",
-                        "new": f"starting {run}"}[state])
-        if state == "resume":
-            return pipeline.resume(run, callbacks, context=context)
-        return pipeline.train(cfg, runs_dir, name, callbacks, context=context, reuse=state == "again")
-    return pipeline.train(cfg, runs_dir, name, callbacks, context=context)
+    if name is None or not distributed.launched_by_torchrun():
+        return pipeline.train(cfg, runs_dir, name, callbacks, context=context)
+    run = Path(runs_dir) / name
+    decision = pipeline.on_main(context, lambda: restart_decision(cfg, run, context.restarts))
+    if decision != "new":
+        say(context, f"restart {context.restarts}: " + (f"resuming {run} from its checkpoint" if decision == "resume"
+                                                        else f"starting {run} over"))
+    if decision == "resume":
+        return pipeline.resume(run, callbacks, context=context)
+    return pipeline.train(cfg, runs_dir, name, callbacks, context=context, reuse=decision == "again")
+
+
+def restart_decision(cfg, run: Path, restarts: int) -> str:
+    """'new' (no run yet, or a first attempt: an existing name is then an error), 'resume' (this job's
+    run has a checkpoint) or 'again' (it failed before its first checkpoint)."""
+    if restarts == 0 or not run.is_dir():
+        return "new"
+    if runs.path(run, "test").is_file():
+        raise runs.RunError(f"{run} has already finished; this job (same name or rendezvous id) will not retrain it: "
+                            "pick another --name or --rdzv-id")
+    if runs.path(run, "config").is_file() and runs.load_config(run).to_dict() != cfg.to_dict():
+        raise runs.RunError(f"{run} holds another configuration than this job's: pick another --name or --rdzv-id")
+    has_checkpoint = runs.path(run, "checkpoint").is_file() or runs.path(run, "previous_checkpoint").is_file()
+    return "resume" if has_checkpoint else "again"
 
 
 def launch_processes(ctx: typer.Context, nproc: int, max_restarts: int, name: str | None, resume: Path | None,
@@ -179,12 +196,14 @@ def launch_processes(ctx: typer.Context, nproc: int, max_restarts: int, name: st
     an elastic restart finds and resumes the run its first attempt started."""
     if resume is None and (Path(runs_dir) / name).exists():
         raise fail(f"{Path(runs_dir) / name}: a run of that name exists; pick another --name or --resume it")
-    argv = ["train", *command_line(ctx, drop={"nproc", "max_restarts", "name"})]
+    argv = ["train", *command_line(ctx, drop={"nproc", "max_restarts"} | ({"name"} if resume is None else set()))]
     if resume is None:
         argv += ["--name", name]
     print(f"launching {nproc} processes with torchrun"
-          + (f" (up to {max_restarts} restarts)" if max_restarts else "") + f": run {Path(runs_dir) / (name or '')}")
+          + (f" (up to {max_restarts} restarts)" if max_restarts else "") + f": run {resume or Path(runs_dir) / name}")
     code = distributed.launch(nproc, argv, max_restarts)
+    if code == 130:
+        raise typer.Exit(130)  # the ranks stopped on the signal; rank 0 said how to continue
     if code:
         raise fail(f"the data-parallel job failed (see the messages above); "
                    f"its last checkpoint is in {Path(runs_dir) / name if name else resume}", code=code)

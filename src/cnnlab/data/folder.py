@@ -219,7 +219,10 @@ class FolderSource:
             _Decoded(str(self.root), self.paths, self.labels.numpy(), self.image_size, self.channels),
             batch_sampler=_Batches(index_batches), num_workers=self.workers,
             collate_fn=_Collate((self.channels, *self.image_size)),
-            prefetch_factor=PREFETCH_FACTOR if self.workers > 0 else None, persistent_workers=False)
+            prefetch_factor=PREFETCH_FACTOR if self.workers > 0 else None, persistent_workers=False,
+            # Its own generator: by default a DataLoader draws its workers' seed from the global one,
+            # which dropout and augmentation use, and a resumed epoch would draw once more.
+            generator=torch.Generator().manual_seed(0))
         for images, labels, bad in loader:
             self.skipped.update(bad)
             yield images, labels
