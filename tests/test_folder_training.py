@@ -145,16 +145,17 @@ def load_bench():
     return module
 
 
-@pytest.mark.slow  # writes 13,500 JPEGs and trains on them twice
+@pytest.mark.slow  # writes 16,000 JPEGs and trains on them twice
 def test_peak_memory_does_not_grow_with_the_folder(tmp_path):
     bench = load_bench()
-    size, small, large = 96, 1500, 12000
+    size, small, large = 96, 2000, 14000
     peaks = {}
     for count in (small, large):
         bench.write_folder(tmp_path / f"images{count}", count, size)
         peaks[count] = bench.measure(tmp_path / f"images{count}", size, workers=2, runs=tmp_path / f"runs{count}")
-    decoded_growth = (large - small) * size * size * 3 / 2**20  # MiB an in-memory copy would add: ~280
+    decoded_growth = (large - small) * size * size * 3 / 2**20  # MiB an in-memory copy would add: ~316
     growth = peaks[large]["main_peak_mib"] - peaks[small]["main_peak_mib"]
     assert peaks[large]["trained"] == 1 and peaks[large]["test_images"] > 1000
-    assert growth < 0.25 * decoded_growth, (peaks, decoded_growth)  # measured: ~10%
+    # The C heap may grow by up to folder.HEAP_SLACK_BYTES (128 MiB) before it is trimmed.
+    assert growth < 0.5 * decoded_growth, (peaks, decoded_growth)  # measured: within +-60 MiB
     assert peaks[large]["worker_peak_mib"] - peaks[small]["worker_peak_mib"] < 0.25 * decoded_growth, peaks

@@ -169,27 +169,44 @@ class _Batches:
         return (torch.as_tensor(index).tolist() for index in self.index_batches)
 
 
-def return_large_buffers_to_os() -> None:
-    """Make glibc give every freed block of 1 MiB or more straight back to the OS (Linux only).
+HEAP_SLACK_BYTES = 128 << 20  # resident growth while streaming before the C heap is trimmed
 
-    By default glibc raises its mmap threshold to the size of the largest block freed so far (up to
-    32 MiB), after which per-batch tensors of a few MB come from the heap, which fragments and keeps
-    growing: measured here, one epoch over 16,000 96x96 images peaked 450 MB higher than with the
-    threshold fixed, which kept the peak flat whatever the number of images (bench/folder_memory.py).
+
+def trim_heap() -> None:
+    """Give the freed parts of the C heap back to the OS (glibc's malloc_trim; a no-op elsewhere).
+
+    glibc raises its mmap threshold to the largest block freed so far (up to 32 MiB), after which
+    per-batch tensors of a few MB come from the heap, which fragments and grows with the number of
+    batches: one epoch over 16,000 96x96 images peaked at 639 MiB against 350 MiB for 1,500. Trimming
+    whenever the process has grown by HEAP_SLACK_BYTES keeps the peak flat. Trimming after every batch,
+    or fixing the threshold (mallopt), bounds it too but makes each batch fault its pages in again:
+    20-30% slower steps for deep-color (bench/folder_memory.py, BENCHMARKS.md).
     """
-    global _THRESHOLD_SET
-    if _THRESHOLD_SET or not sys.platform.startswith("linux"):
-        return
-    _THRESHOLD_SET = True
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 elsewhere, where nothing is trimmed anyway)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
     try:
         libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
-    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-        pass
+        libc.malloc_trim  # noqa: B018 -- musl and others have no malloc_trim
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
-M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
-_THRESHOLD_SET = False
+_LIBC = _glibc()
 
 
 class FolderSource:
@@ -214,7 +231,6 @@ class FolderSource:
 
     def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """For each 1-D int64 index batch: uint8 images (B, C, H, W) and int64 labels (B,), unreadable ones dropped."""
-        return_large_buffers_to_os()
         loader = DataLoader(
             _Decoded(str(self.root), self.paths, self.labels.numpy(), self.image_size, self.channels),
             batch_sampler=_Batches(index_batches), num_workers=self.workers,
@@ -223,9 +239,13 @@ class FolderSource:
             # Its own generator: by default a DataLoader draws its workers' seed from the global one,
             # which dropout and augmentation use, and a resumed epoch would draw once more.
             generator=torch.Generator().manual_seed(0))
+        limit = resident_bytes() + HEAP_SLACK_BYTES
         for images, labels, bad in loader:
             self.skipped.update(bad)
             yield images, labels
+            if resident_bytes() > limit:  # trimming every batch would cost page faults on every batch
+                trim_heap()
+                limit = resident_bytes() + HEAP_SLACK_BYTES
 
     def load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split in memory: uint8 images (M, C, H, W) and int64 labels (M,), M <= N after skips."""
