@@ -395,3 +395,18 @@ def test_two_processes_and_a_thread_fetching_the_same_dataset_at_once_all_succee
     assert sum(hit.endswith(TRAIN_IMAGES) for hit in Mirror.hits) >= 2
     folder = store.cache_root() / spec.name
     assert sorted(p.name for p in folder.iterdir()) == sorted(arrays)
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+
+
+def test_eps_is_never_handed_to_ghostscript_whatever_its_name(tmp_path):
+    """Pillow decodes EPS by running Ghostscript on it; cnnlab refuses the format from its header."""
+    from cnnlab.data.folder import decode_image
+    from cnnlab.preprocess import ImageReadError, read_image
+
+    (tmp_path / "photo.png").write_bytes(EPS)
+    with pytest.raises(ImageReadError, match="EPS files are not read"):
+        read_image(tmp_path / "photo.png")
+    with pytest.raises(ValueError, match="EPS files are not read"):
+        decode_image(tmp_path / "photo.png", (8, 8), 3)

@@ -45,6 +45,9 @@ Source = str | Path | bytes | BinaryIO | Image.Image
 
 
 # ------------------------------------------------------------------------------------ reading
+UNSAFE_FORMATS = frozenset({"EPS"})  # decoding runs an external interpreter on the file's contents
+
+
 def read_image(source: Source, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Open and decode any image Pillow reads, turned upright by its EXIF orientation tag.
 
@@ -60,6 +63,9 @@ def read_image(source: Source, name: str | None = None, max_pixels: int = MAX_PI
             with Image.open(handle) as opened:
                 # the header gives the size: refuse before decoding a single pixel
                 width, height = opened.size
+                if opened.format in UNSAFE_FORMATS:
+                    raise ImageReadError(f"{label}: {opened.format} files are not read (Pillow hands them to "
+                                         "Ghostscript, which runs the PostScript in them)")
                 if width * height > max_pixels:
                     raise ImageTooLarge(f"{label}: {width}x{height} pixels is more than the {max_pixels:,} allowed")
                 image = ImageOps.exif_transpose(opened)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+
+from cnnlab.preprocess import UNSAFE_FORMATS
 from torch.utils.data import DataLoader, Dataset
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -73,6 +75,8 @@ def decode_image(path: str | Path, image_size: tuple[int, int], channels: int) -
         except Image.DecompressionBombWarning as warning:  # Pillow's own limit, checked on open
             raise Image.DecompressionBombError(str(warning)) from None
         with im:
+            if im.format in UNSAFE_FORMATS:  # content decides, not the file name: an EPS named x.png too
+                raise ValueError(f"{im.format} files are not read (Pillow hands them to Ghostscript)")
             if im.width * im.height > MAX_PIXELS:
                 raise Image.DecompressionBombError(
                     f"{im.width}x{im.height} pixels is over the {MAX_PIXELS // 1_000_000}-megapixel limit")
