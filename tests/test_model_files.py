@@ -465,3 +465,19 @@ def test_resume_of_a_checkpoint_that_does_not_fit_is_one_line(copy_run):
     edit_checkpoint(run, edit_tensors=lambda t: t.update({key: torch.zeros(11)}))
     code, output = invoke(["train", "--resume", str(run), "-q"])
     assert code == 2 and "Traceback" not in output and "checkpoint.safetensors" in output
+
+
+def test_a_valid_file_whose_header_length_starts_like_a_pickle_still_loads(tmp_path):
+    """A safetensors file starts with its header length: one in 256 begins with byte 0x80, as pickles do."""
+    from safetensors.torch import save_file
+
+    from cnnlab.runs import read_safetensors
+
+    for pad in range(300):
+        file = tmp_path / "w.safetensors"
+        save_file({"x": torch.ones(2)}, str(file), metadata={"pad": "a" * pad})
+        if file.read_bytes()[:1] == b"\x80":
+            tensors, metadata = read_safetensors(file)
+            assert torch.equal(tensors["x"], torch.ones(2)) and metadata["pad"] == "a" * pad
+            return
+    pytest.fail("no header length starting with 0x80 in the range tried")

@@ -200,3 +200,20 @@ def test_gz_digest_verifies_when_the_payload_digest_is_unknown(tiny):
     with serve(blobs, {"bad": "flip"}) as url:
         location = store.fetch(replace(spec, mirrors=(f"{url}/bad/", f"{url}/good/")), progress=False)
     assert (location.directory / name).read_bytes() == blobs[name]
+
+
+def test_a_valid_cache_opens_no_socket(tiny, monkeypatch):
+    """With the files in the cache, loading a dataset with mirrors configured never touches the network."""
+    import socket
+
+    spec, arrays, _ = tiny
+    spec = replace(spec, mirrors=("http://127.0.0.1:9/never/",))
+    write_dataset(store.cache_root() / "tiny", arrays)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a socket was opened")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    dataset = load_dataset(spec)
+    assert dataset.location.origin == "cache" and len(dataset.train_labels) == len(arrays["train-labels-idx1-ubyte.gz"])

@@ -254,17 +254,24 @@ PICKLE_STARTS = (b"\x80", b"PK\x03\x04")  # a pickle protocol 2+ opcode; a zip a
 def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file, or a RunError naming it; never unpickles anything."""
     try:
-        with open(file, "rb") as handle:
-            start = handle.read(4)
-        if start.startswith(PICKLE_STARTS):
-            raise RunError(f"{file}: a pickle or torch.save file, not safetensors; cnnlab never unpickles "
-                           f"files (unpickling can run any code)")
         with safe_open(str(file), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError) as exc:
+        # Named only once parsing failed: a safetensors header length can start with byte 0x80 too.
+        if looks_pickled(file):
+            raise RunError(f"{file}: a pickle or torch.save file, not safetensors; cnnlab never unpickles "
+                           f"files (unpickling can run any code)") from None
         raise RunError(f"{file}: not a valid safetensors file ({exc})") from None
     return tensors, metadata
+
+
+def looks_pickled(file: Path) -> bool:
+    try:
+        with open(file, "rb") as handle:
+            return handle.read(4).startswith(PICKLE_STARTS)
+    except OSError:
+        return False
 
 
 def metadata_json(file: Path, metadata: dict[str, str], key: str, valid, expected: str) -> Any:
