@@ -10,6 +10,7 @@ import pytest
 from cnnlab.data import store
 from cnnlab.data.idx import encode_idx, write_idx
 from cnnlab.data.registry import DatasetSpec, _idx_files
+from cnnlab.trainer import Callback
 
 
 @pytest.fixture(autouse=True)
@@ -51,3 +52,14 @@ def write_dataset(directory, arrays: dict[str, np.ndarray]) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for name, array in arrays.items():
         write_idx(directory / name, array)
+
+
+class StopAt(Callback):
+    """Ask the trainer to stop (as Ctrl-C does) after a given step of a given epoch."""
+
+    def __init__(self, epoch: int, step: int):
+        self.epoch, self.step = epoch, step
+
+    def on_batch_end(self, trainer, loss, accuracy):
+        if trainer.epoch + 1 == self.epoch and trainer.step == self.step:
+            trainer.stop_requested = True

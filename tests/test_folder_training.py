@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import StopAt
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -18,7 +19,7 @@ from typer.testing import CliRunner
 from cnnlab import pipeline, runs
 from cnnlab.cli import app
 from cnnlab.config import load_config
-from cnnlab.trainer import Callback, TrainingInterrupted
+from cnnlab.trainer import TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": 0, "green": 1, "blue": 2}
@@ -98,15 +99,6 @@ def test_a_folder_that_is_not_one_says_what_is_expected(tmp_path):
     result = CliRunner().invoke(app, ["train", "--dataset", str(tmp_path / "flat"), "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 2 and str(tmp_path / "flat") in result.output
     assert not (tmp_path / "runs").exists()
-
-
-class StopAt(Callback):
-    def __init__(self, epoch: int, step: int):
-        self.epoch, self.step = epoch, step
-
-    def on_batch_end(self, trainer, loss, accuracy):
-        if trainer.epoch + 1 == self.epoch and trainer.step == self.step:
-            trainer.stop_requested = True
 
 
 @pytest.mark.parametrize("workers", [0, 2])

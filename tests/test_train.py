@@ -5,29 +5,19 @@ import json
 
 import pytest
 import torch
+from conftest import StopAt
 from safetensors.torch import load_file
 
 from cnnlab import pipeline, runs
 from cnnlab.config import list_presets, load_config
 from cnnlab.data import DatasetUnavailable
-from cnnlab.trainer import Callback, TrainingDiverged, TrainingInterrupted
+from cnnlab.trainer import TrainingDiverged, TrainingInterrupted
 
 QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32"]
 
 
 def quick_config(*extra: str):
     return load_config("seed", overrides=[*QUICK, *extra])
-
-
-class StopAt(Callback):
-    """Ask the trainer to stop (as Ctrl-C does) after a given step of a given epoch."""
-
-    def __init__(self, epoch: int, step: int):
-        self.epoch, self.step = epoch, step
-
-    def on_batch_end(self, trainer, loss, accuracy):
-        if trainer.epoch + 1 == self.epoch and trainer.step == self.step:
-            trainer.stop_requested = True
 
 
 def weights(run):

@@ -128,18 +128,15 @@ def first_on_main(context: Context, work):
     """Run `work` on rank 0, then on the other ranks; a failure on rank 0 is raised on every rank."""
     if not context.parallel:
         return work()
-    if context.is_main:
-        try:
-            result = work()
-        except Exception as exc:
-            context.broadcast_text(f"{type(exc).__name__}: {exc}")
-            raise
-        context.broadcast_text("")
-        return result
-    failure = context.broadcast_text(None)
-    if failure:
-        raise RankZeroFailed(f"rank 0 failed: {failure}")
-    return work()
+    result = None
+
+    def on_rank_zero() -> str:
+        nonlocal result
+        result = work()
+        return ""
+
+    on_main(context, on_rank_zero)  # the others wait here until rank 0 succeeded (or raise its error)
+    return result if context.is_main else work()
 
 
 def on_main(context: Context, work) -> str:
