@@ -59,7 +59,8 @@ def main() -> None:
             accuracy = statistics.median(r["test_accuracy"] for r in rows)
             print(f"| {preset} | {nproc} | {statistics.median(rates):,.0f} | {min(rates):,.0f}-{max(rates):,.0f} | "
                   f"{statistics.median(rates) / base:.2f}x | {accuracy:.4f} |")
-    args.out.write_text(json.dumps(dict(args={k: str(v) for k, v in vars(args).items()}, results=results), indent=2))
+    recorded = {k: str(v) for k, v in vars(args).items() if k != "out"}  # where it was written says nothing
+    args.out.write_text(json.dumps(dict(args=recorded, results=results), indent=2))
 
 
 if __name__ == "__main__":

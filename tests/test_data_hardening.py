@@ -8,7 +8,6 @@ here the same faults in .gz files and in whole datasets loaded by name, and the 
 from __future__ import annotations
 
 import gzip
-import http.server
 import io
 import json
 import struct
@@ -19,7 +18,6 @@ import threading
 import time
 import tracemalloc
 import zlib
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from cnnlab.data.idx import encode_idx
 from cnnlab.preprocess import BlankImage, prepare
 from conftest import write_dataset
 from test_fuzz import FOLDER, TINY_CIFAR, cifar_archive
-from test_store import Mirror
+from test_store import Mirror, serve
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 MiB = 1 << 20
@@ -334,19 +332,6 @@ class SlowMirror(Mirror):
         super().do_GET()
 
 
-@contextmanager
-def serve(files: dict[str, bytes], handler=Mirror):
-    Mirror.files, Mirror.behaviour, Mirror.hits = files, {}, []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 FETCH_SCRIPT = r'''
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
@@ -371,7 +356,7 @@ print(json.dumps({"origin": location.origin, "ok": all(check.ok for check in ver
 def test_two_processes_and_a_thread_fetching_the_same_dataset_at_once_all_succeed(tiny):
     spec, arrays, blobs = tiny
     tests = str(Path(__file__).parent)
-    with serve(blobs, SlowMirror) as url:
+    with serve(blobs, handler=SlowMirror) as url:
         mirror = f"{url}/m/"
         start = time.time() + 2.0
         processes = [subprocess.Popen([sys.executable, "-c", FETCH_SCRIPT, tests, mirror, str(start)],

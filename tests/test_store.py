@@ -127,9 +127,10 @@ class Mirror(http.server.BaseHTTPRequestHandler):
 
 
 @contextmanager
-def serve(files: dict[str, bytes], behaviour: dict[str, str]):
-    Mirror.files, Mirror.behaviour, Mirror.hits = files, behaviour, []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Mirror)
+def serve(files: dict[str, bytes], behaviour: dict[str, str] | None = None, handler: type[Mirror] = Mirror):
+    """Local mirrors on 127.0.0.1: `behaviour` maps a mirror's path prefix to how it misbehaves."""
+    Mirror.files, Mirror.behaviour, Mirror.hits = files, behaviour or {}, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
