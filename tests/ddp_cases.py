@@ -2,12 +2,15 @@
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_cases.py CASE OUT_DIR
 
-Each rank writes OUT_DIR/rank<r>.json with what it saw; the test compares the ranks.
+Each rank writes OUT_DIR/rank<r>.json with what it saw; the test compares the ranks. At exit, after
+cnnlab's own exit handler, each rank also writes OUT_DIR/rank<r>-exit.json: the threads still alive.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,8 +97,16 @@ def timeout(context) -> dict:
 CASES = dict(nan_on_one_rank=nan_on_one_rank, shards=shards, timeout=timeout)
 
 
+def thread_names() -> list[str]:
+    """The names of this process's threads, as the kernel knows them (gloo names its own)."""
+    return sorted((Path("/proc/self/task") / task / "comm").read_text().strip() for task in os.listdir("/proc/self/task"))
+
+
 def main() -> None:
     case, out = sys.argv[1], Path(sys.argv[2])
+    rank = int(os.environ["RANK"])
+    # Registered before distributed.init registers its own handler, so it runs after it (last in, first out).
+    atexit.register(lambda: (out / f"rank{rank}-exit.json").write_text(json.dumps(dict(threads=thread_names()))))
     context = distributed.init("cpu")
     result = CASES[case](context)
     (out / f"rank{context.rank}.json").write_text(json.dumps(result))

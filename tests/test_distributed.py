@@ -175,6 +175,17 @@ def test_shards_are_disjoint_cover_each_global_batch_and_are_reshuffled_every_ep
 
 
 @pytest.mark.slow  # a torchrun job
+def test_every_rank_joins_the_process_groups_threads_before_the_interpreter_shuts_down(tmp_path):
+    # A gloo worker thread left running into interpreter shutdown can die holding a tensor and abort
+    # the finished process (SIGABRT, "terminate called without an active exception"): about one job
+    # in three, before cnnlab's exit handler destroyed the group and DDP stopped pinning it.
+    ddp_case("shards", tmp_path)  # trains with DDP, as a real job does
+    for rank in range(2):
+        threads = json.loads((tmp_path / f"rank{rank}-exit.json").read_text())["threads"]
+        assert not [name for name in threads if "gloo" in name], (rank, threads)
+
+
+@pytest.mark.slow  # a torchrun job
 def test_a_rank_that_never_arrives_fails_the_collective_instead_of_hanging(tmp_path):
     rank0, _ = ddp_case("timeout", tmp_path, CNNLAB_DIST_TIMEOUT="3")
     assert rank0["error"] is not None and rank0["seconds"] < 12, rank0

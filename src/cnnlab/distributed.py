@@ -10,7 +10,9 @@ LOCAL_RANK, MASTER_ADDR/MASTER_PORT and, after an elastic restart, TORCHELASTIC_
 """
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import json
 import os
 from dataclasses import dataclass
@@ -147,13 +149,28 @@ def init(device_choice: str = "auto") -> Context:
             # (pytorch/pytorch#167288). On one machine every rank has the same restart count; across
             # machines a node that rejoins resets others without counting, so no prefix there.
             store = dist.PrefixStore(f"cnnlab/attempt-{restarts}", store)
+        # torch.distributed.nn.functional takes `group=group.WORLD` as default arguments: imported after
+        # the group exists (DDP imports it through torch._dynamo), it holds the group for good, and the
+        # group's worker threads are never joined. Imported first, its defaults are None.
+        import torch.distributed.nn.functional  # noqa: F401
+
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                                 world_size=world, timeout=timeout)
+        atexit.register(shutdown)
     return Context(rank, world, local_rank, device, restarts)
 
 
-def shutdown(context: Context) -> None:
-    if context.parallel and dist.is_initialized():
+def shutdown() -> None:
+    """Leave the process group and join its worker threads while the interpreter is still whole.
+
+    Registered with atexit by `init`. Left to interpreter shutdown, a gloo worker thread that drops
+    the last reference to a collective's tensor needs the GIL, is ended by the finalizing interpreter
+    mid-destructor, and the process dies of SIGABRT ("terminate called without an active exception")
+    after its work is done. The group is destroyed, and its threads joined, once nothing holds it:
+    the collection frees a finished trainer's DDP wrapper, which lives in reference cycles.
+    """
+    if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
