@@ -1,4 +1,4 @@
-"""Benchmark cnnlab.conv (NumPy) against torch.nn.functional on the same machine, in the same run.
+"""Benchmark cnnlab.playground.conv (NumPy) against torch.nn.functional on the same machine, in the same run.
 
 Usage: python bench/bench_conv.py [--size 1024] [--repeats 7] [--threads 2]
 Prints a Markdown table of median times and the NumPy / torch ratio (target: conv within 3x).
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab.conv import avg_pool2d, conv2d, max_pool2d
+from cnnlab.playground.conv import avg_pool2d, conv2d, max_pool2d
 
 
 def median_seconds(function, repeats: int) -> float:
@@ -56,7 +56,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
 
-    print(f"cnnlab.conv vs torch {torch.__version__} (CPU, {torch.get_num_threads()} threads), "
+    print(f"cnnlab.playground.conv vs torch {torch.__version__} (CPU, {torch.get_num_threads()} threads), "
           f"numpy {np.__version__}, {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     print(f"image {args.size}x{args.size}x3 float32, median of {args.repeats} runs, "
           f"load average before: {os.getloadavg()[0]:.2f} (above ~0.3 other work is sharing the cores)\n")

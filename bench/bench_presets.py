@@ -28,7 +28,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from cnnlab import pipeline
-    from cnnlab.architecture import count_macs, plan
+    from cnnlab.models.plan import count_macs, plan
     from cnnlab.config import load_config
     from cnnlab.data import load_dataset
 

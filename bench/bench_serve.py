@@ -33,7 +33,7 @@ def make_run(preset: str, root: Path) -> Path:
     from cnnlab import runs
     from cnnlab.config import load_config
     from cnnlab.data import get_dataset
-    from cnnlab.models import build_model
+    from cnnlab.models.cnn import build_model
 
     config = load_config(preset)
     spec = get_dataset(config.data.dataset)
@@ -48,7 +48,7 @@ def serve(run: Path, port: int, threads: int) -> None:
     import torch
     import uvicorn
 
-    from cnnlab.serve import create_app
+    from cnnlab.use.serve import create_app
 
     torch.set_num_threads(threads)
     uvicorn.run(create_app([run]), host="127.0.0.1", port=port, log_level="warning")
@@ -142,8 +142,8 @@ def throughput(preset: str, batch: int, total: int, repeats: int) -> float:
     import torch
 
     from cnnlab.config import load_config
-    from cnnlab.evaluate import infer
-    from cnnlab.models import build_model
+    from cnnlab.training.evaluate import infer
+    from cnnlab.models.cnn import build_model
 
     model = build_model(load_config(preset).model, seed=0).eval()
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (total, 28, 28), dtype=np.uint8))
@@ -158,7 +158,7 @@ def throughput(preset: str, batch: int, total: int, repeats: int) -> float:
 
 def preprocess_ms(repeats: int = 50) -> float:
     """Median milliseconds to read and prepare one 280x280 PNG drawing (digits recipe)."""
-    from cnnlab.preprocess import prepare
+    from cnnlab.use.recipes import prepare
 
     body = drawing_png()
     times = []

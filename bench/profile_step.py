@@ -14,9 +14,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cnnlab.config import load_config
-from cnnlab.evaluate import to_inputs
-from cnnlab.models import build_model
-from cnnlab.trainer import make_optimizer
+from cnnlab.training.evaluate import to_inputs
+from cnnlab.models.cnn import build_model
+from cnnlab.training.engine import make_optimizer
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import pytest
 from cnnlab.data import store
 from cnnlab.data.idx import encode_idx, write_idx
 from cnnlab.data.registry import DatasetSpec, _idx_files
-from cnnlab.trainer import Callback
+from cnnlab.training.engine import Callback
 
 
 @pytest.fixture(autouse=True)

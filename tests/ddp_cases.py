@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from cnnlab import distributed
+from cnnlab.training import distributed
 from cnnlab.config import load_config
-from cnnlab.models import build_model
-from cnnlab.trainer import Callback, TensorSource, Trainer, TrainData, TrainingDiverged, epoch_order
+from cnnlab.models.cnn import build_model
+from cnnlab.training.engine import Callback, TensorSource, Trainer, TrainData, TrainingDiverged, epoch_order
 
 CONFIG = load_config("seed", None, ["model.conv.0.filters=4", "dense_layer_size=8", "batch_size=16", "epochs=2",
                                     "channels_last=false"])

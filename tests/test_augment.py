@@ -1,6 +1,6 @@
 import torch
 
-from cnnlab.augment import augment, random_flip, random_shift
+from cnnlab.training.augment import augment, random_flip, random_shift
 
 
 def test_shift_moves_each_image_within_bounds_and_keeps_its_pixels():

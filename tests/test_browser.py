@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("fastapi", reason="the web demo's tests need: pip install -e '.[test]'")
 
-from cnnlab.serve import create_app  # noqa: E402
+from cnnlab.use.serve import create_app  # noqa: E402
 from use_runs import running_server, tiny_run  # noqa: E402
 
 CHROMIUM = Path("/usr/bin/chromium")

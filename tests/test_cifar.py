@@ -362,7 +362,7 @@ def test_a_colour_run_through_show_report_predict_and_export(colour_run, tmp_pat
 
 def test_colour_images_are_drawn_in_colour(tmp_path):
     """A pure red test image shows as pure red pixels in the mistakes grid; a grey one stays grey."""
-    from cnnlab.visualize import Mistake, plot_mistakes
+    from cnnlab.inspect.figures import Mistake, plot_mistakes
 
     red = np.zeros((1, 32, 32, 3), np.uint8)
     red[..., 0] = 255
@@ -377,7 +377,7 @@ def test_colour_images_are_drawn_in_colour(tmp_path):
 def test_the_photos_recipe_keeps_colour_and_crops_the_centre_square():
     from PIL import Image
 
-    from cnnlab.preprocess import prepare
+    from cnnlab.use.recipes import prepare
 
     photo = np.zeros((100, 300, 3), np.uint8)
     photo[:, :100] = (255, 0, 0)  # red left third, green middle, blue right third
@@ -392,9 +392,9 @@ def test_predictor_and_web_demo_on_a_colour_model(colour_run, tmp_path):
     httpx = pytest.importorskip("httpx", reason="the web demo's tests need: pip install -e '.[test]'")
     from PIL import Image
 
-    from cnnlab.export import example_inputs, export_run
-    from cnnlab.predict import Predictor, predict_arrays
-    from cnnlab.serve import create_app
+    from cnnlab.use.export import example_inputs, export_run
+    from cnnlab.use.predict import Predictor, predict_arrays
+    from cnnlab.use.serve import create_app
 
     run, spec = colour_run
     predictor = Predictor.from_run(run)

@@ -1,4 +1,4 @@
-"""cnnlab.conv against torch.nn.functional and scipy, the lesson's facts, and every error message."""
+"""cnnlab.playground.conv against torch.nn.functional and scipy, the lesson's facts, and every error message."""
 import math
 import subprocess
 import sys
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.signal import convolve2d
 
-from cnnlab.conv import (avg_pool2d, conv2d, conv2d_per_channel, explain_output_size, max_pool2d,
+from cnnlab.playground.conv import (avg_pool2d, conv2d, conv2d_per_channel, explain_output_size, max_pool2d,
                          output_size, same_padding)
 
 SETTINGS = settings(max_examples=150, deadline=None)
@@ -269,6 +269,6 @@ def test_invalid_arguments_raise_value_error(call, message):
 
 
 def test_importing_conv_does_not_import_torch():
-    code = ("import sys, cnnlab.conv, cnnlab.kernels, cnnlab.explain; "
+    code = ("import sys, cnnlab.playground.conv, cnnlab.playground.kernels, cnnlab.playground.explain; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from cnnlab import pipeline, runs
 from cnnlab.config import load_config
 from cnnlab.runs import RunError
-from cnnlab.trainer import Callback, TrainingDiverged
+from cnnlab.training.engine import Callback, TrainingDiverged
 
 # about 0.25 s an epoch on one thread: kills land in training, not only in start-up
 CLI_SETTINGS = ["epochs=5", "batch_size=32", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",

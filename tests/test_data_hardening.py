@@ -29,7 +29,7 @@ from cnnlab.data import CifarError, DataError, IDXError, load_dataset, read_idx,
 from cnnlab.data import store
 from cnnlab.data.cifar import RECORD_BYTES, read_archive
 from cnnlab.data.idx import encode_idx
-from cnnlab.preprocess import BlankImage, prepare
+from cnnlab.use.recipes import BlankImage, prepare
 from conftest import write_dataset
 from test_fuzz import FOLDER, TINY_CIFAR, cifar_archive
 from test_store import Mirror, serve
@@ -243,10 +243,10 @@ import numpy as np
 from cnnlab.data import CifarError, DataError, IDXError, read_idx
 from cnnlab.data.cifar import read_archive
 from cnnlab.data.idx import encode_idx
-from cnnlab.preprocess import BlankImage, prepare
+from cnnlab.use.recipes import BlankImage, prepare
 from cnnlab.data.loading import check_pair
 from cnnlab.data.registry import CIFAR10, get_dataset
-from cnnlab.preprocess import prepare
+from cnnlab.use.recipes import prepare
 
 folder = Path(sys.argv[1])
 print("optimize", sys.flags.optimize, "asserts", "on" if __debug__ else "off")
@@ -314,21 +314,31 @@ def test_no_assert_statement_in_the_package():
 
 
 # -------------------------------------------------------------------------------- concurrent fetch
-class SlowMirror(Mirror):
-    """test_store's mirror, sending each body in two halves 0.3 s apart, so concurrent downloads overlap."""
+class OverlappingMirror(Mirror):
+    """test_store's mirror that holds each download of the training images until a second one has
+    started (or 60 s passed), then sends the bodies in two halves: the downloads overlap by
+    construction, not by how the scheduler happened to run the processes."""
+
+    arrived = 0
+    both_started = threading.Condition()
 
     def do_GET(self):  # noqa: N802 (http.server's name)
+        if self.path.endswith(TRAIN_IMAGES):
+            with OverlappingMirror.both_started:
+                OverlappingMirror.arrived += 1
+                OverlappingMirror.both_started.notify_all()
+                OverlappingMirror.both_started.wait_for(lambda: OverlappingMirror.arrived >= 2, timeout=60)
         real_write = self.wfile.write
 
-        def write_slowly(data):
+        def write_in_halves(data):
             if len(data) > 512:
                 real_write(data[: len(data) // 2])
                 self.wfile.flush()
-                time.sleep(0.3)
+                time.sleep(0.1)
                 data = data[len(data) // 2:]
             return real_write(data)
 
-        self.wfile.write = write_slowly
+        self.wfile.write = write_in_halves
         super().do_GET()
 
 
@@ -340,7 +350,7 @@ from conftest import tiny_arrays, gz_bytes
 import hashlib
 from cnnlab.data import store, verify
 from cnnlab.data.idx import encode_idx
-from cnnlab.preprocess import BlankImage, prepare
+from cnnlab.use.recipes import BlankImage, prepare
 from cnnlab.data.registry import DatasetSpec, _idx_files
 arrays = tiny_arrays()
 digests = {name: (hashlib.sha256(encode_idx(a)).hexdigest(), None) for name, a in arrays.items()}
@@ -356,7 +366,8 @@ print(json.dumps({"origin": location.origin, "ok": all(check.ok for check in ver
 def test_two_processes_and_a_thread_fetching_the_same_dataset_at_once_all_succeed(tiny):
     spec, arrays, blobs = tiny
     tests = str(Path(__file__).parent)
-    with serve(blobs, handler=SlowMirror) as url:
+    OverlappingMirror.arrived = 0
+    with serve(blobs, handler=OverlappingMirror) as url:
         mirror = f"{url}/m/"
         start = time.time() + 2.0
         processes = [subprocess.Popen([sys.executable, "-c", FETCH_SCRIPT, tests, mirror, str(start)],
@@ -376,7 +387,8 @@ def test_two_processes_and_a_thread_fetching_the_same_dataset_at_once_all_succee
         result = json.loads(out.strip().splitlines()[-1])
         assert result["ok"] and result["origin"] in ("download", "cache"), out
     assert all(check.ok for check in verify(outcome["location"]))
-    # all three downloaded at once (none found a finished cache), and no temporary file is left behind
+    # the mirror held the first download until a second began: two wrote into the cache at once,
+    # and no temporary file is left behind
     assert sum(hit.endswith(TRAIN_IMAGES) for hit in Mirror.hits) >= 2
     folder = store.cache_root() / spec.name
     assert sorted(p.name for p in folder.iterdir()) == sorted(arrays)
@@ -388,7 +400,7 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
 def test_eps_is_never_handed_to_ghostscript_whatever_its_name(tmp_path):
     """Pillow decodes EPS by running Ghostscript on it; cnnlab refuses the format from its header."""
     from cnnlab.data.folder import decode_image
-    from cnnlab.preprocess import ImageReadError, read_image
+    from cnnlab.use.recipes import ImageReadError, read_image
 
     (tmp_path / "photo.png").write_bytes(EPS)
     with pytest.raises(ImageReadError, match="EPS files are not read"):

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from cnnlab.cli import app
 from cnnlab.config import ConfigError, load_config
-from cnnlab.distributed import DeviceError, resolve_device
-from cnnlab.trainer import steps_in_epoch
+from cnnlab.training.distributed import DeviceError, resolve_device
+from cnnlab.training.engine import steps_in_epoch
 
 QUICK = ["--model", "seed", "--epochs", "1", "--quiet", "--set", "data.val_size=200"]
 
@@ -62,7 +62,7 @@ def test_two_processes_train_to_the_weights_of_one_with_the_same_global_batch(tw
 
 
 def load_initial_conv1() -> torch.Tensor:
-    from cnnlab.models import build_model
+    from cnnlab.models.cnn import build_model
 
     config = load_config("seed")
     return build_model(config.model, (28, 28, 1), 10, seed=0).features.conv1.weight.detach()

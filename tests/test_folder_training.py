@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from cnnlab import pipeline, runs
 from cnnlab.cli import app
 from cnnlab.config import load_config
-from cnnlab.trainer import TrainingInterrupted
+from cnnlab.training.engine import TrainingInterrupted
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": 0, "green": 1, "blue": 2}

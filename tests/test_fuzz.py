@@ -17,14 +17,14 @@ import sys
 if __name__ == "__main__":  # the atheris harness: instrument the code under test before it is imported
     import atheris
 
-    with atheris.instrument_imports(include=["cnnlab.data", "cnnlab.preprocess", "PIL", "tarfile", "gzip"]):
+    with atheris.instrument_imports(include=["cnnlab.data", "cnnlab.use.recipes", "PIL", "tarfile", "gzip"]):
         import gzip  # noqa: F401
         import tarfile  # noqa: F401
 
         import PIL.Image  # noqa: F401
         import cnnlab.data.cifar  # noqa: F401
         import cnnlab.data.idx  # noqa: F401
-        import cnnlab.preprocess  # noqa: F401
+        import cnnlab.use.recipes  # noqa: F401
 
 import gzip
 import io
@@ -47,7 +47,7 @@ from cnnlab.data.cifar import CifarError, encode, read_archive
 from cnnlab.data.idx import GZIP_MAX_RATIO, IDXError, decompress, encode_idx, parse_idx
 from cnnlab.data.loading import DataError, check_pair
 from cnnlab.data.registry import CIFAR10
-from cnnlab.preprocess import RECIPES, BlankImage, ImageReadError, prepare
+from cnnlab.use.recipes import RECIPES, BlankImage, ImageReadError, prepare
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL")  # Pillow's notes on the corrupt files we feed it

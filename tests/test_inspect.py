@@ -13,13 +13,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cnnlab import runs
-from cnnlab.activations import feature_maps, plot_kernels
+from cnnlab.inspect.activations import feature_maps, plot_kernels
 from cnnlab.cli import app
-from cnnlab.evaluate import infer
-from cnnlab.inspection import LoadedRun, choose_input, show_features, show_kernels, show_mistakes, show_saliency
+from cnnlab.training.evaluate import infer
+from cnnlab.inspect.show import LoadedRun, choose_input, show_features, show_kernels, show_mistakes, show_saliency
 from cnnlab.pipeline import images_tensor
-from cnnlab.run_table import config_differences, flatten, run_rows
-from cnnlab.preprocess import prepare
+from cnnlab.inspect.run_table import config_differences, flatten, run_rows
+from cnnlab.use.recipes import prepare
 
 runner = CliRunner()
 TINY = ["--model", "seed", "--epochs", "1", "--set", "dense_layer_size=8", "--quiet"]

@@ -1,9 +1,9 @@
-"""cnnlab.kernels: the named kernels, the parameterised ones, custom weights and the error messages."""
+"""cnnlab.playground.kernels: the named kernels, the parameterised ones, custom weights and the error messages."""
 import numpy as np
 import pytest
 
-from cnnlab.conv import conv2d
-from cnnlab.kernels import box, gaussian, get_kernel, list_kernels, parse_kernel
+from cnnlab.playground.conv import conv2d
+from cnnlab.playground.kernels import box, gaussian, get_kernel, list_kernels, parse_kernel
 
 NAMES = ["identity", "blur", "box", "gaussian", "sharpen", "sobel-x", "sobel-y", "laplacian", "outline", "emboss"]
 

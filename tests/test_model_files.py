@@ -212,8 +212,8 @@ def test_pytorch_file_names_given_to_commands(copy_run, picture, tmp_path, monke
 
 def test_python_api_and_web_app_refuse_a_planted_model(copy_run, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    from cnnlab.predict import Predictor
-    from cnnlab.serve.app import create_app
+    from cnnlab.use.predict import Predictor
+    from cnnlab.use.serve.app import create_app
 
     marker = tmp_path / "MARKER"
     for kind, payload in payloads(marker).items():
@@ -443,7 +443,7 @@ def test_a_malformed_checkpoint_is_refused_cleanly(copy_run, case):
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused_by_restore(copy_run):
     """Shapes are only known once the model is built: load_checkpoint's `restore` rejects a mismatch."""
-    from cnnlab.models import build_model
+    from cnnlab.models.cnn import build_model
 
     run = copy_run()
     key = model_entry_key(run)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from cnnlab.cli import app
 from cnnlab.data import load_dataset
-from cnnlab.predict import Predictor, predict_arrays, predict_files, preview_strip
+from cnnlab.use.predict import Predictor, predict_arrays, predict_files, preview_strip
 from use_runs import tiny_run
 
 runner = CliRunner()

@@ -9,8 +9,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from cnnlab.data import get_dataset, load_dataset
-from cnnlab.predict import Predictor
-from cnnlab.preprocess import (BlankImage, ImageReadError, ImageTooLarge, centre_of_mass, prepare, read_image,
+from cnnlab.use.predict import Predictor
+from cnnlab.use.recipes import (BlankImage, ImageReadError, ImageTooLarge, centre_of_mass, prepare, read_image,
                                stroke_width)
 from use_runs import png_header_claiming, tiny_run
 

@@ -19,8 +19,8 @@ import httpx  # noqa: E402
 
 from cnnlab.cli import app  # noqa: E402
 from cnnlab.data import load_dataset  # noqa: E402
-from cnnlab.serve import create_app  # noqa: E402
-from cnnlab.serve.app import STATIC  # noqa: E402
+from cnnlab.use.serve import create_app  # noqa: E402
+from cnnlab.use.serve.app import STATIC  # noqa: E402
 from use_runs import png_header_claiming, running_server, tiny_run  # noqa: E402
 
 LIMIT = 5 * 1024 * 1024

@@ -23,10 +23,10 @@ for _module in ("fastapi", "uvicorn", "multipart", "httpx"):
 import httpx  # noqa: E402
 from use_runs import png_header_claiming, running_server, tiny_run  # noqa: E402
 
-import cnnlab.serve.app as served  # noqa: E402
+import cnnlab.use.serve.app as served  # noqa: E402
 from cnnlab.data import load_dataset  # noqa: E402
-from cnnlab.predict import Predictor, predict_image  # noqa: E402
-from cnnlab.serve import create_app  # noqa: E402
+from cnnlab.use.predict import Predictor, predict_image  # noqa: E402
+from cnnlab.use.serve import create_app  # noqa: E402
 
 LIMIT = served.MAX_UPLOAD_BYTES
 ACCEPTED_MESSAGE = "send one of: PNG, JPEG, GIF, BMP, WebP"
@@ -218,7 +218,7 @@ async def async_chunked_multipart(size: int):
 LAUNCHER = """
 import sys, threading
 import uvicorn
-import cnnlab.serve.app as served
+import cnnlab.use.serve.app as served
 
 port, runs = int(sys.argv[1]), sys.argv[2:]
 calls, lock = {"handler": 0, "decoder": 0}, threading.Lock()

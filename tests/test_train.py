@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from cnnlab import pipeline, runs
 from cnnlab.config import list_presets, load_config
 from cnnlab.data import DatasetUnavailable
-from cnnlab.trainer import TrainingDiverged, TrainingInterrupted
+from cnnlab.training.engine import TrainingDiverged, TrainingInterrupted
 
 QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32"]
 

@@ -5,7 +5,7 @@
     result = cnnlab.train(config)             # a run directory, the history, the test evaluation
     model, classes, config = cnnlab.load_model(result.run)
 
-Names are imported on first use, so `import cnnlab.conv` (the NumPy playground) never loads torch.
+Names are imported on first use, so `import cnnlab.playground.conv` (the NumPy playground) never loads torch.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ _EXPORTS = {
     "list_presets": "cnnlab.config",
     "DATASETS": "cnnlab.data", "get_dataset": "cnnlab.data", "load_dataset": "cnnlab.data",
     "read_idx": "cnnlab.data", "write_idx": "cnnlab.data",
-    "CNN": "cnnlab.models", "build_model": "cnnlab.models",
+    "CNN": "cnnlab.models.cnn", "build_model": "cnnlab.models.cnn",
     "train": "cnnlab.pipeline", "resume": "cnnlab.pipeline", "evaluate_run": "cnnlab.pipeline",
     "summarize": "cnnlab.pipeline", "RunResult": "cnnlab.pipeline",
-    "Evaluation": "cnnlab.evaluate",
+    "Evaluation": "cnnlab.training.evaluate",
     "load_model": "cnnlab.runs",
-    "Trainer": "cnnlab.trainer", "Callback": "cnnlab.trainer",
+    "Trainer": "cnnlab.training.engine", "Callback": "cnnlab.training.engine",
 }
 __all__ = sorted(_EXPORTS)
 

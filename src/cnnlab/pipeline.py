@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from cnnlab import runs
-from cnnlab.architecture import plan
+from cnnlab.models.plan import plan
 from cnnlab.config import Config, ConfigError, TrainConfig
 from cnnlab.data import (
     DATASETS,
@@ -21,11 +21,11 @@ from cnnlab.data import (
     load_dataset,
     split_train_val,
 )
-from cnnlab.distributed import SINGLE, Context
-from cnnlab.evaluate import Evaluation, evaluate_source
-from cnnlab.models import CNN, build_model
-from cnnlab.summary import format_summary
-from cnnlab.trainer import (
+from cnnlab.training.distributed import SINGLE, Context
+from cnnlab.training.evaluate import Evaluation, evaluate_source
+from cnnlab.models.cnn import CNN, build_model
+from cnnlab.models.summary import format_summary
+from cnnlab.training.engine import (
     Callback,
     Source,
     TensorSource,
@@ -33,7 +33,7 @@ from cnnlab.trainer import (
     Trainer,
     TrainingInterrupted,
 )
-from cnnlab.visualize import plot_confusion
+from cnnlab.inspect.figures import plot_confusion
 
 
 @dataclass
@@ -258,7 +258,7 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, progress: 
 
 
 def dataset_recipe(config: Config) -> str:
-    """How user pictures are prepared for a model trained on this dataset (`cnnlab.preprocess` recipes)."""
+    """How user pictures are prepared for a model trained on this dataset (`cnnlab.use.recipes` recipes)."""
     if is_image_folder(config.data.dataset):
         return "photos" if config.data.channels == 3 else "photos-grey"
     try:

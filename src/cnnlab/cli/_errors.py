@@ -10,7 +10,7 @@ from cnnlab.config import ConfigError
 from cnnlab.data import ChecksumMismatch, CifarError, DataError, DatasetUnavailable, IDXError, UnknownDataset
 from cnnlab.data.folder import FolderError
 from cnnlab.runs import RunError
-from cnnlab.trainer import TrainingDiverged
+from cnnlab.training.engine import TrainingDiverged
 
 USER_ERRORS = (ConfigError, UnknownDataset, DatasetUnavailable, ChecksumMismatch, IDXError, CifarError, DataError,
                FolderError, RunError, TrainingDiverged, FileNotFoundError, IsADirectoryError, PermissionError)

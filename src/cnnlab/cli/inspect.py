@@ -11,11 +11,11 @@ from rich.console import Console
 from rich.table import Table
 
 from cnnlab import runs
-from cnnlab.activations import LayerError
+from cnnlab.inspect.activations import LayerError
 from cnnlab.cli._app import app
 from cnnlab.cli._errors import fail, friendly_errors
-from cnnlab.inspection import InputError
-from cnnlab.preprocess import BlankImage, ImageReadError
+from cnnlab.inspect.show import InputError
+from cnnlab.use.recipes import BlankImage, ImageReadError
 
 show_app = typer.Typer(help="Pictures of a trained run: kernels, feature maps, mistakes, saliency, curves.",
                        no_args_is_help=True)
@@ -52,7 +52,7 @@ def save_png(out: Path, draw):
 
 
 def load(run: Path, data_dir: Path | None = None):
-    from cnnlab.inspection import LoadedRun
+    from cnnlab.inspect.show import LoadedRun
 
     return LoadedRun(run, data_dir)
 
@@ -63,7 +63,7 @@ def load(run: Path, data_dir: Path | None = None):
 def show_kernels(run: Run, layer: Annotated[str, typer.Option(help="Conv layer: conv1, conv2, ...")] = "conv1",
                  out: out_option("a grid of kernels") = Path("kernels.png")) -> None:
     """The kernels a conv layer learned, as a grid (one panel per input channel for colour input)."""
-    from cnnlab import inspection
+    from cnnlab.inspect import show as inspection
 
     loaded = load(run)
     grid = save_png(out, lambda tmp: inspection.show_kernels(loaded, tmp, layer))
@@ -78,7 +78,7 @@ def show_features(run: Run, image: ImageFile = None, index: Index = None,
                   max_maps: Annotated[int, typer.Option(min=1, help="Maps shown per layer.")] = 16,
                   data_dir: DataDir = None) -> None:
     """The feature maps every conv layer computes for one image."""
-    from cnnlab import inspection
+    from cnnlab.inspect import show as inspection
 
     loaded = load(run, data_dir)
     picture = inspection.choose_input(loaded, image, index)
@@ -93,7 +93,7 @@ def show_mistakes(run: Run, out: out_option("the grid") = Path("mistakes.png"),
                   limit: Annotated[int, typer.Option(min=1, help="At most this many images.")] = 24,
                   data_dir: DataDir = None) -> None:
     """A grid of misclassified test images with true and predicted class and confidence, worst first."""
-    from cnnlab import inspection
+    from cnnlab.inspect import show as inspection
 
     loaded = load(run, data_dir)
     mistakes = save_png(out, lambda tmp: inspection.show_mistakes(loaded, tmp, limit))
@@ -119,7 +119,7 @@ def show_saliency(run: Run, image: ImageFile = None, index: Index = None,
                       help="Explain this class (name or index) instead of the prediction.")] = None,
                   data_dir: DataDir = None) -> None:
     """Which parts of one image the prediction rests on, as a heat map over it (Grad-CAM or gradients)."""
-    from cnnlab import inspection
+    from cnnlab.inspect import show as inspection
 
     loaded = load(run, data_dir)
     picture = inspection.choose_input(loaded, image, index)
@@ -133,7 +133,7 @@ def show_saliency(run: Run, image: ImageFile = None, index: Index = None,
 @inspect_errors
 def show_curves(run: Run, out: out_option("loss and accuracy") = Path("curves.png")) -> None:
     """Training and validation loss and accuracy per epoch."""
-    from cnnlab import inspection
+    from cnnlab.inspect import show as inspection
 
     save_png(out, lambda tmp: inspection.show_curves(run, tmp))
 
@@ -147,7 +147,7 @@ def report(run: Annotated[Optional[Path], typer.Argument(help="Run directory; de
            = None,
            data_dir: DataDir = None, runs_dir: RunsDir = runs.DEFAULT_ROOT) -> None:
     """One self-contained HTML page about a run: summary, config, curves, test results, mistakes, kernels, maps."""
-    from cnnlab.report import write_report
+    from cnnlab.inspect.report import write_report
 
     page = write_report(run or runs.latest_run(runs_dir), out, data_dir)
     print(f"wrote {page} (self-contained: open it in any browser, no network needed)")
@@ -176,7 +176,7 @@ def list_runs(ctx: typer.Context, runs_dir: RunsDir = runs.DEFAULT_ROOT,
     """A table of runs: dataset, model, parameters, epochs, validation and test accuracy, training time."""
     if ctx.invoked_subcommand is not None:
         return
-    from cnnlab.run_table import run_rows
+    from cnnlab.inspect.run_table import run_rows
 
     rows = run_rows(runs_dir, sort.value if sort else None, reverse)
     if json_:
@@ -189,7 +189,7 @@ def list_runs(ctx: typer.Context, runs_dir: RunsDir = runs.DEFAULT_ROOT,
 
 
 def print_rows(rows: list[dict]) -> None:
-    from cnnlab.run_table import format_cell
+    from cnnlab.inspect.run_table import format_cell
 
     table = Table("run", "dataset", "model", "params", "epochs", "val acc", "test acc", "train s", "started")
     for row in rows:
@@ -206,7 +206,7 @@ def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run
             out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG with the runs' curves overlaid.")]
             = None) -> None:
     """The config keys in which runs differ, their results side by side, and (with --out) curves overlaid."""
-    from cnnlab.run_table import config_differences, format_cell, run_row
+    from cnnlab.inspect.run_table import config_differences, format_cell, run_row
 
     if len(run_dirs) < 2:
         raise fail("compare needs at least two run directories")
@@ -224,7 +224,7 @@ def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run
         console.print("the configs are identical")
     console.print(table)
     if out is not None:
-        from cnnlab.visualize import plot_curves
+        from cnnlab.inspect.figures import plot_curves
 
         histories = {name: runs.read_metrics(p) for name, p in zip(names, run_dirs)}
         save_png(out, lambda tmp: plot_curves(histories, tmp, title="training curves: " + " vs ".join(names)))

@@ -1,4 +1,4 @@
-"""Playground commands: convolve, pool, explain (conv | pool). Thin wrappers over cnnlab.conv."""
+"""Playground commands: convolve, pool, explain (conv | pool). Thin wrappers over cnnlab.playground.conv."""
 from __future__ import annotations
 
 from enum import Enum
@@ -9,9 +9,9 @@ import typer
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cnnlab.cli._app import app
-from cnnlab.conv import avg_pool2d, conv2d, conv2d_per_channel, explain_output_size, max_pool2d
-from cnnlab.explain import MAX_FRAMES, RESCALE_RULES, explain_conv, explain_pool, rescale, save_animation
-from cnnlab.kernels import get_kernel, list_kernels
+from cnnlab.playground.conv import avg_pool2d, conv2d, conv2d_per_channel, explain_output_size, max_pool2d
+from cnnlab.playground.explain import MAX_FRAMES, RESCALE_RULES, explain_conv, explain_pool, rescale, save_animation
+from cnnlab.playground.kernels import get_kernel, list_kernels
 
 explain_app = typer.Typer(help="Animate a kernel or a pooling window sliding over a small image, step by step.",
                           no_args_is_help=True)
@@ -122,7 +122,7 @@ def print_arithmetic(in_shape: tuple[int, ...], window: tuple[int, int], stride:
 
 
 def run_library(call, *args, **kwargs) -> np.ndarray:
-    """Call a cnnlab.conv function, turning its ValueError into a clean CLI error (exit 2)."""
+    """Call a cnnlab.playground.conv function, turning its ValueError into a clean CLI error (exit 2)."""
     try:
         return call(*args, **kwargs)
     except ValueError as error:

@@ -14,7 +14,7 @@ from cnnlab import runs
 from cnnlab import sweep as sweeps
 from cnnlab.cli._app import app
 from cnnlab.cli._errors import fail, friendly_errors
-from cnnlab.trainer import TrainingInterrupted
+from cnnlab.training.engine import TrainingInterrupted
 
 sweep_app = typer.Typer(help="Hyperparameter sweeps (W&B sweep files, run offline with Optuna; many machines "
                         "share one study through --storage postgresql://...).", no_args_is_help=True)

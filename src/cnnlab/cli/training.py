@@ -8,14 +8,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from cnnlab import distributed, pipeline, runs
+from cnnlab import pipeline, runs
+from cnnlab.training import distributed
 from cnnlab.cli._app import app
 from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.config import list_presets, load_config, preset_path
-from cnnlab.distributed import DeviceError
-from cnnlab.evaluate import Evaluation
+from cnnlab.training.distributed import DeviceError
+from cnnlab.training.evaluate import Evaluation
 from cnnlab.pipeline import RankZeroFailed
-from cnnlab.trainer import ProgressBar, TrainingInterrupted
+from cnnlab.training.engine import ProgressBar, TrainingInterrupted
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Model preset (see `cnnlab presets`).")]
 ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config applied over the preset.")]
@@ -229,7 +230,7 @@ def command_line(ctx: typer.Context, drop: set[str]) -> list[str]:
 
 def wandb_tracker(cfg, project: str):
     """The W&B callback for --wandb; imports wandb only now, and says how to install it if missing."""
-    from cnnlab import tracking
+    from cnnlab.trackers import wandb as tracking
 
     if not tracking.wandb_available():
         raise fail("--wandb needs the wandb package: pip install 'cnnlab[wandb]'")

@@ -12,7 +12,7 @@ import typer
 
 from cnnlab.cli._app import app
 from cnnlab.cli._errors import fail, friendly_errors
-from cnnlab.export import ExportError
+from cnnlab.use.export import ExportError
 
 Run = Annotated[Path, typer.Argument(help="Run directory (made by `cnnlab train`).")]
 
@@ -32,7 +32,7 @@ def predict(
     = None,
 ) -> None:
     """Classify your own pictures, prepared the way the run's dataset was made (crop, scale, centre, invert)."""
-    from cnnlab.predict import Predictor, predict_files, save_preview
+    from cnnlab.use.predict import Predictor, predict_files, save_preview
 
     if preview is not None and preview.suffix.lower() != ".png":
         raise fail(f"--preview must be a .png file, got {preview.name!r}")
@@ -75,7 +75,7 @@ def export(
     = None,
 ) -> None:
     """Export the run's model (probabilities out), then run the file and compare it with the original."""
-    from cnnlab.export import export_run
+    from cnnlab.use.export import export_run
 
     result = export_run(run, format.value, out)
     runtime = "onnxruntime" if result.format == "onnx" else "torch.jit.load"
@@ -96,7 +96,7 @@ def serve(
     try:
         import uvicorn
 
-        from cnnlab.serve import create_app
+        from cnnlab.use.serve import create_app
     except ImportError as exc:
         raise fail(f"serve needs the web packages ({exc.name} is missing): pip install 'cnnlab[serve]'") from None
     application = create_app(runs)

@@ -22,7 +22,7 @@ from cnnlab.config.schema import SECTIONS, Config, ConfigError, DataConfig, near
 
 # ---------------------------------------------------------------------------------------- presets
 def preset_dir() -> Path:
-    return Path(str(resources.files("cnnlab") / "presets"))
+    return Path(str(resources.files("cnnlab.config") / "presets"))
 
 
 def list_presets() -> list[str]:

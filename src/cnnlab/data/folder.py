@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from cnnlab.preprocess import UNSAFE_FORMATS
+from cnnlab.use.recipes import UNSAFE_FORMATS
 from torch.utils.data import DataLoader, Dataset
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})

@@ -28,7 +28,7 @@ from cnnlab.sweep.study import (
     study_lock,
     sweep_dir,
 )
-from cnnlab.trainer import Callback, Trainer, TrainingDiverged, TrainingInterrupted
+from cnnlab.training.engine import Callback, Trainer, TrainingDiverged, TrainingInterrupted
 
 
 # ---------------------------------------------------------------------------------- running trials

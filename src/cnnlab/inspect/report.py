@@ -16,11 +16,11 @@ from string import Template
 import numpy as np
 
 from cnnlab import runs
-from cnnlab.activations import conv_layers
-from cnnlab.inspection import (InputImage, LoadedRun, choose_input, show_curves, show_features, show_kernels,
+from cnnlab.inspect.activations import conv_layers
+from cnnlab.inspect.show import (InputImage, LoadedRun, choose_input, show_curves, show_features, show_kernels,
                                show_mistakes, show_saliency)
-from cnnlab.run_table import format_cell, read_json, run_row
-from cnnlab.visualize import plot_confusion
+from cnnlab.inspect.run_table import format_cell, read_json, run_row
+from cnnlab.inspect.figures import plot_confusion
 
 PAGE = Template("""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

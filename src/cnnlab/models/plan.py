@@ -1,7 +1,7 @@
 """The layer plan of a CNN config: every layer's output shape, parameters and multiply-adds.
 
 Computed from the config alone (no torch), so `cnnlab summary` can explain a network before it is
-built; `cnnlab.models` builds the torch modules from the same plan, so the two cannot disagree.
+built; `cnnlab.models.cnn` builds the torch modules from the same plan, so the two cannot disagree.
 Shapes are channels-last, as the lesson writes them: (H, W, C) for images, (n,) after Flatten.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cnnlab.config import ConfigError, ConvBlock, ModelConfig
-from cnnlab.conv import output_size
+from cnnlab.playground.conv import output_size
 
 Shape = tuple[int, ...]
 

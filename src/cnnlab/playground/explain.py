@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from cnnlab.conv import avg_pool2d, conv2d, max_pool2d, padding_amounts
+from cnnlab.playground.conv import avg_pool2d, conv2d, max_pool2d, padding_amounts
 
 RESCALE_RULES = {
     "auto": "clip if the output already lies in [0, 1], else minmax",

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from cnnlab import runs
-from cnnlab.activations import (
+from cnnlab.inspect.activations import (
     FeatureMaps,
     KernelGrid,
     conv_weights,
@@ -19,11 +19,11 @@ from cnnlab.activations import (
     plot_kernels,
 )
 from cnnlab.data import Dataset
-from cnnlab.evaluate import Evaluation, evaluate
+from cnnlab.training.evaluate import Evaluation, evaluate
 from cnnlab.pipeline import TestImages, dataset_recipe, images_tensor, open_test_set
-from cnnlab.preprocess import prepare
-from cnnlab.saliency import Saliency, plot_saliency, saliency
-from cnnlab.visualize import Mistake, Output, find_mistakes, plot_curves, plot_mistakes
+from cnnlab.use.recipes import prepare
+from cnnlab.inspect.saliency import Saliency, plot_saliency, saliency
+from cnnlab.inspect.figures import Mistake, Output, find_mistakes, plot_curves, plot_mistakes
 
 
 class InputError(ValueError):

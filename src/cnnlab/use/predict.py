@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from cnnlab import runs
-from cnnlab.evaluate import to_inputs
-from cnnlab.models import CNN, count_parameters
+from cnnlab.training.evaluate import to_inputs
+from cnnlab.models.cnn import CNN, count_parameters
 from cnnlab.pipeline import images_tensor
-from cnnlab.preprocess import BlankImage, ImageReadError, Source, prepare
+from cnnlab.use.recipes import BlankImage, ImageReadError, Source, prepare
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Build a torch CNN from a model config, via the layer plan in `cnnlab.architecture`."""
+"""Build a torch CNN from a model config, via the layer plan in `cnnlab.models.plan`."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -6,7 +6,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from cnnlab.architecture import Layer, Shape, plan
+from cnnlab.models.plan import Layer, Shape, plan
 from cnnlab.config import ModelConfig
 
 ACTIVATION_MODULES = {

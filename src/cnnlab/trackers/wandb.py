@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnlab.architecture import count_params
+from cnnlab.models.plan import count_params
 from cnnlab.config import Config
-from cnnlab.trainer import Callback, Trainer
+from cnnlab.training.engine import Callback, Trainer
 
 if TYPE_CHECKING:
     from cnnlab.pipeline import RunResult

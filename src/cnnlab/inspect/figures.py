@@ -2,7 +2,7 @@
 
 PNG files via matplotlib's `Figure` and the Agg backend (no pyplot, no display needed). Every
 `plot_*` function takes `out`, a path or a binary file object (the HTML report draws into memory).
-Pictures of what a network learned live in `cnnlab.activations` and `cnnlab.saliency`.
+Pictures of what a network learned live in `cnnlab.inspect.activations` and `cnnlab.inspect.saliency`.
 """
 from __future__ import annotations
 

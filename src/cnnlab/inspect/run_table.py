@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab import runs
-from cnnlab.architecture import count_params, plan
+from cnnlab.models.plan import count_params, plan
 
 COLUMNS = ("run", "dataset", "model", "params", "epochs", "val_accuracy", "test_accuracy", "seconds", "started")
 TEXT_COLUMNS = ("run", "dataset", "model", "started")  # sorted A-Z; the numeric ones biggest first

@@ -1,7 +1,7 @@
 """`model.summary()` for a layer plan: a text table in the style of Keras, with optional formulas."""
 from __future__ import annotations
 
-from cnnlab.architecture import Layer, Shape, count_macs, count_params
+from cnnlab.models.plan import Layer, Shape, count_macs, count_params
 
 
 def format_shape(shape: Shape) -> str:

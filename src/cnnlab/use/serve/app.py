@@ -28,8 +28,8 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
-from cnnlab.predict import Prediction, Predictor, predict_image
-from cnnlab.preprocess import MAX_PIXELS, BlankImage, ImageReadError, ImageTooLarge, read_image
+from cnnlab.use.predict import Prediction, Predictor, predict_image
+from cnnlab.use.recipes import MAX_PIXELS, BlankImage, ImageReadError, ImageTooLarge, read_image
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # a phone photo as JPEG fits; a bigger body is refused unread
@@ -46,7 +46,7 @@ DECODING = ThreadPoolExecutor(DECODERS, thread_name_prefix="cnnlab-decode")
 ACCEPTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "GIF": "GIF", "BMP": "BMP", "WEBP": "WebP"}
 ACCEPTED = ", ".join(dict.fromkeys(ACCEPTED_FORMATS.values()))  # "PNG, JPEG, GIF, BMP, WebP" for messages
 MAX_NAME_CHARS = 255  # a file name longer than any file system allows is not a browser's
-log = logging.getLogger("cnnlab.serve")
+log = logging.getLogger("cnnlab.use.serve")
 
 
 class BodyTooLarge(HTTPException):
@@ -230,7 +230,7 @@ def png_data_url(pixels: np.ndarray) -> str:
 
 def feature_map_panels(predictor: Predictor, prediction: Prediction) -> list[dict]:
     """Each conv layer's activated output for the prepared image: a title and up to 32 maps as PNGs."""
-    from cnnlab.activations import feature_maps
+    from cnnlab.inspect.activations import feature_maps
 
     with predictor.inference_lock:
         result = feature_maps(predictor.model, prediction.image)

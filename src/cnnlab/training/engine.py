@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.augment import augment
+from cnnlab.training.augment import augment
 from cnnlab.config import TrainConfig
-from cnnlab.distributed import SINGLE, Context
-from cnnlab.evaluate import predict_batches, to_inputs
+from cnnlab.training.distributed import SINGLE, Context
+from cnnlab.training.evaluate import predict_batches, to_inputs
 
 
 class TrainingDiverged(RuntimeError):

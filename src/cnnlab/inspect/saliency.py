@@ -7,9 +7,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab.activations import image_input
-from cnnlab.models import CNN
-from cnnlab.visualize import Output, draw_image, new_figure, save_figure
+from cnnlab.inspect.activations import image_input
+from cnnlab.models.cnn import CNN
+from cnnlab.inspect.figures import Output, draw_image, new_figure, save_figure
 
 METHODS = {
     "gradcam": "Grad-CAM (HiResCAM): where the last conv layer's maps raise the class score",

@@ -7,10 +7,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnlab.evaluate import to_inputs
-from cnnlab.models import CNN
+from cnnlab.training.evaluate import to_inputs
+from cnnlab.models.cnn import CNN
 from cnnlab.pipeline import images_tensor
-from cnnlab.visualize import Output, draw_image, grid_shape, new_figure, save_figure
+from cnnlab.inspect.figures import Output, draw_image, grid_shape, new_figure, save_figure
 
 COLOUR_NAMES = ("red", "green", "blue")
 

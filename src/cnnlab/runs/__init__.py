@@ -36,8 +36,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cnnlab.config import Config, ConfigError, config_from_dict, read_yaml
-from cnnlab.models import CNN, build_model
-from cnnlab.trainer import Callback, Trainer, TrainingDiverged
+from cnnlab.models.cnn import CNN, build_model
+from cnnlab.training.engine import Callback, Trainer, TrainingDiverged
 
 DEFAULT_ROOT = Path("runs")
 FILES = dict(config="config.yaml", summary="summary.txt", manifest="manifest.json", metrics="metrics.jsonl",
@@ -191,7 +191,7 @@ def write_manifest(run: Path, dataset_files: list[dict], allow_mismatch: bool, e
 
 def git_commit() -> str | None:
     """The commit of the cnnlab checkout this code runs from, or None when installed from a package."""
-    source = Path(__file__).resolve().parents[2]
+    source = Path(__file__).resolve().parents[3]
     if not (source / ".git").exists():
         return None
     try:

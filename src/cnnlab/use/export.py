@@ -1,7 +1,7 @@
 """Export a trained run for use outside cnnlab (ONNX, TorchScript), and check the export gives the same answers.
 
 The exported model takes float images (N, C, H, W) scaled to [0, 1], prepared by the dataset's recipe
-(`cnnlab.preprocess`), and returns class probabilities (N, classes). Class names, the input shape and the
+(`cnnlab.use.recipes`), and returns class probabilities (N, classes). Class names, the input shape and the
 recipe travel with the file (ONNX metadata, TorchScript extra files).
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from cnnlab import runs
-from cnnlab.predict import Predictor
+from cnnlab.use.predict import Predictor
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 TOLERANCE = 1e-4  # max abs difference in probability accepted between the exported and the original model
