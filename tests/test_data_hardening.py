@@ -400,7 +400,7 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
 def test_eps_is_never_handed_to_ghostscript_whatever_its_name(tmp_path):
     """Pillow decodes EPS by running Ghostscript on it; cnnlab refuses the format from its header."""
     from cnnlab.data.folder import decode_image
-    from cnnlab.use.recipes import ImageReadError, read_image
+    from cnnlab.images import ImageReadError, open_image as read_image
 
     (tmp_path / "photo.png").write_bytes(EPS)
     with pytest.raises(ImageReadError, match="EPS files are not read"):

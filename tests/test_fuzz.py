@@ -47,7 +47,8 @@ from cnnlab.data.cifar import CifarError, encode, read_archive
 from cnnlab.data.idx import GZIP_MAX_RATIO, IDXError, decompress, encode_idx, parse_idx
 from cnnlab.data.loading import DataError, check_pair
 from cnnlab.data.registry import CIFAR10
-from cnnlab.use.recipes import RECIPES, BlankImage, ImageReadError, prepare
+from cnnlab.images import ImageReadError
+from cnnlab.use.recipes import RECIPES, BlankImage, prepare
 
 CORPUS = Path(__file__).parent / "fuzz_corpus"
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:PIL")  # Pillow's notes on the corrupt files we feed it

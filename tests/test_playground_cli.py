@@ -102,11 +102,11 @@ def test_convolve_dilation_and_int_padding(pictures, tmp_path):
     assert "out = floor((28 + 2*1 - (2*(3-1)+1)) / 1) + 1 = 26" in result.output
 
 
-def test_rgba_is_composited_on_white(pictures, tmp_path):
+def test_fully_transparent_rgba_is_composited_on_white(pictures, tmp_path):
     out = tmp_path / "white.png"
     result = invoke("convolve", pictures["rgba"], "-k", "identity", "--per-channel", "-o", out)
     assert result.exit_code == 0, result.output
-    assert "composited on white" in result.output
+    assert "composited on a contrasting background" in result.output
     assert (np.asarray(Image.open(out)) == 255).all()  # fully transparent pixels become white
 
 
@@ -114,7 +114,7 @@ def test_palette_png_is_converted(pictures, tmp_path):
     out = tmp_path / "pal.png"
     result = invoke("convolve", pictures["palette"], "-k", "box", "-o", out)
     assert result.exit_code == 0, result.output
-    assert "palette image converted to RGB" in result.output and "28 x 28 x 3" in result.output
+    assert "palette image expanded to RGB" in result.output and "28 x 28 x 3" in result.output
 
 
 def test_jpeg_exif_rotation_is_applied(pictures, tmp_path):

@@ -10,8 +10,9 @@ from PIL import Image, ImageDraw
 
 from cnnlab.data import get_dataset, load_dataset
 from cnnlab.use.predict import Predictor
-from cnnlab.use.recipes import (BlankImage, ImageReadError, ImageTooLarge, centre_of_mass, prepare, read_image,
-                               stroke_width)
+from cnnlab.images import ImageReadError, ImageTooLarge
+from cnnlab.images import open_image as read_image
+from cnnlab.use.recipes import BlankImage, centre_of_mass, prepare, stroke_width
 from use_runs import png_header_claiming, tiny_run
 
 

@@ -15,7 +15,8 @@ from cnnlab.inspect.activations import LayerError
 from cnnlab.cli._app import app
 from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.inspect.show import InputError
-from cnnlab.use.recipes import BlankImage, ImageReadError
+from cnnlab.images import ImageReadError
+from cnnlab.use.recipes import BlankImage
 
 show_app = typer.Typer(help="Pictures of a trained run: kernels, feature maps, mistakes, saliency, curves.",
                        no_args_is_help=True)

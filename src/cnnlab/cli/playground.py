@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from cnnlab.cli._app import app
 from cnnlab.playground.conv import avg_pool2d, conv2d, conv2d_per_channel, explain_output_size, max_pool2d
@@ -40,25 +40,26 @@ IMAGE_ARG = typer.Argument(..., help="Image file to read (PNG, JPEG, ...); scale
 # ---------------------------------------------------------------- reading, parsing, writing
 
 def open_image(path: Path, gray: bool) -> tuple[Image.Image, list[str]]:
-    """Open an image as mode 'L' or 'RGB' (EXIF rotation applied, alpha on white); notes say what was done."""
+    """The image as mode 'L' or 'RGB', read by cnnlab's one image reader (the limits and the policy of
+    `cnnlab predict`), grey if asked; the notes say what was done to it."""
+    from cnnlab import images
+
     try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)  # JPEG from a phone: apply its rotation tag
-            image.load()
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+        image = images.open_image(path)
+    except (images.ImageReadError, OSError) as error:
         raise typer.BadParameter(f"cannot read {str(path)!r} as an image ({error})", param_hint="IMAGE") from None
     notes = []
     if image.mode == "P":
-        image = image.convert("RGBA")
-        notes.append("palette image converted to RGB")
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        background = Image.new("RGBA", image.size, "white")
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-        notes.append("transparency dropped: composited on white")
-    if gray and image.mode != "L":
+        notes.append("palette image expanded to RGB")
+    if image.mode in images.ALPHA_MODES or "transparency" in image.info:
+        notes.append("transparency: composited on a contrasting background (white behind dark, black behind light)")
+    if image.mode in images.WIDE_GREY_MODES:
+        notes.append("16-bit grey scaled to 8 bits")
+    picture = images.normalized(image)
+    if gray and picture.mode != "L":
         notes.append("converted to grey")
-        return image.convert("L"), notes
-    return image.convert("L" if image.mode in ("1", "L", "I", "I;16", "F") else "RGB"), notes
+        picture = picture.convert("L")
+    return picture, notes
 
 
 def to_floats(image: Image.Image) -> np.ndarray:

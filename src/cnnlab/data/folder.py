@@ -11,21 +11,18 @@ import ctypes
 import hashlib
 import os
 import sys
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-
-from cnnlab.use.recipes import UNSAFE_FORMATS
 from torch.utils.data import DataLoader, Dataset
+
+from cnnlab.images import ImageReadError, ImageTooLarge, read_pixels
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLIT_FOLDERS = ("train", "val", "test")
-MAX_PIXELS = 50_000_000  # larger images are refused from their header, before decoding (decompression bombs)
 PREFETCH_FACTOR = 2  # batches each worker decodes ahead: memory is workers x this x batch images
 LOAD_ALL_BATCH = 256  # images per batch in `load_all`
 
@@ -63,66 +60,19 @@ class PathTable:
 
 # ---------------------------------------------------------------------------- decoding one image
 def decode_image(path: str | Path, image_size: tuple[int, int], channels: int) -> np.ndarray:
-    """One image file -> uint8 (C, H, W): EXIF-rotated, flattened on white, centre-cropped to (H, W).
-
-    Raises on anything unreadable (including images over `MAX_PIXELS`); `FolderSource` catches it.
-    """
-    height, width = image_size
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            im = Image.open(path)  # reads the header only
-        except Image.DecompressionBombWarning as warning:  # Pillow's own limit, checked on open
-            raise Image.DecompressionBombError(str(warning)) from None
-        with im:
-            if im.format in UNSAFE_FORMATS:  # content decides, not the file name: an EPS named x.png too
-                raise ValueError(f"{im.format} files are not read (Pillow hands them to Ghostscript)")
-            if im.width * im.height > MAX_PIXELS:
-                raise Image.DecompressionBombError(
-                    f"{im.width}x{im.height} pixels is over the {MAX_PIXELS // 1_000_000}-megapixel limit")
-            side = 2 * max(height, width)
-            im.draft(None, (side, side))  # JPEG: decode at a reduced scale, still >= the target each way
-            im = ImageOps.exif_transpose(im)
-            im = _to_rgb_or_grey(im)
-            im = im.convert("L" if channels == 1 else "RGB")
-            im = ImageOps.fit(im, (width, height), method=Image.Resampling.LANCZOS)
-    array = np.asarray(im, dtype=np.uint8)
-    return array[None] if channels == 1 else array.transpose(2, 0, 1).copy()
-
-
-def _to_rgb_or_grey(im: Image.Image) -> Image.Image:
-    """Any Pillow mode -> "RGB" or "L": palettes expanded, alpha composited on white, 16-bit grey scaled."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        return _grey16_to_8(im)
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode in ("RGB", "L") and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    if im.mode in ("RGB", "L"):
-        return im
-    return im.convert("L" if im.mode in ("1", "F") else "RGB")  # CMYK, YCbCr, LAB, HSV -> RGB
-
-
-def _grey16_to_8(im: Image.Image) -> Image.Image:
-    """16-bit grey (0..65535) -> 8-bit "L" by rounding v * 255 / 65535 (so 65535 -> 255, 257 * k -> k)."""
-    values = np.asarray(im)
-    if values.dtype.kind == "i":  # mode "I" (int32): clip to the 16-bit range first
-        values = values.clip(0, 65535)
-    values = values.astype(np.uint32)  # 4 bytes a pixel, scaled in place
-    values *= 255
-    values += 32767
-    values //= 65535
-    return Image.fromarray(values.astype(np.uint8))  # 2-D uint8: mode "L"
+    """One image file -> uint8 (C, H, W), read by cnnlab's one image reader (`cnnlab.images.read_pixels`):
+    the same pixels `cnnlab predict` gives the file. Raises on anything unreadable; `FolderSource` catches it."""
+    pixels = read_pixels(path, image_size, channels)  # (H, W) or (H, W, 3)
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1).copy()
 
 
 def _short_reason(path: str, error: BaseException) -> str:
     """A one-line reason for `skipped`: what went wrong, at most ~200 characters."""
     if os.path.exists(path) and os.path.getsize(path) == 0:
         return "empty file"
-    kind = "too large" if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)) \
-        else type(error).__name__
-    return f"{kind}: {error}"[:200]
+    if isinstance(error, ImageTooLarge):
+        return f"too large: {error}"[:200]
+    return (str(error) if isinstance(error, ImageReadError) else f"{type(error).__name__}: {error}")[:200]
 
 
 # ---------------------------------------------------------------------------- one split

@@ -16,7 +16,8 @@ from cnnlab import runs
 from cnnlab.training.evaluate import to_inputs
 from cnnlab.models.cnn import CNN, count_parameters
 from cnnlab.pipeline import images_tensor
-from cnnlab.use.recipes import BlankImage, ImageReadError, Source, prepare
+from cnnlab.images import MAX_PIXELS, ImageReadError, Source
+from cnnlab.use.recipes import BlankImage, prepare
 
 
 @dataclass
@@ -47,12 +48,12 @@ class Predictor:
         height, width, _ = self.model.input_shape
         return height, width
 
-    def prepare(self, source: Source, name: str | None = None) -> np.ndarray:
+    def prepare(self, source: Source, name: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         """uint8 (H, W), or (H, W, 3) for a colour recipe: the picture as the model must see it."""
         height, width = self.input_size
         if height != width:
             raise ValueError(f"{self.name}: preprocessing needs a square input, the model takes {height}x{width}")
-        return prepare(source, self.recipe, height, name)
+        return prepare(source, self.recipe, height, name, max_pixels)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """float (N, classes) for prepared uint8 images, grey (N, H, W) or colour (N, H, W, C)."""
@@ -134,9 +135,10 @@ class Results:
 PER_FILE_ERRORS = (ImageReadError, BlankImage, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
-def predict_image(predictor: Predictor, source: Source, name: str = "image") -> Prediction:
+def predict_image(predictor: Predictor, source: Source, name: str = "image", max_pixels: int = MAX_PIXELS
+                  ) -> Prediction:
     """Prepare one picture (path, bytes, file object or PIL image) and predict it."""
-    image = predictor.prepare(source, name)
+    image = predictor.prepare(source, name, max_pixels)
     return Prediction(name, image, predictor.probabilities(image[None])[0], predictor.classes)
 
 

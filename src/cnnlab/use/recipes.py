@@ -6,123 +6,31 @@ Three recipes, named by `DatasetSpec.recipe`:
   objects  Fashion-MNIST: trim the background (colour of the corners, 5% tolerance), resize the
            longest side to 28, sharpen, centre on the background, negate to light-on-dark, grey.
   photos   CIFAR-10 and colour image folders: RGB, the largest centred square cropped out, resized to 32x32;
-           no inversion (photos-grey: the same, then grey, for folders trained with data.channels=1).
+           no inversion (photos-grey: the same in grey, for folders trained with data.channels=1). This
+           is `cnnlab.images.read_pixels`, the image folders' own decoder: a file gives a folder-trained
+           model exactly the pixels it would have had in training.
 digits and objects return uint8 (H, W) with a black (0) background; photos uint8 (H, W, 3) RGB.
+Every recipe reads the file with `cnnlab.images` (one policy for formats, limits, EXIF rotation,
+transparency and bit depth).
 """
 from __future__ import annotations
 
-import io
-import re
-import warnings
-from pathlib import Path
-from typing import BinaryIO, Callable
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
-# Above this many pixels an upload is refused before it is decoded: a small PNG can claim a huge
-# size (a decompression bomb). 50 MP still admits any phone photo; decoding it takes about 150 MB.
-MAX_PIXELS = 50_000_000
+from cnnlab.errors import UserError
+from cnnlab.images import MAX_PIXELS, Source, luminance, normalized, open_image, read_pixels
+
 # Work on at most this many pixels along a side: bigger inputs are max-pooled down first, which keeps
 # thin strokes (averaging would fade a 2 px pen line in a 4000 px photo to nothing).
 WORK_SIDE = 256
 MAX_SIDE = 2048  # the whole picture is max-pooled to this before any float copy is made
 
 
-class ImageReadError(ValueError):
-    """A file that cannot be read as an image (not an image, truncated, empty); the message names it."""
-
-
-class ImageTooLarge(ImageReadError):
-    """An image with more pixels than MAX_PIXELS (or that Pillow flags as a decompression bomb)."""
-
-
-class BlankImage(ValueError):
+class BlankImage(UserError, ValueError):
     """An image with nothing to classify: no ink or object stands out from the background."""
-
-
-Source = str | Path | bytes | BinaryIO | Image.Image
-
-
-# ------------------------------------------------------------------------------------ reading
-UNSAFE_FORMATS = frozenset({"EPS"})  # decoding runs an external interpreter on the file's contents
-
-
-def read_image(source: Source, name: str | None = None, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open and decode any image Pillow reads, turned upright by its EXIF orientation tag.
-
-    Raises ImageReadError (ImageTooLarge for decompression bombs) with `name` (default the path) in the message.
-    """
-    if isinstance(source, Image.Image):
-        return source
-    label = name or (str(source) if isinstance(source, (str, Path)) else "upload")
-    handle = io.BytesIO(source) if isinstance(source, bytes) else source
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(handle) as opened:
-                # the header gives the size: refuse before decoding a single pixel
-                width, height = opened.size
-                if opened.format in UNSAFE_FORMATS:
-                    raise ImageReadError(f"{label}: {opened.format} files are not read (Pillow hands them to "
-                                         "Ghostscript, which runs the PostScript in them)")
-                if width * height > max_pixels:
-                    raise ImageTooLarge(f"{label}: {width}x{height} pixels is more than the {max_pixels:,} allowed")
-                image = ImageOps.exif_transpose(opened)
-                image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"{label}: refused as a possible decompression bomb ({exc})") from None
-    except (FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except (ImageReadError, MemoryError, RecursionError):
-        raise
-    except Exception as exc:  # noqa: BLE001
-        # Pillow's decoders report a malformed file with whatever they hit: OSError, ValueError, SyntaxError,
-        # EOFError, but also TypeError, KeyError, IndexError, struct.error (fuzzing found a TIFF raising
-        # TypeError); Pillow's own fuzzers catch Exception for the same reason. Only decoding is in this block.
-        raise ImageReadError(f"{label}: not a readable image ({describe(exc)})") from None
-    return image
-
-
-def describe(exc: Exception) -> str:
-    """The exception's message without Python object addresses (Pillow names the BytesIO it was given)."""
-    return re.sub(r"\s*<_io\.\w+ object at 0x[0-9a-f]+>", "", str(exc)) or type(exc).__name__
-
-
-# ------------------------------------------------------------------------------ colour to grey
-def flattened(image: Image.Image) -> Image.Image:
-    """An RGB image without transparency: transparent parts become a background that contrasts with the opaque ones.
-
-    Works in Pillow (uint8, in C): a 48-megapixel photo stays ~150 MB instead of 600 MB as float arrays.
-    """
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit / float grey: stretch to 8 bits
-        values = np.asarray(image, dtype=np.float32)
-        low, high = float(values.min()), float(values.max())
-        grey = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-        return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
-    if not has_alpha:
-        return image.convert("RGB")
-    rgba = image.convert("RGBA")
-    sample = rgba.copy()
-    sample.thumbnail((256, 256))  # enough to judge the drawing's brightness
-    pixels = np.asarray(sample, dtype=np.float32)
-    level = int(contrasting_background(pixels[:, :, :3], pixels[:, :, 3:] / 255.0))
-    return Image.alpha_composite(Image.new("RGBA", rgba.size, (level, level, level, 255)), rgba).convert("RGB")
-
-
-def contrasting_background(colour: np.ndarray, alpha: np.ndarray) -> float:
-    """White behind dark drawings, black behind light ones (a white digit on a transparent layer stays visible)."""
-    weight = float(alpha.sum())
-    if weight == 0:
-        return 255.0
-    mean = float((luminance(colour) * alpha[:, :, 0]).sum()) / weight
-    return 0.0 if mean > 127.5 else 255.0
-
-
-def luminance(rgb: np.ndarray) -> np.ndarray:
-    """ITU-R 601 luma, as Pillow's convert("L"): (H, W, 3) -> (H, W)."""
-    return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def border(pixels: np.ndarray) -> np.ndarray:
@@ -133,7 +41,7 @@ def border(pixels: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------ digits (MNIST)
 def prepare_digit(image: Image.Image, size: int = 28, box: int = 20) -> np.ndarray:
     """MNIST's recipe: light ink on black, cropped, fitted into box x box, centred by mass in size x size."""
-    grey = np.asarray(flattened(image).convert("L"))  # uint8 (H, W)
+    grey = np.asarray(image.convert("L"))  # uint8 (H, W)
     if float(np.median(border(grey))) > 127.5:  # dark ink on light paper: MNIST's ink is light
         grey = 255 - grey
     grey = max_pool_to(grey, MAX_SIDE)  # a huge photo: shrink first, keeping thin strokes
@@ -273,7 +181,7 @@ def prepare_object(image: Image.Image, size: int = 28, tolerance: float = 0.05) 
 
     Products on a light background are negated (as Fashion-MNIST did); ones already on a dark background are not.
     """
-    rgb = np.asarray(shrunk(flattened(image), 8 * size), dtype=np.float32)  # (H, W, 3)
+    rgb = np.asarray(shrunk(image.convert("RGB"), 8 * size), dtype=np.float32)  # (H, W, 3)
     background = np.median(np.stack([rgb[0, 0], rgb[0, -1], rgb[-1, 0], rgb[-1, -1]]), axis=0)
     # "close to the corner colour": within 5% of the largest possible RGB distance (255·√3)
     distance = np.sqrt(((rgb - background) ** 2).sum(axis=2))
@@ -315,33 +223,28 @@ def resize_longest_side(grey: np.ndarray, side: int) -> Image.Image:
     return image.resize(new_size, Image.Resampling.LANCZOS)
 
 
-# ------------------------------------------------------------------------------ photos (CIFAR-10)
-def prepare_photo(image: Image.Image, size: int = 32) -> np.ndarray:
-    """CIFAR-10's look: RGB, the largest centred square (the model's aspect), resized to size x size.
-
-    Nothing is trimmed or inverted: a photo's background is part of what the model learned from.
-    Returns uint8 (size, size, 3).
-    """
-    rgb = shrunk(flattened(image), 8 * size)  # a phone photo: box-average it down first (fast, no aliasing)
-    square = ImageOps.fit(rgb, (size, size), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
-    return np.array(square, dtype=np.uint8)  # a writable copy (np.asarray of a PIL image is read-only)
-
-
 # -------------------------------------------------------------------------------- by recipe
-RECIPES: dict[str, Callable[[Image.Image, int], np.ndarray]] = {
+# digits and objects work on the whole picture (the decoded, normalized image); photos are read by
+# the image folders' own decoder, so a photo gives a folder-trained model exactly its training pixels.
+PICTURE_RECIPES: dict[str, Callable[[Image.Image, int], np.ndarray]] = {
     "digits": lambda image, size: prepare_digit(image, size, box=round(size * 20 / 28)),
     "objects": lambda image, size: prepare_object(image, size),
-    "photos": lambda image, size: prepare_photo(image, size),
-    # Image folders trained in grey (data.channels=1): the photo recipe, then ITU-R 601 luma as Pillow's "L".
-    "photos-grey": lambda image, size: np.array(Image.fromarray(prepare_photo(image, size)).convert("L")),
 }
+PHOTO_CHANNELS = {"photos": 3, "photos-grey": 1}  # CIFAR-10 and colour folders; folders trained in grey
+RECIPES = (*PICTURE_RECIPES, *PHOTO_CHANNELS)
 
 
-def prepare(source: Source, recipe: str = "digits", size: int = 28, name: str | None = None) -> np.ndarray:
+def prepare(source: Source, recipe: str = "digits", size: int = 28, name: str | None = None,
+            max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read an image (path, bytes, file object or PIL image) and prepare it by a recipe.
 
-    uint8 (size, size) for the grey recipes, (size, size, 3) for photos.
+    uint8 (size, size) for the grey recipes, (size, size, 3) for photos. Raises ImageReadError
+    (ImageTooLarge) for unreadable or oversized pictures, BlankImage when nothing stands out.
     """
-    if recipe not in RECIPES:
+    if recipe in PHOTO_CHANNELS:
+        # CIFAR-10's look: the largest centred square, resized; nothing trimmed or inverted (a photo's
+        # background is part of what the model learned from)
+        return read_pixels(source, (size, size), PHOTO_CHANNELS[recipe], name, max_pixels)
+    if recipe not in PICTURE_RECIPES:
         raise ValueError(f"unknown preprocessing recipe {recipe!r} (known: {', '.join(RECIPES)})")
-    return RECIPES[recipe](read_image(source, name), size)
+    return PICTURE_RECIPES[recipe](normalized(open_image(source, name, max_pixels)), size)

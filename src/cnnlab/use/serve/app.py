@@ -29,7 +29,8 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from cnnlab.use.predict import Prediction, Predictor, predict_image
-from cnnlab.use.recipes import MAX_PIXELS, BlankImage, ImageReadError, ImageTooLarge, read_image
+from cnnlab.images import MAX_PIXELS, ImageReadError, ImageTooLarge
+from cnnlab.use.recipes import BlankImage
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # a phone photo as JPEG fits; a bigger body is refused unread
@@ -170,12 +171,25 @@ def plain_name(filename: str | None) -> str:
 
 
 def answer(predictor: Predictor, upload: IO[bytes], name: str, details: bool, max_pixels: int) -> dict:
-    """Prepare and predict one upload (in a DECODING thread); image errors become 4xx HTTPExceptions."""
-    image = decoded(upload.read(), name, max_pixels)
+    """Prepare and predict one upload (in a DECODING thread); image errors become 4xx HTTPExceptions.
+
+    The bytes go to the same reader as `cnnlab predict FILE` gets: one upload, one answer, either way.
+    """
+    data = upload.read()
+    check_format(data, name)
     try:
-        prediction = predict_image(predictor, image, name)
+        prediction = predict_image(predictor, data, name, max_pixels)
+    except ImageTooLarge as exc:
+        raise HTTPException(413, str(exc)) from None
+    except ImageReadError as exc:
+        raise HTTPException(400, f"{exc}; accepted formats: {ACCEPTED}") from None
     except BlankImage as exc:
         raise HTTPException(422, f"{name}: {exc}") from None
+    except (MemoryError, RecursionError):
+        raise
+    except Exception as exc:  # noqa: BLE001  a decoder's own error on malformed bytes (struct.error, ...): bad input
+        log.warning("%s: the decoder failed with %s: %s", name, type(exc).__name__, exc)
+        raise HTTPException(400, f"{name}: not a readable image ({type(exc).__name__} while decoding)") from None
     result = prediction.to_dict()
     if details:
         result.update(model=predictor.name, input_image=png_data_url(prediction.image),
@@ -183,24 +197,13 @@ def answer(predictor: Predictor, upload: IO[bytes], name: str, details: bool, ma
     return result
 
 
-def decoded(data: bytes, name: str, max_pixels: int) -> Image.Image:
-    """The upload as a decoded image, or a 4xx: 400 empty or unreadable, 413 too many pixels, 415 not accepted."""
+def check_format(data: bytes, name: str) -> None:
+    """400 for an empty upload, 415 for a format outside ACCEPTED_FORMATS (judged from the bytes)."""
     if not data:
         raise HTTPException(400, f"{name}: the file is empty")
     detected = detected_format(data)
     if detected is not None and detected not in ACCEPTED_FORMATS:
         raise HTTPException(415, f"{name}: {detected} files are not accepted; send one of: {ACCEPTED}")
-    try:
-        return read_image(data, name, max_pixels=max_pixels)
-    except ImageTooLarge as exc:
-        raise HTTPException(413, str(exc)) from None
-    except ImageReadError as exc:
-        raise HTTPException(400, f"{exc}; accepted formats: {ACCEPTED}") from None
-    except (MemoryError, RecursionError):
-        raise
-    except Exception as exc:  # noqa: BLE001  a decoder's own error on malformed bytes (struct.error, ...): bad input
-        log.warning("%s: the decoder failed with %s: %s", name, type(exc).__name__, exc)
-        raise HTTPException(400, f"{name}: not a readable image ({type(exc).__name__} while decoding)") from None
 
 
 def detected_format(data: bytes) -> str | None:
@@ -213,10 +216,10 @@ def detected_format(data: bytes) -> str | None:
     head = data[:1024].lstrip(b"\xef\xbb\xbf \t\r\n").lower()
     if head.startswith((b"<?xml", b"<svg", b"<!doctype svg")) and b"<svg" in head:
         return "SVG"
-    try:  # (no warnings.catch_warnings here: it is not thread-safe, and read_image judges the size anyway)
+    try:  # (no warnings.catch_warnings here: it is not thread-safe, and the reader judges the size anyway)
         with Image.open(io.BytesIO(data)) as probe:
             return probe.format
-    except Exception:  # noqa: BLE001  unreadable, or a bomb's header: read_image, run next, says why with the status
+    except Exception:  # noqa: BLE001  unreadable, or a bomb's header: the reader, run next, says why with the status
         return None
 
 

@@ -1,0 +1,185 @@
+"""How cnnlab reads and writes files: one policy for every command (no torch).
+
+Reading: only regular files (a FIFO, a device or a socket, or a link to one, is refused before it
+is opened for reading, so nothing blocks or reads forever), never more than a stated number of bytes.
+
+Writing: to a temporary file in the target's folder, flushed to disk, then renamed over the target,
+so a reader sees the old file or the new one, never half of one. An existing target must be a
+regular file: `--out /dev/null` or a FIFO is refused rather than replaced. A symbolic link is
+followed: the file it names is replaced and the link kept (as shell redirection and `cp` do); a
+link to anything but a regular file (or to nowhere in a missing folder) is refused.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cnnlab.errors import UserError
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+
+class FileRefused(UserError, ValueError):
+    """A file cnnlab will not read or write: missing, not a regular file, too large, or not text."""
+
+
+class MissingFile(FileRefused):
+    """The file does not exist."""
+
+
+def kind_of(mode: int) -> str:
+    """'a FIFO', 'a directory', ... for a file mode that is not a regular file's."""
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def reason(exc: OSError) -> str:
+    """'No space left on device (ENOSPC)': the system's words and the error's name."""
+    name = errno.errorcode.get(exc.errno or 0)
+    text = exc.strerror or str(exc)
+    return f"{text} ({name})" if name else text
+
+
+# ------------------------------------------------------------------------------------ reading
+def check_regular(path: str | Path, what: str = "file") -> Path:
+    """`path` if it names a regular file (links followed), else FileRefused saying what it is."""
+    path = Path(path)
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MissingFile(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise FileRefused(f"{path}: cannot read this {what}: {reason(exc)}") from None
+    if not stat.S_ISREG(mode):
+        raise FileRefused(f"{path}: {kind_of(mode)}, not a regular file; a {what} must be a regular file")
+    return path
+
+
+def read_bytes(path: str | Path, limit: int, what: str = "file") -> bytes:
+    """The contents of a regular file of at most `limit` bytes; FileRefused (MissingFile) otherwise.
+
+    Opened without blocking and checked on the open descriptor: a FIFO swapped in after a check
+    cannot make the read hang.
+    """
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise MissingFile(f"{path}: no such {what}") from None
+    except OSError as exc:
+        raise FileRefused(f"{path}: cannot read this {what}: {reason(exc)}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise FileRefused(f"{path}: {kind_of(info.st_mode)}, not a regular file; a {what} must be a "
+                              "regular file")
+        if info.st_size > limit:
+            raise FileRefused(f"{path}: {info.st_size:,} bytes is more than a {what} may hold ({limit:,})")
+        data = handle.read(limit + 1)
+    if len(data) > limit:  # the file grew while being read
+        raise FileRefused(f"{path}: more than the {limit:,} bytes a {what} may hold")
+    return data
+
+
+def read_text(path: str | Path, limit: int, what: str = "file") -> str:
+    """A regular UTF-8 text file of at most `limit` bytes."""
+    data = read_bytes(path, limit, what)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FileRefused(f"{path}: not a UTF-8 text {what} (byte {exc.start} is {data[exc.start]:#04x})") from None
+
+
+def read_json(path: str | Path, limit: int, what: str = "JSON file", expect: type = dict) -> Any:
+    """A JSON value of type `expect` from a regular file; one-line FileRefused for anything else."""
+    text = read_text(path, limit, what)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FileRefused(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(value, expect):
+        raise FileRefused(f"{path}: expected a JSON {json_kind(expect)}, found {json_kind(type(value))}")
+    return value
+
+
+def json_kind(kind: type) -> str:
+    return {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "null"}.get(kind, kind.__name__)
+
+
+# ------------------------------------------------------------------------------------ writing
+def output_target(path: str | Path) -> Path:
+    """The file a write to `path` replaces: `path`, or the file a symbolic link at `path` names.
+
+    FileRefused when that is anything but a regular file or nothing yet, or its folder is missing.
+    """
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        raise FileRefused(f"{path}: cannot write here: {reason(exc)}") from None
+    if mode is not None and not stat.S_ISREG(mode):
+        via = f" (a link to {target})" if target != path else ""
+        raise FileRefused(f"{path}{via}: {kind_of(mode)}; cnnlab only replaces regular files: give a file name")
+    if not target.parent.is_dir():
+        raise FileRefused(f"{path}: the folder {target.parent} does not exist")
+    return target
+
+
+def temp_prefix(target: Path) -> str:
+    """The prefix of write_atomic's temporary files for `target` (a killed writer can leave one behind)."""
+    return f".{target.name}."
+
+
+def write_atomic(path: str | Path, write: Callable[[Path], object],
+                 before_rename: Callable[[], object] | None = None) -> Path:
+    """Call write(tmp), flush tmp to disk, run before_rename(), then rename tmp over the target.
+
+    Returns the file written (a link's target). Nothing is left behind when `write` fails.
+    """
+    target = output_target(path)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=f".tmp{target.suffix}", dir=target.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(tmp, target)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return target
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def remove_stale_temps(folder: Path, names: list[str]) -> list[Path]:
+    """Delete the temporary files a killed write_atomic left beside any of `names` in `folder`."""
+    stale = [p for name in names for p in folder.glob(f"{temp_prefix(Path(name))}*.tmp*") if p.is_file()]
+    for file in stale:
+        file.unlink(missing_ok=True)
+    return stale
