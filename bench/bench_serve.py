@@ -30,16 +30,17 @@ import numpy as np
 
 def make_run(preset: str, root: Path) -> Path:
     """A run directory with a freshly initialised model of `preset` (config.yaml + model.safetensors)."""
-    from cnnlab import runs
+    from cnnlab.runs import layout, records
+    from cnnlab.runs.weights import save_weights
     from cnnlab.config import load_config
     from cnnlab.data import get_dataset
     from cnnlab.models.cnn import build_model
 
     config = load_config(preset)
     spec = get_dataset(config.data.dataset)
-    run = runs.new_run(config, root, name=preset)
-    runs.save_config(run, config)
-    runs.save_weights(run, build_model(config.model, spec.image_shape, spec.num_classes, seed=0), spec.classes)
+    run = layout.new_run(config, root, name=preset)
+    records.save_config(run, config)
+    save_weights(run, build_model(config.model, spec.image_shape, spec.num_classes, seed=0), spec.classes)
     return run
 
 

@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 from cnnlab.config import load_config
 from cnnlab.training.evaluate import to_inputs
 from cnnlab.models.cnn import build_model
-from cnnlab.training.engine import make_optimizer
+from cnnlab.training.optim import make_optimizer
 
 
 def main() -> None:

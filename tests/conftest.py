@@ -10,7 +10,7 @@ import pytest
 from cnnlab.data import store
 from cnnlab.data.idx import encode_idx, write_idx
 from cnnlab.data.registry import DatasetSpec, _idx_files
-from cnnlab.training.engine import Callback
+from cnnlab.training.callbacks import Callback
 
 
 @pytest.fixture(autouse=True)
@@ -61,5 +61,5 @@ class StopAt(Callback):
         self.epoch, self.step = epoch, step
 
     def on_batch_end(self, trainer, loss, accuracy):
-        if trainer.epoch + 1 == self.epoch and trainer.step == self.step:
+        if trainer.state.epoch + 1 == self.epoch and trainer.state.step == self.step:
             trainer.stop_requested = True

@@ -20,7 +20,9 @@ import torch
 from cnnlab.training import distributed
 from cnnlab.config import load_config
 from cnnlab.models.cnn import build_model
-from cnnlab.training.engine import Callback, TensorSource, Trainer, TrainData, TrainingDiverged, epoch_order
+from cnnlab.data.sources import TensorSource
+from cnnlab.training.callbacks import Callback
+from cnnlab.training.engine import Trainer, TrainData, TrainingDiverged, epoch_order
 
 CONFIG = load_config("seed", None, ["model.conv.0.filters=4", "dense_layer_size=8", "batch_size=16", "epochs=2",
                                     "channels_last=false"])
@@ -40,7 +42,7 @@ class PoisonOnRank(Callback):
         self.rank, self.epoch, self.step = rank, epoch, step
 
     def on_batch_end(self, trainer, loss, accuracy):
-        if trainer.context.rank == self.rank and (trainer.epoch + 1, trainer.step) == (self.epoch, self.step):
+        if trainer.context.rank == self.rank and (trainer.state.epoch + 1, trainer.state.step) == (self.epoch, self.step):
             with torch.no_grad():
                 trainer.model.head.classifier.bias.fill_(math.nan)
 

@@ -106,4 +106,4 @@ def test_convolve_with_a_kernel_the_model_learned(tmp_path):
     bad = runner.invoke(app, ["convolve", str(tmp_path / "in.png"), "--kernel", f"{tmp_path / 'r'}:conv9:0",
                               "--out", str(tmp_path / "x.png")])
     flat = " ".join(bad.output.replace("│", " ").split())  # rich wraps the message in a box
-    assert bad.exit_code == 2 and "no conv layer 'conv9' (conv layers: conv1)" in flat
+    assert bad.exit_code == 2 and "no conv layer 'conv9'; did you mean 'conv1'? (this model has: conv1)" in flat

@@ -15,13 +15,24 @@ import time
 from pathlib import Path
 
 import pytest
+
+import cnnlab.files as files_module
+import cnnlab.runs.checkpoints as checkpoints_module
+import cnnlab.runs.weights as weights_module
 import torch
 from safetensors.torch import load_file
 
-from cnnlab import pipeline, runs
+from cnnlab import pipeline
+
+from cnnlab.runs import layout, records
+
+from cnnlab.runs.checkpoints import load_checkpoint
+
+from cnnlab.runs.weights import load_model
 from cnnlab.config import load_config
-from cnnlab.runs import RunError
-from cnnlab.training.engine import Callback, TrainingDiverged
+from cnnlab.runs.layout import RunError
+from cnnlab.training.callbacks import Callback
+from cnnlab.training.engine import TrainingDiverged
 
 # about 0.25 s an epoch on one thread: kills land in training, not only in start-up
 CLI_SETTINGS = ["epochs=5", "batch_size=32", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
@@ -30,7 +41,7 @@ QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(runs.path(run, "weights")))
+    return load_file(str(layout.path(run, "weights")))
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -39,7 +50,7 @@ def same_weights(a: Path, b: Path) -> bool:
 
 
 def comparable(run: Path) -> list[dict]:
-    return [{k: v for k, v in m.items() if k != "seconds"} for m in runs.read_metrics(run)]
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in records.read_metrics(run)]
 
 
 def temp_files(run: Path) -> list[str]:
@@ -69,7 +80,7 @@ def wait_for(process: subprocess.Popen, ready, timeout: float = 60.0) -> bool:
 
 def lines(run: Path) -> int:
     try:
-        return len(runs.path(run, "metrics").read_text().splitlines())
+        return len(layout.path(run, "metrics").read_text().splitlines())
     except FileNotFoundError:
         return 0
 
@@ -110,14 +121,14 @@ def test_sigkill_then_resume_ends_bitwise_equal(cli_reference, tmp_path, moments
     for i, moment in enumerate(moments):
         kill_when(process, moment, run, rng)
         assert process.returncode == -signal.SIGKILL, f"kill {i + 1} came too late: the run had finished"
-        state, warnings = runs.load_checkpoint(run)  # always a readable one
+        state, warnings = load_checkpoint(run)  # always a readable one
         assert not warnings and 1 <= state["epoch"] <= 5
         process = start(tmp_path, "--resume", str(run))
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 0, stderr
     assert same_weights(cli_reference, run)
     assert comparable(run) == comparable(cli_reference)
-    assert runs.path(run, "test").read_text() == runs.path(cli_reference, "test").read_text()
+    assert layout.path(run, "test").read_text() == layout.path(cli_reference, "test").read_text()
     assert not temp_files(run)
 
 
@@ -125,7 +136,7 @@ def test_sigkill_then_resume_ends_bitwise_equal(cli_reference, tmp_path, moments
 def test_sigkill_before_the_first_checkpoint_says_there_is_none(tmp_path):
     process = start(tmp_path, *train_args("early"))
     run = tmp_path / "runs" / "early"
-    assert wait_for(process, lambda: runs.path(run, "manifest").is_file())
+    assert wait_for(process, lambda: layout.path(run, "manifest").is_file())
     process.kill()
     process.communicate()
     resumed = start(tmp_path, "--resume", str(run))
@@ -146,7 +157,7 @@ def test_sigterm_mid_epoch_exits_130_and_resumes_bitwise_equal(cli_reference, tm
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
     assert f"Continue with: cnnlab train --resume {Path('runs/term')}" in stderr
-    state, _ = runs.load_checkpoint(run)
+    state, _ = load_checkpoint(run)
     assert state["step"] > 0 or state["epoch"] >= 2  # mid-epoch, unless the signal met an epoch's end
     resumed = start(tmp_path, "--resume", str(run))
     _, stderr = resumed.communicate(timeout=120)
@@ -166,7 +177,7 @@ def fail_on(monkeypatch, what: str, error: int, at: int) -> None:
     """Make the `at`-th write of `what` fail with `error` after writing half a file (as a full disk does)."""
     seen = []
     if what in ("checkpoint", "weights"):
-        real = runs.save_file
+        real = weights_module.save_file
         wanted = {"checkpoint": "cnnlab-checkpoint-1", "weights": "cnnlab-weights-1"}[what]
 
         def save_file(tensors, filename, metadata=None):
@@ -177,7 +188,8 @@ def fail_on(monkeypatch, what: str, error: int, at: int) -> None:
                     raise OSError(error, os.strerror(error))
             return real(tensors, filename, metadata=metadata)
 
-        monkeypatch.setattr(runs, "save_file", save_file)
+        monkeypatch.setattr(weights_module, "save_file", save_file)
+        monkeypatch.setattr(checkpoints_module, "save_file", save_file)
     else:  # the rename that puts a new checkpoint in place
         real_replace = os.replace
 
@@ -188,7 +200,7 @@ def fail_on(monkeypatch, what: str, error: int, at: int) -> None:
                     raise OSError(error, os.strerror(error), str(dst))
             return real_replace(src, dst)
 
-        monkeypatch.setattr(runs.os, "replace", replace)
+        monkeypatch.setattr(files_module.os, "replace", replace)
 
 
 @pytest.mark.parametrize("what, error", [("checkpoint", errno.ENOSPC), ("weights", errno.ENOSPC),
@@ -203,9 +215,9 @@ def test_a_failed_save_stops_loudly_and_keeps_the_last_checkpoint(reference, tmp
     assert str(run) in message and os.strerror(error) in message and errno.errorcode[error] in message
     assert f"cnnlab train --resume {run}" in message
     assert not temp_files(run)
-    state, warnings = runs.load_checkpoint(run)
+    state, warnings = load_checkpoint(run)
     assert not warnings and state["epoch"] == 1
-    assert runs.path(run, "checkpoint").is_file()  # never moved away, whatever failed
+    assert layout.path(run, "checkpoint").is_file()  # never moved away, whatever failed
     pipeline.resume(run, progress=False)
     assert same_weights(reference, run) and comparable(run) == comparable(reference)
 
@@ -218,24 +230,24 @@ class Poison(Callback):
         self.epoch, self.value = epoch, value
 
     def on_batch_end(self, trainer, loss, accuracy):
-        if trainer.epoch + 1 == self.epoch and trainer.step == trainer.steps_per_epoch:
+        if trainer.state.epoch + 1 == self.epoch and trainer.state.step == trainer.steps_per_epoch:
             with torch.no_grad():
                 trainer.model.head.classifier.weight[0, 0] = self.value
 
 
 def test_weights_that_turn_non_finite_are_never_saved(tmp_path):
     config = load_config("seed", overrides=QUICK)
-    with pytest.raises(TrainingDiverged, match=r"model.safetensors not saved: tensor .* holds inf values"):
+    with pytest.raises(RunError, match=r"model.safetensors not saved: tensor .* holds inf values"):
         pipeline.train(config, tmp_path, name="first", callbacks=[Poison(1)], progress=False)
     first = tmp_path / "first"
-    assert not runs.path(first, "checkpoint").exists() and not runs.path(first, "weights").exists()
-    assert not runs.path(first, "metrics").exists()
-    with pytest.raises(TrainingDiverged, match="holds nan values"):
+    assert not layout.path(first, "checkpoint").exists() and not layout.path(first, "weights").exists()
+    assert not layout.path(first, "metrics").exists()
+    with pytest.raises(RunError, match="holds nan values"):
         pipeline.train(config, tmp_path, name="second", callbacks=[Poison(2, float("nan"))], progress=False)
     second = tmp_path / "second"
-    state, warnings = runs.load_checkpoint(second)
-    assert not warnings and state["epoch"] == 1 and [m["epoch"] for m in runs.read_metrics(second)] == [1]
-    model, _, _ = runs.load_model(second)
+    state, warnings = load_checkpoint(second)
+    assert not warnings and state["epoch"] == 1 and [m["epoch"] for m in records.read_metrics(second)] == [1]
+    model, _, _ = load_model(second)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not temp_files(second)
 
@@ -244,9 +256,9 @@ def test_a_huge_learning_rate_leaves_only_finite_files(tmp_path):
     config = load_config("seed", overrides=[*QUICK, "epochs=1", "train.optimizer=sgd", "train.lr=1e6"])
     try:  # diverges as a NaN loss, or as weights that are refused, or not at all: files stay finite
         pipeline.train(config, tmp_path, name="lr", progress=False)
-    except TrainingDiverged:
+    except (TrainingDiverged, RunError):
         pass
     for key in ("weights", "checkpoint", "previous_checkpoint"):
-        file = runs.path(tmp_path / "lr", key)
+        file = layout.path(tmp_path / "lr", key)
         if file.exists():
             assert all(torch.isfinite(t).all() for t in load_file(str(file)).values() if t.is_floating_point())

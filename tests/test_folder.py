@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cnnlab.data.sources import load_all
 from cnnlab.images import ImageTooLarge
 from cnnlab.data.folder import FolderError, FolderSource, PathTable, decode_image, open_image_folder
 
@@ -70,7 +71,7 @@ def test_class_layout_sorted_classes_and_a_partition(classes_root):
     info = folder.describe()
     assert info["counts"] == {"train": len(folder.train), "val": len(folder.val), "test": len(folder.test)}
     assert sum(info["per_class"]["train"].values()) == len(folder.train) and info["layout"] == "classes"
-    images, labels = folder.test.load_all()
+    images, labels = load_all(folder.test)
     assert images.shape == (len(folder.test), 3, 8, 12) and images.dtype == torch.uint8
     assert torch.equal(labels, folder.test.labels)
 

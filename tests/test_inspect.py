@@ -12,12 +12,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cnnlab import runs
+from cnnlab.runs import layout
 from cnnlab.inspect.activations import feature_maps, plot_kernels
 from cnnlab.cli import app
 from cnnlab.training.evaluate import infer
 from cnnlab.inspect.show import LoadedRun, choose_input, show_features, show_kernels, show_mistakes, show_saliency
-from cnnlab.pipeline import images_tensor
 from cnnlab.inspect.run_table import config_differences, flatten, run_rows
 from cnnlab.use.recipes import prepare
 
@@ -70,12 +69,12 @@ def test_colour_kernels_get_a_column_per_input_channel(tmp_path):
 def test_unknown_layer_is_a_clear_error(trained, tmp_path):
     result = runner.invoke(app, ["show", "kernels", str(trained / "a"), "--layer", "conv9", "--out",
                                  str(tmp_path / "k.png")])
-    assert result.exit_code == 2 and "no conv layer 'conv9'; this model has: conv1" in result.output
+    assert result.exit_code == 2 and "no conv layer 'conv9'; did you mean 'conv1'? (this model has: conv1)" in result.output
 
 
 # ------------------------------------------------------------------------------- feature maps
 def test_feature_maps_are_the_activated_conv_outputs(loaded):
-    image = loaded.dataset.test_images[0]
+    image = loaded.test_pixels(0)
     maps = feature_maps(loaded.model, image)
     conv = loaded.model.features.conv1
     expected = torch.relu(conv(torch.from_numpy(image)[None, None].float() / 255))[0]
@@ -119,8 +118,8 @@ def test_mistakes_are_misclassified_worst_first(trained, tmp_path, loaded):
     result = run("show", "mistakes", trained / "a", "--limit", "12", "--out", tmp_path / "m.png")
     assert result.exit_code == 0 and (tmp_path / "m.png").is_file()
     mistakes = show_mistakes(loaded, io.BytesIO(), limit=12)
-    labels = loaded.dataset.test_labels
-    probabilities = torch.softmax(infer(loaded.model, images_tensor(loaded.dataset.test_images)), 1).numpy()
+    labels = loaded.test_labels
+    probabilities = torch.softmax(infer(loaded.model, loaded.test_set[0]), 1).numpy()
     predictions = probabilities.argmax(1)
     assert 0 < len(mistakes) <= 12
     for m in mistakes:
@@ -158,7 +157,7 @@ def test_show_curves_and_compare_overlay(trained, tmp_path):
 def test_report_is_one_self_contained_page(trained, tmp_path):
     result = run("report", trained / "a")
     assert result.exit_code == 0, result.output
-    page = runs.path(trained / "a", "report").read_text()
+    page = layout.path(trained / "a", "report").read_text()
     for section in ("summary", "curves", "results", "mistakes", "learned", "config"):
         assert f'<section id="{section}">' in page
     assert "precision" in page and "eval_batch_size" in page and "Total params" in page

@@ -77,9 +77,9 @@ def test_get_kernel_returns_a_fresh_array_each_time():
 
 
 @pytest.mark.parametrize("spec, message", [
-    ("sobel_x", r"unknown kernel 'sobel_x' \(did you mean 'sobel-x'\?\); known: identity, blur"),
+    ("sobel_x", r"unknown kernel 'sobel_x'; did you mean 'sobel-x'\? \(known: identity, blur"),
     ("sharpn", r"did you mean 'sharpen'"),
-    ("zebra", r"unknown kernel 'zebra'; known:"),
+    ("zebra", r"unknown kernel 'zebra' \(known:"),
     ("", r"kernel is empty"),
     ("1,2;3", r"rows must all have the same number of values, got \[2, 1\]"),
     ("1,x;3,4", r"kernel row 1 '1,x' is not a comma-separated list of numbers"),

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from cnnlab.inspect.activations import learned_kernel
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -26,7 +28,10 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import cnnlab
-from cnnlab import pipeline, runs
+from cnnlab import pipeline
+from cnnlab.runs import layout, records
+from cnnlab.runs.checkpoints import load_checkpoint
+from cnnlab.runs.weights import load_model
 from cnnlab.cli import app
 from cnnlab.config import ConfigError, load_config
 
@@ -182,8 +187,8 @@ def test_resume_refuses_a_planted_checkpoint(copy_run, tmp_path, monkeypatch, ki
     assert len(error) == 1
     assert f"{run / 'checkpoint.safetensors'} is unreadable (a pickle or torch.save file" in error[0]
     assert tree_hashes(run) == before
-    with pytest.raises(runs.RunError, match="no readable checkpoint"):
-        runs.load_checkpoint(run)
+    with pytest.raises(layout.RunError, match="no readable checkpoint"):
+        load_checkpoint(run)
 
 
 def test_pytorch_file_names_given_to_commands(copy_run, picture, tmp_path, monkeypatch):
@@ -201,7 +206,7 @@ def test_pytorch_file_names_given_to_commands(copy_run, picture, tmp_path, monke
                      ["export", file], ["report", file, "-o", tmp_path / "r.html"]):
             code, output = invoke([str(a) for a in args])
             assert code != 0 and "Traceback" not in output and str(file) in output, (args, output)
-        with pytest.raises(runs.RunError, match=f"{file}: no such run directory"):
+        with pytest.raises(layout.RunError, match=f"{file}: no such run directory"):
             cnnlab.load_model(file)
         code, output = invoke(["convolve", str(file), "-o", str(tmp_path / "c.png")])
         assert code != 0 and "Traceback" not in output
@@ -220,14 +225,14 @@ def test_python_api_and_web_app_refuse_a_planted_model(copy_run, tmp_path, monke
         run = copy_run(kind)
         plant(run, "model.safetensors", payload)
         pattern = "model.safetensors: a pickle or torch.save file"
-        with pytest.raises(runs.RunError, match=pattern):
+        with pytest.raises(layout.RunError, match=pattern):
             cnnlab.load_model(run)
-        with pytest.raises(runs.RunError, match=pattern):
+        with pytest.raises(layout.RunError, match=pattern):
             Predictor.from_run(run)
-        with pytest.raises(runs.RunError, match=pattern):
+        with pytest.raises(layout.RunError, match=pattern):
             create_app([run])
-        with pytest.raises(runs.RunError, match=pattern):
-            runs.learned_kernel(run, "conv1", 0)
+        with pytest.raises(layout.RunError, match=pattern):
+            learned_kernel(run, "conv1", 0)
     assert not marker.exists()
 
 
@@ -329,17 +334,17 @@ MALFORMED_WEIGHTS = {  # case -> (damage(file), what the error must say)
 def test_malformed_weights_give_a_clean_error(copy_run, case):
     run = copy_run()
     damage, message = MALFORMED_WEIGHTS[case]
-    damage(runs.path(run, "weights"))
+    damage(layout.path(run, "weights"))
     before = tree_hashes(run)
-    with pytest.raises(runs.RunError, match=f"model.safetensors: .*{message}") as error:
-        runs.load_model(run)
+    with pytest.raises(layout.RunError, match=f"model.safetensors: .*{message}") as error:
+        load_model(run)
     assert "\n" not in str(error.value)
     assert tree_hashes(run) == before
 
 
 def test_a_malformed_weights_file_is_one_line_in_the_cli(copy_run):
     run = copy_run()
-    MALFORMED_WEIGHTS["mis-shaped tensor"][0](runs.path(run, "weights"))
+    MALFORMED_WEIGHTS["mis-shaped tensor"][0](layout.path(run, "weights"))
     code, output = invoke(["evaluate", str(run)])
     assert code == 2 and output.count("\n") == 1 and output.startswith(f"error: {run / 'model.safetensors'}")
 
@@ -359,12 +364,12 @@ def test_a_bad_config_yaml_names_the_file_and_key(copy_run, case):
     import yaml
 
     run = copy_run()
-    config = yaml.safe_load(runs.path(run, "config").read_text())
+    config = yaml.safe_load(layout.path(run, "config").read_text())
     edit, message = BAD_CONFIGS[case]
     edit(config)
-    runs.path(run, "config").write_text(yaml.safe_dump(config))
-    with pytest.raises((ConfigError, runs.RunError), match=message) as error:
-        runs.load_model(run)
+    layout.path(run, "config").write_text(yaml.safe_dump(config))
+    with pytest.raises((ConfigError, layout.RunError), match=message) as error:
+        load_model(run)
     assert "config.yaml" in str(error.value) and "\n" not in str(error.value)
 
 
@@ -372,8 +377,8 @@ def test_a_bad_config_yaml_names_the_file_and_key(copy_run, case):
                                   'model: !!python/object/apply:pathlib.Path.touch ["{marker}"]\n'])
 def test_python_tags_in_config_yaml_never_run(copy_run, tmp_path, text):
     run, marker = copy_run(), tmp_path / "MARKER"
-    runs.path(run, "config").write_text(text.format(marker=marker))
-    for call in (runs.load_model, runs.load_config, cnnlab.load_model):
+    layout.path(run, "config").write_text(text.format(marker=marker))
+    for call in (load_model, records.load_config, cnnlab.load_model):
         with pytest.raises(ConfigError, match=r"config.yaml: not valid YAML: could not determine a constructor"):
             call(run)
     code, output = invoke(["train", "--resume", str(run)])
@@ -390,7 +395,7 @@ def test_a_pickle_as_config_file_is_a_config_error(tmp_path):
 
 # --------------------------------------------------------------------------------- checkpoints
 def edit_checkpoint(run: Path, edit_state=None, edit_tensors=None, metadata=None) -> None:
-    file = runs.path(run, "checkpoint")
+    file = layout.path(run, "checkpoint")
     with safe_open(str(file), framework="pt") as handle:
         meta = dict(handle.metadata())
     tensors = load_file(str(file))
@@ -434,8 +439,8 @@ def test_a_malformed_checkpoint_is_refused_cleanly(copy_run, case):
     edit_checkpoint(run, **edits)
     before = tree_hashes(run)
     pattern = f"no readable checkpoint .*checkpoint.safetensors is unreadable \\(.*{message}"
-    with pytest.raises(runs.RunError, match=pattern):
-        runs.load_checkpoint(run)
+    with pytest.raises(layout.RunError, match=pattern):
+        load_checkpoint(run)
     code, output = invoke(["train", "--resume", str(run), "-q"])
     assert code == 2 and "Traceback" not in output and message.replace("\\", "") in output
     assert tree_hashes(run) == before
@@ -448,13 +453,13 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused_by_restore(copy_run
     run = copy_run()
     key = model_entry_key(run)
     edit_checkpoint(run, edit_tensors=lambda t: t.update({key: torch.zeros(11)}))
-    model = build_model(runs.load_config(run).model, (28, 28, 1), 10)
-    with pytest.raises(runs.RunError, match="no readable checkpoint .*size mismatch for head.classifier.bias"):
-        runs.load_checkpoint(run, restore=lambda state: model.load_state_dict(state["model"]))
+    model = build_model(records.load_config(run).model, (28, 28, 1), 10)
+    with pytest.raises(layout.RunError, match="no readable checkpoint .*size mismatch for head.classifier.bias"):
+        load_checkpoint(run, restore=lambda state: model.load_state_dict(state["model"]))
 
 
 def model_entry_key(run: Path) -> str:
-    with safe_open(str(runs.path(run, "checkpoint")), framework="pt") as handle:
+    with safe_open(str(layout.path(run, "checkpoint")), framework="pt") as handle:
         state = json.loads(handle.metadata()["state"])
     return model_entry(state, "head.classifier.bias")[1]["__tensor__"]
 
@@ -471,7 +476,7 @@ def test_a_valid_file_whose_header_length_starts_like_a_pickle_still_loads(tmp_p
     """A safetensors file starts with its header length: one in 256 begins with byte 0x80, as pickles do."""
     from safetensors.torch import save_file
 
-    from cnnlab.runs import read_safetensors
+    from cnnlab.runs.weights import read_safetensors
 
     for pad in range(300):
         file = tmp_path / "w.safetensors"

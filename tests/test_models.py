@@ -39,15 +39,16 @@ def test_planned_shapes_match_torch_for_other_configs(config, shape, classes):
     model = build_model(config, shape, classes)
     assert count_params(model.plan) == count_parameters(model)
     x = torch.rand(2, shape[2], shape[0], shape[1])
-    features = model.features(x)
-    last_conv_shape = [layer for layer in model.plan if layer.section == "features"][-1].output_shape
-    assert tuple(features.shape[1:]) == (last_conv_shape[2], last_conv_shape[0], last_conv_shape[1])
+    features = model.forward_features(x)
+    h, w, c = model.plan.feature_shape
+    assert tuple(features.shape[1:]) == (c, h, w)
+    assert planned_shapes(model) == torch_shapes(model, x)
     assert model(x).shape == (2, classes)
 
 
 def test_seed_summary_matches_the_lesson():
     model = build_model(load_config("seed").model)
-    text = format_summary(model.plan, (28, 28, 1), "seed", explain=True)
+    text = format_summary(model.plan, "seed", explain=True)
     assert "(26, 26, 32)" in text and "(13, 13, 32)" in text and "(5408,)" in text
     assert "Total params: 693,962" in text
     assert "(3·3·1+1)·32 = 320" in text and "(5,408+1)·128 = 692,352" in text
@@ -66,3 +67,32 @@ def test_same_seed_same_initial_weights():
     c = build_model(load_config("seed").model, seed=4)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
     assert not torch.equal(a.features.conv1.weight, c.features.conv1.weight)
+
+
+def planned_shapes(model) -> dict[str, tuple[int, ...]]:
+    """Plan layer name -> output shape, for the layers that are torch modules (not the adds)."""
+    return {layer.name: layer.output_shape for layer in model.plan.layers() if layer.title != "Add"}
+
+
+def torch_shapes(model, x: torch.Tensor) -> dict[str, tuple[int, ...]]:
+    """Module name -> the shape torch computed, channels-last like the plan: (H, W, C) or (n,)."""
+    from cnnlab.models.cnn import ResidualBlock
+
+    shapes, hooks = {}, []
+    for section in (model.features, model.head):
+        for name, module in section.named_modules():
+            if name and not isinstance(module, ResidualBlock):
+                hooks.append(module.register_forward_hook(
+                    lambda m, i, out, name=name: shapes.__setitem__(
+                        name, tuple(out.shape[2:]) + (out.shape[1],) if out.dim() == 4 else tuple(out.shape[1:]))))
+    model.eval()
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    return shapes
+
+
+@pytest.mark.parametrize("name", list_presets())
+def test_every_planned_layer_shape_is_what_torch_computes(name):
+    model = build_model(load_config(name).model, (28, 28, 1), 10)
+    assert planned_shapes(model) == torch_shapes(model, torch.rand(2, 1, 28, 28))

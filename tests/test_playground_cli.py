@@ -230,7 +230,7 @@ def test_explain_start_past_the_end_is_a_clean_error(pictures, tmp_path):
 # ---------------------------------------------------------------- display rules (cnnlab.playground.explain.rescale)
 
 def test_rescale_rules():
-    from cnnlab.playground.explain import rescale
+    from cnnlab.playground.display import rescale
     values = np.array([[-2.0, 0.0], [1.0, 2.0]])
     np.testing.assert_allclose(rescale(values, "clip")[0], [[0, 0], [1, 1]])
     np.testing.assert_allclose(rescale(values, "minmax")[0], [[0, 0.5], [0.75, 1]])

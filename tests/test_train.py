@@ -8,7 +8,13 @@ import torch
 from conftest import StopAt
 from safetensors.torch import load_file
 
-from cnnlab import pipeline, runs
+from cnnlab import pipeline
+
+from cnnlab.runs import layout, records
+
+from cnnlab.runs.checkpoints import load_checkpoint
+
+from cnnlab.runs.weights import load_model
 from cnnlab.config import list_presets, load_config
 from cnnlab.data import DatasetUnavailable
 from cnnlab.training.engine import TrainingDiverged, TrainingInterrupted
@@ -21,7 +27,7 @@ def quick_config(*extra: str):
 
 
 def weights(run):
-    return load_file(str(runs.path(run, "weights")))
+    return load_file(str(layout.path(run, "weights")))
 
 
 def same_weights(a, b) -> bool:
@@ -42,22 +48,22 @@ def reference(tmp_path_factory):
 def test_a_run_directory_holds_everything(reference):
     run = reference.run
     for key in ("config", "summary", "manifest", "metrics", "weights", "checkpoint", "test", "confusion"):
-        assert runs.path(run, key).is_file(), key
-    metrics = runs.read_metrics(run)
+        assert layout.path(run, key).is_file(), key
+    metrics = records.read_metrics(run)
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert set(metrics[0]) >= {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "seconds"}
-    test = json.loads(runs.path(run, "test").read_text())
+    test = json.loads(layout.path(run, "test").read_text())
     assert test["accuracy"] == reference.test.accuracy and len(test["confusion_matrix"]) == 10
     assert reference.test.accuracy > 0.8  # a real model learned something from 3,500 real digits
-    manifest = json.loads(runs.path(run, "manifest").read_text())
+    manifest = json.loads(layout.path(run, "manifest").read_text())
     assert manifest["torch"] == torch.__version__ and manifest["dataset"] == "mnist-sample"
     assert all(f["verified"] and len(f["sha256"]) == 64 for f in manifest["dataset_files"])
-    assert "693,962" not in runs.path(run, "summary").read_text()  # quick model is smaller
-    assert "Total params" in runs.path(run, "summary").read_text()
+    assert "693,962" not in layout.path(run, "summary").read_text()  # quick model is smaller
+    assert "Total params" in layout.path(run, "summary").read_text()
 
 
 def test_model_reloads_from_config_and_safetensors(reference):
-    model, classes, config = runs.load_model(reference.run)
+    model, classes, config = load_model(reference.run)
     assert classes == tuple("0123456789") and config == quick_config()
     evaluation = pipeline.evaluate_run(reference.run, progress=False)
     assert evaluation.accuracy == reference.test.accuracy
@@ -76,10 +82,10 @@ def test_resume_after_an_interrupt_ends_bitwise_equal(reference, tmp_path, epoch
     with pytest.raises(TrainingInterrupted):
         pipeline.train(quick_config(), tmp_path, name="cut", callbacks=[StopAt(epoch, step)], progress=False)
     run = tmp_path / "cut"
-    assert not runs.path(run, "test").exists()
+    assert not layout.path(run, "test").exists()
     resumed = pipeline.resume(run, progress=False)
     assert same_weights(reference.run, run)
-    assert comparable(runs.read_metrics(run)) == comparable(runs.read_metrics(reference.run))
+    assert comparable(records.read_metrics(run)) == comparable(records.read_metrics(reference.run))
     assert resumed.test.accuracy == reference.test.accuracy
 
 
@@ -88,8 +94,8 @@ def test_resume_skips_a_corrupt_latest_checkpoint(reference, tmp_path):
     with pytest.raises(TrainingInterrupted):
         pipeline.train(quick_config(), tmp_path, name="cut", callbacks=[StopAt(2, 10)], progress=False)
     run = tmp_path / "cut"
-    runs.path(run, "checkpoint").write_bytes(b"garbage")
-    state, warnings = runs.load_checkpoint(run)
+    layout.path(run, "checkpoint").write_bytes(b"garbage")
+    state, warnings = load_checkpoint(run)
     assert warnings and "checkpoint.safetensors is unreadable" in warnings[0]
     assert state["epoch"] == 1 and state["step"] == 0  # the end-of-epoch-1 checkpoint
     pipeline.resume(run, progress=False)
@@ -97,7 +103,7 @@ def test_resume_skips_a_corrupt_latest_checkpoint(reference, tmp_path):
 
 
 def test_checkpoints_are_safetensors_not_pickles(reference):
-    data = runs.path(reference.run, "checkpoint").read_bytes()
+    data = layout.path(reference.run, "checkpoint").read_bytes()
     header_length = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + header_length])
     assert header["__metadata__"]["format"] == "cnnlab-checkpoint-1"
@@ -105,8 +111,8 @@ def test_checkpoints_are_safetensors_not_pickles(reference):
 
 
 def test_a_second_training_in_the_same_run_refuses(reference):
-    with runs.locked(reference.run):
-        with pytest.raises(runs.RunError, match="another process is training"):
+    with layout.locked(reference.run):
+        with pytest.raises(layout.RunError, match="another process is training"):
             pipeline.resume(reference.run, progress=False)
 
 
@@ -125,10 +131,10 @@ def test_bad_input_leaves_no_run_directory(tmp_path):
 
 def test_run_names_never_collide(tmp_path):
     config = quick_config()
-    first, second = runs.new_run(config, tmp_path, None), runs.new_run(config, tmp_path, None)
+    first, second = layout.new_run(config, tmp_path, None), layout.new_run(config, tmp_path, None)
     assert first != second and first.is_dir() and second.is_dir()
-    with pytest.raises(runs.RunError, match="a run of that name exists"):
-        runs.new_run(config, tmp_path, first.name)
+    with pytest.raises(layout.RunError, match="a run of that name exists"):
+        layout.new_run(config, tmp_path, first.name)
 
 
 @pytest.mark.slow

@@ -18,12 +18,13 @@ _EXPORTS = {
     "list_presets": "cnnlab.config",
     "DATASETS": "cnnlab.data", "get_dataset": "cnnlab.data", "load_dataset": "cnnlab.data",
     "read_idx": "cnnlab.data", "write_idx": "cnnlab.data",
-    "CNN": "cnnlab.models.cnn", "build_model": "cnnlab.models.cnn",
+    "CNN": "cnnlab.models.cnn", "build_model": "cnnlab.models.cnn", "summarize": "cnnlab.models.summary",
     "train": "cnnlab.pipeline", "resume": "cnnlab.pipeline", "evaluate_run": "cnnlab.pipeline",
-    "summarize": "cnnlab.pipeline", "RunResult": "cnnlab.pipeline",
+    "RunResult": "cnnlab.pipeline",
     "Evaluation": "cnnlab.training.evaluate",
-    "load_model": "cnnlab.runs",
-    "Trainer": "cnnlab.training.engine", "Callback": "cnnlab.training.engine",
+    "load_model": "cnnlab.runs.weights",
+    "Trainer": "cnnlab.training.engine", "Callback": "cnnlab.training.callbacks",
+    "UserError": "cnnlab.errors",
 }
 __all__ = sorted(_EXPORTS)
 

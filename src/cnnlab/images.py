@@ -41,7 +41,7 @@ ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 # least this many source pixels per output pixel for the Lanczos resize: same quality, a fraction of the work
 REDUCING_GAP = 3.0
 
-Source = str | Path | bytes | BinaryIO | Image.Image
+ImageFile = str | Path | bytes | BinaryIO | Image.Image  # where a picture comes from: a path, its bytes, an open file, a PIL image
 
 
 class ImageReadError(UserError, ValueError):
@@ -52,7 +52,7 @@ class ImageTooLarge(ImageReadError):
     """An image with more pixels than allowed (or that Pillow flags as a decompression bomb)."""
 
 
-def open_image(source: Source, name: str | None = None, max_pixels: int = MAX_PIXELS,
+def open_image(source: ImageFile, name: str | None = None, max_pixels: int = MAX_PIXELS,
                draft: tuple[int, int] | None = None) -> Image.Image:
     """Decode an image (path, bytes, binary file or PIL image), upright by its EXIF tag, checked first.
 
@@ -175,7 +175,7 @@ def centred_crop(source: tuple[int, int], aspect: float) -> tuple[float, float, 
     return left, top, left + crop_width, top + crop_height
 
 
-def read_pixels(source: Source, size: tuple[int, int], channels: int, name: str | None = None,
+def read_pixels(source: ImageFile, size: tuple[int, int], channels: int, name: str | None = None,
                 max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """A picture as the network sees it: uint8 (H, W) grey or (H, W, 3) RGB, fitted to size (H, W).
 

@@ -1,5 +1,12 @@
-"""The one Typer application every command module registers on."""
+"""The one Typer application every command module registers on, and the panels `cnnlab --help` shows."""
 import typer
+
+# Help groups commands by what a user is doing, in this order.
+LEARN = "Learn: what a convolution and a CNN are"
+TRAIN = "Train"
+LOOK = "Look inside a trained run"
+USE = "Use a trained run"
+SCALE = "Scale out"
 
 app = typer.Typer(
     name="cnnlab",
@@ -7,4 +14,5 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # plain text with its brackets kept: 'cnnlab[wandb]' stays as written
 )

@@ -1,38 +1,40 @@
-"""Turn cnnlab's own errors into one clear line on stderr and a non-zero exit, not a traceback."""
+"""Turn cnnlab's own errors into one clear line on stderr and a non-zero exit, not a traceback.
+
+Every error a user can fix subclasses `cnnlab.errors.UserError`, so nothing here imports the library
+(or torch) just to know what to catch.
+"""
 from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import typer
 
-from cnnlab.config import ConfigError
-from cnnlab.data import ChecksumMismatch, CifarError, DataError, DatasetUnavailable, IDXError, UnknownDataset
-from cnnlab.data.folder import FolderError
-from cnnlab.runs import RunError
-from cnnlab.training.engine import TrainingDiverged
+from cnnlab.errors import UserError
 
-USER_ERRORS = (ConfigError, UnknownDataset, DatasetUnavailable, ChecksumMismatch, IDXError, CifarError, DataError,
-               FolderError, RunError, TrainingDiverged, FileNotFoundError, IsADirectoryError, PermissionError)
+F = TypeVar("F", bound=Callable[..., Any])
+OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print 'error: message' and return the Exit to raise."""
     print(f"error: {message}", file=sys.stderr)
     return typer.Exit(code)
 
 
-def friendly_errors(command=None, *, also: tuple[type[Exception], ...] = ()):
-    """Decorator for commands: cnnlab's known errors, and those in `also`, print 'error: ...' and exit
-    with status 2. Use as @friendly_errors or @friendly_errors(also=(SomeError,))."""
+def friendly_errors(command: F) -> F:
+    """Decorator for commands: a UserError, or a file the system refuses, prints 'error: ...', exit status 2."""
 
-    def decorate(command):
-        @functools.wraps(command)
-        def wrapper(*args, **kwargs):
-            try:
-                return command(*args, **kwargs)
-            except (*USER_ERRORS, *also) as exc:
-                raise fail(str(exc)) from None
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            raise fail(str(exc)) from None
+        except OS_ERRORS as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            raise fail(f"{where}{exc.strerror or exc}") from None
 
-        return wrapper
-
-    return decorate(command) if command is not None else decorate
+    return wrapper  # type: ignore[return-value]

@@ -1,24 +1,17 @@
 """`cnnlab datasets list|where|fetch|verify`."""
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from cnnlab.cli._app import app
+from cnnlab.cli._options import DataDir
+from cnnlab.cli._app import TRAIN, app
 from cnnlab.cli._errors import fail, friendly_errors
-from cnnlab.data import DATASETS, fetch, get_dataset, locate, search_places, verify
-from cnnlab.data.store import unavailable
 
 datasets_app = typer.Typer(help="List, locate, download and verify datasets.", no_args_is_help=True)
-app.add_typer(datasets_app, name="datasets")
 
 Name = Annotated[str, typer.Argument(help="Dataset name (see `cnnlab datasets list`).")]
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding <name>/<dataset files>; "
-                                                 "default $CNNLAB_DATA, then the user cache, then system copies.")]
 
 
 
@@ -26,6 +19,10 @@ DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder hold
 @datasets_app.command("list")
 def list_datasets(data_dir: DataDir = None) -> None:
     """The registered datasets: classes, image shape and where a copy was found."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cnnlab.data import DATASETS, locate
     table = Table("name", "title", "classes", "shape", "copy used")
     for spec in DATASETS.values():
         found = locate(spec, data_dir)
@@ -38,6 +35,8 @@ def list_datasets(data_dir: DataDir = None) -> None:
 @friendly_errors
 def where(name: Name, data_dir: DataDir = None) -> None:
     """Which copy of a dataset would be used, and every place looked in."""
+    from cnnlab.data import get_dataset, locate, search_places
+    from cnnlab.data.store import unavailable
     spec = get_dataset(name)
     found = locate(spec, data_dir)
     for origin, directory in search_places(spec, data_dir):
@@ -52,6 +51,7 @@ def where(name: Name, data_dir: DataDir = None) -> None:
 @friendly_errors
 def fetch_dataset(name: Name, data_dir: DataDir = None) -> None:
     """Find a dataset or download it from its mirrors into the cache, with checksum checks."""
+    from cnnlab.data import fetch, get_dataset
     location = fetch(get_dataset(name), data_dir)
     print(f"{name}: {location.directory} ({location.origin})")
 
@@ -60,6 +60,8 @@ def fetch_dataset(name: Name, data_dir: DataDir = None) -> None:
 @friendly_errors
 def verify_dataset(name: Name, data_dir: DataDir = None) -> None:
     """Check every file of the copy in use against the registry's SHA-256 checksums."""
+    from cnnlab.data import get_dataset, locate, verify
+    from cnnlab.data.store import unavailable
     spec = get_dataset(name)
     location = locate(spec, data_dir)
     if location is None:
@@ -72,3 +74,6 @@ def verify_dataset(name: Name, data_dir: DataDir = None) -> None:
         raise fail(f"{location.directory}: {sum(not c.ok for c in checks)} file(s) differ from the registry; "
                    "train on them only with --allow-checksum-mismatch", code=1)
     print(f"{name}: all {len(checks)} files verified in {location.directory}")
+
+
+app.add_typer(datasets_app, name="datasets", rich_help_panel=TRAIN)

@@ -2,57 +2,50 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from cnnlab import runs
-from cnnlab.inspect.activations import LayerError
-from cnnlab.cli._app import app
+from cnnlab.cli._app import LOOK, app
 from cnnlab.cli._errors import fail, friendly_errors
-from cnnlab.inspect.show import InputError
-from cnnlab.images import ImageReadError
-from cnnlab.use.recipes import BlankImage
+from cnnlab.cli._options import RUNS_DIR, DataDir, LatestRun, Run, RunsDir
+
+if TYPE_CHECKING:
+    from cnnlab.inspect.show import LoadedRun
+
+T = TypeVar("T")
 
 show_app = typer.Typer(help="Pictures of a trained run: kernels, feature maps, mistakes, saliency, curves.",
                        no_args_is_help=True)
-app.add_typer(show_app, name="show")
 runs_app = typer.Typer(help="A table of the runs under --runs-dir; `compare` puts runs side by side.",
                        invoke_without_command=True)
-app.add_typer(runs_app, name="runs")
 
-Run = Annotated[Path, typer.Argument(help="Run directory (made by `cnnlab train`).")]
 ImageFile = Annotated[Optional[Path], typer.Argument(
     help="Any image file (prepared as the run's dataset was: 28x28 grey white on black, 32x32 colour, ...); "
     "or use --index.", show_default=False)]
 Index = Annotated[Optional[int], typer.Option("--index", "-i", help="Use test image N of the run's dataset instead.")]
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding <dataset>/<dataset files>.")]
-RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories.")]
 
 
-def out_option(what: str):
+def out_option(what: str) -> Any:
     return Annotated[Path, typer.Option("--out", "-o", help=f"PNG file to write ({what}).")]
 
 
-# the input errors of the inspection library, on top of cnnlab's own: one line, status 2
-inspect_errors = friendly_errors(also=(LayerError, InputError, ImageReadError, BlankImage))
-
-
-def save_png(out: Path, draw):
+def save_png(out: Path, draw: Callable[[Path], T]) -> T:
     """Draw into a temporary file renamed over `out` (never a half-written picture); returns draw's result."""
+    from cnnlab.files import write_atomic
+
     if out.suffix.lower() != ".png":
         raise fail(f"--out must be a .png file, got {out.name!r}")
-    result = []
-    runs.write_atomic(out, lambda tmp: result.append(draw(tmp)))
+    result: list[T] = []
+    write_atomic(out, lambda tmp: result.append(draw(tmp)))
     print(f"saved {out}")
     return result[0]
 
 
-def load(run: Path, data_dir: Path | None = None):
+def load(run: Path, data_dir: Path | None = None) -> LoadedRun:
     from cnnlab.inspect.show import LoadedRun
 
     return LoadedRun(run, data_dir)
@@ -60,7 +53,7 @@ def load(run: Path, data_dir: Path | None = None):
 
 # ------------------------------------------------------------------------------------- show
 @show_app.command("kernels")
-@inspect_errors
+@friendly_errors
 def show_kernels(run: Run, layer: Annotated[str, typer.Option(help="Conv layer: conv1, conv2, ...")] = "conv1",
                  out: out_option("a grid of kernels") = Path("kernels.png")) -> None:
     """The kernels a conv layer learned, as a grid (one panel per input channel for colour input)."""
@@ -73,7 +66,7 @@ def show_kernels(run: Run, layer: Annotated[str, typer.Option(help="Conv layer: 
 
 
 @show_app.command("features")
-@inspect_errors
+@friendly_errors
 def show_features(run: Run, image: ImageFile = None, index: Index = None,
                   out: out_option("the feature maps") = Path("features.png"),
                   max_maps: Annotated[int, typer.Option(min=1, help="Maps shown per layer.")] = 16,
@@ -89,7 +82,7 @@ def show_features(run: Run, image: ImageFile = None, index: Index = None,
 
 
 @show_app.command("mistakes")
-@inspect_errors
+@friendly_errors
 def show_mistakes(run: Run, out: out_option("the grid") = Path("mistakes.png"),
                   limit: Annotated[int, typer.Option(min=1, help="At most this many images.")] = 24,
                   data_dir: DataDir = None) -> None:
@@ -111,7 +104,7 @@ class Method(str, Enum):
 
 
 @show_app.command("saliency")
-@inspect_errors
+@friendly_errors
 def show_saliency(run: Run, image: ImageFile = None, index: Index = None,
                   out: out_option("image, heat map, probabilities") = Path("saliency.png"),
                   method: Annotated[Method, typer.Option(help="gradcam: which regions of the last conv layer's "
@@ -131,7 +124,7 @@ def show_saliency(run: Run, image: ImageFile = None, index: Index = None,
 
 
 @show_app.command("curves")
-@inspect_errors
+@friendly_errors
 def show_curves(run: Run, out: out_option("loss and accuracy") = Path("curves.png")) -> None:
     """Training and validation loss and accuracy per epoch."""
     from cnnlab.inspect import show as inspection
@@ -140,17 +133,18 @@ def show_curves(run: Run, out: out_option("loss and accuracy") = Path("curves.pn
 
 
 # ------------------------------------------------------------------------------------ report
-@app.command()
-@inspect_errors
-def report(run: Annotated[Optional[Path], typer.Argument(help="Run directory; default the latest under --runs-dir.")]
-           = None,
+@app.command(rich_help_panel=LOOK)
+@friendly_errors
+def report(run: LatestRun = None,
            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file (default <run>/report.html).")]
            = None,
-           data_dir: DataDir = None, runs_dir: RunsDir = runs.DEFAULT_ROOT) -> None:
+           data_dir: DataDir = None, runs_dir: RunsDir = RUNS_DIR) -> None:
     """One self-contained HTML page about a run: summary, config, curves, test results, mistakes, kernels, maps."""
     from cnnlab.inspect.report import write_report
 
-    page = write_report(run or runs.latest_run(runs_dir), out, data_dir)
+    from cnnlab.runs.layout import latest_run
+
+    page = write_report(run or latest_run(runs_dir), out, data_dir)
     print(f"wrote {page} (self-contained: open it in any browser, no network needed)")
 
 
@@ -169,7 +163,7 @@ class SortKey(str, Enum):
 
 @runs_app.callback()
 @friendly_errors
-def list_runs(ctx: typer.Context, runs_dir: RunsDir = runs.DEFAULT_ROOT,
+def list_runs(ctx: typer.Context, runs_dir: RunsDir = RUNS_DIR,
               sort: Annotated[Optional[SortKey], typer.Option(
                   help="Sort by a column: names A-Z, numbers biggest first (default: oldest run first).")] = None,
               reverse: Annotated[bool, typer.Option("--reverse", help="Reverse the order.")] = False,
@@ -189,7 +183,10 @@ def list_runs(ctx: typer.Context, runs_dir: RunsDir = runs.DEFAULT_ROOT,
     print_rows(rows)
 
 
-def print_rows(rows: list[dict]) -> None:
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
     from cnnlab.inspect.run_table import format_cell
 
     table = Table("run", "dataset", "model", "params", "epochs", "val acc", "test acc", "train s", "started")
@@ -207,7 +204,11 @@ def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run
             out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG with the runs' curves overlaid.")]
             = None) -> None:
     """The config keys in which runs differ, their results side by side, and (with --out) curves overlaid."""
+    from rich.console import Console
+    from rich.table import Table
+
     from cnnlab.inspect.run_table import config_differences, format_cell, run_row
+    from cnnlab.runs.records import read_metrics
 
     if len(run_dirs) < 2:
         raise fail("compare needs at least two run directories")
@@ -227,5 +228,9 @@ def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run
     if out is not None:
         from cnnlab.inspect.figures import plot_curves
 
-        histories = {name: runs.read_metrics(p) for name, p in zip(names, run_dirs)}
+        histories = {name: read_metrics(p) for name, p in zip(names, run_dirs)}
         save_png(out, lambda tmp: plot_curves(histories, tmp, title="training curves: " + " vs ".join(names)))
+
+
+app.add_typer(show_app, name="show", rich_help_panel=LOOK)
+app.add_typer(runs_app, name="runs", rich_help_panel=LOOK)

@@ -1,21 +1,27 @@
-"""Playground commands: convolve, pool, explain (conv | pool). Thin wrappers over cnnlab.playground.conv."""
+"""Playground commands: convolve, pool, explain (conv | pool). Thin wrappers over cnnlab.playground.
+
+NumPy and Pillow only (the playground has no torch); matplotlib is imported by `explain` alone.
+"""
 from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import typer
-from PIL import Image
 
-from cnnlab.cli._app import app
+from cnnlab.cli._app import LEARN, app
+from cnnlab.cli._errors import friendly_errors
 from cnnlab.playground.conv import avg_pool2d, conv2d, conv2d_per_channel, explain_output_size, max_pool2d
-from cnnlab.playground.explain import MAX_FRAMES, RESCALE_RULES, explain_conv, explain_pool, rescale, save_animation
+from cnnlab.playground.display import MAX_FRAMES, RESCALE_RULES, rescale
 from cnnlab.playground.kernels import get_kernel, list_kernels
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 explain_app = typer.Typer(help="Animate a kernel or a pooling window sliding over a small image, step by step.",
                           no_args_is_help=True)
-app.add_typer(explain_app, name="explain")
 
 
 class PoolMode(str, Enum):
@@ -68,18 +74,20 @@ def to_floats(image: Image.Image) -> np.ndarray:
 
 
 def save_image(values: np.ndarray, path: Path) -> None:
-    """Save a [0, 1] (H, W) or (H, W, 3) array; written to a side file then renamed, never half-written."""
+    """Save a [0, 1] (H, W) or (H, W, 3) array atomically (cnnlab.files: never half-written, never a device)."""
+    from PIL import Image
+
+    from cnnlab.files import write_atomic
+
     pixels = np.round(np.clip(values, 0, 1) * 255).astype(np.uint8)
-    temporary = path.with_name(f".{path.name}.partial")
-    try:
-        Image.fromarray(pixels).save(temporary, format=Image.registered_extensions()[path.suffix.lower()])
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    kind = Image.registered_extensions()[path.suffix.lower()]
+    write_atomic(path, lambda tmp: Image.fromarray(pixels).save(tmp, format=kind))
 
 
 def check_image_output(path: Path) -> None:
     """Fail before any work if Pillow cannot write the output's file type."""
+    from PIL import Image
+
     if path.suffix.lower() not in Image.registered_extensions():
         raise typer.BadParameter(f"cannot write {path.suffix or 'a file without extension'}: use .png or .jpg",
                                  param_hint="--out")
@@ -104,7 +112,7 @@ def parse_kernel(spec: str) -> np.ndarray:
     try:
         run, _, rest = spec.partition(":")
         if rest and Path(run, "config.yaml").is_file():
-            from cnnlab.runs import learned_kernel  # imports torch: only when a run is named
+            from cnnlab.inspect.activations import learned_kernel  # imports torch: only when a run is named
 
             layer, _, index = rest.partition(":")
             return learned_kernel(run, layer, int(index) if index.isdigit() else -1)
@@ -137,7 +145,8 @@ def shape_text(shape: tuple[int, ...]) -> str:
 
 # ---------------------------------------------------------------- commands
 
-@app.command()
+@app.command(rich_help_panel=LEARN)
+@friendly_errors
 def convolve(
     image: Path = IMAGE_ARG,
     out: Path = typer.Option(..., "--out", "-o", help="Where to save the result (.png, .jpg, ...)."),
@@ -185,7 +194,8 @@ def convolve(
     typer.echo(f"saved {out}")
 
 
-@app.command()
+@app.command(rich_help_panel=LEARN)
+@friendly_errors
 def pool(
     image: Path = IMAGE_ARG,
     out: Path = typer.Option(..., "--out", "-o", help="Where to save the result (.png, .jpg, ...)."),
@@ -217,6 +227,8 @@ def pool(
 
 def small_grey(path: Path, max_side: int) -> np.ndarray:
     """The image in grey, downscaled (area average) so its longer side is at most max_side pixels."""
+    from PIL import Image
+
     picture, notes = open_image(path, gray=True)
     for note in notes:
         typer.echo(f"note: {note}")
@@ -233,6 +245,8 @@ def save_frames(frames, out: Path, start: int, total: int) -> None:
     shown = len(frames) - 1  # the last frame is the finished output
     typer.echo(f"animation: positions {start} to {start + shown - 1} of {total} shown "
                f"(--start, --steps to change), then the result")
+    from cnnlab.playground.explain import save_animation
+
     save_animation(frames, out)
     typer.echo(f"saved {out} ({len(frames)} frames)")
 
@@ -249,6 +263,7 @@ OUT_HELP = "Animation file: .gif, or .html for a self-contained page with a step
 
 
 @explain_app.command("conv")
+@friendly_errors
 def explain_conv_command(
     image: Path = IMAGE_ARG,
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
@@ -269,11 +284,14 @@ def explain_conv_command(
                f"padding {pad!r}:")
     print_arithmetic(pixels.shape, weights.shape, stride, pad)
     typer.echo(f"output {shape_text(result.shape)}")
+    from cnnlab.playground.explain import explain_conv
+
     frames = run_library(explain_conv, pixels, weights, stride, pad, steps, start)
     save_frames(frames, out, start, result.size)
 
 
 @explain_app.command("pool")
+@friendly_errors
 def explain_pool_command(
     image: Path = IMAGE_ARG,
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
@@ -296,5 +314,10 @@ def explain_pool_command(
                f"padding {pad!r}:")
     print_arithmetic(pixels.shape, (size, size), stride, pad)
     typer.echo(f"output {shape_text(result.shape)}")
+    from cnnlab.playground.explain import explain_pool
+
     frames = run_library(explain_pool, pixels, mode.value, size, stride, pad, steps, start)
     save_frames(frames, out, start, result.size)
+
+
+app.add_typer(explain_app, name="explain", rich_help_panel=LEARN)

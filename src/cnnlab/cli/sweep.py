@@ -6,19 +6,16 @@ and subcommand names in the same slot without guessing which the user meant.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from cnnlab import runs
-from cnnlab import sweep as sweeps
-from cnnlab.cli._app import app
+from cnnlab.cli._app import SCALE, app
 from cnnlab.cli._errors import fail, friendly_errors
-from cnnlab.training.engine import TrainingInterrupted
+from cnnlab.cli._options import RUNS_DIR
 
 sweep_app = typer.Typer(help="Hyperparameter sweeps (W&B sweep files, run offline with Optuna; many machines "
                         "share one study through --storage postgresql://...).", no_args_is_help=True)
-app.add_typer(sweep_app, name="sweep")
 
 Storage = Annotated[Optional[str], typer.Option(
     "--storage", help="Study storage: postgresql://user@host/db (workers on many machines), sqlite:///file.db, "
@@ -29,11 +26,13 @@ Name = Annotated[str, typer.Argument(help="Sweep (study) name.")]
 
 
 def storage_for(storage: str | None, runs_dir: Path, name: str) -> str:
-    return storage or sweeps.default_storage(runs_dir, name)
+    from cnnlab.sweep.study import default_storage
+
+    return storage or default_storage(runs_dir, name)
 
 
 @sweep_app.command("run")
-@friendly_errors(also=(sweeps.SweepError,))
+@friendly_errors
 def run(
     file: Annotated[Path, typer.Argument(help="Sweep YAML (W&B format plus model, dataset, set).")],
     trials: Annotated[int, typer.Option("--trials", "-n", min=1, help="Trials in the whole study, all workers "
@@ -42,9 +41,12 @@ def run(
     storage: Storage = None,
     name: Annotated[Optional[str], typer.Option(help="Sweep name; default the file's `name:` or its stem. "
                                                 "The same name resumes the sweep.")] = None,
-    runs_dir: RunsDir = runs.DEFAULT_ROOT,
+    runs_dir: RunsDir = RUNS_DIR,
 ) -> None:
     """Run (or resume) a sweep until the study has --trials trials; start it on more machines to share the work."""
+    from cnnlab import sweep as sweeps
+    from cnnlab.training.engine import TrainingInterrupted
+
     spec = sweeps.read_sweep(file)
     name = name or spec.name or file.stem
     sweep = sweeps.Sweep(spec, name, storage_for(storage, runs_dir, name), runs_dir, trials)
@@ -59,11 +61,13 @@ def run(
 
 
 @sweep_app.command()
-@friendly_errors(also=(sweeps.SweepError,))
-def status(name: Name, storage: Storage = None, runs_dir: RunsDir = runs.DEFAULT_ROOT,
+@friendly_errors
+def status(name: Name, storage: Storage = None, runs_dir: RunsDir = RUNS_DIR,
            plot: Annotated[Optional[Path], typer.Option(help="Also draw each trial's metric to this PNG.")] = None
            ) -> None:
     """A table of the sweep's trials, the best so far, and how many were pruned or failed."""
+    from cnnlab import sweep as sweeps
+
     study = sweeps.load_study(name, storage_for(storage, runs_dir, name))
     print_status(study)
     if plot is not None:
@@ -72,16 +76,20 @@ def status(name: Name, storage: Storage = None, runs_dir: RunsDir = runs.DEFAULT
 
 
 @sweep_app.command()
-@friendly_errors(also=(sweeps.SweepError,))
+@friendly_errors
 def best(name: Name, out: Annotated[Path, typer.Option("--out", "-o", help="Write the best trial's config here.")]
-         = Path("best.yaml"), storage: Storage = None, runs_dir: RunsDir = runs.DEFAULT_ROOT) -> None:
+         = Path("best.yaml"), storage: Storage = None, runs_dir: RunsDir = RUNS_DIR) -> None:
     """Write the best trial's full config, ready for `cnnlab train --config`."""
+    from cnnlab import sweep as sweeps
+
     trial = sweeps.write_best_config(sweeps.load_study(name, storage_for(storage, runs_dir, name)), out)
     print(f"best trial {trial.number}: value {trial.value:.4f} {trial.params}")
     print(f"config written to {out}; train it with: cnnlab train --config {out}")
 
 
-def print_status(study) -> None:
+def print_status(study: Any) -> None:
+    from cnnlab import sweep as sweeps
+
     summary = sweeps.summarize(study)
     keys = sorted({k for t in summary.trials for k in t.params})
     print(f"{'trial':>5}  {'state':8}  {'value':>8}  " + "  ".join(f"{k:>12}" for k in keys) + "  run")
@@ -96,7 +104,13 @@ def print_status(study) -> None:
               f"{summary.best.params}")
 
 
-def format_param(value) -> str:
+def format_param(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+app.add_typer(sweep_app, name="sweep", rich_help_panel=SCALE)
+
+
+app.add_typer(sweep_app, name="sweep", rich_help_panel=SCALE)

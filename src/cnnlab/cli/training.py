@@ -1,37 +1,29 @@
-"""`cnnlab presets`, `summary`, `train` and `evaluate`."""
+"""`cnnlab presets`, `summary`, `train` and `evaluate`: thin commands over `cnnlab.pipeline`.
+
+Nothing heavy is imported until a command runs: `presets` and `summary` never load torch.
+"""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
-from cnnlab import pipeline, runs
-from cnnlab.training import distributed
-from cnnlab.cli._app import app
+from cnnlab.cli._app import LEARN, TRAIN, app
 from cnnlab.cli._errors import fail, friendly_errors
-from cnnlab.config import list_presets, load_config, preset_path
-from cnnlab.training.distributed import DeviceError
-from cnnlab.training.evaluate import Evaluation
-from cnnlab.pipeline import RankZeroFailed
-from cnnlab.training.engine import ProgressBar, TrainingInterrupted
+from cnnlab.cli._options import RUNS_DIR, ConfigFile, DataDir, Dataset, LatestRun, Model, Overrides, RunsDir
 
-Model = Annotated[str, typer.Option("--model", "-m", help="Model preset (see `cnnlab presets`).")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config applied over the preset.")]
-Overrides = Annotated[Optional[list[str]], typer.Option(
-    "--set", "-s", help="Override a key: a knob (dropout=0.4) or a path (train.lr=3e-4, model.conv.0.filters=64). "
-    "Repeatable.")]
-Dataset = Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset name (`cnnlab datasets list`) or "
-                                               "a folder with one sub-folder of images per class; "
-                                               "default mnist-sample, shipped with cnnlab.")]
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding <dataset>/<IDX files>.")]
-RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories.")]
+if TYPE_CHECKING:
+    from cnnlab.config import Config
+    from cnnlab.pipeline import RunResult
+    from cnnlab.training.distributed import Context
+    from cnnlab.training.evaluate import Evaluation
 
 
 def sections(dataset: str | None = None, data_dir: Path | None = None, allow_mismatch: bool = False,
-             **train: object) -> dict:
+             **train: object) -> dict[str, dict[str, Any]]:
     """Typed CLI options as config sections (options left unset do not override the files)."""
     data = {k: v for k, v in dict(dataset=dataset, data_dir=str(data_dir) if data_dir else None).items() if v}
     if allow_mismatch:
@@ -39,33 +31,37 @@ def sections(dataset: str | None = None, data_dir: Path | None = None, allow_mis
     return dict(data=data, train={k: v for k, v in train.items() if v is not None})
 
 
-@app.command()
+@app.command(rich_help_panel=LEARN)
+@friendly_errors
 def presets(name: Annotated[Optional[str], typer.Argument(help="Print this preset's YAML (copy it to edit).")] = None) -> None:
     """List the model presets, or print one as YAML to copy and edit."""
+    from cnnlab.config import list_presets, preset_path
+
     if name is None:
         for preset in list_presets():
             first = preset_path(preset).read_text().splitlines()[0].lstrip("# ")
             print(f"{preset:14} {first}")
         return
-    try:
-        print(preset_path(name).read_text(), end="")
-    except ValueError as exc:
-        raise fail(str(exc)) from None
+    print(preset_path(name).read_text(), end="")
 
 
-@app.command()
+@app.command(rich_help_panel=LEARN)
 @friendly_errors
 def summary(model: Model = "seed", config: ConfigFile = None, set_: Overrides = None, dataset: Dataset = None,
             explain: Annotated[bool, typer.Option("--explain", help="Show how each layer's parameters add up.")] = False
             ) -> None:
     """The model layer by layer, like Keras' model.summary(): output shapes and parameters."""
+    from cnnlab.config import load_config
+    from cnnlab.data.registry import dataset_shape
+    from cnnlab.models.summary import summarize
+
     cfg = load_config(model, config, set_, **sections(dataset))
-    image_shape, num_classes = pipeline.dataset_shape(cfg)
-    print(pipeline.summarize(cfg, image_shape, num_classes, explain))
+    image_shape, num_classes = dataset_shape(cfg.data)
+    print(summarize(cfg, image_shape, num_classes, explain))
 
 
-@app.command()
-@friendly_errors(also=(DeviceError, RankZeroFailed))
+@app.command(rich_help_panel=TRAIN)
+@friendly_errors
 def train(
     ctx: typer.Context,
     model: Model = "seed",
@@ -80,7 +76,7 @@ def train(
     data_dir: DataDir = None,
     allow_checksum_mismatch: Annotated[bool, typer.Option(
         "--allow-checksum-mismatch", help="Use local dataset files whose checksums differ (recorded in the run).")] = False,
-    runs_dir: RunsDir = runs.DEFAULT_ROOT,
+    runs_dir: RunsDir = RUNS_DIR,
     name: Annotated[Optional[str], typer.Option(help="Run directory name (default <dataset>-<model>-<time>).")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this interrupted run instead of starting one.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")] = False,
@@ -98,9 +94,15 @@ def train(
 
     Data-parallel: `--nproc N` on one machine, or `torchrun ... -m cnnlab train ...` across machines.
     """
+    from cnnlab import pipeline
+    from cnnlab.config import load_config
+    from cnnlab.runs import layout, records
+    from cnnlab.training import distributed
+    from cnnlab.training.engine import TrainingInterrupted
+
     if nproc > 1 and not distributed.launched_by_torchrun():
         if resume is None and name is None:
-            name = runs.default_name(load_config(model, config, set_, **sections(dataset)))
+            name = layout.default_name(load_config(model, config, set_, **sections(dataset)))
         launch_processes(ctx, nproc, max_restarts, name, resume, runs_dir)
         return
     if nproc < 1:
@@ -115,7 +117,7 @@ def train(
                      if value]
             if given:
                 raise fail(f"--resume continues a run with its saved config.yaml; drop {', '.join(given)}")
-            cfg = runs.load_config(resume)
+            cfg = records.load_config(resume)
             context = distributed.init(cfg.train.device)
             say(context, f"resuming {resume}")
             callbacks, tracker = training_callbacks(context, quiet, wandb and cfg, wandb_project)
@@ -140,21 +142,24 @@ def train(
     print_result(result)
 
 
-def say(context: distributed.Context, text: str) -> None:
+def say(context: Context, text: str) -> None:
     if context.is_main:
         print(text)
 
 
-def training_callbacks(context: distributed.Context, quiet: bool, wandb_config, project: str) -> tuple[list, object]:
+def training_callbacks(context: Context, quiet: bool, wandb_config: Config | None, project: str
+                       ) -> tuple[list[Any], Any]:
     """Progress bar and W&B tracker: on rank 0 only, so a job prints and logs once."""
+    from cnnlab.training.callbacks import ProgressBar
+
     if not context.is_main:
         return [], None
     tracker = wandb_tracker(wandb_config, project) if wandb_config else None
     return ([] if quiet else [ProgressBar()]) + ([tracker] if tracker else []), tracker
 
 
-def train_or_continue(cfg, runs_dir: Path, name: str | None, callbacks: list,
-                      context: distributed.Context) -> pipeline.RunResult:
+def train_or_continue(cfg: Config, runs_dir: Path, name: str | None, callbacks: list[Any],
+                      context: Context) -> RunResult:
     """A new run; or, in a job that torchrun restarted after a failure, the run it had started.
 
     A restarted job finds its run by name (`--nproc` always passes one; under a bare torchrun the
@@ -162,13 +167,17 @@ def train_or_continue(cfg, runs_dir: Path, name: str | None, callbacks: list,
     failure came before the first checkpoint. Rank 0 decides, from the run directory, and tells the
     others: their restart counts need not agree (a node that rejoins resets the others uncounted).
     """
+    from cnnlab import pipeline
+    from cnnlab.runs import layout
+    from cnnlab.training import distributed
+
     if distributed.launched_by_torchrun() and name is None:
         job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-        name = f"{runs.default_name(cfg).rsplit('-', 2)[0]}-job-{job}" if job != "none" else None
+        name = f"{layout.default_name(cfg).rsplit('-', 2)[0]}-job-{job}" if job != "none" else None
     if name is None or not distributed.launched_by_torchrun():
         return pipeline.train(cfg, runs_dir, name, callbacks, context=context)
     run = Path(runs_dir) / name
-    decision = pipeline.on_main(context, lambda: restart_decision(cfg, run, context.restarts))
+    decision = distributed.on_main(context, lambda: restart_decision(cfg, run, context.restarts))
     if decision != "new":
         say(context, f"restart {context.restarts}: " + (f"resuming {run} from its checkpoint" if decision == "resume"
                                                         else f"starting {run} over"))
@@ -177,17 +186,19 @@ def train_or_continue(cfg, runs_dir: Path, name: str | None, callbacks: list,
     return pipeline.train(cfg, runs_dir, name, callbacks, context=context, reuse=decision == "again")
 
 
-def restart_decision(cfg, run: Path, restarts: int) -> str:
+def restart_decision(cfg: Config, run: Path, restarts: int) -> str:
     """'new' (no run yet, or a first attempt: an existing name is then an error), 'resume' (this job's
     run has a checkpoint) or 'again' (it failed before its first checkpoint)."""
+    from cnnlab.runs import layout, records
+
     if restarts == 0 or not run.is_dir():
         return "new"
-    if runs.path(run, "test").is_file():
-        raise runs.RunError(f"{run} has already finished; this job (same name or rendezvous id) will not retrain it: "
+    if layout.path(run, "test").is_file():
+        raise layout.RunError(f"{run} has already finished; this job (same name or rendezvous id) will not retrain it: "
                             "pick another --name or --rdzv-id")
-    if runs.path(run, "config").is_file() and runs.load_config(run).to_dict() != cfg.to_dict():
-        raise runs.RunError(f"{run} holds another configuration than this job's: pick another --name or --rdzv-id")
-    has_checkpoint = runs.path(run, "checkpoint").is_file() or runs.path(run, "previous_checkpoint").is_file()
+    if layout.path(run, "config").is_file() and records.load_config(run).to_dict() != cfg.to_dict():
+        raise layout.RunError(f"{run} holds another configuration than this job's: pick another --name or --rdzv-id")
+    has_checkpoint = layout.path(run, "checkpoint").is_file() or layout.path(run, "previous_checkpoint").is_file()
     return "resume" if has_checkpoint else "again"
 
 
@@ -195,6 +206,8 @@ def launch_processes(ctx: typer.Context, nproc: int, max_restarts: int, name: st
                      runs_dir: Path) -> None:
     """`--nproc N`: run this same command as N torchrun ranks, under a run name fixed now, so that
     an elastic restart finds and resumes the run its first attempt started."""
+    from cnnlab.training import distributed
+
     if resume is None and (Path(runs_dir) / name).exists():
         raise fail(f"{Path(runs_dir) / name}: a run of that name exists; pick another --name or --resume it")
     argv = ["train", *command_line(ctx, drop={"nproc", "max_restarts"} | ({"name"} if resume is None else set()))]
@@ -228,7 +241,7 @@ def command_line(ctx: typer.Context, drop: set[str]) -> list[str]:
     return args
 
 
-def wandb_tracker(cfg, project: str):
+def wandb_tracker(cfg: Config, project: str) -> Any:
     """The W&B callback for --wandb; imports wandb only now, and says how to install it if missing."""
     from cnnlab.trackers import wandb as tracking
 
@@ -239,11 +252,13 @@ def wandb_tracker(cfg, project: str):
     return tracking.WandbTracker(cfg, project)
 
 
-def print_result(result: pipeline.RunResult) -> None:
+def print_result(result: RunResult) -> None:
+    from cnnlab.runs import layout
+
     test = result.test
     if result.skipped:
         print(f"warning: {len(result.skipped)} unreadable image(s) were skipped; "
-              f"see {runs.path(result.run, 'skipped')}")
+              f"see {layout.path(result.run, 'skipped')}")
     print(f"test accuracy {test.accuracy:.4f}  loss {test.loss:.4f}  ({int(test.confusion.sum())} images)")
     if result.images_per_second:
         print(f"trained in {result.train_seconds:.1f}s  ({result.images_per_second:,.0f} images/s)")
@@ -253,22 +268,25 @@ def print_result(result: pipeline.RunResult) -> None:
     print(f"see the details with: cnnlab evaluate {result.run}")
 
 
-@app.command()
+@app.command(rich_help_panel=TRAIN)
 @friendly_errors
 def evaluate(
-    run: Annotated[Optional[Path], typer.Argument(help="Run directory; default the latest under --runs-dir.")] = None,
+    run: LatestRun = None,
     json_: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
     data_dir: DataDir = None,
-    runs_dir: RunsDir = runs.DEFAULT_ROOT,
+    runs_dir: RunsDir = RUNS_DIR,
 ) -> None:
     """Test accuracy and loss, per-class precision/recall/F1, confusion matrix, most confused pairs."""
-    run = run or runs.latest_run(runs_dir)
+    from cnnlab import pipeline
+    from cnnlab.runs import layout
+
+    run = run or layout.latest_run(runs_dir)
     result = pipeline.evaluate_run(run, data_dir, progress=not json_)
     if json_:
         print(json.dumps(dict(run=str(run), **result.to_dict())))
         return
     print(format_evaluation(result))
-    print(f"\nconfusion matrix picture: {runs.path(run, 'confusion')}")
+    print(f"\nconfusion matrix picture: {layout.path(run, 'confusion')}")
 
 
 def format_evaluation(result: Evaluation) -> str:

@@ -10,18 +10,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from cnnlab.cli._app import app
+from cnnlab.cli._app import USE, app
 from cnnlab.cli._errors import fail, friendly_errors
-from cnnlab.use.export import ExportError
-
-Run = Annotated[Path, typer.Argument(help="Run directory (made by `cnnlab train`).")]
+from cnnlab.cli._options import Run
 
 
-use_errors = friendly_errors(also=(ExportError,))  # cnnlab's errors and the exporter's: one line, status 2
-
-
-@app.command()
-@use_errors
+@app.command(rich_help_panel=USE)
+@friendly_errors
 def predict(
     run: Run,
     images: Annotated[list[Path], typer.Argument(help="Image files: PNG, JPEG, ... any size, colour or grey.")],
@@ -65,8 +60,8 @@ class Format(str, Enum):
     torchscript = "torchscript"
 
 
-@app.command()
-@use_errors
+@app.command(rich_help_panel=USE)
+@friendly_errors
 def export(
     run: Run,
     format: Annotated[Format, typer.Option("--format", "-f", help="onnx (needs cnnlab[export]) or torchscript.")]
@@ -84,7 +79,7 @@ def export(
           f"{result.max_abs_difference:.2e} in probability")
 
 
-@app.command()
+@app.command(rich_help_panel=USE)
 @friendly_errors
 def serve(
     runs: Annotated[list[Path], typer.Argument(help="One or more run directories; the page lets you pick one.")],

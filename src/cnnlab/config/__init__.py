@@ -17,12 +17,14 @@ from cnnlab.config.resolve import (
 from cnnlab.config.schema import (
                                    ACTIVATIONS,
                                    OPTIMIZERS,
+                                   POOLINGS,
                                    POOLS,
                                    SCHEDULES,
                                    SECTIONS,
                                    Config,
                                    ConfigError,
                                    ConvBlock,
+                                   ResidualStage,
                                    DataConfig,
                                    DenseLayer,
                                    ModelConfig,
@@ -31,5 +33,5 @@ from cnnlab.config.schema import (
 )
 
 __all__ = ["config_from_dict", "list_presets", "load_config", "merge", "parse_override", "preset_path", "read_yaml",
-           "resolve", "ACTIVATIONS", "OPTIMIZERS", "POOLS", "SCHEDULES", "SECTIONS", "Config", "ConfigError",
-           "ConvBlock", "DataConfig", "DenseLayer", "ModelConfig", "TrainConfig", "validate"]
+           "resolve", "ACTIVATIONS", "OPTIMIZERS", "POOLINGS", "POOLS", "SCHEDULES", "SECTIONS", "Config", "ConfigError",
+           "ConvBlock", "ResidualStage", "DataConfig", "DenseLayer", "ModelConfig", "TrainConfig", "validate"]

@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from cnnlab.config.schema import SECTIONS, Config, ConfigError, DataConfig, nearest, validate
+from cnnlab.config.schema import SECTIONS, Config, ConfigError, DataConfig, validate
+from cnnlab.suggest import did_you_mean
 
 
 # ---------------------------------------------------------------------------------------- presets
@@ -33,7 +34,7 @@ def list_presets() -> list[str]:
 def preset_path(name: str) -> Path:
     path = preset_dir() / f"{name}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown model preset {name!r}{nearest(name, list_presets())} "
+        raise ConfigError(f"unknown model preset {name!r}{did_you_mean(name, list_presets())} "
                           f"(presets: {', '.join(list_presets())})")
     return path
 
@@ -114,7 +115,7 @@ def resolve(raw: dict[str, Any], user_keys: set[str] = frozenset()) -> Config:
     unknown = set(raw) - set(SECTIONS)
     if unknown:
         key = sorted(unknown)[0]
-        raise ConfigError(f"unknown config section {key!r}{nearest(key, [*SECTIONS, 'knobs'])} "
+        raise ConfigError(f"unknown config section {key!r}{did_you_mean(key, [*SECTIONS, 'knobs'])} "
                           f"(sections: data, model, train, knobs)")
     used: set[str] = set()
     raw = substitute(raw, knobs, used)
@@ -155,7 +156,7 @@ def substitute(node: Any, knobs: dict[str, Any], used: set[str]) -> Any:
     if isinstance(node, str) and node.startswith("$"):
         name = node[1:]
         if name not in knobs:
-            raise ConfigError(f"{node!r} refers to no knob{nearest(name, list(knobs))} "
+            raise ConfigError(f"{node!r} refers to no knob{did_you_mean(name, list(knobs))} "
                               f"(knobs: {', '.join(knobs) or 'none'})")
         used.add(name)
         return knobs[name]
@@ -188,12 +189,12 @@ def apply_override(raw: dict[str, Any], key: str, value: Any) -> str:
         else:
             owners = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
             if len(owners) != 1:
-                raise ConfigError(f"unknown config key {key!r}{nearest(key, valid_keys(raw))} (this model's "
+                raise ConfigError(f"unknown config key {key!r}{did_you_mean(key, valid_keys(raw))} (this model's "
                                   f"knobs: {', '.join(knobs) or 'none'}; other keys take their section, e.g. "
                                   f"train.lr or model.conv.0.filters)")
             key = f"{owners[0]}.{key}"
     elif key.startswith("knobs.") and key[6:] not in knobs:
-        raise ConfigError(f"unknown knob {key[6:]!r}{nearest(key[6:], list(knobs))} "
+        raise ConfigError(f"unknown knob {key[6:]!r}{did_you_mean(key[6:], list(knobs))} "
                           f"(knobs: {', '.join(knobs) or 'none'})")
     set_path(raw, key, value)
     return key
@@ -240,7 +241,7 @@ def build(cls: type, data: Any, where: str) -> Any:
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"unknown config key '{where}.{key}'{nearest(str(key), names, where + '.')} "
+            raise ConfigError(f"unknown config key '{where}.{key}'{did_you_mean(str(key), names, where + '.')} "
                               f"(valid: {', '.join(names)})")
     return cls(**{key: convert(hints[key], value, f"{where}.{key}") for key, value in data.items()})
 

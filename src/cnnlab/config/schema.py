@@ -6,20 +6,22 @@ explained without building anything.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+from cnnlab.errors import UserError
+from cnnlab.suggest import did_you_mean
 
 ACTIVATIONS = ("relu", "gelu", "elu", "leaky_relu", "tanh", "sigmoid", "none")
 POOLS = (None, "max", "avg")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "onecycle", "cosine")
+POOLINGS = ("flatten", "global_avg", "global_max")  # how the last feature maps become the head's input
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config that cannot be used; the message names the key and what was expected."""
 
 
@@ -49,11 +51,30 @@ class DenseLayer:
 
 
 @dataclass
+class ResidualStage:
+    """`blocks` ResNet basic blocks: conv 3x3 -> BN -> act -> [dropout] -> conv 3x3 -> BN, plus the block's
+    input (a 1x1 conv + BN projection when the shape changes), then act."""
+
+    blocks: int = 2  # basic blocks in the stage
+    filters: int = 64  # output channels of every block (times model.widen)
+    stride: int = 1  # of the stage's first block: 2 halves the feature maps' height and width
+    kernel_size: int = 3  # pixels, odd: the blocks pad to keep the size
+    activation: str = "relu"
+    dropout: float = 0.0  # between each block's two convs (wide ResNets' dropout)
+
+
+@dataclass
 class ModelConfig:
-    """conv blocks -> flatten -> dense layers -> classifier (softmax over the dataset's classes)."""
+    """conv blocks -> residual stages -> pooling -> dense layers -> classifier (softmax over the classes).
+
+    The lesson's networks are conv blocks -> flatten -> dense; a ResNet adds stages and pools globally.
+    """
 
     name: str = "custom"
-    conv: list[ConvBlock] = field(default_factory=list)
+    conv: list[ConvBlock] = field(default_factory=list)  # the stem: plain conv blocks, as the lesson writes them
+    stages: list[ResidualStage] = field(default_factory=list)  # residual stages after the conv blocks
+    widen: int = 1  # every stage's filters are multiplied by this (wide ResNets: WRN-d-k has widen k)
+    pooling: str = "flatten"  # flatten (every value to the head), global_avg or global_max (one value per map)
     dense: list[DenseLayer] = field(default_factory=list)
     classifier_dropout: float = 0.0  # dropout on the classifier's input
 
@@ -128,6 +149,18 @@ def validate(config: Config) -> None:
         choice(block.pool, POOLS, f"{where}.pool")
         positive(block.pool_size, f"{where}.pool_size")
         fraction(block.dropout, f"{where}.dropout")
+    for i, stage in enumerate(config.model.stages):
+        where = f"model.stages[{i}]"
+        positive(stage.blocks, f"{where}.blocks")
+        positive(stage.filters, f"{where}.filters")
+        choice(stage.stride, (1, 2), f"{where}.stride")
+        if stage.kernel_size < 1 or stage.kernel_size % 2 == 0:
+            raise ConfigError(f"{where}.kernel_size: expected an odd int >= 1 (blocks pad to keep the size), "
+                              f"found {stage.kernel_size}")
+        choice(stage.activation, ACTIVATIONS, f"{where}.activation")
+        fraction(stage.dropout, f"{where}.dropout")
+    positive(config.model.widen, "model.widen")
+    choice(config.model.pooling, POOLINGS, "model.pooling")
     for i, layer in enumerate(config.model.dense):
         positive(layer.units, f"model.dense[{i}].units")
         choice(layer.activation, ACTIVATIONS, f"model.dense[{i}].activation")
@@ -151,7 +184,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.workers: expected an int >= 0, found {config.data.workers}")
     if not (t.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", t.device)):
         raise ConfigError(f"train.device: expected cpu, cuda, cuda:N or auto, found {t.device!r}"
-                          f"{nearest(t.device, ['auto', 'cpu', 'cuda'])}")
+                          f"{did_you_mean(t.device, ['auto', 'cpu', 'cuda'])}")
     if config.data.val_size is not None and config.data.val_size < 0:
         raise ConfigError(f"data.val_size: expected an int >= 0, found {config.data.val_size}")
 
@@ -170,10 +203,4 @@ def choice(value: Any, options: tuple, where: str) -> None:
     if value not in options:
         shown = ", ".join("null" if o is None else str(o) for o in options)
         raise ConfigError(f"{where}: expected one of {shown}, found {value!r}"
-                          f"{nearest(str(value), [o for o in options if o])}")
-
-
-def nearest(name: str, options: list[str], prefix: str = "") -> str:
-    """'; did you mean X?' for the closest option, or ''."""
-    near = difflib.get_close_matches(name, [str(o) for o in options], n=1, cutoff=0.5)
-    return f"; did you mean '{prefix}{near[0]}'?" if near else ""
+                          f"{did_you_mean(str(value), [o for o in options if o])}")

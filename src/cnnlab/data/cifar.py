@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from cnnlab.data.registry import Archive
+from cnnlab.errors import UserError
 
 SIDE = 32  # pixels per image side
 CHANNELS = 3  # red, green, blue planes, in that order
@@ -27,7 +28,7 @@ SMALL_MEMBER_BYTES = 1 << 20  # the meta and extra members (class names, a readm
 SLACK_BYTES = 16 << 20  # tar headers, padding, meta and extras on top of the records, in the inflated stream
 
 
-class CifarError(ValueError):
+class CifarError(UserError, ValueError):
     """An archive that does not hold CIFAR binary batches as its spec says; the message names the archive and member."""
 
 

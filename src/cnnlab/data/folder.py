@@ -20,14 +20,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cnnlab.images import ImageReadError, ImageTooLarge, read_pixels
+from cnnlab.errors import UserError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLIT_FOLDERS = ("train", "val", "test")
 PREFETCH_FACTOR = 2  # batches each worker decodes ahead: memory is workers x this x batch images
-LOAD_ALL_BATCH = 256  # images per batch in `load_all`
 
 
-class FolderError(ValueError):
+class FolderError(UserError, ValueError):
     """An image folder that cannot be used as a dataset (missing, wrong layout, empty class or split)."""
 
 
@@ -200,14 +200,6 @@ class FolderSource:
             if resident_bytes() > limit:  # trimming every batch would cost page faults on every batch
                 trim_heap()
                 limit = resident_bytes() + HEAP_SLACK_BYTES
-
-    def load_all(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The whole split in memory: uint8 images (M, C, H, W) and int64 labels (M,), M <= N after skips."""
-        order = torch.arange(len(self), dtype=torch.int64)
-        parts = list(self.batches(order.split(LOAD_ALL_BATCH)))
-        if not parts:
-            return _Collate((self.channels, *self.image_size))([])[:2]
-        return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
 
 
 # ---------------------------------------------------------------------------- finding files

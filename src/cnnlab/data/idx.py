@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+from cnnlab.errors import UserError
 
 # IDX dtype code -> big-endian NumPy dtype
 IDX_DTYPES: dict[int, np.dtype] = {
@@ -40,7 +41,7 @@ INFLATE_INPUT_BYTES = 1 << 20  # compressed bytes handed to zlib per step, at mo
 FIRST_INPUT_BYTES = 1 << 10  # ... and at the start of each gzip member
 
 
-class IDXError(ValueError):
+class IDXError(UserError, ValueError):
     """A file that is not a valid IDX file; the message names the file and what is wrong."""
 
 

@@ -10,9 +10,10 @@ from cnnlab.data.cifar import read_archive
 from cnnlab.data.idx import decompress, parse_idx, read_raw
 from cnnlab.data.registry import DataFile, DatasetSpec, get_dataset
 from cnnlab.data.store import ChecksumMismatch, Location, check_file, digest_matches, fetch, locate, unavailable
+from cnnlab.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Dataset files that are readable but inconsistent (counts, labels, image size)."""
 
 

@@ -1,14 +1,18 @@
 """Named datasets: files, checksums, mirrors, class names and how their images were made."""
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from cnnlab.config import DataConfig
+from cnnlab.errors import UserError
+from cnnlab.suggest import did_you_mean
 
 SPLITS = ("train", "test")
 FORMATS = ("idx", "cifar-binary")  # how a dataset's files are laid out (see DatasetSpec.format)
 
 
-class UnknownDataset(ValueError):
+class UnknownDataset(UserError, ValueError):
     """A dataset name that is not registered."""
 
 
@@ -216,6 +220,32 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        near = difflib.get_close_matches(name, DATASETS, n=1)
-        hint = f"; did you mean {near[0]!r}?" if near else ""
-        raise UnknownDataset(f"unknown dataset {name!r}{hint} (known: {', '.join(DATASETS)})") from None
+        raise UnknownDataset(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)} "
+                             f"(known: {', '.join(DATASETS)})") from None
+
+
+# -------------------------------------------------------------------- what a config's dataset is
+def is_image_folder(name: str) -> bool:
+    """A `data.dataset` that names a folder of class sub-folders rather than a registered dataset."""
+    return name not in DATASETS and ("/" in name or Path(name).is_dir())
+
+
+def dataset_recipe(data: DataConfig) -> str:
+    """How user pictures are prepared for a model trained on this dataset (`cnnlab.use.recipes`)."""
+    if is_image_folder(data.dataset):
+        return "photos" if data.channels == 3 else "photos-grey"
+    try:
+        return get_dataset(data.dataset).recipe
+    except UnknownDataset:
+        return "digits"  # a dataset registered by a plugin that is not loaded now: MNIST-style is the default
+
+
+def dataset_shape(data: DataConfig) -> tuple[tuple[int, int, int], int]:
+    """(image shape (H, W, C), number of classes) of the configured dataset, without loading images."""
+    if is_image_folder(data.dataset):
+        from cnnlab.data.folder import open_image_folder  # torch: only for folders
+
+        folder = open_image_folder(data.dataset, (data.image_size, data.image_size), data.channels, workers=0)
+        return folder.image_shape, len(folder.classes)
+    spec = get_dataset(data.dataset)
+    return spec.image_shape, spec.num_classes

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from cnnlab.data.idx import GZIP_MAGIC, MAX_PAYLOAD_BYTES, decompress, read_raw
 from cnnlab.data.registry import DataFile, DatasetSpec
+from cnnlab.errors import UserError
 
 SYSTEM_ROOT = Path("/usr/share/datasets")
 DOWNLOAD_TIMEOUT_S = 30.0  # per connection attempt and per read; a dead mirror must not hang a run
@@ -29,11 +30,11 @@ CHUNK_BYTES = 1 << 16
 MAX_DOWNLOAD_BYTES = MAX_PAYLOAD_BYTES
 
 
-class DatasetUnavailable(RuntimeError):
+class DatasetUnavailable(UserError, RuntimeError):
     """No copy of a dataset could be found or downloaded; the message lists every place tried."""
 
 
-class ChecksumMismatch(ValueError):
+class ChecksumMismatch(UserError, ValueError):
     """A file's checksum is not the one the registry records for it."""
 
 

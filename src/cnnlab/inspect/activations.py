@@ -1,40 +1,48 @@
-"""What a trained network learned: its conv kernels, and the feature maps it computes for an image."""
+"""What a trained network learned: its conv kernels, and the feature maps it computes for an image.
+
+Both come from the model's own API (`CNN.conv_layers`, `CNN.feature_maps`), never from module names."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-import torch
-from torch import nn
 
-from cnnlab.training.evaluate import to_inputs
-from cnnlab.models.cnn import CNN
-from cnnlab.pipeline import images_tensor
+from cnnlab.data.pixels import image_input
+from cnnlab.errors import UserError
 from cnnlab.inspect.figures import Output, draw_image, grid_shape, new_figure, save_figure
+from cnnlab.models.cnn import CNN
+from cnnlab.runs.layout import RunError
+from cnnlab.runs.weights import load_model
+from cnnlab.suggest import did_you_mean
 
 COLOUR_NAMES = ("red", "green", "blue")
 
 
-class LayerError(ValueError):
+class LayerError(UserError, ValueError):
     """A layer name the model does not have; the message lists the ones it has."""
-
-
-def conv_layers(model: CNN) -> dict[str, nn.Conv2d]:
-    """The model's conv layers by name, in order (conv1, conv2, ...)."""
-    return {name: m for name, m in model.features.named_children() if isinstance(m, nn.Conv2d)}
-
-
-def image_input(image: np.ndarray) -> torch.Tensor:
-    """One uint8 image, grey (H, W) or colour (H, W, C) -> float (1, C, H, W) in [0, 1], as the model sees it."""
-    return to_inputs(images_tensor(np.ascontiguousarray(image)[None]))
 
 
 def conv_weights(model: CNN, layer: str = "conv1") -> np.ndarray:
     """A conv layer's kernels as float (filters, input channels, kernel height, kernel width)."""
-    convs = conv_layers(model)
+    convs = model.conv_layers()
     if layer not in convs:
-        raise LayerError(f"no conv layer {layer!r}; this model has: {', '.join(convs) or 'none'}")
-    return convs[layer].weight.detach().numpy().astype(np.float64)
+        raise LayerError(f"no conv layer {layer!r}{did_you_mean(layer, convs)} "
+                         f"(this model has: {', '.join(convs) or 'none'})")
+    return convs[layer].weight.detach().cpu().numpy().astype(np.float64)
+
+
+def learned_kernel(run: str | Path, layer: str, index: int) -> np.ndarray:
+    """Filter `index` of conv layer `layer` of a trained run, channels-last: (kh, kw) or (kh, kw, C)."""
+    model, _, _ = load_model(run)
+    try:
+        weights = conv_weights(model, layer)  # (filters, C, kh, kw)
+    except LayerError as exc:
+        raise RunError(f"{run}: {exc}") from None
+    if not 0 <= index < weights.shape[0]:
+        raise RunError(f"{run}: {layer} has filters 0..{weights.shape[0] - 1}, got {index}")
+    kernel = weights[index].transpose(1, 2, 0)  # (kh, kw, C)
+    return kernel[:, :, 0] if kernel.shape[2] == 1 else kernel
 
 
 # ---------------------------------------------------------------------------------- kernels
@@ -102,33 +110,13 @@ class FeatureMaps:
     titles: dict[str, str] = field(default_factory=dict)  # name -> "conv1 → relu" etc.
 
 
-@torch.no_grad()
 def feature_maps(model: CNN, image: np.ndarray) -> FeatureMaps:
-    """Run one uint8 image, (H, W) or (H, W, C), through the conv stages, keeping each stage's activated output."""
-    model.eval()
-    modules = dict(model.features.named_children())
-    x = image_input(image)  # (1, C, H, W) floats in [0, 1]
+    """Every conv stage's (and residual block's) activated output for one uint8 image, (H, W) or (H, W, C)."""
     result = FeatureMaps(image)
-    for name, module in modules.items():
-        x = module(x)
-        kind, stage = split_name(name)
-        if kind in ("conv", "bn"):
-            # show conv -> [bn] -> activation at full resolution, whatever order the model runs its
-            # pool and activation in (max-pool and ReLU commute, so a model may pool first to save time)
-            activation = modules.get(f"act{stage}")
-            shown = activation(x) if activation is not None else x
-            result.maps[f"conv{stage}"] = shown[0].numpy().copy()
-            steps = [f"conv{stage}"] + (["batch norm"] if kind == "bn" else [])
-            if activation is not None and not isinstance(activation, nn.Identity):
-                steps.append(type(activation).__name__.lower())
-            result.titles[f"conv{stage}"] = " → ".join(steps)
+    for row in model.feature_maps(image_input(image).to(next(model.parameters()).device)):
+        result.maps[row.name] = row.maps[0].cpu().numpy()
+        result.titles[row.name] = row.title
     return result
-
-
-def split_name(name: str) -> tuple[str, str]:
-    """A feature module's kind and stage number: 'conv2' -> ('conv', '2'), 'act1' -> ('act', '1')."""
-    stage = name.lstrip("abcdefghijklmnopqrstuvwxyz_")
-    return name[:len(name) - len(stage)], stage
 
 
 def plot_feature_maps(result: FeatureMaps, out: Output, title: str = "", max_maps: int = 16,

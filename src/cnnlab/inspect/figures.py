@@ -124,17 +124,17 @@ def grid_shape(count: int, max_columns: int) -> tuple[int, int]:
     return max(1, math.ceil(count / columns)), columns
 
 
-def plot_mistakes(images: np.ndarray, mistakes: Sequence[Mistake], classes: Sequence[str], out: Output,
+def plot_mistakes(pictures: Sequence[np.ndarray], mistakes: Sequence[Mistake], classes: Sequence[str], out: Output,
                   title: str = "", max_columns: int = 6) -> tuple[int, int]:
-    """A grid of misclassified images (uint8 (N, H, W) or (N, H, W, 3)) titled true/predicted/confidence;
-    returns (rows, cols)."""
+    """A grid of misclassified images, one uint8 (H, W) or (H, W, 3) picture per mistake, titled
+    true/predicted/confidence; returns (rows, cols)."""
     rows, columns = grid_shape(len(mistakes), max_columns)
     fig = new_figure(1.9 * columns, 2.1 * rows + 0.5)
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     for ax in axes:
         ax.axis("off")
-    for ax, mistake in zip(axes, mistakes):
-        draw_image(ax, images[mistake.index])
+    for ax, mistake, picture in zip(axes, mistakes, pictures):
+        draw_image(ax, picture)
         ax.set_title(f"#{mistake.index}\ntrue: {classes[mistake.true_label]}\n"
                      f"said: {classes[mistake.predicted_label]} ({mistake.confidence:.0%})",
                      fontsize=8, color="firebrick")

@@ -15,11 +15,12 @@ from string import Template
 
 import numpy as np
 
-from cnnlab import runs
-from cnnlab.inspect.activations import conv_layers
+from cnnlab.runs import layout, records
+
+from cnnlab.files import write_text
 from cnnlab.inspect.show import (InputImage, LoadedRun, choose_input, show_curves, show_features, show_kernels,
                                show_mistakes, show_saliency)
-from cnnlab.inspect.run_table import format_cell, read_json, run_row
+from cnnlab.inspect.run_table import format_cell, run_row
 from cnnlab.inspect.figures import plot_confusion
 
 PAGE = Template("""<!DOCTYPE html>
@@ -66,7 +67,7 @@ def table(header: list[str], rows: list[list[str]], numeric: set[int] = frozense
 # ---------------------------------------------------------------------------------- sections
 def summary_section(run: Path) -> str:
     row = run_row(run)
-    manifest = read_json(runs.path(run, "manifest"))
+    manifest = records.read_record(run, "manifest") or {}
     facts = [("dataset", row["dataset"]), ("model preset", row["model"]), ("parameters", format_cell(row["params"])),
              ("epochs", f"{row['epochs']} of {row['epochs_planned']}"),
              ("validation accuracy (last epoch)", format_cell(row["val_accuracy"], "val_accuracy")),
@@ -95,13 +96,13 @@ def results_section(loaded: LoadedRun) -> str:
 
 def sample_inputs(loaded: LoadedRun, count: int = SAMPLE_IMAGES) -> list[InputImage]:
     """The first test image of each of the first `count` classes present, so the samples differ."""
-    labels = loaded.dataset.test_labels
+    labels = loaded.test_labels
     firsts = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)[:count]]
     return [choose_input(loaded, index=i) for i in firsts]
 
 
 def learned_section(loaded: LoadedRun) -> str:
-    if not conv_layers(loaded.model):
+    if not loaded.model.conv_layers():
         return "<p>This model has no conv layers: no kernels or feature maps to show.</p>"
     kernels = img(png_data_uri(lambda out: show_kernels(loaded, out, "conv1")), "conv1 kernels")
     parts = [f"<h3>First-layer kernels</h3><p>Each panel is one 3x3 (or larger) filter the first conv layer "
@@ -117,17 +118,17 @@ def learned_section(loaded: LoadedRun) -> str:
 
 
 def config_section(run: Path) -> str:
-    config = runs.path(run, "config").read_text()
-    summary_file = runs.path(run, "summary")
+    config = layout.path(run, "config").read_text()
+    summary_file = layout.path(run, "summary")
     layers = summary_file.read_text() if summary_file.is_file() else "(summary.txt missing)"
     return f"<h3>Layers</h3><pre>{html.escape(layers)}</pre><h3>config.yaml</h3><pre>{html.escape(config)}</pre>"
 
 
 def build_report(run: str | Path, data_dir: str | Path | None = None) -> str:
     """The report page of a run as one HTML string."""
-    run = runs.check_run(run, "config", "weights")
+    run = layout.check_run(run, "config", "weights")
     loaded = LoadedRun(run, data_dir)
-    history = runs.read_metrics(run)
+    history = records.read_metrics(run)
     curves = (img(png_data_uri(lambda out: show_curves(run, out)), "training curves")
               if history else "<p>No finished epoch recorded.</p>")
     mistakes = img(png_data_uri(lambda out: show_mistakes(loaded, out, limit=18)), "misclassified test images")
@@ -149,6 +150,6 @@ def build_report(run: str | Path, data_dir: str | Path | None = None) -> str:
 def write_report(run: str | Path, out: str | Path | None = None, data_dir: str | Path | None = None) -> Path:
     """Write the report page (default <run>/report.html) atomically; returns its path."""
     page = build_report(run, data_dir)
-    target = Path(out) if out is not None else runs.path(run, "report")
-    runs.write_text(target, page)
+    target = Path(out) if out is not None else layout.path(run, "report")
+    write_text(target, page)
     return target

@@ -11,18 +11,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cnnlab import runs
-from cnnlab.models.plan import count_params, plan
+from cnnlab.runs import layout, records
+from cnnlab.models.plan import plan
 
 COLUMNS = ("run", "dataset", "model", "params", "epochs", "val_accuracy", "test_accuracy", "seconds", "started")
 TEXT_COLUMNS = ("run", "dataset", "model", "started")  # sorted A-Z; the numeric ones biggest first
-
-
-def read_json(file: Path) -> dict:
-    try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
 
 
 def weights_metadata(run: Path) -> dict[str, str]:
@@ -30,7 +23,7 @@ def weights_metadata(run: Path) -> dict[str, str]:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(runs.path(run, "weights")), framework="pt") as handle:
+        with safe_open(str(layout.path(run, "weights")), framework="pt") as handle:
             return dict(handle.metadata() or {})
     except (SafetensorError, OSError):
         return {}
@@ -50,16 +43,16 @@ def count_run_params(run: Path, config) -> int | None:
         except UnknownDataset:
             return None
         input_shape, num_classes = spec.image_shape, spec.num_classes
-    return count_params(plan(config.model, input_shape, num_classes))
+    return plan(config.model, input_shape, num_classes).params
 
 
 def run_row(run: str | Path) -> dict[str, Any]:
     """One run's summary: dataset, model, parameters, epochs done, last validation and test accuracy, time."""
     run = Path(run)
-    config = runs.load_config(run)
-    history = runs.read_metrics(run)
-    test = read_json(runs.path(run, "test"))
-    manifest = read_json(runs.path(run, "manifest"))
+    config = records.load_config(run)
+    history = records.read_metrics(run)
+    test = records.read_record(run, "test") or {}
+    manifest = records.read_record(run, "manifest") or {}
     return dict(
         run=run.name, path=str(run), dataset=config.data.dataset, model=config.model.name,
         params=count_run_params(run, config), epochs=len(history), epochs_planned=config.train.epochs,
@@ -73,9 +66,9 @@ def finite(value: Any) -> float | None:
     return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def run_rows(root: str | Path = runs.DEFAULT_ROOT, sort: str | None = None, reverse: bool = False) -> list[dict]:
+def run_rows(root: str | Path = layout.DEFAULT_ROOT, sort: str | None = None, reverse: bool = False) -> list[dict]:
     """Rows for every run under root: oldest first, or by `sort` (text A-Z, numbers biggest first; runs missing it last)."""
-    rows = [run_row(run) for run in runs.find_runs(root)]
+    rows = [run_row(run) for run in layout.find_runs(root)]
     if sort is None:
         return rows[::-1] if reverse else rows
     if sort not in COLUMNS:
@@ -104,7 +97,7 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(run_dirs: Sequence[str | Path]) -> dict[str, list[Any]]:
     """The config keys whose values are not the same in every run: key -> one value per run (None: absent)."""
-    flats = [flatten(runs.load_config(run).to_dict()) for run in run_dirs]
+    flats = [flatten(records.load_config(run).to_dict()) for run in run_dirs]
     keys = sorted(set().union(*flats), key=lambda k: (k.split(".")[0] != "data", k))
     differences = {}
     for key in keys:

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cnnlab.inspect.activations import image_input
+from cnnlab.data.pixels import image_input
 from cnnlab.models.cnn import CNN
 from cnnlab.inspect.figures import Output, draw_image, new_figure, save_figure
 
@@ -34,8 +34,7 @@ def saliency(model: CNN, image: np.ndarray, target: int | None = None, method: s
         raise ValueError(f"unknown saliency method {method!r}; choose {' or '.join(METHODS)}")
     model.eval()
     x = image_input(image).requires_grad_(True)  # (1, C, H, W)
-    has_conv = any(name.startswith("conv") for name, _ in model.features.named_children())
-    if method == "gradcam" and has_conv:
+    if method == "gradcam" and model.conv_layers():
         logits, heat = grad_cam(model, x, target)
     else:  # a model with no conv layer (perceptron, mlp) has no maps: fall back to gradients
         method = "gradient"
@@ -51,17 +50,10 @@ def saliency(model: CNN, image: np.ndarray, target: int | None = None, method: s
 
 
 def grad_cam(model: CNN, x: torch.Tensor, target: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and the Grad-CAM map (H, W) at the input's size, from the last conv stage's activations."""
-    children = list(model.features.named_children())
-    last_stage = max(i for i, (name, _) in enumerate(children) if name.startswith(("conv", "bn", "act")))
-    maps = x
-    for _, module in children[:last_stage + 1]:
-        maps = module(maps)  # (1, C, h, w): the last conv stage after its activation
+    """Logits and the Grad-CAM map (H, W) at the input's size, from the last feature maps the head reads."""
+    maps = model.forward_features(x)  # (1, C, h, w)
     maps.retain_grad()
-    out = maps
-    for _, module in children[last_stage + 1:]:
-        out = module(out)
-    logits = model.head(out)
+    logits = model.forward_head(maps)
     target = int(logits.argmax()) if target is None else target
     logits[0, target].backward()
     # HiResCAM: gradient x activation at each position, summed over maps. Classic Grad-CAM averages

@@ -8,25 +8,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab import runs
-from cnnlab.inspect.activations import (
-    FeatureMaps,
-    KernelGrid,
-    conv_weights,
-    feature_maps,
-    image_input,
-    plot_feature_maps,
-    plot_kernels,
-)
-from cnnlab.data import Dataset
-from cnnlab.training.evaluate import Evaluation, evaluate
-from cnnlab.pipeline import TestImages, dataset_recipe, images_tensor, open_test_set
-from cnnlab.use.recipes import prepare
-from cnnlab.inspect.saliency import Saliency, plot_saliency, saliency
+from cnnlab.data.pixels import image_input, to_pixels
+from cnnlab.data.registry import dataset_recipe
+from cnnlab.data.sources import open_test_set
+from cnnlab.errors import UserError
+from cnnlab.inspect.activations import FeatureMaps, KernelGrid, conv_weights, feature_maps, plot_feature_maps, plot_kernels
 from cnnlab.inspect.figures import Mistake, Output, find_mistakes, plot_curves, plot_mistakes
+from cnnlab.inspect.saliency import Saliency, plot_saliency, saliency
+from cnnlab.runs import layout, records
+from cnnlab.runs.weights import load_model
+from cnnlab.training.evaluate import Evaluation, evaluate
+from cnnlab.use.recipes import prepare
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """An input image or class choice that cannot be used; the message says what is allowed."""
 
 
@@ -35,7 +30,7 @@ class LoadedRun:
 
     def __init__(self, run: str | Path, data_dir: str | Path | None = None):
         self.run = Path(run)
-        self.model, self.classes, self.config = runs.load_model(run)
+        self.model, self.classes, self.config = load_model(run)
         if data_dir is not None:
             self.config.data.data_dir = str(data_dir)
 
@@ -44,17 +39,24 @@ class LoadedRun:
         return self.run.resolve().name
 
     @cached_property
-    def dataset(self) -> Dataset | TestImages:
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run's test images, uint8 (N, C, H, W), and labels (N,)."""
         return open_test_set(self.config)
+
+    @property
+    def test_labels(self) -> np.ndarray:
+        return self.test_set[1].numpy()
+
+    def test_pixels(self, index: int) -> np.ndarray:
+        """Test image `index` for drawing: uint8 (H, W) or (H, W, C)."""
+        return to_pixels(self.test_set[0][index])
 
     @cached_property
     def test_evaluation(self) -> Evaluation:
-        d = self.dataset
-        # evaluate as pipeline.test_run did, so mistakes agree with test.json (e.g. test-time augmentation)
-        options = {key: getattr(self.config.train, key) for key in ("channels_last", "tta")
-                   if hasattr(self.config.train, key)}
-        return evaluate(self.model, images_tensor(d.test_images), torch.from_numpy(d.test_labels), self.classes,
-                        self.config.train.eval_batch_size, **options)
+        # evaluated as the run's test was (channels-last, test-time augmentation), so mistakes agree with test.json
+        images, labels = self.test_set
+        t = self.config.train
+        return evaluate(self.model, images, labels, self.classes, t.eval_batch_size, t.channels_last, t.tta)
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,12 @@ def choose_input(loaded: LoadedRun, image: str | Path | None = None, index: int 
     if (image is None) == (index is None):
         raise InputError("give either an image file or a test-set index, not both or neither")
     if image is not None:
-        recipe = dataset_recipe(loaded.config)
+        recipe = dataset_recipe(loaded.config.data)
         return InputImage(prepare(image, recipe, loaded.model.input_shape[0]), None, Path(image).name)
-    count = len(loaded.dataset.test_labels)
-    if not 0 <= index < count:
+    count = len(loaded.test_labels)
+    if index is None or not 0 <= index < count:
         raise InputError(f"--index must be 0..{count - 1} (the {loaded.config.data.dataset} test set), got {index}")
-    return InputImage(loaded.dataset.test_images[index], int(loaded.dataset.test_labels[index]),
-                      f"test image {index}")
+    return InputImage(loaded.test_pixels(index), int(loaded.test_labels[index]), f"test image {index}")
 
 
 def describe(loaded: LoadedRun, picture: InputImage) -> str:
@@ -109,9 +110,10 @@ def show_features(loaded: LoadedRun, out: Output, picture: InputImage, max_maps:
 def show_mistakes(loaded: LoadedRun, out: Output, limit: int = 24) -> list[Mistake]:
     """The most confidently misclassified test images, worst first; returns them in drawing order."""
     result = loaded.test_evaluation
-    mistakes = find_mistakes(loaded.dataset.test_labels, result.predictions, result.probabilities, limit)
-    wrong = int((result.predictions != loaded.dataset.test_labels).sum())
-    plot_mistakes(loaded.dataset.test_images, mistakes, loaded.classes, out,
+    labels = loaded.test_labels
+    mistakes = find_mistakes(labels, result.predictions, result.probabilities, limit)
+    wrong = int((result.predictions != labels).sum())
+    plot_mistakes([loaded.test_pixels(m.index) for m in mistakes], mistakes, loaded.classes, out,
                   title=f"{loaded.name}: the {len(mistakes)} most confident of {wrong} mistakes "
                         f"in {len(result.predictions)} test images (% = confidence in the wrong class)")
     return mistakes
@@ -127,9 +129,9 @@ def show_saliency(loaded: LoadedRun, out: Output, picture: InputImage, target: i
 
 def show_curves(run: str | Path, out: Output) -> Output:
     """Training and validation loss and accuracy per epoch, from metrics.jsonl."""
-    history = runs.read_metrics(runs.check_run(run, "metrics"))
+    history = records.read_metrics(layout.check_run(run, "metrics"))
     if not history:
-        raise runs.RunError(f"{run}: metrics.jsonl holds no finished epoch yet")
+        raise layout.RunError(f"{run}: metrics.jsonl holds no finished epoch yet")
     return plot_curves({Path(run).resolve().name: history}, out, title=f"{Path(run).resolve().name}: training curves")
 
 

@@ -19,31 +19,8 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 
 from cnnlab.playground.conv import avg_pool2d, conv2d, max_pool2d, padding_amounts
-
-RESCALE_RULES = {
-    "auto": "clip if the output already lies in [0, 1], else minmax",
-    "clip": "values below 0 -> black, above 1 -> white",
-    "minmax": "smallest value -> black, largest -> white",
-    "abs": "|value| / largest |value|: strong responses of either sign -> white",
-}
-MAX_FRAMES = 200        # hard cap on animation frames, whatever --steps says (keeps files small)
-FRAME_MS = 700          # time each GIF frame is shown, milliseconds
-
-
-def rescale(values: np.ndarray, rule: str = "auto") -> tuple[np.ndarray, str]:
-    """Map raw conv outputs to [0, 1] for display; returns (image, the rule actually applied)."""
-    if rule == "auto":
-        rule = "clip" if values.min() >= 0 and values.max() <= 1 else "minmax"
-    if rule == "clip":
-        return np.clip(values, 0, 1), rule
-    if rule == "minmax":
-        low, high = float(values.min()), float(values.max())
-        return (values - low) / (high - low) if high > low else np.zeros_like(values), rule
-    if rule == "abs":
-        peak = float(np.abs(values).max())
-        return np.abs(values) / peak if peak > 0 else np.zeros_like(values), rule
-    raise ValueError(f"rescale rule must be one of {', '.join(RESCALE_RULES)}, got {rule!r}")
-
+from cnnlab.files import write_atomic, write_text
+from cnnlab.playground.display import FRAME_MS, MAX_FRAMES
 
 @dataclass
 class Step:
@@ -243,16 +220,11 @@ def save_animation(frames: list[Image.Image], path: Path) -> None:
     suffix = path.suffix.lower()
     if suffix not in (".gif", ".html", ".htm"):
         raise ValueError(f"animation output must end in .gif or .html, got {path.name!r}")
-    temporary = path.with_name(f".{path.name}.partial")
-    try:
-        if suffix == ".gif":
-            frames[0].save(temporary, format="GIF", save_all=True, append_images=frames[1:],
-                           duration=FRAME_MS, loop=0)
-        else:
-            temporary.write_text(_html(frames, path.stem), encoding="utf-8")
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    if suffix == ".gif":
+        write_atomic(path, lambda tmp: frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:],
+                                                      duration=FRAME_MS, loop=0))
+    else:
+        write_text(path, _html(frames, path.stem))
 
 
 def _html(frames: list[Image.Image], title: str) -> str:

@@ -6,10 +6,11 @@ NumPy only: no torch here.
 """
 from __future__ import annotations
 
-import difflib
 from typing import Callable
 
 import numpy as np
+
+from cnnlab.suggest import did_you_mean
 
 
 def box(size: int = 3) -> np.ndarray:
@@ -75,7 +76,7 @@ def get_kernel(name_or_spec: str) -> np.ndarray:
     if params:
         return _parameterised(name, params, spec)
     if name not in _NAMED:
-        raise ValueError(f"unknown kernel {spec!r}{_suggestion(name)}; known: {', '.join(_NAMED)}")
+        raise ValueError(f"unknown kernel {spec!r}{did_you_mean(name, _NAMED)} (known: {', '.join(_NAMED)})")
     return _NAMED[name][1]()
 
 
@@ -98,9 +99,9 @@ def parse_kernel(text: str) -> np.ndarray:
 def _parameterised(name: str, params: list[str], spec: str) -> np.ndarray:
     """Build e.g. gaussian:5:1.0 -> gaussian(5, 1.0); the size is an int, the rest floats."""
     if name not in _PARAMETERISED:
-        raise ValueError(f"kernel {name!r} takes no parameters{_suggestion(name, _PARAMETERISED)}; "
-                         f"parameterised kernels: {', '.join(f'{n}:SIZE' for n in _PARAMETERISED)}"
-                         f" (gaussian:SIZE:SIGMA)")
+        raise ValueError(f"kernel {name!r} takes no parameters{did_you_mean(name, _PARAMETERISED)} "
+                         f"(parameterised kernels: {', '.join(f'{n}:SIZE' for n in _PARAMETERISED)}"
+                         f", gaussian:SIZE:SIGMA)")
     try:
         size, *rest = params
         args = [int(size), *(float(p) for p in rest)]
@@ -108,9 +109,3 @@ def _parameterised(name: str, params: list[str], spec: str) -> np.ndarray:
     except (TypeError, ValueError) as error:
         raise ValueError(f"bad parameters in {spec!r}: expected box:SIZE or gaussian:SIZE:SIGMA "
                          f"with SIZE an int >= 1 ({error})") from None
-
-
-def _suggestion(name: str, known: dict | None = None) -> str:
-    """' (did you mean 'sobel-x'?)' when a known name is close, else ''."""
-    close = difflib.get_close_matches(name, list(known or _NAMED), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -13,9 +13,12 @@ from pathlib import Path
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from cnnlab import pipeline, runs
+from cnnlab import pipeline
+
+from cnnlab.runs import layout
 from cnnlab.config import ConfigError
 from cnnlab.data import Dataset
+from cnnlab.data.sources import open_dataset
 from cnnlab.sweep.spec import SweepError, SweepSpec, trial_config
 from cnnlab.sweep.study import (
     HEARTBEAT_SECONDS,
@@ -28,7 +31,8 @@ from cnnlab.sweep.study import (
     study_lock,
     sweep_dir,
 )
-from cnnlab.training.engine import Callback, Trainer, TrainingDiverged, TrainingInterrupted
+from cnnlab.training.callbacks import Callback
+from cnnlab.training.engine import Trainer, TrainingInterrupted
 
 
 # ---------------------------------------------------------------------------------- running trials
@@ -105,7 +109,7 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: dict[st
     metric = sweep.spec.metric
     try:
         config = trial_config(sweep.spec, params)
-        dataset = datasets.get(config.data.dataset) or pipeline.open_dataset(config, progress=False)
+        dataset = datasets.get(config.data.dataset) or open_dataset(config, progress=False)
         datasets[config.data.dataset] = dataset
         with Heartbeat(study, trial):
             result = pipeline.train(config, run.parent, run.name, [PruningReporter(trial, metric)],
@@ -202,7 +206,7 @@ def write_best_config(study: optuna.Study, out: str | Path) -> FrozenTrial:
     """Write the best trial's resolved config (its run's config.yaml) with a header saying where it came from."""
     best = best_trial(study)
     run = Path(best.user_attrs["run"])
-    text = runs.path(run, "config").read_text()
+    text = layout.path(run, "config").read_text()
     header = (f"# best trial {best.number} of sweep {study.study_name}: value {best.value:.4f}\n"
               f"# params: {best.params}\n# run: {run}\n# train it again with: cnnlab train --config {out}\n")
     Path(out).write_text(header + text)

@@ -12,6 +12,7 @@ from optuna.trial import Trial
 
 from cnnlab.config import Config, load_config
 from cnnlab.config.resolve import read_yaml
+from cnnlab.errors import UserError
 
 METHODS = ("grid", "random", "bayes")
 METRICS = {"val_accuracy": "val_accuracy", "val_acc": "val_accuracy", "accuracy": "val_accuracy",
@@ -21,7 +22,7 @@ SWEEP_KEYS = {"method", "metric", "parameters", "early_terminate", "model", "dat
               "program", "description", "project", "entity", "command"}  # the last five: W&B's, ignored
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     """A sweep file or sweep storage problem; the message names the key or file."""
 
 

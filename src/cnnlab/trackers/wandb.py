@@ -11,12 +11,15 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cnnlab.models.plan import count_params
+from cnnlab.data.pixels import to_pixels
 from cnnlab.config import Config
-from cnnlab.training.engine import Callback, Trainer
+from cnnlab.training.callbacks import Callback
 
 if TYPE_CHECKING:
+    import torch
+
     from cnnlab.pipeline import RunResult
+    from cnnlab.training.engine import Trainer
 
 DEFAULT_PROJECT = "cnnlab"
 SAMPLE_PREDICTIONS = 32  # test images logged with their predicted class
@@ -58,13 +61,13 @@ class WandbTracker(Callback):
                               mode=wandb_mode(), tags=[self.config.data.dataset, self.config.model.name])
         self.run.define_metric("epoch")
         self.run.define_metric("*", step_metric="epoch")  # plot everything against epochs, not log calls
-        self.run.summary["params"] = count_params(trainer.model.plan)
+        self.run.summary["params"] = trainer.model.plan.params
         self.log_layers(trainer.model.plan)
 
     def log_layers(self, plan) -> None:
         import wandb
 
-        rows = [[layer.name, layer.title, str(layer.output_shape), layer.params] for layer in plan]
+        rows = [[layer.name, layer.title, str(layer.output_shape), layer.params] for layer in plan.layers()]
         self.run.log({"layers": wandb.Table(columns=["layer", "type", "output shape", "params"], data=rows)})
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
@@ -72,7 +75,7 @@ class WandbTracker(Callback):
 
     def on_interrupt(self, trainer: Trainer) -> None:
         if self.run is not None:
-            self.run.summary["interrupted_after_epoch"] = trainer.epoch
+            self.run.summary["interrupted_after_epoch"] = trainer.state.epoch
             self.run.finish(exit_code=130)  # shown as failed; a resumed run logs as a new W&B run
             self.run = None
 
@@ -86,10 +89,10 @@ class WandbTracker(Callback):
         self.run.name = result.run.name
         self.run.summary.update(dict(test_accuracy=test.accuracy, test_loss=test.loss, run_dir=str(result.run),
                                      train_seconds=result.train_seconds, images_per_second=result.images_per_second))
-        dataset = self.test_set()
-        labels = dataset.test_labels
+        images, label_tensor = self.test_set()
+        labels = label_tensor.numpy()
         self.run.log(dict(
-            test_predictions=self.sample_images(dataset.test_images, labels, test),
+            test_predictions=self.sample_images(images, labels, test),
             confusion_matrix=wandb.plot.confusion_matrix(y_true=labels.tolist(), preds=test.predictions.tolist(),
                                                          class_names=list(test.classes)),
             per_class=wandb.Table(columns=["class", "precision", "recall", "f1", "support"],
@@ -98,8 +101,8 @@ class WandbTracker(Callback):
         self.run.finish()
         self.run = None
 
-    def test_set(self):
-        from cnnlab.pipeline import open_test_set
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from cnnlab.data.sources import open_test_set
 
         return open_test_set(self.config)
 
@@ -111,7 +114,7 @@ class WandbTracker(Callback):
         for i in range(min(self.samples, len(labels))):
             predicted = int(test.predictions[i])
             mark = "✓" if predicted == labels[i] else "✗"
-            captions.append(wandb.Image(images[i], caption=f"{mark} true {test.classes[labels[i]]}, predicted "
+            captions.append(wandb.Image(to_pixels(images[i]), caption=f"{mark} true {test.classes[labels[i]]}, predicted "
                                                             f"{test.classes[predicted]} "
                                                             f"({test.probabilities[i, predicted]:.0%})"))
         return captions

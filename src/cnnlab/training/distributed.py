@@ -13,17 +13,22 @@ from __future__ import annotations
 import atexit
 import datetime
 import gc
+import importlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from cnnlab.errors import UserError
 
+T = TypeVar("T")
 TIMEOUT_S = float(os.environ.get("CNNLAB_DIST_TIMEOUT", "600"))  # a collective that waits longer fails, never hangs
 
 
-class DeviceError(ValueError):
+class DeviceError(UserError, ValueError):
     """A device that was asked for but is not there."""
 
 
@@ -123,6 +128,42 @@ class Context:
 SINGLE = Context()
 
 
+# ------------------------------------------------------------------------------ rank 0 first
+class RankZeroFailed(UserError, RuntimeError):
+    """Rank 0 failed a step the other ranks depend on; they stop with its message."""
+
+
+def on_main(context: Context, work: Callable[[], str]) -> str:
+    """Run `work` (returning a string, e.g. a run path) on rank 0 only; every rank gets its result."""
+    if not context.parallel:
+        return work()
+    if context.is_main:
+        try:
+            result = work()
+        except Exception as exc:
+            context.broadcast_text(f"\0{type(exc).__name__}: {exc}")
+            raise
+        return context.broadcast_text(result)
+    answer = context.broadcast_text(None)
+    if answer.startswith("\0"):
+        raise RankZeroFailed(f"rank 0 failed: {answer[1:]}")
+    return answer
+
+
+def first_on_main(context: Context, work: Callable[[], T]) -> T:
+    """Run `work` on rank 0, then on the other ranks; a failure on rank 0 is raised on every rank."""
+    if not context.parallel:
+        return work()
+    result: list[T] = []
+
+    def on_rank_zero() -> str:
+        result.append(work())
+        return ""
+
+    on_main(context, on_rank_zero)  # the others wait here until rank 0 succeeded (or raise its error)
+    return result[0] if context.is_main else work()
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -152,7 +193,7 @@ def init(device_choice: str = "auto") -> Context:
         # torch.distributed.nn.functional takes `group=group.WORLD` as default arguments: imported after
         # the group exists (DDP imports it through torch._dynamo), it holds the group for good, and the
         # group's worker threads are never joined. Imported first, its defaults are None.
-        import torch.distributed.nn.functional  # noqa: F401
+        importlib.import_module("torch.distributed.nn.functional")  # (a local `import torch...` would shadow torch here)
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                                 world_size=world, timeout=timeout)

@@ -9,19 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def to_inputs(images: torch.Tensor, channels_last: bool = False, device: torch.device | str | None = None) -> torch.Tensor:
-    """uint8 images (N, H, W) or (N, C, H, W) -> float (N, C, H, W) in [0, 1], as the model sees them.
-
-    channels_last stores them (N, H, W, C) in memory, the layout CPU convolutions run fastest on.
-    The bytes travel to `device` before the conversion: a quarter of the traffic of floats.
-    """
-    if images.dim() == 3:
-        images = images.unsqueeze(1)
-    if device is not None:
-        images = images.to(device, non_blocking=True)
-    x = images.float().div_(255.0)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+from cnnlab.data.pixels import to_inputs
 
 
 def model_device(model: nn.Module) -> torch.device:

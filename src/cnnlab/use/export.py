@@ -18,14 +18,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnlab import runs
+from cnnlab.files import write_atomic
 from cnnlab.use.predict import Predictor
+from cnnlab.errors import UserError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 TOLERANCE = 1e-4  # max abs difference in probability accepted between the exported and the original model
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export that cannot be made or checked (unknown format, missing package, outputs that differ)."""
 
 
@@ -71,10 +72,10 @@ def export_run(run: str | Path, format: str = "onnx", out: str | Path | None = N
         expected = wrapped(inputs).numpy()
     metadata = export_metadata(predictor)
     if format == "onnx":
-        runs.write_atomic(out, lambda tmp: write_onnx(wrapped, inputs, tmp, metadata))
+        write_atomic(out, lambda tmp: write_onnx(wrapped, inputs, tmp, metadata))
         actual = run_onnx(out, inputs.numpy())
     else:
-        runs.write_atomic(out, lambda tmp: write_torchscript(wrapped, inputs, tmp, metadata))
+        write_atomic(out, lambda tmp: write_torchscript(wrapped, inputs, tmp, metadata))
         actual = run_torchscript(out, inputs)
     difference = float(np.abs(actual - expected).max())
     if not difference <= TOLERANCE:

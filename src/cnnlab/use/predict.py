@@ -4,7 +4,6 @@ Library functions return data (dicts shaped like `cnnlab predict --json`); the C
 """
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +11,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab import runs
-from cnnlab.training.evaluate import to_inputs
+from cnnlab.files import write_atomic
+from cnnlab.runs.records import read_test_accuracy
+from cnnlab.runs.weights import load_model
+from cnnlab.data.pixels import images_tensor, to_inputs
+from cnnlab.data.registry import dataset_recipe
 from cnnlab.models.cnn import CNN, count_parameters
-from cnnlab.pipeline import images_tensor
-from cnnlab.images import MAX_PIXELS, ImageReadError, Source
+from cnnlab.images import MAX_PIXELS, ImageReadError, ImageFile
 from cnnlab.use.recipes import BlankImage, prepare
 
 
@@ -36,11 +37,9 @@ class Predictor:
     @classmethod
     def from_run(cls, run: str | Path) -> "Predictor":
         """Load a run's weights (safetensors, no pickle) and look up its dataset's recipe."""
-        model, classes, config = runs.load_model(run)
-        from cnnlab.pipeline import dataset_recipe
-
-        return cls(model, classes, config.data.dataset, dataset_recipe(config), Path(run), read_test_accuracy(run),
-                   Path(run).name)
+        model, classes, config = load_model(run)
+        return cls(model, classes, config.data.dataset, dataset_recipe(config.data), Path(run),
+                   read_test_accuracy(run), Path(run).name)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -48,7 +47,7 @@ class Predictor:
         height, width, _ = self.model.input_shape
         return height, width
 
-    def prepare(self, source: Source, name: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    def prepare(self, source: ImageFile, name: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         """uint8 (H, W), or (H, W, 3) for a colour recipe: the picture as the model must see it."""
         height, width = self.input_size
         if height != width:
@@ -57,7 +56,7 @@ class Predictor:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """float (N, classes) for prepared uint8 images, grey (N, H, W) or colour (N, H, W, C)."""
-        x = to_inputs(images_tensor(np.ascontiguousarray(images)))  # (N, C, H, W) in [0, 1]
+        x = to_inputs(images_tensor(images))  # (N, C, H, W) in [0, 1]
         channels = self.model.input_shape[2]
         if x.shape[1] != channels:
             if x.shape[1] != 1:
@@ -73,15 +72,7 @@ class Predictor:
         return dict(name=self.name, run=str(self.run) if self.run else None, dataset=self.dataset, recipe=self.recipe,
                     classes=list(self.classes), input_shape=list(self.model.input_shape),
                     parameters=count_parameters(self.model), test_accuracy=self.test_accuracy,
-                    conv_layers=[n for n, m in self.model.features.named_children() if isinstance(m, torch.nn.Conv2d)])
-
-
-def read_test_accuracy(run: str | Path) -> float | None:
-    """The accuracy in a run's test.json, or None when it has none (an interrupted run)."""
-    try:
-        return float(json.loads(runs.path(run, "test").read_text())["accuracy"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+                    conv_layers=list(self.model.conv_layers()))
 
 
 # ---------------------------------------------------------------------------------- results
@@ -135,7 +126,7 @@ class Results:
 PER_FILE_ERRORS = (ImageReadError, BlankImage, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
-def predict_image(predictor: Predictor, source: Source, name: str = "image", max_pixels: int = MAX_PIXELS
+def predict_image(predictor: Predictor, source: ImageFile, name: str = "image", max_pixels: int = MAX_PIXELS
                   ) -> Prediction:
     """Prepare one picture (path, bytes, file object or PIL image) and predict it."""
     image = predictor.prepare(source, name, max_pixels)
@@ -202,5 +193,5 @@ def save_preview(images: list[np.ndarray], out: str | Path) -> Path:
 
     out = Path(out)
     grid = preview_strip(images)
-    runs.write_atomic(out, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
+    write_atomic(out, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     return out

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from cnnlab.errors import UserError
-from cnnlab.images import MAX_PIXELS, Source, luminance, normalized, open_image, read_pixels
+from cnnlab.images import MAX_PIXELS, ImageFile, luminance, normalized, open_image, read_pixels
 
 # Work on at most this many pixels along a side: bigger inputs are max-pooled down first, which keeps
 # thin strokes (averaging would fade a 2 px pen line in a 4000 px photo to nothing).
@@ -234,7 +234,7 @@ PHOTO_CHANNELS = {"photos": 3, "photos-grey": 1}  # CIFAR-10 and colour folders;
 RECIPES = (*PICTURE_RECIPES, *PHOTO_CHANNELS)
 
 
-def prepare(source: Source, recipe: str = "digits", size: int = 28, name: str | None = None,
+def prepare(source: ImageFile, recipe: str = "digits", size: int = 28, name: str | None = None,
             max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Read an image (path, bytes, file object or PIL image) and prepare it by a recipe.
 

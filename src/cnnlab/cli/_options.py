@@ -1,0 +1,24 @@
+"""Options several commands share, written once (no library imports: `cnnlab --help` stays fast)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cnnlab.runs.layout import DEFAULT_ROOT
+
+Model = Annotated[str, typer.Option("--model", "-m", help="Model preset (see `cnnlab presets`).")]
+ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config applied over the preset.")]
+Overrides = Annotated[Optional[list[str]], typer.Option(
+    "--set", "-s", help="Override a key: a knob (dropout=0.4) or a path (train.lr=3e-4, model.conv.0.filters=64). "
+    "Repeatable.")]
+Dataset = Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset name (`cnnlab datasets list`) or "
+                                               "a folder with one sub-folder of images per class; "
+                                               "default mnist-sample, shipped with cnnlab.")]
+DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding <dataset>/<dataset files>; "
+                                                 "default $CNNLAB_DATA, then the user cache, then system copies.")]
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories.")]
+Run = Annotated[Path, typer.Argument(help="Run directory (made by `cnnlab train`).")]
+LatestRun = Annotated[Optional[Path], typer.Argument(help="Run directory; default the latest under --runs-dir.")]
+RUNS_DIR = DEFAULT_ROOT

@@ -1,0 +1,129 @@
+"""A dataset ready to train on: `Data`, whose three splits are `Source`s the trainer, the evaluator
+and the pictures all read the same way, a batch of uint8 images at a time.
+
+Two kinds of Source: `TensorSource` holds a split in memory (the named datasets), `FolderSource`
+(`cnnlab.data.folder`) streams an image folder's split from disk. Images travel as uint8 tensors
+(N, C, H, W) from the files to the model; pictures turn the few they draw into (H, W, C) at the end.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from cnnlab.config import Config, ConfigError
+from cnnlab.data.loading import Dataset, load_dataset, split_train_val
+from cnnlab.data.pixels import images_tensor
+from cnnlab.data.registry import is_image_folder
+
+LOAD_ALL_BATCH = 256  # images per batch when a whole split is read into memory
+
+
+class Source(Protocol):
+    """One split of the data, read a batch at a time: in memory (`TensorSource`) or streamed from disk.
+
+    `labels` are known up front (the data order is drawn from them); `batches` yields, for each index
+    batch asked for, uint8 images (B, C, H, W) and int64 labels (B,). A streamed source may drop an
+    unreadable image from its batch (B shrinks) and report it in `skipped` (path -> reason).
+    """
+
+    labels: torch.Tensor  # (N,) int64
+    skipped: dict[str, str]
+
+    def __len__(self) -> int: ...
+    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+
+class TensorSource:
+    """A split held in memory as uint8 images (N, C, H, W) and int64 labels (N,): no per-image Python."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+        self.skipped: dict[str, str] = {}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for index in index_batches:
+            yield self.images[index], self.labels[index]
+
+
+def load_all(source: Source) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split in memory: uint8 images (M, C, H, W) and int64 labels (M,); M < N when images were skipped."""
+    if isinstance(source, TensorSource):
+        return source.images, source.labels
+    parts = list(source.batches(torch.arange(len(source)).split(LOAD_ALL_BATCH)))
+    if not parts:
+        return torch.zeros((0, 1, 1, 1), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    return torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
+
+
+@dataclass
+class Data:
+    """A dataset ready to train on: its three splits as Sources, what it is, and where it came from."""
+
+    name: str
+    classes: tuple[str, ...]
+    image_shape: tuple[int, int, int]  # (H, W, C)
+    train: Source
+    val: Source
+    test: Source
+    files: list[dict] = field(default_factory=list)  # dataset files and checksums, for the manifest
+    about: dict = field(default_factory=dict)  # where the data came from, for the manifest
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def prepare_data(dataset: Dataset, config: Config) -> Data:
+    """A named dataset in memory: the training set split into train/validation (seeded), and the test set."""
+    val_size = dataset.spec.val_size if config.data.val_size is None else config.data.val_size
+    split = split_train_val(len(dataset.train_labels), val_size, config.train.seed)
+    images, labels = images_tensor(dataset.train_images), torch.from_numpy(dataset.train_labels)
+    return Data(dataset.spec.name, dataset.classes, dataset.spec.image_shape,
+                train=TensorSource(images[split.train], labels[split.train]),
+                val=TensorSource(images[split.val], labels[split.val]),
+                test=TensorSource(images_tensor(dataset.test_images), torch.from_numpy(dataset.test_labels)),
+                files=dataset.files,
+                about=dict(dataset=dataset.spec.name, data_origin=dataset.location.origin,
+                           data_dir=str(dataset.location.directory)))
+
+
+def folder_data(config: Config, workers: int | None = None) -> Data:
+    """An image folder streamed from disk: 10% of the images held out for validation, 10% for test."""
+    from cnnlab.data.folder import open_image_folder
+
+    d = config.data
+    if d.val_size is not None:
+        raise ConfigError("data.val_size: image folders hold out 10% for validation and 10% for test "
+                          "(or use their val/ and test/ sub-folders); remove data.val_size")
+    folder = open_image_folder(d.dataset, (d.image_size, d.image_size), d.channels,
+                               workers=d.workers if workers is None else workers)
+    return Data(str(folder.root), folder.classes, folder.image_shape, folder.train, folder.val, folder.test,
+                about=dict(dataset=str(folder.root), data_origin="image folder", image_folder=folder.describe()))
+
+
+def open_dataset(config: Config, progress: bool = True) -> Dataset:
+    """The configured named dataset, found (or downloaded) and verified."""
+    d = config.data
+    return load_dataset(d.dataset, d.data_dir, allow_mismatch=d.allow_checksum_mismatch, progress=progress)
+
+
+def load_data(config: Config, progress: bool = True) -> Data:
+    """The configured dataset (named or an image folder), ready to train on."""
+    if is_image_folder(config.data.dataset):
+        return folder_data(config)
+    return prepare_data(open_dataset(config, progress), config)
+
+
+def open_test_set(config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's test images in memory, uint8 (N, C, H, W), and labels (N,), for pictures of mistakes and
+    saliency (an image folder's test split is decoded; unreadable files are left out as in training)."""
+    if is_image_folder(config.data.dataset):
+        return load_all(folder_data(config).test)
+    dataset = open_dataset(config, progress=False)
+    return images_tensor(dataset.test_images), torch.from_numpy(dataset.test_labels)

@@ -1,0 +1,98 @@
+"""Where training stands, as one dataclass, and the checkpoint schema defined once beside it.
+
+A checkpoint is the model's, the optimizer's and the schedule's own state dicts plus a `TrainState`;
+`check_checkpoint` is the one description of what a checkpoint must hold, used when reading one
+back from a file (`cnnlab.runs.checkpoints`) before the trainer is given it.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class Running:
+    """The current epoch's training totals so far, over all ranks."""
+
+    loss_sum: float = 0.0  # summed cross-entropy
+    correct: int = 0  # images classified right
+    seen: int = 0  # images read
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.seen, 1)
+
+    def add(self, loss_sum: float, correct: int, seen: int) -> None:
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.seen += seen
+
+
+@dataclass
+class TrainState:
+    """Everything about a run's progress that the model, optimizer and schedule do not hold themselves."""
+
+    epoch: int = 0  # completed epochs
+    step: int = 0  # completed steps of the current epoch
+    running: Running = field(default_factory=Running)
+    epoch_seconds: float = 0.0  # time spent in the current epoch so far (survives resume)
+    history: list[dict] = field(default_factory=list)  # one metrics dict per completed epoch
+    rng_states: torch.Tensor = field(default_factory=lambda: torch.zeros((1, 0), dtype=torch.uint8))  # (world, n)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The checkpoint's keys for this state (the layout files have always had)."""
+        r = self.running
+        return dict(epoch=self.epoch, step=self.step, running=[r.loss_sum, r.correct, r.seen],
+                    epoch_seconds=self.epoch_seconds, history=list(self.history), rng_state=self.rng_states)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        """The state of a checked checkpoint (`check_checkpoint`)."""
+        loss_sum, correct, seen = data["running"]
+        states = data["rng_state"]
+        return cls(int(data["epoch"]), int(data["step"]), Running(float(loss_sum), int(correct), int(seen)),
+                   float(data["epoch_seconds"]), list(data["history"]),
+                   states.unsqueeze(0) if states.dim() == 1 else states)  # one row before data-parallel runs
+
+
+# ------------------------------------------------------------------------------ the schema
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+CHECKPOINT_SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = dict(
+    model=("a mapping of tensors", lambda v: isinstance(v, dict) and bool(v)
+           and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())),
+    optimizer=("a mapping with 'state' and 'param_groups'", lambda v: isinstance(v, dict)
+               and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list)),
+    scheduler=("a mapping", lambda v: isinstance(v, dict)),
+    epoch=("a count >= 0", _count),
+    step=("a count >= 0", _count),
+    running=("[loss sum, correct, seen]", lambda v: isinstance(v, list) and len(v) == 3 and all(map(_number, v))),
+    epoch_seconds=("a number", _number),
+    history=("a list of per-epoch metrics", lambda v: isinstance(v, list) and all(isinstance(m, dict) for m in v)),
+    rng_state=("a uint8 tensor", lambda v: isinstance(v, torch.Tensor) and v.dtype == torch.uint8
+               and v.dim() in (1, 2)),
+)
+
+
+def check_checkpoint(checkpoint: Any) -> None:
+    """A ValueError naming the first key of a checkpoint that is missing or of the wrong kind."""
+    if not isinstance(checkpoint, dict):
+        raise ValueError("its state is not a mapping")
+    for key, (expected, valid) in CHECKPOINT_SCHEMA.items():
+        if key not in checkpoint:
+            raise ValueError(f"its state has no {key!r}")
+        if not valid(checkpoint[key]):
+            raise ValueError(f"its state's {key!r} should be {expected}")
