@@ -28,9 +28,9 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     from cnnlab import pipeline
-    from cnnlab.models.plan import count_macs, plan
     from cnnlab.config import load_config
     from cnnlab.data import load_dataset
+    from cnnlab.models.plan import count_macs, plan
 
     torch.set_num_threads(args.threads)
     dataset = load_dataset(args.dataset, args.data_dir, allow_mismatch=True, progress=False)
@@ -90,7 +90,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    common = ["--dataset", args.dataset, "--threads", str(args.threads)] + (["--data-dir", args.data_dir] if args.data_dir else [])
+    common = ["--dataset", args.dataset, "--threads", str(args.threads)]
+    common += ["--data-dir", args.data_dir] if args.data_dir else []
     results = []
     for preset in args.presets:
         cmd = [sys.executable, __file__, "--worker", "--preset", preset, "--seeds", str(args.seeds), *common]
@@ -118,7 +119,8 @@ def main() -> None:
     for r in results:
         speedup = f"{ref_epoch / r['epoch_seconds_median']:.2f}x" if ref_epoch and r["epoch_seconds_median"] else ""
         gflops = f"{r['gflops_median']:.1f}" if r["gflops_median"] else ""
-        print(f"| {r['name']} | {r['epochs']} | {r['seconds_median']:.1f} ({r['seconds_min']:.1f}-{r['seconds_max']:.1f}) | "
+        seconds = f"{r['seconds_median']:.1f} ({r['seconds_min']:.1f}-{r['seconds_max']:.1f})"
+        print(f"| {r['name']} | {r['epochs']} | {seconds} | "
               f"{r['accuracy_median']:.4f} ({r['accuracy_min']:.4f}-{r['accuracy_max']:.4f}) | "
               f"{r['epoch_seconds_median']:.2f} | {speedup} | {gflops} | {r['peak_rss_mib']:.0f} |")
     if args.out:

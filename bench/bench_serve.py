@@ -30,11 +30,11 @@ import numpy as np
 
 def make_run(preset: str, root: Path) -> Path:
     """A run directory with a freshly initialised model of `preset` (config.yaml + model.safetensors)."""
-    from cnnlab.runs import layout, records
-    from cnnlab.runs.weights import save_weights
     from cnnlab.config import load_config
     from cnnlab.data import get_dataset
     from cnnlab.models.cnn import build_model
+    from cnnlab.runs import layout, records
+    from cnnlab.runs.weights import save_weights
 
     config = load_config(preset)
     spec = get_dataset(config.data.dataset)
@@ -143,8 +143,8 @@ def throughput(preset: str, batch: int, total: int, repeats: int) -> float:
     import torch
 
     from cnnlab.config import load_config
-    from cnnlab.training.evaluate import infer
     from cnnlab.models.cnn import build_model
+    from cnnlab.training.evaluate import infer
 
     model = build_model(load_config(preset).model, seed=0).eval()
     images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (total, 28, 28), dtype=np.uint8))

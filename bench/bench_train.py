@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import os
+import platform
 import subprocess
 import sys
 import tempfile

@@ -14,8 +14,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cnnlab.config import load_config
-from cnnlab.training.evaluate import to_inputs
 from cnnlab.models.cnn import build_model
+from cnnlab.training.evaluate import to_inputs
 from cnnlab.training.optim import make_optimizer
 
 

@@ -142,7 +142,10 @@ def param_row(param: click.Parameter) -> str:
 
 
 def escape_cell(text: str) -> str:
-    return " ".join(text.split()).replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    """One line for a table cell: pipes escaped, and angle brackets outside `code` kept from reading as HTML."""
+    pieces = " ".join(text.split()).replace("|", "\\|").split("`")
+    return "`".join(piece if i % 2 else piece.replace("<", "&lt;").replace(">", "&gt;")
+                    for i, piece in enumerate(pieces))
 
 
 # ------------------------------------------------------------------------------------ config keys

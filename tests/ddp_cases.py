@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from cnnlab.training import distributed
 from cnnlab.config import load_config
-from cnnlab.models.cnn import build_model
 from cnnlab.data.sources import TensorSource
+from cnnlab.models.cnn import build_model
+from cnnlab.training import distributed
 from cnnlab.training.callbacks import Callback
-from cnnlab.training.engine import Trainer, TrainData, TrainingDiverged, epoch_order
+from cnnlab.training.engine import TrainData, Trainer, TrainingDiverged, epoch_order
 
 CONFIG = load_config("seed", None, ["model.conv.0.filters=4", "dense_layer_size=8", "batch_size=16", "epochs=2",
                                     "channels_last=false"])
@@ -42,7 +42,8 @@ class PoisonOnRank(Callback):
         self.rank, self.epoch, self.step = rank, epoch, step
 
     def on_batch_end(self, trainer, loss, accuracy):
-        if trainer.context.rank == self.rank and (trainer.state.epoch + 1, trainer.state.step) == (self.epoch, self.step):
+        at = (trainer.state.epoch + 1, trainer.state.step)
+        if trainer.context.rank == self.rank and at == (self.epoch, self.step):
             with torch.no_grad():
                 trainer.model.head.classifier.bias.fill_(math.nan)
 
@@ -101,7 +102,8 @@ CASES = dict(nan_on_one_rank=nan_on_one_rank, shards=shards, timeout=timeout)
 
 def thread_names() -> list[str]:
     """The names of this process's threads, as the kernel knows them (gloo names its own)."""
-    return sorted((Path("/proc/self/task") / task / "comm").read_text().strip() for task in os.listdir("/proc/self/task"))
+    tasks = Path("/proc/self/task")
+    return sorted((tasks / task / "comm").read_text().strip() for task in os.listdir(tasks))
 
 
 def main() -> None:

@@ -12,8 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from cnnlab.data import ChecksumMismatch, CifarError, DatasetUnavailable, load_dataset, locate, verify
-from cnnlab.data import store
+from cnnlab.data import ChecksumMismatch, CifarError, DatasetUnavailable, load_dataset, locate, store, verify
 from cnnlab.data.cifar import RECORD_BYTES, encode
 from cnnlab.data.registry import CIFAR10, DATASETS, DataFile, get_dataset
 from test_store import Mirror, serve
@@ -63,7 +62,8 @@ def real_layout(batches: dict[str, tuple[np.ndarray, np.ndarray]]) -> list[tuple
     members = [(folder, None)]
     for name in order:
         path = f"{FOLDER}/{name}"
-        data = META.encode() if name == "batches.meta.txt" else b"<html></html>" if name == "readme.html" else blob[path]
+        extras = {"batches.meta.txt": META.encode(), "readme.html": b"<html></html>"}
+        data = extras[name] if name in extras else blob[path]
         members.append(regular(path, data))
     return members
 

@@ -81,9 +81,10 @@ def test_resume_refuses_options_that_would_change_the_run(tmp_path):
 
 
 def test_data_dir_pointing_at_the_files_themselves_gets_a_hint(tmp_path):
+    import shutil
+
     from cnnlab.data.registry import get_dataset
     from cnnlab.data.store import package_dir
-    import shutil
 
     for file in get_dataset("mnist-sample").all_files():
         shutil.copy(package_dir(get_dataset("mnist-sample")) / file.name, tmp_path / file.name)
@@ -93,8 +94,8 @@ def test_data_dir_pointing_at_the_files_themselves_gets_a_hint(tmp_path):
 
 
 def test_convolve_with_a_kernel_the_model_learned(tmp_path):
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     run("train", "--model", "seed", "--epochs", "1", "--set", "first_layer_convs=4", "--set", "dense_layer_size=8",
         "--runs-dir", str(tmp_path), "--name", "r", "--quiet")

@@ -13,7 +13,8 @@ def test_every_preset_resolves():
 def test_seed_defaults_are_the_lessons():
     config = load_config("seed")
     block = config.model.conv[0]
-    assert (block.filters, block.kernel_size, block.activation, block.pool, block.pool_size) == (32, [3, 3], "relu", "max", 2)
+    assert (block.filters, block.kernel_size, block.activation, block.pool, block.pool_size) == \
+        (32, [3, 3], "relu", "max", 2)
     assert [d.units for d in config.model.dense] == [128]
     assert (config.train.optimizer, config.train.batch_size, config.train.epochs) == ("adam", 32, 4)
 

@@ -11,8 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.signal import convolve2d
 
-from cnnlab.playground.conv import (avg_pool2d, conv2d, conv2d_per_channel, explain_output_size, max_pool2d,
-                         output_size, same_padding)
+from cnnlab.playground.conv import (
+    avg_pool2d,
+    conv2d,
+    conv2d_per_channel,
+    explain_output_size,
+    max_pool2d,
+    output_size,
+    same_padding,
+)
 
 SETTINGS = settings(max_examples=150, deadline=None)
 sides = st.integers(1, 11)
@@ -238,7 +245,8 @@ def test_explain_output_size_writes_the_formula():
 # ---------------------------------------------------------------- errors say what was expected and got
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: conv2d(np.zeros((2, 2)), np.ones((3, 3))), r"kernel 3x3 spans 3x3 pixels but the padded image is only 2x2"),
+    (lambda: conv2d(np.zeros((2, 2)), np.ones((3, 3))),
+     r"kernel 3x3 spans 3x3 pixels but the padded image is only 2x2"),
     (lambda: conv2d(np.zeros((5, 5)), np.ones((3, 3)), dilation=3), r"with dilation \(3, 3\) spans 7x7"),
     (lambda: conv2d(np.zeros((5, 5)), np.ones((3, 3)), stride=0), r"stride must be an int >= 1.*got 0"),
     (lambda: conv2d(np.zeros((5, 5)), np.ones((3, 3)), stride=(1, -2)), r"stride must be.*\(1, -2\)"),

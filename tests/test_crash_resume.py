@@ -5,6 +5,7 @@ bitwise equal to never stopping, and no file with NaN or inf, and no temporary f
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import random
@@ -15,22 +16,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import cnnlab.files as files_module
 import cnnlab.runs.checkpoints as checkpoints_module
 import cnnlab.runs.weights as weights_module
-import torch
-from safetensors.torch import load_file
-
 from cnnlab import pipeline
-
-from cnnlab.runs import layout, records
-
-from cnnlab.runs.checkpoints import load_checkpoint
-
-from cnnlab.runs.weights import load_model
 from cnnlab.config import load_config
+from cnnlab.runs import layout, records
+from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.layout import RunError
+from cnnlab.runs.weights import load_model
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.engine import TrainingDiverged
 
@@ -254,10 +251,9 @@ def test_weights_that_turn_non_finite_are_never_saved(tmp_path):
 
 def test_a_huge_learning_rate_leaves_only_finite_files(tmp_path):
     config = load_config("seed", overrides=[*QUICK, "epochs=1", "train.optimizer=sgd", "train.lr=1e6"])
-    try:  # diverges as a NaN loss, or as weights that are refused, or not at all: files stay finite
+    # diverges as a NaN loss, or as weights that are refused, or not at all: files stay finite
+    with contextlib.suppress(TrainingDiverged, RunError):
         pipeline.train(config, tmp_path, name="lr", progress=False)
-    except (TrainingDiverged, RunError):
-        pass
     for key in ("weights", "checkpoint", "previous_checkpoint"):
         file = layout.path(tmp_path / "lr", key)
         if file.exists():

@@ -25,8 +25,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnnlab.data import CifarError, DataError, IDXError, load_dataset, read_idx, verify
-from cnnlab.data import store
+from cnnlab.data import CifarError, DataError, IDXError, load_dataset, read_idx, store, verify
 from cnnlab.data.cifar import RECORD_BYTES, read_archive
 from cnnlab.data.idx import encode_idx
 from cnnlab.use.recipes import BlankImage, prepare
@@ -400,7 +399,8 @@ EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
 def test_eps_is_never_handed_to_ghostscript_whatever_its_name(tmp_path):
     """Pillow decodes EPS by running Ghostscript on it; cnnlab refuses the format from its header."""
     from cnnlab.data.folder import decode_image
-    from cnnlab.images import ImageReadError, open_image as read_image
+    from cnnlab.images import ImageReadError
+    from cnnlab.images import open_image as read_image
 
     (tmp_path / "photo.png").write_bytes(EPS)
     with pytest.raises(ImageReadError, match="EPS files are not read"):

@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from cnnlab.data.folder import FolderError, FolderSource, PathTable, decode_image, open_image_folder
 from cnnlab.data.sources import load_all
 from cnnlab.images import ImageTooLarge
-from cnnlab.data.folder import FolderError, FolderSource, PathTable, decode_image, open_image_folder
 
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 200, 0)
 
@@ -205,7 +205,10 @@ def test_one_channel_versus_three(tmp_path):
 def huge_png_header(path: Path, width: int = 100_000, height: int = 100_000) -> Path:
     """A PNG whose header claims width x height RGB pixels and holds no pixel data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    chunk = lambda kind, data: struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     return touch(path, b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
 
 

@@ -11,17 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import StopAt
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cnnlab import pipeline
-
-from cnnlab.runs import layout
 from cnnlab.cli import app
 from cnnlab.config import load_config
+from cnnlab.runs import layout
 from cnnlab.training.engine import TrainingInterrupted
+from conftest import StopAt
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": 0, "green": 1, "blue": 2}
@@ -87,8 +86,10 @@ def test_show_and_predict_work_on_a_folder_run(tmp_path):
     Image.fromarray(green).save(tmp_path / "mine.png")
     predicted = CliRunner().invoke(app, ["predict", str(run), str(tmp_path / "mine.png"), "--json"])
     assert predicted.exit_code == 0, predicted.output
-    assert json.loads(predicted.output.splitlines()[0])["class_name"] == "green"  # prepared as in training: RGB, centre square
-    for command, extra in (("mistakes", []), ("features", ["--index", "0"]), ("saliency", [str(tmp_path / "mine.png")])):
+    # prepared as in training: RGB, centre square
+    assert json.loads(predicted.output.splitlines()[0])["class_name"] == "green"
+    shows = (("mistakes", []), ("features", ["--index", "0"]), ("saliency", [str(tmp_path / "mine.png")]))
+    for command, extra in shows:
         out = tmp_path / f"{command}.png"
         shown = CliRunner().invoke(app, ["show", command, str(run), *extra, "--out", str(out)])
         assert shown.exit_code == 0, (command, shown.output)
@@ -98,7 +99,8 @@ def test_show_and_predict_work_on_a_folder_run(tmp_path):
 def test_a_folder_that_is_not_one_says_what_is_expected(tmp_path):
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
-    result = CliRunner().invoke(app, ["train", "--dataset", str(tmp_path / "flat"), "--runs-dir", str(tmp_path / "runs")])
+    result = CliRunner().invoke(app, ["train", "--dataset", str(tmp_path / "flat"),
+                                      "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code == 2 and str(tmp_path / "flat") in result.output
     assert not (tmp_path / "runs").exists()
 

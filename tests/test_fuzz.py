@@ -22,6 +22,7 @@ if __name__ == "__main__":  # the atheris harness: instrument the code under tes
         import tarfile  # noqa: F401
 
         import PIL.Image  # noqa: F401
+
         import cnnlab.data.cifar  # noqa: F401
         import cnnlab.data.idx  # noqa: F401
         import cnnlab.use.recipes  # noqa: F401

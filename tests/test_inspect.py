@@ -12,12 +12,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from cnnlab.runs import layout
-from cnnlab.inspect.activations import feature_maps, plot_kernels
 from cnnlab.cli import app
-from cnnlab.training.evaluate import infer
-from cnnlab.inspect.show import LoadedRun, choose_input, show_features, show_kernels, show_mistakes, show_saliency
+from cnnlab.inspect.activations import feature_maps, plot_kernels
 from cnnlab.inspect.run_table import config_differences, flatten, run_rows
+from cnnlab.inspect.show import LoadedRun, choose_input, show_features, show_kernels, show_mistakes, show_saliency
+from cnnlab.runs import layout
+from cnnlab.training.evaluate import infer
 from cnnlab.use.recipes import prepare
 
 runner = CliRunner()
@@ -69,7 +69,8 @@ def test_colour_kernels_get_a_column_per_input_channel(tmp_path):
 def test_unknown_layer_is_a_clear_error(trained, tmp_path):
     result = runner.invoke(app, ["show", "kernels", str(trained / "a"), "--layer", "conv9", "--out",
                                  str(tmp_path / "k.png")])
-    assert result.exit_code == 2 and "no conv layer 'conv9'; did you mean 'conv1'? (this model has: conv1)" in result.output
+    assert result.exit_code == 2
+    assert "no conv layer 'conv9'; did you mean 'conv1'? (this model has: conv1)" in result.output
 
 
 # ------------------------------------------------------------------------------- feature maps
@@ -140,7 +141,7 @@ def test_saliency_heat_map(trained, tmp_path, loaded, method):
     assert result.exit_code == 0, result.output
     assert f"{method} for class 7" in result.output
     heat = show_saliency(loaded, io.BytesIO(), choose_input(loaded, index=0), method=method)
-    assert heat.heat.shape == (28, 28) and 0 <= heat.heat.min() and heat.heat.max() == pytest.approx(1)
+    assert heat.heat.shape == (28, 28) and heat.heat.min() >= 0 and heat.heat.max() == pytest.approx(1)
     assert heat.target == int(heat.probabilities.argmax())
 
 
@@ -177,7 +178,8 @@ def test_runs_json_rows_and_sorting(trained):
     rows = json.loads(run("runs", "--runs-dir", trained, "--json").output)
     assert [r["run"] for r in rows] == ["a", "b"]
     a = rows[0]
-    assert (a["dataset"], a["model"], a["epochs"], a["params"]) == ("mnist-sample", "seed", 1, 40 + 13 * 13 * 4 * 8 + 8 + 90)
+    params = 40 + 13 * 13 * 4 * 8 + 8 + 90
+    assert (a["dataset"], a["model"], a["epochs"], a["params"]) == ("mnist-sample", "seed", 1, params)
     assert 0 <= a["test_accuracy"] <= 1 and 0 <= a["val_accuracy"] <= 1 and a["seconds"] > 0
     by_accuracy = run_rows(trained, "test_accuracy")
     assert [r["test_accuracy"] for r in by_accuracy] == sorted((r["test_accuracy"] for r in rows), reverse=True)

@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from cnnlab.inspect.activations import learned_kernel
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -29,11 +27,12 @@ from typer.testing import CliRunner
 
 import cnnlab
 from cnnlab import pipeline
+from cnnlab.cli import app
+from cnnlab.config import ConfigError, load_config
+from cnnlab.inspect.activations import learned_kernel
 from cnnlab.runs import layout, records
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.weights import load_model
-from cnnlab.cli import app
-from cnnlab.config import ConfigError, load_config
 
 TINY = ["epochs=1", "batch_size=64", "data.val_size=500", "model.conv.0.filters=4", "dense_layer_size=16"]
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from cnnlab.models.plan import count_params, plan
 from cnnlab.config import ConvBlock, DenseLayer, ModelConfig, list_presets, load_config
 from cnnlab.models.cnn import build_model, count_parameters
+from cnnlab.models.plan import count_params, plan
 from cnnlab.models.summary import format_summary
 
 DOCUMENTED_PARAMS = {"perceptron": 7_850, "mlp": 101_770, "seed": 693_962, "seed-dropout": 693_962,

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from cnnlab.data import get_dataset, load_dataset
-from cnnlab.use.predict import Predictor
 from cnnlab.images import ImageReadError, ImageTooLarge
 from cnnlab.images import open_image as read_image
+from cnnlab.use.predict import Predictor
 from cnnlab.use.recipes import BlankImage, centre_of_mass, prepare, stroke_width
 from use_runs import png_header_claiming, tiny_run
 

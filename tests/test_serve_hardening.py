@@ -21,12 +21,12 @@ for _module in ("fastapi", "uvicorn", "multipart", "httpx"):
     pytest.importorskip(_module, reason="the web demo's tests need: pip install -e '.[test]'")
 
 import httpx  # noqa: E402
-from use_runs import png_header_claiming, running_server, tiny_run  # noqa: E402
 
 import cnnlab.use.serve.app as served  # noqa: E402
 from cnnlab.data import load_dataset  # noqa: E402
 from cnnlab.use.predict import Predictor, predict_image  # noqa: E402
 from cnnlab.use.serve import create_app  # noqa: E402
+from use_runs import png_header_claiming, running_server, tiny_run  # noqa: E402
 
 LIMIT = served.MAX_UPLOAD_BYTES
 ACCEPTED_MESSAGE = "send one of: PNG, JPEG, GIF, BMP, WebP"

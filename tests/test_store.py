@@ -9,8 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from cnnlab.data import ChecksumMismatch, DatasetUnavailable, load_dataset, locate, verify
-from cnnlab.data import store
+from cnnlab.data import ChecksumMismatch, DatasetUnavailable, load_dataset, locate, store, verify
 from cnnlab.data.registry import get_dataset
 from conftest import write_dataset
 
@@ -162,9 +161,9 @@ def test_a_bad_mirror_moves_on_to_the_next(tiny, mode):
 
 def test_all_mirrors_failing_lists_each_url_and_reason_and_leaves_nothing(tiny):
     spec, arrays, blobs = tiny
-    with serve(blobs, {"a": "404", "b": "tamper", "c": "html", "d": "flip"}) as url:
-        with pytest.raises(DatasetUnavailable) as info:
-            store.fetch(replace(spec, mirrors=tuple(f"{url}/{m}/" for m in "abcd")), progress=False)
+    with serve(blobs, {"a": "404", "b": "tamper", "c": "html", "d": "flip"}) as url, \
+            pytest.raises(DatasetUnavailable) as info:
+        store.fetch(replace(spec, mirrors=tuple(f"{url}/{m}/" for m in "abcd")), progress=False)
     message = str(info.value)
     assert f"{url}/a/train-images-idx3-ubyte.gz: HTTP 404" in message
     assert f"{url}/b/train-images-idx3-ubyte.gz: checksum mismatch: got" in message

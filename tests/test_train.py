@@ -5,19 +5,16 @@ import json
 
 import pytest
 import torch
-from conftest import StopAt
 from safetensors.torch import load_file
 
 from cnnlab import pipeline
-
-from cnnlab.runs import layout, records
-
-from cnnlab.runs.checkpoints import load_checkpoint
-
-from cnnlab.runs.weights import load_model
 from cnnlab.config import list_presets, load_config
 from cnnlab.data import DatasetUnavailable
+from cnnlab.runs import layout, records
+from cnnlab.runs.checkpoints import load_checkpoint
+from cnnlab.runs.weights import load_model
 from cnnlab.training.engine import TrainingDiverged, TrainingInterrupted
+from conftest import StopAt
 
 QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32"]
 
@@ -111,9 +108,8 @@ def test_checkpoints_are_safetensors_not_pickles(reference):
 
 
 def test_a_second_training_in_the_same_run_refuses(reference):
-    with layout.locked(reference.run):
-        with pytest.raises(layout.RunError, match="another process is training"):
-            pipeline.resume(reference.run, progress=False)
+    with layout.locked(reference.run), pytest.raises(layout.RunError, match="another process is training"):
+        pipeline.resume(reference.run, progress=False)
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):

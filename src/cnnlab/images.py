@@ -41,7 +41,8 @@ ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 # least this many source pixels per output pixel for the Lanczos resize: same quality, a fraction of the work
 REDUCING_GAP = 3.0
 
-ImageFile = str | Path | bytes | BinaryIO | Image.Image  # where a picture comes from: a path, its bytes, an open file, a PIL image
+# where a picture comes from: a path, its bytes, an open binary file, or a PIL image
+ImageFile = str | Path | bytes | BinaryIO | Image.Image
 
 
 class ImageReadError(UserError, ValueError):
@@ -186,3 +187,19 @@ def read_pixels(source: ImageFile, size: tuple[int, int], channels: int, name: s
     side = 2 * max(height, width)
     image = normalized(open_image(source, name, max_pixels, draft=(side, side)))
     return np.array(fitted(with_channels(image, channels), size), dtype=np.uint8)
+
+
+# ------------------------------------------------------------------------------ for HTML pages
+def png_data_url(picture: np.ndarray | Image.Image | bytes) -> str:
+    """A picture as a `data:image/png;base64,...` URL, for pages that load nothing from anywhere.
+
+    `picture`: uint8 pixels (H, W) or (H, W, 3|4), a PIL image, or PNG bytes already encoded.
+    """
+    import base64
+
+    if not isinstance(picture, bytes):
+        image = picture if isinstance(picture, Image.Image) else Image.fromarray(np.asarray(picture))
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        picture = buffer.getvalue()
+    return "data:image/png;base64," + base64.b64encode(picture).decode("ascii")

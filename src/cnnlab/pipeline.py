@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from torch import nn
+
 from cnnlab.config import Config, TrainConfig
 from cnnlab.data.loading import Dataset
 from cnnlab.data.sources import Data, load_data, prepare_data
@@ -123,7 +125,7 @@ def merge_skipped(context: Context, data: Data) -> dict[str, str]:
     return dict(sorted(merged.items()))
 
 
-def test_run(run: Path, model: CNN, data: Data, config: TrainConfig) -> Evaluation:
+def test_run(run: Path, model: nn.Module, data: Data, config: TrainConfig) -> Evaluation:
     """Evaluate on the test set and record test.json and confusion.png in the run."""
     result = evaluate_source(model, data.test, data.classes, config.eval_batch_size, config.channels_last,
                              config.tta)

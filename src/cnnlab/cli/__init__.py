@@ -4,7 +4,7 @@ Each module registers its commands on the one app, grouped into help panels by w
 (learn, train, look inside, use, scale out); the import order below is the order `cnnlab --help`
 lists them in. Command modules import the library inside each command, so `cnnlab --help` loads no torch.
 """
-from cnnlab.cli import playground, training, datasets, inspect, use, sweep  # noqa: F401  (each registers its commands)
+from cnnlab.cli import datasets, inspect, playground, sweep, training, use  # noqa: F401  (each registers its commands)
 from cnnlab.cli._app import app
 
 

@@ -2,23 +2,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from cnnlab.runs.layout import DEFAULT_ROOT
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Model preset (see `cnnlab presets`).")]
-ConfigFile = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config applied over the preset.")]
-Overrides = Annotated[Optional[list[str]], typer.Option(
+ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config applied over the preset.")]
+Overrides = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a key: a knob (dropout=0.4) or a path (train.lr=3e-4, model.conv.0.filters=64). "
     "Repeatable.")]
-Dataset = Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset name (`cnnlab datasets list`) or "
+Dataset = Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name (`cnnlab datasets list`) or "
                                                "a folder with one sub-folder of images per class; "
                                                "default mnist-sample, shipped with cnnlab.")]
-DataDir = Annotated[Optional[Path], typer.Option("--data-dir", help="Folder holding <dataset>/<dataset files>; "
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Folder holding `<dataset>/<dataset files>`; "
                                                  "default $CNNLAB_DATA, then the user cache, then system copies.")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories.")]
 Run = Annotated[Path, typer.Argument(help="Run directory (made by `cnnlab train`).")]
-LatestRun = Annotated[Optional[Path], typer.Argument(help="Run directory; default the latest under --runs-dir.")]
+LatestRun = Annotated[Path | None, typer.Argument(help="Run directory; default the latest under --runs-dir.")]
 RUNS_DIR = DEFAULT_ROOT

@@ -5,9 +5,9 @@ from typing import Annotated
 
 import typer
 
-from cnnlab.cli._options import DataDir
 from cnnlab.cli._app import TRAIN, app
 from cnnlab.cli._errors import fail, friendly_errors
+from cnnlab.cli._options import DataDir
 
 datasets_app = typer.Typer(help="List, locate, download and verify datasets.", no_args_is_help=True)
 

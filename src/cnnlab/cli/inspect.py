@@ -5,7 +5,7 @@ import json
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
@@ -14,6 +14,8 @@ from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.cli._options import RUNS_DIR, DataDir, LatestRun, Run, RunsDir
 
 if TYPE_CHECKING:
+    from typer.models import OptionInfo
+
     from cnnlab.inspect.show import LoadedRun
 
 T = TypeVar("T")
@@ -23,14 +25,15 @@ show_app = typer.Typer(help="Pictures of a trained run: kernels, feature maps, m
 runs_app = typer.Typer(help="A table of the runs under --runs-dir; `compare` puts runs side by side.",
                        invoke_without_command=True)
 
-ImageFile = Annotated[Optional[Path], typer.Argument(
+ImageFile = Annotated[Path | None, typer.Argument(
     help="Any image file (prepared as the run's dataset was: 28x28 grey white on black, 32x32 colour, ...); "
     "or use --index.", show_default=False)]
-Index = Annotated[Optional[int], typer.Option("--index", "-i", help="Use test image N of the run's dataset instead.")]
+Index = Annotated[int | None, typer.Option("--index", "-i", help="Use test image N of the run's dataset instead.")]
 
 
-def out_option(what: str) -> Any:
-    return Annotated[Path, typer.Option("--out", "-o", help=f"PNG file to write ({what}).")]
+def out_option(what: str) -> OptionInfo:
+    """The --out option of a `show` command, for `Annotated[Path, out_option(...)]`."""
+    return typer.Option("--out", "-o", help=f"PNG file to write ({what}).")
 
 
 def save_png(out: Path, draw: Callable[[Path], T]) -> T:
@@ -55,7 +58,7 @@ def load(run: Path, data_dir: Path | None = None) -> LoadedRun:
 @show_app.command("kernels")
 @friendly_errors
 def show_kernels(run: Run, layer: Annotated[str, typer.Option(help="Conv layer: conv1, conv2, ...")] = "conv1",
-                 out: out_option("a grid of kernels") = Path("kernels.png")) -> None:
+                 out: Annotated[Path, out_option("a grid of kernels")] = Path("kernels.png")) -> None:
     """The kernels a conv layer learned, as a grid (one panel per input channel for colour input)."""
     from cnnlab.inspect import show as inspection
 
@@ -68,7 +71,7 @@ def show_kernels(run: Run, layer: Annotated[str, typer.Option(help="Conv layer: 
 @show_app.command("features")
 @friendly_errors
 def show_features(run: Run, image: ImageFile = None, index: Index = None,
-                  out: out_option("the feature maps") = Path("features.png"),
+                  out: Annotated[Path, out_option("the feature maps")] = Path("features.png"),
                   max_maps: Annotated[int, typer.Option(min=1, help="Maps shown per layer.")] = 16,
                   data_dir: DataDir = None) -> None:
     """The feature maps every conv layer computes for one image."""
@@ -83,7 +86,7 @@ def show_features(run: Run, image: ImageFile = None, index: Index = None,
 
 @show_app.command("mistakes")
 @friendly_errors
-def show_mistakes(run: Run, out: out_option("the grid") = Path("mistakes.png"),
+def show_mistakes(run: Run, out: Annotated[Path, out_option("the grid")] = Path("mistakes.png"),
                   limit: Annotated[int, typer.Option(min=1, help="At most this many images.")] = 24,
                   data_dir: DataDir = None) -> None:
     """A grid of misclassified test images with true and predicted class and confidence, worst first."""
@@ -106,10 +109,10 @@ class Method(str, Enum):
 @show_app.command("saliency")
 @friendly_errors
 def show_saliency(run: Run, image: ImageFile = None, index: Index = None,
-                  out: out_option("image, heat map, probabilities") = Path("saliency.png"),
+                  out: Annotated[Path, out_option("image, heat map, probabilities")] = Path("saliency.png"),
                   method: Annotated[Method, typer.Option(help="gradcam: which regions of the last conv layer's "
                                                          "maps; gradient: which input pixels.")] = Method.gradcam,
-                  target: Annotated[Optional[str], typer.Option(
+                  target: Annotated[str | None, typer.Option(
                       help="Explain this class (name or index) instead of the prediction.")] = None,
                   data_dir: DataDir = None) -> None:
     """Which parts of one image the prediction rests on, as a heat map over it (Grad-CAM or gradients)."""
@@ -125,7 +128,7 @@ def show_saliency(run: Run, image: ImageFile = None, index: Index = None,
 
 @show_app.command("curves")
 @friendly_errors
-def show_curves(run: Run, out: out_option("loss and accuracy") = Path("curves.png")) -> None:
+def show_curves(run: Run, out: Annotated[Path, out_option("loss and accuracy")] = Path("curves.png")) -> None:
     """Training and validation loss and accuracy per epoch."""
     from cnnlab.inspect import show as inspection
 
@@ -136,12 +139,11 @@ def show_curves(run: Run, out: out_option("loss and accuracy") = Path("curves.pn
 @app.command(rich_help_panel=LOOK)
 @friendly_errors
 def report(run: LatestRun = None,
-           out: Annotated[Optional[Path], typer.Option("--out", "-o", help="HTML file (default <run>/report.html).")]
+           out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default `<run>/report.html`).")]
            = None,
            data_dir: DataDir = None, runs_dir: RunsDir = RUNS_DIR) -> None:
     """One self-contained HTML page about a run: summary, config, curves, test results, mistakes, kernels, maps."""
     from cnnlab.inspect.report import write_report
-
     from cnnlab.runs.layout import latest_run
 
     page = write_report(run or latest_run(runs_dir), out, data_dir)
@@ -164,7 +166,7 @@ class SortKey(str, Enum):
 @runs_app.callback()
 @friendly_errors
 def list_runs(ctx: typer.Context, runs_dir: RunsDir = RUNS_DIR,
-              sort: Annotated[Optional[SortKey], typer.Option(
+              sort: Annotated[SortKey | None, typer.Option(
                   help="Sort by a column: names A-Z, numbers biggest first (default: oldest run first).")] = None,
               reverse: Annotated[bool, typer.Option("--reverse", help="Reverse the order.")] = False,
               json_: Annotated[bool, typer.Option("--json", help="Print a JSON list of rows.")] = False) -> None:
@@ -201,7 +203,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
 @runs_app.command("compare")
 @friendly_errors
 def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run directories.")],
-            out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG with the runs' curves overlaid.")]
+            out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG with the runs' curves overlaid.")]
             = None) -> None:
     """The config keys in which runs differ, their results side by side, and (with --out) curves overlaid."""
     from rich.console import Console

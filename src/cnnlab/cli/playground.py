@@ -4,9 +4,10 @@ NumPy and Pillow only (the playground has no torch); matplotlib is imported by `
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
 import numpy as np
 import typer
@@ -19,6 +20,9 @@ from cnnlab.playground.kernels import get_kernel, list_kernels
 
 if TYPE_CHECKING:
     from PIL import Image
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 explain_app = typer.Typer(help="Animate a kernel or a pooling window sliding over a small image, step by step.",
                           no_args_is_help=True)
@@ -130,7 +134,7 @@ def print_arithmetic(in_shape: tuple[int, ...], window: tuple[int, int], stride:
         typer.echo(f"  {name}: {formula}")
 
 
-def run_library(call, *args, **kwargs) -> np.ndarray:
+def run_library(call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     """Call a cnnlab.playground.conv function, turning its ValueError into a clean CLI error (exit 2)."""
     try:
         return call(*args, **kwargs)
@@ -241,7 +245,7 @@ def small_grey(path: Path, max_side: int) -> np.ndarray:
     return to_floats(picture)
 
 
-def save_frames(frames, out: Path, start: int, total: int) -> None:
+def save_frames(frames: list[Image.Image], out: Path, start: int, total: int) -> None:
     shown = len(frames) - 1  # the last frame is the finished output
     typer.echo(f"animation: positions {start} to {start + shown - 1} of {total} shown "
                f"(--start, --steps to change), then the result")

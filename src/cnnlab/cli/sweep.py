@@ -6,7 +6,7 @@ and subcommand names in the same slot without guessing which the user meant.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -17,11 +17,11 @@ from cnnlab.cli._options import RUNS_DIR
 sweep_app = typer.Typer(help="Hyperparameter sweeps (W&B sweep files, run offline with Optuna; many machines "
                         "share one study through --storage postgresql://...).", no_args_is_help=True)
 
-Storage = Annotated[Optional[str], typer.Option(
+Storage = Annotated[str | None, typer.Option(
     "--storage", help="Study storage: postgresql://user@host/db (workers on many machines), sqlite:///file.db, "
-    "or a journal file path. Default: <runs-dir>/sweeps/<name>/optuna.journal.")]
+    "or a journal file path. Default: `<runs-dir>/sweeps/<name>/optuna.journal`.")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories; trials go to "
-                                       "<runs-dir>/sweeps/<name>/trial-<n>.")]
+                                       "`<runs-dir>/sweeps/<name>/trial-<n>`.")]
 Name = Annotated[str, typer.Argument(help="Sweep (study) name.")]
 
 
@@ -39,7 +39,7 @@ def run(
                                         "and machines together.")] = 10,
     workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes on this machine.")] = 1,
     storage: Storage = None,
-    name: Annotated[Optional[str], typer.Option(help="Sweep name; default the file's `name:` or its stem. "
+    name: Annotated[str | None, typer.Option(help="Sweep name; default the file's `name:` or its stem. "
                                                 "The same name resumes the sweep.")] = None,
     runs_dir: RunsDir = RUNS_DIR,
 ) -> None:
@@ -63,7 +63,7 @@ def run(
 @sweep_app.command()
 @friendly_errors
 def status(name: Name, storage: Storage = None, runs_dir: RunsDir = RUNS_DIR,
-           plot: Annotated[Optional[Path], typer.Option(help="Also draw each trial's metric to this PNG.")] = None
+           plot: Annotated[Path | None, typer.Option(help="Also draw each trial's metric to this PNG.")] = None
            ) -> None:
     """A table of the sweep's trials, the best so far, and how many were pruned or failed."""
     from cnnlab import sweep as sweeps

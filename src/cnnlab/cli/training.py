@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -18,6 +19,8 @@ from cnnlab.cli._options import RUNS_DIR, ConfigFile, DataDir, Dataset, LatestRu
 if TYPE_CHECKING:
     from cnnlab.config import Config
     from cnnlab.pipeline import RunResult
+    from cnnlab.trackers.wandb import WandbTracker
+    from cnnlab.training.callbacks import Callback
     from cnnlab.training.distributed import Context
     from cnnlab.training.evaluate import Evaluation
 
@@ -25,7 +28,8 @@ if TYPE_CHECKING:
 def sections(dataset: str | None = None, data_dir: Path | None = None, allow_mismatch: bool = False,
              **train: object) -> dict[str, dict[str, Any]]:
     """Typed CLI options as config sections (options left unset do not override the files)."""
-    data = {k: v for k, v in dict(dataset=dataset, data_dir=str(data_dir) if data_dir else None).items() if v}
+    given = dict(dataset=dataset, data_dir=str(data_dir) if data_dir else None)
+    data: dict[str, Any] = {k: v for k, v in given.items() if v}
     if allow_mismatch:
         data["allow_checksum_mismatch"] = True
     return dict(data=data, train={k: v for k, v in train.items() if v is not None})
@@ -33,7 +37,8 @@ def sections(dataset: str | None = None, data_dir: Path | None = None, allow_mis
 
 @app.command(rich_help_panel=LEARN)
 @friendly_errors
-def presets(name: Annotated[Optional[str], typer.Argument(help="Print this preset's YAML (copy it to edit).")] = None) -> None:
+def presets(name: Annotated[str | None, typer.Argument(help="Print this preset's YAML (copy it to edit).")] = None
+            ) -> None:
     """List the model presets, or print one as YAML to copy and edit."""
     from cnnlab.config import list_presets, preset_path
 
@@ -68,22 +73,23 @@ def train(
     dataset: Dataset = None,
     config: ConfigFile = None,
     set_: Overrides = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training set.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per optimisation step.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed (split, weights, order, dropout).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Passes over the training set.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per optimisation step.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (split, weights, order, dropout).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     data_dir: DataDir = None,
     allow_checksum_mismatch: Annotated[bool, typer.Option(
-        "--allow-checksum-mismatch", help="Use local dataset files whose checksums differ (recorded in the run).")] = False,
+        "--allow-checksum-mismatch", help="Use local dataset files whose checksums differ (recorded in the run)."
+    )] = False,
     runs_dir: RunsDir = RUNS_DIR,
-    name: Annotated[Optional[str], typer.Option(help="Run directory name (default <dataset>-<model>-<time>).")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue this interrupted run instead of starting one.")] = None,
+    name: Annotated[str | None, typer.Option(help="Run directory name (default `<dataset>-<model>-<time>`).")] = None,
+    resume: Annotated[Path | None, typer.Option(help="Continue this interrupted run instead of starting one.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")] = False,
     wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (pip install "
                                         "'cnnlab[wandb]'; offline under ./wandb when not logged in).")] = False,
     wandb_project: Annotated[str, typer.Option(help="W&B project for --wandb.")] = "cnnlab",
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N or auto (a GPU when there is one; "
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto (a GPU when there is one; "
                                                   "the default).")] = None,
     nproc: Annotated[int, typer.Option(help="Train data-parallel in this many processes on this machine "
                                        "(torchrun; gloo on CPU, nccl on GPUs).")] = 1,
@@ -120,14 +126,14 @@ def train(
             cfg = records.load_config(resume)
             context = distributed.init(cfg.train.device)
             say(context, f"resuming {resume}")
-            callbacks, tracker = training_callbacks(context, quiet, wandb and cfg, wandb_project)
+            callbacks, tracker = training_callbacks(context, quiet, cfg if wandb else None, wandb_project)
             result = pipeline.resume(resume, callbacks, context=context)
         else:
             cfg = load_config(model, config, set_, **sections(
                 dataset, data_dir, allow_checksum_mismatch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                 threads=threads, device=device))
             context = distributed.init(cfg.train.device)
-            callbacks, tracker = training_callbacks(context, quiet, wandb and cfg, wandb_project)
+            callbacks, tracker = training_callbacks(context, quiet, cfg if wandb else None, wandb_project)
             result = train_or_continue(cfg, runs_dir, name, callbacks, context)
     except TrainingInterrupted as exc:
         if distributed.launched_by_torchrun() and os.environ.get("RANK") != "0":
@@ -148,17 +154,18 @@ def say(context: Context, text: str) -> None:
 
 
 def training_callbacks(context: Context, quiet: bool, wandb_config: Config | None, project: str
-                       ) -> tuple[list[Any], Any]:
+                       ) -> tuple[list[Callback], WandbTracker | None]:
     """Progress bar and W&B tracker: on rank 0 only, so a job prints and logs once."""
     from cnnlab.training.callbacks import ProgressBar
 
     if not context.is_main:
         return [], None
     tracker = wandb_tracker(wandb_config, project) if wandb_config else None
-    return ([] if quiet else [ProgressBar()]) + ([tracker] if tracker else []), tracker
+    callbacks: list[Callback] = [] if quiet else [ProgressBar()]
+    return callbacks + ([tracker] if tracker else []), tracker
 
 
-def train_or_continue(cfg: Config, runs_dir: Path, name: str | None, callbacks: list[Any],
+def train_or_continue(cfg: Config, runs_dir: Path, name: str | None, callbacks: Sequence[Callback],
                       context: Context) -> RunResult:
     """A new run; or, in a job that torchrun restarted after a failure, the run it had started.
 
@@ -208,13 +215,19 @@ def launch_processes(ctx: typer.Context, nproc: int, max_restarts: int, name: st
     an elastic restart finds and resumes the run its first attempt started."""
     from cnnlab.training import distributed
 
-    if resume is None and (Path(runs_dir) / name).exists():
-        raise fail(f"{Path(runs_dir) / name}: a run of that name exists; pick another --name or --resume it")
-    argv = ["train", *command_line(ctx, drop={"nproc", "max_restarts"} | ({"name"} if resume is None else set()))]
+    drop = {"nproc", "max_restarts"}
     if resume is None:
-        argv += ["--name", name]
+        if name is None:  # `train` fixes the name before launching, so that a restart finds the run
+            raise ValueError("a new data-parallel run needs its name before the processes start")
+        run = Path(runs_dir) / name
+        if run.exists():
+            raise fail(f"{run}: a run of that name exists; pick another --name or --resume it")
+        argv = ["train", *command_line(ctx, drop=drop | {"name"}), "--name", name]
+    else:
+        run = resume
+        argv = ["train", *command_line(ctx, drop=drop)]
     print(f"launching {nproc} processes with torchrun"
-          + (f" (up to {max_restarts} restarts)" if max_restarts else "") + f": run {resume or Path(runs_dir) / name}")
+          + (f" (up to {max_restarts} restarts)" if max_restarts else "") + f": run {run}")
     code = distributed.launch(nproc, argv, max_restarts)
     if code == 130:
         raise typer.Exit(130)  # the ranks stopped on the signal; rank 0 said how to continue
@@ -225,13 +238,15 @@ def launch_processes(ctx: typer.Context, nproc: int, max_restarts: int, name: st
 
 def command_line(ctx: typer.Context, drop: set[str]) -> list[str]:
     """The options this command was given, as command-line arguments again (for the launched ranks)."""
+    import click
+
     args: list[str] = []
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if param.name in drop or value is None or value == param.default or not param.opts:
             continue
         flag = param.opts[0]
-        if param.is_flag:
+        if isinstance(param, click.Option) and param.is_flag:
             args.append(flag if value else param.secondary_opts[0])
         elif isinstance(value, (list, tuple)):
             for item in value:
@@ -241,7 +256,7 @@ def command_line(ctx: typer.Context, drop: set[str]) -> list[str]:
     return args
 
 
-def wandb_tracker(cfg: Config, project: str) -> Any:
+def wandb_tracker(cfg: Config, project: str) -> WandbTracker:
     """The W&B callback for --wandb; imports wandb only now, and says how to install it if missing."""
     from cnnlab.trackers import wandb as tracking
 
@@ -256,6 +271,8 @@ def print_result(result: RunResult) -> None:
     from cnnlab.runs import layout
 
     test = result.test
+    if test is None:  # only rank 0 evaluates, and only rank 0 prints
+        raise ValueError(f"{result.run}: the result holds no test evaluation (a data-parallel rank other than 0?)")
     if result.skipped:
         print(f"warning: {len(result.skipped)} unreadable image(s) were skipped; "
               f"see {layout.path(result.run, 'skipped')}")

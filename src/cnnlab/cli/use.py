@@ -6,7 +6,7 @@ import json
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -22,7 +22,7 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files: PNG, JPEG, ... any size, colour or grey.")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to list per image.")] = 3,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per image, one per line.")] = False,
-    preview: Annotated[Optional[Path], typer.Option(
+    preview: Annotated[Path | None, typer.Option(
         "--preview", help="Write the images the model saw (28x28 grey, 32x32 colour, ...) side by side to this PNG.")]
     = None,
 ) -> None:
@@ -66,7 +66,8 @@ def export(
     run: Run,
     format: Annotated[Format, typer.Option("--format", "-f", help="onnx (needs cnnlab[export]) or torchscript.")]
     = Format.onnx,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="File to write (default <run>/model.onnx|.pt).")]
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="File to write (default `<run>/model.onnx` or `.pt`).")]
     = None,
 ) -> None:
     """Export the run's model (probabilities out), then run the file and compare it with the original."""

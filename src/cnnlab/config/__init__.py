@@ -24,14 +24,15 @@ from cnnlab.config.schema import (
                                    Config,
                                    ConfigError,
                                    ConvBlock,
-                                   ResidualStage,
                                    DataConfig,
                                    DenseLayer,
                                    ModelConfig,
+                                   ResidualStage,
                                    TrainConfig,
                                    validate,
 )
 
 __all__ = ["config_from_dict", "list_presets", "load_config", "merge", "parse_override", "preset_path", "read_yaml",
-           "resolve", "ACTIVATIONS", "OPTIMIZERS", "POOLINGS", "POOLS", "SCHEDULES", "SECTIONS", "Config", "ConfigError",
-           "ConvBlock", "ResidualStage", "DataConfig", "DenseLayer", "ModelConfig", "TrainConfig", "validate"]
+           "resolve", "ACTIVATIONS", "OPTIMIZERS", "POOLINGS", "POOLS", "SCHEDULES", "SECTIONS", "Config",
+           "ConfigError", "ConvBlock", "ResidualStage", "DataConfig", "DenseLayer", "ModelConfig", "TrainConfig",
+           "validate"]

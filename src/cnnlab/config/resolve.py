@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import types
 import typing
+from collections.abc import Collection
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ def dataset_block(tuned: dict[str, Any], dataset: str) -> dict[str, Any] | None:
     return block
 
 
-def resolve(raw: dict[str, Any], user_keys: set[str] = frozenset()) -> Config:
+def resolve(raw: dict[str, Any], user_keys: Collection[str] = frozenset()) -> Config:
     """Substitute knobs and build the typed config; knobs the user set that nothing reads are errors."""
     raw = copy.deepcopy(raw)
     knobs = raw.pop("knobs", None) or {}
@@ -213,10 +214,7 @@ def set_path(raw: dict[str, Any], key: str, value: Any) -> None:
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
         where = ".".join(parts[: i + 1])
-        if isinstance(node, list):
-            node = node[list_index(node, part, where)]
-        else:
-            node = node.setdefault(part, {})
+        node = node[list_index(node, part, where)] if isinstance(node, list) else node.setdefault(part, {})
         if not isinstance(node, (dict, list)):
             raise ConfigError(f"config key {key!r}: {where} is a value, not a section or list")
     last = parts[-1]
@@ -249,12 +247,12 @@ def build(cls: type, data: Any, where: str) -> Any:
 def convert(hint: Any, value: Any, where: str) -> Any:
     """Check `value` against a type hint, building nested dataclasses and lists of them."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return build(hint, value, where)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, found {value!r}")
-        if args and dataclasses.is_dataclass(args[0]):
+        if args and isinstance(args[0], type) and dataclasses.is_dataclass(args[0]):
             return [build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
         return [convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else value
     options = args if origin in (typing.Union, types.UnionType) else (hint,)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
+
 from cnnlab.errors import UserError
 from cnnlab.suggest import did_you_mean
 
@@ -108,7 +109,8 @@ class TrainConfig:
     tta: bool = False  # test-time augmentation: average the predictions for each image and its mirror
     channels_last: bool = True  # weights and batches stored (N, H, W, C): 1.5-2x faster conv/BN steps on CPU
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (a GPU when torch sees one)
-    eval_batch_size: int = 256  # images per forward pass when evaluating: small batches stay in cache (4-7x faster than 1000 on 2 cores)
+    # images per forward pass when evaluating: small batches stay in cache (4-7x faster than 1000 on 2 cores)
+    eval_batch_size: int = 256
 
 
 @dataclass

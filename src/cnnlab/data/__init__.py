@@ -6,5 +6,5 @@ from cnnlab.data.registry import DATASETS, DataFile, DatasetSpec, UnknownDataset
 from cnnlab.data.store import ChecksumMismatch, DatasetUnavailable, Location, fetch, locate, search_places, verify
 
 __all__ = ["CifarError", "IDXError", "read_idx", "write_idx", "DataError", "Dataset", "Splits", "load_dataset",
-           "split_train_val", "DATASETS", "DataFile", "DatasetSpec", "UnknownDataset", "get_dataset", "ChecksumMismatch",
-           "DatasetUnavailable", "Location", "fetch", "locate", "search_places", "verify"]
+           "split_train_val", "DATASETS", "DataFile", "DatasetSpec", "UnknownDataset", "get_dataset",
+           "ChecksumMismatch", "DatasetUnavailable", "Location", "fetch", "locate", "search_places", "verify"]

@@ -15,6 +15,7 @@ import gzip
 import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 import numpy as np
 
@@ -65,7 +66,8 @@ def read_members(path: Path, archive: Archive) -> tuple[dict[str, bytes], str | 
             if raw.read(2) != b"\x1f\x8b":
                 raise tarfile.ReadError("not a gzip file")
             raw.seek(0)
-            with tarfile.open(fileobj=Capped(inflated, limit, path), mode="r|") as tar:  # one pass, in order
+            # One pass, in order. typeshed asks a fileobj for write/seek/tell/close too: mode "r|" only calls read().
+            with tarfile.open(fileobj=Capped(inflated, limit, path), mode="r|") as tar:  # type: ignore[call-overload]
                 for member in tar:
                     name = member.name
                     if member.isdir() and name.rstrip("/") in folders:
@@ -74,7 +76,8 @@ def read_members(path: Path, archive: Archive) -> tuple[dict[str, bytes], str | 
                         raise CifarError(f"{path}: unexpected member {name!r} ({member_kind(member)}); expected only "
                                          f"{', '.join(sorted(allowed))} (and their folder)")
                     if not member.isfile():
-                        raise CifarError(f"{path}: member {name}: expected a regular file, found a {member_kind(member)}")
+                        raise CifarError(f"{path}: member {name}: expected a regular file, "
+                                         f"found a {member_kind(member)}")
                     if name in seen:
                         raise CifarError(f"{path}: member {name} appears twice; expected it once")
                     seen.add(name)
@@ -99,7 +102,7 @@ def read_members(path: Path, archive: Archive) -> tuple[dict[str, bytes], str | 
 class Capped:
     """A read-only stream that raises CifarError instead of giving more than `limit` bytes in all."""
 
-    def __init__(self, stream, limit: int, path: Path):
+    def __init__(self, stream: IO[bytes] | gzip.GzipFile, limit: int, path: Path):
         self.stream, self.limit, self.path, self.given = stream, limit, path, 0
 
     def read(self, size: int = -1) -> bytes:
@@ -126,7 +129,10 @@ def check_size(path: Path, archive: Archive, member: tarfile.TarInfo, records: s
 
 
 def read_member(path: Path, tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    data = tar.extractfile(member).read()
+    handle = tar.extractfile(member)
+    if handle is None:  # only a regular file has bytes to extract; read_members checked member.isfile()
+        raise CifarError(f"{path}: member {member.name}: expected a regular file, found a {member_kind(member)}")
+    data = handle.read()
     if len(data) != member.size:
         raise CifarError(f"{path}: member {member.name}: expected {member.size:,} bytes, found {len(data):,} "
                          "(the archive is truncated)")

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cnnlab.images import ImageReadError, ImageTooLarge, read_pixels
 from cnnlab.errors import UserError
+from cnnlab.images import ImageReadError, ImageTooLarge, read_pixels
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -387,7 +387,8 @@ def _assemble(root: Path, scans: list[_Scan], assign: list[np.ndarray], fraction
             raise FolderError(f"{root}: the {name} split is empty ({len(labels)} images, fractions {fractions}); "
                               "add images or raise the fraction")
         sources.append(FolderSource(root, paths.take(chosen), labels[chosen], image_size, channels, workers))
-    return ImageFolder(root, scans[0].classes, (*image_size, channels), *sources,
+    train, val, test = sources  # one per SPLIT_FOLDERS entry, in that order
+    return ImageFolder(root, scans[0].classes, (*image_size, channels), train, val, test,
                        ignored=sum(s.ignored for s in scans), layout=layout, digest=_file_digest(scans),
                        fractions=fractions)
 

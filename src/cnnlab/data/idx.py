@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+
 from cnnlab.errors import UserError
 
 # IDX dtype code -> big-endian NumPy dtype
@@ -89,7 +90,7 @@ class GzipStream:
         self.offset = 0  # compressed bytes handed to zlib so far; the pending input is raw[offset - len(tail):offset]
         self.tail = b""  # input handed over that zlib has not consumed yet (kept back by max_length)
         self.source = source
-        self.inflater = None  # the current member's decompressor; None between members
+        self.inflater: zlib._Decompress | None = None  # the current member's decompressor; None between members
         self.piece = FIRST_INPUT_BYTES
         self.members = 0  # gzip members started
 
@@ -98,18 +99,19 @@ class GzipStream:
         parts, left = [], size
         try:
             while left > 0:
-                if self.inflater is None and not self.next_member():
+                inflater = self.inflater if self.inflater is not None else self.next_member()
+                if inflater is None:
                     break
                 if not self.tail:
                     self.tail = bytes(self.raw[self.offset:self.offset + self.piece])
                     self.offset += len(self.tail)
                     self.piece = min(2 * self.piece, INFLATE_INPUT_BYTES)
-                chunk = self.inflater.decompress(self.tail, left)  # output never exceeds `left`
-                self.tail = self.inflater.unconsumed_tail
+                chunk = inflater.decompress(self.tail, left)  # output never exceeds `left`
+                self.tail = inflater.unconsumed_tail
                 parts.append(chunk)
                 left -= len(chunk)
-                if self.inflater.eof:  # the input after the member goes back (unconsumed_tail may repeat it)
-                    self.offset -= len(self.inflater.unused_data)
+                if inflater.eof:  # the input after the member goes back (unconsumed_tail may repeat it)
+                    self.offset -= len(inflater.unused_data)
                     self.tail, self.inflater = b"", None
                 elif not self.tail and self.offset >= len(self.raw):
                     raise IDXError(f"{self.source}: gzip stream is corrupt or truncated (it ends before its "
@@ -118,8 +120,9 @@ class GzipStream:
             raise IDXError(f"{self.source}: gzip stream is corrupt or truncated ({exc})") from None
         return b"".join(parts)
 
-    def next_member(self) -> bool:
-        """Start the next gzip member; False at the end (zero padding after a member is allowed, as gzip does)."""
+    def next_member(self) -> zlib._Decompress | None:
+        """Start the next gzip member: its decompressor; None at the end (zero padding after a member is allowed,
+        as gzip does)."""
         if self.members:
             step = FIRST_INPUT_BYTES
             while self.offset < len(self.raw) and self.raw[self.offset] == 0:  # skip the padding, piece by piece
@@ -127,7 +130,7 @@ class GzipStream:
                 self.offset += len(piece) - len(piece.lstrip(b"\x00"))
                 step = min(2 * step, INFLATE_INPUT_BYTES)
             if self.offset >= len(self.raw):
-                return False
+                return None
         if self.raw[self.offset:self.offset + 2] != GZIP_MAGIC:
             raise IDXError(f"{self.source}: gzip stream is corrupt or truncated (found "
                            f"{len(self.raw) - self.offset:,} bytes that are not gzip after the end of the "
@@ -135,7 +138,7 @@ class GzipStream:
         self.inflater = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip header and CRC-32/length trailer
         self.piece = FIRST_INPUT_BYTES
         self.members += 1
-        return True
+        return self.inflater
 
 
 def check_magic(head: bytes, source: str) -> int:
@@ -208,7 +211,7 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 def encode_idx(array: np.ndarray) -> bytes:
     """The IDX bytes of an array (uint8, int8, int16, int32, float32 or float64)."""
-    for code, dtype in IDX_DTYPES.items():
+    for code, dtype in IDX_DTYPES.items():  # noqa: B007 (`code` is used after the loop)
         if array.dtype.kind == dtype.kind and array.dtype.itemsize == dtype.itemsize:
             break
     else:

@@ -68,11 +68,14 @@ def load_dataset(name: str | DatasetSpec, data_dir: str | Path | None = None, al
 
 def load_archive(spec: DatasetSpec, location: Location, allow_mismatch: bool) -> Dataset:
     """A dataset held in one archive (CIFAR-10's binary batches): verify the download, read its members."""
-    file = spec.archive.file
+    archive = spec.archive
+    if archive is None:  # DatasetSpec refuses format cifar-binary without one
+        raise ValueError(f"dataset {spec.name!r}: format {spec.format} needs an archive")
+    file = archive.file
     path = location.path(file)
     check = check_file(path, file)
     refuse_mismatch(path, check.ok, check.sha256, check.expected, "the file's", allow_mismatch)
-    splits = read_archive(path, spec.archive, spec.classes)
+    splits = read_archive(path, archive, spec.classes)
     train = check_pair(spec, *splits["train"], path, path)
     test = check_pair(spec, *splits["test"], path, path)
     record = {"name": file.name, "path": str(path), "sha256": check.sha256, "verified": check.ok}

@@ -63,7 +63,7 @@ class DatasetSpec:
     def num_classes(self) -> int:
         return len(self.classes)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ValueError(f"dataset {self.name!r}: unknown format {self.format!r} (known: {', '.join(FORMATS)})")
         if (self.format == "cifar-binary") != (self.archive is not None):

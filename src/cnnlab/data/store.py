@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import IO
 
 from cnnlab.data.idx import GZIP_MAGIC, MAX_PAYLOAD_BYTES, decompress, read_raw
 from cnnlab.data.registry import DataFile, DatasetSpec
@@ -229,7 +230,7 @@ def describe(exc: Exception) -> str:
     return str(exc)
 
 
-def stream_url(url: str, out, timeout: float, progress: bool, label: str) -> None:
+def stream_url(url: str, out: IO[bytes], timeout: float, progress: bool, label: str) -> None:
     """Copy a URL's body into an open file, with a progress bar; HTML responses are refused early."""
     from rich.progress import DownloadColumn, Progress, TransferSpeedColumn
 

@@ -83,6 +83,8 @@ def plot_kernels(weights: np.ndarray, out: Output, layer: str = "conv1", title: 
             ax = axes[f if channels == 1 else f * columns + c]
             image = ax.imshow(weights[f, c], cmap="RdBu_r", vmin=-limit, vmax=limit)
             ax.set_title(kernel_caption(f, c, channels), fontsize=7)
+    if image is None:
+        raise ValueError(f"{layer}: no kernel to draw (weights of shape {weights.shape})")
     fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="weight (red +, blue −)")
     kh, kw = weights.shape[2:]
     title = title or f"{layer}: {total_filters} learned {kh}x{kw} kernels"
@@ -122,12 +124,13 @@ def feature_maps(model: CNN, image: np.ndarray) -> FeatureMaps:
 def plot_feature_maps(result: FeatureMaps, out: Output, title: str = "", max_maps: int = 16,
                       columns: int = 8) -> dict[str, int]:
     """The input image, then up to `max_maps` maps of each conv stage; returns panels drawn per row group."""
-    groups = [("input", None)] + list(result.maps.items())
-    columns = min(columns, max(min(len(maps), max_maps) for _, maps in groups[1:])) if len(groups) > 1 else 1
+    groups: list[tuple[str, np.ndarray | None]] = [("input", None), *result.maps.items()]
+    columns = min(columns, max(min(len(maps), max_maps) for maps in result.maps.values())) if result.maps else 1
     shapes = {name: grid_shape(1 if maps is None else min(len(maps), max_maps), columns) for name, maps in groups}
     height = sum(1.2 * rows + 0.5 for rows, _ in shapes.values())
     fig = new_figure(1.2 * columns + 1.3, height + 0.4)
-    subfigures = np.atleast_1d(fig.subfigures(len(groups), 1, height_ratios=[shapes[n][0] + 0.4 for n, _ in groups]))
+    ratios = [shapes[n][0] + 0.4 for n, _ in groups]
+    subfigures = fig.subfigures(len(groups), 1, squeeze=False, height_ratios=ratios).ravel()  # one row group each
     panels = {}
     for sub, (name, maps) in zip(subfigures, groups):
         rows, cols = shapes[name]

@@ -10,27 +10,32 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Union
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
-Output = Union[str, Path, IO[bytes]]
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+    from matplotlib.image import AxesImage
+
+Output = str | Path | IO[bytes]
 
 
-def new_figure(width: float, height: float, dpi: int = 100):
+def new_figure(width: float, height: float, dpi: int = 100) -> Figure:
     """A matplotlib Figure (inches) with constrained layout, not attached to any GUI."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=dpi, layout="constrained")
 
 
-def save_figure(fig, out: Output) -> Output:
+def save_figure(fig: Figure, out: Output) -> Output:
     """Write a figure as PNG to a path or a binary file object."""
     fig.savefig(out, format="png")
     return out
 
 
-def draw_image(ax, image: np.ndarray):
+def draw_image(ax: Axes, image: np.ndarray) -> AxesImage:
     """Draw a uint8 image: grey (H, W) on a fixed 0..255 grey scale, colour (H, W, 3) as RGB."""
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]

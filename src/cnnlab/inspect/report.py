@@ -5,23 +5,32 @@ nothing from anywhere (no server, no CDN, no web fonts), so it can be mailed or 
 """
 from __future__ import annotations
 
-import base64
 import html
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from string import Template
+from typing import Any
 
 import numpy as np
 
-from cnnlab.runs import layout, records
-
 from cnnlab.files import write_text
-from cnnlab.inspect.show import (InputImage, LoadedRun, choose_input, show_curves, show_features, show_kernels,
-                               show_mistakes, show_saliency)
-from cnnlab.inspect.run_table import format_cell, run_row
+from cnnlab.images import png_data_url
 from cnnlab.inspect.figures import plot_confusion
+from cnnlab.inspect.run_table import format_cell, run_row
+from cnnlab.inspect.show import (
+    InputImage,
+    LoadedRun,
+    choose_input,
+    show_curves,
+    show_features,
+    show_kernels,
+    show_mistakes,
+    show_saliency,
+)
+from cnnlab.runs import layout, records
 
 PAGE = Template("""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -49,14 +58,14 @@ def png_data_uri(draw: Callable[[io.BytesIO], object]) -> str:
     """Run a plot function into memory and return the PNG as a data: URI."""
     buffer = io.BytesIO()
     draw(buffer)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return png_data_url(buffer.getvalue())
 
 
 def img(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}">'
 
 
-def table(header: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
+def table(header: list[str], rows: list[list[Any]], numeric: Collection[int] = frozenset()) -> str:
     """An HTML table; cells are escaped here, columns in `numeric` are right-aligned."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{html.escape(str(c))}</td>'
@@ -110,9 +119,9 @@ def learned_section(loaded: LoadedRun) -> str:
              "<h3>Feature maps and saliency of a few test images</h3><p>What every conv layer computes for the "
              "image (bright = strong response), then which pixels the prediction rests on.</p>"]
     for picture in sample_inputs(loaded):
-        parts.append(img(png_data_uri(lambda out: show_features(loaded, out, picture, max_maps=16)),
+        parts.append(img(png_data_uri(partial(show_features, loaded, picture=picture, max_maps=16)),
                          f"feature maps of {picture.source}"))
-        parts.append(img(png_data_uri(lambda out: show_saliency(loaded, out, picture)),
+        parts.append(img(png_data_uri(partial(show_saliency, loaded, picture=picture)),
                          f"saliency of {picture.source}"))
     return "".join(parts)
 

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cnnlab.runs import layout, records
+from cnnlab.config import Config
 from cnnlab.models.plan import plan
+from cnnlab.runs import layout, records
 
 COLUMNS = ("run", "dataset", "model", "params", "epochs", "val_accuracy", "test_accuracy", "seconds", "started")
 TEXT_COLUMNS = ("run", "dataset", "model", "started")  # sorted A-Z; the numeric ones biggest first
@@ -29,7 +30,7 @@ def weights_metadata(run: Path) -> dict[str, str]:
         return {}
 
 
-def count_run_params(run: Path, config) -> int | None:
+def count_run_params(run: Path, config: Config) -> int | None:
     """Trainable parameters of a run's model, from its config and the input shape in its weights file."""
     meta = weights_metadata(run)
     try:
@@ -67,7 +68,8 @@ def finite(value: Any) -> float | None:
 
 
 def run_rows(root: str | Path = layout.DEFAULT_ROOT, sort: str | None = None, reverse: bool = False) -> list[dict]:
-    """Rows for every run under root: oldest first, or by `sort` (text A-Z, numbers biggest first; runs missing it last)."""
+    """Rows for every run under root: oldest first, or by `sort` (text A-Z, numbers biggest first; runs
+    missing it last)."""
     rows = [run_row(run) for run in layout.find_runs(root)]
     if sort is None:
         return rows[::-1] if reverse else rows
@@ -83,6 +85,7 @@ def run_rows(root: str | Path = layout.DEFAULT_ROOT, sort: str | None = None, re
 # ----------------------------------------------------------------------------------- compare
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """Nested config dicts and lists as dotted keys: model.conv.0.filters -> 32 (the keys --set takes)."""
+    items: Iterable[tuple[Any, Any]]
     if isinstance(node, dict):
         items = node.items()
     elif isinstance(node, list) and node and all(isinstance(v, (dict, list)) for v in node):

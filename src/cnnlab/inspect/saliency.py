@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab.data.pixels import image_input
-from cnnlab.models.cnn import CNN
 from cnnlab.inspect.figures import Output, draw_image, new_figure, save_figure
+from cnnlab.models.cnn import CNN
 
 METHODS = {
     "gradcam": "Grad-CAM (HiResCAM): where the last conv layer's maps raise the class score",
@@ -41,12 +41,19 @@ def saliency(model: CNN, image: np.ndarray, target: int | None = None, method: s
         logits = model(x)
         target = int(logits.argmax()) if target is None else target
         logits[0, target].backward()
-        heat = x.grad[0].abs().amax(dim=0)  # (H, W): strongest channel per pixel
+        heat = gradient_of(x)[0].abs().amax(dim=0)  # (H, W): strongest channel per pixel
     probabilities = torch.softmax(logits.detach()[0], dim=0).numpy()
     target = int(probabilities.argmax()) if target is None else target
-    heat = heat.detach().numpy()
-    heat = heat / heat.max() if heat.max() > 0 else heat
-    return Saliency(image, heat.astype(np.float64), target, probabilities, method)
+    heat_map = heat.detach().numpy()
+    heat_map = heat_map / heat_map.max() if heat_map.max() > 0 else heat_map
+    return Saliency(image, heat_map.astype(np.float64), target, probabilities, method)
+
+
+def gradient_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The gradient backward() left on a tensor that requires (or retains) it."""
+    if tensor.grad is None:
+        raise RuntimeError("no gradient reached the tensor: backward() was not called through it")
+    return tensor.grad
 
 
 def grad_cam(model: CNN, x: torch.Tensor, target: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +66,7 @@ def grad_cam(model: CNN, x: torch.Tensor, target: int | None) -> tuple[torch.Ten
     # HiResCAM: gradient x activation at each position, summed over maps. Classic Grad-CAM averages
     # the gradient over positions first, which suits a global-average-pool head but washes out to
     # nothing behind Flatten + Dense (a different weight per position), the lesson's architecture.
-    cam = F.relu((maps.grad[0] * maps[0]).sum(dim=0))  # (h, w): only evidence *for* the class
+    cam = F.relu((gradient_of(maps)[0] * maps[0]).sum(dim=0))  # (h, w): only evidence *for* the class
     cam = F.interpolate(cam[None, None], size=x.shape[2:], mode="bilinear", align_corners=False)[0, 0]
     return logits, cam
 

@@ -12,7 +12,14 @@ from cnnlab.data.pixels import image_input, to_pixels
 from cnnlab.data.registry import dataset_recipe
 from cnnlab.data.sources import open_test_set
 from cnnlab.errors import UserError
-from cnnlab.inspect.activations import FeatureMaps, KernelGrid, conv_weights, feature_maps, plot_feature_maps, plot_kernels
+from cnnlab.inspect.activations import (
+    FeatureMaps,
+    KernelGrid,
+    conv_weights,
+    feature_maps,
+    plot_feature_maps,
+    plot_kernels,
+)
 from cnnlab.inspect.figures import Mistake, Output, find_mistakes, plot_curves, plot_mistakes
 from cnnlab.inspect.saliency import Saliency, plot_saliency, saliency
 from cnnlab.runs import layout, records

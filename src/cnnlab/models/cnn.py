@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -95,14 +96,16 @@ class ResidualBlock(nn.Module):
             self.add_module(short(layer), module_for(layer.spec))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # torch types _modules as holding None too (a registered None); __init__ added a module under every name
+        modules = cast("dict[str, nn.Module]", self._modules)
         out, skip = x, x
         for name in self.body_names:
-            out = self._modules[name](out)
+            out = modules[name](out)
         for name in self.shortcut_names:
-            skip = self._modules[name](skip)
+            skip = modules[name](skip)
         out = out + skip
         for name in self.after_names:
-            out = self._modules[name](out)
+            out = modules[name](out)
         return out
 
 
@@ -146,7 +149,9 @@ class CNN(nn.Module):
 
     def conv_layers(self) -> dict[str, nn.Conv2d]:
         """Every conv layer by its plan name ("conv1", "res2.conv1", "res2.proj"), in the order they run."""
-        return {layer.name: self.features.get_submodule(layer.name) for layer in self.plan.conv_layers()}
+        # module_for built an nn.Conv2d for each Conv layer of the plan
+        return {layer.name: cast(nn.Conv2d, self.features.get_submodule(layer.name))
+                for layer in self.plan.conv_layers()}
 
     @torch.no_grad()
     def feature_maps(self, x: torch.Tensor) -> list[FeatureMap]:
@@ -178,7 +183,7 @@ class CNN(nn.Module):
 
     def display_stages(self) -> list[tuple[str, tuple[str, ...], str]]:
         """(layer whose output is captured, layers then applied to it, title) per row of feature maps."""
-        stages = []
+        stages: list[tuple[str, tuple[str, ...], str]] = []
         nodes = list(self.plan.features)
         for i, node in enumerate(nodes):
             if isinstance(node, Block):
@@ -186,7 +191,7 @@ class CNN(nn.Module):
                 continue
             if not isinstance(node.spec, Conv):
                 continue
-            then = []
+            then: list[Layer] = []
             for later in nodes[i + 1:]:
                 if isinstance(later, Block) or isinstance(later.spec, Conv):
                     break

@@ -234,7 +234,8 @@ class _Builder:
             shape = (output_size(h, size, size), output_size(w, size, size), c)
         except ValueError:
             raise ConfigError(f"{where}: a {size}x{size} pool does not fit its ({h}, {w}, {c}) input") from None
-        return self.add(name, Pool(mode, size), shape, formula=f"no parameters: the {mode} of each {size}x{size} window")
+        return self.add(name, Pool(mode, size), shape,
+                        formula=f"no parameters: the {mode} of each {size}x{size} window")
 
     def dropout(self, name: str, p: float) -> Layer | None:
         return self.add(name, Dropout(p), self.shape, formula="no parameters") if p else None
@@ -262,7 +263,8 @@ def plan(config: ModelConfig, input_shape: Shape = (28, 28, 1), num_classes: int
     for name, units, activation, dropout in dense:
         n = head.shape[0]
         head.dropout(f"drop_{name}", dropout)
-        head.add(name, Dense(n, units), (units,), (n + 1) * units, n * units, f"({n:,}+1)·{units} = {(n + 1) * units:,}")
+        params = (n + 1) * units
+        head.add(name, Dense(n, units), (units,), params, n * units, f"({n:,}+1)·{units} = {params:,}")
         head.activation(f"{activation}_{name}", activation)
     return Plan(tuple(input_shape), num_classes, tuple(features), tuple(head.layers))
 
@@ -282,10 +284,9 @@ def conv_block(builder: _Builder, i: int, block: ConvBlock) -> None:
     if block.batch_norm:
         builder.norm(f"bn{i}")
     if swap:
-        builder.pool(f"pool{i}", block.pool, block.pool_size, where)
+        builder.pool(f"pool{i}", "max", block.pool_size, where)  # swap: block.pool is "max"
         builder.activation(f"{block.activation}{i}", block.activation,
-                           f"no parameters; after the pool: {block.activation}(max(a, b)) = max({block.activation}(a), "
-                           f"{block.activation}(b)), so pooling first gives the same values with a quarter of the work")
+                           f"{block.activation} after the pool: they commute, same values for a quarter of the work")
     else:
         builder.activation(f"{block.activation}{i}", block.activation)
         if block.pool and not block.pool_first:

@@ -36,13 +36,17 @@ def format_summary(plan: Plan, title: str = "", explain: bool = False) -> str:
                 + (["the image, channels-last"] if explain else []))
     shown = rows_of(plan)
     row_name = {activation.name: layer.name for layer, activation in shown if activation is not None}
+    classifier = plan.head[-1]
     for layer, activation in shown:
         kind = layer.title + (f", {activation.title}" if activation else "")
+        if layer is classifier:
+            kind += ", softmax"  # the network outputs logits; the loss and predict_proba apply the softmax
         row = [f"{layer.name} ({kind})", format_shape(layer.output_shape), f"{layer.params:,}"]
         if connected:
             row.append(", ".join(row_name.get(name, name) for name in layer.inputs))
         if explain:
-            how = layer.formula + (f"; then {activation.title}: {activation.formula}" if activation else "")
+            extra = activation.formula if activation and activation.formula != "no parameters" else ""
+            how = layer.formula + (f"; {extra}" if extra else "")
             row.append(how)
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

@@ -105,7 +105,8 @@ def _as_kernel_bank(kernel: np.ndarray, channels: int) -> np.ndarray:
             f"over channels, or use conv2d_per_channel to keep the colours")
     if kernel.ndim not in (2, 3, 4):
         raise ValueError(f"kernel must be (kh, kw), (kh, kw, C) or (kh, kw, C, F), got shape {kernel.shape}")
-    bank = kernel.reshape(kernel.shape + (1,) * (4 - kernel.ndim))  # missing C and F axes become 1
+    # Missing C and F axes become 1. (Annotated: numpy's stubs take a tuple of unknown length for a 0-d shape.)
+    bank: np.ndarray = kernel.reshape(kernel.shape + (1,) * (4 - kernel.ndim))
     if bank.shape[2] != channels:
         raise ValueError(f"kernel has {bank.shape[2]} input channels but the image has {channels}: "
                          f"kernel shape {kernel.shape}")
@@ -210,7 +211,8 @@ def avg_pool2d(image: np.ndarray, size: Pair = 2, stride: Pair | None = None,
     return out[:, :, 0] if np.ndim(image) == 2 else out
 
 
-def _pool_inputs(image: np.ndarray, size: Pair, stride: Pair | None, padding: Padding, fill: float):
+def _pool_inputs(image: np.ndarray, size: Pair, stride: Pair | None, padding: Padding, fill: float
+                 ) -> tuple[np.ndarray, np.ndarray, tuple[int, int], tuple[int, int]]:
     """Padded image, a padded 'is real' mask (H_p, W_p, 1), window sizes and strides for pooling."""
     hwc = _as_hwc(image)
     spans = _pair(size, "size")

@@ -6,21 +6,22 @@ Matplotlib's object API with the Agg canvas is used, so no display is needed. No
 """
 from __future__ import annotations
 
-import base64
-import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from cnnlab.playground.conv import avg_pool2d, conv2d, max_pool2d, padding_amounts
 from cnnlab.files import write_atomic, write_text
+from cnnlab.images import png_data_url
+from cnnlab.playground.conv import Padding, avg_pool2d, conv2d, max_pool2d, padding_amounts
 from cnnlab.playground.display import FRAME_MS, MAX_FRAMES
+
 
 @dataclass
 class Step:
@@ -72,7 +73,7 @@ def pool_steps(mode: str, size: int, stride: int, padded: np.ndarray, out: np.nd
 
 # ---------------------------------------------------------------- drawing
 
-def _grid(ax, values: np.ndarray, title: str, cmap: str, vmin: float, vmax: float,
+def _grid(ax: Axes, values: np.ndarray, title: str, cmap: str, vmin: float, vmax: float,
           numbers: bool) -> None:
     """Draw a 2-D array as coloured cells, with the values written in when they fit."""
     colours = matplotlib.colormaps[cmap].with_extremes(bad="#f4f1e4")  # nan cells: pale background
@@ -90,7 +91,7 @@ def _grid(ax, values: np.ndarray, title: str, cmap: str, vmin: float, vmax: floa
             ax.text(c, r, _fmt(v), ha="center", va="center", fontsize=font, color="white" if dark else "black")
 
 
-def _box(ax, top: int, left: int, height: int, width: int, colour: str = "red") -> None:
+def _box(ax: Axes, top: int, left: int, height: int, width: int, colour: str = "red") -> None:
     ax.add_patch(Rectangle((left - 0.5, top - 0.5), width, height, fill=False, edgecolor=colour, linewidth=2))
 
 
@@ -146,7 +147,7 @@ def _wrap(text: str, width: int = 110) -> str:
 
 # ---------------------------------------------------------------- whole animations
 
-def explain_conv(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding: str | int = "valid",
+def explain_conv(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding: Padding = "valid",
                  steps: int = 12, start: int = 0) -> list[Image.Image]:
     """Frames for `steps` kernel positions from position `start` (reading order) on a small grey
     (H, W) image, then one frame with the whole result."""
@@ -173,7 +174,7 @@ def explain_conv(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding
 
 
 def explain_pool(image: np.ndarray, mode: str = "max", size: int = 2, stride: int | None = None,
-                 padding: str | int = "valid", steps: int = 12, start: int = 0) -> list[Image.Image]:
+                 padding: Padding = "valid", steps: int = 12, start: int = 0) -> list[Image.Image]:
     """Frames for `steps` pooling windows from window `start` (reading order) on a small grey
     (H, W) image, then one frame with the whole result."""
     if mode not in ("max", "avg"):
@@ -229,11 +230,7 @@ def save_animation(frames: list[Image.Image], path: Path) -> None:
 
 def _html(frames: list[Image.Image], title: str) -> str:
     """A page with every frame embedded as a base64 PNG and buttons to step through them (no internet)."""
-    sources = []
-    for frame in frames:
-        buffer = io.BytesIO()
-        frame.save(buffer, format="PNG", optimize=True)
-        sources.append("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"))
+    sources = [png_data_url(frame) for frame in frames]
     images = "\n".join(f'<img class="f" src="{s}" style="display:{"block" if i == 0 else "none"}">'
                         for i, s in enumerate(sources))
     return f"""<!doctype html>
@@ -248,7 +245,8 @@ const frames = document.querySelectorAll("img.f"); let i = 0, timer = null;
 function show() {{ frames.forEach((f, k) => f.style.display = k === i ? "block" : "none");
   document.getElementById("n").textContent = `step ${{i + 1}} / ${{frames.length}}`; }}
 function go(d) {{ i = (i + d + frames.length) % frames.length; show(); }}
-function play() {{ if (timer) {{ clearInterval(timer); timer = null; }} else timer = setInterval(() => go(1), {FRAME_MS}); }}
+function play() {{ if (timer) {{ clearInterval(timer); timer = null; }}
+  else timer = setInterval(() => go(1), {FRAME_MS}); }}
 document.addEventListener("keydown", e => {{ if (e.key === "ArrowRight") go(1); if (e.key === "ArrowLeft") go(-1); }});
 show();
 </script></body></html>

@@ -6,7 +6,7 @@ NumPy only: no torch here.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

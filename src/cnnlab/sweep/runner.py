@@ -7,18 +7,19 @@ import os
 import socket
 import threading
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from cnnlab import pipeline
-
-from cnnlab.runs import layout
 from cnnlab.config import ConfigError
 from cnnlab.data import Dataset
 from cnnlab.data.sources import open_dataset
+from cnnlab.runs import layout
 from cnnlab.sweep.spec import SweepError, SweepSpec, trial_config
 from cnnlab.sweep.study import (
     HEARTBEAT_SECONDS,
@@ -42,7 +43,7 @@ class PruningReporter(Callback):
     def __init__(self, trial: Trial, metric: str):
         self.trial, self.metric = trial, metric
 
-    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         value = metrics[self.metric]
         if math.isnan(value):
             return  # no validation split: nothing to judge the trial by
@@ -56,7 +57,9 @@ class Heartbeat:
     """Records RDB heartbeats for a running trial from a background thread (Optuna does this only in optimize)."""
 
     def __init__(self, study: optuna.Study, trial: Trial):
-        self.storage, self.trial_id = study._storage, trial._trial_id
+        # Typed BaseStorage, used duck-typed: one with heartbeats (see __enter__) also has record_heartbeat
+        self.storage: Any = study._storage
+        self.trial_id = trial._trial_id
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.beat, daemon=True)
 
@@ -73,7 +76,7 @@ class Heartbeat:
             self.thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop.set()
 
 
@@ -101,7 +104,7 @@ class Sweep:
 
 
 def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: dict[str, Dataset],
-              log=print) -> TrialState:
+              log: Callable[[str], object] = print) -> TrialState:
     """Train one trial into runs/sweeps/<name>/trial-<n> and tell the study how it ended."""
     params = {p.key: p.suggest(trial) for p in sweep.spec.parameters}
     run = sweep_dir(sweep.runs_dir, sweep.name) / f"trial-{trial.number}"
@@ -140,7 +143,8 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: dict[st
     return TrialState.COMPLETE
 
 
-def run_worker(sweep: Sweep, worker: int = 0, threads: int | None = None, log=print) -> int:
+def run_worker(sweep: Sweep, worker: int = 0, threads: int | None = None, log: Callable[[str], object] = print
+               ) -> int:
     """Claim and run trials until the study has its total; returns how many this worker ran."""
     if threads:
         import torch
@@ -156,7 +160,7 @@ def run_worker(sweep: Sweep, worker: int = 0, threads: int | None = None, log=pr
     return done
 
 
-def run_workers(sweep: Sweep, workers: int, log=print) -> None:
+def run_workers(sweep: Sweep, workers: int, log: Callable[[str], object] = print) -> None:
     """Run `workers` processes on this machine (1: in this process), splitting the CPU cores between them."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep.open()  # create the study once, before workers race to
@@ -227,7 +231,8 @@ def plot_trials(study: optuna.Study, out: str | Path) -> None:
                   or t.intermediate_values]
         if points:
             ax.scatter(*zip(*points), color=colour, label=state.name.lower())
-    complete = sorted((t.number, t.value) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    complete = sorted((t.number, t.value) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                      if t.value is not None)  # a complete single-objective trial always has its value
     if complete:
         best = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
         running = [best(v for _, v in complete[: i + 1]) for i in range(len(complete))]

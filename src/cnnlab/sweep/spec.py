@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from optuna.trial import Trial
@@ -32,7 +32,7 @@ class Parameter:
     """One searched config key: a list of values, or a range with a W&B distribution name."""
 
     key: str
-    values: list | None = None
+    values: list[Any] | None = None
     low: float | None = None
     high: float | None = None
     distribution: str | None = None
@@ -44,9 +44,17 @@ class Parameter:
 
     def bounds(self) -> tuple[Any, Any]:
         """The range in the config's own units (log_uniform gives exponents of e)."""
+        if self.low is None or self.high is None:
+            raise SweepError(f"parameters.{self.key}: a list of values has no range (min, max)")
         if self.distribution == "log_uniform":
             return math.exp(self.low), math.exp(self.high)
         return self.low, self.high
+
+    def grid_values(self) -> list[Any]:
+        """The values of a grid parameter (parse_sweep checked that a grid gives each a list)."""
+        if self.values is None:
+            raise SweepError(f"parameters.{self.key}: method grid needs `values: [...]`, not a range")
+        return self.values
 
     def suggest(self, trial: Trial) -> Any:
         if self.values is not None:
@@ -75,14 +83,14 @@ class SweepSpec:
     epochs: int | None = None  # of the checked trial config: hyperband's default max_iter
 
     @property
-    def direction(self) -> str:
+    def direction(self) -> Literal["maximize", "minimize"]:
         return "maximize" if self.goal == "maximize" else "minimize"
 
-    def grid(self) -> dict[str, list]:
-        return {p.key: p.values for p in self.parameters}
+    def grid(self) -> dict[str, list[Any]]:
+        return {p.key: p.grid_values() for p in self.parameters}
 
     def grid_size(self) -> int:
-        return math.prod(len(p.values) for p in self.parameters)
+        return math.prod(len(p.grid_values()) for p in self.parameters)
 
 
 def read_sweep(path: str | Path) -> SweepSpec:

@@ -9,7 +9,7 @@ import os
 import socket
 import warnings
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import optuna
@@ -29,7 +29,8 @@ GRACE_SECONDS = int(os.environ.get("CNNLAB_SWEEP_GRACE_SECONDS", "60"))
 class ExhaustibleGridSampler(optuna.samplers.GridSampler):
     """GridSampler that leaves stopping to the sweep's own trial count (its study.stop() needs optimize())."""
 
-    def after_trial(self, study, trial, state, values) -> None:
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Sequence[float] | None) -> None:
         pass
 
 
@@ -99,7 +100,8 @@ def open_storage(storage: str) -> optuna.storages.BaseStorage:
 def load_study(name: str, storage: str) -> optuna.Study:
     """An existing study; a missing one is a SweepError naming the storage."""
     if not is_rdb_url(storage) and not Path(storage).is_file():
-        raise SweepError(f"no sweep {name!r}: {storage} does not exist (run `cnnlab sweep run` first, or give --storage)")
+        raise SweepError(f"no sweep {name!r}: {storage} does not exist "
+                         "(run `cnnlab sweep run` first, or give --storage)")
     try:
         return optuna.load_study(study_name=name, storage=open_storage(storage))
     except KeyError:

@@ -9,17 +9,20 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from cnnlab.data.pixels import to_pixels
 from cnnlab.config import Config
+from cnnlab.data.pixels import to_pixels
 from cnnlab.training.callbacks import Callback
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+    from wandb import Run
 
-    from cnnlab.pipeline import RunResult
+    from cnnlab.models.plan import Plan
     from cnnlab.training.engine import Trainer
+    from cnnlab.training.evaluate import Evaluation
 
 DEFAULT_PROJECT = "cnnlab"
 SAMPLE_PREDICTIONS = 32  # test images logged with their predicted class
@@ -46,32 +49,55 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if logged_in() else "offline")
 
 
+class FinishedRun(Protocol):
+    """What `WandbTracker.finish` reads of a `cnnlab.pipeline.RunResult` (the pipeline is a layer above)."""
+
+    run: Path
+    test: Evaluation | None
+    train_seconds: float
+    images_per_second: float
+
+
 class WandbTracker(Callback):
     """Logs a training run to W&B: config, per-epoch metrics; `finish` adds the test summary, sample
     predictions with class names, and the confusion matrix."""
 
     def __init__(self, config: Config, project: str = DEFAULT_PROJECT, samples: int = SAMPLE_PREDICTIONS):
         self.config, self.project, self.samples = config, project, samples
-        self.run = None  # the wandb Run, from on_train_begin until finish
+        self.run: Run | None = None  # the wandb Run, from on_train_begin until finish
 
     def on_train_begin(self, trainer: Trainer) -> None:
         import wandb
 
-        self.run = wandb.init(project=self.project, config=self.config.to_dict(), job_type="train",
-                              mode=wandb_mode(), tags=[self.config.data.dataset, self.config.model.name])
-        self.run.define_metric("epoch")
-        self.run.define_metric("*", step_metric="epoch")  # plot everything against epochs, not log calls
-        self.run.summary["params"] = trainer.model.plan.params
-        self.log_layers(trainer.model.plan)
+        from cnnlab.models.cnn import CNN
 
-    def log_layers(self, plan) -> None:
+        model = trainer.model
+        if not isinstance(model, CNN):
+            raise TypeError(f"WandbTracker logs a cnnlab CNN's layers; the trainer holds a {type(model).__name__}")
+        run = wandb.init(project=self.project, config=self.config.to_dict(), job_type="train",
+                         # WANDB_MODE as set: wandb also takes its legacy "dryrun" and "run", which init's Literal omits
+                         mode=wandb_mode(),  # type: ignore[arg-type]
+                         tags=[self.config.data.dataset, self.config.model.name])
+        self.run = run
+        run.define_metric("epoch")
+        run.define_metric("*", step_metric="epoch")  # plot everything against epochs, not log calls
+        run.summary["params"] = model.plan.params
+        self.log_layers(model.plan)
+
+    def active_run(self) -> Run:
+        """The W&B run on_train_begin started."""
+        if self.run is None:
+            raise RuntimeError("no W&B run is active: on_train_begin starts one, finish and on_interrupt end it")
+        return self.run
+
+    def log_layers(self, plan: Plan) -> None:
         import wandb
 
         rows = [[layer.name, layer.title, str(layer.output_shape), layer.params] for layer in plan.layers()]
-        self.run.log({"layers": wandb.Table(columns=["layer", "type", "output shape", "params"], data=rows)})
+        self.active_run().log({"layers": wandb.Table(columns=["layer", "type", "output shape", "params"], data=rows)})
 
-    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
-        self.run.log(dict(metrics))
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self.active_run().log(dict(metrics))
 
     def on_interrupt(self, trainer: Trainer) -> None:
         if self.run is not None:
@@ -79,13 +105,15 @@ class WandbTracker(Callback):
             self.run.finish(exit_code=130)  # shown as failed; a resumed run logs as a new W&B run
             self.run = None
 
-    def finish(self, result: RunResult) -> None:
+    def finish(self, result: FinishedRun) -> None:
         """Log the test results of a finished run and close the W&B run."""
         if self.run is None:
             return
         import wandb
 
         test = result.test
+        if test is None:  # only rank 0 evaluates, and only rank 0 has a tracker
+            raise ValueError(f"{result.run}: the result holds no test evaluation to log")
         self.run.name = result.run.name
         self.run.summary.update(dict(test_accuracy=test.accuracy, test_loss=test.loss, run_dir=str(result.run),
                                      train_seconds=result.train_seconds, images_per_second=result.images_per_second))
@@ -106,7 +134,7 @@ class WandbTracker(Callback):
 
         return open_test_set(self.config)
 
-    def sample_images(self, images, labels, test) -> list[Any]:
+    def sample_images(self, images: torch.Tensor, labels: np.ndarray, test: Evaluation) -> list[Any]:
         """The first test images as wandb Images captioned with true and predicted class names."""
         import wandb
 
@@ -114,7 +142,7 @@ class WandbTracker(Callback):
         for i in range(min(self.samples, len(labels))):
             predicted = int(test.predictions[i])
             mark = "✓" if predicted == labels[i] else "✗"
-            captions.append(wandb.Image(to_pixels(images[i]), caption=f"{mark} true {test.classes[labels[i]]}, predicted "
-                                                            f"{test.classes[predicted]} "
-                                                            f"({test.probabilities[i, predicted]:.0%})"))
+            caption = (f"{mark} true {test.classes[labels[i]]}, predicted {test.classes[predicted]} "
+                       f"({test.probabilities[i, predicted]:.0%})")
+            captions.append(wandb.Image(to_pixels(images[i]), caption=caption))
         return captions

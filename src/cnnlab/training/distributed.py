@@ -22,6 +22,7 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+
 from cnnlab.errors import UserError
 
 T = TypeVar("T")
@@ -193,7 +194,8 @@ def init(device_choice: str = "auto") -> Context:
         # torch.distributed.nn.functional takes `group=group.WORLD` as default arguments: imported after
         # the group exists (DDP imports it through torch._dynamo), it holds the group for good, and the
         # group's worker threads are never joined. Imported first, its defaults are None.
-        importlib.import_module("torch.distributed.nn.functional")  # (a local `import torch...` would shadow torch here)
+        # (by name: a local `import torch.distributed...` would make `torch` a local name of this function)
+        importlib.import_module("torch.distributed.nn.functional")
 
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
                                 world_size=world, timeout=timeout)

@@ -17,6 +17,8 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -42,7 +44,7 @@ class TrainingDiverged(UserError, RuntimeError):
 class TrainingInterrupted(Exception):
     """Training stopped on Ctrl-C or SIGTERM after saving a resumable state."""
 
-    run = None  # the run directory, filled in by whoever knows it
+    run: Path | None = None  # the run directory, filled in by whoever knows it
 
 
 @dataclass
@@ -74,7 +76,8 @@ class Trainer:
         self.device = context.device
         model.to(self.device)
         if config.channels_last:
-            model.to(memory_format=torch.channels_last)  # in place: parameters keep their identity
+            # In place: parameters keep their identity. torch's stubs leave memory_format out of Module.to's overloads.
+            model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.net = self.wrap_for_data_parallel(model)  # what the training step calls
         self.callbacks = list(callbacks)
         # Summed, then divided by the global batch size in the step (see the module docstring).
@@ -207,8 +210,8 @@ class Trainer:
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == labels).sum())
             seen += len(labels)
-        loss_sum, correct, seen = self.context.all_reduce_sum([loss_sum, float(correct), float(seen)])
-        return (loss_sum / seen, correct / seen) if seen else (math.nan, math.nan)
+        total_loss, total_correct, total_seen = self.context.all_reduce_sum([loss_sum, float(correct), float(seen)])
+        return (total_loss / total_seen, total_correct / total_seen) if total_seen else (math.nan, math.nan)
 
     def emit(self, hook: str, *args: Any) -> None:
         for callback in self.callbacks:
@@ -253,7 +256,7 @@ def stop_on_signals(trainer: Trainer) -> Iterator[None]:
         yield
         return
 
-    def request_stop(signum, frame):
+    def request_stop(signum: int, frame: FrameType | None) -> None:
         if trainer.stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         trainer.stop_requested = True

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -10,6 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.data.pixels import to_inputs
+
+if TYPE_CHECKING:
+    from cnnlab.data.sources import Source
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -39,7 +43,7 @@ def infer(model: nn.Module, images: torch.Tensor, batch_size: int = 256, channel
 
 
 @torch.no_grad()
-def predict_batches(model: nn.Module, source, positions: torch.Tensor | None = None, batch_size: int = 256,
+def predict_batches(model: nn.Module, source: Source, positions: torch.Tensor | None = None, batch_size: int = 256,
                     channels_last: bool = False, tta: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(logits, labels) batch by batch for the images of a `trainer.Source` at `positions` (default all).
 
@@ -119,7 +123,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, class
     return evaluation_of(logits, labels, classes)
 
 
-def evaluate_source(model: nn.Module, source, classes: tuple[str, ...], batch_size: int = 256,
+def evaluate_source(model: nn.Module, source: Source, classes: tuple[str, ...], batch_size: int = 256,
                     channels_last: bool = False, tta: bool = False) -> Evaluation:
     """Evaluate a model on a whole `trainer.Source` (in memory or streamed from disk)."""
     pairs = list(predict_batches(model, source, None, batch_size, channels_last, tta))

@@ -11,16 +11,19 @@ import io
 import json
 import logging
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
 from torch import nn
 
+from cnnlab.data.pixels import images_tensor, to_inputs
+from cnnlab.errors import UserError
 from cnnlab.files import write_atomic
 from cnnlab.use.predict import Predictor
-from cnnlab.errors import UserError
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 TOLERANCE = 1e-4  # max abs difference in probability accepted between the exported and the original model
@@ -91,8 +94,7 @@ def example_inputs(predictor: Predictor, images: np.ndarray | None = None, count
         rng = np.random.default_rng(0)
         shape = (count, height, width) if channels == 1 else (count, height, width, channels)
         images = (rng.random(shape) < 0.2) * rng.integers(64, 256, shape)
-    x = torch.from_numpy(np.asarray(images, dtype=np.float32) / 255.0)
-    x = x[:, None] if x.dim() == 3 else x.permute(0, 3, 1, 2)  # (N, C, H, W)
+    x = to_inputs(images_tensor(np.asarray(images, dtype=np.uint8)))  # (N, C, H, W)
     return x.expand(-1, channels, -1, -1).contiguous()
 
 
@@ -102,7 +104,7 @@ def dataset_images(predictor: Predictor, count: int = 64) -> np.ndarray | None:
 
     try:
         return load_dataset(predictor.dataset, download=False, progress=False).test_images[:count]
-    except Exception:  # any reason the data is not at hand: the random check inputs will do
+    except Exception:  # noqa: BLE001 -- any reason the data is not at hand: the random check inputs will do
         return None
 
 
@@ -128,7 +130,7 @@ def write_onnx(model: nn.Module, inputs: torch.Tensor, file: Path, metadata: dic
 
 
 @contextlib.contextmanager
-def quiet_exporter():
+def quiet_exporter() -> Iterator[None]:
     """The exporter prints progress lines, logs warnings about torchvision ops cnnlab never uses, and warns about
     its own internals' deprecations (torch 2.13): none of it is the user's business."""
     logger = logging.getLogger("torch.onnx")
@@ -174,13 +176,13 @@ def run_torchscript(file: Path, inputs: torch.Tensor) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def jit_deprecation_silenced():
+def jit_deprecation_silenced() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit", category=DeprecationWarning)
         yield
 
 
-def require(module: str):
+def require(module: str) -> ModuleType:
     """Import an optional package, or explain how to install it."""
     import importlib
 

@@ -5,19 +5,20 @@ Library functions return data (dicts shaped like `cnnlab predict --json`); the C
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cnnlab.files import write_atomic
-from cnnlab.runs.records import read_test_accuracy
-from cnnlab.runs.weights import load_model
 from cnnlab.data.pixels import images_tensor, to_inputs
 from cnnlab.data.registry import dataset_recipe
+from cnnlab.files import write_atomic
+from cnnlab.images import MAX_PIXELS, ImageFile, ImageReadError
 from cnnlab.models.cnn import CNN, count_parameters
-from cnnlab.images import MAX_PIXELS, ImageReadError, ImageFile
+from cnnlab.runs.records import read_test_accuracy
+from cnnlab.runs.weights import load_model
 from cnnlab.use.recipes import BlankImage, prepare
 
 
@@ -35,7 +36,7 @@ class Predictor:
     inference_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
-    def from_run(cls, run: str | Path) -> "Predictor":
+    def from_run(cls, run: str | Path) -> Predictor:
         """Load a run's weights (safetensors, no pickle) and look up its dataset's recipe."""
         model, classes, config = load_model(run)
         return cls(model, classes, config.data.dataset, dataset_recipe(config.data), Path(run),
@@ -133,7 +134,7 @@ def predict_image(predictor: Predictor, source: ImageFile, name: str = "image", 
     return Prediction(name, image, predictor.probabilities(image[None])[0], predictor.classes)
 
 
-def predict_files(predictor: Predictor, files: list[str | Path], batch_size: int = 256) -> Results:
+def predict_files(predictor: Predictor, files: Sequence[str | Path], batch_size: int = 256) -> Results:
     """Predict every readable file in one batched pass; unreadable ones become FileErrors, the rest still run."""
     prepared: list[tuple[str, np.ndarray]] = []
     results = Results()

@@ -13,13 +13,13 @@ message, and an unexpected failure a 500 without a stack trace.
 from __future__ import annotations
 
 import asyncio
-import base64
 import functools
 import io
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request, UploadFile
@@ -28,9 +28,12 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
+from cnnlab.images import MAX_PIXELS, ImageReadError, ImageTooLarge, png_data_url
 from cnnlab.use.predict import Prediction, Predictor, predict_image
-from cnnlab.images import MAX_PIXELS, ImageReadError, ImageTooLarge
 from cnnlab.use.recipes import BlankImage
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # a phone photo as JPEG fits; a bigger body is refused unread
@@ -64,11 +67,11 @@ class UploadLimit:
     sending when the server closes gets a reset connection instead of the 413 and its message.
     """
 
-    def __init__(self, app, limit: int, drain: int | None = None):
+    def __init__(self, app: ASGIApp, limit: int, drain: int | None = None):
         self.app, self.limit = app, limit
         self.drain = 4 * limit if drain is None else drain
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers") or []).get(b"content-length")
@@ -79,7 +82,7 @@ class UploadLimit:
             return await response(scope, receive, send)
         received = 0
 
-        async def limited_receive():
+        async def limited_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
@@ -92,7 +95,7 @@ class UploadLimit:
 
         await self.app(scope, limited_receive, send)
 
-    async def discard_rest(self, receive, already: int) -> bool:
+    async def discard_rest(self, receive: Receive, already: int) -> bool:
         """Read the body to its end and drop it; False when it runs past `drain` bytes (then the connection closes)."""
         while already <= self.drain:
             message = await receive()
@@ -115,7 +118,7 @@ def unique_names(predictors: list[Predictor]) -> list[Predictor]:
     return predictors
 
 
-def create_app(models: list[str | Path | Predictor], max_upload_bytes: int = MAX_UPLOAD_BYTES,
+def create_app(models: Sequence[str | Path | Predictor], max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_pixels: int = MAX_PIXELS) -> FastAPI:
     """The web app serving these runs (paths or loaded Predictors); the first is the default model."""
     if not models:
@@ -224,13 +227,6 @@ def detected_format(data: bytes) -> str | None:
 
 
 # ------------------------------------------------------------------------------- pictures for the page
-def png_data_url(pixels: np.ndarray) -> str:
-    """A uint8 (H, W) or (H, W, 3|4) array as a data:image/png;base64 URL (the page scales it up, pixelated)."""
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def feature_map_panels(predictor: Predictor, prediction: Prediction) -> list[dict]:
     """Each conv layer's activated output for the prepared image: a title and up to 32 maps as PNGs."""
     from cnnlab.inspect.activations import feature_maps
