@@ -74,8 +74,7 @@ def cli_reference() -> str:
              "option, with its default. `cnnlab COMMAND --help` prints the same.", ""]
     from cnnlab.cli import _app
 
-    panels = [_app.LEARN, _app.TRAIN, _app.LOOK, _app.USE, _app.SCALE]  # as `cnnlab --help` orders them
-    by_panel: dict[str, list[tuple[str, click.Command]]] = {panel: [] for panel in panels}
+    by_panel: dict[str, list[tuple[str, click.Command]]] = {panel: [] for panel in _app.PANELS}
     for name, command in commands(root):
         by_panel.setdefault(getattr(command, "rich_help_panel", None) or "Other", []).append((name, command))
     for panel, entries in by_panel.items():
@@ -142,8 +141,9 @@ def param_row(param: click.Parameter) -> str:
 
 
 def escape_cell(text: str) -> str:
-    """One line for a table cell: pipes escaped, and angle brackets outside `code` kept from reading as HTML."""
-    pieces = " ".join(text.split()).replace("|", "\\|").split("`")
+    """One line for a table cell: rich's escaped brackets plain again, pipes escaped, and angle brackets
+    outside `code` kept from reading as HTML."""
+    pieces = " ".join(text.split()).replace("\\[", "[").replace("|", "\\|").split("`")
     return "`".join(piece if i % 2 else piece.replace("<", "&lt;").replace(">", "&gt;")
                     for i, piece in enumerate(pieces))
 

@@ -108,3 +108,24 @@ def test_convolve_with_a_kernel_the_model_learned(tmp_path):
                               "--out", str(tmp_path / "x.png")])
     flat = " ".join(bad.output.replace("│", " ").split())  # rich wraps the message in a box
     assert bad.exit_code == 2 and "no conv layer 'conv9'; did you mean 'conv1'? (this model has: conv1)" in flat
+
+
+def test_help_texts_keep_their_brackets_and_placeholders():
+    """Rich markup once swallowed '[wandb]' from "pip install 'cnnlab[wandb]'"."""
+    train, export = (help_text(command) for command in ("train", "export"))
+    assert "pip install 'cnnlab[wandb]'" in train and "<dataset>/<dataset files>" in train
+    assert "onnx (needs cnnlab[export])" in export and "<run>/model.onnx" in export
+
+
+def test_help_groups_the_commands_by_what_a_user_is_doing():
+    text = help_text()
+    panels = [text.index(title) for title in ("Learn", "Train", "Look inside", "Use a trained run", "Scale out")]
+    assert panels == sorted(panels)
+    assert text.index("convolve") < text.index("Train") < text.index("evaluate") < text.index("Look inside")
+
+
+def help_text(*command: str) -> str:
+    """A command's help as one line of words: the panels' borders and the wrapping taken out."""
+    output = runner.invoke(app, [*command, "--help"]).output
+    lines = [line.strip().strip("│╭╰─").strip() for line in output.splitlines()]
+    return " ".join(" ".join(lines).split())

@@ -7,6 +7,7 @@ TRAIN = "Train"
 LOOK = "Look inside a trained run"
 USE = "Use a trained run"
 SCALE = "Scale out"
+PANELS = [LEARN, TRAIN, LOOK, USE, SCALE]
 
 app = typer.Typer(
     name="cnnlab",
@@ -14,5 +15,5 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-    rich_markup_mode="markdown",  # plain text with its brackets kept: 'cnnlab[wandb]' stays as written
+    rich_markup_mode="rich",  # so a literal bracket in a help text is escaped: cnnlab\[wandb]
 )

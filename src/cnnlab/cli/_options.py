@@ -16,7 +16,7 @@ Overrides = Annotated[list[str] | None, typer.Option(
 Dataset = Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset name (`cnnlab datasets list`) or "
                                                "a folder with one sub-folder of images per class; "
                                                "default mnist-sample, shipped with cnnlab.")]
-DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Folder holding `<dataset>/<dataset files>`; "
+DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Folder holding <dataset>/<dataset files>; "
                                                  "default $CNNLAB_DATA, then the user cache, then system copies.")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories.")]
 Run = Annotated[Path, typer.Argument(help="Run directory (made by `cnnlab train`).")]

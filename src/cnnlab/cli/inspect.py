@@ -139,7 +139,7 @@ def show_curves(run: Run, out: Annotated[Path, out_option("loss and accuracy")] 
 @app.command(rich_help_panel=LOOK)
 @friendly_errors
 def report(run: LatestRun = None,
-           out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default `<run>/report.html`).")]
+           out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default <run>/report.html).")]
            = None,
            data_dir: DataDir = None, runs_dir: RunsDir = RUNS_DIR) -> None:
     """One self-contained HTML page about a run: summary, config, curves, test results, mistakes, kernels, maps."""

@@ -9,16 +9,15 @@ from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, ParamSpec, TypeVar
 
-import numpy as np
 import typer
 
 from cnnlab.cli._app import LEARN, app
 from cnnlab.cli._errors import friendly_errors
-from cnnlab.playground.conv import avg_pool2d, conv2d, conv2d_per_channel, explain_output_size, max_pool2d
-from cnnlab.playground.display import MAX_FRAMES, RESCALE_RULES, rescale
-from cnnlab.playground.kernels import get_kernel, list_kernels
+from cnnlab.playground.display import MAX_FRAMES, RESCALE_RULES
+from cnnlab.playground.kernels import list_kernels
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL import Image
 
 P = ParamSpec("P")
@@ -74,11 +73,14 @@ def open_image(path: Path, gray: bool) -> tuple[Image.Image, list[str]]:
 
 def to_floats(image: Image.Image) -> np.ndarray:
     """Pixels as floats in [0, 1]: (H, W) for grey, (H, W, 3) for colour."""
+    import numpy as np
+
     return np.asarray(image, dtype=np.float64) / 255.0
 
 
 def save_image(values: np.ndarray, path: Path) -> None:
     """Save a [0, 1] (H, W) or (H, W, 3) array atomically (cnnlab.files: never half-written, never a device)."""
+    import numpy as np
     from PIL import Image
 
     from cnnlab.files import write_atomic
@@ -113,6 +115,8 @@ def parse_padding(text: str) -> str | int | tuple[int, int]:
 
 def parse_kernel(spec: str) -> np.ndarray:
     """A named or written-out kernel, or RUN:LAYER:INDEX for one a trained model learned."""
+    from cnnlab.playground.kernels import get_kernel
+
     try:
         run, _, rest = spec.partition(":")
         if rest and Path(run, "config.yaml").is_file():
@@ -128,6 +132,8 @@ def parse_kernel(spec: str) -> np.ndarray:
 def print_arithmetic(in_shape: tuple[int, ...], window: tuple[int, int], stride: int,
                      padding: str | int | tuple[int, int], dilation: int = 1) -> None:
     """Print the output-size formula for the height and the width."""
+    from cnnlab.playground.conv import explain_output_size
+
     pads = padding if isinstance(padding, tuple) else (padding, padding)
     for axis, name in enumerate(("height", "width")):
         formula = explain_output_size(in_shape[axis], window[axis], stride, pads[axis], dilation)
@@ -168,6 +174,11 @@ def convolve(
                                               "; ".join(f"{k}: {v}" for k, v in RESCALE_RULES.items()) + "."),
 ) -> None:
     """Convolve an image with a kernel and save the result, printing the shapes and the size arithmetic."""
+    import numpy as np
+
+    from cnnlab.playground.conv import conv2d, conv2d_per_channel
+    from cnnlab.playground.display import rescale
+
     check_image_output(out)
     weights = parse_kernel(kernel)
     pad = parse_padding(padding)
@@ -210,6 +221,8 @@ def pool(
     gray: bool = typer.Option(False, "--gray", help="Convert the image to grey first."),
 ) -> None:
     """Max- or average-pool an image (each channel separately) and save the smaller result."""
+    from cnnlab.playground.conv import avg_pool2d, max_pool2d
+
     check_image_output(out)
     pad = parse_padding(padding)
     stride = stride or size
@@ -279,6 +292,8 @@ def explain_conv_command(
     max_side: int = typer.Option(12, min=2, help=MAX_SIDE_HELP),
 ) -> None:
     """Show a kernel sliding over a small grey image: patch, weights, products and the sum landing in the output."""
+    from cnnlab.playground.conv import conv2d
+
     check_animation_output(out)
     weights = parse_kernel(kernel)
     pad = parse_padding(padding)
@@ -308,6 +323,8 @@ def explain_pool_command(
     max_side: int = typer.Option(12, min=2, help=MAX_SIDE_HELP),
 ) -> None:
     """Show a pooling window sliding over a small grey image and the max or mean landing in the output."""
+    from cnnlab.playground.conv import avg_pool2d, max_pool2d
+
     check_animation_output(out)
     pad = parse_padding(padding)
     stride = stride or size

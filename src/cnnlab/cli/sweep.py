@@ -19,9 +19,9 @@ sweep_app = typer.Typer(help="Hyperparameter sweeps (W&B sweep files, run offlin
 
 Storage = Annotated[str | None, typer.Option(
     "--storage", help="Study storage: postgresql://user@host/db (workers on many machines), sqlite:///file.db, "
-    "or a journal file path. Default: `<runs-dir>/sweeps/<name>/optuna.journal`.")]
+    "or a journal file path. Default: <runs-dir>/sweeps/<name>/optuna.journal.")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories; trials go to "
-                                       "`<runs-dir>/sweeps/<name>/trial-<n>`.")]
+                                       "<runs-dir>/sweeps/<name>/trial-<n>.")]
 Name = Annotated[str, typer.Argument(help="Sweep (study) name.")]
 
 

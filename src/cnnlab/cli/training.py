@@ -83,11 +83,11 @@ def train(
         "--allow-checksum-mismatch", help="Use local dataset files whose checksums differ (recorded in the run)."
     )] = False,
     runs_dir: RunsDir = RUNS_DIR,
-    name: Annotated[str | None, typer.Option(help="Run directory name (default `<dataset>-<model>-<time>`).")] = None,
+    name: Annotated[str | None, typer.Option(help="Run directory name (default <dataset>-<model>-<time>).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Continue this interrupted run instead of starting one.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or per-epoch lines.")] = False,
     wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (pip install "
-                                        "'cnnlab[wandb]'; offline under ./wandb when not logged in).")] = False,
+                                        "'cnnlab\\[wandb]'; offline under ./wandb when not logged in).")] = False,
     wandb_project: Annotated[str, typer.Option(help="W&B project for --wandb.")] = "cnnlab",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto (a GPU when there is one; "
                                                   "the default).")] = None,

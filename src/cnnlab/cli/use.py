@@ -64,10 +64,10 @@ class Format(str, Enum):
 @friendly_errors
 def export(
     run: Run,
-    format: Annotated[Format, typer.Option("--format", "-f", help="onnx (needs cnnlab[export]) or torchscript.")]
+    format: Annotated[Format, typer.Option("--format", "-f", help="onnx (needs cnnlab\\[export]) or torchscript.")]
     = Format.onnx,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="File to write (default `<run>/model.onnx` or `.pt`).")]
+        "--out", "-o", help="File to write (default <run>/model.onnx or .pt).")]
     = None,
 ) -> None:
     """Export the run's model (probabilities out), then run the file and compare it with the original."""

@@ -1,7 +1,10 @@
 """How playground results are shown: rescaling raw outputs to pixels, and the animations' limits (NumPy only)."""
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import numpy as np
 
 RESCALE_RULES = {
     "auto": "clip if the output already lies in [0, 1], else minmax",
@@ -15,6 +18,8 @@ FRAME_MS = 700          # time each GIF frame is shown, milliseconds
 
 def rescale(values: np.ndarray, rule: str = "auto") -> tuple[np.ndarray, str]:
     """Map raw conv outputs to [0, 1] for display; returns (image, the rule actually applied)."""
+    import numpy as np  # here, not at the top: the help of `cnnlab convolve` reads RESCALE_RULES only
+
     if rule == "auto":
         rule = "clip" if values.min() >= 0 and values.max() <= 1 else "minmax"
     if rule == "clip":

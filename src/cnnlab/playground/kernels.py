@@ -6,24 +6,36 @@ NumPy only: no torch here.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-
-import numpy as np
+from numbers import Integral
+from typing import TYPE_CHECKING
 
 from cnnlab.suggest import did_you_mean
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# NumPy is imported inside the functions that build kernels: listing the kernels' names (the help of
+# `cnnlab convolve`) then loads nothing.
+MAX_SIDE = 255  # pixels: box:N and gaussian:N beyond this would be a blur of the whole image anyway
 
 
 def box(size: int = 3) -> np.ndarray:
     """size x size kernel of 1/size^2: the plain average of the neighbourhood."""
+    import numpy as np
+
     _check_size(size, "box")
     return np.full((size, size), 1.0 / size**2)
 
 
 def gaussian(size: int = 3, sigma: float = 1.0) -> np.ndarray:
     """size x size Gaussian blur with standard deviation `sigma` pixels, normalised to sum to 1."""
+    import numpy as np
+
     _check_size(size, "gaussian")
-    if sigma <= 0:
-        raise ValueError(f"gaussian sigma must be > 0, got {sigma}")
+    if not (math.isfinite(sigma) and 0 < sigma <= 1000):
+        raise ValueError(f"gaussian sigma must be a number of pixels in (0, 1000], got {sigma}")
     offsets = np.arange(size) - (size - 1) / 2           # pixel distances from the centre
     bell = np.exp(-offsets**2 / (2 * sigma**2))          # (size,) one-dimensional Gaussian
     kernel = np.outer(bell, bell)                        # (size, size) separable 2-D Gaussian
@@ -31,29 +43,24 @@ def gaussian(size: int = 3, sigma: float = 1.0) -> np.ndarray:
 
 
 def _check_size(size: int, name: str) -> None:
-    if not isinstance(size, (int, np.integer)) or size < 1:
-        raise ValueError(f"{name} size must be an int >= 1, got {size!r}")
+    if not isinstance(size, Integral) or not 1 <= size <= MAX_SIDE:
+        raise ValueError(f"{name} size must be an int from 1 to {MAX_SIDE}, got {size!r}")
 
 
-# Each entry: name -> (description, function building the kernel). Functions, not arrays,
-# so callers can never modify a shared kernel in place.
-_NAMED: dict[str, tuple[str, Callable[[], np.ndarray]]] = {
-    "identity": ("1 in the centre: output = input", lambda: np.array([[0, 0, 0], [0, 1, 0], [0, 0, 0]], float)),
-    "blur": ("the lesson's 3x3 kernel of 0.1: 0.9 x the local mean", lambda: np.full((3, 3), 0.1)),
-    "box": ("3x3 mean (1/9 each); box:N for N x N", box),
-    "gaussian": ("3x3 Gaussian, sigma 1; gaussian:SIZE:SIGMA for others", gaussian),
-    "sharpen": ("centre 5, neighbours -1: boosts local contrast",
-                lambda: np.array([[0, -1, 0], [-1, 5, -1], [0, -1, 0]], float)),
-    "sobel-x": ("Sobel: vertical edges (change from left to right)",
-                lambda: np.array([[1, 0, -1], [2, 0, -2], [1, 0, -1]], float)),
-    "sobel-y": ("Sobel: horizontal edges (change from top to bottom)",
-                lambda: np.array([[1, 2, 1], [0, 0, 0], [-1, -2, -1]], float)),
-    "laplacian": ("4-neighbour Laplacian: edges in every direction",
-                  lambda: np.array([[0, 1, 0], [1, -4, 1], [0, 1, 0]], float)),
-    "outline": ("8-neighbour edge detector: centre 8, neighbours -1",
-                lambda: np.array([[-1, -1, -1], [-1, 8, -1], [-1, -1, -1]], float)),
-    "emboss": ("relief effect lit from the top left",
-               lambda: np.array([[-2, -1, 0], [-1, 1, 1], [0, 1, 2]], float)),
+# Each entry: name -> (description, the weights row by row, or None for a parameterised kernel whose
+# function builds it). Callers get a new array every time, so nobody can change a shared kernel.
+Rows = tuple[tuple[float, ...], ...]
+_NAMED: dict[str, tuple[str, Rows | None]] = {
+    "identity": ("1 in the centre: output = input", ((0, 0, 0), (0, 1, 0), (0, 0, 0))),
+    "blur": ("the lesson's 3x3 kernel of 0.1: 0.9 x the local mean", ((0.1,) * 3,) * 3),
+    "box": ("3x3 mean (1/9 each); box:N for N x N", None),
+    "gaussian": ("3x3 Gaussian, sigma 1; gaussian:SIZE:SIGMA for others", None),
+    "sharpen": ("centre 5, neighbours -1: boosts local contrast", ((0, -1, 0), (-1, 5, -1), (0, -1, 0))),
+    "sobel-x": ("Sobel: vertical edges (change from left to right)", ((1, 0, -1), (2, 0, -2), (1, 0, -1))),
+    "sobel-y": ("Sobel: horizontal edges (change from top to bottom)", ((1, 2, 1), (0, 0, 0), (-1, -2, -1))),
+    "laplacian": ("4-neighbour Laplacian: edges in every direction", ((0, 1, 0), (1, -4, 1), (0, 1, 0))),
+    "outline": ("8-neighbour edge detector: centre 8, neighbours -1", ((-1, -1, -1), (-1, 8, -1), (-1, -1, -1))),
+    "emboss": ("relief effect lit from the top left", ((-2, -1, 0), (-1, 1, 1), (0, 1, 2))),
 }
 
 # Names that take parameters after ':' and the function that builds them.
@@ -77,7 +84,10 @@ def get_kernel(name_or_spec: str) -> np.ndarray:
         return _parameterised(name, params, spec)
     if name not in _NAMED:
         raise ValueError(f"unknown kernel {spec!r}{did_you_mean(name, _NAMED)} (known: {', '.join(_NAMED)})")
-    return _NAMED[name][1]()
+    import numpy as np
+
+    rows = _NAMED[name][1]
+    return np.array(rows, dtype=float) if rows is not None else _PARAMETERISED[name]()
 
 
 def parse_kernel(text: str) -> np.ndarray:
@@ -93,6 +103,10 @@ def parse_kernel(text: str) -> np.ndarray:
     widths = [len(row) for row in values]
     if len(set(widths)) != 1:
         raise ValueError(f"kernel rows must all have the same number of values, got {widths} in {text!r}")
+    if not all(math.isfinite(v) for row in values for v in row):
+        raise ValueError(f"kernel weights must be finite numbers, got {text!r}")
+    import numpy as np
+
     return np.array(values, dtype=float)
 
 
