@@ -86,8 +86,8 @@ def test_get_kernel_returns_a_fresh_array_each_time():
     ("1,2;;3,4", r"kernel row 2 '' is not"),
     ("sharpen:3", r"kernel 'sharpen' takes no parameters"),
     ("gaussian:big", r"bad parameters in 'gaussian:big'"),
-    ("gaussian:0", r"gaussian size must be an int >= 1, got 0"),
-    ("gaussian:5:-1", r"gaussian sigma must be > 0, got -1"),
+    ("gaussian:0", r"gaussian size must be an int from 1 to 255, got 0"),
+    ("gaussian:5:-1", r"gaussian sigma must be a number of pixels in \(0, 1000\], got -1"),
     ("box:2:3:4", r"bad parameters in 'box:2:3:4'"),
 ])
 def test_bad_kernels_raise_clear_errors(spec, message):
