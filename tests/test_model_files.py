@@ -353,8 +353,10 @@ BAD_CONFIGS = {  # what is put into config.yaml -> what the error must name
     "unknown activation": (lambda c: c["model"]["conv"][0].update(activation="sigmoidal"),
                            r"model\.conv\[0\]\.activation"),
     "unknown section": (lambda c: c.update(optimiser={}), "unknown config section 'optimiser'"),
-    "huge model": (lambda c: c["model"]["dense"][0].update(units=10**9),  # built on the meta device first
-                   r"head.fc1.weight. has shape \(16, .*needs \(1000000000, "),
+    "huge model": (lambda c: c["model"]["dense"][0].update(units=10**9),  # refused before anything is built
+                   r"config.yaml: model.dense\[0\].units: expected an int from 1 to 65,536, found 1000000000"),
+    "model that does not fit the weights": (lambda c: c["model"]["dense"][0].update(units=4096),
+                                            r"head.fc1.weight. has shape \(16, .*needs \(4096, "),
 }
 
 
@@ -388,7 +390,7 @@ def test_python_tags_in_config_yaml_never_run(copy_run, tmp_path, text):
 def test_a_pickle_as_config_file_is_a_config_error(tmp_path):
     file = tmp_path / "config.pt"
     file.write_bytes(payloads(tmp_path / "MARKER")["torch.save"])
-    with pytest.raises(ConfigError, match="config.pt: not a YAML text file"):
+    with pytest.raises(ConfigError, match="config.pt: not a UTF-8 text config file"):
         load_config("seed", file)
 
 

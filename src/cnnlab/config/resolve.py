@@ -16,9 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from cnnlab.config.schema import SECTIONS, Config, ConfigError, DataConfig, validate
+from cnnlab.config.yamlfile import FileRefused, YAMLProblem, parse_yaml, read_yaml_file
 from cnnlab.suggest import did_you_mean
 
 
@@ -41,30 +40,18 @@ def preset_path(name: str) -> Path:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML mapping from a file, with errors that name the file."""
-    path = Path(path)
+    """A YAML mapping from a user's file (`config.yamlfile` rules: bounded regular text file, no repeated
+    keys, no alias bombs), with one-line errors that name the file."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except (UnicodeDecodeError, IsADirectoryError):  # a binary file (a .pt pickle) or a folder
-        raise ConfigError(f"{path}: not a YAML text file") from None
-    except yaml.YAMLError as exc:  # python/object tags land here too: safe_load never builds objects
-        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
+        data = read_yaml_file(path, "config file")
+    except (FileRefused, YAMLProblem) as exc:
+        raise ConfigError(str(exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of sections (data, model, train, knobs), "
                           f"found {type(data).__name__}")
     return data
-
-
-def yaml_problem(exc: yaml.YAMLError) -> str:
-    """PyYAML's several-line message as one line: the problem and where it is."""
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    return " ".join(f"{problem}{where}".split())
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -171,8 +158,8 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. dropout=0.4 or train.lr=3e-4")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
+        value = parse_yaml(text) if text.strip() else ""
+    except YAMLProblem:  # not YAML (or a nesting bomb): the text itself, which the key's type check judges
         value = text
     return key.strip(), value
 

@@ -6,6 +6,7 @@ explained without building anything.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,70 +131,109 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
 # ------------------------------------------------------------------------------------ validation
+# Bounds on what a config may ask for: past these a typo (filters: 40960) would allocate gigabytes or
+# run for days before failing, so it is refused at once, naming the key.
+MAX_FILTERS = 4096  # feature maps per conv layer
+MAX_KERNEL = 64  # pixels per kernel side, stride, padding, pool size
+MAX_UNITS = 65536  # units of a dense layer
+MAX_BLOCKS = 64  # residual blocks per stage; also the widen factor
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65536  # images per step or per evaluation pass
+MAX_SEED = 2**32 - 1  # seeds numpy and torch alike
+MAX_IMAGE_SIZE = 1024  # pixels per side of an image-folder image
+MAX_WORKERS = 64
+MAX_THREADS = 256
+
+
 def validate(config: Config) -> None:
-    """Range and choice checks that types alone cannot express."""
+    """Range and choice checks that types alone cannot express; a ConfigError names the key and the range."""
     for i, block in enumerate(config.model.conv):
         where = f"model.conv[{i}]"
-        positive(block.filters, f"{where}.filters")
+        bounded(block.filters, 1, MAX_FILTERS, f"{where}.filters")
         sizes = block.kernel_size if isinstance(block.kernel_size, list) else [block.kernel_size]
         if len(sizes) not in (1, 2):
             raise ConfigError(f"{where}.kernel_size: expected an int or [height, width], found {block.kernel_size}")
-        for s in sizes:
-            positive(s, f"{where}.kernel_size")
-        positive(block.stride, f"{where}.stride")
+        for size in sizes:
+            bounded(size, 1, MAX_KERNEL, f"{where}.kernel_size")
+        bounded(block.stride, 1, MAX_KERNEL, f"{where}.stride")
         if isinstance(block.padding, str) and block.padding not in ("valid", "same"):
             raise ConfigError(f"{where}.padding: expected 'valid', 'same' or an int >= 0, found {block.padding!r}")
-        if isinstance(block.padding, int) and block.padding < 0:
-            raise ConfigError(f"{where}.padding: expected an int >= 0, found {block.padding}")
+        if isinstance(block.padding, int):
+            bounded(block.padding, 0, MAX_KERNEL, f"{where}.padding")
         if block.padding == "same" and block.stride != 1:
             raise ConfigError(f"{where}: padding 'same' needs stride 1 in torch; use an int padding with stride > 1")
         choice(block.activation, ACTIVATIONS, f"{where}.activation")
         choice(block.pool, POOLS, f"{where}.pool")
-        positive(block.pool_size, f"{where}.pool_size")
+        bounded(block.pool_size, 1, MAX_KERNEL, f"{where}.pool_size")
         fraction(block.dropout, f"{where}.dropout")
     for i, stage in enumerate(config.model.stages):
         where = f"model.stages[{i}]"
-        positive(stage.blocks, f"{where}.blocks")
-        positive(stage.filters, f"{where}.filters")
+        bounded(stage.blocks, 1, MAX_BLOCKS, f"{where}.blocks")
+        bounded(stage.filters, 1, MAX_FILTERS, f"{where}.filters")
         choice(stage.stride, (1, 2), f"{where}.stride")
-        if stage.kernel_size < 1 or stage.kernel_size % 2 == 0:
-            raise ConfigError(f"{where}.kernel_size: expected an odd int >= 1 (blocks pad to keep the size), "
+        if stage.kernel_size % 2 == 0:
+            raise ConfigError(f"{where}.kernel_size: expected an odd int (blocks pad to keep the size), "
                               f"found {stage.kernel_size}")
+        bounded(stage.kernel_size, 1, 15, f"{where}.kernel_size")
         choice(stage.activation, ACTIVATIONS, f"{where}.activation")
         fraction(stage.dropout, f"{where}.dropout")
-    positive(config.model.widen, "model.widen")
+    bounded(config.model.widen, 1, MAX_BLOCKS, "model.widen")
     choice(config.model.pooling, POOLINGS, "model.pooling")
     for i, layer in enumerate(config.model.dense):
-        positive(layer.units, f"model.dense[{i}].units")
+        bounded(layer.units, 1, MAX_UNITS, f"model.dense[{i}].units")
         choice(layer.activation, ACTIVATIONS, f"model.dense[{i}].activation")
         fraction(layer.dropout, f"model.dense[{i}].dropout")
     fraction(config.model.classifier_dropout, "model.classifier_dropout")
-    t = config.train
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        positive(getattr(t, key), f"train.{key}")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr: expected a learning rate > 0, found {t.lr}")
+    validate_train(config.train)
+    validate_data(config.data)
+
+
+def validate_train(t: TrainConfig) -> None:
+    bounded(t.epochs, 1, MAX_EPOCHS, "train.epochs")
+    bounded(t.batch_size, 1, MAX_BATCH, "train.batch_size")
+    bounded(t.eval_batch_size, 1, MAX_BATCH, "train.eval_batch_size")
+    real(t.lr, 0, None, "train.lr", "a learning rate", low_open=True)  # huge ones diverge, and are stopped
+    real(t.momentum, 0, 1, "train.momentum", "a momentum", high_open=True)
+    real(t.weight_decay, 0, 1, "train.weight_decay", "a weight decay")
     choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     choice(t.schedule, SCHEDULES, "train.schedule")
     fraction(t.label_smoothing, "train.label_smoothing")
+    bounded(t.seed, 0, MAX_SEED, "train.seed")
     if t.threads is not None:
-        positive(t.threads, "train.threads")
-    if t.augment_shift < 0:
-        raise ConfigError(f"train.augment_shift: expected pixels >= 0, found {t.augment_shift}")
-    positive(config.data.image_size, "data.image_size")
-    choice(config.data.channels, (1, 3), "data.channels")
-    if config.data.workers is not None and config.data.workers < 0:
-        raise ConfigError(f"data.workers: expected an int >= 0, found {config.data.workers}")
-    if not (t.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", t.device)):
+        bounded(t.threads, 1, MAX_THREADS, "train.threads")
+    bounded(t.augment_shift, 0, MAX_KERNEL, "train.augment_shift", "pixels")
+    if not (t.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", t.device)):
         raise ConfigError(f"train.device: expected cpu, cuda, cuda:N or auto, found {t.device!r}"
                           f"{did_you_mean(t.device, ['auto', 'cpu', 'cuda'])}")
-    if config.data.val_size is not None and config.data.val_size < 0:
-        raise ConfigError(f"data.val_size: expected an int >= 0, found {config.data.val_size}")
 
 
-def positive(value: int, where: str) -> None:
-    if value < 1:
-        raise ConfigError(f"{where}: expected an int >= 1, found {value}")
+def validate_data(d: DataConfig) -> None:
+    bounded(d.image_size, 1, MAX_IMAGE_SIZE, "data.image_size", "pixels")
+    choice(d.channels, (1, 3), "data.channels")
+    if d.workers is not None:
+        bounded(d.workers, 0, MAX_WORKERS, "data.workers")
+    if d.val_size is not None:
+        bounded(d.val_size, 0, 10**9, "data.val_size", "images")  # and below the training set's size: data/
+
+
+def bounded(value: int, low: int, high: int, where: str, unit: str = "") -> None:
+    """An int in [low, high], or a ConfigError naming the key and the range."""
+    if not low <= value <= high:
+        raise ConfigError(f"{where}: expected an int from {low:,} to {high:,}{' ' + unit if unit else ''}, "
+                          f"found {value}")
+
+
+def real(value: float, low: float, high: float | None, where: str, what: str, low_open: bool = False,
+         high_open: bool = False) -> None:
+    """A finite number from low to high (None: no upper end; ends included unless open), or a ConfigError."""
+    above = value > low if low_open else value >= low
+    below = high is None or (value < high if high_open else value <= high)
+    if not (math.isfinite(value) and above and below):
+        if high is None:
+            interval = f"{'>' if low_open else '>='} {low:g}"
+        else:
+            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ConfigError(f"{where}: expected {what}, a finite number {interval}, found {value}")
 
 
 def fraction(value: float, where: str) -> None:
