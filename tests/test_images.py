@@ -137,3 +137,16 @@ def train_folder_run(tmp_path, root, channels: int):
     config = load_config("perceptron", overrides=["epochs=1", "data.image_size=16", f"data.channels={channels}",
                                                   "data.workers=0", "batch_size=4"], data={"dataset": str(root)})
     return pipeline.train(config, tmp_path / "runs", progress=False).run
+
+
+def test_a_fifo_given_as_a_picture_is_refused_without_blocking(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    os.mkfifo(tmp_path / "photo.png")
+    with pytest.raises(images.ImageReadError, match="a FIFO \\(named pipe\\), not a regular file"):
+        images.open_image(tmp_path / "photo.png")
+    done = subprocess.run([sys.executable, "-m", "cnnlab", "convolve", str(tmp_path / "photo.png"), "--out",
+                           str(tmp_path / "out.png")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "not a regular file" in done.stderr, done.stderr

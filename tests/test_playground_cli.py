@@ -170,14 +170,14 @@ def test_explain_pool_html_is_self_contained(pictures, tmp_path):
 # ---------------------------------------------------------------- errors: clean message, exit != 0, no file
 
 @pytest.mark.parametrize("args, message", [
-    (["convolve", "{not_image}"], "cannot read"),
-    (["convolve", "{missing}"], "cannot read"),
-    (["pool", "{not_image}"], "cannot read"),
-    (["explain", "conv", "{not_image}"], "cannot read"),
+    (["convolve", "{not_image}"], "not a readable image"),
+    (["convolve", "{missing}"], "nowhere.png: No such file or directory"),
+    (["pool", "{not_image}"], "not a readable image"),
+    (["explain", "conv", "{not_image}"], "not a readable image"),
     (["convolve", "{grey}", "--kernel", "sobl-x"], "did you mean 'sobel-x'"),
     (["convolve", "{grey}", "--kernel", "1,2;3"], "same number of values"),
     (["convolve", "{grey}", "--padding", "full"], "--padding"),
-    (["convolve", "{grey}", "--stride", "0"], "stride must be an int >= 1"),
+    (["convolve", "{grey}", "--stride", "0"], "'--stride': Input should be greater than or equal to 1"),
     (["convolve", "{grey}", "--kernel", "gaussian:31"], "spans 31x31 pixels but the padded image is only 28x28"),
     (["pool", "{grey}", "--size", "3", "--padding", "3"], "pool padding must be smaller"),
 ])

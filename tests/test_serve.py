@@ -168,10 +168,19 @@ def test_serve_binds_to_loopback_by_default(monkeypatch):
     import cnnlab.cli.use  # noqa: F401
 
     calls = []
-    monkeypatch.setattr(uvicorn, "run", lambda application, **options: calls.append(options))
+
+    class Server:  # records the configuration instead of serving
+        def __init__(self, config):
+            calls.append(config)
+
+        def run(self):
+            pass
+
+    monkeypatch.setattr(uvicorn, "Server", Server)
     result = CliRunner().invoke(app, ["serve", str(tiny_run("mnist-sample"))])
     assert result.exit_code == 0, result.output
-    assert calls == [{"host": "127.0.0.1", "port": 8000, "log_level": "warning"}]
+    [config] = calls
+    assert (config.host, config.port, config.limit_concurrency) == ("127.0.0.1", 8000, 512)
     exposed = CliRunner().invoke(app, ["serve", str(tiny_run("mnist-sample")), "--host", "0.0.0.0"])
     assert "warning: listening on 0.0.0.0" in exposed.output
 

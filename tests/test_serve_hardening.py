@@ -213,8 +213,8 @@ async def async_chunked_multipart(size: int):
 
 
 # ------------------------------------------------------------------- 200 requests at once, server in its own process
-# The server as `cnnlab serve` runs it (uvicorn.run on create_app), plus a spy: how often the predict handler and
-# the decoding ran, read back from GET /spy.
+# The server as `cnnlab serve` runs it (its uvicorn configuration, on create_app), plus a spy: how often the
+# predict handler and the decoding ran, read back from GET /spy.
 LAUNCHER = """
 import sys, threading
 import uvicorn
@@ -234,7 +234,7 @@ served.choose_model = counting("handler", served.choose_model)  # the predict ha
 served.answer = counting("decoder", served.answer)
 application = served.create_app(runs)
 application.get("/spy")(lambda: dict(calls))
-uvicorn.run(application, host="127.0.0.1", port=port, log_level="warning")
+uvicorn.Server(served.server_config(application, "127.0.0.1", port)).run()
 """
 
 
@@ -410,3 +410,49 @@ def test_200_concurrent_hostile_requests(tmp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+# ------------------------------------------------------------------- HEAD, and clients that send slowly
+def test_head_is_answered_like_get(client):
+    head, get = client.head("/"), client.get("/")
+    assert head.status_code == get.status_code == 200 and head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+
+
+def slow_client(url: str, trickle: bool) -> socket.socket:
+    """A connection that starts a request and never finishes it (or trickles a byte now and then)."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\n" + (b"X-Slow: " if trickle else b""))
+    return sock
+
+
+def closed_by_server(sock: socket.socket, trickle: bool) -> bool:
+    """Whether the server hangs up on this client (given up to a minute to: the bound of a failing test)."""
+    give_up = time.monotonic() + 60
+    try:
+        while time.monotonic() < give_up:
+            if trickle:
+                sock.sendall(b"a")
+            sock.settimeout(0.5 if trickle else 5)
+            try:
+                if sock.recv(1024) == b"":
+                    return True
+            except TimeoutError:
+                continue
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def test_clients_that_never_finish_their_request_are_hung_up_on_while_others_are_served():
+    """uvicorn alone keeps such connections for ever; cnnlab's server gives each request a deadline."""
+    with running_server(create_app([tiny_run("mnist-sample")]), request_seconds=1.0) as url:
+        slow = [(slow_client(url, trickle=i % 2 == 1), i % 2 == 1) for i in range(20)]
+        assert httpx.get(url + "/api/model", timeout=30).status_code == 200  # served meanwhile
+        assert all(closed_by_server(sock, trickle) for sock, trickle in slow)
+        for sock, _ in slow:
+            sock.close()
+        assert httpx.get(url + "/api/model", timeout=30).status_code == 200

@@ -48,15 +48,17 @@ def tiny_run(dataset: str = "mnist-sample") -> Path:
 
 
 @contextmanager
-def running_server(application):
+def running_server(application, **options):
     """Serve an ASGI app with uvicorn in a thread on 127.0.0.1 and a free port; yields the base URL."""
     import uvicorn
+
+    from cnnlab.use.serve.app import server_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(application, log_level="warning", lifespan="off"))
+    server = uvicorn.Server(server_config(application, port=port, lifespan="off", **options))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -144,6 +144,22 @@ def temp_prefix(target: Path) -> str:
     return f".{target.name}."
 
 
+def temp_pid(path: Path) -> int | None:
+    """The id of the process that made one of write_atomic's temporary files (in its name), if it has one."""
+    middle = path.name.split(".tmp")[0].rsplit(".", 2)
+    return int(middle[-2]) if len(middle) == 3 and middle[-2].isdigit() else None
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
 def write_atomic(path: str | Path, write: Callable[[Path], object],
                  before_rename: Callable[[], object] | None = None) -> Path:
     """Call write(tmp), flush tmp to disk, run before_rename(), then rename tmp over the target.
@@ -151,7 +167,10 @@ def write_atomic(path: str | Path, write: Callable[[Path], object],
     Returns the file written (a link's target). Nothing is left behind when `write` fails.
     """
     target = output_target(path)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=f".tmp{target.suffix}", dir=target.parent)
+    # .<name>.<pid>.<random>.tmp<suffix>: the pid lets a later writer tell a dead writer's leftovers from a
+    # live one's; the suffix keeps libraries that choose a format by extension (Pillow, ONNX) happy
+    fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(target)}{os.getpid()}.", suffix=f".tmp{target.suffix}",
+                               dir=target.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -177,9 +196,17 @@ def write_json(path: str | Path, data: Any) -> Path:
     return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
-def remove_stale_temps(folder: Path, names: list[str]) -> list[Path]:
-    """Delete the temporary files a killed write_atomic left beside any of `names` in `folder`."""
-    stale = [p for name in names for p in folder.glob(f"{temp_prefix(Path(name))}*.tmp*") if p.is_file()]
-    for file in stale:
-        file.unlink(missing_ok=True)
+def remove_stale_temps(folder: Path, names: list[str], dead_only: bool = True) -> list[Path]:
+    """Delete the temporary files a killed write_atomic left beside any of `names` in `folder`.
+
+    `dead_only`: only those whose writer is no longer running (another process may be writing the same
+    file right now); False when the caller holds a lock that excludes other writers.
+    """
+    stale = []
+    for name in names:
+        for file in folder.glob(f"{temp_prefix(Path(name))}*.tmp*"):
+            pid = temp_pid(file)
+            if file.is_file() and not (dead_only and pid is not None and process_alive(pid)):
+                file.unlink(missing_ok=True)
+                stale.append(file)
     return stale

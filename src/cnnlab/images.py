@@ -20,6 +20,7 @@ recipe both see it: the same file gives the same pixels whichever command reads 
 from __future__ import annotations
 
 import io
+import os
 import re
 import warnings
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cnnlab.errors import UserError
+from cnnlab.files import FileRefused, check_regular
 
 # Above this many pixels an image is refused before it is decoded. 50 MP still admits any phone
 # photo; decoding it takes about 150 MB.
@@ -64,6 +66,11 @@ def open_image(source: ImageFile, name: str | None = None, max_pixels: int = MAX
     if isinstance(source, Image.Image):
         return source
     label = name or (str(source) if isinstance(source, (str, Path)) else "upload")
+    if isinstance(source, (str, Path)) and os.path.lexists(source):
+        try:  # a FIFO or a device would block Pillow's read, or never end
+            check_regular(source, "image")
+        except FileRefused as exc:
+            raise ImageReadError(str(exc)) from None
     handle = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with warnings.catch_warnings():

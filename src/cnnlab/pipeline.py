@@ -23,7 +23,7 @@ from cnnlab.models.summary import format_summary
 from cnnlab.runs import layout, records
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.recorder import RunRecorder
-from cnnlab.runs.weights import load_model
+from cnnlab.runs.weights import load_model, save_weights, weights_problem
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.distributed import SINGLE, Context, first_on_main, on_main
 from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted
@@ -67,30 +67,75 @@ def train(config: Config, root: str | Path = layout.DEFAULT_ROOT, name: str | No
     leaves nothing behind. `dataset` skips loading when the caller holds it already (benchmarks).
     Under data-parallel training every rank calls this; only rank 0 writes the run.
     """
+    if name is not None:
+        layout.check_name(name)  # before the data is loaded: a bad name costs nothing
     data = prepare_data(dataset, config) if dataset is not None else open_data(config, progress, context)
     model = build_model(config.model, data.image_shape, data.num_classes, seed=config.train.seed)
     run = Path(on_main(context, lambda: str(start_run(config, data, model, root, name, reuse))))
-    recorders = [RunRecorder(run, data.classes)] if context.is_main else []
+    recorders = [RunRecorder(run, data.classes, config)] if context.is_main else []
     trainer = Trainer(model, TrainData(data.train, data.val), config.train, [*recorders, *callbacks], context)
     return fit_and_test(run, trainer, data, context)
 
 
 def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool = True,
            context: Context = SINGLE) -> RunResult:
-    """Continue an interrupted run from its newest readable checkpoint, to the same end result."""
+    """Continue an interrupted run from its newest readable checkpoint, to the same end result.
+
+    A config.yaml edited since the checkpoint was written is refused (the run continues as it was
+    trained, or not at all); a finished run whose model.safetensors is missing, unreadable or not
+    the checkpoint's weights gets it back from the checkpoint, and says so.
+    """
     run = layout.check_run(run, "config")
     config = records.load_config(run)
     data = open_data(config, progress, context)
     model = build_model(config.model, data.image_shape, data.num_classes)
-    recorders = [RunRecorder(run, data.classes)] if context.is_main else []
+    recorders = [RunRecorder(run, data.classes, config)] if context.is_main else []
     trainer = Trainer(model, TrainData(data.train, data.val), config.train, [*recorders, *callbacks], context)
     # A checkpoint the model rejects (tensors that do not fit) counts as unreadable: the previous one is tried.
-    _, warnings = load_checkpoint(run, restore=trainer.load_state_dict)
+    checkpoint, warnings = load_checkpoint(run, restore=trainer.load_state_dict)
+    refuse_edited_config(run, config, checkpoint.get("config"))
     for warning in warnings if context.is_main else ():
         print(f"warning: {warning}")
     if context.is_main:
         records.rewrite_metrics(run, trainer.history)
+        if trainer.state.epoch >= config.train.epochs:
+            restore_weights(run, model, data.classes)  # the trainer's model, as the checkpoint left it
     return fit_and_test(run, trainer, data, context)
+
+
+def refuse_edited_config(run: Path, config: Config, saved: dict | None) -> None:
+    """A RunError when config.yaml no longer says what the checkpoint was trained with."""
+    if saved is None or saved == config.to_dict():
+        return  # a checkpoint from before configs were recorded in it: nothing to compare with
+    now, then = flatten(config.to_dict()), flatten(saved)
+    changed = [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(now) | set(then))
+               if now.get(key) != then.get(key)]
+    raise layout.RunError(f"{layout.path(run, 'config')} was edited after the checkpoint was written "
+                          f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); --resume continues "
+                          f"the run as it was trained. Undo the edit, or train a new run from it: "
+                          f"cnnlab train --config {layout.path(run, 'config')}")
+
+
+def flatten(node: object, prefix: str = "") -> dict[str, object]:
+    """{'train.lr': 0.001, 'model.conv.0.filters': 32, ...} for a nested config dict."""
+    if isinstance(node, dict):
+        items = list(node.items())
+    elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
+        items = [(str(i), v) for i, v in enumerate(node)]
+    else:
+        return {prefix: node}
+    flat: dict[str, object] = {}
+    for key, value in items:
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def restore_weights(run: Path, model: CNN, classes: tuple[str, ...]) -> None:
+    """A finished run's model.safetensors as its last checkpoint has it (rewritten when it is not)."""
+    problem = weights_problem(run, model)
+    if problem is not None:
+        save_weights(run, model, classes)
+        print(f"warning: {layout.path(run, 'weights')} was {problem}: rewritten from the checkpoint")
 
 
 def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SINGLE) -> RunResult:

@@ -22,3 +22,14 @@ RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run
 Run = Annotated[Path, typer.Argument(help="Run directory (made by `cnnlab train`).")]
 LatestRun = Annotated[Path | None, typer.Argument(help="Run directory; default the latest under --runs-dir.")]
 RUNS_DIR = DEFAULT_ROOT
+
+
+def output_file(path: Path, suffixes: tuple[str, ...], option: str = "--out") -> Path:
+    """`path` if a command may write its result there, checked before any work: a name ending in one of
+    `suffixes`, and a regular file or nothing yet (cnnlab.files refuses devices, FIFOs and folders)."""
+    from cnnlab.files import FileRefused, output_target
+
+    if path.suffix.lower() not in suffixes:
+        raise FileRefused(f"{option} {path}: expected a file name ending in {' or '.join(suffixes)}")
+    output_target(path)
+    return path

@@ -11,7 +11,7 @@ import typer
 
 from cnnlab.cli._app import LOOK, app
 from cnnlab.cli._errors import fail, friendly_errors
-from cnnlab.cli._options import RUNS_DIR, DataDir, LatestRun, Run, RunsDir
+from cnnlab.cli._options import RUNS_DIR, DataDir, LatestRun, Run, RunsDir, output_file
 
 if TYPE_CHECKING:
     from typer.models import OptionInfo
@@ -28,7 +28,8 @@ runs_app = typer.Typer(help="A table of the runs under --runs-dir; `compare` put
 ImageFile = Annotated[Path | None, typer.Argument(
     help="Any image file (prepared as the run's dataset was: 28x28 grey white on black, 32x32 colour, ...); "
     "or use --index.", show_default=False)]
-Index = Annotated[int | None, typer.Option("--index", "-i", help="Use test image N of the run's dataset instead.")]
+Index = Annotated[int | None, typer.Option("--index", "-i", min=0,
+                                          help="Use test image N of the run's dataset instead.")]
 
 
 def out_option(what: str) -> OptionInfo:
@@ -40,8 +41,7 @@ def save_png(out: Path, draw: Callable[[Path], T]) -> T:
     """Draw into a temporary file renamed over `out` (never a half-written picture); returns draw's result."""
     from cnnlab.files import write_atomic
 
-    if out.suffix.lower() != ".png":
-        raise fail(f"--out must be a .png file, got {out.name!r}")
+    output_file(out, (".png",))
     result: list[T] = []
     write_atomic(out, lambda tmp: result.append(draw(tmp)))
     print(f"saved {out}")
@@ -60,6 +60,7 @@ def load(run: Path, data_dir: Path | None = None) -> LoadedRun:
 def show_kernels(run: Run, layer: Annotated[str, typer.Option(help="Conv layer: conv1, conv2, ...")] = "conv1",
                  out: Annotated[Path, out_option("a grid of kernels")] = Path("kernels.png")) -> None:
     """The kernels a conv layer learned, as a grid (one panel per input channel for colour input)."""
+    output_file(out, (".png",))  # before anything is loaded
     from cnnlab.inspect import show as inspection
 
     loaded = load(run)
@@ -72,9 +73,10 @@ def show_kernels(run: Run, layer: Annotated[str, typer.Option(help="Conv layer: 
 @friendly_errors
 def show_features(run: Run, image: ImageFile = None, index: Index = None,
                   out: Annotated[Path, out_option("the feature maps")] = Path("features.png"),
-                  max_maps: Annotated[int, typer.Option(min=1, help="Maps shown per layer.")] = 16,
+                  max_maps: Annotated[int, typer.Option(min=1, max=256, help="Maps shown per layer.")] = 16,
                   data_dir: DataDir = None) -> None:
     """The feature maps every conv layer computes for one image."""
+    output_file(out, (".png",))  # before anything is loaded
     from cnnlab.inspect import show as inspection
 
     loaded = load(run, data_dir)
@@ -87,9 +89,10 @@ def show_features(run: Run, image: ImageFile = None, index: Index = None,
 @show_app.command("mistakes")
 @friendly_errors
 def show_mistakes(run: Run, out: Annotated[Path, out_option("the grid")] = Path("mistakes.png"),
-                  limit: Annotated[int, typer.Option(min=1, help="At most this many images.")] = 24,
+                  limit: Annotated[int, typer.Option(min=1, max=500, help="At most this many images.")] = 24,
                   data_dir: DataDir = None) -> None:
     """A grid of misclassified test images with true and predicted class and confidence, worst first."""
+    output_file(out, (".png",))  # before anything is loaded
     from cnnlab.inspect import show as inspection
 
     loaded = load(run, data_dir)
@@ -116,6 +119,7 @@ def show_saliency(run: Run, image: ImageFile = None, index: Index = None,
                       help="Explain this class (name or index) instead of the prediction.")] = None,
                   data_dir: DataDir = None) -> None:
     """Which parts of one image the prediction rests on, as a heat map over it (Grad-CAM or gradients)."""
+    output_file(out, (".png",))  # before anything is loaded
     from cnnlab.inspect import show as inspection
 
     loaded = load(run, data_dir)
@@ -130,6 +134,7 @@ def show_saliency(run: Run, image: ImageFile = None, index: Index = None,
 @friendly_errors
 def show_curves(run: Run, out: Annotated[Path, out_option("loss and accuracy")] = Path("curves.png")) -> None:
     """Training and validation loss and accuracy per epoch."""
+    output_file(out, (".png",))  # before anything is loaded
     from cnnlab.inspect import show as inspection
 
     save_png(out, lambda tmp: inspection.show_curves(run, tmp))
@@ -146,6 +151,8 @@ def report(run: LatestRun = None,
     from cnnlab.inspect.report import write_report
     from cnnlab.runs.layout import latest_run
 
+    if out is not None:
+        output_file(out, (".html", ".htm"))
     page = write_report(run or latest_run(runs_dir), out, data_dir)
     print(f"wrote {page} (self-contained: open it in any browser, no network needed)")
 
@@ -187,16 +194,21 @@ def list_runs(ctx: typer.Context, runs_dir: RunsDir = RUNS_DIR,
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from cnnlab.inspect.run_table import format_cell
 
-    table = Table("run", "dataset", "model", "params", "epochs", "val acc", "test acc", "train s", "started")
+    broken = any(row.get("error") for row in rows)
+    table = Table("run", "dataset", "model", "params", "epochs", "val acc", "test acc", "train s", "started",
+                  *(["problem"] if broken else []))
     for row in rows:
-        table.add_row(row["run"], row["dataset"], row["model"], format_cell(row["params"]),
-                      f"{row['epochs']}/{row['epochs_planned']}", format_cell(row["val_accuracy"], "val_accuracy"),
-                      format_cell(row["test_accuracy"], "test_accuracy"), format_cell(row["seconds"], "seconds"),
-                      format_cell(row["started"]))
+        cells = [row["run"], format_cell(row["dataset"]), format_cell(row["model"]), format_cell(row["params"]),
+                 f"{row['epochs']}/{format_cell(row['epochs_planned'])}",
+                 format_cell(row["val_accuracy"], "val_accuracy"), format_cell(row["test_accuracy"], "test_accuracy"),
+                 format_cell(row["seconds"], "seconds"), format_cell(row["started"])]
+        cells += [row.get("error") or ""] if broken else []
+        table.add_row(*(escape(cell) for cell in cells))  # names and messages are text, not rich markup
     Console(width=200).print(table)
 
 
@@ -206,7 +218,10 @@ def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run
             out: Annotated[Path | None, typer.Option("--out", "-o", help="PNG with the runs' curves overlaid.")]
             = None) -> None:
     """The config keys in which runs differ, their results side by side, and (with --out) curves overlaid."""
+    if out is not None:
+        output_file(out, (".png",))
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from cnnlab.inspect.run_table import config_differences, format_cell, run_row
@@ -218,11 +233,11 @@ def compare(run_dirs: Annotated[list[Path], typer.Argument(help="Two or more run
     differences = config_differences(run_dirs)
     table = Table("config key", *names, title="config keys that differ" if differences else None)
     for key, values in differences.items():
-        table.add_row(key, *(format_cell(v) for v in values))
+        table.add_row(escape(key), *(escape(format_cell(v)) for v in values))
     rows = [run_row(p) for p in run_dirs]
     table.add_section()  # below: results, not config
     for column in ("params", "epochs", "val_accuracy", "test_accuracy", "seconds"):
-        table.add_row(f"[bold]{column}[/bold]", *(format_cell(r[column], column) for r in rows))
+        table.add_row(f"[bold]{column}[/bold]", *(escape(format_cell(r[column], column)) for r in rows))
     console = Console(width=200)
     if not differences:
         console.print("the configs are identical")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ParamSpec, TypeVar
 import typer
 
 from cnnlab.cli._app import LEARN, app
-from cnnlab.cli._errors import friendly_errors
+from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.playground.display import MAX_FRAMES, RESCALE_RULES
 from cnnlab.playground.kernels import list_kernels
 
@@ -42,7 +42,7 @@ class Rescale(str, Enum):
 KERNEL_HELP = (f"Kernel: a name ({', '.join(list_kernels())}), box:SIZE, gaussian:SIZE:SIGMA, RUN:LAYER:INDEX "
                "(filter INDEX of a trained run's conv layer, e.g. runs/mnist-seed:conv1:5), "
                "or weights with rows separated by ';' and values by ',', e.g. '1,0,-1;2,0,-2;1,0,-1'.")
-PADDING_HELP = "'valid' (no padding), 'same' (output = ceil(input / stride), Keras), N zeros, or 'ROWS,COLS'."
+PADDING_HELP = "'valid' (no padding), 'same' (output = ceil(input / stride), Keras), N zeros (0-256), or 'ROWS,COLS'."
 IMAGE_ARG = typer.Argument(..., help="Image file to read (PNG, JPEG, ...); scaled to floats in [0, 1].")
 
 
@@ -53,10 +53,7 @@ def open_image(path: Path, gray: bool) -> tuple[Image.Image, list[str]]:
     `cnnlab predict`), grey if asked; the notes say what was done to it."""
     from cnnlab import images
 
-    try:
-        image = images.open_image(path)
-    except (images.ImageReadError, OSError) as error:
-        raise typer.BadParameter(f"cannot read {str(path)!r} as an image ({error})", param_hint="IMAGE") from None
+    image = images.open_image(path)  # ImageReadError (too many pixels, not an image): one line via friendly_errors
     notes = []
     if image.mode == "P":
         notes.append("palette image expanded to RGB")
@@ -91,12 +88,15 @@ def save_image(values: np.ndarray, path: Path) -> None:
 
 
 def check_image_output(path: Path) -> None:
-    """Fail before any work if Pillow cannot write the output's file type."""
+    """Fail before any work if Pillow cannot write the output's file type, or the target is not a file."""
     from PIL import Image
+
+    from cnnlab.files import output_target
 
     if path.suffix.lower() not in Image.registered_extensions():
         raise typer.BadParameter(f"cannot write {path.suffix or 'a file without extension'}: use .png or .jpg",
                                  param_hint="--out")
+    output_target(path)
 
 
 def parse_padding(text: str) -> str | int | tuple[int, int]:
@@ -108,7 +108,7 @@ def parse_padding(text: str) -> str | int | tuple[int, int]:
         numbers = [int(part) for part in text.split(",")]
     except ValueError:
         raise typer.BadParameter(f"expected {PADDING_HELP} Got {text!r}", param_hint="--padding") from None
-    if len(numbers) > 2 or min(numbers) < 0:
+    if len(numbers) > 2 or min(numbers) < 0 or max(numbers) > 256:
         raise typer.BadParameter(f"expected {PADDING_HELP} Got {text!r}", param_hint="--padding")
     return numbers[0] if len(numbers) == 1 else (numbers[0], numbers[1])
 
@@ -145,8 +145,7 @@ def run_library(call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
     try:
         return call(*args, **kwargs)
     except ValueError as error:
-        typer.echo(f"Error: {error}", err=True)
-        raise typer.Exit(2) from None
+        raise fail(str(error)) from None
 
 
 def shape_text(shape: tuple[int, ...]) -> str:
@@ -161,9 +160,10 @@ def convolve(
     image: Path = IMAGE_ARG,
     out: Path = typer.Option(..., "--out", "-o", help="Where to save the result (.png, .jpg, ...)."),
     kernel: str = typer.Option("blur", "--kernel", "-k", help=KERNEL_HELP),
-    stride: int = typer.Option(1, help="Step between kernel positions, in pixels (>= 1)."),
+    stride: int = typer.Option(1, min=1, max=256, help="Step between kernel positions, in pixels."),
     padding: str = typer.Option("valid", help=PADDING_HELP),
-    dilation: int = typer.Option(1, help="Gap between kernel taps: 2 spreads a 3x3 kernel over 5x5 pixels."),
+    dilation: int = typer.Option(1, min=1, max=64,
+                                  help="Gap between kernel taps: 2 spreads a 3x3 kernel over 5x5 pixels."),
     gray: bool = typer.Option(False, "--gray", help="Convert the image to grey first."),
     per_channel: bool = typer.Option(False, "--per-channel",
                                      help="Keep colour: convolve R, G and B separately with the same kernel "
@@ -215,8 +215,9 @@ def pool(
     image: Path = IMAGE_ARG,
     out: Path = typer.Option(..., "--out", "-o", help="Where to save the result (.png, .jpg, ...)."),
     mode: PoolMode = typer.Option(PoolMode.max, help="max: largest value of each window; avg: its mean."),
-    size: int = typer.Option(2, help="Window side, in pixels."),
-    stride: int = typer.Option(None, help="Step between windows, in pixels (default: the window size)."),
+    size: int = typer.Option(2, min=1, max=256, help="Window side, in pixels."),
+    stride: int = typer.Option(None, min=1, max=256,
+                               help="Step between windows, in pixels (default: the window size)."),
     padding: str = typer.Option("valid", help=PADDING_HELP + " Padded cells are ignored."),
     gray: bool = typer.Option(False, "--gray", help="Convert the image to grey first."),
 ) -> None:
@@ -269,8 +270,11 @@ def save_frames(frames: list[Image.Image], out: Path, start: int, total: int) ->
 
 
 def check_animation_output(out: Path) -> None:
+    from cnnlab.files import output_target
+
     if out.suffix.lower() not in (".gif", ".html", ".htm"):
         raise typer.BadParameter(f"animation output must end in .gif or .html, got {out.name!r}", param_hint="--out")
+    output_target(out)
 
 
 STEPS_HELP = f"How many positions to animate before the final frame (at most {MAX_FRAMES})."
@@ -285,11 +289,11 @@ def explain_conv_command(
     image: Path = IMAGE_ARG,
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
     kernel: str = typer.Option("blur", "--kernel", "-k", help=KERNEL_HELP),
-    stride: int = typer.Option(1, help="Step between kernel positions, in pixels (>= 1)."),
+    stride: int = typer.Option(1, min=1, max=256, help="Step between kernel positions, in pixels."),
     padding: str = typer.Option("valid", help=PADDING_HELP),
-    steps: int = typer.Option(12, min=1, help=STEPS_HELP),
+    steps: int = typer.Option(12, min=1, max=MAX_FRAMES, help=STEPS_HELP),
     start: int = typer.Option(0, min=0, help=START_HELP),
-    max_side: int = typer.Option(12, min=2, help=MAX_SIDE_HELP),
+    max_side: int = typer.Option(12, min=2, max=64, help=MAX_SIDE_HELP),
 ) -> None:
     """Show a kernel sliding over a small grey image: patch, weights, products and the sum landing in the output."""
     from cnnlab.playground.conv import conv2d
@@ -315,12 +319,13 @@ def explain_pool_command(
     image: Path = IMAGE_ARG,
     out: Path = typer.Option(..., "--out", "-o", help=OUT_HELP),
     mode: PoolMode = typer.Option(PoolMode.max, help="max: largest value of each window; avg: its mean."),
-    size: int = typer.Option(2, help="Window side, in pixels."),
-    stride: int = typer.Option(None, help="Step between windows, in pixels (default: the window size)."),
+    size: int = typer.Option(2, min=1, max=256, help="Window side, in pixels."),
+    stride: int = typer.Option(None, min=1, max=256,
+                               help="Step between windows, in pixels (default: the window size)."),
     padding: str = typer.Option("valid", help=PADDING_HELP + " Padded cells are ignored."),
-    steps: int = typer.Option(12, min=1, help=STEPS_HELP),
+    steps: int = typer.Option(12, min=1, max=MAX_FRAMES, help=STEPS_HELP),
     start: int = typer.Option(0, min=0, help=START_HELP),
-    max_side: int = typer.Option(12, min=2, help=MAX_SIDE_HELP),
+    max_side: int = typer.Option(12, min=2, max=64, help=MAX_SIDE_HELP),
 ) -> None:
     """Show a pooling window sliding over a small grey image and the max or mean landing in the output."""
     from cnnlab.playground.conv import avg_pool2d, max_pool2d

@@ -91,9 +91,11 @@ def train(
     wandb_project: Annotated[str, typer.Option(help="W&B project for --wandb.")] = "cnnlab",
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto (a GPU when there is one; "
                                                   "the default).")] = None,
-    nproc: Annotated[int, typer.Option(help="Train data-parallel in this many processes on this machine "
+    nproc: Annotated[int, typer.Option(
+        min=1, max=256, help="Train data-parallel in this many processes on this machine "
                                        "(torchrun; gloo on CPU, nccl on GPUs).")] = 1,
-    max_restarts: Annotated[int, typer.Option(help="With --nproc: restart the job this many times if a process "
+    max_restarts: Annotated[int, typer.Option(
+        min=0, max=100, help="With --nproc: restart the job this many times if a process "
                                               "dies; it resumes from the last checkpoint.")] = 0,
 ) -> None:
     """Train a model, evaluate it on the test set, and record everything in a run directory.
@@ -111,8 +113,6 @@ def train(
             name = layout.default_name(load_config(model, config, set_, **sections(dataset)))
         launch_processes(ctx, nproc, max_restarts, name, resume, runs_dir)
         return
-    if nproc < 1:
-        raise fail(f"--nproc: expected a number of processes >= 1, found {nproc}")
     tracker = None
     try:
         if resume is not None:

@@ -12,7 +12,7 @@ import typer
 
 from cnnlab.cli._app import USE, app
 from cnnlab.cli._errors import fail, friendly_errors
-from cnnlab.cli._options import Run
+from cnnlab.cli._options import Run, output_file
 
 
 @app.command(rich_help_panel=USE)
@@ -20,7 +20,8 @@ from cnnlab.cli._options import Run
 def predict(
     run: Run,
     images: Annotated[list[Path], typer.Argument(help="Image files: PNG, JPEG, ... any size, colour or grey.")],
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="How many classes to list per image.")] = 3,
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, max=1000,
+                                       help="How many classes to list per image.")] = 3,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per image, one per line.")] = False,
     preview: Annotated[Path | None, typer.Option(
         "--preview", help="Write the images the model saw (28x28 grey, 32x32 colour, ...) side by side to this PNG.")]
@@ -29,8 +30,8 @@ def predict(
     """Classify your own pictures, prepared the way the run's dataset was made (crop, scale, centre, invert)."""
     from cnnlab.use.predict import Predictor, predict_files, save_preview
 
-    if preview is not None and preview.suffix.lower() != ".png":
-        raise fail(f"--preview must be a .png file, got {preview.name!r}")
+    if preview is not None:
+        output_file(preview, (".png",), "--preview")
     predictor = Predictor.from_run(run)
     results = predict_files(predictor, images)
     for prediction in results.predictions:
@@ -86,20 +87,21 @@ def serve(
     runs: Annotated[list[Path], typer.Argument(help="One or more run directories; the page lets you pick one.")],
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it to this computer.")]
     = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
 ) -> None:
     """A web page to draw or upload pictures and see the prediction, the model's input and its feature maps."""
     try:
         import uvicorn
 
         from cnnlab.use.serve import create_app
+        from cnnlab.use.serve.app import server_config
     except ImportError as exc:
         raise fail(f"serve needs the web packages ({exc.name} is missing): pip install 'cnnlab[serve]'") from None
     application = create_app(runs)
     if not is_loopback(host):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the demo", file=sys.stderr)
     print(f"serving {', '.join(str(r) for r in runs)} on http://{host}:{port}/  (Ctrl+C stops)")
-    uvicorn.run(application, host=host, port=port, log_level="warning")
+    uvicorn.Server(server_config(application, host, port)).run()
 
 
 def is_loopback(host: str) -> bool:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.config import Config
+from cnnlab.errors import UserError
 from cnnlab.models.plan import plan
 from cnnlab.runs import layout, records
 
@@ -54,23 +55,39 @@ def run_row(run: str | Path) -> dict[str, Any]:
     history = records.read_metrics(run)
     test = records.read_record(run, "test") or {}
     manifest = records.read_record(run, "manifest") or {}
+    started = manifest.get("started")
     return dict(
         run=run.name, path=str(run), dataset=config.data.dataset, model=config.model.name,
         params=count_run_params(run, config), epochs=len(history), epochs_planned=config.train.epochs,
         val_accuracy=finite(history[-1].get("val_accuracy")) if history else None,
-        test_accuracy=test.get("accuracy"), test_loss=test.get("loss"),
-        seconds=round(sum(m.get("seconds", 0.0) for m in history), 2) if history else None,
-        started=manifest.get("started"))
+        test_accuracy=finite(test.get("accuracy")), test_loss=finite(test.get("loss")),
+        seconds=round(sum(finite(m.get("seconds")) or 0.0 for m in history), 2) if history else None,
+        started=started if isinstance(started, str) else None, error=None)
+
+
+def broken_row(run: Path, error: Exception) -> dict[str, Any]:
+    """The row of a run that cannot be read: its name and why, every other column unknown."""
+    row: dict[str, Any] = {column: None for column in COLUMNS}
+    return {**row, "run": run.name, "path": str(run), "epochs": 0, "epochs_planned": None, "test_loss": None,
+            "error": str(error)}
 
 
 def finite(value: Any) -> float | None:
-    return value if isinstance(value, (int, float)) and math.isfinite(value) else None
+    """A number from a file a user or a crash can leave behind, or None when it is anything else."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return value
 
 
 def run_rows(root: str | Path = layout.DEFAULT_ROOT, sort: str | None = None, reverse: bool = False) -> list[dict]:
     """Rows for every run under root: oldest first, or by `sort` (text A-Z, numbers biggest first; runs
     missing it last)."""
-    rows = [run_row(run) for run in layout.find_runs(root)]
+    rows = []
+    for run in layout.find_runs(root):
+        try:
+            rows.append(run_row(run))
+        except UserError as exc:  # one bad run must not hide the others
+            rows.append(broken_row(run, exc))
     if sort is None:
         return rows[::-1] if reverse else rows
     if sort not in COLUMNS:

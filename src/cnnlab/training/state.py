@@ -87,6 +87,12 @@ CHECKPOINT_SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = dict(
 )
 
 
+# Written by cnnlab's recorder beside the trainer's state, absent from checkpoints made before it was.
+OPTIONAL_SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = dict(
+    config=("the resolved config as a mapping", lambda v: isinstance(v, dict)),
+)
+
+
 def check_checkpoint(checkpoint: Any) -> None:
     """A ValueError naming the first key of a checkpoint that is missing or of the wrong kind."""
     if not isinstance(checkpoint, dict):
@@ -95,4 +101,7 @@ def check_checkpoint(checkpoint: Any) -> None:
         if key not in checkpoint:
             raise ValueError(f"its state has no {key!r}")
         if not valid(checkpoint[key]):
+            raise ValueError(f"its state's {key!r} should be {expected}")
+    for key, (expected, valid) in OPTIONAL_SCHEMA.items():
+        if key in checkpoint and not valid(checkpoint[key]):
             raise ValueError(f"its state's {key!r} should be {expected}")

@@ -22,7 +22,7 @@ from torch import nn
 
 from cnnlab.data.pixels import images_tensor, to_inputs
 from cnnlab.errors import UserError
-from cnnlab.files import write_atomic
+from cnnlab.files import output_target, remove_stale_temps, write_atomic
 from cnnlab.use.predict import Predictor
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -67,23 +67,31 @@ def export_run(run: str | Path, format: str = "onnx", out: str | Path | None = N
     """
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r} (known: {', '.join(FORMATS)})")
+    out = output_target(Path(out) if out is not None else Path(run) / f"model{FORMATS[format]}")  # before the work
+    remove_stale_temps(out.parent, [out.name])  # left by an export that was killed (its process is gone)
     predictor = Predictor.from_run(run)
-    out = Path(out) if out is not None else Path(run) / f"model{FORMATS[format]}"
     inputs = example_inputs(predictor, check_images if check_images is not None else dataset_images(predictor))
     wrapped = WithSoftmax(predictor.model).eval()
     with torch.no_grad():
         expected = wrapped(inputs).numpy()
     metadata = export_metadata(predictor)
-    if format == "onnx":
-        write_atomic(out, lambda tmp: write_onnx(wrapped, inputs, tmp, metadata))
-        actual = run_onnx(out, inputs.numpy())
-    else:
-        write_atomic(out, lambda tmp: write_torchscript(wrapped, inputs, tmp, metadata))
-        actual = run_torchscript(out, inputs)
-    difference = float(np.abs(actual - expected).max())
-    if not difference <= TOLERANCE:
-        raise ExportError(f"{out}: the exported model differs from the original by {difference:.2e} (> {TOLERANCE})")
-    return ExportResult(out, format, difference, len(inputs))
+    differences: list[float] = []
+
+    def write_and_check(tmp: Path) -> None:
+        """Write the file, run it, and compare: a file that does not match is never put in place."""
+        if format == "onnx":
+            write_onnx(wrapped, inputs, tmp, metadata)
+            actual = run_onnx(tmp, inputs.numpy())
+        else:
+            write_torchscript(wrapped, inputs, tmp, metadata)
+            actual = run_torchscript(tmp, inputs)
+        differences.append(float(np.abs(actual - expected).max()))
+        if not differences[0] <= TOLERANCE:
+            raise ExportError(f"{out}: the exported model differs from the original by {differences[0]:.2e} "
+                              f"(> {TOLERANCE}); nothing was written")
+
+    write_atomic(out, write_and_check)
+    return ExportResult(out, format, differences[0], len(inputs))
 
 
 def example_inputs(predictor: Predictor, images: np.ndarray | None = None, count: int = 64) -> torch.Tensor:

@@ -1,0 +1,168 @@
+"""Runs a user or a crash left in a strange state: resumed truthfully, refused with one line, or listed
+with their problem, never a false success or a traceback."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from cnnlab.cli import app
+from cnnlab.runs import layout
+from cnnlab.runs.weights import load_model
+
+runner = CliRunner()
+DIGIT = Path(__file__).resolve().parents[1] / "docs" / "img" / "digit.png"
+QUICK = ["--model", "seed", "--epochs", "1", "--set", "first_layer_convs=4", "--set", "dense_layer_size=16",
+         "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    result = runner.invoke(app, ["train", *QUICK, "--runs-dir", str(root), "--name", "done"])
+    assert result.exit_code == 0, result.output
+    return root / "done"
+
+
+@pytest.fixture
+def copy(finished, tmp_path):
+    def make(name: str = "r") -> Path:
+        return Path(shutil.copytree(finished, tmp_path / name))
+    return make
+
+
+def resume(run: Path):
+    return runner.invoke(app, ["train", "--resume", str(run), "--quiet"])
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_model(run)[0].state_dict()
+
+
+# ---------------------------------------------------------------- resuming a finished run
+def poisoned(run: Path) -> None:
+    tensors = {k: v.clone() for k, v in weights(run).items()}
+    tensors["head.classifier.bias"][0] = float("nan")
+    save_file(tensors, str(layout.path(run, "weights")), metadata={"format": "cnnlab-weights-1",
+              "input_shape": "[28, 28, 1]", "classes": json.dumps([str(d) for d in range(10)])})
+
+
+def replaced(run: Path, other: Path) -> None:
+    shutil.copy(layout.path(other, "weights"), layout.path(run, "weights"))
+
+
+@pytest.mark.parametrize("damage", ["missing", "non-finite", "replaced"])
+def test_resuming_a_finished_run_restores_its_model_file_from_the_checkpoint(finished, copy, tmp_path, damage):
+    run = copy()
+    expected = weights(finished)
+    if damage == "missing":
+        layout.path(run, "weights").unlink()
+    elif damage == "non-finite":
+        poisoned(run)
+    else:
+        trained = runner.invoke(app, ["train", *QUICK, "--seed", "5", "--runs-dir", str(tmp_path / "o"),
+                                      "--name", "other"])
+        assert trained.exit_code == 0, trained.output
+        replaced(run, tmp_path / "o" / "other")
+    result = resume(run)
+    assert result.exit_code == 0, result.output
+    assert "model.safetensors was" in result.output and "rewritten from the checkpoint" in result.output
+    restored = weights(run)
+    assert all(torch.equal(restored[k], expected[k]) for k in expected)
+    predicted = runner.invoke(app, ["predict", str(run), "--json", str(DIGIT)])
+    assert predicted.exit_code == 0, predicted.output
+
+
+def test_resuming_an_intact_finished_run_changes_nothing(copy):
+    run = copy()
+    before = layout.path(run, "weights").read_bytes()
+    result = resume(run)
+    assert result.exit_code == 0 and "rewritten" not in result.output
+    assert layout.path(run, "weights").read_bytes() == before
+
+
+def test_a_config_edited_since_the_checkpoint_is_refused(copy):
+    run = copy()
+    config = yaml.safe_load(layout.path(run, "config").read_text())
+    config["train"]["epochs"] = 3  # would need a longer one-cycle schedule than the checkpoint has
+    layout.path(run, "config").write_text(yaml.safe_dump(config))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    result = resume(run)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 2 and lines[-1].startswith("error: ")
+    assert "config.yaml was edited after the checkpoint was written (train.epochs: 1 -> 3)" in result.output
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_disk_full_before_the_first_checkpoint_does_not_promise_a_resume(tmp_path, monkeypatch):
+    import errno
+
+    import cnnlab.runs.weights as weights_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(weights_module, "save_file", full)
+    result = runner.invoke(app, ["train", *QUICK, "--runs-dir", str(tmp_path), "--name", "full"])
+    assert result.exit_code == 2
+    assert "No space left on device (ENOSPC)" in result.output and "nothing to resume" in result.output
+    assert "--resume" not in result.output
+
+
+# ---------------------------------------------------------------- run names
+@pytest.mark.parametrize("name", ["../escaped", "/tmp/absolute", "a/b", ".hidden", "..", " "])
+def test_names_that_leave_the_runs_folder_are_refused(tmp_path, name):
+    result = runner.invoke(app, ["train", *QUICK, "--runs-dir", str(tmp_path / "runs"), "--name", name])
+    assert result.exit_code == 2 and "error: run name" in result.output and "expected one folder name" in result.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
+
+
+def test_a_name_that_is_not_utf8_is_refused(tmp_path):
+    done = subprocess.run([os.fsencode(sys.executable), b"-m", b"cnnlab", b"train", *(a.encode() for a in QUICK),
+                           b"--runs-dir", os.fsencode(tmp_path / "runs"), b"--name", b"caf\xe9"],
+                          capture_output=True, timeout=300)
+    assert done.returncode == 2 and b"not valid UTF-8" in done.stderr, done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unicode_and_spaces_in_names_work(tmp_path):
+    result = runner.invoke(app, ["train", *QUICK, "--runs-dir", str(tmp_path), "--name", "café au lait ☕"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "café au lait ☕" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------- files left behind
+def test_one_bad_run_does_not_hide_the_others(copy, tmp_path):
+    copy("good")
+    garbled, piped = copy("garbled"), copy("piped")
+    layout.path(garbled, "test").write_text('{"accuracy": "high"}')  # the wrong type: shown as unknown
+    layout.path(garbled, "metrics").write_text("[1, 2]\n")  # a JSON array where an epoch's object belongs
+    layout.path(piped, "config").unlink()
+    os.mkfifo(layout.path(piped, "config"))  # would block a reader forever
+    result = runner.invoke(app, ["runs", "--runs-dir", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {row["run"]: row for row in json.loads(result.output)}
+    assert set(rows) == {"good", "garbled", "piped"}
+    assert rows["good"]["error"] is None and rows["good"]["test_accuracy"] is not None
+    assert "metrics.jsonl: line 1 is a JSON list" in rows["garbled"]["error"]
+    assert "a FIFO (named pipe), not a regular file" in rows["piped"]["error"]
+    table = runner.invoke(app, ["runs", "--runs-dir", str(tmp_path)])
+    assert table.exit_code == 0 and "problem" in table.output
+
+
+def test_a_fifo_where_the_weights_belong_is_refused_without_blocking(copy):
+    run = copy()
+    layout.path(run, "weights").unlink()
+    os.mkfifo(layout.path(run, "weights"))
+    done = subprocess.run([sys.executable, "-m", "cnnlab", "evaluate", str(run)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2 and "model.safetensors: a FIFO (named pipe), not a regular file" in done.stderr
