@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import random
 import signal
@@ -90,9 +91,11 @@ def kill_when(process: subprocess.Popen, moment: str, run: Path, rng: random.Ran
     elif moment == "epoch-end":
         first = lines(run)
         wait_for(process, lambda: lines(run) > first)
-    else:  # at a random time after the first epoch (before it, resume has nothing: tested apart)
+    else:  # at a random moment of the epoch after the first (before it, resume has nothing: tested apart),
+        # measured in that machine's own epochs, so a fast or a busy machine kills inside the run alike
         wait_for(process, lambda: lines(run) >= 1)
-        time.sleep(rng.uniform(0.0, 0.8))
+        epoch_seconds = json.loads(layout.path(run, "metrics").read_text().splitlines()[-1])["seconds"]
+        time.sleep(rng.uniform(0.0, 1.0) * epoch_seconds)
     process.kill()
     process.communicate()
 
