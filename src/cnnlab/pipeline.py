@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from torch import nn
 
@@ -99,7 +100,8 @@ def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool =
     if context.is_main:
         records.rewrite_metrics(run, trainer.history)
         if trainer.state.epoch >= config.train.epochs:
-            restore_weights(run, model, data.classes)  # the trainer's model, as the checkpoint left it
+            # the network build_model made (or its averaged copy), as the checkpoint left it
+            restore_weights(run, cast(CNN, trainer.evaluation_model), data.classes)
     return fit_and_test(run, trainer, data, context)
 
 
@@ -152,7 +154,7 @@ def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SIN
         skipped = merge_skipped(context, data)
         test = None
         if context.is_main:
-            test = test_run(run, trainer.model, data, trainer.config)
+            test = test_run(run, trainer.evaluation_model, data, trainer.config)
             skipped.update(data.test.skipped)
             if skipped:
                 write_json(layout.path(run, "skipped"), skipped)
@@ -173,7 +175,7 @@ def merge_skipped(context: Context, data: Data) -> dict[str, str]:
 def test_run(run: Path, model: nn.Module, data: Data, config: TrainConfig) -> Evaluation:
     """Evaluate on the test set and record test.json and confusion.png in the run."""
     result = evaluate_source(model, data.test, data.classes, config.eval_batch_size, config.channels_last,
-                             config.tta)
+                             config.tta, config.tta_shift)
     write_json(layout.path(run, "test"), result.to_dict())
     write_atomic(layout.path(run, "confusion"),
                  lambda tmp: plot_confusion(result.confusion, data.classes, tmp,

@@ -95,19 +95,25 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    """How the model learns: optimiser, schedule, augmentation, averaging, test-time augmentation."""
+
     epochs: int = 4
     batch_size: int = 32  # images per optimisation step
     optimizer: str = "adam"  # adam, adamw or sgd
     lr: float = 1e-3  # peak learning rate
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
+    decay_norms_and_biases: bool = True  # false: weight decay skips biases and batch-norm scales (1-D tensors)
     schedule: str = "constant"  # learning rate over the run: constant, onecycle or cosine
     label_smoothing: float = 0.0  # target probability moved from the true class to the others
     seed: int = 0  # seeds the validation split, initial weights, data order and dropout
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
     augment_shift: int = 0  # pixels: each training image moved by up to this much, at random
     augment_flip: bool = False  # mirror half the training images at random (clothes, not digits)
+    augment_erase: float = 0.0  # probability an image gets a random rectangle (2-33% of it) replaced by noise
+    ema: float = 0.0  # averaged weights, evaluated and saved: decay per step (0.999: ~the last 1000 steps); 0: off
     tta: bool = False  # test-time augmentation: average the predictions for each image and its mirror
+    tta_shift: int = 0  # pixels: also average over the image moved this far up, down, left and right
     channels_last: bool = True  # weights and batches stored (N, H, W, C): 1.5-2x faster conv/BN steps on CPU
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (a GPU when torch sees one)
     # images per forward pass when evaluating: small batches stay in cache (4-7x faster than 1000 on 2 cores)
@@ -202,6 +208,9 @@ def validate_train(t: TrainConfig) -> None:
     if t.threads is not None:
         bounded(t.threads, 1, MAX_THREADS, "train.threads")
     bounded(t.augment_shift, 0, MAX_KERNEL, "train.augment_shift", "pixels")
+    real(t.augment_erase, 0, 1, "train.augment_erase", "a probability")
+    real(t.ema, 0, 1, "train.ema", "a decay per step", high_open=True)
+    bounded(t.tta_shift, 0, MAX_KERNEL, "train.tta_shift", "pixels")
     if not (t.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", t.device)):
         raise ConfigError(f"train.device: expected cpu, cuda, cuda:N or auto, found {t.device!r}"
                           f"{did_you_mean(t.device, ['auto', 'cpu', 'cuda'])}")

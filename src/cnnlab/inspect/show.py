@@ -63,7 +63,8 @@ class LoadedRun:
         # evaluated as the run's test was (channels-last, test-time augmentation), so mistakes agree with test.json
         images, labels = self.test_set
         t = self.config.train
-        return evaluate(self.model, images, labels, self.classes, t.eval_batch_size, t.channels_last, t.tta)
+        return evaluate(self.model, images, labels, self.classes, t.eval_batch_size, t.channels_last, t.tta,
+                        t.tta_shift)
 
 
 @dataclass(frozen=True)

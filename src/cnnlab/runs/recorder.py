@@ -7,9 +7,9 @@ from typing import Any
 
 from safetensors import SafetensorError
 
+from cnnlab.config import Config
 from cnnlab.files import reason
 from cnnlab.runs.checkpoints import save_checkpoint
-from cnnlab.config import Config
 from cnnlab.runs.layout import FILES, RunError, path, remove_stale_files
 from cnnlab.runs.records import rewrite_metrics
 from cnnlab.runs.weights import save_weights
@@ -35,7 +35,7 @@ class RunRecorder(Callback):
         where = f"epoch {trainer.state.epoch}"
         # weights before the checkpoint: a checkpoint of the last epoch means its weights are saved too
         # (resuming a finished run does not write them again)
-        self.save("weights", where, save_weights, self.run, trainer.model, self.classes)
+        self.save("weights", where, save_weights, self.run, trainer.evaluation_model, self.classes)
         self.save("checkpoint", where, save_checkpoint, self.run, self.checkpoint(trainer))
         # the whole file, atomically (never a half-written line); resume rewrites it from the checkpoint
         self.save("metrics", where, rewrite_metrics, self.run, trainer.history)

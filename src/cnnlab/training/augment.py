@@ -1,9 +1,12 @@
-"""Training-time augmentation on whole uint8 batches: random shifts and mirror images, no per-image Python.
+"""Training-time augmentation on whole uint8 batches: random shifts (a random crop of the zero-padded image),
+mirror images and random erasing, with no per-image Python.
 
 Random draws come from torch's global generator, which the trainer seeds and checkpoints, so
 augmented runs stay deterministic and resumable.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -29,7 +32,36 @@ def random_flip(images: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
-def augment(images: torch.Tensor, shift: int = 0, flip: bool = False) -> torch.Tensor:
-    """The configured augmentations of a uint8 batch (N, C, H, W)."""
+ERASE_AREA = (0.02, 1 / 3)  # fraction of the image a random erasure covers (Zhong et al. 2020: 0.02-0.4)
+ERASE_ASPECT = (0.3, 3.3)  # height / width of the erased rectangle, drawn on a log scale
+
+
+def random_erase(images: torch.Tensor, probability: float) -> torch.Tensor:
+    """Replace a random rectangle of each image, with `probability`, by uniform noise (random erasing).
+
+    Whole-batch, no per-image Python: each image draws its rectangle's area, aspect and place, and a
+    mask (N, 1, H, W) selects noise or pixel.
+    """
+    if probability <= 0:
+        return images
+    n, c, h, w = images.shape
+    area = torch.empty(n).uniform_(*ERASE_AREA) * h * w  # pixels per erased rectangle
+    aspect = torch.empty(n).uniform_(*map(math.log, ERASE_ASPECT)).exp()
+    eh = (area * aspect).sqrt().round().clamp(1, h).long()  # (N,) rectangle heights
+    ew = (area / aspect).sqrt().round().clamp(1, w).long()
+    top = (torch.rand(n) * (h - eh + 1)).long()
+    left = (torch.rand(n) * (w - ew + 1)).long()
+    chosen = torch.rand(n) < probability
+    rows, cols = torch.arange(h)[None, :, None], torch.arange(w)[None, None, :]  # (1, H, 1), (1, 1, W)
+    inside = ((rows >= top[:, None, None]) & (rows < (top + eh)[:, None, None])
+              & (cols >= left[:, None, None]) & (cols < (left + ew)[:, None, None]))  # (N, H, W)
+    mask = (inside & chosen[:, None, None])[:, None]  # (N, 1, H, W)
+    noise = torch.randint(0, 256, images.shape, dtype=torch.uint8)
+    return torch.where(mask, noise, images)
+
+
+def augment(images: torch.Tensor, shift: int = 0, flip: bool = False, erase: float = 0.0) -> torch.Tensor:
+    """The configured augmentations of a uint8 batch (N, C, H, W): shift, then mirror, then erase."""
     images = random_shift(images, shift)
-    return random_flip(images) if flip else images
+    images = random_flip(images) if flip else images
+    return random_erase(images, erase)

@@ -32,6 +32,7 @@ from cnnlab.errors import UserError
 from cnnlab.training.augment import augment
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.distributed import SINGLE, Context
+from cnnlab.training.ema import EMA
 from cnnlab.training.evaluate import predict_batches
 from cnnlab.training.optim import make_optimizer, make_scheduler
 from cnnlab.training.state import Running, TrainState
@@ -85,6 +86,7 @@ class Trainer:
         self.optimizer = make_optimizer(model, config)
         self.steps_per_epoch = steps_in_epoch(len(data.train), config.batch_size)
         self.scheduler = make_scheduler(self.optimizer, config, config.epochs * self.steps_per_epoch)
+        self.ema = EMA(model, config.ema) if config.ema else None  # the averaged weights, when asked for
         self.rng_state = self.initial_rng_state(config.seed, context.rank)  # this rank's dropout/augment generator
         self.state = TrainState(rng_states=self.rng_state.unsqueeze(0))  # (world, n): as of the last sync point
         self.stop_requested = False
@@ -103,6 +105,11 @@ class Trainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed + 1_000_003 * rank)
             return torch.get_rng_state()
+
+    @property
+    def evaluation_model(self) -> nn.Module:
+        """What is validated, tested and saved: the averaged weights with `train.ema`, else the model itself."""
+        return self.ema.model if self.ema is not None else self.model
 
     @property
     def history(self) -> list[dict[str, Any]]:
@@ -136,7 +143,7 @@ class Trainer:
         rank, world = self.context.rank, self.context.world
         shards = [index[rank::world] for index in self.global_batches()]  # disjoint; together the global batch
         for images, labels in self.data.train.batches(shards):
-            images = augment(images, self.config.augment_shift, self.config.augment_flip)
+            images = augment(images, self.config.augment_shift, self.config.augment_flip, self.config.augment_erase)
             loss_sum, correct, seen, stop = self.train_step(images, labels)
             state.step += 1
             state.running.add(loss_sum, correct, seen)
@@ -174,6 +181,8 @@ class Trainer:
         (loss_sum * (self.context.world / max(seen, 1))).backward()
         self.optimizer.step()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         return total, int(hits), int(seen), stops > 0
 
     def stop_agreed(self) -> bool:
@@ -202,11 +211,13 @@ class Trainer:
         if len(self.data.val) == 0:
             return math.nan, math.nan
         self.context.broadcast_buffers(self.model)  # batch-norm statistics: rank 0's, as saved
+        if self.ema is not None:
+            self.ema.copy_buffers(self.model)
         c = self.config
         positions = torch.arange(len(self.data.val))[self.context.rank::self.context.world]
         loss_sum, correct, seen = 0.0, 0, 0
-        for logits, labels in predict_batches(self.model, self.data.val, positions, c.eval_batch_size,
-                                              c.channels_last, c.tta):
+        for logits, labels in predict_batches(self.evaluation_model, self.data.val, positions, c.eval_batch_size,
+                                              c.channels_last, c.tta, c.tta_shift):
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += int((logits.argmax(dim=1) == labels).sum())
             seen += len(labels)
@@ -220,8 +231,11 @@ class Trainer:
     # ------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """A checkpoint: everything needed to continue exactly where training stands (`training.state`)."""
-        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                    scheduler=self.scheduler.state_dict(), **self.state.to_dict())
+        checkpoint = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                          scheduler=self.scheduler.state_dict(), **self.state.to_dict())
+        if self.ema is not None:
+            checkpoint["ema"] = self.ema.state_dict()
+        return checkpoint
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
         """Continue from a checkpoint (checked by `training.state.check_checkpoint`)."""
@@ -229,6 +243,10 @@ class Trainer:
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.match_optimizer_state_layout()
         self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if self.ema is not None:
+            if "ema" not in checkpoint:
+                raise ValueError("its state has no 'ema' (the averaged weights train.ema asks for)")
+            self.ema.load_state_dict(checkpoint["ema"])  # copied into its tensors: their layout is kept
         self.state = TrainState.from_dict(checkpoint)
         if len(self.state.rng_states) == self.context.world:
             self.rng_state = self.state.rng_states[self.context.rank].clone()

@@ -20,12 +20,29 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Images (N, C, H, W) moved dy pixels down and dx right, zeros (the datasets' background) filling in."""
+    h, w = x.shape[2:]
+    s = max(abs(dy), abs(dx))
+    padded = F.pad(x, (s, s, s, s))
+    return padded[:, :, s - dy:s - dy + h, s - dx:s - dx + w]
+
+
+def views(x: torch.Tensor, flip: bool, shift: int) -> list[torch.Tensor]:
+    """The test-time views of a batch: itself, its mirror (flip), and copies moved `shift` pixels each way."""
+    out = [x, x.flip(-1)] if flip else [x]
+    if shift:
+        out += [shifted(v, dy, dx) for v in list(out) for dy, dx in ((shift, 0), (-shift, 0), (0, shift), (0, -shift))]
+    return out
+
+
 @torch.no_grad()
 def infer(model: nn.Module, images: torch.Tensor, batch_size: int = 256, channels_last: bool = False,
-          tta: bool = False) -> torch.Tensor:
+          tta: bool = False, tta_shift: int = 0) -> torch.Tensor:
     """Logits (N, num_classes) for uint8 images, in eval mode, batch by batch.
 
-    tta averages the logits of each image and its mirror image (test-time augmentation).
+    Test-time augmentation averages the logits over views of each image: with `tta` its mirror, with
+    `tta_shift` the image (and its mirror) moved that many pixels up, down, left and right.
     """
     was_training = model.training
     model.eval()
@@ -34,7 +51,8 @@ def infer(model: nn.Module, images: torch.Tensor, batch_size: int = 256, channel
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         x = to_inputs(batch, channels_last, device)
-        return ((model(x) + model(x.flip(-1))) / 2 if tta else model(x)).cpu()
+        seen = views(x, tta, tta_shift)
+        return (sum(model(v) for v in seen) / len(seen)).cpu()
 
     try:
         return torch.cat([forward(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
@@ -44,7 +62,8 @@ def infer(model: nn.Module, images: torch.Tensor, batch_size: int = 256, channel
 
 @torch.no_grad()
 def predict_batches(model: nn.Module, source: Source, positions: torch.Tensor | None = None, batch_size: int = 256,
-                    channels_last: bool = False, tta: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                    channels_last: bool = False, tta: bool = False, tta_shift: int = 0
+                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(logits, labels) batch by batch for the images of a `trainer.Source` at `positions` (default all).
 
     Works alike for in-memory and streamed splits; labels are those of the images actually read
@@ -56,7 +75,7 @@ def predict_batches(model: nn.Module, source: Source, positions: torch.Tensor | 
     try:
         for images, labels in source.batches(list(positions.split(batch_size))):
             if len(labels):
-                yield infer(model, images, batch_size, channels_last, tta), labels
+                yield infer(model, images, batch_size, channels_last, tta, tta_shift), labels
     finally:
         model.train(was_training)
 
@@ -117,16 +136,17 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...],
-             batch_size: int = 256, channels_last: bool = False, tta: bool = False) -> Evaluation:
+             batch_size: int = 256, channels_last: bool = False, tta: bool = False, tta_shift: int = 0
+             ) -> Evaluation:
     """Evaluate a model on uint8 images and int64 labels."""
-    logits = infer(model, images, batch_size, channels_last, tta)
+    logits = infer(model, images, batch_size, channels_last, tta, tta_shift)
     return evaluation_of(logits, labels, classes)
 
 
 def evaluate_source(model: nn.Module, source: Source, classes: tuple[str, ...], batch_size: int = 256,
-                    channels_last: bool = False, tta: bool = False) -> Evaluation:
+                    channels_last: bool = False, tta: bool = False, tta_shift: int = 0) -> Evaluation:
     """Evaluate a model on a whole `trainer.Source` (in memory or streamed from disk)."""
-    pairs = list(predict_batches(model, source, None, batch_size, channels_last, tta))
+    pairs = list(predict_batches(model, source, None, batch_size, channels_last, tta, tta_shift))
     if not pairs:
         raise ValueError("no readable images to evaluate")
     return evaluation_of(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]), classes)

@@ -90,6 +90,8 @@ CHECKPOINT_SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = dict(
 # Written by cnnlab's recorder beside the trainer's state, absent from checkpoints made before it was.
 OPTIONAL_SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = dict(
     config=("the resolved config as a mapping", lambda v: isinstance(v, dict)),
+    ema=("the averaged weights: {model: tensors, updates: count}", lambda v: isinstance(v, dict)
+         and isinstance(v.get("model"), dict) and _count(v.get("updates"))),
 )
 
 

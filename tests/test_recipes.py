@@ -1,0 +1,106 @@
+"""Training recipes, each a config key whose default changes nothing: random erasing, weight averaging (EMA),
+test-time shifts, weight decay that skips norms and biases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cnnlab import pipeline
+from cnnlab.config import load_config
+from cnnlab.runs.checkpoints import load_checkpoint
+from cnnlab.runs.weights import load_model
+from cnnlab.training.augment import augment, random_erase
+from cnnlab.training.evaluate import shifted, views
+from cnnlab.training.optim import make_optimizer
+from conftest import StopAt
+
+QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
+         "train.threads=1"]
+
+
+def quick(*overrides: str):
+    return load_config("seed", overrides=[*QUICK, *overrides])
+
+
+# ---------------------------------------------------------------------------------- random erasing
+def test_erasing_replaces_one_rectangle_per_chosen_image():
+    images = torch.full((64, 1, 28, 28), 7, dtype=torch.uint8)
+    torch.manual_seed(0)
+    erased = random_erase(images, 1.0)
+    changed = erased != images  # noise can equal 7 by chance: a pixel or two, never a shape
+    assert erased.dtype == torch.uint8 and erased.shape == images.shape
+    for mask in changed[:, 0]:
+        rows, cols = mask.any(dim=1).nonzero(), mask.any(dim=0).nonzero()
+        height, width = int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1)
+        area = height * width / (28 * 28)
+        assert 0.01 <= area <= 0.4 and mask.sum() >= 0.9 * height * width  # one filled rectangle
+    assert torch.equal(random_erase(images, 0.0), images)
+
+
+def test_erasing_is_drawn_from_the_seeded_generator():
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
+    torch.manual_seed(3)
+    first = augment(images, 2, True, 0.5)
+    torch.manual_seed(3)
+    assert torch.equal(first, augment(images, 2, True, 0.5))
+
+
+# ---------------------------------------------------------------------------------- test-time views
+def test_shifted_moves_the_image_and_fills_with_zeros():
+    x = torch.arange(16.0).reshape(1, 1, 4, 4) + 1
+    down = shifted(x, 1, 0)
+    assert torch.equal(down[0, 0, 1:], x[0, 0, :3]) and (down[0, 0, 0] == 0).all()
+    left = shifted(x, 0, -1)
+    assert torch.equal(left[0, 0, :, :3], x[0, 0, :, 1:]) and (left[0, 0, :, 3] == 0).all()
+
+
+def test_views_are_the_image_its_mirror_and_their_shifts():
+    x = torch.rand(2, 1, 8, 8)
+    assert len(views(x, False, 0)) == 1 and len(views(x, True, 0)) == 2
+    assert len(views(x, False, 1)) == 5 and len(views(x, True, 2)) == 10
+
+
+# ---------------------------------------------------------------------------------- weight decay groups
+def test_weight_decay_can_skip_biases_and_norm_scales():
+    config = load_config("fast", overrides=["train.weight_decay=0.01", "train.decay_norms_and_biases=false"])
+    from cnnlab.models.cnn import build_model
+
+    model = build_model(config.model)
+    decayed, skipped = make_optimizer(model, config.train).param_groups
+    assert decayed["weight_decay"] == 0.01 and skipped["weight_decay"] == 0.0
+    assert all(p.dim() > 1 for p in decayed["params"]) and all(p.dim() == 1 for p in skipped["params"])
+    assert len(make_optimizer(model, load_config("fast", overrides=["train.weight_decay=0.01"]).train)
+               .param_groups) == 1  # the default: everything decays, as before
+
+
+# ---------------------------------------------------------------------------------- weight averaging
+def test_the_averaged_weights_are_what_is_tested_and_saved(tmp_path):
+    result = pipeline.train(quick("train.ema=0.9"), tmp_path, name="ema", progress=False)
+    saved = load_model(result.run)[0].state_dict()
+    checkpoint, _ = load_checkpoint(result.run)
+    averaged, raw = checkpoint["ema"]["model"], checkpoint["model"]
+    assert all(torch.equal(saved[k], averaged[k]) for k in saved)
+    assert not all(torch.equal(averaged[k], raw[k]) for k in raw if raw[k].is_floating_point())
+    assert checkpoint["ema"]["updates"] == 2 * -(-3500 // 64)  # one update per step
+
+
+def test_an_ema_run_resumes_bitwise_equal(tmp_path):
+    config = quick("train.ema=0.95", "dropout=0.2", "train.augment_erase=0.5", "train.augment_shift=1")
+    reference = pipeline.train(config, tmp_path, name="whole", progress=False).run
+    with pytest.raises(pipeline.TrainingInterrupted):
+        pipeline.train(config, tmp_path, name="cut", callbacks=[StopAt(epoch=2, step=17)], progress=False)
+    resumed = pipeline.resume(tmp_path / "cut", progress=False).run
+    a, b = load_checkpoint(reference)[0], load_checkpoint(resumed)[0]
+    for key in ("model",):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    assert all(torch.equal(a["ema"]["model"][k], b["ema"]["model"][k]) for k in a["ema"]["model"])
+    assert (reference / "test.json").read_text() == (resumed / "test.json").read_text()
+
+
+@pytest.mark.parametrize("override", ["train.augment_erase=0.5", "train.ema=0.99", "train.tta_shift=1",
+                                      "train.tta=true", "train.decay_norms_and_biases=false",
+                                      "train.weight_decay=0.0005"])
+def test_every_recipe_key_trains_on_a_shipped_sample(tmp_path, override):
+    result = pipeline.train(quick("epochs=1", override), tmp_path, name="r", progress=False)
+    assert result.test is not None and 0.0 <= result.test.accuracy <= 1.0
+    assert torch.isfinite(torch.tensor(result.history[-1]["train_loss"]))
