@@ -238,15 +238,13 @@ def launch_processes(ctx: typer.Context, nproc: int, max_restarts: int, name: st
 
 def command_line(ctx: typer.Context, drop: set[str]) -> list[str]:
     """The options this command was given, as command-line arguments again (for the launched ranks)."""
-    import click
-
     args: list[str] = []
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         if param.name in drop or value is None or value == param.default or not param.opts:
             continue
         flag = param.opts[0]
-        if isinstance(param, click.Option) and param.is_flag:
+        if getattr(param, "is_flag", False):  # (Typer ships its own click: no isinstance check here)
             args.append(flag if value else param.secondary_opts[0])
         elif isinstance(value, (list, tuple)):
             for item in value:
