@@ -16,9 +16,9 @@ import json
 import os
 import stat
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cnnlab.errors import UserError
 
@@ -65,28 +65,58 @@ def check_regular(path: str | Path, what: str = "file") -> Path:
     return path
 
 
-def read_bytes(path: str | Path, limit: int, what: str = "file") -> bytes:
-    """The contents of a regular file of at most `limit` bytes; FileRefused (MissingFile) otherwise.
+READ_CHUNK_BYTES = 1 << 20
 
-    Opened without blocking and checked on the open descriptor: a FIFO swapped in after a check
-    cannot make the read hang.
+
+def open_regular(path: str | Path, limit: int, what: str = "file") -> BinaryIO:
+    """A regular file of at most `limit` bytes, opened for reading; FileRefused (MissingFile) otherwise.
+
+    Opened without blocking and checked again on the open descriptor: a FIFO swapped in after the
+    first check cannot make the read hang.
     """
-    path = Path(path)
+    path = check_regular(path, what)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise MissingFile(f"{path}: no such {what}") from None
     except OSError as exc:
         raise FileRefused(f"{path}: cannot read this {what}: {reason(exc)}") from None
-    with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise FileRefused(f"{path}: {kind_of(info.st_mode)}, not a regular file; a {what} must be a "
-                              "regular file")
-        if info.st_size > limit:
-            raise FileRefused(f"{path}: {info.st_size:,} bytes is more than a {what} may hold ({limit:,})")
-        data = handle.read(limit + 1)
-    if len(data) > limit:  # the file grew while being read
+    handle = os.fdopen(fd, "rb")
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        handle.close()
+        raise FileRefused(f"{path}: {kind_of(info.st_mode)}, not a regular file; a {what} must be a regular file")
+    if info.st_size > limit:
+        handle.close()
+        raise FileRefused(f"{path}: {info.st_size:,} bytes is more than a {what} may hold ({limit:,})")
+    return handle
+
+
+def read_chunks(handle: BinaryIO, limit: int, path: str | Path, what: str = "file") -> Iterator[bytes]:
+    """An open file's bytes in pieces of at most READ_CHUNK_BYTES; FileRefused past `limit` (it grew)."""
+    given = 0
+    while chunk := handle.read(READ_CHUNK_BYTES):
+        given += len(chunk)
+        if given > limit:
+            raise FileRefused(f"{path}: more than the {limit:,} bytes a {what} may hold")
+        yield chunk
+
+
+def read_bytes(path: str | Path, limit: int, what: str = "file") -> bytes:
+    """The contents of a regular file of at most `limit` bytes; FileRefused (MissingFile) otherwise.
+
+    Memory follows the file's size, not the limit: the file is asked for its size plus one byte (to
+    see it grow while read), and only a growing file is read further, still bounded.
+    """
+    with open_regular(path, limit, what) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        try:
+            data = handle.read(size + 1)
+            if len(data) > size:
+                data += b"".join(read_chunks(handle, limit - len(data), path, what))
+        except OSError as exc:
+            raise FileRefused(f"{path}: cannot read this {what}: {reason(exc)}") from None
+    if len(data) > limit:
         raise FileRefused(f"{path}: more than the {limit:,} bytes a {what} may hold")
     return data
 

@@ -7,7 +7,8 @@ The binary version (never the python one, a pickle) holds one file per batch. Ea
 The archive is read as a stream (one pass over the gzip) and only regular files with the expected names
 are accepted: a link, a device, or a member with any other path (../evil, /etc/passwd) is an error.
 Nothing is inflated past what the spec's record counts allow: a member declaring more is refused from
-its tar header, and the whole stream stops at the expected size plus SLACK_BYTES (a gzip bomb).
+its tar header, and the whole stream stops at the expected size plus SLACK_BYTES (a gzip bomb). The archive
+itself must be a regular file of at most MAX_ARCHIVE_BYTES: a FIFO or a device is refused without blocking.
 """
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ import numpy as np
 
 from cnnlab.data.registry import Archive
 from cnnlab.errors import UserError
+from cnnlab.files import GiB, open_regular
 
 SIDE = 32  # pixels per image side
 CHANNELS = 3  # red, green, blue planes, in that order
 RECORD_BYTES = 1 + CHANNELS * SIDE * SIDE  # 3073: the label byte, then the planes
 SMALL_MEMBER_BYTES = 1 << 20  # the meta and extra members (class names, a readme): 61 and 88 bytes in CIFAR-10
 SLACK_BYTES = 16 << 20  # tar headers, padding, meta and extras on top of the records, in the inflated stream
+MAX_ARCHIVE_BYTES = 4 * GiB  # on disk; CIFAR-10's is 170 MB. A larger file is refused unread
 
 
 class CifarError(UserError, ValueError):
@@ -62,7 +65,8 @@ def read_members(path: Path, archive: Archive) -> tuple[dict[str, bytes], str | 
     seen: set[str] = set()
     limit = sum(archive.counts.values()) * RECORD_BYTES + SLACK_BYTES
     try:
-        with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw, mode="rb") as inflated:
+        with open_regular(path, MAX_ARCHIVE_BYTES, "dataset archive") as raw, \
+                gzip.GzipFile(fileobj=raw, mode="rb") as inflated:
             if raw.read(2) != b"\x1f\x8b":
                 raise tarfile.ReadError("not a gzip file")
             raw.seek(0)

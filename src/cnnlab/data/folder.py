@@ -4,6 +4,20 @@ Two layouts: `root/<class>/...` (train / val / test are carved out by a hash of 
 `root/train/<class>/...` with `root/test/<class>/...` and an optional `root/val/<class>/...`. A split
 is a `FolderSource` (the trainer's `Source` protocol): labels are known up front, images are decoded
 in DataLoader worker processes a batch at a time, and unreadable files are dropped and reported.
+
+Symbolic links. A class folder (and `train/`, `val/`, `test/`) may be a link to a folder: datasets are often
+assembled that way. Inside a class folder, links to folders are not followed: they are left out and reported
+(`ImageFolder.links_not_followed`, `describe()` in the run manifest, one line on stderr when training), so a
+link that points back up cannot count other classes' images under the wrong label. A link to an image file
+is followed (curated datasets link files into class folders); the image is read from wherever it points.
+Every folder is walked at most once: two class (or split) folders that are one folder, or a class folder
+that holds the dataset itself, are refused before anything is read.
+
+Files. Anything with an image's name counts (a regular file, a link to one, a FIFO, a broken link); each is
+read by `cnnlab.files.read_bytes`, which refuses anything but a regular file of at most
+MAX_IMAGE_FILE_BYTES without blocking, so a FIFO or a device is skipped and reported like an unreadable image
+and never stalls a DataLoader worker. Class folder names become labels in reports and plots: they must be
+printable UTF-8.
 """
 from __future__ import annotations
 
@@ -12,7 +26,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +34,19 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cnnlab.errors import UserError
-from cnnlab.images import ImageReadError, ImageTooLarge, read_pixels
+from cnnlab.files import MiB, reason
+from cnnlab.files import read_bytes as read_regular
+from cnnlab.images import ImageTooLarge, read_pixels
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLIT_FOLDERS = ("train", "val", "test")
 PREFETCH_FACTOR = 2  # batches each worker decodes ahead: memory is workers x this x batch images
+# An image file larger than this is skipped unread: a 50-megapixel picture (images.MAX_PIXELS) is 150 MB
+# even as uncompressed 8-bit RGB; each decoding process holds one file at a time.
+MAX_IMAGE_FILE_BYTES = 256 * MiB
+MAX_IMAGE_SIDE = 1024  # pixels per side of a decoded image: a typo (image_size 40960) would be gigabytes a batch
+MAX_WORKERS = 64  # decoding processes per split read
+LINKS_LISTED = 100  # directory links named in describe() (all are counted)
 
 
 class FolderError(UserError, ValueError):
@@ -61,18 +83,22 @@ class PathTable:
 # ---------------------------------------------------------------------------- decoding one image
 def decode_image(path: str | Path, image_size: tuple[int, int], channels: int) -> np.ndarray:
     """One image file -> uint8 (C, H, W), read by cnnlab's one image reader (`cnnlab.images.read_pixels`):
-    the same pixels `cnnlab predict` gives the file. Raises on anything unreadable; `FolderSource` catches it."""
-    pixels = read_pixels(path, image_size, channels)  # (H, W) or (H, W, 3)
+    the same pixels `cnnlab predict` gives the file. Raises on anything unreadable; `FolderSource` catches it.
+
+    The file's bytes are read first (`cnnlab.files`): a FIFO, a device or
+    a link to one is refused without blocking, and a file over MAX_IMAGE_FILE_BYTES is refused unread."""
+    data = read_regular(path, MAX_IMAGE_FILE_BYTES, "dataset image")
+    pixels = read_pixels(data, image_size, channels, name=str(path))  # (H, W) or (H, W, 3)
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1).copy()
 
 
 def _short_reason(path: str, error: BaseException) -> str:
-    """A one-line reason for `skipped`: what went wrong, at most ~200 characters."""
-    if os.path.exists(path) and os.path.getsize(path) == 0:
+    """A one-line reason for `skipped` (which is keyed by the path): what went wrong, at most ~200 characters."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:  # stat only: nothing is opened
         return "empty file"
-    if isinstance(error, ImageTooLarge):
-        return f"too large: {error}"[:200]
-    return (str(error) if isinstance(error, ImageReadError) else f"{type(error).__name__}: {error}")[:200]
+    text = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+    text = text.removeprefix(f"{path}: ").replace("\n", " ")
+    return (f"too large: {text}" if isinstance(error, ImageTooLarge) else text)[:200]
 
 
 # ---------------------------------------------------------------------------- one split
@@ -214,10 +240,90 @@ class _Scan:
     ignored: int
 
 
+_Key = tuple[int, int]  # (st_dev, st_ino): one folder, whatever the path or link it was reached by
+
+
+class _Walker:
+    """Walks the class folders of one dataset: every folder at most once, directory links inside them left out."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.real_root = os.path.realpath(root)
+        self.owner: dict[_Key, Path] = {_folder_key(root): root}  # folder -> the dataset folder that claimed it
+        self.links: list[str] = []  # relative posix paths of directory links (and repeated folders) left out
+
+    def claim(self, folder: Path) -> None:
+        """Take `folder` (links followed) as a class or split folder; FolderError if another one is the same."""
+        key = _folder_key(folder)
+        real = os.path.realpath(folder)
+        if key == _folder_key(self.root) or os.path.commonpath([real, self.real_root]) == real:
+            raise FolderError(f"{folder}: a link to {real}, which holds the dataset itself; each class needs a "
+                              "folder of its own")
+        if key in self.owner:
+            raise FolderError(f"{folder}: the same folder as {self.owner[key]} (a link?); each class and split "
+                              "needs a folder of its own")
+        self.owner[key] = folder
+
+    def images(self, folder: Path) -> tuple[list[tuple[Path, tuple[int, int]]], int]:
+        """Files with an image's name under `folder`, recursively, with (size, mtime ns), and how many others.
+
+        Hidden entries are skipped. A link to a folder is not followed, nor is a folder met before (a bind
+        mount, a class folder reached again): both are recorded in `links`. Anything else with an image's name
+        counts, whatever it is; reading it decides (a FIFO or a broken link is reported as unreadable).
+        """
+        found: list[tuple[Path, tuple[int, int]]] = []
+        ignored = 0
+        for entry in _visible_entries(folder):
+            path = Path(entry.path)
+            if _is_dir(entry, follow=False):
+                key = _folder_key(path)
+                if key in self.owner:
+                    self.links.append(path.relative_to(self.root).as_posix())
+                    continue
+                self.owner[key] = path
+                more, more_ignored = self.images(path)
+                found += more
+                ignored += more_ignored
+            elif entry.is_symlink() and _is_dir(entry, follow=True):
+                self.links.append(path.relative_to(self.root).as_posix())
+            elif _is_image(entry.name):
+                found.append((path, _file_stat(entry)))
+            else:
+                ignored += 1
+        return found, ignored
+
+
+def _folder_key(folder: Path) -> _Key:
+    try:
+        info = os.stat(folder)
+    except OSError as exc:
+        raise FolderError(f"{folder}: cannot read this folder: {reason(exc)}") from None
+    return info.st_dev, info.st_ino
+
+
+def _is_dir(entry: os.DirEntry, follow: bool) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=follow)
+    except OSError:  # a link into a folder that cannot be read
+        return False
+
+
+def _file_stat(entry: os.DirEntry) -> tuple[int, int]:
+    """(size, mtime ns) of what an entry names, links followed; (0, 0) for a broken link (reported when read)."""
+    try:
+        info = entry.stat()
+    except OSError:
+        return 0, 0
+    return info.st_size, info.st_mtime_ns
+
+
 def _visible_entries(folder: Path) -> list[os.DirEntry]:
     """The entries of a folder that are not hidden, sorted by name."""
-    with os.scandir(folder) as entries:
-        return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+    try:
+        with os.scandir(folder) as entries:
+            return sorted((e for e in entries if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as exc:
+        raise FolderError(f"{folder}: cannot list this folder: {reason(exc)}") from None
 
 
 def _is_image(name: str) -> bool:
@@ -225,42 +331,48 @@ def _is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk_images(folder: Path, seen: set[tuple[int, int]]) -> tuple[list[tuple[Path, os.stat_result]], int]:
-    """Image files under `folder`, recursively (hidden entries skipped, symlink loops cut), and how many others."""
-    found, ignored = [], 0
-    for entry in _visible_entries(folder):
-        if entry.is_dir():
-            key = (entry.stat().st_dev, entry.stat().st_ino)  # follows symlinks; `seen` cuts loops
-            if key not in seen:
-                seen.add(key)
-                more, more_ignored = _walk_images(Path(entry.path), seen)
-                found += more
-                ignored += more_ignored
-        elif entry.is_file() and _is_image(entry.name):
-            found.append((Path(entry.path), entry.stat()))
-        elif entry.is_file():
-            ignored += 1
-    return found, ignored
+def _printable(name: str) -> bool:
+    """Printable UTF-8: names that are not UTF-8 arrive with surrogate escapes, which do not encode."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return name.isprintable()
 
 
-def _scan_classes(root: Path, folder: Path) -> _Scan:
+def _shown(name: str) -> str:
+    """A name as it may appear in a one-line message: itself, or its bytes' repr (b'caf\\xff' -> 'caf\\xff')."""
+    return name if _printable(name) else repr(os.fsencode(name))[1:]
+
+
+def _check_class_name(folder: Path, name: str) -> None:
+    """A class folder's name becomes a label in test.json, plots and tables: printable UTF-8, or FolderError."""
+    if not _printable(name):
+        raise FolderError(f"{folder}: class folder {_shown(name)} is not printable text (UTF-8 without control "
+                          "characters); its name becomes the class label in reports: rename it")
+
+
+def _scan_classes(walker: _Walker, folder: Path) -> _Scan:
     """Every class folder under `folder` and its images; errors name the folder and what was expected."""
+    root = walker.root
     entries = _visible_entries(folder)
-    classes = tuple(e.name for e in entries if e.is_dir())
-    loose = [e.name for e in entries if e.is_file()]
+    classes = tuple(e.name for e in entries if _is_dir(e, follow=True))  # a class folder may be a link
+    loose = [e.name for e in entries if not _is_dir(e, follow=True)]
     if len(classes) < 2:
         hint = f"; it holds {len(loose)} loose files" if loose else ""
         raise FolderError(f"{folder}: expected one sub-folder per class (at least 2), found {len(classes)}"
-                          f"{' (' + ', '.join(classes) + ')' if classes else ''}{hint}")
+                          f"{' (' + ', '.join(map(_shown, classes)) + ')' if classes else ''}{hint}")
+    for name in classes:
+        _check_class_name(folder, name)
+        walker.claim(folder / name)
     scan = _Scan(classes, [], [], [], ignored=len(loose))
     for label, name in enumerate(classes):
-        top = (folder / name).stat()
-        files, ignored = _walk_images(folder / name, {(top.st_dev, top.st_ino)})
+        files, ignored = walker.images(folder / name)
         scan.ignored += ignored
         if not files:
             raise FolderError(f"{folder / name}: class folder '{name}' holds no images "
                               f"(looked for {', '.join(sorted(IMAGE_EXTENSIONS))}; {ignored} other files)")
-        rel = sorted((os.fsencode(p.relative_to(root).as_posix()), (st.st_size, st.st_mtime_ns)) for p, st in files)
+        rel = sorted((os.fsencode(p.relative_to(root).as_posix()), st) for p, st in files)
         scan.paths += [r for r, _ in rel]
         scan.stats += [s for _, s in rel]
         scan.labels += [label] * len(rel)
@@ -301,6 +413,7 @@ class ImageFolder:
     layout: str  # "classes" (root/<class>/) or "splits" (root/train/<class>/, root/test/<class>/)
     digest: str  # sha256 of the sorted relative paths with sizes and mtimes
     fractions: dict[str, float]  # the fractions that carved splits out (those not given as folders)
+    links_not_followed: list[str] = field(default_factory=list)  # directory links in class folders, left out
 
     def describe(self) -> dict:
         """What the run manifest records: root, layout, counts per split and per class, the file-list digest."""
@@ -312,7 +425,20 @@ class ImageFolder:
             "per_class": {name: dict(zip(self.classes, np.bincount(s.labels.numpy(), minlength=len(self.classes))
                                          .tolist())) for name, s in splits.items()},
             "digest": self.digest,
+            "links_not_followed": {"count": len(self.links_not_followed),
+                                   "paths": self.links_not_followed[:LINKS_LISTED]},
         }
+
+    def notice(self) -> str | None:
+        """One line for the user about directory links left out, or None when there were none."""
+        links = self.links_not_followed
+        if not links:
+            return None
+        shown = ", ".join(_shown(link) for link in links[:3]) + (f" and {len(links) - 3} more" if links[3:] else "")
+        one = len(links) == 1
+        return (f"{self.root}: {len(links)} directory link{'' if one else 's'} inside class folders "
+                f"{'was' if one else 'were'} not followed ({shown}); link the class folders themselves, "
+                "or copy the images in")
 
 
 def open_image_folder(root: str | Path, image_size: tuple[int, int] = (32, 32), channels: int = 3,
@@ -325,40 +451,65 @@ def open_image_folder(root: str | Path, image_size: tuple[int, int] = (32, 32), 
     train). `workers` decoding processes per split read (default min(4, CPUs); 0: the calling process).
     """
     root = Path(root)
+    size, channels, workers = check_numbers(image_size, channels, workers, root)
     if not root.is_dir():
         raise FolderError(f"{root}: {'not a directory' if root.exists() else 'no such folder'}; expected a "
                           "folder with one sub-folder of images per class (or train/ and test/ folders of those)")
-    if channels not in (1, 3) or len(image_size) != 2 or min(image_size) < 1:
-        raise FolderError(f"{root}: need channels 1 or 3 and a positive (H, W) image_size; "
-                          f"got channels={channels}, image_size={image_size}")
     _check_fractions(val_fraction, test_fraction)
-    names = {e.name for e in _visible_entries(root) if e.is_dir()}
+    names = {e.name for e in _visible_entries(root) if _is_dir(e, follow=True)}
     present = [s for s in SPLIT_FOLDERS if s in names]
     if present and not {"train", "test"} <= names:
         raise FolderError(f"{root}: found {', '.join(s + '/' for s in present)} but the split layout needs both "
                           f"{root / 'train'} and {root / 'test'} (each with one sub-folder per class)")
-    scans, assign, fractions, layout = _split_layout(root, val_fraction) if present else \
-        _class_layout(root, val_fraction, test_fraction)
-    return _assemble(root, scans, assign, fractions, layout, (int(image_size[0]), int(image_size[1])), channels,
-                     min(4, os.cpu_count() or 1) if workers is None else workers)
+    walker = _Walker(root)
+    scans, assign, fractions, layout = _split_layout(walker, present, val_fraction) if present else \
+        _class_layout(walker, val_fraction, test_fraction)
+    return _assemble(root, scans, assign, fractions, layout, size, channels, workers, sorted(walker.links))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_numbers(image_size: Sequence[int], channels: int, workers: int | None,
+                  root: Path) -> tuple[tuple[int, int], int, int]:
+    """(H, W), channels and workers, range-checked before anything is scanned or allocated; FolderError naming
+    the config key otherwise. workers None: min(4, CPUs)."""
+    try:
+        sides = tuple(image_size)
+    except TypeError:
+        sides = ()
+    if len(sides) != 2 or not all(_is_int(side) and 1 <= side <= MAX_IMAGE_SIDE for side in sides):
+        raise FolderError(f"data.image_size: expected (H, W) of whole numbers from 1 to {MAX_IMAGE_SIDE:,} pixels, "
+                          f"got {image_size!r} (image folder {root})")
+    if not _is_int(channels) or channels not in (1, 3):
+        raise FolderError(f"data.channels: expected 1 (grey) or 3 (RGB), got {channels!r} (image folder {root})")
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    if not _is_int(workers) or not 0 <= workers <= MAX_WORKERS:
+        raise FolderError(f"data.workers: expected a whole number from 0 to {MAX_WORKERS} decoding processes, "
+                          f"got {workers!r} (image folder {root})")
+    return (int(sides[0]), int(sides[1])), int(channels), int(workers)
 
 
 _Layout = tuple[list[_Scan], list[np.ndarray], dict[str, float], str]  # scans, split per file (0/1/2), fractions, name
 
 
-def _class_layout(root: Path, val_fraction: float, test_fraction: float) -> _Layout:
+def _class_layout(walker: _Walker, val_fraction: float, test_fraction: float) -> _Layout:
     """root/<class>/: test, then val, carved out of all the files by their path hashes."""
-    scan = _scan_classes(root, root)
+    scan = _scan_classes(walker, walker.root)
     test = _in_split(scan.paths, "test", test_fraction)
     val = ~test & _in_split(scan.paths, "val", val_fraction / (1 - test_fraction))
     assign = np.where(test, 2, np.where(val, 1, 0))  # 0 train, 1 val, 2 test
     return [scan], [assign], {"val": val_fraction, "test": test_fraction}, "classes"
 
 
-def _split_layout(root: Path, val_fraction: float) -> _Layout:
+def _split_layout(walker: _Walker, names: list[str], val_fraction: float) -> _Layout:
     """root/train/, root/test/ (and root/val/, else val is carved out of train); class folders must agree."""
-    names = [s for s in SPLIT_FOLDERS if (root / s).is_dir()]
-    scans = [_scan_classes(root, root / s) for s in names]
+    root = walker.root
+    for name in names:
+        walker.claim(root / name)
+    scans = [_scan_classes(walker, root / s) for s in names]
     for name, scan in zip(names, scans):
         if scan.classes != scans[0].classes:
             only_here = sorted(set(scan.classes) - set(scans[0].classes))
@@ -376,7 +527,7 @@ def _split_layout(root: Path, val_fraction: float) -> _Layout:
 
 
 def _assemble(root: Path, scans: list[_Scan], assign: list[np.ndarray], fractions: dict[str, float], layout: str,
-              image_size: tuple[int, int], channels: int, workers: int) -> ImageFolder:
+              image_size: tuple[int, int], channels: int, workers: int, links: list[str]) -> ImageFolder:
     paths = PathTable.from_paths([p for scan in scans for p in scan.paths])
     labels = np.array([label for scan in scans for label in scan.labels], dtype=np.int64)
     where = np.concatenate(assign)
@@ -390,7 +541,7 @@ def _assemble(root: Path, scans: list[_Scan], assign: list[np.ndarray], fraction
     train, val, test = sources  # one per SPLIT_FOLDERS entry, in that order
     return ImageFolder(root, scans[0].classes, (*image_size, channels), train, val, test,
                        ignored=sum(s.ignored for s in scans), layout=layout, digest=_file_digest(scans),
-                       fractions=fractions)
+                       fractions=fractions, links_not_followed=links)
 
 
 def _file_digest(scans: list[_Scan]) -> str:

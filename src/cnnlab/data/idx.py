@@ -16,7 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
+from cnnlab import files
 from cnnlab.errors import UserError
+from cnnlab.files import read_bytes as read_regular
 
 # IDX dtype code -> big-endian NumPy dtype
 IDX_DTYPES: dict[int, np.dtype] = {
@@ -36,6 +38,7 @@ MAX_PAYLOAD_BYTES = 4 << 30
 # Deflate's best case is one 258-byte match per 2 bits, 1032:1; a gzip file of n bytes cannot
 # inflate to more than about n * 1032 bytes, so a header declaring more is forged or the file cut.
 GZIP_MAX_RATIO = 1032
+MAX_RAW_BYTES = MAX_PAYLOAD_BYTES + (1 << 20)  # a file as stored: the payload, its header and gzip's framing
 HEADER_MIN = 4  # zero, zero, dtype code, ndim
 MAX_NDIM = 32  # NumPy 1's limit (NumPy 2 allows 64); MNIST's files have 1 or 3
 INFLATE_INPUT_BYTES = 1 << 20  # compressed bytes handed to zlib per step, at most
@@ -178,12 +181,10 @@ def declared(data: bytes, size: int, source: str) -> tuple[tuple[int, ...], np.d
 
 
 def read_raw(path: str | Path) -> bytes:
-    """A file's bytes as stored, refused unread when larger than any IDX file (compressed or not) may be."""
-    path = Path(path)
-    size = path.stat().st_size
-    if size > MAX_PAYLOAD_BYTES + (1 << 20):
-        raise IDXError(f"{path}: {size:,} bytes; expected at most {MAX_PAYLOAD_BYTES:,} for an IDX file")
-    return path.read_bytes()
+    """A file's bytes as stored (`cnnlab.files`): a regular file only (a FIFO, a device or a link to one
+    is refused without blocking), refused unread when larger than any IDX file (compressed or not) may be, and
+    never read past that bound (a file that grows while it is read)."""
+    return read_regular(path, MAX_RAW_BYTES, "dataset file")
 
 
 def read_bytes(path: str | Path) -> bytes:
@@ -221,9 +222,10 @@ def encode_idx(array: np.ndarray) -> bytes:
 
 
 def write_idx(path: str | Path, array: np.ndarray, compress: bool | None = None) -> None:
-    """Write an array as IDX; gzip when `compress` is true or, if None, when the name ends in .gz."""
+    """Write an array as IDX, atomically (`cnnlab.files.write_bytes`); gzip when `compress` is true or, if
+    None, when the name ends in .gz."""
     path = Path(path)
     data = encode_idx(array)
     if compress or (compress is None and path.suffix == ".gz"):
         data = gzip.compress(data, mtime=0)
-    path.write_bytes(data)
+    files.write_bytes(path, data)

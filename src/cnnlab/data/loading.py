@@ -1,15 +1,33 @@
-"""Load a named dataset into memory, verified, and split it into train / validation / test."""
+"""Load a named dataset into memory, verified, and split it into train / validation / test.
+
+The copies of a dataset are tried in lookup order (`cnnlab.data.store`): each is read once, its checksums
+compared as it is read; the first that reads, verifies (or, with allow_mismatch, merely reads) and holds
+consistent arrays is used, and each copy passed over is named with its reason, in one line, on stderr and
+in `Dataset.passed_over` (the run manifest). When none can be used and the dataset has mirrors, the files
+that do not verify are downloaded again into the cache.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from cnnlab.data.cifar import read_archive
+from cnnlab.data.cifar import CifarError, read_archive
 from cnnlab.data.idx import decompress, parse_idx, read_raw
 from cnnlab.data.registry import DataFile, DatasetSpec, get_dataset
-from cnnlab.data.store import ChecksumMismatch, Location, check_file, digest_matches, fetch, locate, unavailable
+from cnnlab.data.store import (
+    DOWNLOAD_TIMEOUT_S,
+    ChecksumMismatch,
+    Location,
+    candidates,
+    check_file,
+    digest_matches,
+    download_missing,
+    notify,
+    passed_over_line,
+    unavailable,
+)
 from cnnlab.errors import UserError
 
 
@@ -30,6 +48,11 @@ class Dataset:
     files: list[dict] = field(default_factory=list)  # name, path, sha256, verified: the run manifest's record
 
     @property
+    def passed_over(self) -> tuple[str, ...]:
+        """One line per copy looked at before this one and not used: where it was and why."""
+        return self.location.passed_over
+
+    @property
     def classes(self) -> tuple[str, ...]:
         return self.spec.classes
 
@@ -47,12 +70,40 @@ def load_dataset(name: str | DatasetSpec, data_dir: str | Path | None = None, al
     """Find (or download) a dataset, verify every file's checksum, and load it into memory.
 
     A file whose checksum differs is an error unless `allow_mismatch` is set; either way the
-    digest and the verdict are recorded in `Dataset.files` for the run's manifest.
+    digest and the verdict are recorded in `Dataset.files` for the run's manifest. A copy that cannot be
+    used is passed over for the next (said on stderr when `progress`); when no copy can be used, the error
+    of the only copy found, or one listing every copy and why.
     """
     spec = get_dataset(name) if isinstance(name, str) else name
-    location = fetch(spec, data_dir, progress=progress) if download else locate(spec, data_dir)
-    if location is None:
-        raise unavailable(spec, data_dir)
+    passed: list[str] = []
+    errors: list[UserError] = []
+    for location in candidates(spec, data_dir):
+        try:
+            dataset = read_copy(spec, location, allow_mismatch)
+        except UserError as exc:  # unreadable, corrupt, changed (without the flag) or inconsistent: try the next
+            passed.append(passed_over_line(location, str(exc).removeprefix(f"{location.directory}/")))
+            errors.append(exc)
+            continue
+        return arrived(dataset, passed, progress)
+    if download and spec.mirrors:
+        fetched = download_missing(spec, data_dir, None, progress, DOWNLOAD_TIMEOUT_S, passed)
+        return arrived(read_copy(spec, fetched, allow_mismatch), passed, progress)
+    if len(errors) == 1:
+        raise errors[0]  # the one copy there is: its own error (a mismatch says how to use it anyway)
+    raise unavailable(spec, data_dir, passed=passed)
+
+
+def arrived(dataset: Dataset, passed: list[str], progress: bool) -> Dataset:
+    """The dataset with the copies passed over before it recorded (and said, when `progress`)."""
+    dataset.location = replace(dataset.location, passed_over=tuple(passed))
+    if progress:
+        for line in passed:
+            notify(line)
+    return dataset
+
+
+def read_copy(spec: DatasetSpec, location: Location, allow_mismatch: bool) -> Dataset:
+    """One copy read, verified and checked; a UserError when it cannot be used."""
     if spec.format == "cifar-binary":
         return load_archive(spec, location, allow_mismatch)
     arrays, records = {}, []
@@ -74,6 +125,8 @@ def load_archive(spec: DatasetSpec, location: Location, allow_mismatch: bool) ->
     file = archive.file
     path = location.path(file)
     check = check_file(path, file)
+    if check.problem is not None:
+        raise CifarError(f"{path}: {check.problem}")
     refuse_mismatch(path, check.ok, check.sha256, check.expected, "the file's", allow_mismatch)
     splits = read_archive(path, archive, spec.classes)
     train = check_pair(spec, *splits["train"], path, path)
@@ -118,9 +171,13 @@ def check_pair(spec: DatasetSpec, images: np.ndarray, labels: np.ndarray, images
     return images, labels.astype(np.int64)
 
 
-def split_train_val(n: int, val_size: int, seed: int) -> Splits:
-    """A seeded random split of n training examples into train and validation indices."""
-    if not 0 <= val_size < n:
-        raise ValueError(f"val_size must be between 0 and {n - 1} (the training set has {n} images), got {val_size}")
+def split_train_val(n: int, val_size: int, seed: int, dataset: str = "the dataset") -> Splits:
+    """A seeded random split of n training examples into train and validation indices.
+
+    DataError naming data.val_size unless 0 <= val_size < n: at least one image must be left to train on.
+    """
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, np.integer)) or not 0 <= val_size < n:
+        raise DataError(f"data.val_size: expected 0 to {n - 1:,} images held out for validation ({dataset} has "
+                        f"{n:,} images in its training set), got {val_size!r}")
     order = np.random.default_rng(seed).permutation(n)
     return Splits(train=np.sort(order[val_size:]), val=np.sort(order[:val_size]))

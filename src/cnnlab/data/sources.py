@@ -82,7 +82,7 @@ class Data:
 def prepare_data(dataset: Dataset, config: Config) -> Data:
     """A named dataset in memory: the training set split into train/validation (seeded), and the test set."""
     val_size = dataset.spec.val_size if config.data.val_size is None else config.data.val_size
-    split = split_train_val(len(dataset.train_labels), val_size, config.train.seed)
+    split = split_train_val(len(dataset.train_labels), val_size, config.train.seed, f"dataset {dataset.spec.name!r}")
     images, labels = images_tensor(dataset.train_images), torch.from_numpy(dataset.train_labels)
     return Data(dataset.spec.name, dataset.classes, dataset.spec.image_shape,
                 train=TensorSource(images[split.train], labels[split.train]),
@@ -90,12 +90,18 @@ def prepare_data(dataset: Dataset, config: Config) -> Data:
                 test=TensorSource(images_tensor(dataset.test_images), torch.from_numpy(dataset.test_labels)),
                 files=dataset.files,
                 about=dict(dataset=dataset.spec.name, data_origin=dataset.location.origin,
-                           data_dir=str(dataset.location.directory)))
+                           data_dir=str(dataset.location.directory),
+                           **({"skipped_copies": list(dataset.passed_over)} if dataset.passed_over else {})))
 
 
-def folder_data(config: Config, workers: int | None = None) -> Data:
-    """An image folder streamed from disk: 10% of the images held out for validation, 10% for test."""
+def folder_data(config: Config, workers: int | None = None, progress: bool = False) -> Data:
+    """An image folder streamed from disk: 10% of the images held out for validation, 10% for test.
+
+    Directory links inside class folders are left out (`cnnlab.data.folder`): recorded in the manifest, and
+    said in one line on stderr when `progress`.
+    """
     from cnnlab.data.folder import open_image_folder
+    from cnnlab.data.store import notify
 
     d = config.data
     if d.val_size is not None:
@@ -103,6 +109,9 @@ def folder_data(config: Config, workers: int | None = None) -> Data:
                           "(or use their val/ and test/ sub-folders); remove data.val_size")
     folder = open_image_folder(d.dataset, (d.image_size, d.image_size), d.channels,
                                workers=d.workers if workers is None else workers)
+    notice = folder.notice()
+    if progress and notice is not None:
+        notify(notice)
     return Data(str(folder.root), folder.classes, folder.image_shape, folder.train, folder.val, folder.test,
                 about=dict(dataset=str(folder.root), data_origin="image folder", image_folder=folder.describe()))
 
@@ -114,9 +123,9 @@ def open_dataset(config: Config, progress: bool = True) -> Dataset:
 
 
 def load_data(config: Config, progress: bool = True) -> Data:
-    """The configured dataset (named or an image folder), ready to train on."""
+    """The configured dataset (named or an image folder), ready to train on; `progress`: bars and warnings."""
     if is_image_folder(config.data.dataset):
-        return folder_data(config)
+        return folder_data(config, progress=progress)
     return prepare_data(open_dataset(config, progress), config)
 
 
