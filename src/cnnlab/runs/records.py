@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cnnlab.config import Config, config_from_dict, read_yaml
-from cnnlab.files import MiB, FileRefused, MissingFile, read_json, read_text, write_json, write_text
+from cnnlab.files import FileRefused, MiB, MissingFile, read_json, read_text, write_json, write_text
 from cnnlab.runs.layout import RunError, check_run, path
 
 MAX_CONFIG_BYTES = 1 * MiB  # a resolved config is a few kB

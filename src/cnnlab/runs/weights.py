@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cnnlab.config import Config, ConfigError
-from cnnlab.files import GiB, FileRefused, check_regular, write_atomic
+from cnnlab.files import FileRefused, GiB, check_regular, write_atomic
 from cnnlab.models.cnn import CNN, build_model
 from cnnlab.runs.layout import RunError, check_run, path
 from cnnlab.runs.records import load_config
