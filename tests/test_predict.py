@@ -82,7 +82,7 @@ def test_bad_files_are_reported_and_the_rest_still_predicted(digits, pictures, t
         f"error: {notes}: not a readable image (cannot identify image file '{notes}')",
         f"error: {empty}: not a readable image (cannot identify image file '{empty}')",
         f"error: {tmp_path / 'missing.png'}: no such file",
-        f"error: {tmp_path}: a directory, not an image file",
+        f"error: {tmp_path}: a directory, not a regular file",
     ]
     assert "Traceback" not in result.output
 

@@ -61,7 +61,7 @@ def check_regular(path: str | Path, what: str = "file") -> Path:
     except OSError as exc:
         raise FileRefused(f"{path}: cannot read this {what}: {reason(exc)}") from None
     if not stat.S_ISREG(mode):
-        raise FileRefused(f"{path}: {kind_of(mode)}, not a regular file; a {what} must be a regular file")
+        raise FileRefused(f"{path}: {kind_of(mode)}, not a regular file")
     return path
 
 
@@ -85,7 +85,7 @@ def open_regular(path: str | Path, limit: int, what: str = "file") -> BinaryIO:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
         handle.close()
-        raise FileRefused(f"{path}: {kind_of(info.st_mode)}, not a regular file; a {what} must be a regular file")
+        raise FileRefused(f"{path}: {kind_of(info.st_mode)}, not a regular file")
     if info.st_size > limit:
         handle.close()
         raise FileRefused(f"{path}: {info.st_size:,} bytes is more than a {what} may hold ({limit:,})")
