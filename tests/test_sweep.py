@@ -87,7 +87,9 @@ def test_non_finite_objectives_and_diverged_trials_count_as_failed(tmp_path):
     file = write_sweep(tmp_path, {"train.lr": {"values": [1e-3, 1e12]}},
                        set={"data.val_size": 0, "train.optimizer": "sgd"})
     result = sweep_cli("run", str(file), "--trials", "2", "--runs-dir", str(tmp_path / "runs"))
-    assert result.exit_code == 0, result.output
+    # a sweep none of whose trials completed has no result: an error, not a success
+    assert result.exit_code == 2, result.output
+    assert "none of its 2 trials completed" in result.stderr and "Traceback" not in result.output
     trials = study_of(tmp_path).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.FAIL]
     errors = sorted(t.user_attrs["error"] for t in trials)
@@ -118,22 +120,32 @@ def test_metric_names_and_override_values_keep_their_types():
     assert sweeps.dump_value(1e-7) == "1.0e-07"  # "1e-07" would read back as a string
 
 
+HOOKS = Path(__file__).with_name("sweep_hooks.py")  # cnnlab with test hooks: see that file
+
+
+def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 300) -> None:
+    """Until the hooked process writes `path` (it then holds still), or fails, or a generous bound passes."""
+    deadline = time.monotonic() + seconds
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert path.exists(), f"the worker did not reach its first epoch (exit status {proc.poll()})"
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_and_leaves_no_trial_running(tmp_path):
     file = write_sweep(tmp_path, {"dropout": {"values": [0.0, 0.1, 0.2]}}, method="random", set={"epochs": 3})
-    command = [sys.executable, "-m", "cnnlab", "sweep", "run", str(file), "--trials", "2",
-               "--runs-dir", str(tmp_path / "runs")]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "runs" / "sweeps" / "sweep" / "trial-0" / "metrics.jsonl"
-    deadline = time.monotonic() + 60
-    while not metrics.is_file() and time.monotonic() < deadline:  # mid-trial: after its first epoch
-        time.sleep(0.05)
+    args = ["sweep", "run", str(file), "--trials", "2", "--runs-dir", str(tmp_path / "runs")]
+    held = tmp_path / "held"  # the hook holds the worker after trial 0's first epoch: killed mid-trial, always
+    proc = subprocess.Popen([sys.executable, str(HOOKS), *args], env=dict(os.environ, CNNLAB_TEST_HOLD=str(held)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(held, proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    metrics = tmp_path / "runs" / "sweeps" / "sweep" / "trial-0" / "metrics.jsonl"
     assert metrics.is_file()
     assert study_of(tmp_path).get_trials()[0].state == TrialState.RUNNING  # what the kill left behind
 
-    again = subprocess.run(command, capture_output=True, text=True)
+    again = subprocess.run([sys.executable, "-m", "cnnlab", *args], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     trials = study_of(tmp_path).get_trials()
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
@@ -151,5 +163,8 @@ def test_local_workers_share_one_journal_study(tmp_path):
     result = sweep_cli("run", str(file), "--trials", "4", "--workers", "2", "--runs-dir", str(tmp_path / "runs"))
     assert result.exit_code == 0, result.output
     trials = study_of(tmp_path).get_trials()
+    # the promise: the exact total, unique numbers, no point proposed twice; not which worker got which trial
     assert len(trials) == 4 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert len({t.user_attrs["worker"] for t in trials}) == 2
+    assert sorted(t.number for t in trials) == [0, 1, 2, 3]
+    assert len({t.params["dropout"] for t in trials}) == 4
+    assert all(t.user_attrs["worker"] for t in trials)

@@ -20,6 +20,7 @@ from optuna.trial import TrialState
 from cnnlab import sweep as sweeps
 
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+HOOKS = Path(__file__).with_name("sweep_hooks.py")  # cnnlab with test hooks: see that file
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not BIN, reason="PostgreSQL binaries not found in /usr/lib/postgresql/*/bin "
@@ -70,21 +71,23 @@ def test_two_workers_share_one_study_with_exact_unique_trials(postgres, tmp_path
                  parameters={"dropout": {"min": 0.0, "max": 0.5}, "train.lr": {"values": [1e-3, 3e-3]}})
     file = tmp_path / "sweep.yaml"
     file.write_text(yaml.safe_dump(sweep))
-    command = [sys.executable, "-m", "cnnlab", "sweep", "run", str(file), "--trials", "5", "--name", "shared",
+    command = [sys.executable, str(HOOKS), "sweep", "run", str(file), "--trials", "5", "--name", "shared",
                "--storage", postgres, "--runs-dir", str(tmp_path / "runs")]
-    env = dict(os.environ, OMP_NUM_THREADS="1")  # two "machines" on one small CI box
+    barrier = tmp_path / "barrier"  # each worker waits on its first trial until both have one: both propose
+    barrier.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", CNNLAB_TEST_BARRIER=f"{barrier}:2")  # two "machines", one CI box
     workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for _ in range(2)]
-    outputs = [w.communicate(timeout=300) for w in workers]
+    outputs = [w.communicate(timeout=600) for w in workers]
     assert [w.returncode for w in workers] == [0, 0], [err[-6000:] for _, err in outputs]
 
     trials = sweeps.load_study("shared", postgres).get_trials()
     assert len(trials) == 5  # exact: neither worker overshoots the shared total
     assert sorted(t.number for t in trials) == list(range(5))
     assert all(t.state == TrialState.COMPLETE for t in trials)
-    pids = {w.pid for w in workers}
+    assert len({(t.params["dropout"], t.params["train.lr"]) for t in trials}) == 5  # no point proposed twice
     owners = {int(t.user_attrs["worker"].rpartition(":")[2]) for t in trials}
-    assert owners == pids  # both workers' trials are in the results
+    assert owners <= {w.pid for w in workers}
     assert len({t.user_attrs["run"] for t in trials}) == 5
 
 
@@ -97,15 +100,19 @@ def test_a_worker_killed_mid_trial_is_detected_by_its_heartbeat_and_its_trial_re
     command = [sys.executable, "-m", "cnnlab", "sweep", "run", str(file), "--trials", "2", "--name", "killed",
                "--storage", postgres, "--runs-dir", str(tmp_path / "runs")]
     env = dict(os.environ, CNNLAB_SWEEP_HEARTBEAT_SECONDS="1", CNNLAB_SWEEP_GRACE_SECONDS="3")
-    worker = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = tmp_path / "runs" / "sweeps" / "killed" / "trial-0" / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while not metrics.is_file() and time.monotonic() < deadline:  # mid-trial: after its first epoch
+    held = tmp_path / "held"  # the hook holds the worker after trial 0's first epoch: killed mid-trial, always
+    worker = subprocess.Popen([sys.executable, str(HOOKS), *command[3:]], env=dict(env, CNNLAB_TEST_HOLD=str(held)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not held.exists() and worker.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert held.exists(), f"the worker did not reach its first epoch (exit status {worker.poll()})"
     worker.send_signal(signal.SIGKILL)
     worker.wait()
     assert sweeps.load_study("killed", postgres).get_trials()[0].state == TrialState.RUNNING
-    time.sleep(4)  # longer than the grace period: the dead trial's heartbeat is now stale
+    # Not a race: the dead worker's last heartbeat is before the kill, so once more than the grace period
+    # has passed its trial is stale for the rerun's first claim, however slow the machine is.
+    time.sleep(4)
 
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-4000:]

@@ -45,19 +45,25 @@ def run(
 ) -> None:
     """Run (or resume) a sweep until the study has --trials trials; start it on more machines to share the work."""
     from cnnlab import sweep as sweeps
+    from cnnlab.sweep.spec import check_counts, check_name
+    from cnnlab.sweep.study import shown_storage
     from cnnlab.training.engine import TrainingInterrupted
 
+    check_counts(trials, workers)  # before the file is read, let alone a trial run
     spec = sweeps.read_sweep(file)
-    name = name or spec.name or file.stem
+    name = check_name(name or spec.name or file.stem, "--name" if name else "the sweep name")
     sweep = sweeps.Sweep(spec, name, storage_for(storage, runs_dir, name), runs_dir, trials)
     print(f"sweep {name}: {spec.method} search, {spec.goal} {spec.metric}, {sweep.total()} trials "
-          f"in {sweep.storage}")
+          f"in {shown_storage(sweep.storage)}")
     try:
         sweeps.run_workers(sweep, workers)
     except TrainingInterrupted:
         raise fail(f"interrupted; the trial will be retried. Resume with the same command "
                    f"(cnnlab sweep run {file} --name {name})", code=130) from None
-    print_status(sweeps.load_study(name, sweep.storage))
+    summary = print_status(sweeps.load_study(name, sweep.storage))
+    if summary.best is None:  # every trial failed (or was pruned): the sweep has no result to give
+        raise sweeps.SweepError(f"sweep {name}: none of its {len(summary.trials)} trials completed; see each "
+                                f"trial's error above (cnnlab sweep status {name})")
 
 
 @sweep_app.command()
@@ -67,7 +73,10 @@ def status(name: Name, storage: Storage = None, runs_dir: RunsDir = RUNS_DIR,
            ) -> None:
     """A table of the sweep's trials, the best so far, and how many were pruned or failed."""
     from cnnlab import sweep as sweeps
+    from cnnlab.sweep.runner import check_plot_target
 
+    if plot is not None:
+        check_plot_target(plot)  # a FIFO, a device, a folder or an unknown format: refused before reading
     study = sweeps.load_study(name, storage_for(storage, runs_dir, name))
     print_status(study)
     if plot is not None:
@@ -81,13 +90,16 @@ def best(name: Name, out: Annotated[Path, typer.Option("--out", "-o", help="Writ
          = Path("best.yaml"), storage: Storage = None, runs_dir: RunsDir = RUNS_DIR) -> None:
     """Write the best trial's full config, ready for `cnnlab train --config`."""
     from cnnlab import sweep as sweeps
+    from cnnlab.files import output_target
 
-    trial = sweeps.write_best_config(sweeps.load_study(name, storage_for(storage, runs_dir, name)), out)
+    output_target(out)  # a FIFO, a device or a folder: refused before the study is read
+    trial = sweeps.write_best_config(sweeps.load_study(name, storage_for(storage, runs_dir, name)), out, runs_dir)
     print(f"best trial {trial.number}: value {trial.value:.4f} {trial.params}")
     print(f"config written to {out}; train it with: cnnlab train --config {out}")
 
 
-def print_status(study: Any) -> None:
+def print_status(study: Any) -> Any:
+    """Print the trials table and the best so far; returns the Summary."""
     from cnnlab import sweep as sweeps
 
     summary = sweeps.summarize(study)
@@ -102,15 +114,13 @@ def print_status(study: Any) -> None:
     if summary.best is not None:
         print(f"best ({summary.direction}): trial {summary.best.number}, value {summary.best.value:.4f}, "
               f"{summary.best.params}")
+    return summary
 
 
 def format_param(value: Any) -> str:
     if value is None:
         return "-"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-app.add_typer(sweep_app, name="sweep", rich_help_panel=SCALE)
 
 
 app.add_typer(sweep_app, name="sweep", rich_help_panel=SCALE)

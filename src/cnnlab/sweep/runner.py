@@ -2,11 +2,13 @@
 several worker processes; then the results (summary, best config, plot)."""
 from __future__ import annotations
 
+import errno
+import json
 import math
 import os
-import socket
+import signal
+import sys
 import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,21 +18,27 @@ import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from cnnlab import pipeline
-from cnnlab.config import ConfigError
+from cnnlab.config import ConfigError, load_config
 from cnnlab.data import Dataset
 from cnnlab.data.sources import open_dataset
+from cnnlab.errors import UserError
+from cnnlab.files import FileRefused, check_regular, output_target, read_text, reason, write_atomic
 from cnnlab.runs import layout
-from cnnlab.sweep.spec import SweepError, SweepSpec, trial_config
+from cnnlab.sweep.spec import SweepError, SweepSpec, check_counts, check_name, trial_config
 from cnnlab.sweep.study import (
-    HEARTBEAT_SECONDS,
+    JournalWriteError,
     claim_trial,
-    is_rdb_url,
+    heartbeat_seconds,
     make_pruner,
     make_sampler,
+    new_session,
+    one_line,
     open_storage,
     retry_callback,
+    shown_storage,
     study_lock,
     sweep_dir,
+    trial_sampler,
 )
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.engine import Trainer, TrainingInterrupted
@@ -44,7 +52,7 @@ class PruningReporter(Callback):
         self.trial, self.metric = trial, metric
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        value = metrics[self.metric]
+        value = metrics.get(self.metric, math.nan)
         if math.isnan(value):
             return  # no validation split: nothing to judge the trial by
         self.trial.report(value, step=metrics["epoch"])
@@ -64,9 +72,18 @@ class Heartbeat:
         self.thread = threading.Thread(target=self.beat, daemon=True)
 
     def beat(self) -> None:
+        seconds = heartbeat_seconds()
+        warned = False
         while not self.stop.is_set():
-            self.storage.record_heartbeat(self.trial_id)
-            self.stop.wait(HEARTBEAT_SECONDS)
+            try:
+                self.storage.record_heartbeat(self.trial_id)
+            except Exception as exc:  # noqa: BLE001 -- a lost database connection must not kill the thread
+                # silently: the trial may be retried by another worker once its heartbeat is stale
+                if not warned:
+                    print(f"warning: could not record the trial's heartbeat ({one_line(exc)}); if the database "
+                          "stays out of reach, another worker may retry this trial", file=sys.stderr)
+                    warned = True
+            self.stop.wait(seconds)
 
     def __enter__(self) -> Heartbeat:
         # The study's storage is Optuna's cache wrapped around the RDBStorage, not an RDBStorage itself:
@@ -80,6 +97,10 @@ class Heartbeat:
         self.stop.set()
 
 
+class TrialStopped(SweepError):
+    """A trial could not write its run (disk full, read-only, no permission): the sweep stops, resumable."""
+
+
 @dataclass
 class Sweep:
     """What a worker needs: the spec, where the study is, where trial runs go, and how many trials in all."""
@@ -90,24 +111,85 @@ class Sweep:
     runs_dir: Path
     trials: int
 
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        check_counts(self.trials, 1)
+
     def open(self, worker: int = 0) -> optuna.Study:
-        """Create or load the study; each worker's sampler gets its own seed so workers don't repeat each other."""
-        seed = self.spec.seed + worker + (zlib.crc32(socket.gethostname().encode()) if is_rdb_url(self.storage) else 0)
+        """Create or load the study, and check that a loaded one searches as this spec does.
+
+        The study's own sampler serves the grid; random and bayes trials get a sampler seeded from the
+        trial's number (`trial_sampler`), so `worker` only names the worker.
+        """
         with study_lock(self.storage, self.name):  # workers starting together would race to create tables
-            return optuna.create_study(study_name=self.name, storage=open_storage(self.storage),
-                                       sampler=make_sampler(self.spec, seed), pruner=make_pruner(self.spec),
-                                       direction=self.spec.direction, load_if_exists=True)
+            study = optuna.create_study(study_name=self.name, storage=open_storage(self.storage),
+                                        sampler=make_sampler(self.spec, self.spec.seed), pruner=make_pruner(self.spec),
+                                        direction=self.spec.direction, load_if_exists=True)
+            self.check_study(study)
+        return study
+
+    def check_study(self, study: optuna.Study) -> None:
+        """A study resumed from a sweep file that searches differently would rank trials by the wrong rule."""
+        if len(study.directions) != 1 or study.direction.name.lower() != self.spec.direction:
+            found = ", ".join(d.name.lower() for d in study.directions)
+            raise SweepError(f"sweep {self.name!r} in {shown_storage(self.storage)} was started to {found} its "
+                             f"objective, but this sweep file asks to {self.spec.direction}; give another --name "
+                             "for a new sweep")
+        mine = {"method": self.spec.method, "metric": self.spec.metric}
+        if self.spec.method == "grid":
+            mine["grid"] = json.dumps(self.spec.grid(), sort_keys=True)
+        recorded = {key: study.user_attrs.get(f"cnnlab.{key}") for key in mine}
+        if all(value is None for value in recorded.values()):  # a new study (or one from before these attrs)
+            for key, value in mine.items():
+                study.set_user_attr(f"cnnlab.{key}", value)
+            return
+        for key, value in mine.items():
+            if recorded[key] is not None and recorded[key] != value:
+                shown = "the grid's values" if key == "grid" else f"{key} {recorded[key]}"
+                raise SweepError(f"sweep {self.name!r} in {shown_storage(self.storage)} was started with {shown}; "
+                                 f"this sweep file has {'other values' if key == 'grid' else value}: resume it with "
+                                 "the same sweep file, or give another --name for a new sweep")
 
     def total(self) -> int:
         """Trials in all; a grid stops at its size."""
         return min(self.trials, self.spec.grid_size()) if self.spec.method == "grid" else self.trials
 
 
+def trial_run_dir(sweep: Sweep, number: int) -> Path:
+    """runs/sweeps/<name>/trial-<n>, or trial-<n>-2, ... when a directory of that name is left over (from a
+    journal recovered to an earlier record, whose trial numbers are given out again)."""
+    base = sweep_dir(sweep.runs_dir, sweep.name) / f"trial-{number}"
+    run, n = base, 1
+    while run.exists() or run.is_symlink():
+        n += 1
+        run = base.with_name(f"{base.name}-{n}")
+    return run
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
+
+
+def write_failure(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write (disk full, read-only, no permission) if that is what `exc` is or
+    was raised from (RunError is raised `from None` but keeps the OSError as its context)."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: dict[str, Dataset],
               log: Callable[[str], object] = print) -> TrialState:
     """Train one trial into runs/sweeps/<name>/trial-<n> and tell the study how it ended."""
+    sampler = trial_sampler(sweep.spec, trial.number)
+    if sampler is not None:  # this trial's own seed: resumed and concurrent sweeps do not repeat points
+        study.sampler = sampler
     params = {p.key: p.suggest(trial) for p in sweep.spec.parameters}
-    run = sweep_dir(sweep.runs_dir, sweep.name) / f"trial-{trial.number}"
+    run = trial_run_dir(sweep, trial.number)
     trial.set_user_attr("run", str(run))
     metric = sweep.spec.metric
     try:
@@ -117,22 +199,30 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: dict[st
         with Heartbeat(study, trial):
             result = pipeline.train(config, run.parent, run.name, [PruningReporter(trial, metric)],
                                     progress=False, dataset=dataset)
+    except JournalWriteError:
+        raise  # the study cannot be written: nothing more can be recorded; the rerun retries this trial
     except optuna.TrialPruned as exc:
         trial.set_user_attr("pruned", str(exc))
         study.tell(trial, state=TrialState.PRUNED)
         log(f"trial {trial.number} {params}: pruned ({exc})")
         return TrialState.PRUNED
     except TrainingInterrupted:  # Ctrl-C or SIGTERM: queue the trial again for the resumed sweep
-        study.tell(trial, state=TrialState.FAIL)
-        retry_callback()(study, study._storage.get_trial(trial._trial_id))
+        requeue(study, trial)
         raise
-    except (ConfigError, RuntimeError, ValueError) as exc:  # one bad combination (or a diverged loss:
-        # TrainingDiverged is a RuntimeError) must not end the sweep
-        trial.set_user_attr("error", str(exc))
+    except (OSError, ConfigError, RuntimeError, ValueError) as exc:
+        failure = write_failure(exc)
+        if failure is not None:  # the disk is full or read-only: every further trial would fail the same way
+            requeue(study, trial)
+            where = failure.filename or run
+            raise TrialStopped(f"trial {trial.number}: could not write {where}: {reason(failure)}; the sweep "
+                               "stopped and the trial will be run again. Free space or make the folder writable, "
+                               "then rerun the same `cnnlab sweep run` to resume") from None
+        # one bad combination (or a diverged loss: TrainingDiverged is a RuntimeError) must not end the sweep
+        trial.set_user_attr("error", one_line(exc))
         study.tell(trial, state=TrialState.FAIL)
-        log(f"trial {trial.number} {params}: failed: {exc}")
+        log(f"trial {trial.number} {params}: failed: {one_line(exc)}")
         return TrialState.FAIL
-    value = result.history[-1][metric]
+    value = result.history[-1].get(metric, math.nan) if result.history else math.nan
     if not math.isfinite(value):  # NaN or inf would rank as best or worst by accident: a failed trial
         trial.set_user_attr("error", f"the objective {metric} is {value}")
         study.tell(trial, state=TrialState.FAIL)
@@ -143,6 +233,12 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: dict[st
     return TrialState.COMPLETE
 
 
+def requeue(study: optuna.Study, trial: Trial) -> None:
+    """Fail a trial that did not get to finish and queue a retry with its parameters."""
+    study.tell(trial, state=TrialState.FAIL)
+    retry_callback()(study, study._storage.get_trial(trial._trial_id))
+
+
 def run_worker(sweep: Sweep, worker: int = 0, threads: int | None = None, log: Callable[[str], object] = print
                ) -> int:
     """Claim and run trials until the study has its total; returns how many this worker ran."""
@@ -151,6 +247,7 @@ def run_worker(sweep: Sweep, worker: int = 0, threads: int | None = None, log: C
 
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    new_session()  # trials an earlier invocation in this process left running are dead, not ours
     study = sweep.open(worker)
     datasets: dict[str, Dataset] = {}
     done = 0
@@ -160,8 +257,21 @@ def run_worker(sweep: Sweep, worker: int = 0, threads: int | None = None, log: C
     return done
 
 
+def worker_process(sweep: Sweep, worker: int, threads: int, errors: Any) -> None:
+    """A spawned worker: its error goes back to the parent as one line (no traceback), and its exit status
+    says how it ended (2: an error, 130: interrupted)."""
+    try:
+        run_worker(sweep, worker, threads)
+    except UserError as exc:
+        errors.put((worker, str(exc)))
+        sys.exit(2)
+    except (TrainingInterrupted, KeyboardInterrupt):
+        sys.exit(130)
+
+
 def run_workers(sweep: Sweep, workers: int, log: Callable[[str], object] = print) -> None:
     """Run `workers` processes on this machine (1: in this process), splitting the CPU cores between them."""
+    check_counts(sweep.trials, workers)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep.open()  # create the study once, before workers race to
     if workers <= 1:
@@ -171,12 +281,29 @@ def run_workers(sweep: Sweep, workers: int, log: Callable[[str], object] = print
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")  # fork after torch has started threads can hang
-    procs = [context.Process(target=run_worker, args=(sweep, i, threads)) for i in range(workers)]
+    errors = context.SimpleQueue()
+    procs = [context.Process(target=worker_process, args=(sweep, i, threads, errors)) for i in range(workers)]
     for proc in procs:
         proc.start()
-    for proc in procs:
-        proc.join()
-    bad = [p.exitcode for p in procs if p.exitcode]
+    interrupted = False
+    while True:  # Ctrl-C reaches the workers too: they queue their trials again; wait for them to finish
+        try:
+            for proc in procs:
+                proc.join()
+            break
+        except KeyboardInterrupt:
+            interrupted = True
+    codes = [p.exitcode for p in procs]
+    messages = []
+    while not errors.empty():
+        messages.append(errors.get())
+    if messages:
+        worker, message = sorted(messages)[0]
+        others = f" ({len(messages) - 1} more workers stopped too)" if len(messages) > 1 else ""
+        raise SweepError(f"worker {worker}: {message}{others}")
+    if interrupted or any(code in (130, -signal.SIGINT) for code in codes):
+        raise TrainingInterrupted()
+    bad = [code for code in codes if code]
     if bad:
         raise SweepError(f"{len(bad)} of {workers} workers failed (exit codes {bad}); rerun to resume")
 
@@ -206,19 +333,76 @@ def best_trial(study: optuna.Study) -> FrozenTrial:
     return study.best_trial
 
 
-def write_best_config(study: optuna.Study, out: str | Path) -> FrozenTrial:
-    """Write the best trial's resolved config (its run's config.yaml) with a header saying where it came from."""
+MAX_CONFIG_BYTES = 1 << 20  # a run's config.yaml is ~2 kB
+
+
+def best_run(study: optuna.Study, best: FrozenTrial, runs_dir: str | Path | None = None) -> Path:
+    """The run directory of the best trial: where the study says, or (a relative path recorded from another
+    folder) the trial's folder under <runs-dir>/sweeps/<name>/."""
+    recorded = best.user_attrs.get("run")
+    if not isinstance(recorded, str) or not recorded:
+        raise SweepError(f"sweep {study.study_name!r}: trial {best.number} has no run directory recorded "
+                         "(was the study made by cnnlab sweep run?)")
+    run = Path(recorded)
+    if not run.is_dir() and runs_dir is not None:
+        near = sweep_dir(runs_dir, study.study_name) / run.name
+        run = near if near.is_dir() else run
+    return run
+
+
+def write_best_config(study: optuna.Study, out: str | Path, runs_dir: str | Path | None = None) -> FrozenTrial:
+    """Write the best trial's resolved config (its run's config.yaml) with a header saying where it came from.
+
+    The config is read as a bounded regular file and checked to be a config before `out` is replaced,
+    atomically (a FIFO, a device or a folder as `out` is refused).
+    """
+    output_target(out)  # refused before anything is read
     best = best_trial(study)
-    run = Path(best.user_attrs["run"])
-    text = layout.path(run, "config").read_text()
+    run = best_run(study, best, runs_dir)
+    config = layout.path(run, "config")
+    try:
+        check_regular(config, "trial config")  # a folder first: files.read_bytes lets it through as an OSError
+        text = read_text(config, MAX_CONFIG_BYTES, "trial config")
+        load_config(None, config)  # a config `cnnlab train --config` accepts
+    except (FileRefused, ConfigError) as exc:
+        raise SweepError(f"best trial {best.number} of sweep {study.study_name}: {exc}") from None
     header = (f"# best trial {best.number} of sweep {study.study_name}: value {best.value:.4f}\n"
-              f"# params: {best.params}\n# run: {run}\n# train it again with: cnnlab train --config {out}\n")
-    Path(out).write_text(header + text)
+              f"# params: {best.params}\n# run: {run!s}\n# train it again with: cnnlab train --config {out}\n")
+    write_output(out, lambda tmp: tmp.write_text(header + text, encoding="utf-8"))
     return best
+
+
+def write_output(out: str | Path, write: Callable[[Path], object]) -> Path:
+    """files.write_atomic, with a failed write (disk full, read-only) as one SweepError line."""
+    try:
+        return write_atomic(out, write)
+    except OSError as exc:
+        raise SweepError(f"{out}: could not write it: {reason(exc)}") from None
+
+
+def plot_format(out: str | Path) -> str:
+    """The image format of `out`, from its suffix (none: png); an unknown one is a SweepError, before plotting."""
+    suffix = Path(out).suffix.lower().lstrip(".")
+    if not suffix:
+        return "png"
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if suffix not in formats:
+        raise SweepError(f"--plot {out}: .{suffix} is not an image format matplotlib writes (expected one of "
+                         f"{', '.join('.' + f for f in sorted(formats))})")
+    return suffix
+
+
+def check_plot_target(out: str | Path) -> str:
+    """Refuse a --plot target before a study is read: not a regular file, no folder, or an unknown format."""
+    output_target(out)
+    return plot_format(out)
 
 
 def plot_trials(study: optuna.Study, out: str | Path) -> None:
     """A small PNG: each trial's final metric by trial number (pruned ones at their last reported value)."""
+    fmt = check_plot_target(out)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,7 +424,10 @@ def plot_trials(study: optuna.Study, out: str | Path) -> None:
     ax.set_xlabel("trial")
     ax.set_ylabel("validation metric")
     ax.set_title(f"sweep {study.study_name}")
-    ax.legend(loc="lower right", fontsize=8)
+    if complete or ax.collections:
+        ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(out)
-    plt.close(fig)
+    try:
+        write_output(out, lambda tmp: fig.savefig(tmp, format=fmt))
+    finally:
+        plt.close(fig)

@@ -3,6 +3,7 @@ parsed into a SweepSpec whose parameter keys are checked against the config befo
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -10,9 +11,11 @@ from typing import Any, Literal
 import yaml
 from optuna.trial import Trial
 
-from cnnlab.config import Config, load_config
-from cnnlab.config.resolve import read_yaml
+from cnnlab.config import Config, ConfigError, load_config
+from cnnlab.config.yamlfile import FileRefused, YAMLProblem, read_yaml_file
 from cnnlab.errors import UserError
+from cnnlab.files import check_regular
+from cnnlab.suggest import did_you_mean
 
 METHODS = ("grid", "random", "bayes")
 METRICS = {"val_accuracy": "val_accuracy", "val_acc": "val_accuracy", "accuracy": "val_accuracy",
@@ -20,6 +23,14 @@ METRICS = {"val_accuracy": "val_accuracy", "val_acc": "val_accuracy", "accuracy"
 DISTRIBUTIONS = ("uniform", "int_uniform", "q_uniform", "log_uniform", "log_uniform_values")
 SWEEP_KEYS = {"method", "metric", "parameters", "early_terminate", "model", "dataset", "set", "name", "seed",
               "program", "description", "project", "entity", "command"}  # the last five: W&B's, ignored
+PARAMETER_KEYS = ("values", "value", "min", "max", "distribution", "q")
+EARLY_KEYS = ("type", "min_iter", "max_iter", "eta")
+MAX_GRID = 100_000  # grid points a sweep may visit (a bigger grid is refused before it is enumerated)
+MAX_TRIALS = 100_000  # --trials
+MAX_WORKERS = 64  # --workers: processes on one machine
+MAX_SEED = 2**32 - 1  # the samplers' seed range
+MAX_NAME = 200  # characters of a sweep name (a folder name)
+LOG_E_MAX = math.log(sys.float_info.max)  # log_uniform's max: e**max must be a finite float
 
 
 class SweepError(UserError, ValueError):
@@ -94,50 +105,159 @@ class SweepSpec:
 
 
 def read_sweep(path: str | Path) -> SweepSpec:
-    """Parse and check a sweep file; a key no trial's config would read is an error before anything runs."""
+    """Parse and check a sweep file; a key no trial's config would read is an error before anything runs.
+
+    The file is read by the config package's YAML reader (a bounded regular UTF-8 file, no repeated
+    keys, no alias bombs); every problem is one SweepError line that names the file.
+    """
     try:
-        spec = parse_sweep(read_yaml(path))
-    except SweepError as exc:
+        check_regular(path, "sweep file")  # a folder first: files.read_bytes lets it through as IsADirectoryError
+        data = read_yaml_file(path, "sweep file")
+    except (FileRefused, YAMLProblem) as exc:  # both name the file already
+        raise SweepError(str(exc)) from None
+    if data is None:
+        raise SweepError(f"{path}: the sweep file is empty; expected a mapping with method, metric and parameters")
+    if not isinstance(data, dict):
+        raise SweepError(f"{path}: expected a mapping of sweep keys (method, metric, parameters, ...), "
+                         f"found a YAML {yaml_kind(data)}")
+    try:
+        spec = parse_sweep(data)
+        check_keys(spec)
+    except (SweepError, ConfigError) as exc:
         raise SweepError(f"{path}: {exc}") from None
-    check_keys(spec)
     return spec
 
 
+def yaml_kind(value: Any) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value),
+                                                                                           type(value).__name__)
+
+
+def is_number(value: Any) -> bool:
+    """An int or a float, not a bool (YAML's true is not 1 here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def parse_sweep(data: dict[str, Any]) -> SweepSpec:
-    """A SweepSpec from the mapping of a sweep file (W&B sweep format plus model, dataset, set)."""
-    unknown = sorted(set(data) - SWEEP_KEYS)
+    """A SweepSpec from the mapping of a sweep file (W&B sweep format plus model, dataset, set).
+
+    Every value is checked here, before anything runs: ranges, distributions, grid size, seed, early
+    termination; a problem is a SweepError naming the key (`parameters.<key>`, `seed`, ...).
+    """
+    unknown = sorted(str(k) for k in data if k not in SWEEP_KEYS)
     if unknown:
-        raise SweepError(f"unknown sweep key {unknown[0]!r} (sweep keys: {', '.join(sorted(SWEEP_KEYS))})")
+        raise SweepError(f"unknown sweep key {unknown[0]!r}{did_you_mean(unknown[0], SWEEP_KEYS)} "
+                         f"(sweep keys: {', '.join(sorted(SWEEP_KEYS))})")
     method = data.get("method", "random")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise SweepError(f"method {method!r}: expected one of {', '.join(METHODS)}")
     metric, goal = parse_metric(data.get("metric") or {"name": "val_accuracy", "goal": "maximize"})
     params = data.get("parameters") or {}
     if not isinstance(params, dict) or not params:
         raise SweepError("parameters: expected a mapping of config key -> {values: [...]} or {min, max}")
-    fixed = [f"{k}={v}" if isinstance(v, str) else f"{k}={dump_value(v)}" for k, v in (data.get("set") or {}).items()]
+    model, dataset, name = (optional_text(data, key) for key in ("model", "dataset", "name"))
+    if name is not None:
+        check_name(name, "name")
+    fixed = parse_set(data.get("set"))
     searched = []
     for key, body in params.items():
         if isinstance(body, dict) and "value" in body:  # W&B's constant parameter
+            if len(body) > 1:
+                raise SweepError(f"parameters.{key}: a constant `value` takes no other keys, found "
+                                 f"{', '.join(sorted(str(k) for k in body if k != 'value'))}")
             fixed.append(f"{key}={dump_value(body['value'])}")
         else:
             searched.append(parse_parameter(str(key), body))
     if not searched:
         raise SweepError("parameters: nothing to search (every parameter has a single `value`)")
-    if method == "grid" and any(p.values is None for p in searched):
-        raise SweepError("method grid needs `values: [...]` for every parameter "
-                         f"({', '.join(p.key for p in searched if p.values is None)} give a range)")
-    early = data.get("early_terminate")
-    if early is not None and (not isinstance(early, dict) or early.get("type") != "hyperband"):
+    if method == "grid":
+        if any(p.values is None for p in searched):
+            raise SweepError("method grid needs `values: [...]` for every parameter "
+                             f"({', '.join(p.key for p in searched if p.values is None)} give a range)")
+        size = math.prod(len(p.grid_values()) for p in searched)  # counted, never enumerated
+        if size > MAX_GRID:
+            raise SweepError(f"parameters: the grid has {size:,} points, more than the {MAX_GRID:,} a sweep may "
+                             f"visit ({' x '.join(str(len(p.grid_values())) for p in searched)}); use fewer values "
+                             "or method random")
+    return SweepSpec(method, metric, goal, searched, model or "seed", dataset, fixed,
+                     parse_early_terminate(data.get("early_terminate")), parse_seed(data.get("seed", 0)), name)
+
+
+def optional_text(data: dict[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise SweepError(f"{key}: expected a name (text), found {value!r}")
+    return value
+
+
+def parse_set(values: Any) -> list[str]:
+    """`set:` (overrides every trial gets) as KEY=VALUE texts."""
+    if values is None:
+        return []
+    if not isinstance(values, dict):
+        raise SweepError(f"set: expected a mapping of config key -> value, found a YAML {yaml_kind(values)}")
+    return [f"{k}={v}" if isinstance(v, str) else f"{k}={dump_value(v)}" for k, v in values.items()]
+
+
+def parse_seed(seed: Any) -> int:
+    if not whole(seed) or not 0 <= seed <= MAX_SEED:
+        raise SweepError(f"seed: expected a whole number from 0 to {MAX_SEED}, found {seed!r}")
+    return int(seed)
+
+
+def parse_early_terminate(early: Any) -> dict[str, Any] | None:
+    """W&B's {type: hyperband, min_iter, eta, max_iter}, each checked: eta >= 2, 1 <= min_iter <= max_iter."""
+    if early is None:
+        return None
+    if not isinstance(early, dict) or early.get("type") != "hyperband":
         raise SweepError(f"early_terminate: expected {{type: hyperband, min_iter: 1, eta: 3}}, found {early!r}")
-    return SweepSpec(method, metric, goal, searched, data.get("model", "seed"), data.get("dataset"), fixed,
-                     early, int(data.get("seed", 0)), data.get("name"))
+    unknown = sorted(str(k) for k in early if k not in EARLY_KEYS)
+    if unknown:
+        raise SweepError(f"early_terminate.{unknown[0]}: not supported (early_terminate takes "
+                         f"{', '.join(sorted(EARLY_KEYS))})")
+    checked: dict[str, int] = {}
+    for key, default, low in (("min_iter", 1, 1), ("eta", 3, 2), ("max_iter", None, 1)):
+        value = early.get(key, default)
+        if value is None:
+            continue
+        if not whole(value) or value < low:
+            raise SweepError(f"early_terminate.{key}: expected a whole number >= {low}, found {value!r}")
+        checked[key] = int(value)
+    if checked.get("max_iter", checked["min_iter"]) < checked["min_iter"]:
+        raise SweepError(f"early_terminate.max_iter: {checked['max_iter']} is less than min_iter "
+                         f"{checked['min_iter']}")
+    return {"type": "hyperband", **checked}
+
+
+def check_name(name: str, where: str = "--name") -> str:
+    """A sweep name is a folder under <runs-dir>/sweeps/: one plain path component."""
+    if (not name or name in (".", "..") or len(name) > MAX_NAME or any(c in name for c in "/\\")
+            or any(ord(c) < 32 or ord(c) == 127 for c in name)):
+        raise SweepError(f"{where} {name!r}: expected a sweep name of at most {MAX_NAME} characters without "
+                         "slashes or control characters (it names the folder <runs-dir>/sweeps/<name>)")
+    return name
+
+
+def check_counts(trials: int, workers: int) -> None:
+    """--trials and --workers within what one machine and one study can hold."""
+    if not whole(trials) or not 1 <= trials <= MAX_TRIALS:
+        raise SweepError(f"--trials {trials!r}: expected a whole number from 1 to {MAX_TRIALS:,}")
+    if not whole(workers) or not 1 <= workers <= MAX_WORKERS:
+        raise SweepError(f"--workers {workers!r}: expected a whole number from 1 to {MAX_WORKERS} (worker "
+                         "processes on this machine; start the sweep on more machines to share a study)")
 
 
 def parse_metric(metric: Any) -> tuple[str, str]:
     if not isinstance(metric, dict) or "name" not in metric:
         raise SweepError(f"metric: expected {{name: val_accuracy, goal: maximize}}, found {metric!r}")
-    name = METRICS.get(metric["name"])
+    unknown = sorted(str(k) for k in metric if k not in ("name", "goal", "target"))
+    if unknown:
+        raise SweepError(f"metric.{unknown[0]}: not a metric key (expected name and goal)")
+    name = METRICS.get(metric["name"]) if isinstance(metric["name"], str) else None
     if name is None:
         raise SweepError(f"metric {metric['name']!r}: expected one of {', '.join(METRICS)}")
     goal = metric.get("goal", "maximize" if name == "val_accuracy" else "minimize")
@@ -147,26 +267,70 @@ def parse_metric(metric: Any) -> tuple[str, str]:
 
 
 def parse_parameter(key: str, body: Any) -> Parameter:
-    """One `parameters:` entry: {values: [...]} or {min, max, distribution?, q?}."""
+    """One `parameters:` entry: {values: [...]} or {min, max, distribution?, q?}, range-checked."""
+    where = f"parameters.{key}"
     if not isinstance(body, dict):
-        raise SweepError(f"parameters.{key}: expected {{values: [...]}} or {{min: ..., max: ...}}, found {body!r}")
+        raise SweepError(f"{where}: expected {{values: [...]}} or {{min: ..., max: ...}}, found {body!r}")
+    unknown = sorted(str(k) for k in body if k not in PARAMETER_KEYS)
+    if unknown:
+        raise SweepError(f"{where}.{unknown[0]}: not a parameter key{did_you_mean(unknown[0], PARAMETER_KEYS)} "
+                         "(expected values, value, or min, max, distribution and q)")
     if "values" in body:
-        if not isinstance(body["values"], list) or not body["values"]:
-            raise SweepError(f"parameters.{key}.values: expected a non-empty list")
-        return Parameter(key, values=list(body["values"]))
+        extra = sorted(str(k) for k in body if k != "values")
+        if extra:
+            raise SweepError(f"{where}: `values` takes no {', '.join(extra)}; give a list or a range, not both")
+        return Parameter(key, values=parse_values(where, body["values"]))
     if "min" not in body or "max" not in body:
-        raise SweepError(f"parameters.{key}: expected values, value, or min and max")
+        raise SweepError(f"{where}: expected values, value, or min and max")
     low, high = body["min"], body["max"]
-    both_int = isinstance(low, int) and isinstance(high, int)
-    distribution = body.get("distribution", "int_uniform" if both_int else "uniform")
-    if distribution not in DISTRIBUTIONS:
-        raise SweepError(f"parameters.{key}.distribution {distribution!r}: expected one of {', '.join(DISTRIBUTIONS)}")
-    return Parameter(key, low=low, high=high, distribution=distribution, q=body.get("q"))
+    for bound, value in (("min", low), ("max", high)):
+        if not is_number(value) or not math.isfinite(value):
+            raise SweepError(f"{where}.{bound}: expected a finite number, found {value!r}")
+    if low > high:
+        raise SweepError(f"{where}: min {low} is more than max {high}")
+    distribution = body.get("distribution", "int_uniform" if whole(low) and whole(high) else "uniform")
+    if not isinstance(distribution, str) or distribution not in DISTRIBUTIONS:
+        raise SweepError(f"{where}.distribution {distribution!r}: expected one of {', '.join(DISTRIBUTIONS)}")
+    if distribution == "int_uniform":
+        if not all(float(v).is_integer() for v in (low, high)):
+            raise SweepError(f"{where}: int_uniform needs whole-number min and max, found {low} and {high}")
+        low, high = int(low), int(high)
+    if distribution == "log_uniform_values" and low <= 0:
+        raise SweepError(f"{where}.min: log_uniform_values needs min > 0, found {low}")
+    if distribution == "log_uniform" and not (high <= LOG_E_MAX and math.exp(low) > 0):
+        raise SweepError(f"{where}: log_uniform's min and max are exponents of e; e**{low} .. e**{high} is not a "
+                         "range of positive finite numbers (for the values themselves use log_uniform_values)")
+    q = body.get("q", 1.0 if distribution == "q_uniform" else None)  # W&B's default step
+    if q is not None:
+        if distribution != "q_uniform":
+            raise SweepError(f"{where}.q: a step only goes with distribution q_uniform, not {distribution}")
+        if not is_number(q) or not math.isfinite(q) or q <= 0:
+            raise SweepError(f"{where}.q: expected a finite number > 0, found {q!r}")
+        q = float(q)
+    return Parameter(key, low=low, high=high, distribution=distribution, q=q)
+
+
+def parse_values(where: str, values: Any) -> list[Any]:
+    """A non-empty list of distinct plain values (text, numbers, booleans, null), as Optuna can store them."""
+    if not isinstance(values, list) or not values:
+        raise SweepError(f"{where}.values: expected a non-empty list, found {values!r}")
+    seen: set[tuple[type, Any]] = set()
+    for value in values:
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise SweepError(f"{where}.values: {value!r} is a YAML {yaml_kind(value)}; each value must be text, a "
+                             "number, a boolean or null (search nested keys one by one, e.g. model.conv.0.filters)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SweepError(f"{where}.values: {value} is not a finite number")
+        if (type(value), value) in seen:
+            raise SweepError(f"{where}.values: {value!r} appears twice; give each value once")
+        seen.add((type(value), value))
+    return list(values)
 
 
 def dump_value(value: Any) -> str:
     """A value as YAML text `--set` reads back as the same type (1e-07 alone would read as a string)."""
-    return yaml.safe_dump(value, default_flow_style=True).splitlines()[0]
+    # no line width: a long list folded over two lines would lose its second half
+    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).splitlines()[0]
 
 
 def trial_overrides(spec: SweepSpec, params: dict[str, Any]) -> list[str]:
@@ -179,7 +343,14 @@ def trial_config(spec: SweepSpec, params: dict[str, Any]) -> Config:
 
 
 def check_keys(spec: SweepSpec) -> None:
-    """Resolve a config with every parameter's first (or min) value: an unread key raises ConfigError."""
+    """Resolve a config with every parameter's first (or min) value: an unread key raises ConfigError.
+
+    Also checks hyperband's min_iter against the trials' epochs (its default max_iter).
+    """
     spec.epochs = trial_config(spec, {p.key: p.first() for p in spec.parameters}).train.epochs
+    early = spec.early_terminate or {}
+    if early and "max_iter" not in early and early["min_iter"] > spec.epochs:
+        raise SweepError(f"early_terminate.min_iter: {early['min_iter']} is more than the {spec.epochs} epochs a "
+                         "trial trains; lower it or give max_iter")
 
 
