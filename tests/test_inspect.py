@@ -13,8 +13,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
+from cnnlab.config import dotted_keys
 from cnnlab.inspect.activations import feature_maps, plot_kernels
-from cnnlab.inspect.run_table import config_differences, flatten, run_rows
+from cnnlab.inspect.run_table import config_differences, run_rows
 from cnnlab.inspect.show import LoadedRun, choose_input, show_features, show_kernels, show_mistakes, show_saliency
 from cnnlab.runs import layout
 from cnnlab.training.evaluate import infer
@@ -200,6 +201,6 @@ def test_compare_shows_only_the_keys_that_differ(trained):
     assert "test_accuracy" in output
 
 
-def test_flatten_uses_the_keys_set_takes():
-    assert flatten({"model": {"conv": [{"filters": 4, "kernel_size": [3, 3]}]}, "train": {"lr": 0.1}}) == {
+def test_dotted_keys_are_the_keys_set_takes():
+    assert dotted_keys({"model": {"conv": [{"filters": 4, "kernel_size": [3, 3]}]}, "train": {"lr": 0.1}}) == {
         "model.conv.0.filters": 4, "model.conv.0.kernel_size": [3, 3], "train.lr": 0.1}

@@ -14,7 +14,7 @@ from typing import cast
 
 from torch import nn
 
-from cnnlab.config import Config, TrainConfig
+from cnnlab.config import Config, TrainConfig, dotted_keys
 from cnnlab.data.loading import Dataset
 from cnnlab.data.sources import Data, load_data, prepare_data
 from cnnlab.files import write_atomic, write_json, write_text
@@ -109,27 +109,13 @@ def refuse_edited_config(run: Path, config: Config, saved: dict | None) -> None:
     """A RunError when config.yaml no longer says what the checkpoint was trained with."""
     if saved is None or saved == config.to_dict():
         return  # a checkpoint from before configs were recorded in it: nothing to compare with
-    now, then = flatten(config.to_dict()), flatten(saved)
+    now, then = dotted_keys(config.to_dict()), dotted_keys(saved)
     changed = [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(now) | set(then))
                if now.get(key) != then.get(key)]
     raise layout.RunError(f"{layout.path(run, 'config')} was edited after the checkpoint was written "
                           f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); --resume continues "
                           f"the run as it was trained. Undo the edit, or train a new run from it: "
                           f"cnnlab train --config {layout.path(run, 'config')}")
-
-
-def flatten(node: object, prefix: str = "") -> dict[str, object]:
-    """{'train.lr': 0.001, 'model.conv.0.filters': 32, ...} for a nested config dict."""
-    if isinstance(node, dict):
-        items = list(node.items())
-    elif isinstance(node, list) and node and all(isinstance(v, dict) for v in node):
-        items = [(str(i), v) for i, v in enumerate(node)]
-    else:
-        return {prefix: node}
-    flat: dict[str, object] = {}
-    for key, value in items:
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def restore_weights(run: Path, model: CNN, classes: tuple[str, ...]) -> None:

@@ -11,7 +11,7 @@ import copy
 import dataclasses
 import types
 import typing
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -275,3 +275,16 @@ def type_name(option: Any) -> str:
     return getattr(option, "__name__", str(option))
 
 
+def dotted_keys(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested config dicts and lists as dotted keys: model.conv.0.filters -> 32 (the keys --set takes)."""
+    items: Iterable[tuple[Any, Any]]
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list) and node and all(isinstance(v, (dict, list)) for v in node):
+        items = ((str(i), v) for i, v in enumerate(node))
+    else:
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in items:
+        flat.update(dotted_keys(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cnnlab.config import Config
+from cnnlab.config import Config, dotted_keys
 from cnnlab.errors import UserError
 from cnnlab.models.plan import plan
 from cnnlab.runs import layout, records
@@ -100,24 +100,9 @@ def run_rows(root: str | Path = layout.DEFAULT_ROOT, sort: str | None = None, re
 
 
 # ----------------------------------------------------------------------------------- compare
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested config dicts and lists as dotted keys: model.conv.0.filters -> 32 (the keys --set takes)."""
-    items: Iterable[tuple[Any, Any]]
-    if isinstance(node, dict):
-        items = node.items()
-    elif isinstance(node, list) and node and all(isinstance(v, (dict, list)) for v in node):
-        items = ((str(i), v) for i, v in enumerate(node))
-    else:
-        return {prefix: node}
-    flat: dict[str, Any] = {}
-    for key, value in items:
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def config_differences(run_dirs: Sequence[str | Path]) -> dict[str, list[Any]]:
     """The config keys whose values are not the same in every run: key -> one value per run (None: absent)."""
-    flats = [flatten(records.load_config(run).to_dict()) for run in run_dirs]
+    flats = [dotted_keys(records.load_config(run).to_dict()) for run in run_dirs]
     keys = sorted(set().union(*flats), key=lambda k: (k.split(".")[0] != "data", k))
     differences = {}
     for key in keys:
