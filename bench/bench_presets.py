@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--presets", nargs="+", default=["fast", "seed"])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--seeds-of", nargs="*", default=[], metavar="PRESET=N",
+                        help="another number of seeds for some presets, e.g. fast=5")
     parser.add_argument("--reference-seeds", type=int, default=1, help="runs of the plain-PyTorch reference")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", help="config override for every preset run")
@@ -92,14 +94,25 @@ def main() -> None:
         return
     common = ["--dataset", args.dataset, "--threads", str(args.threads)]
     common += ["--data-dir", args.data_dir] if args.data_dir else []
-    results = []
+    seeds_of = {preset: int(n) for preset, n in (item.split("=", 1) for item in args.seeds_of)}
+    results: list[dict] = []
+    rows_of: dict[str, list[dict]] = {}
+
+    def save() -> None:  # after every preset, so a long run's finished presets are kept
+        if args.out:
+            args.out.write_text(json.dumps(dict(dataset=args.dataset, seeds=args.seeds, seeds_of=seeds_of,
+                                                results=results, rows=rows_of), indent=2) + "\n")
+
     for preset in args.presets:
-        cmd = [sys.executable, __file__, "--worker", "--preset", preset, "--seeds", str(args.seeds), *common]
+        seeds = seeds_of.get(preset, args.seeds)
+        cmd = [sys.executable, __file__, "--worker", "--preset", preset, "--seeds", str(seeds), *common]
         for item in args.set or []:
             cmd += ["--set", item]
         rows, rss = run_process(cmd)
+        rows_of[preset] = rows
         results.append(summarize(preset, rows, rss))
         print(json.dumps(results[-1]), flush=True)
+        save()
     reference = []
     rss = 0.0
     for seed in range(args.reference_seeds):
@@ -109,22 +122,22 @@ def main() -> None:
                               epoch_seconds=[r["seconds"] for r in rows[:-1]]))
         rss = max(rss, rss_one)
     if reference:
+        rows_of["plain PyTorch (reference)"] = reference
         results.append(summarize("plain PyTorch (reference)", reference, rss))
         print(json.dumps(results[-1]), flush=True)
+        save()
     ref_epoch = results[-1]["epoch_seconds_median"] if reference else None
-    print(f"\n{args.dataset}, {args.seeds} seeds per preset, {args.threads} threads\n")
-    print("| preset | epochs | time s (median, min-max) | test acc (median, min-max) | s/epoch | "
+    print(f"\n{args.dataset}, {args.threads} threads\n")
+    print("| preset | seeds | epochs | time s (median, min-max) | test acc (median, min-max) | s/epoch | "
           "epoch speed-up vs reference | GFLOP/s | peak RSS MiB |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         speedup = f"{ref_epoch / r['epoch_seconds_median']:.2f}x" if ref_epoch and r["epoch_seconds_median"] else ""
         gflops = f"{r['gflops_median']:.1f}" if r["gflops_median"] else ""
         seconds = f"{r['seconds_median']:.1f} ({r['seconds_min']:.1f}-{r['seconds_max']:.1f})"
-        print(f"| {r['name']} | {r['epochs']} | {seconds} | "
+        print(f"| {r['name']} | {r['runs']} | {r['epochs']} | {seconds} | "
               f"{r['accuracy_median']:.4f} ({r['accuracy_min']:.4f}-{r['accuracy_max']:.4f}) | "
               f"{r['epoch_seconds_median']:.2f} | {speedup} | {gflops} | {r['peak_rss_mib']:.0f} |")
-    if args.out:
-        args.out.write_text(json.dumps(dict(dataset=args.dataset, seeds=args.seeds, results=results), indent=2) + "\n")
 
 
 if __name__ == "__main__":
