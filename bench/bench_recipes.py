@@ -29,6 +29,7 @@ VARIANTS: dict[str, list[str]] = {
     "+ weight decay 5e-4 (AdamW), norms and biases too": ["train.optimizer=adamw", "train.weight_decay=5e-4"],
     "+ weight decay 5e-4 (AdamW), not on norms and biases": ["train.optimizer=adamw", "train.weight_decay=5e-4",
                                                              "train.decay_norms_and_biases=false"],
+    "+ batch-norm biases at 8x the learning rate": ["train.norm_bias_lr_scale=8"],
 }
 
 

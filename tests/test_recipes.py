@@ -73,6 +73,38 @@ def test_weight_decay_can_skip_biases_and_norm_scales():
                .param_groups) == 1  # the default: everything decays, as before
 
 
+def test_batch_norm_biases_can_learn_faster_through_the_whole_schedule():
+    from torch import nn
+
+    from cnnlab.models.cnn import build_model
+    from cnnlab.training.optim import make_scheduler
+
+    config = load_config("fast", overrides=["train.norm_bias_lr_scale=8", "train.weight_decay=0.01",
+                                            "train.decay_norms_and_biases=false"])
+    model = build_model(config.model)
+    optimizer = make_optimizer(model, config.train)
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, nn.BatchNorm2d)}
+    fast_groups = [g for g in optimizer.param_groups if g["lr_scale"] == 8]
+    assert len(fast_groups) == 1 and {id(p) for p in fast_groups[0]["params"]} == norm_biases
+    assert fast_groups[0]["weight_decay"] == 0.0  # still a 1-D tensor, so still not decayed
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+    scheduler = make_scheduler(optimizer, config.train, total_steps=20)
+    for _ in range(10):  # warm-up and into the annealing: the ratio holds at every step
+        rates = {g["lr_scale"]: g["lr"] for g in optimizer.param_groups}
+        assert rates[8] == pytest.approx(8 * rates[1.0])
+        optimizer.step()
+        scheduler.step()
+    assert max(g["lr"] for g in optimizer.param_groups) <= 8 * config.train.lr
+
+
+def test_the_default_learning_rate_scale_changes_nothing():
+    from cnnlab.models.cnn import build_model
+
+    config = load_config("fast")
+    groups = make_optimizer(build_model(config.model), config.train).param_groups
+    assert len(groups) == 1 and groups[0]["lr"] == config.train.lr
+
+
 # ---------------------------------------------------------------------------------- weight averaging
 def test_the_averaged_weights_are_what_is_tested_and_saved(tmp_path):
     result = pipeline.train(quick("train.ema=0.9"), tmp_path, name="ema", progress=False)
@@ -104,3 +136,11 @@ def test_every_recipe_key_trains_on_a_shipped_sample(tmp_path, override):
     result = pipeline.train(quick("epochs=1", override), tmp_path, name="r", progress=False)
     assert result.test is not None and 0.0 <= result.test.accuracy <= 1.0
     assert torch.isfinite(torch.tensor(result.history[-1]["train_loss"]))
+
+
+def test_faster_batch_norm_biases_train_a_batch_norm_network_on_a_shipped_sample(tmp_path):
+    config = load_config("deep", overrides=[*QUICK, "epochs=1", "train.norm_bias_lr_scale=8"])
+    result = pipeline.train(config, tmp_path, name="r", progress=False)
+    assert result.test is not None and torch.isfinite(torch.tensor(result.history[-1]["train_loss"]))
+    checkpoint, _ = load_checkpoint(result.run)
+    assert sorted(g["lr_scale"] for g in checkpoint["optimizer"]["param_groups"]) == [1.0, 8.0]

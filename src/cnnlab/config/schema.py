@@ -104,6 +104,7 @@ class TrainConfig:
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     decay_norms_and_biases: bool = True  # false: weight decay skips biases and batch-norm scales (1-D tensors)
+    norm_bias_lr_scale: float = 1.0  # batch-norm biases learn at this multiple of the learning rate (airbench: 64)
     schedule: str = "constant"  # learning rate over the run: constant, onecycle or cosine
     label_smoothing: float = 0.0  # target probability moved from the true class to the others
     seed: int = 0  # seeds the validation split, initial weights, data order and dropout
@@ -201,6 +202,7 @@ def validate_train(t: TrainConfig) -> None:
     real(t.lr, 0, None, "train.lr", "a learning rate", low_open=True)  # huge ones diverge, and are stopped
     real(t.momentum, 0, 1, "train.momentum", "a momentum", high_open=True)
     real(t.weight_decay, 0, 1, "train.weight_decay", "a weight decay")
+    real(t.norm_bias_lr_scale, 0, 1000, "train.norm_bias_lr_scale", "a multiple of the learning rate", low_open=True)
     choice(t.optimizer, OPTIMIZERS, "train.optimizer")
     choice(t.schedule, SCHEDULES, "train.schedule")
     fraction(t.label_smoothing, "train.label_smoothing")

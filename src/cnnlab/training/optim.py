@@ -10,13 +10,23 @@ from cnnlab.config import TrainConfig
 
 
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """One group of every parameter; or, with decay_norms_and_biases off, the 1-D ones (biases, batch-norm
-    scales) apart, without weight decay: shrinking them only fights the normalisation."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.decay_norms_and_biases or not config.weight_decay:
-        return [dict(params=params)]
-    return [dict(params=[p for p in params if p.dim() > 1]),
-            dict(params=[p for p in params if p.dim() <= 1], weight_decay=0.0)]
+    """The trainable parameters in groups by how they learn. With the defaults, one group of everything.
+    With decay_norms_and_biases off (and weight decay on), the 1-D ones (biases, batch-norm scales) apart,
+    without weight decay: shrinking them only fights the normalisation. With norm_bias_lr_scale, the
+    batch-norm biases apart, at that multiple of the learning rate (airbench's trick: a bias only shifts
+    a channel, and moving it faster costs nothing in stability). Each group's "lr_scale" is its multiple
+    of the configured learning rate, which make_scheduler reads."""
+    norm_biases = {id(m.bias) for m in model.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
+    skip_decay = bool(config.weight_decay) and not config.decay_norms_and_biases
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        scale = config.norm_bias_lr_scale if id(p) in norm_biases else 1.0
+        groups.setdefault((skip_decay and p.dim() <= 1, scale), []).append(p)
+    return [dict(params=params, lr=config.lr * scale, lr_scale=scale, **({"weight_decay": 0.0} if no_decay else {}))
+            for (no_decay, scale), params in groups.items()]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -34,7 +44,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
                    total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Learning rate per optimisation step over the whole run."""
     if config.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total_steps,
+        peaks = [config.lr * group["lr_scale"] for group in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps,
                                                    pct_start=0.25)
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
