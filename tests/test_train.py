@@ -137,8 +137,8 @@ def test_run_names_never_collide(tmp_path):
 @pytest.mark.parametrize("preset", list_presets())
 def test_every_preset_trains_one_short_epoch_on_a_sample(preset, tmp_path):
     """Accuracy claims live in the benchmarks; this proves each preset runs end to end."""
-    config = load_config(preset, overrides=["epochs=1", "data.val_size=500"],
-                         data={"dataset": "fashion-mnist-sample" if preset in ("fast", "best", "top") else "mnist-sample"})
+    sample = "fashion-mnist-sample" if preset in ("fast", "best", "top") else "mnist-sample"
+    config = load_config(preset, overrides=["epochs=1", "data.val_size=500"], data={"dataset": sample})
     result = pipeline.train(config, tmp_path, name=preset, progress=False)
     assert len(result.history) == 1 and 0.0 <= result.test.accuracy <= 1.0
     assert result.history[0]["train_loss"] == result.history[0]["train_loss"]  # not NaN
