@@ -26,10 +26,13 @@ SITE_LINKS = ROOT_PAGES
 
 def on_files(files: Files, config) -> Files:
     pages = {"reference/cli.md": cli_reference(), "reference/config.md": config_reference()}
+    pictures: set[str] = set()
     for source, page in ROOT_PAGES.items():
-        pages[page] = site_links((ROOT / source).read_text())
+        pages[page] = site_links((ROOT / source).read_text(), pictures)
     for path, content in pages.items():
         files.append(File.generated(config, path, content=content))
+    for picture in sorted(pictures):  # the root pages' pictures (bench/*.png) travel with them
+        files.append(File.generated(config, picture, content=(ROOT / picture).read_bytes()))
     return files
 
 
@@ -44,8 +47,9 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
 
 
-def site_links(text: str) -> str:
-    """Links as the site has them: docs/x.md -> x.md, BENCHMARKS.md -> benchmarks.md; others become code."""
+def site_links(text: str, pictures: set[str] | None = None) -> str:
+    """Links as the site has them: docs/x.md -> x.md, BENCHMARKS.md -> benchmarks.md; pictures elsewhere in
+    the repository are added to `pictures` (to be copied into the site) and kept; other links become code."""
     def fix(match: re.Match) -> str:
         bang, label, target = match.groups()
         if target.startswith(("http://", "https://", "#", "mailto:")):
@@ -55,6 +59,8 @@ def site_links(text: str) -> str:
             path = path.removeprefix("docs/")
         elif path in SITE_LINKS:
             path = SITE_LINKS[path]
+        elif bang and pictures is not None and not path.startswith("..") and (ROOT / path).is_file():
+            pictures.add(path)
         elif bang or not (ROOT / "docs" / path).exists():
             return f"{label} (`{target}` in the repository)" if label != target else f"`{target}`"
         return f"{bang}[{label}]({path}{'#' + anchor if anchor else ''})"
