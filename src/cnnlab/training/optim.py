@@ -14,7 +14,7 @@ def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, An
     With decay_norms_and_biases off (and weight decay on), the 1-D ones (biases, batch-norm scales) apart,
     without weight decay: shrinking them only fights the normalisation. With norm_bias_lr_scale, the
     batch-norm biases apart, at that multiple of the learning rate (airbench's trick: a bias only shifts
-    a channel, and moving it faster costs nothing in stability). Each group's "lr_scale" is its multiple
+    a channel, so it can move faster than the weights that shape it). Each group's "lr_scale" is its multiple
     of the configured learning rate, which make_scheduler reads."""
     norm_biases = {id(m.bias) for m in model.modules()
                    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.bias is not None}
