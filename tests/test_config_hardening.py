@@ -78,6 +78,9 @@ def test_a_fifo_as_config_file_is_refused_without_waiting_for_a_writer(tmp_path)
     ("lr=.inf", "train.lr: expected a learning rate, a finite number > 0, found inf"),
     ("lr=-0.1", "train.lr: expected a learning rate"),
     ("train.weight_decay=-0.01", "train.weight_decay: expected a weight decay, a finite number in [0, 1]"),
+    ("train.norm_bias_lr_scale=0", "train.norm_bias_lr_scale: expected a multiple of the learning rate, a finite "
+                                   "number in (0, 1000]"),
+    ("train.norm_bias_lr_scale=nan", "train.norm_bias_lr_scale: expected a multiple of the learning rate"),
     ("train.momentum=1.5", "train.momentum: expected a momentum, a finite number in [0, 1)"),
     ("seed=-1", "train.seed: expected an int from 0 to 4,294,967,295"),
     ("seed=18446744073709551616", "train.seed: expected an int from 0 to 4,294,967,295"),
