@@ -164,7 +164,7 @@ def config_reference() -> str:
              "start from; [Models and configs](../models.md) explains knobs and overrides.", ""]
     sections = [("data", schema.DataConfig), ("model", schema.ModelConfig), ("model.conv[]", schema.ConvBlock),
                 ("model.stages[]", schema.ResidualStage), ("model.dense[]", schema.DenseLayer),
-                ("train", schema.TrainConfig)]
+                ("train", schema.TrainConfig), ("train.early_stopping", schema.EarlyStopping)]
     for prefix, cls in sections:
         doc = inspect.cleandoc(cls.__doc__ or "")
         comments = field_comments(cls)

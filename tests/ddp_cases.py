@@ -100,7 +100,19 @@ def timeout(context, out: Path) -> dict:
     return dict(error=None)
 
 
-CASES = dict(nan_on_one_rank=nan_on_one_rank, shards=shards, timeout=timeout)
+def early_stopping(context) -> dict:
+    """Random labels: the validation loss soon stops improving; every rank must stop at the same epoch."""
+    config = load_config("seed", None, ["model.conv.0.filters=4", "dense_layer_size=8", "batch_size=16",
+                                        "epochs=12", "channels_last=false", "train.lr=0.01",
+                                        "train.early_stopping.patience=1"])
+    model = build_model(config.model, (28, 28, 1), 10, seed=0)
+    run = Trainer(model, random_data(), config.train, [], context)
+    run.fit()
+    return dict(epochs=run.state.epoch, kept=run.kept_epoch, stopped=run.state.stopped,
+                weights=float(sum(p.double().sum() for p in run.evaluation_model.state_dict().values())))
+
+
+CASES = dict(nan_on_one_rank=nan_on_one_rank, shards=shards, timeout=timeout, early_stopping=early_stopping)
 
 
 def thread_names() -> list[str]:

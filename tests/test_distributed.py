@@ -161,6 +161,13 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 
 
 @pytest.mark.slow  # a torchrun job
+def test_early_stopping_stops_every_rank_at_the_same_epoch_with_the_same_kept_weights(tmp_path):
+    rank0, rank1 = ddp_case("early_stopping", tmp_path)
+    assert rank0["stopped"] is not None and rank0["epochs"] < 12  # it did stop early
+    assert rank0 == rank1
+
+
+@pytest.mark.slow  # a torchrun job
 def test_shards_are_disjoint_cover_each_global_batch_and_are_reshuffled_every_epoch(tmp_path):
     rank0, rank1 = ddp_case("shards", tmp_path)
     steps, batch = rank0["steps_per_epoch"], rank0["batch_size"]

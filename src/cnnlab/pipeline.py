@@ -6,6 +6,7 @@ data first, creates and writes the run; the others follow); `evaluate_run` is `c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from typing import cast
 
 from torch import nn
 
-from cnnlab.config import Config, TrainConfig, dotted_keys
+from cnnlab.config import Config, ConfigError, TrainConfig, dotted_keys
 from cnnlab.data.loading import Dataset
 from cnnlab.data.sources import Data, load_data, prepare_data
 from cnnlab.files import write_atomic, write_json, write_text
@@ -24,11 +25,13 @@ from cnnlab.models.summary import format_summary
 from cnnlab.runs import layout, records
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.recorder import RunRecorder
+from cnnlab.runs.transfer import start_from
 from cnnlab.runs.weights import load_model, save_weights, weights_problem
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.distributed import SINGLE, Context, first_on_main, on_main
 from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted
 from cnnlab.training.evaluate import Evaluation, evaluate_source
+from cnnlab.training.lr_find import Finding, find_lr
 
 
 @dataclass
@@ -41,6 +44,16 @@ class RunResult:
     train_seconds: float  # wall time of this invocation's training loop, validation included
     images_per_second: float  # training images processed per second of that time (all ranks)
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable images: path -> reason
+    kept_epoch: int | None = None  # early stopping: the epoch whose weights were kept (None: the last)
+    stopped: str | None = None  # early stopping: why training ended before train.epochs
+    lr_finding: Finding | None = None  # train.lr auto: what the finder saw and suggested
+
+    @property
+    def kept(self) -> dict:
+        """The metrics of the epoch whose weights the run kept (the last, unless early stopping chose)."""
+        if not self.history:
+            return {}
+        return self.history[self.kept_epoch - 1] if self.kept_epoch else self.history[-1]
 
 
 def open_data(config: Config, progress: bool = True, context: Context = SINGLE) -> Data:
@@ -50,13 +63,39 @@ def open_data(config: Config, progress: bool = True, context: Context = SINGLE) 
 
 
 def start_run(config: Config, data: Data, model: CNN, root: str | Path, name: str | None,
-              reuse: bool = False) -> Path:
-    """A new run directory with its config, summary and manifest (`reuse`: an elastic restart's own)."""
+              reuse: bool = False, started_from: dict | None = None, finding: Finding | None = None) -> Path:
+    """A new run directory with its config, summary and manifest (`reuse`: an elastic restart's own);
+    where its weights started (`train.init_from`) in the manifest, and the learning-rate finder's
+    sweep (`train.lr: auto`) as lr_find.json and lr_find.png."""
     run = layout.new_run(config, root, name, reuse=reuse)
     records.save_config(run, config)
     write_text(layout.path(run, "summary"), format_summary(model.plan, config.model.name, explain=True) + "\n")
-    records.write_manifest(run, data.files, config.data.allow_checksum_mismatch, extra=data.about)
+    extra = {**data.about, **({"init_from": started_from} if started_from else {})}
+    records.write_manifest(run, data.files, config.data.allow_checksum_mismatch, extra=extra)
+    if finding is not None:
+        from cnnlab.inspect.lr_curve import plot_lr_finding
+
+        write_json(layout.path(run, "lr_find"), finding.to_dict())
+        write_atomic(layout.path(run, "lr_find_plot"), lambda tmp: plot_lr_finding(finding, tmp))
     return run
+
+
+def choose_lr(config: Config, model: CNN, data: Data, context: Context = SINGLE,
+              progress: bool = True) -> tuple[Config, Finding | None]:
+    """The config with `train.lr: auto` replaced by the finder's suggestion (two significant digits)."""
+    if config.train.lr != "auto":
+        return config, None
+    finding = find_lr(model, TrainData(data.train, data.val), config.train, context=context)
+    lr = float(f"{finding.suggestion:.2g}")
+    if progress and context.is_main:
+        print(f"lr-find: train.lr {lr:g} ({finding.why}; {len(finding.lrs)} steps in {finding.seconds:.1f}s)")
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, lr=lr)), finding
+
+
+def check_early_stopping(config: Config, data: Data) -> None:
+    if config.train.early_stopping.patience and len(data.val) == 0:
+        raise ConfigError("train.early_stopping watches the validation split, which is empty here "
+                          "(data.val_size is 0): give it images, or turn early stopping off (patience 0)")
 
 
 def train(config: Config, root: str | Path = layout.DEFAULT_ROOT, name: str | None = None,
@@ -72,10 +111,18 @@ def train(config: Config, root: str | Path = layout.DEFAULT_ROOT, name: str | No
         layout.check_name(name)  # before the data is loaded: a bad name costs nothing
     data = prepare_data(dataset, config) if dataset is not None else open_data(config, progress, context)
     model = build_model(config.model, data.image_shape, data.num_classes, seed=config.train.seed)
-    run = Path(on_main(context, lambda: str(start_run(config, data, model, root, name, reuse))))
-    recorders = [RunRecorder(run, data.classes, config)] if context.is_main else []
-    trainer = Trainer(model, TrainData(data.train, data.val), config.train, [*recorders, *callbacks], context)
-    return fit_and_test(run, trainer, data, context)
+    check_early_stopping(config, data)
+    started_from = start_from(model, config.train.init_from, data.classes) if config.train.init_from else None
+    config, finding = choose_lr(config, model, data, context, progress)
+    # Built before the run directory: a setting the data cannot satisfy (class weights) leaves nothing behind.
+    trainer = Trainer(model, TrainData(data.train, data.val), config.train, callbacks, context)
+    run = Path(on_main(context, lambda: str(start_run(config, data, model, root, name, reuse, started_from,
+                                                      finding))))
+    if context.is_main:
+        trainer.callbacks.insert(0, RunRecorder(run, data.classes, config))
+    result = fit_and_test(run, trainer, data, context)
+    result.lr_finding = finding
+    return result
 
 
 def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool = True,
@@ -99,7 +146,7 @@ def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool =
         print(f"warning: {warning}")
     if context.is_main:
         records.rewrite_metrics(run, trainer.history)
-        if trainer.state.epoch >= config.train.epochs:
+        if trainer.finished:
             # the network build_model made (or its averaged copy), as the checkpoint left it
             restore_weights(run, cast(CNN, trainer.evaluation_model), data.classes)
     return fit_and_test(run, trainer, data, context)
@@ -146,7 +193,8 @@ def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SIN
                 write_json(layout.path(run, "skipped"), skipped)
         context.barrier()  # the other ranks return once rank 0's files are complete
     images = min(trained, len(trainer.data.train) * trainer.config.epochs)
-    return RunResult(run, history, test, seconds, images / seconds if seconds > 0 else 0.0, skipped)
+    return RunResult(run, history, test, seconds, images / seconds if seconds > 0 else 0.0, skipped,
+                     trainer.kept_epoch, trainer.state.stopped)
 
 
 def merge_skipped(context: Context, data: Data) -> dict[str, str]:

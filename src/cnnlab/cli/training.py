@@ -19,7 +19,10 @@ from cnnlab.cli._options import RUNS_DIR, ConfigFile, DataDir, Dataset, LatestRu
 if TYPE_CHECKING:
     from cnnlab.config import Config
     from cnnlab.pipeline import RunResult
+    from cnnlab.trackers.tensorboard import TensorBoardTracker
     from cnnlab.trackers.wandb import WandbTracker
+
+    Tracker = WandbTracker | TensorBoardTracker  # what `train` calls finish(result) on
     from cnnlab.training.callbacks import Callback
     from cnnlab.training.distributed import Context
     from cnnlab.training.evaluate import Evaluation
@@ -75,9 +78,13 @@ def train(
     set_: Overrides = None,
     epochs: Annotated[int | None, typer.Option(help="Passes over the training set.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per optimisation step.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate.")] = None,
+    lr: Annotated[str | None, typer.Option(help="Learning rate, or auto: the learning-rate finder's suggestion "
+                                           "(see `cnnlab lr-find`).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (split, weights, order, dropout).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
+    init_from: Annotated[Path | None, typer.Option(
+        "--init-from", help="Start from this run's weights and model (fine-tuning): the features are kept, the "
+        "head gets this dataset's classes. See train.freeze_epochs and train.features_lr_scale.")] = None,
     data_dir: DataDir = None,
     allow_checksum_mismatch: Annotated[bool, typer.Option(
         "--allow-checksum-mismatch", help="Use local dataset files whose checksums differ (recorded in the run)."
@@ -89,6 +96,11 @@ def train(
     wandb: Annotated[bool, typer.Option("--wandb", help="Also log to Weights & Biases (pip install "
                                         "'cnnlab\\[wandb]'; offline under ./wandb when not logged in).")] = False,
     wandb_project: Annotated[str, typer.Option(help="W&B project for --wandb.")] = "cnnlab",
+    tensorboard: Annotated[bool, typer.Option("--tensorboard", help="Also log TensorBoard events, under "
+                                              "RUN/tensorboard/ (pip install 'cnnlab\\[tensorboard]'; "
+                                              "view with: tensorboard --logdir runs).")] = False,
+    tensorboard_dir: Annotated[Path | None, typer.Option(help="TensorBoard events in DIR/<run name>/ instead "
+                                                         "(implies --tensorboard).")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N or auto (a GPU when there is one; "
                                                   "the default).")] = None,
     nproc: Annotated[int, typer.Option(
@@ -108,32 +120,37 @@ def train(
     from cnnlab.training import distributed
     from cnnlab.training.engine import TrainingInterrupted
 
+    tensorboard = tensorboard or tensorboard_dir is not None
+    if tensorboard:
+        require_tensorboard()  # before any run directory, or any process, is started
     if nproc > 1 and not distributed.launched_by_torchrun():
         if resume is None and name is None:
             name = layout.default_name(load_config(model, config, set_, **sections(dataset)))
         launch_processes(ctx, nproc, max_restarts, name, resume, runs_dir)
         return
-    tracker = None
+    trackers: list[Tracker] = []
     try:
         if resume is not None:
             given = [flag for flag, value in (("--config", config), ("--set", set_), ("--epochs", epochs),
                                               ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
                                               ("--dataset", dataset), ("--data-dir", data_dir), ("--name", name),
-                                              ("--device", device))
+                                              ("--device", device), ("--init-from", init_from))
                      if value]
             if given:
                 raise fail(f"--resume continues a run with its saved config.yaml; drop {', '.join(given)}")
             cfg = records.load_config(resume)
             context = distributed.init(cfg.train.device)
             say(context, f"resuming {resume}")
-            callbacks, tracker = training_callbacks(context, quiet, cfg if wandb else None, wandb_project)
+            callbacks, trackers = training_callbacks(context, quiet, cfg, wandb_project if wandb else None,
+                                                     tensorboard, tensorboard_dir)
             result = pipeline.resume(resume, callbacks, context=context)
         else:
-            cfg = load_config(model, config, set_, **sections(
+            cfg = training_config(ctx, model, config, set_, init_from, sections(
                 dataset, data_dir, allow_checksum_mismatch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                 threads=threads, device=device))
             context = distributed.init(cfg.train.device)
-            callbacks, tracker = training_callbacks(context, quiet, cfg if wandb else None, wandb_project)
+            callbacks, trackers = training_callbacks(context, quiet, cfg, wandb_project if wandb else None,
+                                                     tensorboard, tensorboard_dir)
             result = train_or_continue(cfg, runs_dir, name, callbacks, context)
     except TrainingInterrupted as exc:
         if distributed.launched_by_torchrun() and os.environ.get("RANK") != "0":
@@ -143,9 +160,31 @@ def train(
         raise fail(f"{exc}; the checkpoint is saved. Continue with: {again}", code=130) from None
     if not context.is_main:
         return
-    if tracker is not None:
+    for tracker in trackers:
         tracker.finish(result)
     print_result(result)
+
+
+def training_config(ctx: typer.Context, model: str, file: Path | None, overrides: list[str] | None,
+                    init_from: Path | None, given: dict[str, dict[str, Any]]) -> Config:
+    """The run's config: the preset, file and overrides; with --init-from, the source run's config.yaml
+    in the preset's place (its model, its input size for an image folder, its training settings)."""
+    from cnnlab.config import load_config
+    from cnnlab.runs import layout, records
+
+    if init_from is None:
+        return load_config(model, file, overrides, **given)
+    source_of_model = ctx.get_parameter_source("model")
+    if source_of_model is not None and source_of_model.name != "DEFAULT":  # (Typer ships its own click)
+        raise fail("--init-from takes the model from the run it starts from; drop --model")
+    source = records.load_config(layout.check_run(init_from, "config", "weights"))
+    from cnnlab.runs.weights import read_input_shape
+
+    height, _, channels = read_input_shape(init_from)
+    base = source.to_dict()
+    base["data"].update(image_size=height, channels=channels)  # an image folder is read as the source saw images
+    base["train"]["init_from"] = str(init_from.resolve())  # the config reruns the fine-tuning from anywhere
+    return load_config(None, file, overrides, base=base, **given)
 
 
 def say(context: Context, text: str) -> None:
@@ -153,16 +192,23 @@ def say(context: Context, text: str) -> None:
         print(text)
 
 
-def training_callbacks(context: Context, quiet: bool, wandb_config: Config | None, project: str
-                       ) -> tuple[list[Callback], WandbTracker | None]:
-    """Progress bar and W&B tracker: on rank 0 only, so a job prints and logs once."""
+def training_callbacks(context: Context, quiet: bool, cfg: Config, wandb_project: str | None, tensorboard: bool,
+                       tensorboard_dir: Path | None = None) -> tuple[list[Callback], list[Tracker]]:
+    """Progress bar and trackers (W&B with a project, TensorBoard): on rank 0 only, so a job prints and
+    logs once."""
     from cnnlab.training.callbacks import ProgressBar
 
     if not context.is_main:
-        return [], None
-    tracker = wandb_tracker(wandb_config, project) if wandb_config else None
+        return [], []
+    trackers: list[Tracker] = []
+    if wandb_project is not None:
+        trackers.append(wandb_tracker(cfg, wandb_project))
+    if tensorboard:
+        from cnnlab.trackers.tensorboard import TensorBoardTracker
+
+        trackers.append(TensorBoardTracker(cfg, tensorboard_dir))
     callbacks: list[Callback] = [] if quiet else [ProgressBar()]
-    return callbacks + ([tracker] if tracker else []), tracker
+    return [*callbacks, *trackers], trackers
 
 
 def train_or_continue(cfg: Config, runs_dir: Path, name: str | None, callbacks: Sequence[Callback],
@@ -203,7 +249,11 @@ def restart_decision(cfg: Config, run: Path, restarts: int) -> str:
     if layout.path(run, "test").is_file():
         raise layout.RunError(f"{run} has already finished; this job (same name or rendezvous id) will not retrain it: "
                             "pick another --name or --rdzv-id")
-    if layout.path(run, "config").is_file() and records.load_config(run).to_dict() != cfg.to_dict():
+    saved = records.load_config(run).to_dict() if layout.path(run, "config").is_file() else None
+    wanted = cfg.to_dict()
+    if saved is not None and wanted["train"]["lr"] == "auto":
+        wanted["train"]["lr"] = saved["train"]["lr"]  # the finder's suggestion, recorded by the first attempt
+    if saved is not None and saved != wanted:
         raise layout.RunError(f"{run} holds another configuration than this job's: pick another --name or --rdzv-id")
     has_checkpoint = layout.path(run, "checkpoint").is_file() or layout.path(run, "previous_checkpoint").is_file()
     return "resume" if has_checkpoint else "again"
@@ -265,6 +315,14 @@ def wandb_tracker(cfg: Config, project: str) -> WandbTracker:
     return tracking.WandbTracker(cfg, project)
 
 
+def require_tensorboard() -> None:
+    """Say how to install the tensorboard package, if --tensorboard lacks it (without importing it)."""
+    from cnnlab.trackers.tensorboard import tensorboard_available
+
+    if not tensorboard_available():
+        raise fail("--tensorboard needs the tensorboard package: pip install 'cnnlab[tensorboard]'")
+
+
 def print_result(result: RunResult) -> None:
     from cnnlab.runs import layout
 
@@ -274,6 +332,10 @@ def print_result(result: RunResult) -> None:
     if result.skipped:
         print(f"warning: {len(result.skipped)} unreadable image(s) were skipped; "
               f"see {layout.path(result.run, 'skipped')}")
+    if result.stopped:
+        print(f"early stopping: {result.stopped}; kept epoch {result.kept_epoch}")
+    elif result.kept_epoch is not None:
+        print(f"early stopping: trained every epoch; kept epoch {result.kept_epoch}, the best on validation")
     print(f"test accuracy {test.accuracy:.4f}  loss {test.loss:.4f}  ({int(test.confusion.sum())} images)")
     if result.images_per_second:
         print(f"trained in {result.train_seconds:.1f}s  ({result.images_per_second:,.0f} images/s)")
@@ -311,9 +373,14 @@ def format_evaluation(result: Evaluation) -> str:
     lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}   "
              f"({int(result.confusion.sum())} images)", "",
              f"{'class':{width}}  precision  recall     f1  support"]
+    few = few_examples(result.per_class)
     for row in result.per_class:
+        flag = "  <- few examples" if row["class_name"] in few else ""
         lines.append(f"{row['class_name']:{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  "
-                     f"{row['f1']:5.3f}  {row['support']:7d}")
+                     f"{row['f1']:5.3f}  {row['support']:7d}{flag}")
+    if few:
+        lines.append(f"few examples: {', '.join(few)} (under a third of the median class); "
+                     "see train.class_weights: balanced, or train.sampling: balanced")
     short = [n[:5] for n in names]
     lines += ["", "confusion matrix (rows: true class, columns: predicted)",
               " " * (width + 1) + " ".join(f"{s:>5}" for s in short)]
@@ -324,3 +391,66 @@ def format_evaluation(result: Evaluation) -> str:
         lines += ["", "most confused (true -> predicted: count)"]
         lines += [f"  {p['true']} -> {p['predicted']}: {p['count']}" for p in pairs]
     return "\n".join(lines)
+
+
+@app.command("lr-find", rich_help_panel=TRAIN)
+@friendly_errors
+def lr_find(
+    model: Model = "seed",
+    dataset: Dataset = None,
+    config: ConfigFile = None,
+    set_: Overrides = None,
+    data_dir: DataDir = None,
+    allow_checksum_mismatch: Annotated[bool, typer.Option(
+        "--allow-checksum-mismatch", help="Use local dataset files whose checksums differ.")] = False,
+    steps: Annotated[int, typer.Option(min=8, max=10_000, help="Optimisation steps in the sweep.")] = 80,
+    start: Annotated[float, typer.Option(min=1e-12, help="The first learning rate.")] = 1e-6,
+    end: Annotated[float, typer.Option(min=1e-12, help="The last learning rate.")] = 10.0,
+    rule: Annotated[str, typer.Option(help="steepest: where the loss falls fastest; peak: the rate at the lowest "
+                                           "loss (one-cycle's peak); minimum: a tenth of it; auto: peak for a "
+                                           "one-cycle schedule, else steepest.")] = "auto",
+    plot: Annotated[Path | None, typer.Option(help="Draw loss against rate, the suggestion marked, to this PNG.")
+                    ] = None,
+    json_: Annotated[bool, typer.Option("--json", help="Print the sweep as one JSON object.")] = False,
+) -> None:
+    """Suggest a learning rate: a short sweep of the run's own training at growing rates (Smith's range test).
+
+    The model trained is a copy: nothing is saved and no run is made. `--lr auto` in `cnnlab train`
+    (or `train.lr: auto`) runs the same sweep and trains at its suggestion.
+    """
+    from cnnlab.cli._options import output_file
+    from cnnlab.config import load_config
+    from cnnlab.files import write_atomic
+    from cnnlab.models.cnn import build_model
+    from cnnlab.pipeline import open_data
+    from cnnlab.training.engine import TrainData
+    from cnnlab.training.lr_find import find_lr
+
+    if plot is not None:
+        output_file(plot, (".png",), "--plot")
+    cfg = load_config(model, config, set_, **sections(dataset, data_dir, allow_checksum_mismatch))
+    data = open_data(cfg, progress=not json_)
+    network = build_model(cfg.model, data.image_shape, data.num_classes, seed=cfg.train.seed)
+    finding = find_lr(network, TrainData(data.train, data.val), cfg.train, steps, start, end, rule)
+    if plot is not None:
+        from cnnlab.inspect.lr_curve import plot_lr_finding
+
+        write_atomic(plot, lambda tmp: plot_lr_finding(finding, tmp))
+    if json_:
+        print(json.dumps(finding.to_dict()))
+        return
+    print(f"suggested learning rate {finding.suggestion:.2g}  ({finding.rule}: {finding.why})")
+    print(f"{len(finding.lrs)} steps from {start:g} in {finding.seconds:.1f}s; the sweep ended: {finding.ended}")
+    print(f"train at it: cnnlab train --model {model} ... --lr {finding.suggestion:.2g}   (or --lr auto)")
+    if plot is not None:
+        print(f"plot written to {plot}")
+
+
+FEW = 1 / 3  # a class with fewer than this fraction of the median class's images is flagged
+
+
+def few_examples(per_class: Sequence[dict[str, Any]]) -> list[str]:
+    """The classes with far fewer test images than the others (the test split mirrors the training one)."""
+    counts = sorted(row["support"] for row in per_class)
+    median = counts[len(counts) // 2] if counts else 0
+    return [row["class_name"] for row in per_class if row["support"] < FEW * median]

@@ -27,13 +27,15 @@ from cnnlab.config.schema import (
     ConvBlock,
     DataConfig,
     DenseLayer,
+    EarlyStopping,
     ModelConfig,
     ResidualStage,
     TrainConfig,
+    peak_lr,
     validate,
 )
 
 __all__ = ["config_from_dict", "dotted_keys", "list_presets", "load_config", "merge", "parse_override", "preset_path",
            "read_yaml", "resolve", "ACTIVATIONS", "OPTIMIZERS", "POOLINGS", "POOLS", "SCHEDULES", "SECTIONS", "Config",
-           "ConfigError", "ConvBlock", "ResidualStage", "DataConfig", "DenseLayer", "ModelConfig", "TrainConfig",
-           "validate"]
+           "ConfigError", "ConvBlock", "ResidualStage", "DataConfig", "DenseLayer", "EarlyStopping", "ModelConfig",
+           "TrainConfig", "peak_lr", "validate"]

@@ -56,14 +56,16 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- loading
 def load_config(model: str | None = "seed", file: str | Path | None = None,
-                overrides: list[str] | None = None, **section_values: dict[str, Any]) -> Config:
-    """Resolve a config: preset `model`, then YAML `file`, then `key=value` overrides.
+                overrides: list[str] | None = None, base: dict[str, Any] | None = None,
+                **section_values: dict[str, Any]) -> Config:
+    """Resolve a config: preset `model` (or a whole config as `base`: a run's, to start from), then YAML
+    `file`, then `key=value` overrides.
 
     `section_values` (e.g. data={"dataset": "mnist"}) are applied like overrides, for callers that
     have typed values at hand (the CLI's --dataset, --epochs). A file's `datasets:` block holds
     settings for one dataset (e.g. more epochs on Fashion-MNIST) over that file's general ones.
     """
-    preset = read_yaml(preset_path(model)) if model else {}
+    preset = copy.deepcopy(base) if base is not None else read_yaml(preset_path(model)) if model else {}
     user = read_yaml(file) if file is not None else {}
     preset_tuned, user_tuned = preset.pop("datasets", None) or {}, user.pop("datasets", None) or {}
     user_keys = {f"knobs.{k}" for k in user.get("knobs") or {}}
@@ -244,13 +246,15 @@ def convert(hint: Any, value: Any, where: str) -> Any:
         return [convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else value
     options = args if origin in (typing.Union, types.UnionType) else (hint,)
     for option in options:
-        if matches(option, value):
+        if option is not str and matches(option, value):
             return float(value) if option is float else value
     if float in options and isinstance(value, str):
-        try:  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:  # YAML 1.1 reads 3e-4 (no dot) as a string; a number before a word (train.lr: 3e-4 or auto)
             return float(value)
         except ValueError:
             pass
+    if str in options and isinstance(value, str):
+        return value
     expected = " or ".join(type_name(o) for o in options)
     raise ConfigError(f"{where}: expected {expected}, found {value!r}")
 

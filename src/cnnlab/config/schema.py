@@ -21,6 +21,8 @@ POOLS = (None, "max", "avg")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "onecycle", "cosine")
 POOLINGS = ("flatten", "global_avg", "global_max")  # how the last feature maps become the head's input
+STOP_METRICS = ("val_loss", "val_accuracy")  # what early stopping watches (lower loss, higher accuracy is better)
+SAMPLINGS = ("shuffle", "balanced")
 
 
 class ConfigError(UserError, ValueError):
@@ -94,13 +96,22 @@ class DataConfig:
 
 
 @dataclass
+class EarlyStopping:
+    """Stop when the validation metric has not improved for `patience` epochs; keep the best epoch's weights."""
+
+    patience: int = 0  # epochs without improvement before training stops; 0: off (every epoch is trained)
+    metric: str = "val_loss"  # val_loss (lower is better) or val_accuracy (higher is better)
+    min_delta: float = 0.0  # a change smaller than this is not an improvement (loss units, or accuracy 0-1)
+
+
+@dataclass
 class TrainConfig:
     """How the model learns: optimiser, schedule, augmentation, averaging, test-time augmentation."""
 
     epochs: int = 4
     batch_size: int = 32  # images per optimisation step
     optimizer: str = "adam"  # adam, adamw or sgd
-    lr: float = 1e-3  # peak learning rate
+    lr: float | str = 1e-3  # peak learning rate, or auto: the learning-rate finder's suggestion (`cnnlab lr-find`)
     momentum: float = 0.9  # sgd only
     weight_decay: float = 0.0
     decay_norms_and_biases: bool = True  # false: weight decay skips biases and batch-norm scales (1-D tensors)
@@ -119,6 +130,13 @@ class TrainConfig:
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (a GPU when torch sees one)
     # images per forward pass when evaluating: small batches stay in cache (4-7x faster than 1000 on 2 cores)
     eval_batch_size: int = 256
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)  # stop on a stalled validation metric
+    # balanced: weight each class's loss by n / (classes * its count); or one weight per class, in class order
+    class_weights: str | list[float] | None = None
+    sampling: str = "shuffle"  # shuffle: each image once per epoch; balanced: classes drawn equally often
+    init_from: str | None = None  # a run directory whose weights start this run (its head kept if the classes match)
+    freeze_epochs: int = 0  # epochs at the start in which the feature layers stay fixed (batch norm still learns)
+    features_lr_scale: float = 1.0  # the feature layers learn at this multiple of the learning rate (fine-tuning)
 
 
 @dataclass
@@ -199,7 +217,11 @@ def validate_train(t: TrainConfig) -> None:
     bounded(t.epochs, 1, MAX_EPOCHS, "train.epochs")
     bounded(t.batch_size, 1, MAX_BATCH, "train.batch_size")
     bounded(t.eval_batch_size, 1, MAX_BATCH, "train.eval_batch_size")
-    real(t.lr, 0, None, "train.lr", "a learning rate", low_open=True)  # huge ones diverge, and are stopped
+    if isinstance(t.lr, str):
+        if t.lr != "auto":
+            raise ConfigError(f"train.lr: expected a learning rate (a number > 0) or auto, found {t.lr!r}")
+    else:
+        real(t.lr, 0, None, "train.lr", "a learning rate", low_open=True)  # huge ones diverge, and are stopped
     real(t.momentum, 0, 1, "train.momentum", "a momentum", high_open=True)
     real(t.weight_decay, 0, 1, "train.weight_decay", "a weight decay")
     real(t.norm_bias_lr_scale, 0, 1000, "train.norm_bias_lr_scale", "a multiple of the learning rate", low_open=True)
@@ -213,6 +235,17 @@ def validate_train(t: TrainConfig) -> None:
     real(t.augment_erase, 0, 1, "train.augment_erase", "a probability")
     real(t.ema, 0, 1, "train.ema", "a decay per step", high_open=True)
     bounded(t.tta_shift, 0, MAX_KERNEL, "train.tta_shift", "pixels")
+    bounded(t.early_stopping.patience, 0, MAX_EPOCHS, "train.early_stopping.patience", "epochs")
+    choice(t.early_stopping.metric, STOP_METRICS, "train.early_stopping.metric")
+    real(t.early_stopping.min_delta, 0, None, "train.early_stopping.min_delta", "a smallest improvement")
+    if isinstance(t.class_weights, str) and t.class_weights != "balanced":
+        raise ConfigError(f"train.class_weights: expected balanced, a list of one weight per class, or null, "
+                          f"found {t.class_weights!r}")
+    for i, weight in enumerate(t.class_weights if isinstance(t.class_weights, list) else []):
+        real(weight, 0, 1e6, f"train.class_weights[{i}]", "a class weight")
+    choice(t.sampling, SAMPLINGS, "train.sampling")
+    bounded(t.freeze_epochs, 0, MAX_EPOCHS, "train.freeze_epochs", "epochs")
+    real(t.features_lr_scale, 0, 1000, "train.features_lr_scale", "a multiple of the learning rate", low_open=True)
     if not (t.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", t.device)):
         raise ConfigError(f"train.device: expected cpu, cuda, cuda:N or auto, found {t.device!r}"
                           f"{did_you_mean(t.device, ['auto', 'cpu', 'cuda'])}")
@@ -225,6 +258,14 @@ def validate_data(d: DataConfig) -> None:
         bounded(d.workers, 0, MAX_WORKERS, "data.workers")
     if d.val_size is not None:
         bounded(d.val_size, 0, 10**9, "data.val_size", "images")  # and below the training set's size: data/
+
+
+def peak_lr(t: TrainConfig) -> float:
+    """train.lr as a number: `auto` must have been replaced by the finder's suggestion before training."""
+    if isinstance(t.lr, str):
+        raise ConfigError("train.lr is auto: run the learning-rate finder first (cnnlab train does, "
+                          "or see cnnlab lr-find)")
+    return t.lr
 
 
 def bounded(value: int, low: int, high: int, where: str, unit: str = "") -> None:

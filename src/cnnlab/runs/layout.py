@@ -10,6 +10,8 @@ A run is a folder (default runs/<dataset>-<model>-<timestamp>) holding:
   test.json           final test metrics;  confusion.png  the test confusion matrix
   report.html         the self-contained HTML report, when `cnnlab report` made one
   skipped.json        unreadable images met while training on an image folder (path -> reason), if any
+  early_stopping.json with train.early_stopping: the epoch kept, its metric, and why training stopped
+  lr_find.json, lr_find.png  with train.lr auto: the learning-rate finder's sweep and its suggestion
 """
 from __future__ import annotations
 
@@ -31,7 +33,8 @@ DEFAULT_ROOT = Path("runs")
 FILES = dict(config="config.yaml", summary="summary.txt", manifest="manifest.json", metrics="metrics.jsonl",
              weights="model.safetensors", checkpoint="checkpoint.safetensors",
              previous_checkpoint="checkpoint.prev.safetensors", test="test.json", confusion="confusion.png",
-             report="report.html", skipped="skipped.json", lock=".lock")
+             report="report.html", skipped="skipped.json", early_stopping="early_stopping.json",
+             lr_find="lr_find.json", lr_find_plot="lr_find.png", lock=".lock")
 
 
 class RunError(UserError, ValueError):

@@ -8,7 +8,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from cnnlab.config import Config
-from cnnlab.files import reason
+from cnnlab.files import reason, write_json
 from cnnlab.runs.checkpoints import save_checkpoint
 from cnnlab.runs.layout import FILES, RunError, path, remove_stale_files
 from cnnlab.runs.records import rewrite_metrics
@@ -39,6 +39,16 @@ class RunRecorder(Callback):
         self.save("checkpoint", where, save_checkpoint, self.run, self.checkpoint(trainer))
         # the whole file, atomically (never a half-written line); resume rewrites it from the checkpoint
         self.save("metrics", where, rewrite_metrics, self.run, trainer.history)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """With early stopping: the kept epoch's weights (the trainer restored them) and why it stopped."""
+        if trainer.kept_epoch is None or trainer.state.best is None:
+            return
+        self.save("weights", "training", save_weights, self.run, trainer.evaluation_model, self.classes)
+        record = dict(kept_epoch=trainer.kept_epoch, metric=trainer.state.best["metric"],
+                      value=trainer.state.best["value"], epochs_trained=trainer.state.epoch,
+                      stopped=trainer.state.stopped)
+        self.save("early_stopping", "training", write_json, path(self.run, "early_stopping"), record)
 
     def on_interrupt(self, trainer: Trainer) -> None:
         self.save("checkpoint", f"epoch {trainer.state.epoch + 1}, step {trainer.state.step}", save_checkpoint,

@@ -126,6 +126,14 @@ def is_class_list(value: Any) -> bool:
             and len(set(value)) == len(value))
 
 
+def read_input_shape(run: str | Path) -> tuple[int, int, int]:
+    """The (height, width, channels) a run's model takes, from its model.safetensors metadata."""
+    file = path(check_run(run, "weights"), "weights")
+    _, meta = read_safetensors(file)
+    height, width, channels = metadata_json(file, meta, "input_shape", is_shape, "[height, width, channels]")
+    return height, width, channels
+
+
 def load_model(run: str | Path) -> tuple[CNN, tuple[str, ...], Config]:
     """Rebuild a run's model from its config.yaml and load model.safetensors: (model, classes, config).
 

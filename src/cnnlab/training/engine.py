@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnnlab.config import TrainConfig
+from cnnlab.config import ConfigError, TrainConfig, peak_lr
 from cnnlab.data.pixels import to_inputs
 from cnnlab.data.sources import Source
 from cnnlab.errors import UserError
@@ -62,10 +62,53 @@ def steps_in_epoch(n: int, batch_size: int) -> int:
     return math.ceil(n / batch_size)
 
 
-def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffled order of the training set in a given epoch: a function of (seed, epoch) only."""
+def epoch_order(n: int, seed: int, epoch: int, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """The order of the training set in a given epoch: a function of (seed, epoch) only.
+
+    Without `weights` a permutation (each image once); with per-image weights (N,), n draws with
+    replacement in proportion to them (`train.sampling: balanced`).
+    """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    if weights is not None:
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
     return torch.randperm(n, generator=generator)
+
+
+def class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Images per class (num_classes,) in a split's labels."""
+    return torch.bincount(labels, minlength=num_classes)[:num_classes]
+
+
+def class_weights(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """The loss weight of each class (num_classes,) `train.class_weights` asks for, or None.
+
+    balanced: n / (classes * count), scikit-learn's rule: a class with half the images counts twice.
+    """
+    if config.class_weights is None:
+        return None
+    if config.class_weights == "balanced":
+        counts = class_counts(labels, num_classes).clamp(min=1).double()
+        return (len(labels) / (num_classes * counts)).float()
+    if len(config.class_weights) != num_classes:
+        raise ConfigError(f"train.class_weights: expected {num_classes} weights, one per class, "
+                          f"found {len(config.class_weights)}")
+    return torch.tensor(config.class_weights, dtype=torch.float32)
+
+
+def sampling_weights(config: TrainConfig, labels: torch.Tensor, num_classes: int) -> torch.Tensor | None:
+    """Per-image draw weights (N,) for `train.sampling: balanced` (each class as likely), or None."""
+    if config.sampling != "balanced":
+        return None
+    counts = class_counts(labels, num_classes).clamp(min=1).double()
+    return (1.0 / counts)[labels]
+
+
+def frozen_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What `train.freeze_epochs` holds fixed: the feature layers' weights, batch norm's excepted
+    (fastai's train_bn: the normalisation adapts to the new data while the kernels stay)."""
+    norms = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             for p in m.parameters()}
+    return [p for name, p in model.named_parameters() if name.startswith("features.") and id(p) not in norms]
 
 
 class Trainer:
@@ -81,8 +124,12 @@ class Trainer:
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.net = self.wrap_for_data_parallel(model)  # what the training step calls
         self.callbacks = list(callbacks)
+        num_classes = int(getattr(model, "num_classes", 0)) or int(data.train.labels.max()) + 1
         # Summed, then divided by the global batch size in the step (see the module docstring).
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing, reduction="sum")
+        self.loss_fn = nn.CrossEntropyLoss(weight=class_weights(config, data.train.labels, num_classes),
+                                           label_smoothing=config.label_smoothing, reduction="sum")
+        self.draw_weights = sampling_weights(config, data.train.labels, num_classes)
+        self.frozen = frozen_parameters(model) if config.freeze_epochs else []
         self.optimizer = make_optimizer(model, config)
         self.steps_per_epoch = steps_in_epoch(len(data.train), config.batch_size)
         self.scheduler = make_scheduler(self.optimizer, config, config.epochs * self.steps_per_epoch)
@@ -90,6 +137,7 @@ class Trainer:
         self.rng_state = self.initial_rng_state(config.seed, context.rank)  # this rank's dropout/augment generator
         self.state = TrainState(rng_states=self.rng_state.unsqueeze(0))  # (world, n): as of the last sync point
         self.stop_requested = False
+        self.best_weights: dict[str, torch.Tensor] | None = None  # the evaluation model at the best epoch
 
     def wrap_for_data_parallel(self, model: nn.Module) -> nn.Module:
         if not self.context.parallel:
@@ -116,6 +164,11 @@ class Trainer:
         """The metrics of every completed epoch."""
         return self.state.history
 
+    @property
+    def finished(self) -> bool:
+        """Every epoch trained, or early stopping ended the run."""
+        return self.state.epoch >= self.config.epochs or self.state.stopped is not None
+
     # ---------------------------------------------------------------------------- the loop
     def fit(self) -> list[dict[str, Any]]:
         """Train the remaining epochs; returns the per-epoch metrics of the whole run."""
@@ -124,14 +177,15 @@ class Trainer:
         self.emit("on_train_begin")
         with torch.random.fork_rng(devices=[]), stop_on_signals(self):
             torch.set_rng_state(self.rng_state)  # dropout draws from the global generator
-            while self.state.epoch < self.config.epochs:
+            while not self.finished:
                 self.run_epoch()
+        self.keep_best()
         self.emit("on_train_end")
         return self.state.history
 
     def global_batches(self) -> list[torch.Tensor]:
         """This epoch's remaining global batches: positions in the training split."""
-        order = epoch_order(len(self.data.train), self.config.seed, self.state.epoch)
+        order = epoch_order(len(self.data.train), self.config.seed, self.state.epoch, self.draw_weights)
         bs = self.config.batch_size
         return [order[step * bs:(step + 1) * bs] for step in range(self.state.step, self.steps_per_epoch)]
 
@@ -175,10 +229,13 @@ class Trainer:
         if not math.isfinite(total):  # checked on the all-reduced sum: every rank stops at this step
             raise TrainingDiverged(
                 f"loss became {total / max(seen, 1)} in epoch {self.state.epoch + 1}, step {self.state.step + 1}: "
-                f"training diverged. Try a lower learning rate (train.lr is {self.config.lr:g}) or batch norm.")
+                f"training diverged. Try a lower learning rate (train.lr is {peak_lr(self.config):g}) or batch norm.")
         self.optimizer.zero_grad(set_to_none=True)
         # The mean over the images all ranks read (unreadable ones skipped); DDP averages over ranks.
         (loss_sum * (self.context.world / max(seen, 1))).backward()
+        if self.state.epoch < self.config.freeze_epochs:
+            for p in self.frozen:  # no gradient: the optimizer leaves them (and their decay) alone
+                p.grad = None
         self.optimizer.step()
         self.scheduler.step()
         if self.ema is not None:
@@ -203,8 +260,38 @@ class Trainer:
                        lr=self.optimizer.param_groups[0]["lr"])
         state.history.append(metrics)
         state.step, state.running, state.epoch_seconds = 0, Running(), 0.0
+        self.track_best(metrics)
         self.sync_rng_states()
         self.emit("on_epoch_end", metrics)
+
+    # ------------------------------------------------------------------------ early stopping
+    def track_best(self, metrics: dict[str, Any]) -> None:
+        """Remember the best epoch's weights; stop after `patience` epochs without improvement.
+
+        The metric is all-reduced validation, the same number on every rank: all ranks stop together.
+        """
+        rule = self.config.early_stopping
+        if not rule.patience:
+            return
+        value, best = metrics[rule.metric], self.state.best
+        lower_is_better = rule.metric.endswith("loss")
+        if math.isfinite(value) and (best is None or (value < best["value"] - rule.min_delta if lower_is_better
+                                                      else value > best["value"] + rule.min_delta)):
+            self.state.best = dict(epoch=self.state.epoch, value=value, metric=rule.metric)
+            self.best_weights = {k: v.detach().clone() for k, v in self.evaluation_model.state_dict().items()}
+        elif best is not None and self.state.epoch - best["epoch"] >= rule.patience:
+            self.state.stopped = (f"{rule.metric} did not improve by more than {rule.min_delta:g} for "
+                                  f"{rule.patience} epoch(s) after epoch {best['epoch']} ({best['value']:.4f})")
+
+    @property
+    def kept_epoch(self) -> int | None:
+        """The epoch whose weights the run keeps, when early stopping is on (None: the last)."""
+        return self.state.best["epoch"] if self.state.best is not None and self.best_weights is not None else None
+
+    def keep_best(self) -> None:
+        """Give the evaluation model the best epoch's weights (early stopping's restore)."""
+        if self.best_weights is not None:
+            self.evaluation_model.load_state_dict(self.best_weights)
 
     def validate(self) -> tuple[float, float]:
         """Validation loss and accuracy; each rank scores its slice and the sums are all-reduced."""
@@ -235,6 +322,8 @@ class Trainer:
                           scheduler=self.scheduler.state_dict(), **self.state.to_dict())
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        if self.best_weights is not None:
+            checkpoint["best_model"] = self.best_weights
         return checkpoint
 
     def load_state_dict(self, checkpoint: dict[str, Any]) -> None:
@@ -248,11 +337,17 @@ class Trainer:
                 raise ValueError("its state has no 'ema' (the averaged weights train.ema asks for)")
             self.ema.load_state_dict(checkpoint["ema"])  # copied into its tensors: their layout is kept
         self.state = TrainState.from_dict(checkpoint)
+        if self.state.best is not None:
+            if "best_model" not in checkpoint:
+                raise ValueError("its state has no 'best_model' (the best epoch's weights early stopping keeps)")
+            self.best_weights = {k: v.clone() for k, v in checkpoint["best_model"].items()}
         if len(self.state.rng_states) == self.context.world:
             self.rng_state = self.state.rng_states[self.context.rank].clone()
         else:  # resumed with another number of processes: dropout draws restart from the seed
             self.rng_state = self.initial_rng_state(self.config.seed + self.state.epoch, self.context.rank)
             self.state.rng_states = self.context.all_gather(self.rng_state)
+        if self.finished:
+            self.keep_best()  # a finished run is what it saved: the kept epoch's weights
 
     def match_optimizer_state_layout(self) -> None:
         """Give loaded moment buffers their parameter's memory layout (channels-last conv weights).

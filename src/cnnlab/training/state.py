@@ -45,21 +45,28 @@ class TrainState:
     epoch_seconds: float = 0.0  # time spent in the current epoch so far (survives resume)
     history: list[dict] = field(default_factory=list)  # one metrics dict per completed epoch
     rng_states: torch.Tensor = field(default_factory=lambda: torch.zeros((1, 0), dtype=torch.uint8))  # (world, n)
+    best: dict | None = None  # early stopping: {epoch, value, metric} of the best epoch so far
+    stopped: str | None = None  # why early stopping ended the run, once it has
 
     def to_dict(self) -> dict[str, Any]:
-        """The checkpoint's keys for this state (the layout files have always had)."""
+        """The checkpoint's keys for this state (the layout files have always had, and early stopping's)."""
         r = self.running
-        return dict(epoch=self.epoch, step=self.step, running=[r.loss_sum, r.correct, r.seen],
+        data = dict(epoch=self.epoch, step=self.step, running=[r.loss_sum, r.correct, r.seen],
                     epoch_seconds=self.epoch_seconds, history=list(self.history), rng_state=self.rng_states)
+        if self.best is not None:
+            data["early_stopping"] = dict(best=self.best, stopped=self.stopped)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
         """The state of a checked checkpoint (`check_checkpoint`)."""
         loss_sum, correct, seen = data["running"]
         states = data["rng_state"]
+        stopping = data.get("early_stopping") or {}
         return cls(int(data["epoch"]), int(data["step"]), Running(float(loss_sum), int(correct), int(seen)),
                    float(data["epoch_seconds"]), list(data["history"]),
-                   states.unsqueeze(0) if states.dim() == 1 else states)  # one row before data-parallel runs
+                   states.unsqueeze(0) if states.dim() == 1 else states,  # one row before data-parallel runs
+                   stopping.get("best"), stopping.get("stopped"))
 
 
 # ------------------------------------------------------------------------------ the schema
@@ -92,6 +99,11 @@ OPTIONAL_SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = dict(
     config=("the resolved config as a mapping", lambda v: isinstance(v, dict)),
     ema=("the averaged weights: {model: tensors, updates: count}", lambda v: isinstance(v, dict)
          and isinstance(v.get("model"), dict) and _count(v.get("updates"))),
+    early_stopping=("{best: {epoch, value, metric}, stopped: text or null}", lambda v: isinstance(v, dict)
+                    and isinstance(v.get("best"), dict) and _count(v["best"].get("epoch"))
+                    and _number(v["best"].get("value")) and isinstance(v.get("stopped"), (str, type(None)))),
+    best_model=("the best epoch's weights: a mapping of tensors", lambda v: isinstance(v, dict)
+                and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())),
 )
 
 

@@ -1,0 +1,73 @@
+"""Starting a run from another run's weights (`train.init_from`, `cnnlab train --init-from RUN`).
+
+The feature layers are copied as they are; the head is copied too when the new data has the source's
+classes, and otherwise keeps its fresh classifier (hidden dense layers are copied when their shapes
+fit). A grey network starts a colour one, and the other way round, by adapting the first convolution
+so that a grey image gives the same activations either way (timm's `adapt_input_conv` does the same).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cnnlab.models.cnn import CNN
+from cnnlab.models.plan import Conv, Dense
+from cnnlab.runs.layout import RunError, path
+from cnnlab.runs.weights import load_model
+
+
+def adapt_input_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
+    """A first-layer kernel (O, C, kh, kw) for `channels` input channels.
+
+    1 -> 3: the grey kernel on every colour channel, divided by 3 (an RGB image of a grey picture sums to
+    the grey result); 3 -> 1: the colour kernels summed (a grey image seen as R = G = B).
+    """
+    if weight.shape[1] == channels:
+        return weight
+    if weight.shape[1] == 1:
+        return weight.repeat(1, channels, 1, 1) / channels
+    if channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    raise RunError(f"cannot adapt a first convolution of {weight.shape[1]} input channels to {channels}")
+
+
+def start_from(model: CNN, source: str | Path, classes: tuple[str, ...]) -> dict[str, Any]:
+    """Copy the source run's weights into `model` (in place); what was copied, for the run's manifest.
+
+    A RunError names the layer whose shapes do not fit, before any training: the architecture must be
+    the source's (the feature layers), and a flatten head fits one image size only.
+    """
+    trained, source_classes, _ = load_model(source)
+    theirs, mine = trained.state_dict(), model.state_dict()
+    first_conv = f"features.{model.plan.conv_layers()[0].name}.weight" if model.plan.conv_layers() else None
+    dense = [layer.name for layer in model.plan.head if isinstance(layer.spec, Dense)]
+    classifier = dense[-1] if dense else None
+    same_classes = tuple(source_classes) == tuple(classes)
+    copied: dict[str, torch.Tensor] = {}
+    adapted = False
+    for key, tensor in mine.items():
+        where = key.split(".")[0]
+        if key not in theirs:
+            raise RunError(f"--init-from {source}: it has no {key}: its model is not this one "
+                           f"({path(source, 'config')} has the architecture to start from)")
+        layer = key.split(".")[1] if where == "head" else None
+        if layer == classifier and not same_classes:
+            continue  # a new classifier for the new classes, freshly initialised
+        value = theirs[key]
+        if key == first_conv and value.shape != tensor.shape and value.shape[0] == tensor.shape[0]:
+            value, adapted = adapt_input_conv(value, tensor.shape[1]), True
+        if value.shape != tensor.shape:
+            hint = (f"; a flatten head fits one image size: {source} was trained on "
+                    f"{'x'.join(map(str, trained.input_shape))} images, this data is "
+                    f"{'x'.join(map(str, model.input_shape))} (use model.pooling global_avg, or that image size)"
+                    if where == "head" else "")
+            raise RunError(f"--init-from {source}: {key} is {tuple(value.shape)} there, "
+                           f"{tuple(tensor.shape)} here{hint}")
+        copied[key] = value
+    model.load_state_dict({**mine, **copied})
+    convs = sum(1 for layer in model.plan.conv_layers() if isinstance(layer.spec, Conv))
+    return dict(run=str(source), classes=list(source_classes), head="copied" if same_classes else
+                f"new classifier for {len(classes)} classes", tensors_copied=len(copied),
+                conv_layers=convs, adapted_input_channels=adapted)
