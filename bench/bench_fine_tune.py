@@ -99,8 +99,8 @@ def main() -> None:
                   f"{median['init-from']:.4f} ({gain:+.1f} points)", flush=True)
     if args.out:
         args.out.write_text(json.dumps(dict(source_test=source.test.accuracy, overrides=args.overrides,
-                                            invert=args.invert, budgets=budgets, rows=rows, train_images=TRAIN, val_images=VAL,
-                                            test_images=TEST), indent=1) + "\n")
+                                            invert=args.invert, budgets=budgets, rows=rows, train_images=TRAIN,
+                                            val_images=VAL, test_images=TEST), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -69,18 +69,21 @@ def run(
 @sweep_app.command()
 @friendly_errors
 def status(name: Name, storage: Storage = None, runs_dir: RunsDir = RUNS_DIR,
-           plot: Annotated[Path | None, typer.Option(help="Also draw each trial's metric to this PNG.")] = None
+           plot: Annotated[Path | None, typer.Option(help="Also draw the sweep to this image (PNG, or the format "
+                                                     "its suffix names): each trial's metric, which parameters "
+                                                     "mattered, and parallel coordinates of the complete "
+                                                     "trials.")] = None
            ) -> None:
-    """A table of the sweep's trials, the best so far, and how many were pruned or failed."""
+    """A table of the sweep's trials, the best so far, how many were pruned or failed, and which parameters mattered."""
     from cnnlab import sweep as sweeps
     from cnnlab.sweep.runner import check_plot_target
 
     if plot is not None:
         check_plot_target(plot)  # a FIFO, a device, a folder or an unknown format: refused before reading
     study = sweeps.load_study(name, storage_for(storage, runs_dir, name))
-    print_status(study)
+    summary = print_status(study)
     if plot is not None:
-        sweeps.plot_trials(study, plot)
+        sweeps.plot_trials(study, plot, summary.importances)
         print(f"plot written to {plot}")
 
 
@@ -99,7 +102,7 @@ def best(name: Name, out: Annotated[Path, typer.Option("--out", "-o", help="Writ
 
 
 def print_status(study: Any) -> Any:
-    """Print the trials table and the best so far; returns the Summary."""
+    """Print the trials table, the best so far and which parameters mattered; returns the Summary."""
     from cnnlab import sweep as sweeps
 
     summary = sweeps.summarize(study)
@@ -114,7 +117,23 @@ def print_status(study: Any) -> Any:
     if summary.best is not None:
         print(f"best ({summary.direction}): trial {summary.best.number}, value {summary.best.value:.4f}, "
               f"{summary.best.params}")
+    if keys and summary.best is not None:  # no trial done, or no parameters: nothing to say
+        print_importances(summary.importances)
     return summary
+
+
+def print_importances(importances: Any) -> None:
+    """Each parameter's share of the importance as a bar of #s, most important first; or why there are none."""
+    if not importances.shares:
+        print(f"parameter importance: {importances.note}")
+        return
+    caution = f"; {importances.note}" if importances.note else ""
+    print(f"\nparameter importance ({importances.method}{caution}):")
+    width = max(len(k) for k in importances.shares)
+    for key, share in importances.shares.items():
+        print(f"  {key:<{width}}  {share:4.0%}  {'#' * round(share * 40)}")
+    if importances.constant:
+        print(f"  not compared (one value in every complete trial): {', '.join(importances.constant)}")
 
 
 def format_param(value: Any) -> str:

@@ -24,6 +24,7 @@ from cnnlab.data.sources import open_dataset
 from cnnlab.errors import UserError
 from cnnlab.files import FileRefused, check_regular, output_target, read_text, reason, write_atomic
 from cnnlab.runs import layout
+from cnnlab.sweep.plots import Importances, param_importances, sweep_figure
 from cnnlab.sweep.spec import SweepError, SweepSpec, check_counts, check_name, trial_config
 from cnnlab.sweep.study import (
     JournalWriteError,
@@ -222,7 +223,7 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: dict[st
         study.tell(trial, state=TrialState.FAIL)
         log(f"trial {trial.number} {params}: failed: {one_line(exc)}")
         return TrialState.FAIL
-    value = result.history[-1].get(metric, math.nan) if result.history else math.nan
+    value = result.kept.get(metric, math.nan)  # the epoch whose weights the run kept (early stopping's best)
     if not math.isfinite(value):  # NaN or inf would rank as best or worst by accident: a failed trial
         trial.set_user_attr("error", f"the objective {metric} is {value}")
         study.tell(trial, state=TrialState.FAIL)
@@ -311,12 +312,13 @@ def run_workers(sweep: Sweep, workers: int, log: Callable[[str], object] = print
 # ---------------------------------------------------------------------------------------- results
 @dataclass
 class Summary:
-    """A study's trials and counts by state, for `cnnlab sweep status`."""
+    """A study's trials, counts by state and parameter importances, for `cnnlab sweep status`."""
 
     trials: list[FrozenTrial]
     best: FrozenTrial | None
     counts: dict[str, int]
     direction: str
+    importances: Importances
 
 
 def summarize(study: optuna.Study) -> Summary:
@@ -324,7 +326,7 @@ def summarize(study: optuna.Study) -> Summary:
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = study.best_trial if complete else None
-    return Summary(trials, best, counts, study.direction.name.lower())
+    return Summary(trials, best, counts, study.direction.name.lower(), param_importances(study))
 
 
 def best_trial(study: optuna.Study) -> FrozenTrial:
@@ -400,34 +402,16 @@ def check_plot_target(out: str | Path) -> str:
     return plot_format(out)
 
 
-def plot_trials(study: optuna.Study, out: str | Path) -> None:
-    """A small PNG: each trial's final metric by trial number (pruned ones at their last reported value)."""
+def plot_trials(study: optuna.Study, out: str | Path, importances: Importances | None = None) -> Importances:
+    """Draw the sweep to `out` (one image, format from its suffix): each trial's metric, which parameters
+    mattered, and the complete trials' parameters as parallel coordinates (`plots.sweep_figure`).
+
+    Returns the importances drawn (computed unless given), whose `note` says why their panel holds a
+    message instead of bars.
+    """
     fmt = check_plot_target(out)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
-    for state, colour in ((TrialState.COMPLETE, "tab:blue"), (TrialState.PRUNED, "tab:red")):
-        points = [(t.number, t.value if t.value is not None else list(t.intermediate_values.values())[-1])
-                  for t in study.get_trials(deepcopy=False, states=(state,)) if t.value is not None
-                  or t.intermediate_values]
-        if points:
-            ax.scatter(*zip(*points), color=colour, label=state.name.lower())
-    complete = sorted((t.number, t.value) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                      if t.value is not None)  # a complete single-objective trial always has its value
-    if complete:
-        best = max if study.direction == optuna.study.StudyDirection.MAXIMIZE else min
-        running = [best(v for _, v in complete[: i + 1]) for i in range(len(complete))]
-        ax.step([n for n, _ in complete], running, where="post", color="tab:green", label="best so far")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("validation metric")
-    ax.set_title(f"sweep {study.study_name}")
-    if complete or ax.collections:
-        ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    try:
-        write_output(out, lambda tmp: fig.savefig(tmp, format=fmt))
-    finally:
-        plt.close(fig)
+    if importances is None:
+        importances = param_importances(study)
+    fig = sweep_figure(study, importances)
+    write_output(out, lambda tmp: fig.savefig(tmp, format=fmt))
+    return importances
