@@ -1,5 +1,6 @@
 """Every preset, residual ones included, through every part of cnnlab (timm's loop over all its models is the
-model for this): train an epoch, then show, report, explain with a learned kernel, predict, export, serve."""
+model for this): train an epoch, then show (calibration, feature map and first batch too), report, explain with
+a learned kernel, predict, export, serve."""
 from __future__ import annotations
 
 import json
@@ -50,6 +51,9 @@ def test_a_preset_works_in_every_command(trained, tmp_path, name):
             "--out", str(out / "e.gif"))
     cli("show", "saliency", str(run), "--index", "0", "--out", str(out / "s.png"))
     cli("show", "mistakes", str(run), "--out", str(out / "m.png"))
+    cli("show", "calibration", str(run), "--out", str(out / "c.png"))
+    assert "penultimate" in cli("show", "embedding", str(run), "--images", "200", "--out", str(out / "map.png"))
+    cli("show", "batch", str(run), "--out", str(out / "b.png"))
     cli("report", str(run), "--out", str(out / "r.html"))
     predicted = json.loads(cli("predict", str(run), str(DIGIT), "--json").splitlines()[0])
     assert set(predicted["probabilities"]) == {str(d) for d in range(10)}

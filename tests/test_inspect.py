@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import re
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
@@ -167,7 +168,9 @@ def test_report_is_one_self_contained_page(trained, tmp_path):
     assert all(s.startswith(("data:image/png;base64,", "#")) for s in sources), sources
     assert "http://" not in page and "https://" not in page and "<script" not in page
     images = [s for s in sources if s.startswith("data:")]
-    assert len(images) >= 9  # curves, confusion, mistakes, kernels, 3 x (feature maps, saliency)
+    # curves, confusion, calibration, mistakes, kernels, 3 x (feature maps, saliency), the PCA and t-SNE maps
+    assert len(images) >= (13 if find_spec("sklearn") else 12)
+    assert "Calibration" in page and "A map of the learned features" in page
     for uri in images:
         assert base64.b64decode(uri.split(",", 1)[1]).startswith(b"\x89PNG")
     other = tmp_path / "elsewhere.html"

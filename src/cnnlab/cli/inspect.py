@@ -1,4 +1,5 @@
-"""`cnnlab show kernels|features|mistakes|saliency|curves`, `cnnlab report`, `cnnlab runs [compare]`."""
+"""`cnnlab show kernels|features|mistakes|saliency|curves|calibration|embedding|batch`, `cnnlab report`,
+`cnnlab runs [compare]`."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,17 @@ import typer
 
 from cnnlab.cli._app import LOOK, app
 from cnnlab.cli._errors import fail, friendly_errors
-from cnnlab.cli._options import RUNS_DIR, DataDir, LatestRun, Run, RunsDir, output_file
+from cnnlab.cli._options import (
+    RUNS_DIR,
+    ConfigFile,
+    DataDir,
+    Dataset,
+    LatestRun,
+    Overrides,
+    Run,
+    RunsDir,
+    output_file,
+)
 
 if TYPE_CHECKING:
     from typer.models import OptionInfo
@@ -20,7 +31,8 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-show_app = typer.Typer(help="Pictures of a trained run: kernels, feature maps, mistakes, saliency, curves.",
+show_app = typer.Typer(help="Pictures of a trained run: kernels, feature maps, mistakes, saliency, curves, "
+                       "calibration, a map of the learned features; and a training batch.",
                        no_args_is_help=True)
 runs_app = typer.Typer(help="A table of the runs under --runs-dir; `compare` puts runs side by side.",
                        invoke_without_command=True)
@@ -138,6 +150,92 @@ def show_curves(run: Run, out: Annotated[Path, out_option("loss and accuracy")] 
     from cnnlab.inspect import show as inspection
 
     save_png(out, lambda tmp: inspection.show_curves(run, tmp))
+
+
+@show_app.command("calibration")
+@friendly_errors
+def show_calibration(run: Run, out: Annotated[Path, out_option("the reliability diagram")] = Path("calibration.png"),
+                     data_dir: DataDir = None) -> None:
+    """Are the probabilities honest: each confidence bin's test accuracy against the diagonal, and the ECE."""
+    output_file(out, (".png",))  # before anything is loaded
+    from cnnlab.inspect import show as inspection
+
+    loaded = load(run, data_dir)
+    cal = save_png(out, lambda tmp: inspection.show_calibration(loaded, tmp))
+    print(f"ECE {cal.ece:.4f} (expected calibration error over {cal.bins} confidence bins; 0 is honest), "
+          f"MCE {cal.mce:.4f}; mean confidence {cal.mean_confidence:.4f} against accuracy "
+          f"{cal.accuracy_overall:.4f}: {cal.verdict}")
+
+
+class MapMethod(str, Enum):
+    pca = "pca"
+    tsne = "tsne"
+
+
+@show_app.command("embedding")
+@friendly_errors
+def show_embedding(run: Run, out: Annotated[Path, out_option("the map")] = Path("embedding.png"),
+                   method: Annotated[MapMethod, typer.Option(help="pca: the two directions of most variance "
+                                                             "(NumPy); tsne: keeps neighbours together "
+                                                             "(needs scikit-learn).")] = MapMethod.pca,
+                   images: Annotated[int, typer.Option("--images", min=3, max=5000,
+                                                       help="Map the first N test images.")] = 1000,
+                   thumbnails: Annotated[int, typer.Option(min=0, max=400, help="Images drawn on the map.")] = 60,
+                   data_dir: DataDir = None) -> None:
+    """A map of the learned features: test images placed by the penultimate layer (PCA or t-SNE), with thumbnails."""
+    output_file(out, (".png",))  # before anything is loaded
+    from cnnlab.inspect import show as inspection
+
+    loaded = load(run, data_dir)
+    emb = save_png(out, lambda tmp: inspection.show_embedding(loaded, tmp, method.value, images, thumbnails))
+    print(emb.describe())
+
+
+@show_app.command("batch")
+@friendly_errors
+def show_batch(ctx: typer.Context,
+               run: Annotated[Path | None, typer.Argument(
+                   help="A run directory: its config.yaml; or leave it out and give the config by options.",
+                   show_default=False)] = None,
+               model: Annotated[str, typer.Option("--model", "-m", help="Model preset (see `cnnlab presets`).")
+                                ] = "seed",
+               dataset: Dataset = None, config: ConfigFile = None, set_: Overrides = None, data_dir: DataDir = None,
+               allow_checksum_mismatch: Annotated[bool, typer.Option(
+                   "--allow-checksum-mismatch", help="Use local dataset files whose checksums differ.")] = False,
+               out: Annotated[Path, out_option("the batch")] = Path("batch.png"),
+               limit: Annotated[int, typer.Option(min=1, max=512, help="Draw at most this many images.")] = 64
+               ) -> None:
+    """The first training batch after augmentation, as the network sees it, with labels (exactly what
+    `cnnlab train` would feed its first step)."""
+    from cnnlab.cli.training import sections
+    from cnnlab.config import load_config
+    from cnnlab.runs import layout, records
+
+    output_file(out, (".png",))  # before anything is loaded
+    if run is not None:
+        given = [flag for flag, name in (("--model", "model"), ("--dataset", "dataset"), ("--config", "config"),
+                                         ("--set", "set_")) if (source := ctx.get_parameter_source(name))
+                 is not None and source.name != "DEFAULT"]
+        if given:
+            raise fail(f"the run's config.yaml says how it trains; drop {', '.join(given)} (or drop the run)")
+        cfg = records.load_config(layout.check_run(run, "config"))
+        if data_dir is not None or allow_checksum_mismatch:
+            cfg = load_config(None, None, None, base=cfg.to_dict(),
+                              **sections(None, data_dir, allow_checksum_mismatch))
+    else:
+        cfg = load_config(model, config, set_, **sections(dataset, data_dir, allow_checksum_mismatch))
+    from cnnlab.inspect.batch import first_batch, plot_batch
+    from cnnlab.pipeline import open_data
+
+    data = open_data(cfg, progress=False)
+    batch = first_batch(cfg, data)
+    shown = save_png(out, lambda tmp: plot_batch(batch, data.classes, tmp, limit))
+    counts = {data.classes[c]: n for c, n in enumerate(batch.labels.bincount(minlength=data.num_classes).tolist())
+              if n}
+    print(f"{cfg.data.dataset}: the first batch of {len(batch.labels)} training images ({shown} drawn), "
+          f"{batch.read.shape[2]}x{batch.read.shape[3]}, {batch.read.shape[1]} channel(s); augmentation: "
+          f"{batch.augmentation}")
+    print("labels: " + ", ".join(f"{name} {n}" for name, n in counts.items()))
 
 
 # ------------------------------------------------------------------------------------ report

@@ -353,7 +353,8 @@ def evaluate(
     data_dir: DataDir = None,
     runs_dir: RunsDir = RUNS_DIR,
 ) -> None:
-    """Test accuracy and loss, per-class precision/recall/F1, confusion matrix, most confused pairs."""
+    """Test accuracy and loss, per-class precision/recall/F1, confusion matrix, calibration (ECE), most confused
+    pairs."""
     from cnnlab import pipeline
     from cnnlab.runs import layout
 
@@ -386,6 +387,11 @@ def format_evaluation(result: Evaluation) -> str:
               " " * (width + 1) + " ".join(f"{s:>5}" for s in short)]
     for name, row in zip(names, result.confusion):
         lines.append(f"{name:{width}} " + " ".join(f"{c:5d}" for c in row))
+    if result.calibration is not None:
+        c = result.calibration
+        lines += ["", f"calibration: ECE {c.ece:.4f} over {c.bins} confidence bins (0 is honest), "
+                      f"mean confidence {c.mean_confidence:.4f} against accuracy {c.accuracy_overall:.4f}: "
+                      f"{c.verdict}"]
     pairs = result.most_confused()
     if pairs:
         lines += ["", "most confused (true -> predicted: count)"]

@@ -10,6 +10,7 @@ import io
 from collections.abc import Callable, Collection
 from datetime import datetime
 from functools import partial
+from importlib.util import find_spec
 from pathlib import Path
 from string import Template
 from typing import Any
@@ -24,7 +25,9 @@ from cnnlab.inspect.show import (
     InputImage,
     LoadedRun,
     choose_input,
+    show_calibration,
     show_curves,
+    show_embedding,
     show_features,
     show_kernels,
     show_mistakes,
@@ -52,6 +55,7 @@ $sections
 """)
 
 SAMPLE_IMAGES = 3  # test images whose feature maps and saliency the report shows
+MAP_IMAGES = 1000  # test images on the feature map (t-SNE of 1,000: a few seconds)
 
 
 def png_data_uri(draw: Callable[[io.BytesIO], object]) -> str:
@@ -99,8 +103,14 @@ def results_section(loaded: LoadedRun) -> str:
     pairs = result.most_confused()
     confused = table(["true class", "taken for", "times"], [[p["true"], p["predicted"], p["count"]] for p in pairs],
                      numeric={2}) if pairs else "<p>No test image was misclassified.</p>"
+    calibration = img(png_data_uri(lambda out: show_calibration(loaded, out)), "reliability diagram")
+    cal = result.known_calibration()
+    honest = (f"<p>Are the probabilities honest? Of the images the model gives 80% confidence, 80% should be "
+              f"right. Expected calibration error (ECE) {cal.ece:.4f} over {cal.bins} confidence bins "
+              f"(0 is honest); the model is {html.escape(cal.verdict)}.</p>{calibration}")
     return (f"<p>Rows are the true classes, columns what the model said; colours are the fraction of each "
-            f"row.</p>{confusion}<h3>Per class</h3>{per_class}<h3>Most confused pairs</h3>{confused}")
+            f"row.</p>{confusion}<h3>Per class</h3>{per_class}<h3>Most confused pairs</h3>{confused}"
+            f"<h3>Calibration</h3>{honest}")
 
 
 def sample_inputs(loaded: LoadedRun, count: int = SAMPLE_IMAGES) -> list[InputImage]:
@@ -123,6 +133,25 @@ def learned_section(loaded: LoadedRun) -> str:
                          f"feature maps of {picture.source}"))
         parts.append(img(png_data_uri(partial(show_saliency, loaded, picture=picture)),
                          f"saliency of {picture.source}"))
+    parts.append(map_section(loaded))
+    return "".join(parts)
+
+
+def map_section(loaded: LoadedRun) -> str:
+    """The feature map by PCA, and by t-SNE when scikit-learn is installed (said so when it is not)."""
+    parts = ["<h3>A map of the learned features</h3><p>Test images placed by the numbers the classifier reads "
+             "(the penultimate layer): images of a class the network tells apart sit together.</p>"]
+    methods = ["pca"]
+    if find_spec("sklearn") is not None:
+        methods.append("tsne")
+    else:
+        parts.append('<p class="note">(t-SNE, which keeps neighbours together, needs scikit-learn: '
+                     "pip install scikit-learn, then make the report again.)</p>")
+    for method in methods:
+        buffer = io.BytesIO()
+        described = show_embedding(loaded, buffer, method, MAP_IMAGES).describe()
+        uri = png_data_url(buffer.getvalue())
+        parts.append(f"<p>{html.escape(described)}.</p>{img(uri, f'{method} map of the test images')}")
     return "".join(parts)
 
 

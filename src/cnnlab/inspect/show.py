@@ -20,10 +20,13 @@ from cnnlab.inspect.activations import (
     plot_feature_maps,
     plot_kernels,
 )
+from cnnlab.inspect.calibration import plot_reliability
+from cnnlab.inspect.embedding import Embedding, embed, plot_embedding
 from cnnlab.inspect.figures import Mistake, Output, find_mistakes, plot_curves, plot_mistakes
 from cnnlab.inspect.saliency import Saliency, plot_saliency, saliency
 from cnnlab.runs import layout, records
 from cnnlab.runs.weights import load_model
+from cnnlab.training.calibration import Calibration
 from cnnlab.training.evaluate import Evaluation, evaluate
 from cnnlab.use.recipes import prepare
 
@@ -133,6 +136,27 @@ def show_saliency(loaded: LoadedRun, out: Output, picture: InputImage, target: i
     result = saliency(loaded.model, picture.pixels, target, method)
     plot_saliency(result, loaded.classes, out, title=describe(loaded, picture), true_label=picture.label)
     return result
+
+
+def show_calibration(loaded: LoadedRun, out: Output) -> Calibration:
+    """The reliability diagram of the run's test predictions (evaluated as its test was); returns its numbers."""
+    result = loaded.test_evaluation
+    cal = result.known_calibration()
+    plot_reliability(cal, out, title=f"{loaded.name}: calibration on {len(result.predictions)} test images")
+    return cal
+
+
+def show_embedding(loaded: LoadedRun, out: Output, method: str = "pca", count: int = 1000,
+                   thumbnails: int = 60) -> Embedding:
+    """The map of the first `count` test images by their penultimate features (PCA or t-SNE)."""
+    images, labels = loaded.test_set
+    images, labels = images[:count], labels[:count]
+    emb = embed(loaded.model, images, labels, method, seed=loaded.config.train.seed,
+                batch_size=loaded.config.train.eval_batch_size)
+    name = "PCA" if method == "pca" else "t-SNE"
+    plot_embedding(emb, images, loaded.classes, out, thumbnails,
+                   title=f"{loaded.name}: {name} map of {emb.count} test images by what the classifier reads")
+    return emb
 
 
 def show_curves(run: str | Path, out: Output) -> Output:

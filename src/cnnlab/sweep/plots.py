@@ -50,7 +50,8 @@ def complete_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 def value_of(trial: FrozenTrial) -> float:
     """A complete trial's objective (`complete_trials` keeps only those that have a finite one)."""
-    assert trial.value is not None
+    if trial.value is None:
+        raise ValueError(f"trial {trial.number} has no objective value")
     return float(trial.value)
 
 

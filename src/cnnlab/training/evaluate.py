@@ -1,8 +1,10 @@
-"""Metrics: loss, accuracy, per-class precision/recall/F1, confusion matrix. Returns data, prints nothing."""
+"""Metrics: loss, accuracy, per-class precision/recall/F1, confusion matrix, calibration. Returns data,
+prints nothing."""
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnnlab.data.pixels import to_inputs
+from cnnlab.training.calibration import Calibration, calibration
 
 if TYPE_CHECKING:
     from cnnlab.data.sources import Source
@@ -97,6 +100,7 @@ class Evaluation:
     confusion: np.ndarray  # (true class, predicted class) counts
     predictions: np.ndarray  # predicted class per image
     probabilities: np.ndarray  # (N, num_classes)
+    labels: np.ndarray | None = None  # true class per image (None: only the counts are known)
 
     @property
     def per_class(self) -> list[dict]:
@@ -124,10 +128,24 @@ class Evaluation:
             pairs.append(dict(true=self.classes[t], predicted=self.classes[p], count=int(off[t, p])))
         return pairs
 
+    @cached_property
+    def calibration(self) -> Calibration | None:
+        """How honest the probabilities are (reliability bins, ECE); None without the labels."""
+        return None if self.labels is None else calibration(self.probabilities, self.labels)
+
+    def known_calibration(self) -> Calibration:
+        """`calibration`, for callers that evaluated with labels (every run's test evaluation does)."""
+        if self.calibration is None:
+            raise ValueError("this evaluation was made without the true labels: no calibration to show")
+        return self.calibration
+
     def to_dict(self) -> dict:
-        return dict(accuracy=self.accuracy, loss=self.loss, num_images=int(self.confusion.sum()),
+        data = dict(accuracy=self.accuracy, loss=self.loss, num_images=int(self.confusion.sum()),
                     classes=list(self.classes), per_class=self.per_class,
                     confusion_matrix=self.confusion.tolist(), most_confused=self.most_confused())
+        if self.calibration is not None:
+            data.update(ece=self.calibration.ece, calibration=self.calibration.to_dict())
+        return data
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -156,4 +174,5 @@ def evaluation_of(logits: torch.Tensor, labels: torch.Tensor, classes: tuple[str
     loss, accuracy = loss_and_accuracy(logits, labels)
     predictions = logits.argmax(dim=1).numpy()
     cm = confusion_matrix(labels.numpy(), predictions, len(classes))
-    return Evaluation(tuple(classes), loss, accuracy, cm, predictions, torch.softmax(logits, 1).numpy())
+    return Evaluation(tuple(classes), loss, accuracy, cm, predictions, torch.softmax(logits, 1).numpy(),
+                      labels.numpy())
