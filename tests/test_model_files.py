@@ -102,6 +102,7 @@ LOADING = {  # commands that load model.safetensors: each must refuse
     "show mistakes": ["show", "mistakes", "{run}", "-o", "{out}/m.png"],
     "show saliency": ["show", "saliency", "{run}", "--index", "0", "-o", "{out}/s.png"],
     "report": ["report", "{run}", "-o", "{out}/r.html"],
+    "explore": ["explore", "{run}", "-o", "{out}/e.html"],
     "predict": ["predict", "{run}", "{image}"],
     "export onnx": ["export", "{run}", "-o", "{out}/m.onnx"],
     "export torchscript": ["export", "{run}", "--format", "torchscript", "-o", "{out}/m.pt"],

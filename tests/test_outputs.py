@@ -25,12 +25,13 @@ def commands(run: Path, out: Path) -> dict[str, list[str]]:
         "show curves": ["show", "curves", str(run), "--out", str(out)],
         "runs compare": ["runs", "compare", str(run), str(run), "--out", str(out)],
         "report": ["report", str(run), "--out", str(out)],
+        "explore": ["explore", str(run), "--out", str(out)],
         "export": ["export", str(run), "--format", "torchscript", "--out", str(out)],
         "predict --preview": ["predict", str(run), str(IMAGES / "digit.png"), "--preview", str(out)],
     }
 
 
-SUFFIX = {"explain": ".gif", "report": ".html", "export": ".pt"}
+SUFFIX = {"explain": ".gif", "report": ".html", "explore": ".html", "export": ".pt"}
 NAMES = list(commands(Path("r"), Path("o")))
 
 

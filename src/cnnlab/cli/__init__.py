@@ -7,7 +7,7 @@ order the modules were imported in. Command modules import the library inside ea
 """
 import typer
 
-from cnnlab.cli import datasets, inspect, playground, sweep, training, use  # noqa: F401  (each registers its commands)
+from cnnlab.cli import datasets, explore, inspect, playground, sweep, training, use  # noqa: F401  (each registers)
 from cnnlab.cli._app import PANELS, app
 
 
