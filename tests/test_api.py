@@ -20,3 +20,68 @@ def test_python_api_trains_and_reloads(tmp_path):
     result = cnnlab.train(config, tmp_path, progress=False)
     model, classes, saved = cnnlab.load_model(result.run)
     assert saved == config and classes[3] == "3" and result.test.accuracy > 0.5
+
+
+# ------------------------------------------------------------------------------ the notebook form
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def keyword_run(tmp_path_factory):
+    return cnnlab.train(model="seed", dataset="mnist-sample", epochs=1, dropout=0.4, threads=2,
+                        root=tmp_path_factory.mktemp("runs"), name="kw", progress=False)
+
+
+def test_keyword_train_reads_like_the_lesson(keyword_run):
+    assert keyword_run.loaded.config.model.dense[0].dropout == 0.4 and len(keyword_run.history) == 1
+    result = keyword_run.evaluate()
+    assert result is keyword_run.test and result.accuracy > 0.5
+    assert f"{result.accuracy:.4f}" in result._repr_html_()
+    summary = keyword_run.summary()
+    assert "693,962" in summary and "693,962" in summary._repr_html_()
+    assert "mnist-sample" in keyword_run._repr_html_() and "kw" in keyword_run._repr_html_()
+
+
+@pytest.mark.parametrize("picture", ["mistakes", "kernels", "confusion", "curves", "features"])
+def test_run_pictures_are_inline_figures(keyword_run, picture):
+    figure = getattr(keyword_run.show, picture)()
+    assert isinstance(figure, Figure) and figure._repr_png_().startswith(b"\x89PNG")
+
+
+def test_a_reopened_run_evaluates_as_its_test_did(keyword_run):
+    again = cnnlab.open_run(keyword_run.run)
+    assert again.test is None and again.evaluate().accuracy == pytest.approx(keyword_run.test.accuracy)
+
+
+def test_an_unknown_keyword_is_named_with_a_suggestion(tmp_path):
+    with pytest.raises(cnnlab.UserError, match="'dropuot'; did you mean 'dropout'") as caught:
+        cnnlab.train(model="seed", dataset="mnist-sample", dropuot=0.4, root=tmp_path)
+    assert "\n" not in str(caught.value) and not list(tmp_path.iterdir())
+
+
+def test_a_fake_kernel_gets_the_notebook_progress_updated_each_epoch(tmp_path, monkeypatch):
+    from cnnlab.training import callbacks
+
+    shown: list[object] = []
+
+    class Handle:
+        def update(self, obj, raw=False):
+            shown.append(obj)
+
+    def display(obj, raw=False, display_id=False):
+        shown.append(obj)
+        return Handle()
+
+    shell = types.SimpleNamespace(kernel=object())
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    monkeypatch.setitem(sys.modules, "IPython.display", types.SimpleNamespace(display=display))
+    assert callbacks.in_notebook()
+    chosen = callbacks.progress_display(lambda history: len(history))
+    assert isinstance(chosen, callbacks.NotebookProgress)
+    cnnlab.train(model="perceptron", dataset="mnist-sample", epochs=2, root=tmp_path, callbacks=[chosen],
+                 progress=False)
+    assert [obj for obj in shown if isinstance(obj, int)] == [1, 2]  # the curves, redrawn after each epoch
+    assert "epoch 2/2" in shown[-2]["text/plain"]

@@ -1,6 +1,10 @@
 """cnnlab: learn, build, train, inspect and use CNNs for image classification.
 
     import cnnlab
+    run = cnnlab.train(model="seed", dataset="mnist-sample", epochs=4, dropout=0.4)
+    run.evaluate(); run.summary(); run.show.mistakes()    # tables and pictures, inline in a notebook
+    run = cnnlab.open_run("runs/mnist-sample-seed-...")   # a run trained before
+
     config = cnnlab.load_config("seed", overrides=["dropout=0.4"], data={"dataset": "fashion-mnist"})
     result = cnnlab.train(config)             # a run directory, the history, the test evaluation
     model, classes, config = cnnlab.load_model(result.run)
@@ -21,7 +25,7 @@ _EXPORTS = {
     "read_idx": "cnnlab.data", "write_idx": "cnnlab.data",
     "CNN": "cnnlab.models.cnn", "build_model": "cnnlab.models.cnn", "summarize": "cnnlab.models.summary",
     "train": "cnnlab.pipeline", "resume": "cnnlab.pipeline", "evaluate_run": "cnnlab.pipeline",
-    "RunResult": "cnnlab.pipeline",
+    "RunResult": "cnnlab.pipeline", "Run": "cnnlab.inspect.notebook", "open_run": "cnnlab.inspect.notebook",
     "Evaluation": "cnnlab.training.evaluate",
     "load_model": "cnnlab.runs.weights",
     "Trainer": "cnnlab.training.engine", "Callback": "cnnlab.training.callbacks",

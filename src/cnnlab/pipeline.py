@@ -2,24 +2,28 @@
 
 `train` and `resume` are what `cnnlab train` runs (on every rank of a data-parallel job: rank 0 loads
 data first, creates and writes the run; the others follow); `evaluate_run` is `cnnlab evaluate`.
+`train` also takes the lesson's settings as keywords, `train(model="seed", dataset="mnist-sample",
+epochs=4, dropout=0.4)`, and shows its progress (live in a notebook).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 from torch import nn
 
-from cnnlab.config import Config, ConfigError, TrainConfig, dotted_keys
+from cnnlab.config import Config, ConfigError, TrainConfig, dotted_keys, load_config
 from cnnlab.data.loading import Dataset
 from cnnlab.data.sources import Data, load_data, prepare_data
 from cnnlab.files import write_atomic, write_json, write_text
 from cnnlab.inspect.figures import plot_confusion
+from cnnlab.inspect.notebook import Run, curves_figure
 from cnnlab.models.cnn import CNN, build_model
 from cnnlab.models.summary import format_summary
 from cnnlab.runs import layout, records
@@ -27,7 +31,7 @@ from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.recorder import RunRecorder
 from cnnlab.runs.transfer import start_from
 from cnnlab.runs.weights import load_model, save_weights, weights_problem
-from cnnlab.training.callbacks import Callback
+from cnnlab.training.callbacks import Callback, in_notebook, progress_display
 from cnnlab.training.distributed import SINGLE, Context, first_on_main, on_main
 from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted
 from cnnlab.training.evaluate import Evaluation, evaluate_source
@@ -35,8 +39,9 @@ from cnnlab.training.lr_find import Finding, find_lr
 
 
 @dataclass
-class RunResult:
-    """What `train` made: the run directory, the per-epoch history and the test evaluation."""
+class RunResult(Run):
+    """What `train` made: the run directory, the per-epoch history and the test evaluation; as a `Run`, it
+    also evaluates, summarises, predicts and draws (`result.show.mistakes()`) in a notebook."""
 
     run: Path
     history: list[dict]
@@ -98,25 +103,50 @@ def check_early_stopping(config: Config, data: Data) -> None:
                           "(data.val_size is 0): give it images, or turn early stopping off (patience 0)")
 
 
-def train(config: Config, root: str | Path = layout.DEFAULT_ROOT, name: str | None = None,
-          callbacks: Sequence[Callback] = (), progress: bool = True, dataset: Dataset | None = None,
-          context: Context = SINGLE, reuse: bool = False) -> RunResult:
+def keyword_config(model: str | None, file: str | Path | None, dataset: str | None, settings: dict[str, Any]
+                   ) -> Config:
+    """The config of `train(model=..., dataset=..., epochs=4, dropout=0.4)`: each keyword is a `--set`
+    override (a knob of the preset, or a config key: `lr` is train.lr), so an unknown one is the same
+    one-line error, naming it with a "did you mean"."""
+    overrides = [f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"
+                 for key, value in settings.items()]  # JSON is YAML: numbers, true/null, lists, quoted text
+    return load_config(model or "seed", file, overrides, data={"dataset": dataset} if dataset else {})
+
+
+def train(config: Config | str | Path | None = None, root: str | Path = layout.DEFAULT_ROOT, name: str | None = None,
+          callbacks: Sequence[Callback] = (), progress: bool = True, dataset: Dataset | str | None = None,
+          context: Context = SINGLE, reuse: bool = False, *, model: str | None = None, **settings: Any) -> RunResult:
     """Train a model from a config into a new run directory, then evaluate it on the test set.
 
+    `config` is a Config (`load_config`); or, the notebook form, a YAML file or nothing, with the preset
+    as `model`, the dataset's name as `dataset` and any setting as a keyword (`epochs=4, dropout=0.4`);
+    that form shows its progress (a live bar and curves in Jupyter), as does any form in Jupyter.
     Data and config problems are raised before the run directory is created, so a bad input
-    leaves nothing behind. `dataset` skips loading when the caller holds it already (benchmarks).
-    Under data-parallel training every rank calls this; only rank 0 writes the run.
+    leaves nothing behind. A Dataset as `dataset` skips loading when the caller holds it already
+    (benchmarks). Under data-parallel training every rank calls this; only rank 0 writes the run.
     """
+    keywords = not isinstance(config, Config)
+    if not isinstance(config, Config):
+        config = keyword_config(model, config, dataset if isinstance(dataset, str) else None, settings)
+    elif model is not None or settings or isinstance(dataset, str):
+        given = ", ".join([*(["model"] if model is not None else []), *(["dataset"] if isinstance(dataset, str)
+                                                                     else []), *settings])
+        raise ConfigError(f"train(config, ...): a Config already holds every setting; drop {given}, or give "
+                          "settings as keywords without a Config, e.g. train(model='seed', epochs=4)")
+    if isinstance(dataset, str):
+        dataset = None  # a name: the config holds it
+    if progress and context.is_main and (keywords or in_notebook()):
+        callbacks = [*callbacks, progress_display(curves_figure)]
     if name is not None:
         layout.check_name(name)  # before the data is loaded: a bad name costs nothing
     data = prepare_data(dataset, config) if dataset is not None else open_data(config, progress, context)
-    model = build_model(config.model, data.image_shape, data.num_classes, seed=config.train.seed)
+    network = build_model(config.model, data.image_shape, data.num_classes, seed=config.train.seed)
     check_early_stopping(config, data)
-    started_from = start_from(model, config.train.init_from, data.classes) if config.train.init_from else None
-    config, finding = choose_lr(config, model, data, context, progress)
+    started_from = start_from(network, config.train.init_from, data.classes) if config.train.init_from else None
+    config, finding = choose_lr(config, network, data, context, progress)
     # Built before the run directory: a setting the data cannot satisfy (class weights) leaves nothing behind.
-    trainer = Trainer(model, TrainData(data.train, data.val), config.train, callbacks, context)
-    run = Path(on_main(context, lambda: str(start_run(config, data, model, root, name, reuse, started_from,
+    trainer = Trainer(network, TrainData(data.train, data.val), config.train, callbacks, context)
+    run = Path(on_main(context, lambda: str(start_run(config, data, network, root, name, reuse, started_from,
                                                       finding))))
     if context.is_main:
         trainer.callbacks.insert(0, RunRecorder(run, data.classes, config))

@@ -6,6 +6,8 @@ one reads.
 """
 from __future__ import annotations
 
+import html
+
 from cnnlab.config import Config
 from cnnlab.models.plan import Activation, Add, Dense, GlobalPool, Layer, Plan, Shape, plan
 
@@ -27,7 +29,33 @@ def rows_of(plan: Plan) -> list[tuple[Layer, Layer | None]]:
     return rows
 
 
-def format_summary(plan: Plan, title: str = "", explain: bool = False) -> str:
+class Summary(str):
+    """The layer table as text (print it, write it), shown as an HTML table in a notebook."""
+
+    rows: list[list[str]]  # the header, then one row per layer
+    notes: list[str]  # the totals, and with `explain` where the parameters are
+    model_name: str
+
+    def __new__(cls, text: str, rows: list[list[str]], notes: list[str], title: str = "") -> Summary:
+        summary = super().__new__(cls, text)
+        summary.rows, summary.notes, summary.model_name = rows, notes, title
+        return summary
+
+    def _repr_html_(self) -> str:
+        numeric = {2}  # Param #
+        head = "".join(f"<th>{html.escape(cell)}</th>" for cell in self.rows[0])
+        body = "".join("<tr>" + "".join(f'<td style="text-align:{"right" if i in numeric else "left"}">'
+                                        f"{html.escape(cell)}</td>" for i, cell in enumerate(row)) + "</tr>"
+                       for row in self.rows[1:])
+        caption = f"<caption>Model: {html.escape(self.model_name)}</caption>" if self.model_name else ""
+        notes = "".join(f"<p>{html.escape(line)}</p>" for line in self.notes if line)
+        return f"<table>{caption}<tr>{head}</tr>{body}</table>{notes}"
+
+    def _repr_pretty_(self, printer: object, cycle: bool) -> None:  # IPython in a terminal: the table, not repr()
+        printer.text(str(self))  # type: ignore[attr-defined]
+
+
+def format_summary(plan: Plan, title: str = "", explain: bool = False) -> Summary:
     """The layer table: name (type), output shape, parameters, [connected to], and with `explain` each formula."""
     connected = plan.residual
     header = ["Layer (type)", "Output shape", "Param #"] + (["Connected to"] if connected else [])
@@ -58,12 +86,12 @@ def format_summary(plan: Plan, title: str = "", explain: bool = False) -> str:
         return "   ".join(cells).rstrip()
 
     total = plan.params
-    out = [f'Model: "{title}"'] if title else []
-    out += [line, fmt(rows[0]), "═" * len(line)] + [fmt(r) for r in rows[1:]] + [line]
-    out += [f"Total params: {total:,}", f"Trainable params: {total:,}", f"Multiply-adds per image: {plan.macs:,}"]
+    notes = [f"Total params: {total:,}", f"Trainable params: {total:,}", f"Multiply-adds per image: {plan.macs:,}"]
     if explain:
-        out += ["", *explain_totals(plan)]
-    return "\n".join(out)
+        notes += ["", *explain_totals(plan)]
+    out = [f'Model: "{title}"'] if title else []
+    out += [line, fmt(rows[0]), "═" * len(line)] + [fmt(r) for r in rows[1:]] + [line] + notes
+    return Summary("\n".join(out), rows, notes, title)
 
 
 def explain_totals(plan: Plan) -> list[str]:
@@ -95,6 +123,7 @@ def explain_totals(plan: Plan) -> list[str]:
     return lines
 
 
-def summarize(config: Config, input_shape: Shape = (28, 28, 1), num_classes: int = 10, explain: bool = False) -> str:
+def summarize(config: Config, input_shape: Shape = (28, 28, 1), num_classes: int = 10, explain: bool = False
+              ) -> Summary:
     """The layer table of a config, without building or training anything."""
     return format_summary(plan(config.model, input_shape, num_classes), config.model.name, explain)

@@ -1,11 +1,16 @@
 """Pictures for the playground: display rescaling and step-by-step animations of conv and pooling.
 
 `explain_conv` / `explain_pool` draw one frame per kernel position (the patch highlighted, the
-weights, the products and the sum landing in the output pixel) and save a GIF or an HTML stepper.
-Matplotlib's object API with the Agg canvas is used, so no display is needed. No torch here.
+weights, the products and the sum landing in the output pixel) and save a GIF or an HTML stepper;
+in a notebook the frames show themselves as that stepper. `conv_figure` draws a convolution's input,
+kernel and output side by side. Matplotlib's object API with the Agg canvas is used, so no display
+is needed. No torch here.
 """
 from __future__ import annotations
 
+import html
+import io
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +26,27 @@ from cnnlab.files import write_atomic, write_text
 from cnnlab.images import png_data_url
 from cnnlab.playground.conv import Padding, avg_pool2d, conv2d, max_pool2d, padding_amounts
 from cnnlab.playground.display import FRAME_MS, MAX_FRAMES
+
+
+class InlineFigure(Figure):
+    """A matplotlib Figure that shows itself in a notebook (as PNG), with no pyplot and no backend set up:
+    the playground's pictures and those of `cnnlab.inspect.notebook`."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png")
+        return buffer.getvalue()
+
+
+class Stepper(list):  # list[Image.Image]: a plain list to save_animation and the CLI
+    """Animation frames that a notebook shows as the HTML stepper (previous / next / play)."""
+
+    def __init__(self, frames: list[Image.Image], title: str = ""):
+        super().__init__(frames)
+        self.title = title
+
+    def _repr_html_(self) -> str:
+        return _stepper(self, self.title)
 
 
 @dataclass
@@ -147,8 +173,41 @@ def _wrap(text: str, width: int = 110) -> str:
 
 # ---------------------------------------------------------------- whole animations
 
+def conv_figure(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding: Padding = "valid",
+                title: str = "") -> InlineFigure:
+    """Input | kernel | output of one convolution, values written in when they fit (small grids).
+
+    `image` is floats in [0, 1], grey (H, W) or colour (H, W, C); a (kh, kw) kernel on a colour image is
+    copied to every channel and the per-channel results summed into one output channel, as a conv layer does.
+    """
+    if image.ndim == 3 and kernel.ndim == 2:
+        kernel = np.repeat(kernel[:, :, None], image.shape[2], axis=2)  # (kh, kw, C): one copy per channel
+    out = conv2d(image, kernel, stride=stride, padding=padding)  # (H_out, W_out)
+    slices = [kernel] if kernel.ndim == 2 else [kernel[:, :, c] for c in range(kernel.shape[2])]
+    fig = InlineFigure(figsize=(2.6 * (2 + len(slices)), 3.0), dpi=80, layout="constrained")
+    axes = fig.subplots(1, 2 + len(slices))
+    if image.ndim == 2:
+        _grid(axes[0], image, f"input {image.shape[0]}x{image.shape[1]}", "gray", 0, 1,
+              numbers=max(image.shape) <= 8)
+    else:
+        axes[0].imshow(np.clip(image, 0, 1), interpolation="nearest")
+        axes[0].set_title(f"input {'x'.join(map(str, image.shape))}", fontsize=9)
+        axes[0].set_xticks([])
+        axes[0].set_yticks([])
+    limit = 1.5 * float(np.abs(kernel).max()) or 1.0  # 1.5: pale colours, legible numbers
+    for c, (ax, weights) in enumerate(zip(axes[1:-1], slices)):
+        name = "kernel" if len(slices) == 1 else f"kernel, channel {'RGB'[c] if len(slices) == 3 else c}"
+        _grid(ax, weights, f"{name} {weights.shape[0]}x{weights.shape[1]}", "RdBu", -limit, limit, numbers=True)
+    high = float(out.max()) if out.max() > out.min() else float(out.min()) + 1
+    summed = " (channels summed)" if image.ndim == 3 else ""
+    _grid(axes[-1], out, f"output {out.shape[0]}x{out.shape[1]}{summed}", "gray", float(out.min()), high,
+          numbers=max(out.shape) <= 8)
+    fig.suptitle(title or f"stride {stride}, padding {padding!r}", fontsize=10)
+    return fig
+
+
 def explain_conv(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding: Padding = "valid",
-                 steps: int = 12, start: int = 0) -> list[Image.Image]:
+                 steps: int = 12, start: int = 0) -> Stepper:
     """Frames for `steps` kernel positions from position `start` (reading order) on a small grey
     (H, W) image, then one frame with the whole result."""
     kh, kw = kernel.shape
@@ -170,11 +229,11 @@ def explain_conv(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding
                              f"out[{step.out_row}, {step.out_col}] = sum of products = {step.caption}", 5))
     frames.append(_frame(padded, "input", (kh, kw), [(kernel, "kernel (weights)", "RdBu")], out,
                          out_range, None, title, f"all {len(all_steps)} positions done", 5))
-    return frames
+    return Stepper(frames, title)
 
 
 def explain_pool(image: np.ndarray, mode: str = "max", size: int = 2, stride: int | None = None,
-                 padding: Padding = "valid", steps: int = 12, start: int = 0) -> list[Image.Image]:
+                 padding: Padding = "valid", steps: int = 12, start: int = 0) -> Stepper:
     """Frames for `steps` pooling windows from window `start` (reading order) on a small grey
     (H, W) image, then one frame with the whole result."""
     if mode not in ("max", "avg"):
@@ -196,7 +255,7 @@ def explain_pool(image: np.ndarray, mode: str = "max", size: int = 2, stride: in
                              title, f"out[{step.out_row}, {step.out_col}] = {step.caption}", 3))
     frames.append(_frame(padded, "input", (size, size), [], out, out_range, None, title,
                          f"all {len(all_steps)} windows done", 3))
-    return frames
+    return Stepper(frames, title)
 
 
 def _shown(all_steps: list[Step], start: int, steps: int) -> list[tuple[int, Step]]:
@@ -228,26 +287,41 @@ def save_animation(frames: list[Image.Image], path: Path) -> None:
         write_text(path, _html(frames, path.stem))
 
 
-def _html(frames: list[Image.Image], title: str) -> str:
-    """A page with every frame embedded as a base64 PNG and buttons to step through them (no internet)."""
-    sources = [png_data_url(frame) for frame in frames]
-    images = "\n".join(f'<img class="f" src="{s}" style="display:{"block" if i == 0 else "none"}">'
-                        for i, s in enumerate(sources))
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>{title}</title></head>
-<body style="font-family:sans-serif">
-<h2>{title}</h2>
-<p><button onclick="go(-1)">&larr; previous</button> <button onclick="go(1)">next &rarr;</button>
-<button onclick="play()">play / pause</button> <span id="n"></span></p>
+_STEPPERS = itertools.count()  # each stepper in a notebook gets its own element ids
+
+
+def _stepper(frames: list[Image.Image], title: str) -> str:
+    """Every frame as a base64 PNG and buttons to step through them (no internet); its script touches only
+    its own elements, so several steppers can share a page or a notebook."""
+    uid = f"cnnlab-stepper-{next(_STEPPERS)}"
+    images = "\n".join(f'<img class="f" src="{png_data_url(frame)}" style="display:{"block" if i == 0 else "none"}">'
+                        for i, frame in enumerate(frames))
+    return f"""<div id="{uid}" tabindex="0" style="font-family:sans-serif">
+{f"<p><b>{html.escape(title)}</b></p>" if title else ""}
+<p><button class="prev">&larr; previous</button> <button class="next">next &rarr;</button>
+<button class="play">play / pause</button> <span class="n"></span></p>
 {images}
 <script>
-const frames = document.querySelectorAll("img.f"); let i = 0, timer = null;
-function show() {{ frames.forEach((f, k) => f.style.display = k === i ? "block" : "none");
-  document.getElementById("n").textContent = `step ${{i + 1}} / ${{frames.length}}`; }}
-function go(d) {{ i = (i + d + frames.length) % frames.length; show(); }}
-function play() {{ if (timer) {{ clearInterval(timer); timer = null; }}
-  else timer = setInterval(() => go(1), {FRAME_MS}); }}
-document.addEventListener("keydown", e => {{ if (e.key === "ArrowRight") go(1); if (e.key === "ArrowLeft") go(-1); }});
-show();
-</script></body></html>
+(() => {{ const root = document.getElementById("{uid}"); const frames = root.querySelectorAll("img.f");
+  let i = 0, timer = null;
+  function show() {{ frames.forEach((f, k) => f.style.display = k === i ? "block" : "none");
+    root.querySelector(".n").textContent = `step ${{i + 1}} / ${{frames.length}}`; }}
+  function go(d) {{ i = (i + d + frames.length) % frames.length; show(); }}
+  root.querySelector(".prev").onclick = () => go(-1); root.querySelector(".next").onclick = () => go(1);
+  root.querySelector(".play").onclick = () => {{ if (timer) {{ clearInterval(timer); timer = null; }}
+    else timer = setInterval(() => go(1), {FRAME_MS}); }};
+  root.addEventListener("keydown", e => {{ if (e.key === "ArrowRight") go(1); if (e.key === "ArrowLeft") go(-1); }});
+  show(); }})();
+</script></div>"""
+
+
+def _html(frames: list[Image.Image], title: str) -> str:
+    """A page holding the stepper: every frame embedded, buttons and arrow keys to step through them."""
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title></head>
+<body style="font-family:sans-serif">
+<h2>{html.escape(title)}</h2>
+{_stepper(frames, "")}
+<script>document.querySelector("[tabindex]").focus();</script>
+</body></html>
 """

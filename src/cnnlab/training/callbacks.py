@@ -5,6 +5,9 @@ all callbacks: the trainer knows none of them.
 """
 from __future__ import annotations
 
+import html
+import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -73,3 +76,73 @@ class ProgressBar(Callback):
 def format_epoch(m: dict[str, Any], epochs: int) -> str:
     return (f"epoch {m['epoch']}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_accuracy']:.4f}  "
             f"val loss {m['val_loss']:.4f} acc {m['val_accuracy']:.4f}  {m['seconds']:.1f}s")
+
+
+# ---------------------------------------------------------------------------------- notebooks
+def in_notebook() -> bool:
+    """Whether this runs in a Jupyter kernel: IPython already loaded (never imported here) and its shell
+    has a kernel; a terminal IPython has none."""
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return getattr(shell, "kernel", None) is not None
+
+
+class NotebookProgress(Callback):
+    """In Jupyter: a live progress bar with a line per finished epoch, and (given `curves`, which makes a
+    displayable picture of the history so far) the loss and accuracy curves redrawn after every epoch.
+
+    Two outputs updated in place (IPython.display's display ids): no widgets, and no output when a
+    notebook is run without a browser except the final state.
+    """
+
+    def __init__(self, curves: Callable[[list[dict[str, Any]]], object] | None = None):
+        self.curves = curves
+        self.board: Any = None  # the display handle of the bar and the epoch lines
+        self.plot: Any = None  # the display handle of the curves
+        self.lines: list[str] = []
+
+    def show(self, bar: str, text: str) -> None:
+        from IPython.display import display
+
+        rows = "".join(f"<div>{html.escape(line)}</div>" for line in self.lines)
+        bundle = {"text/html": f'<div style="font-family:monospace">{rows}{bar}</div>',
+                  "text/plain": "\n".join([*self.lines, text])}
+        if self.board is None:
+            self.board = display(bundle, raw=True, display_id=True)
+        else:
+            self.board.update(bundle, raw=True)
+
+    def show_step(self, trainer: Trainer) -> None:
+        epoch, epochs, step, steps = trainer.state.epoch + 1, trainer.config.epochs, trainer.state.step, \
+            trainer.steps_per_epoch
+        running = trainer.state.running
+        stats = f"loss {running.loss:.4f} acc {running.accuracy:.4f}" if running.seen else ""
+        text = f"epoch {epoch}/{epochs}  {step}/{steps}  {stats}"
+        self.show(f'<div>epoch {epoch}/{epochs} <progress value="{step}" max="{steps}" style="width:40%">'
+                  f"</progress> {step}/{steps} &nbsp; {stats}</div>", text)
+
+    def on_epoch_begin(self, trainer: Trainer) -> None:
+        self.show_step(trainer)
+
+    def on_batch_end(self, trainer: Trainer, loss: float, accuracy: float) -> None:
+        step = trainer.state.step
+        if step % REDRAW_EVERY == 0 or step == trainer.steps_per_epoch:
+            self.show_step(trainer)
+
+    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+        self.lines.append(format_epoch(metrics, trainer.config.epochs))
+        self.show("", "")
+        if self.curves is None:
+            return
+        from IPython.display import display
+
+        picture = self.curves(trainer.history)
+        if self.plot is None:
+            self.plot = display(picture, display_id=True)
+        else:
+            self.plot.update(picture)
+
+
+def progress_display(curves: Callable[[list[dict[str, Any]]], object] | None = None) -> Callback:
+    """The progress display for where this runs: `NotebookProgress` in Jupyter, the terminal's bar elsewhere."""
+    return NotebookProgress(curves) if in_notebook() else ProgressBar()

@@ -2,6 +2,7 @@
 prints nothing."""
 from __future__ import annotations
 
+import html
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -138,6 +139,29 @@ class Evaluation:
         if self.calibration is None:
             raise ValueError("this evaluation was made without the true labels: no calibration to show")
         return self.calibration
+
+    def _repr_html_(self) -> str:
+        """Accuracy and loss, the per-class table, the confusion matrix and the most confused pairs (a notebook)."""
+        def cells(row: list[object], tag: str = "td") -> str:
+            return "<tr>" + "".join(f'<{tag} style="text-align:right">{html.escape(str(c))}</{tag}>' for c in row) \
+                + "</tr>"
+
+        per_class = "".join(cells([r["class_name"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
+                                   r["support"]]) for r in self.per_class)
+        rates = self.confusion / np.maximum(self.confusion.sum(axis=1, keepdims=True), 1)  # row-normalised shading
+        matrix = "".join(
+            f"<tr><th>{html.escape(name)}</th>" + "".join(
+                f'<td style="text-align:right;background:rgba(31,119,180,{rate:.2f})">{count}</td>'
+                for count, rate in zip(row, rate_row)) + "</tr>"
+            for name, row, rate_row in zip(self.classes, self.confusion, rates))
+        pairs = ", ".join(f"{html.escape(p['true'])} &rarr; {html.escape(p['predicted'])}: {p['count']}"
+                          for p in self.most_confused()) or "none"
+        ece = f", ECE {self.calibration.ece:.4f}" if self.calibration is not None else ""
+        return (f"<p><b>test accuracy {self.accuracy:.4f}</b> &nbsp; loss {self.loss:.4f} &nbsp; "
+                f"({int(self.confusion.sum())} images{ece})</p>"
+                f"<table>{cells(['class', 'precision', 'recall', 'f1', 'support'], 'th')}{per_class}</table>"
+                f"<p>confusion matrix (rows: true class, columns: predicted)</p>"
+                f"<table>{cells(['', *self.classes], 'th')}{matrix}</table><p>most confused: {pairs}</p>")
 
     def to_dict(self) -> dict:
         data = dict(accuracy=self.accuracy, loss=self.loss, num_images=int(self.confusion.sum()),
