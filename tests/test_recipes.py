@@ -11,7 +11,7 @@ from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.weights import load_model
 from cnnlab.training.augment import augment, random_erase
 from cnnlab.training.evaluate import shifted, views
-from cnnlab.training.optim import make_optimizer
+from cnnlab.training.optim import make_optimizer, make_scheduler
 from conftest import StopAt
 
 QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
@@ -144,3 +144,21 @@ def test_faster_batch_norm_biases_train_a_batch_norm_network_on_a_shipped_sample
     assert result.test is not None and torch.isfinite(torch.tensor(result.history[-1]["train_loss"]))
     checkpoint, _ = load_checkpoint(result.run)
     assert sorted(g["lr_scale"] for g in checkpoint["optimizer"]["param_groups"]) == [1.0, 8.0]
+
+
+@pytest.mark.parametrize("total_steps", range(1, 9))
+def test_one_cycle_works_for_runs_of_a_few_steps(total_steps):
+    """torch's OneCycleLR divides by its warm-up length minus one: 4 steps at a 25% warm-up crashed."""
+    config = load_config("fast").train
+    model = torch.nn.Linear(2, 2)
+    optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, total_steps)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert all(0 < rate <= config.lr for rate in rates)
+    if total_steps >= 3:  # a cycle: up to the peak, then down
+        peak = max(rates)
+        assert rates[0] < peak and rates[-1] < peak and peak > 0.5 * config.lr

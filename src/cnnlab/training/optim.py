@@ -47,10 +47,13 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
                    total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Learning rate per optimisation step over the whole run."""
-    if config.schedule == "onecycle":
+    if config.schedule == "onecycle" and total_steps >= 2:  # one step has no cycle: the constant rate below
         peaks = [peak_lr(config) * group["lr_scale"] for group in optimizer.param_groups]
+        # A quarter of the run warms up; torch divides by that phase's length in steps minus one, so very
+        # short runs (<= 4 steps) warm up for 1.5 steps instead of none.
+        warm_up = 0.25 if 0.25 * total_steps > 1 else 1.5 / total_steps
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peaks, total_steps=total_steps,
-                                                   pct_start=0.25)
+                                                   pct_start=warm_up)
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
