@@ -1,14 +1,20 @@
-"""Serving speed: `POST /api/predict` latency over loopback, and the models' batch inference throughput.
+"""Serving speed: `POST /api/predict` latency and requests/s over loopback, batched against one pass per request,
+and the models' batch inference throughput.
 
-    python bench/bench_serve.py --requests 200 --threads 2
+    python bench/bench_serve.py --requests 320 --repeats 5 --threads 2
 
-1. Latency: the web app (uvicorn, one worker process) serves the `seed` preset (random weights: speed does not
-   depend on what was learned); clients upload a 280x280 PNG drawing, as the demo page's canvas does, and time
-   each request. 1 client sends --requests requests one after another; 16 clients send --requests / 16 each, all
-   at once. Reported: p50 / p99 per request, and requests/s.
-2. Throughput: `seed` and `deep` (built from their presets) run inference on batches of 256 random 28x28 images,
+1. Latency: two servers, each one uvicorn process configured as `cnnlab serve` runs it, serve the `seed` preset
+   (random weights: speed does not depend on what was learned): "one at a time" (`--max-batch 1`: a forward pass
+   per request, the server before dynamic batching) and "batched" (`cnnlab serve`'s defaults, or --max-batch /
+   --max-wait-ms here). The clients run in a process of their own: 1, 16 and 64 of them at once (--clients), each
+   uploading a 280x280 PNG drawing (as the demo page's canvas does) --requests / clients times in a row over a
+   kept-alive connection, timing each request. Each repeat measures every (clients, server) pair, servers
+   alternating, so that machine noise hits both alike; the table gives the median over --repeats of each
+   measurement's p50, p99 and requests/s, and the batched server's mean images per forward pass.
+2. `?details=true` (+ feature maps, what the demo page asks for), 1 client, batched server.
+3. Throughput: `seed` and `deep` (built from their presets) run inference on batches of 256 random 28x28 images,
    channels-last, as `cnnlab evaluate` does; reported in images/s (best of --repeats).
-Loopback only (127.0.0.1); nothing is downloaded. Prints a Markdown table.
+Loopback only (127.0.0.1); nothing is downloaded. Prints Markdown tables.
 """
 from __future__ import annotations
 
@@ -23,6 +29,8 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,15 +52,30 @@ def make_run(preset: str, root: Path) -> Path:
     return run
 
 
-def serve(run: Path, port: int, threads: int) -> None:
-    """The server process: the app as `cnnlab serve` runs it."""
+@dataclass(frozen=True)
+class Server:
+    """One server under test: its label in the table and its batching options (those of `cnnlab serve`)."""
+
+    label: str
+    max_batch: int
+    max_wait_ms: float
+
+
+def serve(run: Path, port: int, threads: int, max_batch: int, max_wait_ms: float) -> None:
+    """The server process: the app and uvicorn configuration `cnnlab serve --max-batch ... --max-wait-ms ...` runs,
+    plus GET /bench/passes (forward passes run so far)."""
     import torch
     import uvicorn
 
     from cnnlab.use.serve import create_app
+    from cnnlab.use.serve.app import server_config
+    from cnnlab.use.serve.batching import BatchSettings
 
     torch.set_num_threads(threads)
-    uvicorn.run(create_app([run]), host="127.0.0.1", port=port, log_level="warning")
+    application = create_app([run], batching=BatchSettings(max_batch=max_batch, max_wait_ms=max_wait_ms))
+    batchers = application.state.batchers
+    application.get("/bench/passes")(lambda: {"passes": sum(b.passes for b in batchers.values())})
+    uvicorn.Server(server_config(application, "127.0.0.1", port)).run()
 
 
 def free_port() -> int:
@@ -72,9 +95,15 @@ def drawing_png() -> bytes:
     return buffer.getvalue()
 
 
+# ----------------------------------------------------------------------- the clients' process
+def measure(url: str, clients: int, per_client: int, details: bool) -> tuple[list[float], float]:
+    """In the clients' process: every request's latency (seconds) and the wall time of the whole run."""
+    return asyncio.run(client_latencies(url, drawing_png(), clients, per_client, details))
+
+
 async def client_latencies(url: str, body: bytes, clients: int, per_client: int,
                            details: bool) -> tuple[list[float], float]:
-    """Latency of every request (seconds) with `clients` concurrent clients, and the wall time of the whole run."""
+    """`clients` concurrent clients (one kept-alive connection each), `per_client` requests each, one after another."""
     import httpx
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
@@ -87,18 +116,13 @@ async def client_latencies(url: str, body: bytes, clients: int, per_client: int,
                 response = await client.post("/api/predict", files={"file": ("drawing.png", body, "image/png")},
                                              params=params)
                 times.append(time.perf_counter() - start)
-                response.raise_for_status()
+                response.raise_for_status()  # a 503 or 504 would be a fast wrong answer: stop the benchmark
             return times
 
-        await one_client_warmup(client, body)
+        await asyncio.gather(*(one_client() for _ in range(clients)))  # warm-up: connections, first passes
         start = time.perf_counter()
         results = await asyncio.gather(*(one_client() for _ in range(clients)))
         return [t for times in results for t in times], time.perf_counter() - start
-
-
-async def one_client_warmup(client, body: bytes, count: int = 10) -> None:
-    for _ in range(count):
-        (await client.post("/api/predict", files={"file": ("drawing.png", body, "image/png")})).raise_for_status()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -118,24 +142,50 @@ def wait_until_up(url: str, timeout: float = 60) -> None:
     raise RuntimeError("the server did not start")
 
 
-def latency_rows(run: Path, requests: int, threads: int) -> list[dict]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = multiprocessing.get_context("spawn").Process(target=serve, args=(run, port, threads), daemon=True)
-    server.start()
+def passes_so_far(url: str) -> int:
+    import httpx
+
+    return int(httpx.get(url + "/bench/passes", timeout=10).json()["passes"])
+
+
+def latency_rows(run: Path, servers: list[Server], client_counts: list[int], requests: int, repeats: int,
+                 threads: int) -> list[dict]:
+    """Median p50, p99 and requests/s over `repeats` for every (clients, server); then ?details=true, 1 client."""
+    context = multiprocessing.get_context("spawn")
+    urls, processes = {}, []
+    for server in servers:
+        port = free_port()
+        urls[server] = f"http://127.0.0.1:{port}"
+        processes.append(context.Process(target=serve, daemon=True,
+                                         args=(run, port, threads, server.max_batch, server.max_wait_ms)))
+        processes[-1].start()
     try:
-        wait_until_up(url)
-        body = drawing_png()
-        rows = []
-        for clients, details in ((1, False), (16, False), (1, True)):
-            per_client = max(1, requests // clients)
-            times, wall = asyncio.run(client_latencies(url, body, clients, per_client, details))
-            rows.append(dict(clients=clients, details=details, requests=len(times), p50=percentile(times, 50),
-                             p99=percentile(times, 99), rate=len(times) / wall))
+        for url in urls.values():
+            wait_until_up(url)
+        samples: dict[tuple[int, Server], list[dict]] = {}
+        with ProcessPoolExecutor(1, mp_context=context) as clients_process:
+            for _ in range(repeats):
+                for clients in client_counts:
+                    for server in servers:
+                        per_client = max(1, requests // clients)
+                        passes_before = passes_so_far(urls[server])
+                        times, wall = clients_process.submit(measure, urls[server], clients, per_client, False).result()
+                        passes = passes_so_far(urls[server]) - passes_before  # warm-up's included: 2x the requests
+                        samples.setdefault((clients, server), []).append(dict(
+                            p50=percentile(times, 50), p99=percentile(times, 99), rate=len(times) / wall,
+                            per_pass=2 * len(times) / max(passes, 1), requests=len(times)))
+            batched = servers[-1]
+            details, wall = clients_process.submit(measure, urls[batched], 1, requests, True).result()
+        rows = [dict(clients=clients, server=server, **{key: statistics.median(s[key] for s in runs)
+                                                       for key in runs[0]})
+                for (clients, server), runs in samples.items()]
+        rows.append(dict(clients=1, server=batched, details=True, p50=percentile(details, 50),
+                         p99=percentile(details, 99), rate=len(details) / wall, requests=len(details), per_pass=None))
         return rows
     finally:
-        server.terminate()
-        server.join(10)
+        for process in processes:
+            process.terminate()
+            process.join(10)
 
 
 def throughput(preset: str, batch: int, total: int, repeats: int) -> float:
@@ -172,37 +222,56 @@ def preprocess_ms(repeats: int = 50) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=200, help="requests per latency measurement")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (server and throughput)")
+    parser.add_argument("--requests", type=int, default=320, help="requests per latency measurement")
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64], help="concurrent clients to measure")
+    parser.add_argument("--max-batch", type=int, default=None, help="the batched server's (default: cnnlab serve's)")
+    parser.add_argument("--max-wait-ms", type=float, default=None,
+                        help="the batched server's (default: cnnlab serve's)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (servers and throughput)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--images", type=int, default=4096, help="images per throughput measurement")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
     import torch
 
+    from cnnlab.use.serve.batching import BatchSettings
+
+    defaults = BatchSettings()
+    batched = Server("batched", args.max_batch or defaults.max_batch,
+                     defaults.max_wait_ms if args.max_wait_ms is None else args.max_wait_ms)
+    servers = [Server("one at a time", 1, 0.0), batched]
     load_before = os.getloadavg()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run("seed", Path(tmp))
-        latencies = latency_rows(run, args.requests, args.threads)
+        latencies = latency_rows(run, servers, args.clients, args.requests, args.repeats, args.threads)
     speeds = {preset: throughput(preset, args.batch, args.images, args.repeats) for preset in ("seed", "deep")}
+    print_tables(latencies, speeds, args, batched, load_before)
+
+
+def print_tables(latencies: list[dict], speeds: dict[str, float], args: argparse.Namespace, batched: Server,
+                 load_before: tuple[float, float, float]) -> None:
+    import torch
 
     load = ", ".join(f"{x:.1f}" for x in load_before)
     print(f"cnnlab serve benchmark: torch {torch.__version__}, {args.threads} threads, Python "
           f"{platform.python_version()}, {platform.machine()}, {multiprocessing.cpu_count()} CPUs "
-          f"(load average before: {load}); client and server share the CPUs\n")
-    print("| measurement | requests | p50 | p99 | throughput |")
-    print("|---|---:|---:|---:|---:|")
-    for row in latencies:
-        what = f"POST /api/predict (seed), {row['clients']} client{'s' if row['clients'] > 1 else ''}"
-        what += ", ?details=true (+ feature maps)" if row["details"] else ""
-        print(f"| {what} | {row['requests']} | {1000 * row['p50']:.1f} ms | {1000 * row['p99']:.1f} ms | "
-              f"{row['rate']:.0f} req/s |")
-    print(f"| prepare one 280x280 PNG drawing (in process) | 50 | {preprocess_ms():.1f} ms | | |")
+          f"(load average before: {load}); clients in their own process, on the same CPUs as the servers\n")
+    print(f"Batched: --max-batch {batched.max_batch} --max-wait-ms {batched.max_wait_ms:g}; one at a time: "
+          f"--max-batch 1. Medians of {args.repeats} repeats.\n")
+    print("| POST /api/predict (seed) | clients | server | requests | p50 | p99 | requests/s | images/pass |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for row in sorted(latencies, key=lambda r: (r.get("details", False), r["clients"])):
+        what = "?details=true (+ feature maps)" if row.get("details") else "plain"
+        per_pass = "" if row["per_pass"] is None else f"{row['per_pass']:.1f}"
+        print(f"| {what} | {row['clients']} | {row['server'].label} | {row['requests']:.0f} | "
+              f"{1000 * row['p50']:.1f} ms | {1000 * row['p99']:.1f} ms | {row['rate']:.0f} | {per_pass} |")
+    print("\n| measurement | images | time | throughput |")
+    print("|---|---:|---:|---:|")
+    print(f"| prepare one 280x280 PNG drawing (in process) | 50 | {preprocess_ms():.1f} ms | |")
     for preset, speed in speeds.items():
-        print(f"| batch inference `{preset}`, batches of {args.batch} | {args.images} images | | | "
-              f"{speed:,.0f} images/s |")
+        print(f"| batch inference `{preset}`, batches of {args.batch} | {args.images} | | {speed:,.0f} images/s |")
 
 
 if __name__ == "__main__":

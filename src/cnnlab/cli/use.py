@@ -88,6 +88,17 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it to this computer.")]
     = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8000,
+    # the defaults are BatchSettings' (not imported here: the module would bring torch into `--help`)
+    max_batch: Annotated[int, typer.Option(min=1, max=4096, help=(
+        "Most pictures one forward pass takes: concurrent requests for a model share a pass. 1 = a pass per "
+        "request (no batching)."))] = 32,
+    max_wait_ms: Annotated[float, typer.Option(min=0.0, max=1000.0, help=(
+        "Milliseconds the first waiting request may wait for others to join its pass; 0 = take only what is "
+        "already waiting."))] = 2.0,
+    queue_size: Annotated[int, typer.Option(min=1, max=100_000, help=(
+        "Requests that may wait for a pass, per model; one more is refused with 503 and Retry-After."))] = 256,
+    timeout: Annotated[float, typer.Option(min=0.001, max=3600.0, help=(
+        "Seconds a request may wait for its forward pass, queue included; then it gets 504."))] = 10.0,
 ) -> None:
     """A web page to draw or upload pictures and see the prediction, the model's input and its feature maps."""
     try:
@@ -95,9 +106,11 @@ def serve(
 
         from cnnlab.use.serve import create_app
         from cnnlab.use.serve.app import server_config
+        from cnnlab.use.serve.batching import BatchSettings
     except ImportError as exc:
         raise fail(f"serve needs the web packages ({exc.name} is missing): pip install 'cnnlab[serve]'") from None
-    application = create_app(runs)
+    batching = BatchSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size, timeout_s=timeout)
+    application = create_app(runs, batching=batching)
     if not is_loopback(host):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the demo", file=sys.stderr)
     print(f"serving {', '.join(str(r) for r in runs)} on http://{host}:{port}/  (Ctrl+C stops)")

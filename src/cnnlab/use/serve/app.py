@@ -5,6 +5,9 @@
                         layer's feature maps (PNG data URLs)
     GET  /api/model     the models served: dataset, classes, parameters, test accuracy
 
+Concurrent requests for one model share a forward pass (`batching.Batcher`): up to `max_batch` images, gathered
+for at most `max_wait_ms`; a full queue answers 503 with Retry-After, a request that waits past `timeout_s` 504.
+
 Safe by default: uploads over `max_upload_bytes` get 413 before they are read, images over `max_pixels`
 are refused from their header (decompression bombs), formats outside ACCEPTED_FORMATS get 415 (judged by
 Pillow from the bytes, not by the name or the client's content type), bad input gets a 4xx with a one-line
@@ -13,11 +16,11 @@ message, and an unexpected failure a 500 without a stack trace.
 from __future__ import annotations
 
 import asyncio
-import functools
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -29,8 +32,9 @@ from fastapi.staticfiles import StaticFiles
 from PIL import Image
 
 from cnnlab.images import MAX_PIXELS, ImageReadError, ImageTooLarge, png_data_url
-from cnnlab.use.predict import Prediction, Predictor, predict_image
+from cnnlab.use.predict import Prediction, Predictor
 from cnnlab.use.recipes import BlankImage
+from cnnlab.use.serve.batching import Batcher, BatchSettings, Forward, QueueFull
 
 if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -58,6 +62,7 @@ MAX_NAME_CHARS = 255  # a file name longer than any file system allows is not a 
 REQUEST_SECONDS = 30.0  # a 5 MB upload at 200 kB/s fits
 MAX_CONNECTIONS = 512
 KEEP_ALIVE_SECONDS = 5  # uvicorn's own default: idle kept-alive connections close after this
+RETRY_AFTER_SECONDS = 1  # what a 503 for a full queue tells the client: a full queue drains in well under a second
 log = logging.getLogger("cnnlab.use.serve")
 
 
@@ -127,13 +132,23 @@ def unique_names(predictors: list[Predictor]) -> list[Predictor]:
 
 
 def create_app(models: Sequence[str | Path | Predictor], max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_pixels: int = MAX_PIXELS) -> FastAPI:
+               max_pixels: int = MAX_PIXELS, batching: BatchSettings | None = None) -> FastAPI:
     """The web app serving these runs (paths or loaded Predictors); the first is the default model."""
     if not models:
         raise ValueError("serve needs at least one run")
+    settings = batching or BatchSettings()
     predictors = unique_names([m if isinstance(m, Predictor) else Predictor.from_run(m) for m in models])
     by_name = {p.name: p for p in predictors}
-    app = FastAPI(title="cnnlab", docs_url=None, redoc_url=None, openapi_url=None)
+    batchers = {p.name: Batcher(forward_of(p), settings, p.name) for p in predictors}  # a queue and worker per model
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        for batcher in batchers.values():  # on shutdown: the workers finish what is queued, then stop
+            await asyncio.to_thread(batcher.close)
+
+    app = FastAPI(title="cnnlab", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.batchers = batchers  # for tests and benchmarks: queue lengths and passes run
     app.add_middleware(UploadLimit, limit=max_upload_bytes)
     add_error_handlers(app)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
@@ -152,12 +167,19 @@ def create_app(models: Sequence[str | Path | Predictor], max_upload_bytes: int =
         form = await request.form()
         predictor = choose_model(by_name, request.query_params.get("model") or form.get("model"), predictors[0])
         name = plain_name(file.filename)
-        # the upload stays in its spooled file (on disk past 1 MB) until a decoding slot is free: requests
-        # waiting in line hold no more memory than that, whatever their number
-        work = functools.partial(answer, predictor, file.file, name, details, max_pixels)
-        return await asyncio.get_running_loop().run_in_executor(DECODING, work)
+        batcher = batchers[predictor.name]
+        if not batcher.has_room():  # refuse before decoding: an overloaded server should not take on more work
+            raise busy(batcher)
+        return await answer(predictor, batcher, file.file, name, details, max_pixels)
 
     return app
+
+
+def forward_of(predictor: Predictor) -> Forward:
+    """The batch's forward pass; `predictor.probabilities` is looked up per pass, so a test can stand in for it."""
+    def forward(images: np.ndarray) -> np.ndarray:
+        return predictor.probabilities(images)
+    return forward
 
 
 def choose_model(by_name: dict[str, Predictor], name: Any, default: Predictor) -> Predictor:
@@ -181,15 +203,57 @@ def plain_name(filename: str | None) -> str:
     return filename
 
 
-def answer(predictor: Predictor, upload: IO[bytes], name: str, details: bool, max_pixels: int) -> dict:
-    """Prepare and predict one upload (in a DECODING thread); image errors become 4xx HTTPExceptions.
+async def answer(predictor: Predictor, batcher: Batcher, upload: IO[bytes], name: str, details: bool,
+                 max_pixels: int) -> dict:
+    """Prepare one upload (in a DECODING thread), predict it in a shared forward pass, and say what it is.
 
     The bytes go to the same reader as `cnnlab predict FILE` gets: one upload, one answer, either way.
     """
+    loop = asyncio.get_running_loop()
+    batcher.announce()  # on its way: a pass about to start waits for this image (up to max_wait_ms)
+    try:
+        # the upload stays in its spooled file (on disk past 1 MB) until a decoding slot is free: requests
+        # waiting in line hold no more memory than that, whatever their number
+        image = await loop.run_in_executor(DECODING, prepared_upload, predictor, upload, name, max_pixels)
+    except BaseException:
+        batcher.retract()
+        raise
+    prediction = Prediction(name, image, await probabilities(batcher, image), predictor.classes)
+    result = prediction.to_dict()
+    if details:
+        panels = await loop.run_in_executor(DECODING, feature_map_panels, predictor, prediction)
+        result.update(model=predictor.name, input_image=png_data_url(prediction.image), feature_maps=panels)
+    return result
+
+
+async def probabilities(batcher: Batcher, image: np.ndarray) -> np.ndarray:
+    """The (announced) image's class probabilities from its model's next shared pass: 503 when the queue is full,
+    504 when the answer takes longer than the timeout (the request leaves the queue; the client is not kept hanging)."""
+    try:
+        pending = batcher.submit(image, announced=True)
+    except QueueFull:
+        raise busy(batcher) from None
+    seconds = batcher.settings.timeout_s
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(pending), seconds)
+    except asyncio.TimeoutError:  # (the builtin TimeoutError only from Python 3.11)
+        batcher.withdraw(pending)
+        raise HTTPException(504, f"model {batcher.name!r} did not answer within {seconds:g} s: the server is "
+                                 "overloaded; try again later") from None
+
+
+def busy(batcher: Batcher) -> HTTPException:
+    return HTTPException(503, f"the server is busy: {batcher.settings.queue_size} requests are already waiting for "
+                              f"model {batcher.name!r}; retry in {RETRY_AFTER_SECONDS} s",
+                         headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+def prepared_upload(predictor: Predictor, upload: IO[bytes], name: str, max_pixels: int) -> np.ndarray:
+    """The upload as the model must see it (uint8 (H, W[, C])); image errors become 4xx HTTPExceptions."""
     data = upload.read()
     check_format(data, name)
     try:
-        prediction = predict_image(predictor, data, name, max_pixels)
+        return predictor.prepare(data, name, max_pixels)
     except ImageTooLarge as exc:
         raise HTTPException(413, str(exc)) from None
     except ImageReadError as exc:
@@ -201,11 +265,6 @@ def answer(predictor: Predictor, upload: IO[bytes], name: str, details: bool, ma
     except Exception as exc:  # noqa: BLE001  a decoder's own error on malformed bytes (struct.error, ...): bad input
         log.warning("%s: the decoder failed with %s: %s", name, type(exc).__name__, exc)
         raise HTTPException(400, f"{name}: not a readable image ({type(exc).__name__} while decoding)") from None
-    result = prediction.to_dict()
-    if details:
-        result.update(model=predictor.name, input_image=png_data_url(prediction.image),
-                      feature_maps=feature_map_panels(predictor, prediction))
-    return result
 
 
 def check_format(data: bytes, name: str) -> None:
