@@ -96,6 +96,13 @@ class Run:
         """The pictures of `cnnlab show ...`, as Figures: run.show.mistakes(), .features(image), .kernels(), ..."""
         return RunPictures(self)
 
+    def explore(self, out: str | Path | None = None, images: int = 16) -> ExplorerPage:
+        """Write the page of `cnnlab explore` (default `<run>/explore.html`) and show it inline, in a frame."""
+        from cnnlab.inspect.explore import write_explorer
+
+        path = Path(out) if out is not None else self.run / "explore.html"
+        return ExplorerPage(write_explorer(self.run, path, images, getattr(self, "data_dir", None)))
+
     def _repr_html_(self) -> str:
         row = run_row(self.run)
         facts = [("dataset", row["dataset"]), ("model", row["model"]), ("parameters", format_cell(row["params"])),
@@ -109,6 +116,21 @@ class Run:
 
     def __repr__(self) -> str:
         return f"Run({str(self.run)!r})"
+
+
+class ExplorerPage:
+    """The explorer page written to `path`; a notebook shows the page itself (it needs no server)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _repr_html_(self) -> str:
+        page = html.escape(self.path.read_text(encoding="utf-8"), quote=True)
+        return (f"<p>{html.escape(str(self.path))} (open it in a browser for the full window)</p>"
+                f'<iframe srcdoc="{page}" style="width:100%;height:720px;border:1px solid #ccc"></iframe>')
+
+    def __repr__(self) -> str:
+        return f"ExplorerPage({str(self.path)!r})"
 
 
 class RunPictures:
