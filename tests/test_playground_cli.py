@@ -158,6 +158,43 @@ def test_explain_conv_gif(pictures, tmp_path):
     assert out.stat().st_size < 400_000
 
 
+def test_explain_conv_colour_with_dilation_keeps_a_row_per_channel(pictures, tmp_path):
+    grey_out, colour_out = tmp_path / "grey.gif", tmp_path / "colour.gif"
+    assert invoke("explain", "conv", pictures["rgb"], "--steps", "2", "--out", grey_out).exit_code == 0
+    result = invoke("explain", "conv", pictures["rgb"], "--colour", "--dilation", "2", "--kernel", "sobel-x",
+                    "--steps", "2", "--max-side", "8", "--out", colour_out)
+    assert result.exit_code == 0, result.output
+    assert "input  8 x 8 x 3   kernel 3 x 3 x 3" in result.output and "dilation 2" in result.output
+    assert "out = floor((8 + 2*0 - (2*(3-1)+1)) / 1) + 1 = 4" in result.output
+    with Image.open(grey_out) as grey, Image.open(colour_out) as colour:
+        assert colour.n_frames == 3
+        assert colour.size[1] > 2 * grey.size[1]  # three channel rows against one
+
+
+@pytest.mark.parametrize("dilation", [1, 2])
+@pytest.mark.parametrize("channels", [0, 3])
+def test_every_explained_window_sums_to_the_convolution(channels, dilation):
+    """The patch each frame shows, times the kernel, is the output pixel it lands in (the conv is checked
+    against torch elsewhere), and the channel sums in the caption add up to it."""
+    from cnnlab.playground.conv import conv2d, padding_amounts
+    from cnnlab.playground.explain import conv_steps, window_at
+
+    rng = np.random.default_rng(channels + dilation)
+    image = rng.random((7, 7, channels) if channels else (7, 7))
+    kernel = rng.normal(size=(3, 3, channels) if channels else (3, 3))
+    out = conv2d(image, kernel, stride=1, padding="same", dilation=dilation)
+    span = 2 * dilation + 1
+    padded = np.pad(image, padding_amounts("same", (7, 7), (span, span), (1, 1)) + [(0, 0)] * (image.ndim - 2))
+    steps = conv_steps(kernel, 1, padded, out, dilation)
+    assert len(steps) == out.size
+    for step in steps:
+        patch = window_at(padded, step.top, step.left, (3, 3), dilation)
+        assert np.isclose((patch * kernel).sum(), out[step.out_row, step.out_col])
+        if channels:
+            sums = [float(part.split(": ")[1]) for part in step.caption.split(";")[0].split(", ")]
+            assert abs(sum(sums) - out[step.out_row, step.out_col]) < 0.02  # the caption rounds to 2 decimals
+
+
 def test_explain_pool_html_is_self_contained(pictures, tmp_path):
     out = tmp_path / "pool.html"
     result = invoke("explain", "pool", pictures["rgb"], "--mode", "avg", "--steps", "2", "--max-side", "8", "-o", out)

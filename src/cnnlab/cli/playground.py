@@ -245,9 +245,14 @@ def pool(
 
 def small_grey(path: Path, max_side: int) -> np.ndarray:
     """The image in grey, downscaled (area average) so its longer side is at most max_side pixels."""
+    return small_image(path, max_side, grey=True)
+
+
+def small_image(path: Path, max_side: int, grey: bool) -> np.ndarray:
+    """The image (in grey if `grey`), downscaled (area average) so its longer side is at most max_side pixels."""
     from PIL import Image
 
-    picture, notes = open_image(path, gray=True)
+    picture, notes = open_image(path, gray=grey)
     for note in notes:
         typer.echo(f"note: {note}")
     width, height = picture.size
@@ -279,7 +284,7 @@ def check_animation_output(out: Path) -> None:
 
 STEPS_HELP = f"How many positions to animate before the final frame (at most {MAX_FRAMES})."
 START_HELP = "First position to animate, counting from 0 in reading order (earlier ones are computed silently)."
-MAX_SIDE_HELP = "Downscale the (grey) input so its longer side is at most this many pixels."
+MAX_SIDE_HELP = "Downscale the input so its longer side is at most this many pixels."
 OUT_HELP = "Animation file: .gif, or .html for a self-contained page with a step-by-step slider."
 
 
@@ -294,22 +299,34 @@ def explain_conv_command(
     steps: int = typer.Option(12, min=1, max=MAX_FRAMES, help=STEPS_HELP),
     start: int = typer.Option(0, min=0, help=START_HELP),
     max_side: int = typer.Option(12, min=2, max=64, help=MAX_SIDE_HELP),
+    dilation: int = typer.Option(1, min=1, max=16, help="Spacing between the kernel's taps, in pixels (1: none)."),
+    colour: bool = typer.Option(False, "--colour", "--color",
+                                help="Keep a colour image's channels: a row per channel, their sums added up."),
 ) -> None:
-    """Show a kernel sliding over a small grey image: patch, weights, products and the sum landing in the output."""
+    """Show a kernel sliding over a small image: patch, weights, products and the sum landing in the output
+    (grey by default; --colour: one kernel slice per channel, summed)."""
+    import numpy as np
+
     from cnnlab.playground.conv import conv2d
 
     check_animation_output(out)
     weights = parse_kernel(kernel)
     pad = parse_padding(padding)
-    pixels = small_grey(image, max_side)
-    result = run_library(conv2d, pixels, weights, stride, pad)
+    pixels = small_image(image, max_side, grey=not colour)
+    if pixels.ndim == 2 and weights.ndim == 3:
+        raise fail(f"--kernel {kernel}: a kernel learned on colour input has {weights.shape[2]} slices; "
+                   "explain it on a colour image with --colour")
+    if pixels.ndim == 3 and weights.ndim == 2:
+        weights = np.repeat(weights[:, :, None], pixels.shape[2], axis=2)  # (kh, kw, C): one copy per channel
+        typer.echo(f"note: one copy of the kernel per channel, the {pixels.shape[2]} results summed into one")
+    result = run_library(conv2d, pixels, weights, stride, pad, dilation)
     typer.echo(f"input  {shape_text(pixels.shape)}   kernel {shape_text(weights.shape)}   stride {stride}, "
-               f"padding {pad!r}:")
-    print_arithmetic(pixels.shape, weights.shape, stride, pad)
+               f"padding {pad!r}{f', dilation {dilation}' if dilation > 1 else ''}:")
+    print_arithmetic(pixels.shape, weights.shape[:2], stride, pad, dilation)
     typer.echo(f"output {shape_text(result.shape)}")
     from cnnlab.playground.explain import explain_conv
 
-    frames = run_library(explain_conv, pixels, weights, stride, pad, steps, start)
+    frames = run_library(explain_conv, pixels, weights, stride, pad, steps, start, dilation)
     save_frames(frames, out, start, result.size)
 
 

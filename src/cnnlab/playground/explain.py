@@ -73,16 +73,35 @@ def _factor(value: float) -> str:
     return f"({text})" if text.startswith("-") else text
 
 
-def conv_steps(kernel: np.ndarray, stride: int, padded: np.ndarray, out: np.ndarray) -> list[Step]:
-    """Every kernel position in reading order with its products written out."""
-    kh, kw = kernel.shape
+def conv_steps(kernel: np.ndarray, stride: int, padded: np.ndarray, out: np.ndarray, dilation: int = 1) -> list[Step]:
+    """Every kernel position in reading order with its products written out.
+
+    Grey: kernel (kh, kw), padded (H, W). Colour: kernel (kh, kw, C), padded (H, W, C): each channel's
+    products summed, then the channel sums added up."""
     steps = []
     for r in range(out.shape[0]):
         for c in range(out.shape[1]):
-            patch = padded[r * stride:r * stride + kh, c * stride:c * stride + kw]
-            terms = " + ".join(f"{_factor(p)}×{_factor(w)}" for p, w in zip(patch.ravel(), kernel.ravel()))
-            steps.append(Step(r, c, r * stride, c * stride, f"{terms} = {_fmt(out[r, c])}"))
+            patch = window_at(padded, r * stride, c * stride, kernel.shape[:2], dilation)
+            if kernel.ndim == 2:
+                terms = " + ".join(f"{_factor(p)}×{_factor(w)}" for p, w in zip(patch.ravel(), kernel.ravel()))
+                caption = f"{terms} = {_fmt(out[r, c])}"
+            else:
+                sums = (patch * kernel).sum(axis=(0, 1))  # (C,): one sum of products per channel
+                names = channel_names(kernel.shape[2])
+                caption = (", ".join(f"{n}: {_fmt(v)}" for n, v in zip(names, sums))
+                           + f"; channels summed: {' + '.join(_factor(v) for v in sums)} = {_fmt(out[r, c])}")
+            steps.append(Step(r, c, r * stride, c * stride, caption))
     return steps
+
+
+def window_at(padded: np.ndarray, top: int, left: int, size: tuple[int, int], dilation: int = 1) -> np.ndarray:
+    """The input values a (kh, kw) kernel with `dilation` multiplies at one position: (kh, kw[, C])."""
+    kh, kw = size
+    return padded[top:top + dilation * (kh - 1) + 1:dilation, left:left + dilation * (kw - 1) + 1:dilation]
+
+
+def channel_names(channels: int) -> list[str]:
+    return list("RGB") if channels == 3 else [f"channel {c}" for c in range(channels)]
 
 
 def pool_steps(mode: str, size: int, stride: int, padded: np.ndarray, out: np.ndarray) -> list[Step]:
@@ -159,6 +178,43 @@ def _frame(input_grid: np.ndarray, input_title: str, window: tuple[int, int],
     return _render(fig)
 
 
+def _colour_frame(padded: np.ndarray, span: tuple[int, int], kernel: np.ndarray, so_far: np.ndarray,
+                  out_range: tuple[float, float], step: Step | None, dilation: int, title: str,
+                  caption: str) -> Image.Image:
+    """One frame for a colour input: a row per channel (its padded input with the window boxed, the patch,
+    the kernel's slice for it, their products) and the one output map, where the channel sums add up."""
+    channels = padded.shape[2]
+    fig = Figure(figsize=(2.3 * 5, 2.2 * channels + 0.9), dpi=72)
+    axes = fig.subplots(channels, 5, squeeze=False)
+    limit = 1.5 * float(np.abs(kernel).max()) or 1.0  # 1.5: pale colours, legible numbers
+    for c, name in enumerate(channel_names(channels)):
+        row = axes[c]
+        _grid(row[0], padded[:, :, c], f"input, {name}", "gray", 0, 1, numbers=max(padded.shape[:2]) <= 8)
+        weights = kernel[:, :, c]
+        if step is None:
+            for ax in row[1:4]:
+                ax.axis("off")
+            _grid(row[1], weights, f"kernel, {name}", "RdBu", -limit, limit, numbers=True)
+        else:
+            _box(row[0], step.top, step.left, *span)
+            patch = window_at(padded[:, :, c], step.top, step.left, weights.shape, dilation)
+            _grid(row[1], patch, f"patch, {name}" + (f", dilation {dilation}" if dilation > 1 else ""), "gray", 0, 1,
+                  numbers=True)
+            _grid(row[2], weights, f"kernel, {name}", "RdBu", -limit, limit, numbers=True)
+            products = patch * weights
+            _grid(row[3], products, f"products: sum {_fmt(float(products.sum()))}", "RdBu", -limit, limit, numbers=True)
+        if c:
+            row[4].axis("off")
+    _grid(axes[0][4], so_far, "output (channels summed)", "gray", *out_range, numbers=max(so_far.shape) <= 8)
+    if step is not None:
+        _box(axes[0][4], step.out_row, step.out_col, 1, 1)
+    fig.suptitle(title, fontsize=10)
+    fig.text(0.5, 0.01, _wrap(caption), ha="center", va="bottom", fontsize=8, family="monospace")
+    fig.subplots_adjust(left=0.02, right=0.98, top=1 - 0.55 / fig.get_figheight(),
+                        bottom=0.45 / fig.get_figheight(), wspace=0.15, hspace=0.3)
+    return _render(fig)
+
+
 def _wrap(text: str, width: int = 110) -> str:
     """Split a long arithmetic caption over lines at ' + ' boundaries."""
     lines, line = [], ""
@@ -207,28 +263,51 @@ def conv_figure(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding:
 
 
 def explain_conv(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding: Padding = "valid",
-                 steps: int = 12, start: int = 0) -> Stepper:
-    """Frames for `steps` kernel positions from position `start` (reading order) on a small grey
-    (H, W) image, then one frame with the whole result."""
-    kh, kw = kernel.shape
-    pads = padding_amounts(padding, image.shape, (kh, kw), (stride, stride))
-    padded = np.pad(image, pads)                       # conv pads with zeros: they are real inputs
-    out = conv2d(image, kernel, stride=stride, padding=padding)   # (H_out, W_out)
+                 steps: int = 12, start: int = 0, dilation: int = 1) -> Stepper:
+    """Frames for `steps` kernel positions from position `start` (reading order) on a small image, then
+    one frame with the whole result.
+
+    Grey (H, W) with a (kh, kw) kernel; or colour (H, W, C) with a (kh, kw, C) kernel, or a (kh, kw) one
+    copied to every channel: a row per channel, the channels' sums of products added into one output."""
+    if image.ndim == 3 and kernel.ndim == 2:
+        kernel = np.repeat(kernel[:, :, None], image.shape[2], axis=2)  # (kh, kw, C): one copy per channel
+    if image.ndim == 2 and kernel.ndim == 3 or image.ndim == 3 and kernel.shape[2] != image.shape[2]:
+        raise ValueError(f"a kernel of shape {kernel.shape} does not fit an image of shape {image.shape}: "
+                         "a colour kernel needs one slice per channel of the image")
+    kh, kw = kernel.shape[:2]
+    span = (dilation * (kh - 1) + 1, dilation * (kw - 1) + 1)  # input pixels the (dilated) kernel covers
+    pads = padding_amounts(padding, image.shape[:2], span, (stride, stride))
+    out = conv2d(image, kernel, stride=stride, padding=padding, dilation=dilation)   # (H_out, W_out)
+    padded = np.pad(image, pads + [(0, 0)] * (image.ndim - 2))  # conv pads with zeros: they are real inputs
     out_range = (float(out.min()), float(out.max()) if out.max() > out.min() else float(out.min()) + 1)
-    title = f"convolution: {image.shape[0]}x{image.shape[1]} input, {kh}x{kw} kernel, stride {stride}, " \
-            f"padding {padding!r} -> {out.shape[0]}x{out.shape[1]} output"
+    dilated = f", dilation {dilation}" if dilation > 1 else ""
+    title = f"convolution: {'x'.join(map(str, image.shape))} input, {'x'.join(map(str, kernel.shape))} kernel, " \
+            f"stride {stride}, padding {padding!r}{dilated} -> {out.shape[0]}x{out.shape[1]} output"
+    all_steps = conv_steps(kernel, stride, padded, out, dilation)
+    if image.ndim == 3:
+        return _colour_stepper(padded, span, kernel, out, out_range, all_steps, start, steps, dilation, title)
     frames = []
-    all_steps = conv_steps(kernel, stride, padded, out)
     for index, step in _shown(all_steps, start, steps):
-        patch = padded[step.top:step.top + kh, step.left:step.left + kw]
+        patch = window_at(padded, step.top, step.left, (kh, kw), dilation)
         so_far = _filled(out, index)
-        middle = [(patch, "patch", "gray"), (kernel, "kernel (weights)", "RdBu"),
-                  (patch * kernel, "patch × kernel", "RdBu")]
+        middle = [(patch, "patch" + (f" (dilation {dilation})" if dilation > 1 else ""), "gray"),
+                  (kernel, "kernel (weights)", "RdBu"), (patch * kernel, "patch × kernel", "RdBu")]
         frames.append(_frame(padded, "input (zero padded)" if padded.shape != image.shape else "input",
-                             (kh, kw), middle, so_far, out_range, step, title,
+                             span, middle, so_far, out_range, step, title,
                              f"out[{step.out_row}, {step.out_col}] = sum of products = {step.caption}", 5))
-    frames.append(_frame(padded, "input", (kh, kw), [(kernel, "kernel (weights)", "RdBu")], out,
+    frames.append(_frame(padded, "input", span, [(kernel, "kernel (weights)", "RdBu")], out,
                          out_range, None, title, f"all {len(all_steps)} positions done", 5))
+    return Stepper(frames, title)
+
+
+def _colour_stepper(padded: np.ndarray, span: tuple[int, int], kernel: np.ndarray, out: np.ndarray,
+                    out_range: tuple[float, float], all_steps: list[Step], start: int, steps: int, dilation: int,
+                    title: str) -> Stepper:
+    frames = [_colour_frame(padded, span, kernel, _filled(out, index), out_range, step, dilation, title,
+                            f"out[{step.out_row}, {step.out_col}]: sums of products per channel {step.caption}")
+              for index, step in _shown(all_steps, start, steps)]
+    frames.append(_colour_frame(padded, span, kernel, out, out_range, None, dilation, title,
+                                f"all {len(all_steps)} positions done"))
     return Stepper(frames, title)
 
 
