@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 
 from cnnlab.data.cifar import CifarError, read_archive
+from cnnlab.data.decoded import DecodedCache, identity, open_cache
 from cnnlab.data.idx import decompress, parse_idx, read_raw
 from cnnlab.data.registry import DataFile, DatasetSpec, get_dataset
 from cnnlab.data.store import (
     DOWNLOAD_TIMEOUT_S,
     ChecksumMismatch,
     Location,
+    cache_root,
     candidates,
     check_file,
     digest_matches,
@@ -27,6 +29,7 @@ from cnnlab.data.store import (
     notify,
     passed_over_line,
     unavailable,
+    verdict,
 )
 from cnnlab.errors import UserError
 
@@ -77,38 +80,42 @@ def load_dataset(name: str | DatasetSpec, data_dir: str | Path | None = None, al
     spec = get_dataset(name) if isinstance(name, str) else name
     passed: list[str] = []
     errors: list[UserError] = []
+    cache = open_cache(cache_root())
     for location in candidates(spec, data_dir):
         try:
-            dataset = read_copy(spec, location, allow_mismatch)
+            dataset = read_copy(spec, location, allow_mismatch, cache)
         except UserError as exc:  # unreadable, corrupt, changed (without the flag) or inconsistent: try the next
             passed.append(passed_over_line(location, str(exc).removeprefix(f"{location.directory}/")))
             errors.append(exc)
             continue
-        return arrived(dataset, passed, progress)
+        return arrived(dataset, passed, progress, cache)
     if download and spec.mirrors:
         fetched = download_missing(spec, data_dir, None, progress, DOWNLOAD_TIMEOUT_S, passed)
-        return arrived(read_copy(spec, fetched, allow_mismatch), passed, progress)
+        return arrived(read_copy(spec, fetched, allow_mismatch, cache), passed, progress, cache)
     if len(errors) == 1:
         raise errors[0]  # the one copy there is: its own error (a mismatch says how to use it anyway)
     raise unavailable(spec, data_dir, passed=passed)
 
 
-def arrived(dataset: Dataset, passed: list[str], progress: bool) -> Dataset:
-    """The dataset with the copies passed over before it recorded (and said, when `progress`)."""
+def arrived(dataset: Dataset, passed: list[str], progress: bool, cache: DecodedCache | None = None) -> Dataset:
+    """The dataset with the copies passed over before it recorded (and said, when `progress`, with one line
+    when the decoded-data cache could not be used)."""
     dataset.location = replace(dataset.location, passed_over=tuple(passed))
+    notice = cache.notice() if cache is not None else None
     if progress:
-        for line in passed:
+        for line in passed + ([notice] if notice else []):
             notify(line)
     return dataset
 
 
-def read_copy(spec: DatasetSpec, location: Location, allow_mismatch: bool) -> Dataset:
+def read_copy(spec: DatasetSpec, location: Location, allow_mismatch: bool,
+              cache: DecodedCache | None = None) -> Dataset:
     """One copy read, verified and checked; a UserError when it cannot be used."""
     if spec.format == "cifar-binary":
         return load_archive(spec, location, allow_mismatch)
     arrays, records = {}, []
     for file in spec.all_files():
-        array, record = read_verified(location.path(file), file, allow_mismatch)
+        array, record = read_verified(location.path(file), file, allow_mismatch, cache)
         arrays[file.name] = array
         records.append(record)
     (tr_img, tr_lab), (te_img, te_lab) = spec.files["train"], spec.files["test"]
@@ -135,14 +142,28 @@ def load_archive(spec: DatasetSpec, location: Location, allow_mismatch: bool) ->
     return Dataset(spec, *train, *test, location=location, files=[record])
 
 
-def read_verified(path: Path, file: DataFile, allow_mismatch: bool) -> tuple[np.ndarray, dict]:
-    """Read one IDX file once: hash its payload, compare with the registry, parse it."""
-    raw = read_raw(path)
-    payload = decompress(raw, str(path))
-    ok, sha, expected = digest_matches(file, raw, payload)
+def read_verified(path: Path, file: DataFile, allow_mismatch: bool,
+                  cache: DecodedCache | None = None) -> tuple[np.ndarray, dict]:
+    """Read one IDX file once: hash its payload, compare with the registry, parse it.
+
+    With a `cache`, the decompressed payload may come from it (`cnnlab.data.decoded`), and a freshly decoded
+    one is kept there; the digest is compared with the registry from the bytes read either way.
+    """
+    hit = cache.load(path) if cache is not None else None
+    if hit is not None:
+        payload = hit.payload
+        ok, sha, expected = verdict(file, hit.sha256, lambda: read_raw(path))
+    else:
+        before = identity(path)
+        raw = read_raw(path)
+        payload = decompress(raw, str(path))
+        ok, sha, expected = digest_matches(file, raw, payload)
     refuse_mismatch(path, ok, sha, expected, "the payload's", allow_mismatch)
+    array = parse_idx(payload, source=str(path))
+    if hit is None and cache is not None:
+        cache.save(path, before, raw, payload, sha)  # only bytes that parsed (and passed the check) are kept
     record = {"name": file.name, "path": str(path), "sha256": sha, "verified": ok}
-    return parse_idx(payload, source=str(path)), record
+    return array, record
 
 
 def refuse_mismatch(path: Path, ok: bool, sha: str, expected: str | None, what: str, allow_mismatch: bool) -> None:

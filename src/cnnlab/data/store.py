@@ -28,6 +28,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
@@ -191,11 +192,16 @@ def locate(spec: DatasetSpec, data_dir: str | Path | None = None, allow_mismatch
 
 def digest_matches(file: DataFile, raw: bytes, payload: bytes) -> tuple[bool, str, str | None]:
     """(ok, payload sha256, expected digest): payload digest if the registry has one, else the raw .gz's."""
-    payload_sha = hashlib.sha256(payload).hexdigest()
+    return verdict(file, hashlib.sha256(payload).hexdigest(), lambda: raw)
+
+
+def verdict(file: DataFile, payload_sha: str, raw: Callable[[], bytes]) -> tuple[bool, str, str | None]:
+    """digest_matches for a payload whose SHA-256 is known: `raw` gives the file as stored, asked for only when
+    the registry knows the digest of the .gz alone (a decoded-cache hit then reads the small .gz, not gunzip)."""
     if file.sha256 is not None:
         return payload_sha == file.sha256, payload_sha, file.sha256
     if file.gz_sha256 is not None:
-        return hashlib.sha256(raw).hexdigest() == file.gz_sha256, payload_sha, f"{file.gz_sha256} (of the .gz)"
+        return hashlib.sha256(raw()).hexdigest() == file.gz_sha256, payload_sha, f"{file.gz_sha256} (of the .gz)"
     return True, payload_sha, None
 
 
