@@ -70,3 +70,44 @@ def test_a_link_to_a_regular_file_is_followed(tmp_path, command):
     result = runner.invoke(app, commands(tiny_run(), link)[command])
     assert result.exit_code == 0, result.output
     assert link.is_symlink() and real.read_bytes() != b"old"  # the file was replaced, the link kept
+
+
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def test_written_files_get_the_mode_a_plain_open_would_give(tmp_path, umask_022):
+    from cnnlab.files import write_text
+
+    fresh = write_text(tmp_path / "new.json", "{}")
+    assert fresh.stat().st_mode & 0o777 == 0o644  # not the temporary file's private 0600
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    kept.chmod(0o640)
+    write_text(kept, "new")
+    assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "new"  # replacing keeps the old mode
+
+
+def test_a_command_output_is_readable_by_others_under_the_usual_umask(tmp_path, umask_022):
+    out = tmp_path / "blurred.png"
+    result = runner.invoke(app, commands(tiny_run(), out)["convolve"])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_an_unwritable_folder_is_named_as_the_user_gave_it(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def refuse(prefix: str = "", suffix: str = "", dir: str = "") -> tuple[int, str]:
+        # what the system says when the folder is not writable (tests may run as root, who can write anywhere)
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, prefix + "x" + suffix))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    out = tmp_path / "blurred.png"
+    result = runner.invoke(app, commands(tiny_run(), out)["convolve"])
+    assert result.exit_code == 2 and f"{out}: Permission denied" in result.output, result.output
+    assert ".tmp" not in result.output and "Traceback" not in result.output

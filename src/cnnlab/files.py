@@ -199,10 +199,15 @@ def write_atomic(path: str | Path, write: Callable[[Path], object],
     target = output_target(path)
     # .<name>.<pid>.<random>.tmp<suffix>: the pid lets a later writer tell a dead writer's leftovers from a
     # live one's; the suffix keeps libraries that choose a format by extension (Pillow, ONNX) happy
-    fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(target)}{os.getpid()}.", suffix=f".tmp{target.suffix}",
-                               dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(target)}{os.getpid()}.", suffix=f".tmp{target.suffix}",
+                                   dir=target.parent)
+    except OSError as exc:  # name the file the user asked for, not the hidden temporary one
+        raise type(exc)(exc.errno, exc.strerror, str(target)) from None
     os.close(fd)
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would: the old file's, or the umask's
+        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~current_umask())
         write(Path(tmp))
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
@@ -212,6 +217,13 @@ def write_atomic(path: str | Path, write: Callable[[Path], object],
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target
+
+
+def current_umask() -> int:
+    """The process's file-creation mask (os.umask can only be read by setting it)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_text(path: str | Path, text: str) -> Path:

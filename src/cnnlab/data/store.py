@@ -38,7 +38,7 @@ from cnnlab.data.cifar import MAX_ARCHIVE_BYTES
 from cnnlab.data.idx import GZIP_MAGIC, MAX_PAYLOAD_BYTES, decompress, read_raw
 from cnnlab.data.registry import DataFile, DatasetSpec
 from cnnlab.errors import UserError
-from cnnlab.files import kind_of, open_regular, read_chunks, reason
+from cnnlab.files import current_umask, kind_of, open_regular, read_chunks, reason
 
 SYSTEM_ROOT = Path("/usr/share/datasets")
 DOWNLOAD_TIMEOUT_S = 30.0  # per connection attempt and per read; a dead mirror must not hang a run
@@ -348,6 +348,7 @@ def download_file(file: DataFile, mirrors: tuple[str, ...], target: Path, progre
                 ok, sha, expected = digest_matches(file, raw, decompress(raw, "the download"))
             if not ok:
                 raise ChecksumMismatch(f"checksum mismatch: got {sha}, expected {expected}")
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp's file is private; a dataset is not
             os.replace(tmp, target / file.name)
             return []
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
