@@ -1,5 +1,5 @@
 """Training recipes, each a config key whose default changes nothing: random erasing, weight averaging (EMA),
-test-time shifts, weight decay that skips norms and biases."""
+test-time shifts, weight decay that skips norms and biases, lookahead."""
 from __future__ import annotations
 
 import pytest
@@ -11,6 +11,7 @@ from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.weights import load_model
 from cnnlab.training.augment import augment, random_erase
 from cnnlab.training.evaluate import shifted, views
+from cnnlab.training.lookahead import EVERY, PEAK_DECAY, Lookahead, decay_at
 from cnnlab.training.optim import make_optimizer, make_scheduler
 from conftest import StopAt
 
@@ -129,9 +130,44 @@ def test_an_ema_run_resumes_bitwise_equal(tmp_path):
     assert (reference / "test.json").read_text() == (resumed / "test.json").read_text()
 
 
+# ---------------------------------------------------------------------------------- lookahead
+def test_the_lookahead_pull_grows_over_the_run_and_ends_on_the_slow_weights():
+    total = 100
+    decays = [decay_at(step, total) for step in range(0, total + 1, EVERY)]
+    assert decays[0] == 0.0 and decays[-1] == 1.0
+    assert all(a < b for a, b in zip(decays, decays[1:]))
+    assert decays[-2] <= PEAK_DECAY
+
+
+def test_lookahead_pulls_every_few_steps_and_leaves_the_slow_weights_at_the_end():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    lookahead = Lookahead(model, total_steps=2 * EVERY)
+    for step in range(1, 2 * EVERY + 1):
+        with torch.no_grad():
+            model.weight += 1.0  # what an optimiser step would do
+        before = model.weight.item()
+        lookahead.after_step(model, step)
+        if step % EVERY:
+            assert model.weight.item() == before  # between pulls the weights move freely
+        else:
+            assert model.weight.item() == lookahead.slow["weight"].item()
+    decay = decay_at(EVERY, 2 * EVERY)
+    first_pull = (1 - decay) * EVERY  # slow went from 0 toward 5 by (1 - decay)
+    # the last pull (decay 1) leaves the slow weights as they were and puts the model back on them
+    assert lookahead.slow["weight"].item() == pytest.approx(first_pull) == model.weight.item()
+
+
+def test_a_lookahead_run_saves_its_slow_weights(tmp_path):
+    result = pipeline.train(quick("epochs=1", "train.lookahead=true"), tmp_path, name="la", progress=False)
+    saved = load_model(result.run)[0].state_dict()
+    checkpoint, _ = load_checkpoint(result.run)
+    assert all(torch.equal(saved[k], checkpoint["lookahead"][k]) for k in checkpoint["lookahead"])
+
+
 @pytest.mark.parametrize("override", ["train.augment_erase=0.5", "train.ema=0.99", "train.tta_shift=1",
                                       "train.tta=true", "train.decay_norms_and_biases=false",
-                                      "train.weight_decay=0.0005"])
+                                      "train.weight_decay=0.0005", "train.lookahead=true"])
 def test_every_recipe_key_trains_on_a_shipped_sample(tmp_path, override):
     result = pipeline.train(quick("epochs=1", override), tmp_path, name="r", progress=False)
     assert result.test is not None and 0.0 <= result.test.accuracy <= 1.0

@@ -26,6 +26,7 @@ from cnnlab.inspect.figures import plot_confusion
 from cnnlab.inspect.notebook import Run, curves_figure
 from cnnlab.models.cnn import CNN, build_model
 from cnnlab.models.summary import format_summary
+from cnnlab.models.whitening import fit_whitening
 from cnnlab.runs import layout, records
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.recorder import RunRecorder
@@ -141,6 +142,7 @@ def train(config: Config | str | Path | None = None, root: str | Path = layout.D
         layout.check_name(name)  # before the data is loaded: a bad name costs nothing
     data = prepare_data(dataset, config) if dataset is not None else open_data(config, progress, context)
     network = build_model(config.model, data.image_shape, data.num_classes, seed=config.train.seed)
+    fit_whitening(network.whitening_layers(), data.train)  # before --init-from, whose weights then win
     check_early_stopping(config, data)
     started_from = start_from(network, config.train.init_from, data.classes) if config.train.init_from else None
     config, finding = choose_lr(config, network, data, context, progress)

@@ -43,6 +43,7 @@ class ConvBlock:
     pool_size: int = 2  # a 2x2 pool halves each side
     pool_first: bool = False  # pool right after the conv, before batch norm: 4x cheaper BN (airbench's order)
     dropout: float = 0.0  # fraction of activations zeroed in training, after the pool
+    whiten: bool = False  # first layer only: kernels set from the training images' patches, not trained (airbench)
 
 
 @dataclass
@@ -124,6 +125,7 @@ class TrainConfig:
     augment_flip: bool = False  # mirror half the training images at random (clothes, not digits)
     augment_erase: float = 0.0  # probability an image gets a random rectangle (2-33% of it) replaced by noise
     ema: float = 0.0  # averaged weights, evaluated and saved: decay per step (0.999: ~the last 1000 steps); 0: off
+    lookahead: bool = False  # every 5 steps pull the weights toward a slow average of them, harder as the run ends
     tta: bool = False  # test-time augmentation: average the predictions for each image and its mirror
     tta_shift: int = 0  # pixels: also average over the image moved this far up, down, left and right
     channels_last: bool = True  # weights and batches stored (N, H, W, C): 1.5-2x faster conv/BN steps on CPU
@@ -191,6 +193,12 @@ def validate(config: Config) -> None:
         choice(block.pool, POOLS, f"{where}.pool")
         bounded(block.pool_size, 1, MAX_KERNEL, f"{where}.pool_size")
         fraction(block.dropout, f"{where}.dropout")
+        if block.whiten and i:
+            raise ConfigError(f"{where}.whiten: only the first conv layer can whiten (its kernels are fitted to the "
+                              "images' patches, which only the first layer sees)")
+        if block.whiten and block.stride != 1:
+            raise ConfigError(f"{where}.whiten: a whitening layer has stride 1 (it sees every patch); found stride "
+                              f"{block.stride}")
     for i, stage in enumerate(config.model.stages):
         where = f"model.stages[{i}]"
         bounded(stage.blocks, 1, MAX_BLOCKS, f"{where}.blocks")

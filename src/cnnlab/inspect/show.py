@@ -106,7 +106,9 @@ def describe(loaded: LoadedRun, picture: InputImage) -> str:
 def show_kernels(loaded: LoadedRun, out: Output, layer: str = "conv1") -> KernelGrid:
     """The learned kernels of one conv layer as a grid."""
     weights = conv_weights(loaded.model, layer)
-    return plot_kernels(weights, out, layer, title=f"{loaded.name}: {layer}, {weights.shape[0]} learned "
+    # a whitening layer's kernels are the patches' main directions, largest variance first, not learned
+    kind = "whitening" if layer in loaded.model.whitening_layers() else "learned"
+    return plot_kernels(weights, out, layer, title=f"{loaded.name}: {layer}, {weights.shape[0]} {kind} "
                         f"{weights.shape[2]}x{weights.shape[3]} kernels (input channels: {weights.shape[1]})")
 
 

@@ -60,8 +60,11 @@ class GlobalPool2d(nn.Module):
 def module_for(spec: Spec) -> nn.Module:
     """The torch module for one planned layer."""
     if isinstance(spec, Conv):
-        return nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, stride=spec.stride,
+        conv = nn.Conv2d(spec.in_channels, spec.out_channels, spec.kernel_size, stride=spec.stride,
                          padding=spec.padding, bias=spec.bias)
+        if spec.whiten:  # fitted to the data by models.whitening, then never trained (its bias is)
+            conv.weight.requires_grad_(False)
+        return conv
     if isinstance(spec, BatchNorm):
         return nn.BatchNorm2d(spec.channels)
     if isinstance(spec, Activation):
@@ -146,6 +149,11 @@ class CNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    def whitening_layers(self) -> dict[str, nn.Conv2d]:
+        """The conv layers whose kernels are fitted to the data rather than trained (`whiten: true`)."""
+        whitening = {layer.name for layer in self.plan.conv_layers() if cast(Conv, layer.spec).whiten}
+        return {name: conv for name, conv in self.conv_layers().items() if name in whitening}
 
     def conv_layers(self) -> dict[str, nn.Conv2d]:
         """Every conv layer by its plan name ("conv1", "res2.conv1", "res2.proj"), in the order they run."""

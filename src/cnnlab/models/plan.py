@@ -34,11 +34,13 @@ class Conv:
     stride: int = 1
     padding: str | int = "valid"  # "valid", "same" or zeros on each side
     bias: bool = True  # False when batch norm follows: its shift replaces the bias
+    whiten: bool = False  # the kernels are fitted to the training images' patches and frozen (models.whitening)
 
     @property
     def title(self) -> str:
         kh, kw = self.kernel_size
-        return f"Conv2D {kh}x{kw}" + (f", stride {self.stride}" if self.stride != 1 else "")
+        return (f"Conv2D {kh}x{kw}" + (f", stride {self.stride}" if self.stride != 1 else "")
+                + (", whitening" if self.whiten else ""))
 
 
 @dataclass(frozen=True)
@@ -111,10 +113,11 @@ class Layer:
     name: str  # e.g. "conv1", "res2.conv1", "fc1", "classifier"
     spec: Spec
     output_shape: Shape
-    params: int = 0  # trainable parameters
+    params: int = 0  # parameters, trained or not
     macs: int = 0  # multiply-adds per image
     formula: str = ""  # how `params` (or the shape) comes about, for --explain
     inputs: tuple[str, ...] = ()  # the layers it reads ("input": the image); for the summary's "connected to"
+    frozen: int = 0  # of `params`, those set from the data and never trained (a whitening layer's kernels)
 
     @property
     def title(self) -> str:
@@ -164,6 +167,11 @@ class Plan:
         return sum(layer.params for layer in self.layers())
 
     @property
+    def frozen_params(self) -> int:
+        """Parameters set from the data and never trained (whitening kernels)."""
+        return sum(layer.frozen for layer in self.layers())
+
+    @property
     def macs(self) -> int:
         """Multiply-adds of one forward pass of one image (conv and dense layers)."""
         return sum(layer.macs for layer in self.layers())
@@ -196,8 +204,8 @@ class _Builder:
         self.layers: list[Layer] = []
 
     def add(self, name: str, spec: Spec, shape: Shape, params: int = 0, macs: int = 0, formula: str = "",
-            inputs: tuple[str, ...] | None = None) -> Layer:
-        layer = Layer(name, spec, shape, params, macs, formula, inputs or (self.last,))
+            inputs: tuple[str, ...] | None = None, frozen: int = 0) -> Layer:
+        layer = Layer(name, spec, shape, params, macs, formula, inputs or (self.last,), frozen)
         self.layers.append(layer)
         self.shape, self.last = shape, name
         return layer
@@ -217,7 +225,12 @@ class _Builder:
                                                             f"{weights + conv.out_channels:,}"
         else:
             params, formula = weights, f"{kh}·{kw}·{c}·{conv.out_channels} = {weights:,} (no bias: BN shifts)"
-        return self.add(name, conv, (oh, ow, conv.out_channels), params, oh * ow * weights, formula)
+        if conv.whiten:
+            check_whitening(conv, c, where)
+            formula += (f"; the {weights:,} kernel weights are the {conv.out_channels // 2} main directions of the "
+                        f"images' {kh}x{kw} patches (and their negatives), fitted to the data, not trained")
+        return self.add(name, conv, (oh, ow, conv.out_channels), params, oh * ow * weights, formula,
+                        frozen=weights if conv.whiten else 0)
 
     def norm(self, name: str) -> Layer:
         c = self.shape[-1]
@@ -239,6 +252,17 @@ class _Builder:
 
     def dropout(self, name: str, p: float) -> Layer | None:
         return self.add(name, Dropout(p), self.shape, formula="no parameters") if p else None
+
+
+def check_whitening(conv: Conv, channels: int, where: str) -> None:
+    """A whitening layer has one kernel per direction of a patch, and one for its negative: an even number
+    of filters, at most 2·kh·kw·C."""
+    kh, kw = conv.kernel_size
+    most = 2 * kh * kw * channels
+    if conv.out_channels % 2 or conv.out_channels > most:
+        raise ConfigError(f"{where}.filters: a whitening layer needs an even number of filters, at most "
+                          f"2·{kh}·{kw}·{channels} = {most} (each of the patches' {kh * kw * channels} directions "
+                          f"and its negative); found {conv.out_channels}")
 
 
 def plan(config: ModelConfig, input_shape: Shape = (28, 28, 1), num_classes: int = 10) -> Plan:
@@ -277,7 +301,7 @@ def conv_block(builder: _Builder, i: int, block: ConvBlock) -> None:
     where = f"model.conv[{i - 1}]"
     kh, kw = kernel_pair(block.kernel_size)
     builder.conv(f"conv{i}", Conv(builder.shape[-1], block.filters, (kh, kw), block.stride, block.padding,
-                                  bias=not block.batch_norm), where)
+                                  bias=not block.batch_norm, whiten=block.whiten), where)
     swap = block.pool == "max" and block.activation in POOL_FIRST and not block.pool_first
     if block.pool and block.pool_first:
         builder.pool(f"pool{i}", block.pool, block.pool_size, where)

@@ -86,7 +86,10 @@ def format_summary(plan: Plan, title: str = "", explain: bool = False) -> Summar
         return "   ".join(cells).rstrip()
 
     total = plan.params
-    notes = [f"Total params: {total:,}", f"Trainable params: {total:,}", f"Multiply-adds per image: {plan.macs:,}"]
+    frozen = plan.frozen_params
+    notes = [f"Total params: {total:,}", f"Trainable params: {total - frozen:,}",
+             *([f"Non-trainable params: {frozen:,} (whitening kernels, fitted to the data)"] if frozen else []),
+             f"Multiply-adds per image: {plan.macs:,}"]
     if explain:
         notes += ["", *explain_totals(plan)]
     out = [f'Model: "{title}"'] if title else []

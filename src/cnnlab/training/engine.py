@@ -34,6 +34,7 @@ from cnnlab.training.callbacks import Callback
 from cnnlab.training.distributed import SINGLE, Context
 from cnnlab.training.ema import EMA
 from cnnlab.training.evaluate import predict_batches
+from cnnlab.training.lookahead import Lookahead
 from cnnlab.training.optim import make_optimizer, make_scheduler
 from cnnlab.training.state import Running, TrainState
 
@@ -134,6 +135,8 @@ class Trainer:
         self.steps_per_epoch = steps_in_epoch(len(data.train), config.batch_size)
         self.scheduler = make_scheduler(self.optimizer, config, config.epochs * self.steps_per_epoch)
         self.ema = EMA(model, config.ema) if config.ema else None  # the averaged weights, when asked for
+        total_steps = config.epochs * self.steps_per_epoch
+        self.lookahead = Lookahead(model, total_steps) if config.lookahead else None
         self.rng_state = self.initial_rng_state(config.seed, context.rank)  # this rank's dropout/augment generator
         self.state = TrainState(rng_states=self.rng_state.unsqueeze(0))  # (world, n): as of the last sync point
         self.stop_requested = False
@@ -200,6 +203,8 @@ class Trainer:
             images = augment(images, self.config.augment_shift, self.config.augment_flip, self.config.augment_erase)
             loss_sum, correct, seen, stop = self.train_step(images, labels)
             state.step += 1
+            if self.lookahead is not None:
+                self.lookahead.after_step(self.model, state.epoch * self.steps_per_epoch + state.step)
             state.running.add(loss_sum, correct, seen)
             self.emit("on_batch_end", loss_sum / max(seen, 1), correct / max(seen, 1))
             if stop and state.step < self.steps_per_epoch:
@@ -322,6 +327,8 @@ class Trainer:
                           scheduler=self.scheduler.state_dict(), **self.state.to_dict())
         if self.ema is not None:
             checkpoint["ema"] = self.ema.state_dict()
+        if self.lookahead is not None:
+            checkpoint["lookahead"] = self.lookahead.state_dict()
         if self.best_weights is not None:
             checkpoint["best_model"] = self.best_weights
         return checkpoint
@@ -336,6 +343,10 @@ class Trainer:
             if "ema" not in checkpoint:
                 raise ValueError("its state has no 'ema' (the averaged weights train.ema asks for)")
             self.ema.load_state_dict(checkpoint["ema"])  # copied into its tensors: their layout is kept
+        if self.lookahead is not None:
+            if "lookahead" not in checkpoint:
+                raise ValueError("its state has no 'lookahead' (the slow weights train.lookahead keeps)")
+            self.lookahead.load_state_dict(checkpoint["lookahead"])
         self.state = TrainState.from_dict(checkpoint)
         if self.state.best is not None:
             if "best_model" not in checkpoint:

@@ -59,8 +59,8 @@ class Finding:
 
 def finder_config(config: TrainConfig) -> TrainConfig:
     """The run's training settings for the sweep: its optimizer, batch, augmentation and loss, with a
-    constant rate the finder sets each step, no averaging, no early stopping, and no frozen layers."""
-    return dataclasses.replace(config, lr=START_LR, schedule="constant", ema=0.0, freeze_epochs=0,
+    constant rate the finder sets each step, no averaging (nor lookahead), no early stopping, and no frozen layers."""
+    return dataclasses.replace(config, lr=START_LR, schedule="constant", ema=0.0, lookahead=False, freeze_epochs=0,
                                early_stopping=dataclasses.replace(config.early_stopping, patience=0))
 
 

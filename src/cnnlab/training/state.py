@@ -99,6 +99,8 @@ OPTIONAL_SCHEMA: dict[str, tuple[str, Callable[[Any], bool]]] = dict(
     config=("the resolved config as a mapping", lambda v: isinstance(v, dict)),
     ema=("the averaged weights: {model: tensors, updates: count}", lambda v: isinstance(v, dict)
          and isinstance(v.get("model"), dict) and _count(v.get("updates"))),
+    lookahead=("the slow weights: a mapping of tensors", lambda v: isinstance(v, dict)
+               and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())),
     early_stopping=("{best: {epoch, value, metric}, stopped: text or null}", lambda v: isinstance(v, dict)
                     and isinstance(v.get("best"), dict) and _count(v["best"].get("epoch"))
                     and _number(v["best"].get("value")) and isinstance(v.get("stopped"), (str, type(None)))),
