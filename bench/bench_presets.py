@@ -36,7 +36,8 @@ def worker(args: argparse.Namespace) -> None:
     dataset = load_dataset(args.dataset, args.data_dir, allow_mismatch=True, progress=False)
     for seed in range(args.seeds):
         overrides = [f"data.dataset={args.dataset}", f"seed={seed}", *(args.set or [])]
-        config = load_config(args.preset, overrides=overrides)
+        file = args.preset if args.preset.endswith(".yaml") else None  # a config file in place of a preset
+        config = load_config(None if file else args.preset, file, overrides=overrides)
         with tempfile.TemporaryDirectory() as root:
             started = time.perf_counter()
             result = pipeline.train(config, root, progress=False, dataset=dataset)
@@ -78,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir")
     parser.add_argument("--dataset", default="mnist")
-    parser.add_argument("--presets", nargs="+", default=["fast", "seed"])
+    parser.add_argument("--presets", nargs="+", default=["fast", "seed"], help="preset names or YAML config files")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--seeds-of", nargs="*", default=[], metavar="PRESET=N",
                         help="another number of seeds for some presets, e.g. fast=5")
@@ -109,8 +110,9 @@ def main() -> None:
         for item in args.set or []:
             cmd += ["--set", item]
         rows, rss = run_process(cmd)
-        rows_of[preset] = rows
-        results.append(summarize(preset, rows, rss))
+        name = Path(preset).stem if preset.endswith(".yaml") else preset
+        rows_of[name] = rows
+        results.append(summarize(name, rows, rss))
         print(json.dumps(results[-1]), flush=True)
         save()
     reference = []

@@ -30,6 +30,9 @@ VARIANTS: dict[str, list[str]] = {
     "+ weight decay 5e-4 (AdamW), not on norms and biases": ["train.optimizer=adamw", "train.weight_decay=5e-4",
                                                              "train.decay_norms_and_biases=false"],
     "+ batch-norm biases at 8x the learning rate": ["train.norm_bias_lr_scale=8"],
+    "+ whitening first layer": ["model.conv.0.whiten=true"],
+    "no whitening first layer": ["model.conv.0.whiten=false"],
+    "+ lookahead": ["train.lookahead=true"],
 }
 
 

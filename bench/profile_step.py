@@ -1,6 +1,6 @@
 """Where a training step's time goes: torch.profiler's top operators for one preset.
 
-    python bench/profile_step.py --preset seed [--batch-size 32] [--steps 100] [--nchw]
+    python bench/profile_step.py --preset seed [--config FILE] [--batch-size 32] [--steps 100] [--nchw]
 
 Runs the engine's own optimizer and model (random uint8 images: the cost does not depend on the
 pixels) and prints the operators by self CPU time, plus ms per step.
@@ -22,13 +22,14 @@ from cnnlab.training.optim import make_optimizer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="seed")
+    parser.add_argument("--config", help="a YAML config file instead of a preset")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--nchw", action="store_true", help="keep the default memory format (no channels-last)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(args.preset)
+    config = load_config(None if args.config else args.preset, args.config)
     batch = args.batch_size or config.train.batch_size
     model = build_model(config.model, seed=0)
     channels_last = not args.nchw

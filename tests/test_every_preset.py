@@ -20,6 +20,9 @@ from conftest import StopAt
 runner = CliRunner()
 DIGIT = Path(__file__).resolve().parents[1] / "docs" / "img" / "digit.png"
 SHORT = ["epochs=1", "batch_size=128", "data.val_size=500", "train.threads=2"]
+# every preset on the digits, and the presets whose `datasets:` block builds another network on the clothes
+CASES = {**{name: (name, []) for name in list_presets()},
+         "fast on fashion-mnist": ("fast", ["data.dataset=fashion-mnist-sample"])}  # a whitening first layer
 
 
 def cli(*args: str) -> str:
@@ -31,15 +34,16 @@ def cli(*args: str) -> str:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("presets")
-    return {name: pipeline.train(load_config(name, overrides=SHORT), root, name=name, progress=False).run
-            for name in list_presets()}
+    return {case: pipeline.train(load_config(name, overrides=[*SHORT, *more]), root, name=case.replace(" ", "-"),
+                                 progress=False).run
+            for case, (name, more) in CASES.items()}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list_presets())
+@pytest.mark.parametrize("name", list(CASES))
 def test_a_preset_works_in_every_command(trained, tmp_path, name):
     run = trained[name]
-    model = load_model(run)[0]
+    model, classes, _ = load_model(run)
     convs = list(model.conv_layers())
     out = tmp_path / "out"
     out.mkdir()
@@ -55,8 +59,9 @@ def test_a_preset_works_in_every_command(trained, tmp_path, name):
     assert "penultimate" in cli("show", "embedding", str(run), "--images", "200", "--out", str(out / "map.png"))
     cli("show", "batch", str(run), "--out", str(out / "b.png"))
     cli("report", str(run), "--out", str(out / "r.html"))
+    cli("explore", str(run), "--out", str(out / "x.html"))
     predicted = json.loads(cli("predict", str(run), str(DIGIT), "--json").splitlines()[0])
-    assert set(predicted["probabilities"]) == {str(d) for d in range(10)}
+    assert set(predicted["probabilities"]) == set(classes)
     exported = cli("export", str(run), "--format", "onnx", "--out", str(out / "m.onnx"))
     assert "checked with onnxruntime" in exported
     from fastapi.testclient import TestClient

@@ -51,9 +51,11 @@ ODD_LAYERS = ["model.conv.0.pool_first=true", "model.conv.0.batch_norm=true", "m
               "model.conv.0.activation=gelu"]
 
 
-@pytest.mark.parametrize("name", [*list_presets(), "pool-first"])
+@pytest.mark.parametrize("name", [*list_presets(), "pool-first", "fast-fashion"])
 def test_the_stages_compute_what_the_network_computes(name):
-    config = load_config("seed", overrides=ODD_LAYERS) if name == "pool-first" else load_config(name)
+    config = (load_config("seed", overrides=ODD_LAYERS) if name == "pool-first" else
+              load_config("fast", overrides=["data.dataset=fashion-mnist"]) if name == "fast-fashion"  # whitening
+              else load_config(name))
     shape = (32, 32, 3) if name == "deep-color" else (28, 28, 1)
     model = build_model(config.model, shape, 10, seed=0).eval()
     shuffled_norms(model)
