@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -40,6 +41,8 @@ def test_presets_lists_and_prints_yaml():
     (["train", "--dataset", "mnst"], "unknown dataset 'mnst'; did you mean 'mnist'"),
     (["train", "--dataset", "fashion-mnist"], "apt-get install dataset-fashion-mnist"),
     (["evaluate", "nowhere"], "nowhere: no such run directory"),
+    (["evaluate", str(Path(__file__).resolve().parents[1] / "README.md")],
+     "README.md: not a run directory but a file; give the folder `cnnlab train` made"),
     (["datasets", "verify", "fashion-mnist"], "not found"),
 ])
 def test_errors_are_one_clear_line_with_status_2(args, message):

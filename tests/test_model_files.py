@@ -208,7 +208,7 @@ def test_pytorch_file_names_given_to_commands(copy_run, picture, tmp_path, monke
                      ["export", file], ["report", file, "-o", tmp_path / "r.html"]):
             code, output = invoke([str(a) for a in args])
             assert code != 0 and "Traceback" not in output and str(file) in output, (args, output)
-        with pytest.raises(layout.RunError, match=f"{file}: no such run directory"):
+        with pytest.raises(layout.RunError, match=f"{file}: not a run directory but a file"):
             cnnlab.load_model(file)
         code, output = invoke(["convolve", str(file), "-o", str(tmp_path / "c.png")])
         assert code != 0 and "Traceback" not in output

@@ -169,6 +169,8 @@ def test_explain_conv_colour_with_dilation_keeps_a_row_per_channel(pictures, tmp
     with Image.open(grey_out) as grey, Image.open(colour_out) as colour:
         assert colour.n_frames == 3
         assert colour.size[1] > 2 * grey.size[1]  # three channel rows against one
+    on_grey = invoke("explain", "conv", pictures["grey"], "--colour", "--steps", "1", "--out", tmp_path / "g.gif")
+    assert on_grey.exit_code == 0 and "is a grey image (one channel): --colour has one row to show" in on_grey.output
 
 
 @pytest.mark.parametrize("dilation", [1, 2])
@@ -217,10 +219,13 @@ def test_explain_pool_html_is_self_contained(pictures, tmp_path):
     (["convolve", "{grey}", "--stride", "0"], "'--stride': Input should be greater than or equal to 1"),
     (["convolve", "{grey}", "--kernel", "gaussian:31"], "spans 31x31 pixels but the padded image is only 28x28"),
     (["pool", "{grey}", "--size", "3", "--padding", "3"], "pool padding must be smaller"),
+    (["convolve", "{grey}", "--kernel", "runs/missing:conv1:0"], "runs/missing does not exist: --kernel RUN:LAYER"),
+    (["explain", "conv", "{grey}", "--kernel", "{folder}:conv1:0"], "is not a run directory (no config.yaml in it)"),
 ])
 def test_bad_input_gives_a_clean_error_and_no_output(pictures, tmp_path, args, message):
     out = tmp_path / "result.png"
-    names = {**{k: str(v) for k, v in pictures.items()}, "missing": str(tmp_path / "nowhere.png")}
+    names = {**{k: str(v) for k, v in pictures.items()}, "missing": str(tmp_path / "nowhere.png"),
+             "folder": str(pictures["grey"].parent)}
     if args[0] == "explain":
         out = tmp_path / "result.gif"
     result = runner.invoke(app, [a.format(**names) for a in args] + ["--out", str(out)])

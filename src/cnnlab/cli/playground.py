@@ -124,6 +124,10 @@ def parse_kernel(spec: str) -> np.ndarray:
 
             layer, _, index = rest.partition(":")
             return learned_kernel(run, layer, int(index) if index.isdigit() else -1)
+        if rest and ("/" in run or Path(run).exists()):  # meant as RUN:LAYER:INDEX, but no run is there
+            what = "is not a run directory (no config.yaml in it)" if Path(run).exists() else "does not exist"
+            raise ValueError(f"{run} {what}: --kernel RUN:LAYER:INDEX takes a trained run's directory, "
+                             f"e.g. runs/seed-1:conv1:0")
         return get_kernel(spec)
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--kernel") from None
@@ -313,6 +317,8 @@ def explain_conv_command(
     weights = parse_kernel(kernel)
     pad = parse_padding(padding)
     pixels = small_image(image, max_side, grey=not colour)
+    if colour and pixels.ndim == 2:
+        typer.echo(f"note: {image.name} is a grey image (one channel): --colour has one row to show")
     if pixels.ndim == 2 and weights.ndim == 3:
         raise fail(f"--kernel {kernel}: a kernel learned on colour input has {weights.shape[2]} slices; "
                    "explain it on a colour image with --colour")

@@ -194,15 +194,15 @@ def _colour_frame(padded: np.ndarray, span: tuple[int, int], kernel: np.ndarray,
         if step is None:
             for ax in row[1:4]:
                 ax.axis("off")
-            _grid(row[1], weights, f"kernel, {name}", "RdBu", -limit, limit, numbers=True)
+            _grid(row[1], weights, f"kernel, {name}", "RdBu_r", -limit, limit, numbers=True)
         else:
             _box(row[0], step.top, step.left, *span)
             patch = window_at(padded[:, :, c], step.top, step.left, weights.shape, dilation)
             _grid(row[1], patch, f"patch, {name}" + (f", dilation {dilation}" if dilation > 1 else ""), "gray", 0, 1,
                   numbers=True)
-            _grid(row[2], weights, f"kernel, {name}", "RdBu", -limit, limit, numbers=True)
+            _grid(row[2], weights, f"kernel, {name}", "RdBu_r", -limit, limit, numbers=True)
             products = patch * weights
-            _grid(row[3], products, f"products: sum {_fmt(float(products.sum()))}", "RdBu", -limit, limit, numbers=True)
+            _grid(row[3], products, f"products: sum {_fmt(float(products.sum()))}", "RdBu_r", -limit, limit, numbers=True)
         if c:
             row[4].axis("off")
     _grid(axes[0][4], so_far, "output (channels summed)", "gray", *out_range, numbers=max(so_far.shape) <= 8)
@@ -253,7 +253,7 @@ def conv_figure(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding:
     limit = 1.5 * float(np.abs(kernel).max()) or 1.0  # 1.5: pale colours, legible numbers
     for c, (ax, weights) in enumerate(zip(axes[1:-1], slices)):
         name = "kernel" if len(slices) == 1 else f"kernel, channel {'RGB'[c] if len(slices) == 3 else c}"
-        _grid(ax, weights, f"{name} {weights.shape[0]}x{weights.shape[1]}", "RdBu", -limit, limit, numbers=True)
+        _grid(ax, weights, f"{name} {weights.shape[0]}x{weights.shape[1]}", "RdBu_r", -limit, limit, numbers=True)
     high = float(out.max()) if out.max() > out.min() else float(out.min()) + 1
     summed = " (channels summed)" if image.ndim == 3 else ""
     _grid(axes[-1], out, f"output {out.shape[0]}x{out.shape[1]}{summed}", "gray", float(out.min()), high,
@@ -291,11 +291,11 @@ def explain_conv(image: np.ndarray, kernel: np.ndarray, stride: int = 1, padding
         patch = window_at(padded, step.top, step.left, (kh, kw), dilation)
         so_far = _filled(out, index)
         middle = [(patch, "patch" + (f" (dilation {dilation})" if dilation > 1 else ""), "gray"),
-                  (kernel, "kernel (weights)", "RdBu"), (patch * kernel, "patch × kernel", "RdBu")]
+                  (kernel, "kernel (weights)", "RdBu_r"), (patch * kernel, "patch × kernel", "RdBu_r")]
         frames.append(_frame(padded, "input (zero padded)" if padded.shape != image.shape else "input",
                              span, middle, so_far, out_range, step, title,
                              f"out[{step.out_row}, {step.out_col}] = sum of products = {step.caption}", 5))
-    frames.append(_frame(padded, "input", span, [(kernel, "kernel (weights)", "RdBu")], out,
+    frames.append(_frame(padded, "input", span, [(kernel, "kernel (weights)", "RdBu_r")], out,
                          out_range, None, title, f"all {len(all_steps)} positions done", 5))
     return Stepper(frames, title)
 

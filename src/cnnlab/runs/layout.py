@@ -116,6 +116,10 @@ def check_run(run: str | Path, *needed: str) -> Path:
     """`run` if it is a run directory holding the files named by `needed` (keys of FILES)."""
     run = Path(run)
     if not run.is_dir():
+        if run.exists():  # a file given where a run directory belongs (an image, the weights file)
+            inside = os.path.lexists(run.parent / FILES["config"])
+            hint = f"did you mean {run.parent}?" if inside else "give the folder `cnnlab train` made, e.g. runs/NAME"
+            raise RunError(f"{run}: not a run directory but a file; {hint}")
         raise RunError(f"{run}: no such run directory")
     for key in needed:
         file = path(run, key)
