@@ -33,6 +33,8 @@ VARIANTS: dict[str, list[str]] = {
     "+ whitening first layer": ["model.conv.0.whiten=true"],
     "no whitening first layer": ["model.conv.0.whiten=false"],
     "+ lookahead": ["train.lookahead=true"],
+    "+ random rotations 10 degrees": ["train.augment_rotate=10"],
+    "+ random rotations 15 degrees": ["train.augment_rotate=15"],
 }
 
 
@@ -69,6 +71,7 @@ def main() -> None:
                 seconds = time.perf_counter() - started
             last = result.history[-1]
             rows.append(dict(variant=name, seed=seed, val_accuracy=last["val_accuracy"], seconds=seconds,
+                             test_accuracy=result.test.accuracy if result.test else None,
                              epoch_seconds=statistics.median(m["seconds"] for m in result.history)))
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
@@ -79,12 +82,15 @@ def main() -> None:
         by_variant.setdefault(row["variant"], []).append(row)
     base = statistics.median(r["val_accuracy"] for r in by_variant.get("as shipped", rows))
     print(f"\n{args.dataset}, preset {args.preset}, {args.epochs} epochs, {args.seeds} seeds, {args.threads} threads\n")
-    print("| variant | val acc (median) | change vs as shipped | s/epoch (median) |")
-    print("| --- | --- | --- | --- |")
+    # the test accuracy is recorded for the ladder, never used to choose (the last epoch's, on the test set)
+    print("| variant | val acc (median) | change vs as shipped | s/epoch (median) | test acc (median, min-max) |")
+    print("| --- | --- | --- | --- | --- |")
     for name, group in by_variant.items():
         accuracy = statistics.median(r["val_accuracy"] for r in group)
         seconds = statistics.median(r["epoch_seconds"] for r in group)
-        print(f"| {name} | {accuracy:.4f} | {100 * (accuracy - base):+.2f} pts | {seconds:.2f} |")
+        tests = [r["test_accuracy"] for r in group if r.get("test_accuracy") is not None]
+        test = f"{statistics.median(tests):.4f} ({min(tests):.4f}-{max(tests):.4f})" if tests else ""
+        print(f"| {name} | {accuracy:.4f} | {100 * (accuracy - base):+.2f} pts | {seconds:.2f} | {test} |")
 
 
 if __name__ == "__main__":

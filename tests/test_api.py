@@ -43,6 +43,9 @@ def test_keyword_train_reads_like_the_lesson(keyword_run):
     summary = keyword_run.summary()
     assert "693,962" in summary and "693,962" in summary._repr_html_()
     assert "mnist-sample" in keyword_run._repr_html_() and "kw" in keyword_run._repr_html_()
+    shown = repr(keyword_run)  # one line in a terminal, not every test prediction
+    assert shown.startswith("RunResult(run=") and f"test_accuracy={result.accuracy:.4f}" in shown
+    assert len(shown) < 300 and "\n" not in shown
 
 
 @pytest.mark.parametrize("picture", ["mistakes", "kernels", "confusion", "curves", "features"])

@@ -185,7 +185,7 @@ def first_step_input(config, tmp_path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.mark.parametrize("extra", [["train.augment_shift=2", "train.augment_flip=true", "train.augment_erase=0.5"],
-                                   ["train.sampling=balanced", "train.augment_shift=1"]])
+                                   ["train.sampling=balanced", "train.augment_shift=1", "train.augment_rotate=12"]])
 def test_show_batch_is_bitwise_the_first_training_step(tmp_path, extra):
     config = load_config("seed", overrides=["epochs=1", "first_layer_convs=4", "dense_layer_size=8",
                                             "train.batch_size=48", "train.seed=5", *extra],
@@ -195,6 +195,7 @@ def test_show_batch_is_bitwise_the_first_training_step(tmp_path, extra):
     assert torch.equal(batch.seen, images) and torch.equal(batch.labels, labels)
     assert not torch.equal(batch.read, batch.seen)  # the augmentation changed something: it is shown as done
     assert batch.augmented and "shift up to" in batch.augmentation
+    assert ("rotate up to 12 degrees" in batch.augmentation) == ("train.augment_rotate=12" in extra)
 
 
 def test_show_batch_from_a_run_or_options_and_refuses_both(tmp_path):

@@ -90,16 +90,20 @@ def test_resuming_an_intact_finished_run_changes_nothing(copy):
     assert layout.path(run, "weights").read_bytes() == before
 
 
-def test_a_config_edited_since_the_checkpoint_is_refused(copy):
+@pytest.mark.parametrize("key,value,change", [
+    ("epochs", 3, "train.epochs: 1 -> 3"),  # would need a longer one-cycle schedule than the checkpoint has
+    ("lookahead", True, "train.lookahead: False -> True"),  # the checkpoint has no slow weights either
+])
+def test_a_config_edited_since_the_checkpoint_is_refused(copy, key, value, change):
     run = copy()
     config = yaml.safe_load(layout.path(run, "config").read_text())
-    config["train"]["epochs"] = 3  # would need a longer one-cycle schedule than the checkpoint has
+    config["train"][key] = value
     layout.path(run, "config").write_text(yaml.safe_dump(config))
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     result = resume(run)
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert result.exit_code == 2 and lines[-1].startswith("error: ")
-    assert "config.yaml was edited after the checkpoint was written (train.epochs: 1 -> 3)" in result.output
+    assert f"config.yaml was edited after the checkpoint was written ({change})" in result.output, result.output
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 

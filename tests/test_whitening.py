@@ -104,3 +104,38 @@ def test_an_empty_split_leaves_the_random_kernels():
     fit_whitening(model.whitening_layers(), TensorSource(torch.zeros(0, 1, 28, 28, dtype=torch.uint8),
                                                          torch.zeros(0, dtype=torch.int64)))
     assert torch.equal(model.conv_layers()["conv1"].weight, before)
+
+
+def test_lr_find_sweeps_the_network_train_would_build(tmp_path):
+    """`cnnlab lr-find` and `--lr auto` fit the whitening layer alike, so they suggest the same rate."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from cnnlab.cli import app
+
+    overrides = [*WHITE, "train.schedule=onecycle"]
+    auto = pipeline.train(load_config("seed", overrides=[*overrides, "train.lr=auto"]), tmp_path, name="auto",
+                          progress=False)
+    args = ["lr-find", "--model", "seed", "--json"] + [a for o in overrides for a in ("--set", o)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["suggestion"] == auto.lr_finding.suggestion
+
+
+def test_init_from_a_run_that_trained_its_first_layer_into_a_whitening_one_is_refused(tmp_path):
+    from cnnlab.runs.layout import RunError
+
+    plain = load_config("seed", overrides=[o for o in WHITE if "whiten" not in o])
+    source = pipeline.train(plain, tmp_path, name="source", progress=False).run
+    whitened = load_config("seed", overrides=[*WHITE, f"train.init_from={source}"])
+    with pytest.raises(RunError, match=r"conv1 is a whitening layer here .* but a trained layer there; set "
+                                       r"model.conv\[0\].whiten to false"):
+        pipeline.train(whitened, tmp_path, name="refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+    # the other way round is fine: a whitened source's kernels train on in a plain layer
+    white_source = pipeline.train(load_config("seed", overrides=WHITE), tmp_path, name="white", progress=False).run
+    tuned = pipeline.train(load_config("seed", overrides=[*[o for o in WHITE if "whiten" not in o],
+                                                          f"train.init_from={white_source}"]),
+                           tmp_path, name="tuned", progress=False)
+    assert tuned.test is not None

@@ -54,12 +54,25 @@ class RunResult(Run):
     stopped: str | None = None  # early stopping: why training ended before train.epochs
     lr_finding: Finding | None = None  # train.lr auto: what the finder saw and suggested
 
+    def __repr__(self) -> str:  # the dataclass's own would print every test prediction
+        accuracy = f"{self.test.accuracy:.4f}" if self.test is not None else "None"
+        return (f"RunResult(run={str(self.run)!r}, epochs={len(self.history)}, test_accuracy={accuracy}, "
+                f"train_seconds={self.train_seconds:.1f})")
+
     @property
     def kept(self) -> dict:
         """The metrics of the epoch whose weights the run kept (the last, unless early stopping chose)."""
         if not self.history:
             return {}
         return self.history[self.kept_epoch - 1] if self.kept_epoch else self.history[-1]
+
+
+def new_network(config: Config, data: Data) -> CNN:
+    """The freshly initialised network `config` trains on `data` (seeded), its whitening layer fitted to
+    the training split (`--init-from` then copies a source run's weights over it)."""
+    network = build_model(config.model, data.image_shape, data.num_classes, seed=config.train.seed)
+    fit_whitening(network.whitening_layers(), data.train)
+    return network
 
 
 def open_data(config: Config, progress: bool = True, context: Context = SINGLE) -> Data:
@@ -141,8 +154,7 @@ def train(config: Config | str | Path | None = None, root: str | Path = layout.D
     if name is not None:
         layout.check_name(name)  # before the data is loaded: a bad name costs nothing
     data = prepare_data(dataset, config) if dataset is not None else open_data(config, progress, context)
-    network = build_model(config.model, data.image_shape, data.num_classes, seed=config.train.seed)
-    fit_whitening(network.whitening_layers(), data.train)  # before --init-from, whose weights then win
+    network = new_network(config, data)
     check_early_stopping(config, data)
     started_from = start_from(network, config.train.init_from, data.classes) if config.train.init_from else None
     config, finding = choose_lr(config, network, data, context, progress)
@@ -172,8 +184,19 @@ def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool =
     recorders = [RunRecorder(run, data.classes, config)] if context.is_main else []
     trainer = Trainer(model, TrainData(data.train, data.val), config.train, [*recorders, *callbacks], context)
     # A checkpoint the model rejects (tensors that do not fit) counts as unreadable: the previous one is tried.
-    checkpoint, warnings = load_checkpoint(run, restore=trainer.load_state_dict)
-    refuse_edited_config(run, config, checkpoint.get("config"))
+    # An edited config.yaml is refused first, naming the key, even where the edit (a recipe switched on)
+    # is also why the model would reject the checkpoint.
+    def restore(state: dict[str, Any]) -> None:
+        try:
+            refuse_edited_config(run, config, state.get("config"))
+        except layout.RunError as exc:
+            raise EditedConfig(str(exc)) from None
+        trainer.load_state_dict(state)
+
+    try:
+        checkpoint, warnings = load_checkpoint(run, restore=restore)
+    except EditedConfig as exc:
+        raise layout.RunError(str(exc)) from None
     for warning in warnings if context.is_main else ():
         print(f"warning: {warning}")
     if context.is_main:
@@ -182,6 +205,10 @@ def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool =
             # the network build_model made (or its averaged copy), as the checkpoint left it
             restore_weights(run, cast(CNN, trainer.evaluation_model), data.classes)
     return fit_and_test(run, trainer, data, context)
+
+
+class EditedConfig(Exception):
+    """Carries refuse_edited_config's error out of load_checkpoint, which would count it as unreadable."""
 
 
 def refuse_edited_config(run: Path, config: Config, saved: dict | None) -> None:

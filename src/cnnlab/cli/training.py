@@ -427,8 +427,7 @@ def lr_find(
     from cnnlab.cli._options import output_file
     from cnnlab.config import load_config
     from cnnlab.files import write_atomic
-    from cnnlab.models.cnn import build_model
-    from cnnlab.pipeline import open_data
+    from cnnlab.pipeline import new_network, open_data
     from cnnlab.training.engine import TrainData
     from cnnlab.training.lr_find import find_lr
 
@@ -436,7 +435,7 @@ def lr_find(
         output_file(plot, (".png",), "--plot")
     cfg = load_config(model, config, set_, **sections(dataset, data_dir, allow_checksum_mismatch))
     data = open_data(cfg, progress=not json_)
-    network = build_model(cfg.model, data.image_shape, data.num_classes, seed=cfg.train.seed)
+    network = new_network(cfg, data)  # as `cnnlab train` builds it: the same suggestion as --lr auto
     finding = find_lr(network, TrainData(data.train, data.val), cfg.train, steps, start, end, rule)
     if plot is not None:
         from cnnlab.inspect.lr_curve import plot_lr_finding

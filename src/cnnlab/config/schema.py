@@ -124,6 +124,7 @@ class TrainConfig:
     augment_shift: int = 0  # pixels: each training image moved by up to this much, at random
     augment_flip: bool = False  # mirror half the training images at random (clothes, not digits)
     augment_erase: float = 0.0  # probability an image gets a random rectangle (2-33% of it) replaced by noise
+    augment_rotate: float = 0.0  # degrees: each training image turned by up to this much either way, at random
     ema: float = 0.0  # averaged weights, evaluated and saved: decay per step (0.999: ~the last 1000 steps); 0: off
     lookahead: bool = False  # every 5 steps pull the weights toward a slow average of them, harder as the run ends
     tta: bool = False  # test-time augmentation: average the predictions for each image and its mirror
@@ -241,6 +242,7 @@ def validate_train(t: TrainConfig) -> None:
         bounded(t.threads, 1, MAX_THREADS, "train.threads")
     bounded(t.augment_shift, 0, MAX_KERNEL, "train.augment_shift", "pixels")
     real(t.augment_erase, 0, 1, "train.augment_erase", "a probability")
+    real(t.augment_rotate, 0, 180, "train.augment_rotate", "an angle in degrees")
     real(t.ema, 0, 1, "train.ema", "a decay per step", high_open=True)
     bounded(t.tta_shift, 0, MAX_KERNEL, "train.tta_shift", "pixels")
     bounded(t.early_stopping.patience, 0, MAX_EPOCHS, "train.early_stopping.patience", "epochs")

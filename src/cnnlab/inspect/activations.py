@@ -58,11 +58,16 @@ class KernelGrid:
 
 
 def plot_kernels(weights: np.ndarray, out: Output, layer: str = "conv1", title: str = "",
-                 max_filters: int = 64, max_channels: int = 8) -> KernelGrid:
+                 max_filters: int = 64, max_channels: int = 8, each_scaled: bool = False) -> KernelGrid:
     """Draw kernels (F, C, kh, kw): one panel per filter for grey input, else a row per filter, a column per channel.
 
-    One diverging colour scale for all panels (red positive, blue negative, white 0) so weights compare.
+    One diverging colour scale for all panels (red positive, blue negative, white 0) so weights compare;
+    `each_scaled` divides each filter by its largest |weight| first, for kernels whose scales differ by
+    design (a whitening layer's: 1/sqrt(variance) of each direction), so every pattern shows.
     """
+    if each_scaled:
+        largest = np.abs(weights).reshape(len(weights), -1).max(axis=1)
+        weights = weights / np.where(largest > 0, largest, 1.0)[:, None, None, None]
     total_filters, total_channels = weights.shape[:2]
     if total_channels > 1:
         max_filters = min(max_filters, 16)  # a row per filter: keep the picture a sensible height
@@ -85,7 +90,8 @@ def plot_kernels(weights: np.ndarray, out: Output, layer: str = "conv1", title: 
             ax.set_title(kernel_caption(f, c, channels), fontsize=7)
     if image is None:
         raise ValueError(f"{layer}: no kernel to draw (weights of shape {weights.shape})")
-    fig.colorbar(image, ax=axes.tolist(), shrink=0.8, label="weight (red +, blue −)")
+    fig.colorbar(image, ax=axes.tolist(), shrink=0.8,
+                 label="weight ÷ its filter's largest (red +, blue −)" if each_scaled else "weight (red +, blue −)")
     kh, kw = weights.shape[2:]
     title = title or f"{layer}: {total_filters} learned {kh}x{kw} kernels"
     if (filters, channels) != (total_filters, total_channels):

@@ -18,7 +18,7 @@ from cnnlab.config import Config
 from cnnlab.data.pixels import to_pixels
 from cnnlab.data.sources import Data
 from cnnlab.inspect.figures import Output, new_figure, save_figure
-from cnnlab.training.augment import augment
+from cnnlab.training.augment import augment_as
 from cnnlab.training.engine import Trainer, epoch_order, sampling_weights
 
 
@@ -39,8 +39,9 @@ class Batch:
 
 def describe_augmentation(config: Config) -> str:
     t = config.train
-    parts = ([f"shift up to {t.augment_shift} px"] if t.augment_shift else []) + (["mirror half"] if t.augment_flip
-                                                                                   else [])
+    parts = ([f"rotate up to {t.augment_rotate:g} degrees"] if t.augment_rotate else [])
+    parts += ([f"shift up to {t.augment_shift} px"] if t.augment_shift else []) + (["mirror half"] if t.augment_flip
+                                                                                    else [])
     if t.augment_erase:
         parts.append(f"erase a rectangle with probability {t.augment_erase:g}")
     return ", ".join(parts) or "none"
@@ -54,7 +55,7 @@ def first_batch(config: Config, data: Data) -> Batch:
     read, labels = next(iter(data.train.batches([positions])))
     with torch.random.fork_rng(devices=[]):  # the trainer's generator, as `Trainer.fit` sets it
         torch.set_rng_state(Trainer.initial_rng_state(t.seed))
-        seen = augment(read, t.augment_shift, t.augment_flip, t.augment_erase)
+        seen = augment_as(read, t)
     return Batch(read, seen, labels, positions, describe_augmentation(config))
 
 

@@ -124,8 +124,12 @@ def learned_section(loaded: LoadedRun) -> str:
     if not loaded.model.conv_layers():
         return "<p>This model has no conv layers: no kernels or feature maps to show.</p>"
     kernels = img(png_data_uri(lambda out: show_kernels(loaded, out, "conv1")), "conv1 kernels")
-    parts = [f"<h3>First-layer kernels</h3><p>Each panel is one 3x3 (or larger) filter the first conv layer "
-             f"learned; red weights add brightness, blue ones subtract it.</p>{kernels}",
+    about = ("Each panel is one kernel of the whitening layer: a direction the images' patches vary in, fitted "
+             "to the data rather than learned, largest variance first, each followed by its negative (each panel "
+             "on its own scale)" if "conv1" in loaded.model.whitening_layers() else
+             "Each panel is one 3x3 (or larger) filter the first conv layer learned")
+    parts = [f"<h3>First-layer kernels</h3><p>{about}; red weights add brightness, blue ones subtract it.</p>"
+             f"{kernels}",
              "<h3>Feature maps and saliency of a few test images</h3><p>What every conv layer computes for the "
              "image (bright = strong response), then which pixels the prediction rests on.</p>"]
     for picture in sample_inputs(loaded):

@@ -106,10 +106,13 @@ def describe(loaded: LoadedRun, picture: InputImage) -> str:
 def show_kernels(loaded: LoadedRun, out: Output, layer: str = "conv1") -> KernelGrid:
     """The learned kernels of one conv layer as a grid."""
     weights = conv_weights(loaded.model, layer)
-    # a whitening layer's kernels are the patches' main directions, largest variance first, not learned
-    kind = "whitening" if layer in loaded.model.whitening_layers() else "learned"
-    return plot_kernels(weights, out, layer, title=f"{loaded.name}: {layer}, {weights.shape[0]} {kind} "
-                        f"{weights.shape[2]}x{weights.shape[3]} kernels (input channels: {weights.shape[1]})")
+    # a whitening layer's kernels are the patches' main directions, largest variance first, not learned;
+    # scaled by 1/sqrt(variance), the main ones would look blank on a shared scale
+    whitening = layer in loaded.model.whitening_layers()
+    kh, kw = weights.shape[2:]
+    title = (f"{loaded.name}: {layer}, {weights.shape[0]} {'whitening' if whitening else 'learned'} {kh}x{kw} kernels "
+             f"(input channels: {weights.shape[1]}{'; each on its own scale' if whitening else ''})")
+    return plot_kernels(weights, out, layer, title=title, each_scaled=whitening)
 
 
 def show_features(loaded: LoadedRun, out: Output, picture: InputImage, max_maps: int = 16) -> dict[str, int]:

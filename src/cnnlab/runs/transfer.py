@@ -33,6 +33,15 @@ def adapt_input_conv(weight: torch.Tensor, channels: int) -> torch.Tensor:
     raise RunError(f"cannot adapt a first convolution of {weight.shape[1]} input channels to {channels}")
 
 
+def refuse_unfitted_whitening(model: CNN, trained: CNN, source: str | Path) -> None:
+    """A RunError when this config whitens a layer the source run trained: copying its learned kernels
+    into a frozen layer would keep them fixed under a name that says they were fitted to the data."""
+    for name in model.whitening_layers().keys() - trained.whitening_layers().keys():
+        raise RunError(f"--init-from {source}: {name} is a whitening layer here (kernels fitted to the data, "
+                       f"frozen) but a trained layer there; set model.conv[0].whiten to false to train on from "
+                       "its kernels, or leave out --init-from to fit them")
+
+
 def start_from(model: CNN, source: str | Path, classes: tuple[str, ...]) -> dict[str, Any]:
     """Copy the source run's weights into `model` (in place); what was copied, for the run's manifest.
 
@@ -40,6 +49,7 @@ def start_from(model: CNN, source: str | Path, classes: tuple[str, ...]) -> dict
     the source's (the feature layers), and a flatten head fits one image size only.
     """
     trained, source_classes, _ = load_model(source)
+    refuse_unfitted_whitening(model, trained, source)
     theirs, mine = trained.state_dict(), model.state_dict()
     first_conv = f"features.{model.plan.conv_layers()[0].name}.weight" if model.plan.conv_layers() else None
     dense = [layer.name for layer in model.plan.head if isinstance(layer.spec, Dense)]
@@ -57,6 +67,10 @@ def start_from(model: CNN, source: str | Path, classes: tuple[str, ...]) -> dict
             continue  # a new classifier for the new classes, freshly initialised
         value = theirs[key]
         if key == first_conv and value.shape != tensor.shape and value.shape[0] == tensor.shape[0]:
+            if model.whitening_layers():
+                raise RunError(f"--init-from {source}: its whitening kernels were fitted to {value.shape[1]}-channel "
+                               f"images and do not whiten {tensor.shape[1]}-channel ones; set "
+                               "model.conv[0].whiten to false to train on from them")
             value, adapted = adapt_input_conv(value, tensor.shape[1]), True
         if value.shape != tensor.shape:
             hint = (f"; a flatten head fits one image size: {source} was trained on "

@@ -1,5 +1,5 @@
-"""Training-time augmentation on whole uint8 batches: random shifts (a random crop of the zero-padded image),
-mirror images and random erasing, with no per-image Python.
+"""Training-time augmentation on whole uint8 batches: random rotations, random shifts (a random crop of the
+zero-padded image), mirror images and random erasing, with no per-image Python.
 
 Random draws come from torch's global generator, which the trainer seeds and checkpoints, so
 augmented runs stay deterministic and resumable.
@@ -7,8 +7,36 @@ augmented runs stay deterministic and resumable.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from cnnlab.config import TrainConfig
+
+
+def random_rotate(images: torch.Tensor, max_degrees: float) -> torch.Tensor:
+    """Turn each image (N, C, H, W) about its centre by its own random angle in [-max_degrees, max_degrees],
+    bilinear, filling the corners with zeros (the datasets' background). A handwritten 7 leans either way;
+    the published 99.7-99.8% MNIST networks train with rotations of 10-15 degrees."""
+    if max_degrees <= 0:
+        return images
+    return rotate(images, (torch.rand(len(images)) * 2 - 1) * math.radians(max_degrees))
+
+
+def rotate(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W) uint8 turned about their centres by angles (N,) in radians, counter-clockwise
+    as the image is viewed (row 0 at the top); bilinear, zeros outside."""
+    n, _, h, w = images.shape
+    cos, sin = angles.cos(), angles.sin()
+    # affine_grid works in coordinates normalised to [-1, 1] per axis: the aspect terms keep the turn rigid
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1] = cos, -sin * h / w
+    theta[:, 1, 0], theta[:, 1, 1] = sin * w / h, cos
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    turned = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return turned.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
@@ -60,8 +88,15 @@ def random_erase(images: torch.Tensor, probability: float) -> torch.Tensor:
     return torch.where(mask, noise, images)
 
 
-def augment(images: torch.Tensor, shift: int = 0, flip: bool = False, erase: float = 0.0) -> torch.Tensor:
-    """The configured augmentations of a uint8 batch (N, C, H, W): shift, then mirror, then erase."""
+def augment(images: torch.Tensor, shift: int = 0, flip: bool = False, erase: float = 0.0,
+            rotate: float = 0.0) -> torch.Tensor:
+    """Augmentations of a uint8 batch (N, C, H, W): rotate, then shift, then mirror, then erase."""
+    images = random_rotate(images, rotate)
     images = random_shift(images, shift)
     images = random_flip(images) if flip else images
     return random_erase(images, erase)
+
+
+def augment_as(images: torch.Tensor, config: TrainConfig) -> torch.Tensor:
+    """The augmentations `config` asks for (the trainer, the LR finder and `show batch` all call this)."""
+    return augment(images, config.augment_shift, config.augment_flip, config.augment_erase, config.augment_rotate)

@@ -29,12 +29,12 @@ from cnnlab.config import ConfigError, TrainConfig, peak_lr
 from cnnlab.data.pixels import to_inputs
 from cnnlab.data.sources import Source
 from cnnlab.errors import UserError
-from cnnlab.training.augment import augment
+from cnnlab.training.augment import augment_as
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.distributed import SINGLE, Context
 from cnnlab.training.ema import EMA
 from cnnlab.training.evaluate import predict_batches
-from cnnlab.training.lookahead import Lookahead
+from cnnlab.training.lookahead import MIN_STEPS, Lookahead
 from cnnlab.training.optim import make_optimizer, make_scheduler
 from cnnlab.training.state import Running, TrainState
 
@@ -136,7 +136,7 @@ class Trainer:
         self.scheduler = make_scheduler(self.optimizer, config, config.epochs * self.steps_per_epoch)
         self.ema = EMA(model, config.ema) if config.ema else None  # the averaged weights, when asked for
         total_steps = config.epochs * self.steps_per_epoch
-        self.lookahead = Lookahead(model, total_steps) if config.lookahead else None
+        self.lookahead = Lookahead(model, total_steps) if config.lookahead and total_steps >= MIN_STEPS else None
         self.rng_state = self.initial_rng_state(config.seed, context.rank)  # this rank's dropout/augment generator
         self.state = TrainState(rng_states=self.rng_state.unsqueeze(0))  # (world, n): as of the last sync point
         self.stop_requested = False
@@ -200,7 +200,7 @@ class Trainer:
         rank, world = self.context.rank, self.context.world
         shards = [index[rank::world] for index in self.global_batches()]  # disjoint; together the global batch
         for images, labels in self.data.train.batches(shards):
-            images = augment(images, self.config.augment_shift, self.config.augment_flip, self.config.augment_erase)
+            images = augment_as(images, self.config)
             loss_sum, correct, seen, stop = self.train_step(images, labels)
             state.step += 1
             if self.lookahead is not None:

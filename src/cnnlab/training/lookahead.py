@@ -1,11 +1,14 @@
 """Lookahead (Zhang et al. 2019), on airbench's schedule: every few steps, the weights are pulled back
 toward a slow copy of themselves, and the slow copy follows them.
 
-Every `EVERY` optimiser steps: slow += (1 - decay) · (weights - slow), then weights = slow. The decay
-grows with the run, 0.95^5 · (t / T)^3 at step t of T: nothing early on, when the weights should move
-freely, and a strong pull late, when the optimiser's noise is what the average removes. At the last
-step the decay is 1: the run ends on the slow weights, which are evaluated and saved. Batch-norm
-statistics are averaged with the weights, as airbench does (they are float buffers of the same model).
+Every `EVERY` optimiser steps, and at the last one: slow += (1 - decay) · (weights - slow), then
+weights = slow. The decay grows with the run, 0.95^5 · (t / T)^3 at step t of T: nothing early on, when
+the weights should move freely, and a strong pull late, when the optimiser's noise is what the average
+removes. The run ends on the slow weights, which are evaluated and saved. (airbench's last pull has
+decay 1, dropping the steps since the previous pull; here the last pull takes them in like any other,
+so a run whose length is not a multiple of 5 loses nothing.) A run of fewer than `MIN_STEPS` steps
+trains without it: its slow weights would still be the initial ones. Batch-norm statistics are
+averaged with the weights, as airbench does (they are float buffers of the same model).
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import torch
 from torch import nn
 
 EVERY = 5  # optimiser steps between pulls
-PEAK_DECAY = 0.95**EVERY  # the decay at the last pull before the end
+PEAK_DECAY = 0.95**EVERY  # the decay of the last pull
+MIN_STEPS = 2 * EVERY  # shorter runs train without lookahead
 
 
 def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -22,8 +26,8 @@ def float_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def decay_at(step: int, total: int) -> float:
-    """The pull's decay after `step` of `total` optimiser steps (1.0 at the end: the weights become the slow ones)."""
-    return 1.0 if step >= total else PEAK_DECAY * (step / total) ** 3
+    """The pull's decay after `step` of `total` optimiser steps: 0 at the start, PEAK_DECAY at the end."""
+    return PEAK_DECAY * (min(step, total) / total) ** 3
 
 
 class Lookahead:

@@ -22,7 +22,7 @@ from torch import nn
 
 from cnnlab.config import TrainConfig
 from cnnlab.errors import UserError
-from cnnlab.training.augment import augment
+from cnnlab.training.augment import augment_as
 from cnnlab.training.distributed import SINGLE, Context
 from cnnlab.training.engine import TrainData, Trainer, TrainingDiverged
 
@@ -99,7 +99,7 @@ def find_lr(model: nn.Module, data: TrainData, config: TrainConfig, steps: int =
         for lr, (images, labels) in zip(rates, batches(trainer, steps)):
             for group in trainer.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]  # the constant schedule resets it after each step
-            images = augment(images, config.augment_shift, config.augment_flip, config.augment_erase)
+            images = augment_as(images, config)
             try:
                 loss_sum, _, seen, _ = trainer.train_step(images, labels)
             except TrainingDiverged:
