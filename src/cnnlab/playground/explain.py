@@ -202,7 +202,8 @@ def _colour_frame(padded: np.ndarray, span: tuple[int, int], kernel: np.ndarray,
                   numbers=True)
             _grid(row[2], weights, f"kernel, {name}", "RdBu_r", -limit, limit, numbers=True)
             products = patch * weights
-            _grid(row[3], products, f"products: sum {_fmt(float(products.sum()))}", "RdBu_r", -limit, limit, numbers=True)
+            _grid(row[3], products, f"products: sum {_fmt(float(products.sum()))}", "RdBu_r", -limit, limit,
+                  numbers=True)
         if c:
             row[4].axis("off")
     _grid(axes[0][4], so_far, "output (channels summed)", "gray", *out_range, numbers=max(so_far.shape) <= 8)
