@@ -133,9 +133,9 @@ class Trainer:
         self.frozen = frozen_parameters(model) if config.freeze_epochs else []
         self.optimizer = make_optimizer(model, config)
         self.steps_per_epoch = steps_in_epoch(len(data.train), config.batch_size)
-        self.scheduler = make_scheduler(self.optimizer, config, config.epochs * self.steps_per_epoch)
-        self.ema = EMA(model, config.ema) if config.ema else None  # the averaged weights, when asked for
         total_steps = config.epochs * self.steps_per_epoch
+        self.scheduler = make_scheduler(self.optimizer, config, total_steps)
+        self.ema = EMA(model, config.ema) if config.ema else None  # the averaged weights, when asked for
         self.lookahead = Lookahead(model, total_steps) if config.lookahead and total_steps >= MIN_STEPS else None
         self.rng_state = self.initial_rng_state(config.seed, context.rank)  # this rank's dropout/augment generator
         self.state = TrainState(rng_states=self.rng_state.unsqueeze(0))  # (world, n): as of the last sync point
