@@ -8,8 +8,8 @@ read, gunzip, SHA-256 and parse) and `load_dataset` with the decoded-data cache 
 `whole` runs the whole `cnnlab train` command, cold (an empty cache folder, $XDG_CACHE_HOME) and warm (the
 folder the cold run filled) taking turns, --runs times each. Each run is the real command in a process of its
 own (`cnnlab.cli.main()`, what the `cnnlab` script calls) with timers wrapped around its steps: interpreter
-start-up, imports, loading the dataset, tensors and split, model, Trainer (its optimizer imports
-torch._dynamo), run directory, the first training step, the training loop, the test evaluation, confusion.png;
+start-up, imports, loading the dataset, tensors and split, model, Trainer (optimizer and
+schedule), run directory, the first training step, the training loop, the test evaluation, confusion.png;
 "rest" is the wall time no timer covers (argument parsing, config, writing the run, interpreter exit). Its wall
 time is compared with the training time the run reports (the sum of the epochs' `seconds` in metrics.jsonl,
 what "trained in" rounds). `all` (the default) runs both. Prints Markdown for BENCHMARKS.md; medians.
@@ -89,7 +89,7 @@ from cnnlab.training.engine import Trainer
 timed(sources, "load_dataset", "load dataset (read, gunzip or cache, SHA-256, parse)")
 timed(sources, "prepare_data", "to tensors and split")
 timed(pipeline, "build_model", "build model")
-timed(Trainer, "__init__", "Trainer (its optimizer imports torch._dynamo)")
+timed(Trainer, "__init__", "Trainer (model to device, optimizer, schedule)")
 timed(pipeline, "start_run", "run directory (config, summary, manifest)")
 timed(Trainer, "fit", "training loop (validation included)")
 timed(Trainer, "train_step", "of which: the first step", first_only=True)
@@ -98,20 +98,23 @@ timed(pipeline, "plot_confusion", "confusion.png (imports matplotlib)")
 timed(pipeline, "train", "pipeline.train")
 sys.argv = ["cnnlab", *sys.argv[3:]]
 t = time.perf_counter()
+code = 0
 try:
-    cnnlab.cli.main()
+    cnnlab.cli.app()  # what cnnlab.cli.main() runs, then it leaves as below
 except SystemExit as exc:
-    if exc.code not in (0, None):
+    code = exc.code
+    if code not in (0, None):
         raise
 clock("cnnlab.cli.main", t)
 with open(out, "w") as handle:
     json.dump({"spans": spans, "ended_at": time.time()}, handle)
+cnnlab.cli.exit_now(code)  # the script's own way out
 '''
 FIRST_STEP = "of which: the first step"
 TOTAL, TRAINED = "whole command", "training the run reports"
 # Steps inside pipeline.train: what they leave of it is its own work (checkpoints, metrics, test.json, weights).
 INSIDE_TRAIN = ("load dataset (read, gunzip or cache, SHA-256, parse)", "to tensors and split", "build model",
-                "Trainer (its optimizer imports torch._dynamo)", "run directory (config, summary, manifest)",
+                "Trainer (model to device, optimizer, schedule)", "run directory (config, summary, manifest)",
                 "training loop (validation included)", "test evaluation", "confusion.png (imports matplotlib)")
 
 

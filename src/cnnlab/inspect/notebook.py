@@ -12,7 +12,7 @@ import io
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -22,11 +22,13 @@ from cnnlab.inspect import show
 from cnnlab.inspect.figures import draw_image, new_figure, plot_confusion, plot_curves, save_figure
 from cnnlab.inspect.run_table import format_cell, run_row
 from cnnlab.models.summary import Summary, format_summary
-from cnnlab.playground.explain import InlineFigure
 from cnnlab.runs import layout, records
 from cnnlab.training.evaluate import Evaluation
 from cnnlab.use.predict import Prediction, Predictor, predict_image
 from cnnlab.use.recipes import prepare
+
+if TYPE_CHECKING:  # matplotlib is imported when a picture is drawn, not by `cnnlab train`'s import
+    from cnnlab.playground.explain import InlineFigure
 
 Image = ImageFile | int | np.ndarray  # a file, a PIL image or pixels (prepared by the run's recipe), or a test index
 
@@ -34,6 +36,8 @@ Image = ImageFile | int | np.ndarray  # a file, a PIL image or pixels (prepared 
 def png_figure(draw: Callable[[io.BytesIO], object]) -> InlineFigure:
     """Run a `plot_*`/`show_*` function into memory and hold its PNG in a Figure, pixel for pixel."""
     from PIL import Image as PILImage
+
+    from cnnlab.playground.explain import InlineFigure
 
     buffer = io.BytesIO()
     draw(buffer)

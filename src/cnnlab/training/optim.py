@@ -1,12 +1,16 @@
 """The optimizer and the learning-rate schedule a TrainConfig asks for."""
 from __future__ import annotations
 
-from typing import Any
+import functools
+import inspect
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from cnnlab.config import TrainConfig, peak_lr
+
+OptimizerT = TypeVar("OptimizerT", bound=torch.optim.Optimizer)
 
 
 def parameter_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
@@ -37,11 +41,45 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     """The configured optimizer; fused (one kernel for all parameters: ~20% faster steps on CPU)."""
     params, lr = parameter_groups(model, config), peak_lr(config)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=config.weight_decay, fused=True)
+        return eager(torch.optim.Adam)(params, lr=lr, weight_decay=config.weight_decay, fused=True)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, fused=True)
-    return torch.optim.SGD(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay,
-                           nesterov=config.momentum > 0, fused=True)
+        return eager(torch.optim.AdamW)(params, lr=lr, weight_decay=config.weight_decay, fused=True)
+    return eager(torch.optim.SGD)(params, lr=lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                                  nesterov=config.momentum > 0, fused=True)
+
+
+@functools.cache
+def eager(base: type[OptimizerT]) -> type[OptimizerT]:
+    """`base` without the wrappers that keep torch.compile out of torch.optim's methods.
+
+    Those wrappers import `torch._dynamo` the first time an optimizer is built or stepped, even when nothing
+    is compiled: about 1 s of every `cnnlab train`, a quarter of a `fast` run on MNIST (BENCHMARKS.md,
+    "Start-up and data"). The engine never hands its optimizer to the compiler, so this subclass calls the
+    functions they wrap (`inspect.unwrap`), with gradients off as the step's wrapper does; the arithmetic,
+    state dicts and hooks are torch's own (tests/test_startup.py compares them bitwise).
+    """
+    def plain(name: str) -> Any:
+        return inspect.unwrap(getattr(base, name))
+
+    class Eager(base):  # type: ignore[valid-type, misc]
+        def add_param_group(self, param_group: dict[str, Any]) -> None:
+            plain("add_param_group")(self, param_group)
+
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            plain("zero_grad")(self, set_to_none)
+
+        def state_dict(self) -> dict[str, Any]:
+            return plain("state_dict")(self)
+
+        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+            plain("load_state_dict")(self, state_dict)
+
+        def step(self, closure: Any = None) -> Any:
+            with torch.no_grad():
+                return plain("step")(self, closure)
+
+    Eager.__name__ = Eager.__qualname__ = base.__name__
+    return Eager
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,

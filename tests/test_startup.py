@@ -1,0 +1,126 @@
+"""What a `cnnlab train` process spends besides training: no compiler import, no interpreter teardown.
+
+The seconds themselves live in BENCHMARKS.md ("Start-up and data"); these tests hold the behaviour that
+buys them: the optimizer is torch's own arithmetic without torch.compile's wrappers, and the `cnnlab`
+script leaves as `sys.exit` would, exit handlers and buffered output included.
+"""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from cnnlab.config import load_config
+from cnnlab.models.cnn import build_model
+from cnnlab.training.optim import eager, make_optimizer, make_scheduler
+
+SETTINGS = {torch.optim.Adam: dict(weight_decay=1e-3), torch.optim.AdamW: dict(weight_decay=1e-2),
+            torch.optim.SGD: dict(momentum=0.9, nesterov=True, weight_decay=5e-4)}
+
+
+def run_steps(model, optimizer, scheduler, steps: int, seed: int = 0) -> list[float]:
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        images = torch.rand(16, 1, 28, 28, generator=generator)
+        labels = torch.randint(0, 10, (16,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("base", list(SETTINGS), ids=lambda b: b.__name__)
+def test_the_eager_optimizer_steps_exactly_as_torchs(base):
+    config = load_config("seed", overrides=["model.conv.0.filters=4", "dense_layer_size=16"])
+    ours, theirs = build_model(config.model, seed=0), build_model(config.model, seed=0)
+    made = {}
+    for name, model, cls in (("ours", ours, eager(base)), ("theirs", theirs, base)):
+        optimizer = cls(model.parameters(), lr=0.01, fused=True, **SETTINGS[base])
+        made[name] = (optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=8))
+    assert run_steps(ours, *made["ours"], 6) == run_steps(theirs, *made["theirs"], 6)
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), theirs.parameters()))
+    ours_state, theirs_state = made["ours"][0].state_dict(), made["theirs"][0].state_dict()
+    assert ours_state["param_groups"] == theirs_state["param_groups"]
+    assert all(torch.equal(ours_state["state"][i][k], theirs_state["state"][i][k])
+               for i in theirs_state["state"] for k in theirs_state["state"][i])
+    assert type(made["ours"][0]).__name__ == base.__name__ and isinstance(made["ours"][0], base)
+
+
+def test_the_eager_optimizer_resumes_from_its_state_dict():
+    config = load_config("fast", overrides=["train.epochs=1"])
+    model = build_model(config.model, seed=0)
+    optimizer = make_optimizer(model, config.train)
+    scheduler = make_scheduler(optimizer, config.train, total_steps=10)
+    run_steps(model, optimizer, scheduler, 4)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    state, schedule = copy.deepcopy(optimizer.state_dict()), scheduler.state_dict()  # it holds the live moments
+    straight = run_steps(model, optimizer, scheduler, 4, seed=1)
+
+    model.load_state_dict(saved)
+    again = make_optimizer(model, config.train)
+    rescheduled = make_scheduler(again, config.train, total_steps=10)
+    again.load_state_dict(state)  # the order of Trainer.load_state_dict: the schedule's start is overwritten
+    rescheduled.load_state_dict(schedule)
+    assert run_steps(model, again, rescheduled, 4, seed=1) == straight
+
+
+def test_training_never_imports_the_compiler(tmp_path):
+    """`cnnlab train` on the sample, in a process of its own: torch._dynamo (about 1 s) is never imported."""
+    script = textwrap.dedent("""
+        import sys
+        from cnnlab.cli import app
+        try:
+            app(sys.argv[1:])
+        except SystemExit as exit:
+            assert not exit.code, exit.code
+        print("compiler imported:", "torch._dynamo" in sys.modules)
+    """)
+    argv = ["train", "--dataset", "mnist-sample", "--model", "seed", "--set", "epochs=1", "--set", "data.val_size=100",
+            "--runs-dir", str(tmp_path), "-q"]
+    done = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "compiler imported: False", done.stdout
+
+
+def leave(body: str, tmp_path) -> subprocess.CompletedProcess:
+    """Run `body`, then `cnnlab.cli.exit_now(code)` as the script does, in a fresh process."""
+    script = "import atexit, sys, threading, time\nfrom cnnlab.cli import exit_now\n" + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=60)
+
+
+def test_the_script_leaves_with_its_exit_code_handlers_and_output(tmp_path):
+    done = leave("""
+        atexit.register(lambda: open(sys.argv[1] + "/handler-ran", "w").close())
+        sys.stdout.write("buffered, not yet flushed")
+        exit_now(3)
+    """, tmp_path)
+    assert done.returncode == 3
+    assert done.stdout == "buffered, not yet flushed"
+    assert (tmp_path / "handler-ran").exists()
+
+
+@pytest.mark.parametrize("code, status", [(None, 0), (0, 0), ("a message", 1)])
+def test_the_script_leaves_as_sys_exit_would(tmp_path, code, status):
+    done = leave(f"exit_now({code!r})", tmp_path)
+    assert done.returncode == status
+    assert done.stderr.strip() == (code if isinstance(code, str) else "")
+
+
+def test_the_script_waits_for_a_running_thread(tmp_path):
+    done = leave("""
+        def finish():
+            time.sleep(0.3)
+            open(sys.argv[1] + "/thread-finished", "w").close()
+        threading.Thread(target=finish).start()
+        exit_now(0)
+    """, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "thread-finished").exists()
