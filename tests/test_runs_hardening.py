@@ -107,6 +107,22 @@ def test_a_config_edited_since_the_checkpoint_is_refused(copy, key, value, chang
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
 
 
+def test_a_checkpoint_from_before_a_key_existed_resumes(copy):
+    """A run written by an older cnnlab has no `train.compile` in its config or checkpoint: at its default, the
+    key changes nothing that run trained with, so resuming it is no edit."""
+    from cnnlab.runs.checkpoints import read_checkpoint, save_checkpoint
+
+    run = copy()
+    config = yaml.safe_load(layout.path(run, "config").read_text())
+    del config["train"]["compile"]
+    layout.path(run, "config").write_text(yaml.safe_dump(config))
+    state = read_checkpoint(layout.path(run, "checkpoint"))
+    del state["config"]["train"]["compile"]
+    save_checkpoint(run, state)
+    result = resume(run)
+    assert result.exit_code == 0 and "edited" not in result.output, result.output
+
+
 def test_a_disk_full_before_the_first_checkpoint_does_not_promise_a_resume(tmp_path, monkeypatch):
     import errno
 

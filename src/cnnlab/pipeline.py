@@ -47,12 +47,13 @@ class RunResult(Run):
     run: Path
     history: list[dict]
     test: Evaluation | None  # None on data-parallel ranks other than 0
-    train_seconds: float  # wall time of this invocation's training loop, validation included
+    train_seconds: float  # wall time of this invocation's training loop, validation included (compiling not)
     images_per_second: float  # training images processed per second of that time (all ranks)
     skipped: dict[str, str] = field(default_factory=dict)  # unreadable images: path -> reason
     kept_epoch: int | None = None  # early stopping: the epoch whose weights were kept (None: the last)
     stopped: str | None = None  # early stopping: why training ended before train.epochs
     lr_finding: Finding | None = None  # train.lr auto: what the finder saw and suggested
+    compile_seconds: float = 0.0  # train.compile: the steps that compiled, not counted in train_seconds
 
     def __repr__(self) -> str:  # the dataclass's own would print every test prediction
         accuracy = f"{self.test.accuracy:.4f}" if self.test is not None else "None"
@@ -216,8 +217,13 @@ def refuse_edited_config(run: Path, config: Config, saved: dict | None) -> None:
     if saved is None or saved == config.to_dict():
         return  # a checkpoint from before configs were recorded in it: nothing to compare with
     now, then = dotted_keys(config.to_dict()), dotted_keys(saved)
+    # A key added to cnnlab since the checkpoint was written, at its default, changes nothing it trained with.
+    defaults = dotted_keys(Config().to_dict())
     changed = [f"{key}: {then.get(key)!r} -> {now.get(key)!r}" for key in sorted(set(now) | set(then))
-               if now.get(key) != then.get(key)]
+               if now.get(key) != then.get(key) and not (key not in then and key in defaults
+                                                         and now[key] == defaults[key])]
+    if not changed:
+        return
     raise layout.RunError(f"{layout.path(run, 'config')} was edited after the checkpoint was written "
                           f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); --resume continues "
                           f"the run as it was trained. Undo the edit, or train a new run from it: "
@@ -241,7 +247,7 @@ def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SIN
         except TrainingInterrupted as exc:
             exc.run = run
             raise
-        seconds = time.perf_counter() - started
+        seconds = time.perf_counter() - started - trainer.compile_total
         trained = (trainer.state.epoch * trainer.steps_per_epoch - steps_before) * trainer.config.batch_size
         skipped = merge_skipped(context, data)
         test = None
@@ -253,7 +259,7 @@ def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SIN
         context.barrier()  # the other ranks return once rank 0's files are complete
     images = min(trained, len(trainer.data.train) * trainer.config.epochs)
     return RunResult(run, history, test, seconds, images / seconds if seconds > 0 else 0.0, skipped,
-                     trainer.kept_epoch, trainer.state.stopped)
+                     trainer.kept_epoch, trainer.state.stopped, compile_seconds=trainer.compile_total)
 
 
 def merge_skipped(context: Context, data: Data) -> dict[str, str]:

@@ -338,7 +338,8 @@ def print_result(result: RunResult) -> None:
         print(f"early stopping: trained every epoch; kept epoch {result.kept_epoch}, the best on validation")
     print(f"test accuracy {test.accuracy:.4f}  loss {test.loss:.4f}  ({int(test.confusion.sum())} images)")
     if result.images_per_second:
-        print(f"trained in {result.train_seconds:.1f}s  ({result.images_per_second:,.0f} images/s)")
+        compiling = f", plus {result.compile_seconds:.1f}s compiling" if result.compile_seconds else ""
+        print(f"trained in {result.train_seconds:.1f}s  ({result.images_per_second:,.0f} images/s{compiling})")
     else:
         print("training had already finished; the test set was evaluated again")
     print(f"results in {result.run}/: test.json, confusion.png, metrics.jsonl, model.safetensors")

@@ -130,6 +130,7 @@ class TrainConfig:
     tta: bool = False  # test-time augmentation: average the predictions for each image and its mirror
     tta_shift: int = 0  # pixels: also average over the image moved this far up, down, left and right
     channels_last: bool = True  # weights and batches stored (N, H, W, C): 1.5-2x faster conv/BN steps on CPU
+    compile: bool = False  # the training step's forward and backward through torch.compile (slower on 2 CPU cores)
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (a GPU when torch sees one)
     # images per forward pass when evaluating: small batches stay in cache (4-7x faster than 1000 on 2 cores)
     eval_batch_size: int = 256

@@ -64,7 +64,7 @@ class ProgressBar(Callback):
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
         self.stop()
-        self.console.print(format_epoch(metrics, trainer.config.epochs), highlight=False)
+        self.console.print(format_epoch(metrics, trainer.config.epochs), highlight=False, soft_wrap=True)
 
     def on_interrupt(self, trainer: Trainer) -> None:
         self.stop()
@@ -75,7 +75,8 @@ class ProgressBar(Callback):
 
 def format_epoch(m: dict[str, Any], epochs: int) -> str:
     return (f"epoch {m['epoch']}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_accuracy']:.4f}  "
-            f"val loss {m['val_loss']:.4f} acc {m['val_accuracy']:.4f}  {m['seconds']:.1f}s")
+            f"val loss {m['val_loss']:.4f} acc {m['val_accuracy']:.4f}  {m['seconds']:.1f}s"
+            + (f" (+{m['compile_seconds']:.1f}s compiling)" if m.get("compile_seconds") else ""))
 
 
 # ---------------------------------------------------------------------------------- notebooks

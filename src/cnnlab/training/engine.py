@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -31,6 +32,7 @@ from cnnlab.data.sources import Source
 from cnnlab.errors import UserError
 from cnnlab.training.augment import augment_as
 from cnnlab.training.callbacks import Callback
+from cnnlab.training.compiling import compiled, failure_line
 from cnnlab.training.distributed import SINGLE, Context
 from cnnlab.training.ema import EMA
 from cnnlab.training.evaluate import predict_batches
@@ -123,7 +125,11 @@ class Trainer:
         if config.channels_last:
             # In place: parameters keep their identity. torch's stubs leave memory_format out of Module.to's overloads.
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self.net = self.wrap_for_data_parallel(model)  # what the training step calls
+        self.eager_net = self.wrap_for_data_parallel(model)
+        self.net = compiled(self.eager_net) if config.compile else self.eager_net  # what the training step calls
+        self.shapes_compiled: set[tuple[int, ...]] = set()  # batch shapes the compiled step has met
+        self.compile_seconds = 0.0  # this epoch's steps that compiled (the first of each batch shape)
+        self.compile_total = 0.0  # every compiling step's seconds in this process
         self.callbacks = list(callbacks)
         num_classes = int(getattr(model, "num_classes", 0)) or int(data.train.labels.max()) + 1
         # Summed, then divided by the global batch size in the step (see the module docstring).
@@ -196,6 +202,7 @@ class Trainer:
         state = self.state
         self.emit("on_epoch_begin")
         started = time.perf_counter() - state.epoch_seconds
+        self.compile_seconds = 0.0
         self.model.train()
         rank, world = self.context.rank, self.context.world
         shards = [index[rank::world] for index in self.global_batches()]  # disjoint; together the global batch
@@ -213,7 +220,7 @@ class Trainer:
                 self.emit("on_interrupt")
                 raise TrainingInterrupted(f"stopped in epoch {state.epoch + 1} after step {state.step} "
                                           f"of {self.steps_per_epoch}")
-        self.finish_epoch(time.perf_counter() - started)
+        self.finish_epoch(time.perf_counter() - started - self.compile_seconds)
         if self.stop_agreed() and state.epoch < self.config.epochs:
             self.emit("on_interrupt")
             raise TrainingInterrupted(f"stopped after epoch {state.epoch}")
@@ -226,7 +233,9 @@ class Trainer:
         """
         inputs = to_inputs(images, self.config.channels_last, self.device)  # floats in [0, 1]
         labels = labels.to(self.device)
-        logits = self.net(inputs)  # (B, num_classes)
+        compiling = self.net is not self.eager_net and tuple(inputs.shape) not in self.shapes_compiled
+        started = time.perf_counter()
+        logits = self.forward(inputs, compiling)  # (B, num_classes)
         loss_sum = self.loss_fn(logits, labels)
         correct = (logits.argmax(dim=1) == labels).sum()
         total, hits, seen, stops = self.context.all_reduce_sum(
@@ -245,7 +254,23 @@ class Trainer:
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
+        if compiling:  # torch.compile compiled this shape's forward and backward in this step
+            self.shapes_compiled.add(tuple(inputs.shape))
+            self.compile_seconds += time.perf_counter() - started
+            self.compile_total += time.perf_counter() - started
         return total, int(hits), int(seen), stops > 0
+
+    def forward(self, inputs: torch.Tensor, compiling: bool) -> torch.Tensor:
+        """The training forward pass; a step that compiles and fails goes on eagerly, for the rest of the run."""
+        if not compiling:
+            return self.net(inputs)
+        try:
+            return self.net(inputs)
+        except Exception as error:  # noqa: BLE001  (whatever the compiler raised: eager may still work)
+            if self.context.is_main:
+                print(failure_line(error), file=sys.stderr)
+            self.net = self.eager_net
+            return self.net(inputs)
 
     def stop_agreed(self) -> bool:
         """Whether any rank was asked to stop (an all-reduce: every rank gets the same answer)."""
@@ -263,6 +288,8 @@ class Trainer:
         metrics = dict(epoch=state.epoch, train_loss=state.running.loss, train_accuracy=state.running.accuracy,
                        val_loss=val_loss, val_accuracy=val_accuracy, seconds=seconds,
                        lr=self.optimizer.param_groups[0]["lr"])
+        if self.config.compile:  # the steps that compiled, apart from the training time
+            metrics["compile_seconds"] = self.compile_seconds
         state.history.append(metrics)
         state.step, state.running, state.epoch_seconds = 0, Running(), 0.0
         self.track_best(metrics)

@@ -61,6 +61,7 @@ def finder_config(config: TrainConfig) -> TrainConfig:
     """The run's training settings for the sweep: its optimizer, batch, augmentation and loss, with a
     constant rate the finder sets each step, no averaging (nor lookahead), no early stopping, and no frozen layers."""
     return dataclasses.replace(config, lr=START_LR, schedule="constant", ema=0.0, lookahead=False, freeze_epochs=0,
+                               compile=False,
                                early_stopping=dataclasses.replace(config.early_stopping, patience=0))
 
 
