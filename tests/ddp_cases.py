@@ -8,6 +8,7 @@ cnnlab's own exit handler, each rank also writes OUT_DIR/rank<r>-exit.json: the 
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import json
 import math
 import os
@@ -61,13 +62,23 @@ class RecordingSource(TensorSource):
             yield self.images[index], self.labels[index]
 
 
-def trainer(context, data, callbacks=()) -> Trainer:
+def trainer(context, data, callbacks=(), **train) -> Trainer:
     model = build_model(CONFIG.model, (28, 28, 1), 10, seed=0)
-    return Trainer(model, data, CONFIG.train, list(callbacks), context)
+    return Trainer(model, data, dataclasses.replace(CONFIG.train, **train), list(callbacks), context)
 
 
 def nan_on_one_rank(context) -> dict:
     run = trainer(context, random_data(), [PoisonOnRank(rank=1, epoch=1, step=3)])
+    try:
+        run.fit()
+    except TrainingDiverged as exc:
+        return dict(error=str(exc), epoch=run.state.epoch, step=run.state.step)
+    return dict(error=None)
+
+
+def nan_between_sync_points(context) -> dict:
+    """Read back every 4 steps: rank 1 turns NaN after step 4 (a sync point); the loss is read at step 8."""
+    run = trainer(context, random_data(), [PoisonOnRank(rank=1, epoch=1, step=4)], sync_every=4)
     try:
         run.fit()
     except TrainingDiverged as exc:
@@ -112,7 +123,8 @@ def early_stopping(context) -> dict:
                 weights=float(sum(p.double().sum() for p in run.evaluation_model.state_dict().values())))
 
 
-CASES = dict(nan_on_one_rank=nan_on_one_rank, shards=shards, timeout=timeout, early_stopping=early_stopping)
+CASES = dict(nan_on_one_rank=nan_on_one_rank, nan_between_sync_points=nan_between_sync_points, shards=shards,
+             timeout=timeout, early_stopping=early_stopping)
 
 
 def thread_names() -> list[str]:

@@ -161,6 +161,14 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
 
 
 @pytest.mark.slow  # a torchrun job
+def test_read_back_every_4_steps_a_nan_stops_every_rank_at_the_next_sync_point(tmp_path):
+    rank0, rank1 = ddp_case("nan_between_sync_points", tmp_path)
+    # NaN from step 5 on rank 1; the totals stay on the device until step 8, which stops before its update.
+    assert (rank0["epoch"], rank0["step"]) == (rank1["epoch"], rank1["step"]) == (0, 7)
+    assert "by step 8: training diverged" in rank0["error"] and rank0["error"] == rank1["error"]
+
+
+@pytest.mark.slow  # a torchrun job
 def test_early_stopping_stops_every_rank_at_the_same_epoch_with_the_same_kept_weights(tmp_path):
     rank0, rank1 = ddp_case("early_stopping", tmp_path)
     assert rank0["stopped"] is not None and rank0["epochs"] < 12  # it did stop early

@@ -78,6 +78,17 @@ class Context:
         dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def all_reduce_tensor(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` over all ranks in place, on its device (no host sync where the backend is NCCL)."""
+        if not self.parallel:
+            return
+        if tensor.device == self.collective_device:
+            dist.all_reduce(tensor)
+            return
+        moved = tensor.to(self.collective_device)
+        dist.all_reduce(moved)
+        tensor.copy_(moved)
+
     def all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """(world, *tensor.shape): every rank's tensor, in rank order; shapes must match."""
         if not self.parallel:

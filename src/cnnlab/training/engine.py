@@ -40,6 +40,10 @@ from cnnlab.training.lookahead import MIN_STEPS, Lookahead
 from cnnlab.training.optim import make_optimizer, make_scheduler
 from cnnlab.training.state import Running, TrainState
 
+# Steps between reading the running loss back on a GPU (the progress bar's redraw cadence). On the CPU every
+# step is read: the kernels have already run when .item() asks, so a sync there costs nothing.
+SYNC_EVERY_ON_ACCELERATORS = 20
+
 
 class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite."""
@@ -128,6 +132,8 @@ class Trainer:
         self.eager_net = self.wrap_for_data_parallel(model)
         self.net = compiled(self.eager_net) if config.compile else self.eager_net  # what the training step calls
         self.shapes_compiled: set[tuple[int, ...]] = set()  # batch shapes the compiled step has met
+        self.sync_every = config.sync_every or (1 if self.device.type == "cpu" else SYNC_EVERY_ON_ACCELERATORS)
+        self.pending = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss, correct, seen since a sync
         self.compile_seconds = 0.0  # this epoch's steps that compiled (the first of each batch shape)
         self.compile_total = 0.0  # every compiling step's seconds in this process
         self.callbacks = list(callbacks)
@@ -208,10 +214,14 @@ class Trainer:
         shards = [index[rank::world] for index in self.global_batches()]  # disjoint; together the global batch
         for images, labels in self.data.train.batches(shards):
             images = augment_as(images, self.config)
-            loss_sum, correct, seen, stop = self.train_step(images, labels)
+            sync = (state.step + 1) % self.sync_every == 0 or state.step + 1 == self.steps_per_epoch
+            synced = self.train_step(images, labels, sync)
             state.step += 1
             if self.lookahead is not None:
                 self.lookahead.after_step(self.model, state.epoch * self.steps_per_epoch + state.step)
+            if synced is None:  # totals stay on the device until the next sync point
+                continue
+            loss_sum, correct, seen, stop = synced
             state.running.add(loss_sum, correct, seen)
             self.emit("on_batch_end", loss_sum / max(seen, 1), correct / max(seen, 1))
             if stop and state.step < self.steps_per_epoch:
@@ -225,11 +235,15 @@ class Trainer:
             self.emit("on_interrupt")
             raise TrainingInterrupted(f"stopped after epoch {state.epoch}")
 
-    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, int, int, bool]:
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor,
+                   sync: bool = True) -> tuple[float, int, int, bool] | None:
         """One optimisation step on this rank's uint8 images (B, C, H, W).
 
-        Returns the global batch's loss sum, number correct and number seen, and whether any rank
-        was asked to stop: the same numbers on every rank, so every rank takes the same decision.
+        With `sync`, returns the loss sum, number correct and number seen of the global batches since the
+        last sync point, and whether any rank was asked to stop: the same numbers on every rank, so every
+        rank takes the same decision. Without, returns None and reads nothing back from the device: the
+        step's numbers are added up there (a host sync per step is what keeps a GPU waiting), and a loss
+        that turned NaN or infinite is caught at the next sync point, before its step updates the weights.
         """
         inputs = to_inputs(images, self.config.channels_last, self.device)  # floats in [0, 1]
         labels = labels.to(self.device)
@@ -237,16 +251,27 @@ class Trainer:
         started = time.perf_counter()
         logits = self.forward(inputs, compiling)  # (B, num_classes)
         loss_sum = self.loss_fn(logits, labels)
-        correct = (logits.argmax(dim=1) == labels).sum()
-        total, hits, seen, stops = self.context.all_reduce_sum(
-            [loss_sum.item(), float(correct), float(len(labels)), float(self.stop_requested)])
-        if not math.isfinite(total):  # checked on the all-reduced sum: every rank stops at this step
-            raise TrainingDiverged(
-                f"loss became {total / max(seen, 1)} in epoch {self.state.epoch + 1}, step {self.state.step + 1}: "
-                f"training diverged. Try a lower learning rate (train.lr is {peak_lr(self.config):g}) or batch norm.")
+        # (loss sum, correct, seen, stop asked) of this rank's slice, summed over ranks on the device
+        counts = torch.stack([loss_sum.detach().double(), (logits.argmax(dim=1) == labels).sum().double(),
+                              torch.tensor(float(len(labels)), dtype=torch.float64, device=self.device),
+                              torch.tensor(float(self.stop_requested), dtype=torch.float64, device=self.device)])
+        self.context.all_reduce_tensor(counts)
+        self.pending += counts[:3]
+        if sync:
+            total, hits, seen_since = self.pending.tolist()
+            seen, stops = counts[2].item(), counts[3].item()
+            self.pending.zero_()
+            if not math.isfinite(total):  # checked on the all-reduced sum: every rank stops at this step
+                raise TrainingDiverged(
+                    f"loss became {total / max(seen_since, 1)} in epoch {self.state.epoch + 1} by step "
+                    f"{self.state.step + 1}: training diverged. Try a lower learning rate (train.lr is "
+                    f"{peak_lr(self.config):g}) or batch norm.")
+            scale: float | torch.Tensor = self.context.world / max(seen, 1)
+        else:
+            scale = (self.context.world / counts[2].clamp(min=1)).float()
         self.optimizer.zero_grad(set_to_none=True)
         # The mean over the images all ranks read (unreadable ones skipped); DDP averages over ranks.
-        (loss_sum * (self.context.world / max(seen, 1))).backward()
+        (loss_sum * scale).backward()
         if self.state.epoch < self.config.freeze_epochs:
             for p in self.frozen:  # no gradient: the optimizer leaves them (and their decay) alone
                 p.grad = None
@@ -258,7 +283,7 @@ class Trainer:
             self.shapes_compiled.add(tuple(inputs.shape))
             self.compile_seconds += time.perf_counter() - started
             self.compile_total += time.perf_counter() - started
-        return total, int(hits), int(seen), stops > 0
+        return (total, int(hits), int(seen_since), stops > 0) if sync else None
 
     def forward(self, inputs: torch.Tensor, compiling: bool) -> torch.Tensor:
         """The training forward pass; a step that compiles and fails goes on eagerly, for the rest of the run."""
