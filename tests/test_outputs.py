@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from use_runs import tiny_run
+from use_runs import TINY, tiny_run
 
 runner = CliRunner()
 IMAGES = Path(__file__).resolve().parents[1] / "docs" / "img"
@@ -89,6 +89,16 @@ def test_written_files_get_the_mode_a_plain_open_would_give(tmp_path, umask_022)
     kept.chmod(0o640)
     write_text(kept, "new")
     assert kept.stat().st_mode & 0o777 == 0o640 and kept.read_text() == "new"  # replacing keeps the old mode
+
+
+def test_a_run_directory_is_readable_by_others_under_the_usual_umask(tmp_path, umask_022):
+    """Every file of a run, the safetensors ones too (their writer replaces the file it is handed)."""
+    result = runner.invoke(app, ["train", *TINY, "--epochs", "1", "--runs-dir", str(tmp_path), "--name", "r"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "r"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    assert "model.safetensors" in modes and "checkpoint.safetensors" in modes
+    assert modes == dict.fromkeys(modes, 0o644)
 
 
 def test_a_command_output_is_readable_by_others_under_the_usual_umask(tmp_path, umask_022):

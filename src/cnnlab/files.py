@@ -205,10 +205,12 @@ def write_atomic(path: str | Path, write: Callable[[Path], object],
     except OSError as exc:  # name the file the user asked for, not the hidden temporary one
         raise type(exc)(exc.errno, exc.strerror, str(target)) from None
     os.close(fd)
+    # mkstemp makes the file private (0600); give it the mode a plain open() would: the old file's, or the umask's.
+    # Set after `write`: a writer may replace the file it is handed (safetensors' save_file writes a new 0600 one).
+    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~current_umask()
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would: the old file's, or the umask's
-        os.chmod(tmp, stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~current_umask())
         write(Path(tmp))
+        os.chmod(tmp, mode)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         if before_rename is not None:
