@@ -7,12 +7,13 @@
 read, gunzip, SHA-256 and parse) and `load_dataset` with the decoded-data cache off, cold and warm.
 `whole` runs the whole `cnnlab train` command, cold (an empty cache folder, $XDG_CACHE_HOME) and warm (the
 folder the cold run filled) taking turns, --runs times each. Each run is the real command in a process of its
-own (`cnnlab.cli.main()`, what the `cnnlab` script calls) with timers wrapped around its steps: interpreter
-start-up, imports, loading the dataset, tensors and split, model, Trainer (optimizer and
+own (what the `cnnlab` script runs: `cnnlab.cli.app()`, then its way out, `exit_now`) with timers wrapped around
+its steps: interpreter start-up, imports, loading the dataset, tensors and split, model, Trainer (optimizer and
 schedule), run directory, the first training step, the training loop, the test evaluation, confusion.png;
 "rest" is the wall time no timer covers (argument parsing, config, writing the run, interpreter exit). Its wall
 time is compared with the training time the run reports (the sum of the epochs' `seconds` in metrics.jsonl,
-what "trained in" rounds). `all` (the default) runs both. Prints Markdown for BENCHMARKS.md; medians.
+what "trained in" rounds). `--against SRC` also times another source tree's cnnlab, pair for pair (before and
+after a change, on the same machine). `all` (the default) runs both. Prints Markdown for BENCHMARKS.md; medians.
 """
 from __future__ import annotations
 
@@ -108,7 +109,8 @@ except SystemExit as exc:
 clock("cnnlab.cli.main", t)
 with open(out, "w") as handle:
     json.dump({"spans": spans, "ended_at": time.time()}, handle)
-cnnlab.cli.exit_now(code)  # the script's own way out
+if hasattr(cnnlab.cli, "exit_now"):  # the script's own way out (a cnnlab from before it: the interpreter's)
+    cnnlab.cli.exit_now(code)
 '''
 FIRST_STEP = "of which: the first step"
 TOTAL, TRAINED = "whole command", "training the run reports"
@@ -143,10 +145,13 @@ def train_command(args: argparse.Namespace, runs: Path) -> list[str]:
     return command
 
 
-def one_run(args: argparse.Namespace, cache: Path, runs: Path) -> dict[str, float]:
-    """Seconds of each step of one whole `cnnlab train` process, its wall time and the training it reports."""
+def one_run(args: argparse.Namespace, cache: Path, runs: Path, src: str | None = None) -> dict[str, float]:
+    """Seconds of each step of one whole `cnnlab train` process, its wall time and the training it reports;
+    `src`: a source tree (the folder holding cnnlab/) imported in place of the installed one."""
     timings = runs.parent / "timings.json"
     env = dict(os.environ, XDG_CACHE_HOME=str(cache))
+    if src:
+        env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
     env.pop("CNNLAB_DATA_CACHE", None)
     launched = time.time()
     started = time.perf_counter()
@@ -169,37 +174,44 @@ def one_run(args: argparse.Namespace, cache: Path, runs: Path) -> dict[str, floa
 
 
 def whole(args: argparse.Namespace) -> None:
-    """Cold and warm runs taking turns; a cold run gets an empty cache folder, a warm one the one it filled."""
-    rows: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}
+    """Cold and warm runs taking turns; a cold run gets an empty cache folder, a warm one the one it filled.
+    With --against, the same pair from another source tree follows each pair from this one."""
+    trees = {"this tree": None, **({f"{args.against}": args.against} if args.against else {})}
+    rows: dict[tuple[str, str], list[dict[str, float]]] = {(t, k): [] for t in trees for k in ("cold", "warm")}
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as folder:
         base = Path(folder)
         runs = base / "runs"
         runs.mkdir()
         for i in range(args.runs):
-            cache = base / f"cache-{i}"
-            rows["cold"].append(one_run(args, cache, runs))
-            rows["warm"].append(one_run(args, cache, runs))
-            print(f"pair {i + 1}/{args.runs}: cold {rows['cold'][-1][TOTAL]:.2f}s, warm {rows['warm'][-1][TOTAL]:.2f}s",
-                  file=sys.stderr)
-    median = {kind: {name: statistics.median(run[name] for run in values) for name in values[0]}
-              for kind, values in rows.items()}
-    print(f"`cnnlab {' '.join(train_command(args, Path('RUNS')))}`, {args.runs} cold/warm pairs, "
-          f"load average before: {load:.2f}")
+            for n, (tree, src) in enumerate(trees.items()):
+                cache = base / f"cache-{i}-{n}"
+                for kind in ("cold", "warm"):
+                    rows[(tree, kind)].append(one_run(args, cache, runs, src))
+                print(f"pair {i + 1}/{args.runs}, {tree}: cold {rows[(tree, 'cold')][-1][TOTAL]:.2f}s, "
+                      f"warm {rows[(tree, 'warm')][-1][TOTAL]:.2f}s", file=sys.stderr)
+    median = {key: {name: statistics.median(run[name] for run in values) for name in values[0]}
+              for key, values in rows.items()}
+    print(f"`cnnlab {' '.join(train_command(args, Path('RUNS')))}`, {args.runs} cold/warm pairs"
+          f"{' per source tree' if args.against else ''}, load average before: {load:.2f}")
     print()
-    print("| run | whole command s (median, min-max) | training s (median) | whole - training s | whole / training |")
-    print("| --- | --- | --- | --- | --- |")
-    for kind, values in rows.items():
+    print("| source | run | whole command s (median, min-max) | training s (median) | whole - training s "
+          "| whole / training |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (tree, kind), values in rows.items():
         walls = [run[TOTAL] for run in values]
         ratios = statistics.median(run[TOTAL] / run[TRAINED] for run in values)
         overhead = statistics.median(run[TOTAL] - run[TRAINED] for run in values)
-        print(f"| {kind} cache ({'first' if kind == 'cold' else 'second'} run) | {statistics.median(walls):.2f} "
-              f"({min(walls):.2f}-{max(walls):.2f}) | {median[kind][TRAINED]:.2f} | {overhead:.2f} | {ratios:.2f}x |")
+        print(f"| {tree} | {kind} cache ({'first' if kind == 'cold' else 'second'} run) | "
+              f"{statistics.median(walls):.2f} ({min(walls):.2f}-{max(walls):.2f}) | "
+              f"{median[(tree, kind)][TRAINED]:.2f} | {overhead:.2f} | {ratios:.2f}x |")
     print()
-    print("| step of the whole command (median s) | cold cache | warm cache |")
-    print("| --- | --- | --- |")
-    for name in median["cold"]:
-        print(f"| {name} | {median['cold'][name]:.3f} | {median['warm'][name]:.3f} |")
+    print("| step of the whole command (median s) | " + " | ".join(f"{t}, {k}" for t, k in rows) + " |")
+    print("| --- |" + " --- |" * len(rows))
+    names = dict.fromkeys(name for values in median.values() for name in values)
+    for name in names:
+        cells = [f"{median[key][name]:.3f}" if name in median[key] else "-" for key in rows]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:
@@ -210,6 +222,8 @@ def main() -> None:
     parser.add_argument("--model", default="fast")
     parser.add_argument("--data-dir", default=None, help="the folder holding <dataset>/")
     parser.add_argument("--allow-checksum-mismatch", action="store_true")
+    parser.add_argument("--against", metavar="SRC", help="whole: also time another source tree's cnnlab (the "
+                        "folder holding cnnlab/, e.g. an older commit's src from `git archive`), in turns")
     args = parser.parse_args()
     if args.mode in ("all", "stages"):
         stages(args)

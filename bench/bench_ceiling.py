@@ -1,0 +1,104 @@
+"""How close the training step comes to the machine's matmul ceiling, both measured in the same process.
+
+    python bench/bench_ceiling.py --runs seed:mnist fast:mnist fast:fashion-mnist best:fashion-mnist --rounds 3
+
+For each PRESET:DATASET (the preset with that dataset's `datasets:` block), the engine's own model and fused
+optimizer, channels-last, at the preset's batch size, on random uint8 batches of the dataset's shape (the
+cost does not depend on the pixels): 20 warm-up steps, then ms per step over --steps. GFLOP/s counts
+2 FLOP per multiply-add and 3 forward passes' worth per training image (forward and backward), as in
+bench_presets.py. The ceiling is bench/matmul_ceiling.py's 2048² fp32 matmul, measured before and after
+every round; the step's share of it is its GFLOP/s over the round's ceiling (the mean of the two).
+Rounds take the presets in turn; medians over rounds. Prints a Markdown table; --out writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from matmul_ceiling import matmul_gflops  # noqa: E402  (a sibling script)
+
+
+def step_timer(preset: str, dataset: str, steps: int) -> tuple[dict, object]:
+    """The preset's training step on `dataset`'s image shape, and what describes it."""
+    from cnnlab.config import load_config
+    from cnnlab.data.pixels import to_inputs
+    from cnnlab.data.registry import get_dataset
+    from cnnlab.models.cnn import build_model
+    from cnnlab.models.plan import count_macs, plan
+    from cnnlab.training.optim import make_optimizer
+
+    spec = get_dataset(dataset)
+    config = load_config(preset, overrides=[f"data.dataset={dataset}"])
+    batch = config.train.batch_size
+    model = build_model(config.model, spec.image_shape, spec.num_classes, seed=0)
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    optimizer = make_optimizer(model, config.train)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)
+    h, w, c = spec.image_shape
+    images = torch.randint(0, 256, (batch * 8, c, h, w), dtype=torch.uint8)
+    labels = torch.randint(0, spec.num_classes, (batch * 8,))
+
+    def step(i: int) -> None:
+        part = slice((i % 8) * batch, (i % 8 + 1) * batch)
+        loss = loss_fn(model(to_inputs(images[part], True)), labels[part])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()
+
+    def timed() -> float:
+        for i in range(20):
+            step(i)
+        started = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        return (time.perf_counter() - started) / steps
+
+    macs = count_macs(plan(config.model, spec.image_shape, spec.num_classes))
+    return dict(preset=preset, dataset=dataset, batch=batch, macs_per_image=macs), timed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", default=["seed:mnist", "fast:mnist", "fast:fashion-mnist",
+                                                      "best:fashion-mnist"], metavar="PRESET:DATASET")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    timers = [step_timer(*run.split(":", 1), args.steps) for run in args.runs]
+    rows: list[dict] = [dict(about, seconds=[], ceilings=[]) for about, _ in timers]
+    for _ in range(args.rounds):
+        for row, (_, timed) in zip(rows, timers):
+            before = statistics.median(matmul_gflops(2048, 5))
+            seconds = timed()  # type: ignore[operator]
+            after = statistics.median(matmul_gflops(2048, 5))
+            row["seconds"].append(seconds)
+            row["ceilings"].append((before + after) / 2)
+    print(f"{args.threads} threads, {args.rounds} rounds of {args.steps} steps; uptime load before: "
+          f"{Path('/proc/loadavg').read_text().split()[0]}\n")
+    print("| preset | dataset | batch | multiply-adds per image | ms/step | step GFLOP/s | matmul ceiling GFLOP/s "
+          "| share of the ceiling |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in rows:
+        gflops = [2 * 3 * row["macs_per_image"] * row["batch"] / s / 1e9 for s in row["seconds"]]
+        shares = [g / c for g, c in zip(gflops, row["ceilings"])]
+        row.update(ms_per_step=statistics.median(row["seconds"]) * 1000, gflops=statistics.median(gflops),
+                   ceiling=statistics.median(row["ceilings"]), share=statistics.median(shares))
+        print(f"| {row['preset']} | {row['dataset']} | {row['batch']} | {row['macs_per_image'] / 1e6:.2f}M | "
+              f"{row['ms_per_step']:.2f} | {row['gflops']:.0f} | {row['ceiling']:.0f} | {row['share']:.0%} |")
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
