@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal, overload
 
 import torch
 import torch.nn.functional as F
@@ -234,6 +234,14 @@ class Trainer:
         if self.stop_agreed() and state.epoch < self.config.epochs:
             self.emit("on_interrupt")
             raise TrainingInterrupted(f"stopped after epoch {state.epoch}")
+
+    @overload
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor,
+                   sync: Literal[True] = True) -> tuple[float, int, int, bool]: ...
+
+    @overload
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor,
+                   sync: bool) -> tuple[float, int, int, bool] | None: ...
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor,
                    sync: bool = True) -> tuple[float, int, int, bool] | None:

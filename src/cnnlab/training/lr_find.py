@@ -102,12 +102,10 @@ def find_lr(model: nn.Module, data: TrainData, config: TrainConfig, steps: int =
                 group["lr"] = lr * group["lr_scale"]  # the constant schedule resets it after each step
             images = augment_as(images, config)
             try:
-                synced = trainer.train_step(images, labels, sync=True)  # every step's loss, read back
+                loss_sum, _, seen, _ = trainer.train_step(images, labels)  # every step's loss, read back
             except TrainingDiverged:
                 ended = f"the loss became non-finite at {lr:.3g}"
                 break
-            assert synced is not None
-            loss_sum, _, seen, _ = synced
             loss = loss_sum / max(seen, 1)
             lrs.append(lr)
             losses.append(loss)
