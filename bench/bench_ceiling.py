@@ -5,9 +5,12 @@
 For each PRESET:DATASET (the preset with that dataset's `datasets:` block), the engine's own model and fused
 optimizer, channels-last, at the preset's batch size, on random uint8 batches of the dataset's shape (the
 cost does not depend on the pixels): 20 warm-up steps, then ms per step over --steps. GFLOP/s counts
-2 FLOP per multiply-add and 3 forward passes' worth per training image (forward and backward), as in
-bench_presets.py. The ceiling is bench/matmul_ceiling.py's 2048² fp32 matmul, measured before and after
-every round; the step's share of it is its GFLOP/s over the round's ceiling (the mean of the two).
+2 FLOP per multiply-add, and the multiply-adds a step really does (`training_macs`): the forward pass,
+each trained layer's weight gradient, and the input gradient of every layer that a trained layer feeds
+(not the first layer's, whose input is the image; nothing at all for a frozen whitening layer).
+bench_presets.py's rougher 3 forward passes' worth overstates it by up to a third. The ceiling is
+bench/matmul_ceiling.py's 2048² fp32 matmul, measured before and after every round; the step's share of
+it is its GFLOP/s over the round's ceiling (the mean of the two).
 Rounds take the presets in turn; medians over rounds. Prints a Markdown table; --out writes JSON.
 """
 from __future__ import annotations
@@ -25,13 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from matmul_ceiling import matmul_gflops  # noqa: E402  (a sibling script)
 
 
+def training_macs(plan: object) -> int:
+    """Multiply-adds of one training image: forward, weight gradients, and the input gradients backprop needs."""
+    total, trained_below = 0, False
+    for layer in plan.layers():  # type: ignore[attr-defined]
+        if not layer.macs:
+            continue
+        trained = layer.params > layer.frozen
+        total += layer.macs * (1 + trained + trained_below)  # forward, weight gradient, input gradient
+        trained_below = trained_below or trained
+    return total
+
+
 def step_timer(preset: str, dataset: str, steps: int) -> tuple[dict, object]:
     """The preset's training step on `dataset`'s image shape, and what describes it."""
     from cnnlab.config import load_config
     from cnnlab.data.pixels import to_inputs
     from cnnlab.data.registry import get_dataset
     from cnnlab.models.cnn import build_model
-    from cnnlab.models.plan import count_macs, plan
+    from cnnlab.models.plan import plan
     from cnnlab.training.optim import make_optimizer
 
     spec = get_dataset(dataset)
@@ -61,8 +76,9 @@ def step_timer(preset: str, dataset: str, steps: int) -> tuple[dict, object]:
             step(i)
         return (time.perf_counter() - started) / steps
 
-    macs = count_macs(plan(config.model, spec.image_shape, spec.num_classes))
-    return dict(preset=preset, dataset=dataset, batch=batch, macs_per_image=macs), timed
+    layers = plan(config.model, spec.image_shape, spec.num_classes)
+    return dict(preset=preset, dataset=dataset, batch=batch, macs_per_image=layers.macs,
+                training_macs_per_image=training_macs(layers)), timed
 
 
 def main() -> None:
@@ -86,15 +102,16 @@ def main() -> None:
             row["ceilings"].append((before + after) / 2)
     print(f"{args.threads} threads, {args.rounds} rounds of {args.steps} steps; uptime load before: "
           f"{Path('/proc/loadavg').read_text().split()[0]}\n")
-    print("| preset | dataset | batch | multiply-adds per image | ms/step | step GFLOP/s | matmul ceiling GFLOP/s "
-          "| share of the ceiling |")
+    print("| preset | dataset | batch | multiply-adds per image: forward, training | ms/step | step GFLOP/s "
+          "| matmul ceiling GFLOP/s | share of the ceiling |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        gflops = [2 * 3 * row["macs_per_image"] * row["batch"] / s / 1e9 for s in row["seconds"]]
+        gflops = [2 * row["training_macs_per_image"] * row["batch"] / s / 1e9 for s in row["seconds"]]
         shares = [g / c for g, c in zip(gflops, row["ceilings"])]
         row.update(ms_per_step=statistics.median(row["seconds"]) * 1000, gflops=statistics.median(gflops),
                    ceiling=statistics.median(row["ceilings"]), share=statistics.median(shares))
-        print(f"| {row['preset']} | {row['dataset']} | {row['batch']} | {row['macs_per_image'] / 1e6:.2f}M | "
+        print(f"| {row['preset']} | {row['dataset']} | {row['batch']} | {row['macs_per_image'] / 1e6:.2f}M, "
+              f"{row['training_macs_per_image'] / 1e6:.2f}M | "
               f"{row['ms_per_step']:.2f} | {row['gflops']:.0f} | {row['ceiling']:.0f} | {row['share']:.0%} |")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")

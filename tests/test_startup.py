@@ -124,3 +124,39 @@ def test_the_script_waits_for_a_running_thread(tmp_path):
     """, tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "thread-finished").exists()
+
+
+PAGE_FAULTS = textwrap.dedent("""
+    import resource, sys, torch
+    from cnnlab.config import load_config
+    from cnnlab.data.sources import TensorSource
+    from cnnlab.models.cnn import build_model
+    from cnnlab.training.engine import TrainData, Trainer
+    config = load_config("seed")  # the lesson's model: a 2.8 MB gradient for its dense layer every step
+    images = torch.randint(0, 256, (32 * 40, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (32 * 40,))
+    data = TrainData(TensorSource(images, labels), TensorSource(images[:32], labels[:32]))
+    trainer = Trainer(build_model(config.model, seed=0), data, config.train)
+    batches = [(images[i * 32:(i + 1) * 32], labels[i * 32:(i + 1) * 32]) for i in range(40)]
+    for batch in batches[:10]:
+        trainer.train_step(*batch)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for batch in batches[10:]:
+        trainer.train_step(*batch)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 30)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_cpu_training_steps_reuse_their_memory_instead_of_faulting_it_in(monkeypatch):
+    """Page faults are counted, not timed: each one is the kernel handing a fresh page to a tensor the
+    previous step had just freed (BENCHMARKS.md: the `seed` step, 1,488 faults and 6.5 ms against 3 and 4.3)."""
+    def faults_per_step(switch: str) -> float:
+        monkeypatch.setenv("CNNLAB_MALLOC_TUNING", switch)
+        done = subprocess.run([sys.executable, "-c", PAGE_FAULTS], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return float(done.stdout.split()[-1])
+
+    tuned, untuned = faults_per_step("on"), faults_per_step("off")
+    assert tuned < 50, tuned  # a few pages a step: the step's tensors come back from the heap
+    assert untuned > 5 * tuned, (untuned, tuned)  # the switch is what makes the difference

@@ -21,10 +21,8 @@ printable UTF-8.
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from cnnlab.errors import UserError
 from cnnlab.files import MiB, reason
 from cnnlab.files import read_bytes as read_regular
+from cnnlab.heap import trim_heap
 from cnnlab.images import ImageTooLarge, read_pixels
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -152,20 +151,6 @@ class _Batches:
 HEAP_SLACK_BYTES = 128 << 20  # resident growth while streaming before the C heap is trimmed
 
 
-def trim_heap() -> None:
-    """Give the freed parts of the C heap back to the OS (glibc's malloc_trim; a no-op elsewhere).
-
-    glibc raises its mmap threshold to the largest block freed so far (up to 32 MiB), after which
-    per-batch tensors of a few MB come from the heap, which fragments and grows with the number of
-    batches: one epoch over 16,000 96x96 images peaked at 639 MiB against 350 MiB for 1,500. Trimming
-    whenever the process has grown by HEAP_SLACK_BYTES keeps the peak flat. Trimming after every batch,
-    or fixing the threshold (mallopt), bounds it too but makes each batch fault its pages in again:
-    20-30% slower steps for deep-color (bench/folder_memory.py, BENCHMARKS.md).
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
 def resident_bytes() -> int:
     """This process's resident memory (Linux /proc; 0 elsewhere, where nothing is trimmed anyway)."""
     try:
@@ -175,18 +160,6 @@ def resident_bytes() -> int:
         return 0
 
 
-def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 -- musl and others have no malloc_trim
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _glibc()
 
 
 class FolderSource:

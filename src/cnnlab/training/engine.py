@@ -30,6 +30,7 @@ from cnnlab.config import ConfigError, TrainConfig, peak_lr
 from cnnlab.data.pixels import to_inputs
 from cnnlab.data.sources import Source
 from cnnlab.errors import UserError
+from cnnlab.heap import keep_freed_memory
 from cnnlab.training.augment import augment_as
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.compiling import compiled, failure_line
@@ -125,6 +126,8 @@ class Trainer:
                  callbacks: Sequence[Callback] = (), context: Context = SINGLE):
         self.model, self.data, self.config, self.context = model, data, config, context
         self.device = context.device
+        if self.device.type == "cpu":
+            keep_freed_memory()  # each step's large tensors reused from the heap, not faulted in afresh
         model.to(self.device)
         if config.channels_last:
             # In place: parameters keep their identity. torch's stubs leave memory_format out of Module.to's overloads.
