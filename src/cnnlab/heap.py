@@ -4,11 +4,14 @@ Training: tensors freed every step come back from the heap, not as fresh pages (
 
 A training step allocates and frees the same large tensors every time (the gradients: 2.8 MB for the lesson's
 dense layer; activations and their gradients). glibc serves an allocation of more than its mmap threshold
-(128 kB at start, raised as such blocks are freed) with fresh pages from the kernel and returns them on free,
-so the next step pays a page fault for every 4 kB it touches again. With the threshold at glibc's maximum
-(32 MB) and freed memory kept up to 128 MB, those tensors are reused from the heap: the `seed` step took
-3.9-4.0 instead of 5.0-7.6 ms here (BENCHMARKS.md, "The lesson's model at the lesson's batch"). Linux with
-glibc only; elsewhere, or with CNNLAB_MALLOC_TUNING=off (to measure without it), nothing changes.
+(128 kB at start, raised only as such blocks are freed) with fresh pages from the kernel and returns them on
+free, so unless something earlier in the process raised the threshold, every step pays a page fault for each
+4 kB it touches again: a Trainer built in a fresh process took 1,675 faults per `seed` step (6.5 ms a step
+against 4.3 with the threshold set). `cnnlab train` loads its dataset first, which raises the threshold as
+a side effect, so there the setting changes little (BENCHMARKS.md, "Engine speed, second pass"); it makes the
+step's memory behaviour the same whatever ran before. The threshold is fixed at glibc's maximum (32 MB) and
+freed memory is kept up to 128 MB. Linux with glibc only; elsewhere, or with CNNLAB_MALLOC_TUNING=off (to
+measure without it), nothing changes.
 
 Streaming image folders: heap memory freed in the middle of the heap stays resident, so `trim_heap` gives it
 back now and then (`cnnlab.data.folder`, which calls it whenever the process has grown by 128 MiB).
