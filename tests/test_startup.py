@@ -150,7 +150,8 @@ PAGE_FAULTS = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_cpu_training_steps_reuse_their_memory_instead_of_faulting_it_in(monkeypatch):
     """Page faults are counted, not timed: each one is the kernel handing a fresh page to a tensor the
-    previous step had just freed (in a fresh process: 1,675 faults per `seed` step without the setting, none with it)."""
+    previous step had just freed (in a fresh process: 1,675 faults per `seed` step without the setting, none
+    with it)."""
     def faults_per_step(switch: str) -> float:
         monkeypatch.setenv("CNNLAB_MALLOC_TUNING", switch)
         done = subprocess.run([sys.executable, "-c", PAGE_FAULTS], capture_output=True, text=True, timeout=300)
