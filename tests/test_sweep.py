@@ -82,6 +82,18 @@ def test_hyperband_prunes_a_hopeless_learning_rate(tmp_path):
     assert "pruned" in result.output
 
 
+def test_status_says_why_a_trial_failed_and_lists_no_directory_it_never_made(tmp_path):
+    # a 29x29 kernel does not fit a 28x28 image: the trial fails before its run directory exists
+    file = write_sweep(tmp_path, {"model.conv.0.kernel_size": {"values": [3, 29]}}, set={"epochs": 1})
+    assert sweep_cli("run", str(file), "--trials", "2", "--runs-dir", str(tmp_path / "runs")).exit_code == 0
+    lines = sweep_cli("status", "sweep", "--runs-dir", str(tmp_path / "runs")).output.splitlines()
+    [failed] = [line for line in lines if " fail " in line]  # a table row: "    0  fail    -   29  ..."
+    assert "(no run directory) failed: " in failed and "trial-" not in failed
+    assert "kernel" in failed  # the trial's own error
+    [complete] = [line for line in lines if " complete " in line]
+    assert Path(complete.split()[-1]).is_dir()
+
+
 def test_non_finite_objectives_and_diverged_trials_count_as_failed(tmp_path):
     # val_size=0: no validation split, so the objective is NaN; SGD at lr=1e12 makes the loss diverge.
     file = write_sweep(tmp_path, {"train.lr": {"values": [1e-3, 1e12]}},

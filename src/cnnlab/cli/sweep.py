@@ -111,7 +111,7 @@ def print_status(study: Any) -> Any:
     for t in summary.trials:
         value = f"{t.value:8.4f}" if t.value is not None else f"{'-':>8}"
         params = "  ".join(f"{format_param(t.params.get(k)):>12}" for k in keys)
-        print(f"{t.number:5d}  {t.state.name.lower():8}  {value}  {params}  {t.user_attrs.get('run', '')}")
+        print(f"{t.number:5d}  {t.state.name.lower():8}  {value}  {params}  {run_cell(t)}")
     counts = ", ".join(f"{n} {state}" for state, n in summary.counts.items() if n)
     print(f"\n{len(summary.trials)} trials: {counts or 'none yet'}")
     if summary.best is not None:
@@ -120,6 +120,15 @@ def print_status(study: Any) -> Any:
     if keys and summary.best is not None:  # no trial done, or no parameters: nothing to say
         print_importances(summary.importances)
     return summary
+
+
+def run_cell(trial: Any) -> str:
+    """The trial's run directory; for a failed trial, why it failed, and no directory it never made."""
+    run = trial.user_attrs.get("run", "")
+    if trial.state.name != "FAIL":
+        return str(run)
+    error = trial.user_attrs.get("error", "no error recorded")
+    return f"{run}  failed: {error}" if run and Path(run).is_dir() else f"(no run directory) failed: {error}"
 
 
 def print_importances(importances: Any) -> None:
