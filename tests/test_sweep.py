@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -87,10 +88,10 @@ def test_status_says_why_a_trial_failed_and_lists_no_directory_it_never_made(tmp
     file = write_sweep(tmp_path, {"model.conv.0.kernel_size": {"values": [3, 29]}}, set={"epochs": 1})
     assert sweep_cli("run", str(file), "--trials", "2", "--runs-dir", str(tmp_path / "runs")).exit_code == 0
     lines = sweep_cli("status", "sweep", "--runs-dir", str(tmp_path / "runs")).output.splitlines()
-    [failed] = [line for line in lines if " fail " in line]  # a table row: "    0  fail    -   29  ..."
+    rows = {line.split()[1]: line for line in lines if re.match(r"\s+\d+\s+\w+\s", line)}  # "    0  fail  ..."
+    failed, complete = rows["fail"], rows["complete"]
     assert "(no run directory) failed: " in failed and "trial-" not in failed
     assert "kernel" in failed  # the trial's own error
-    [complete] = [line for line in lines if " complete " in line]
     assert Path(complete.split()[-1]).is_dir()
 
 
