@@ -207,3 +207,17 @@ def test_compare_shows_only_the_keys_that_differ(trained):
 def test_dotted_keys_are_the_keys_set_takes():
     assert dotted_keys({"model": {"conv": [{"filters": 4, "kernel_size": [3, 3]}]}, "train": {"lr": 0.1}}) == {
         "model.conv.0.filters": 4, "model.conv.0.kernel_size": [3, 3], "train.lr": 0.1}
+
+
+def test_a_tall_kernel_grid_says_how_many_filters_it_leaves_out_and_keeps_its_title_inside(tmp_path):
+    from cnnlab.inspect.activations import plot_kernels, wrap_title
+
+    weights = np.random.default_rng(0).normal(size=(32, 3, 3, 3))  # a colour layer: a row per filter, 16 drawn
+    long_title = "a-colour-run-20261206-001122: conv1, 32 learned 3x3 kernels (input channels: 3)"
+    grid = plot_kernels(weights, tmp_path / "k.png", "conv1", title=long_title)
+    assert grid.describe() == "conv1: 16 of 32 filters x 3 input channel(s) in a 16x3 grid"
+    assert plot_kernels(weights[:4], tmp_path / "all.png").describe() == \
+        "conv1: 4 filters x 3 input channel(s) in a 4x3 grid"  # all drawn: no "of"
+    wrapped = wrap_title(long_title + "\n(the first 16 of 32 filters shown)", 4.5)  # a 3-column grid's width
+    assert wrapped.replace("\n", " ") == long_title + " (the first 16 of 32 filters shown)"
+    assert all(len(line) <= 49 for line in wrapped.splitlines())

@@ -77,8 +77,7 @@ def show_kernels(run: Run, layer: Annotated[str, typer.Option(help="Conv layer: 
 
     loaded = load(run)
     grid = save_png(out, lambda tmp: inspection.show_kernels(loaded, tmp, layer))
-    print(f"{grid.layer}: {grid.filters} filters x {grid.channels} input channel(s) in a "
-          f"{grid.rows}x{grid.columns} grid")
+    print(grid.describe())
 
 
 @show_app.command("features")

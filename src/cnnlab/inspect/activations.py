@@ -3,6 +3,7 @@
 Both come from the model's own API (`CNN.conv_layers`, `CNN.feature_maps`), never from module names."""
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,15 @@ class KernelGrid:
     channels: int  # input channels drawn per filter
     rows: int
     columns: int
+    total_filters: int = 0  # the layer's filters and input channels, drawn or not (0: as drawn)
+    total_channels: int = 0
+
+    def describe(self) -> str:
+        """One line: what is drawn, and of how many when the picture shows only the first ones."""
+        filters = f"{self.filters} of {self.total_filters}" if self.total_filters > self.filters else f"{self.filters}"
+        channels = (f"{self.channels} of {self.total_channels}" if self.total_channels > self.channels
+                    else f"{self.channels}")
+        return f"{self.layer}: {filters} filters x {channels} input channel(s) in a {self.rows}x{self.columns} grid"
 
 
 def plot_kernels(weights: np.ndarray, out: Output, layer: str = "conv1", title: str = "",
@@ -77,7 +87,8 @@ def plot_kernels(weights: np.ndarray, out: Output, layer: str = "conv1", title: 
         rows, columns = grid_shape(filters, 8)
     else:
         rows, columns = filters, channels
-    fig = new_figure(1.1 * columns + 1.2, 1.1 * rows + 0.8)
+    width = 1.1 * columns + 1.2
+    fig = new_figure(width, 1.1 * rows + 0.8)
     axes = np.atleast_1d(fig.subplots(rows, columns, squeeze=False)).ravel()
     limit = float(np.abs(weights).max()) or 1.0
     image = None
@@ -94,11 +105,19 @@ def plot_kernels(weights: np.ndarray, out: Output, layer: str = "conv1", title: 
                  label="weight ÷ its filter's largest (red +, blue −)" if each_scaled else "weight (red +, blue −)")
     kh, kw = weights.shape[2:]
     title = title or f"{layer}: {total_filters} learned {kh}x{kw} kernels"
-    if (filters, channels) != (total_filters, total_channels):
-        title += f"\n(first {filters} filters x {channels} of {total_channels} input channels shown)"
-    fig.suptitle(title)
+    shown = [f"the first {n} of {total} {what}" for n, total, what in
+             ((filters, total_filters, "filters"), (channels, total_channels, "input channels")) if n < total]
+    if shown:
+        title += f"\n({' and '.join(shown)} shown)"
+    fig.suptitle(wrap_title(title, width))
     save_figure(fig, out)
-    return KernelGrid(layer, filters, channels, rows, columns)
+    return KernelGrid(layer, filters, channels, rows, columns, total_filters, total_channels)
+
+
+def wrap_title(title: str, width_inches: float) -> str:
+    """A figure title in lines that fit its width: a row per filter makes a narrow picture (about 11
+    characters an inch at matplotlib's 12-point title)."""
+    return "\n".join(textwrap.fill(line, max(24, int(width_inches * 11))) for line in title.splitlines())
 
 
 def kernel_caption(filter_index: int, channel: int, channels: int) -> str:
