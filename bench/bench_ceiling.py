@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from matmul_ceiling import matmul_gflops  # noqa: E402  (a sibling script)
+from engine_step import engine_step  # noqa: E402  (sibling scripts)
+from matmul_ceiling import matmul_gflops  # noqa: E402
 
 
 def training_macs(plan: object) -> int:
@@ -43,30 +44,10 @@ def training_macs(plan: object) -> int:
 def step_timer(preset: str, dataset: str, steps: int) -> tuple[dict, object]:
     """The preset's training step on `dataset`'s image shape, and what describes it."""
     from cnnlab.config import load_config
-    from cnnlab.data.pixels import to_inputs
-    from cnnlab.data.registry import get_dataset
-    from cnnlab.models.cnn import build_model
     from cnnlab.models.plan import plan
-    from cnnlab.training.optim import make_optimizer
 
-    spec = get_dataset(dataset)
     config = load_config(preset, overrides=[f"data.dataset={dataset}"])
-    batch = config.train.batch_size
-    model = build_model(config.model, spec.image_shape, spec.num_classes, seed=0)
-    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    optimizer = make_optimizer(model, config.train)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)
-    h, w, c = spec.image_shape
-    images = torch.randint(0, 256, (batch * 8, c, h, w), dtype=torch.uint8)
-    labels = torch.randint(0, spec.num_classes, (batch * 8,))
-
-    def step(i: int) -> None:
-        part = slice((i % 8) * batch, (i % 8 + 1) * batch)
-        loss = loss_fn(model(to_inputs(images[part], True)), labels[part])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()
+    step, model, batch = engine_step(config)
 
     def timed() -> float:
         for i in range(20):
@@ -76,7 +57,7 @@ def step_timer(preset: str, dataset: str, steps: int) -> tuple[dict, object]:
             step(i)
         return (time.perf_counter() - started) / steps
 
-    layers = plan(config.model, spec.image_shape, spec.num_classes)
+    layers = plan(config.model, model.plan.input_shape, model.plan.num_classes)
     return dict(preset=preset, dataset=dataset, batch=batch, macs_per_image=layers.macs,
                 training_macs_per_image=training_macs(layers)), timed
 

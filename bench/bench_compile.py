@@ -26,27 +26,12 @@ def worker(preset: str, batch: int | None, compiled: bool, steps: int, threads: 
     import torch
 
     from cnnlab.config import load_config
-    from cnnlab.data.pixels import to_inputs
-    from cnnlab.models.cnn import build_model
-    from cnnlab.training.optim import make_optimizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from engine_step import engine_step  # a sibling script
 
     torch.set_num_threads(threads)
-    config = load_config(preset)
-    batch = batch or config.train.batch_size
-    model = build_model(config.model, seed=0).to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config.train)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)
-    images = torch.randint(0, 256, (batch * 20, 1, 28, 28), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (batch * 20,))
-    net = torch.compile(model) if compiled else model
-
-    def step(i: int) -> None:
-        part = slice((i % 20) * batch, (i % 20 + 1) * batch)
-        loss = loss_fn(net(to_inputs(images[part], True)), labels[part])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()
+    step, _, batch = engine_step(load_config(preset), batch, compiled=compiled, batches=20)
 
     started = time.perf_counter()
     step(0)

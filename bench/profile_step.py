@@ -8,15 +8,17 @@ pixels) and prints the operators by self CPU time, plus ms per step.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from cnnlab.config import load_config
-from cnnlab.models.cnn import build_model
-from cnnlab.training.evaluate import to_inputs
-from cnnlab.training.optim import make_optimizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from engine_step import engine_step  # noqa: E402  (a sibling script)
 
 
 def main() -> None:
@@ -30,22 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     config = load_config(None if args.config else args.preset, args.config)
-    batch = args.batch_size or config.train.batch_size
-    model = build_model(config.model, seed=0)
-    channels_last = not args.nchw
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, config.train)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=config.train.label_smoothing)
-    images = torch.randint(0, 256, (batch * 20, 1, 28, 28), dtype=torch.uint8)
-    labels = torch.randint(0, 10, (batch * 20,))
-
-    def step(i: int) -> None:
-        part = slice((i % 20) * batch, (i % 20 + 1) * batch)
-        loss = loss_fn(model(to_inputs(images[part], channels_last)), labels[part])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    step, _, batch = engine_step(config, args.batch_size, channels_last=not args.nchw, batches=20)
 
     for i in range(10):  # warm-up
         step(i)
