@@ -262,10 +262,11 @@ class Trainer:
         started = time.perf_counter()
         logits = self.forward(inputs, compiling)  # (B, num_classes)
         loss_sum = self.loss_fn(logits, labels)
-        # (loss sum, correct, seen, stop asked) of this rank's slice, summed over ranks on the device
+        # (loss sum, correct, seen, stop asked) of this rank's slice, summed over ranks on the device; the host's
+        # numbers go in as fills (a kernel argument), not copies, which would wait for the device
         counts = torch.stack([loss_sum.detach().double(), (logits.argmax(dim=1) == labels).sum().double(),
-                              torch.tensor(float(len(labels)), dtype=torch.float64, device=self.device),
-                              torch.tensor(float(self.stop_requested), dtype=torch.float64, device=self.device)])
+                              torch.full((), float(len(labels)), dtype=torch.float64, device=self.device),
+                              torch.full((), float(self.stop_requested), dtype=torch.float64, device=self.device)])
         self.context.all_reduce_tensor(counts)
         self.pending += counts[:3]
         if sync:
