@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Collection, Iterable
@@ -256,7 +257,7 @@ def convert(hint: Any, value: Any, where: str) -> Any:
     if str in options and isinstance(value, str):
         return value
     expected = " or ".join(type_name(o) for o in options)
-    raise ConfigError(f"{where}: expected {expected}, found {value!r}")
+    raise ConfigError(f"{where}: expected {expected}, found {as_written(value)}")
 
 
 def matches(option: Any, value: Any) -> bool:
@@ -271,12 +272,19 @@ def matches(option: Any, value: Any) -> bool:
     return isinstance(value, option)
 
 
+TYPE_NAMES = {type(None): "null", bool: "true or false", int: "an int", float: "a number", str: "text"}
+
+
 def type_name(option: Any) -> str:
-    if option is type(None):
-        return "null"
+    """A type as a config file's reader knows it: `true or false`, not `bool`."""
     if typing.get_origin(option) is list:
         return f"a list of {type_name(typing.get_args(option)[0])}"
-    return getattr(option, "__name__", str(option))
+    return TYPE_NAMES.get(option) or getattr(option, "__name__", str(option))
+
+
+def as_written(value: Any) -> str:
+    """A value as YAML spells it (true, null), strings quoted."""
+    return json.dumps(value) if value is None or isinstance(value, bool) else repr(value)
 
 
 def dotted_keys(node: Any, prefix: str = "") -> dict[str, Any]:
