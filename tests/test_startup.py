@@ -10,6 +10,7 @@ import copy
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +162,15 @@ def test_cpu_training_steps_reuse_their_memory_instead_of_faulting_it_in(monkeyp
     tuned, untuned = faults_per_step("on"), faults_per_step("off")
     assert tuned < 50, tuned  # a few pages a step: the step's tensors come back from the heap
     assert untuned > 5 * tuned, (untuned, tuned)  # the switch is what makes the difference
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+@pytest.mark.parametrize("unbuffered", ["", "1"], ids=["at exit", "mid-command"])
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(unbuffered, monkeypatch):
+    """Buffered, the output fails when the script flushes it at exit; unbuffered, on the command's first print."""
+    monkeypatch.setenv("PYTHONUNBUFFERED", unbuffered)
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "cnnlab", "presets"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: cannot write the output: No space left on device"

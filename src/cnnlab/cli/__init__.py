@@ -7,6 +7,7 @@ order the modules were imported in. Command modules import the library inside ea
 """
 import atexit
 import contextlib
+import errno
 import os
 import sys
 import threading
@@ -32,6 +33,29 @@ def main() -> None:
         app()  # click's standalone mode: always ends in SystemExit
     except SystemExit as done:
         exit_now(done.code)
+    except OSError as exc:
+        if not output_failed(exc):
+            raise
+        exit_now(report_output_failure(exc))
+
+
+# Errors of writing the command's own output (a file name would say it was some other file): a full disk or
+# quota behind `> file`, a device error, or a reader that went away (`cnnlab ... | head`).
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EPIPE)
+
+
+def output_failed(exc: OSError) -> bool:
+    return exc.filename is None and exc.errno in OUTPUT_ERRNOS
+
+
+def report_output_failure(exc: OSError) -> int:
+    """One line on stderr for output that could not be written; the exit status. A closed pipe that cut a
+    command short is no error to report (its reader has all it wanted), but the command did not finish."""
+    if exc.errno == errno.EPIPE:
+        return 1
+    with contextlib.suppress(OSError, ValueError):
+        print(f"error: cannot write the output: {exc.strerror or exc}", file=sys.stderr)
+    return 2
 
 
 def exit_now(code: int | str | None) -> None:
@@ -46,8 +70,14 @@ def exit_now(code: int | str | None) -> None:
         raise SystemExit(code)
     if isinstance(code, str):  # sys.exit("message"): printed, status 1
         print(code, file=sys.stderr)
+    status = code if isinstance(code, int) else 0 if code is None else 1
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`cnnlab ... | head`): nothing more to say
+        try:
             stream.flush()
-    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+        except ValueError:  # closed
+            pass
+        except OSError as exc:  # the command is done; what it still had to say could not be written
+            if exc.errno != errno.EPIPE:  # a reader that left (`| head`) had all it wanted: the status stands
+                status = status or report_output_failure(exc)
+    os._exit(status)

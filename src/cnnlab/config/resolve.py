@@ -279,7 +279,7 @@ def type_name(option: Any) -> str:
     """A type as a config file's reader knows it: `true or false`, not `bool`."""
     if typing.get_origin(option) is list:
         return f"a list of {type_name(typing.get_args(option)[0])}"
-    return TYPE_NAMES.get(option) or getattr(option, "__name__", str(option))
+    return TYPE_NAMES.get(option) or str(getattr(option, "__name__", option))
 
 
 def as_written(value: Any) -> str:
