@@ -166,6 +166,33 @@ def test_sigterm_mid_epoch_exits_130_and_resumes_bitwise_equal(cli_reference, tm
     assert not temp_files(run)
 
 
+SIGNAL_IN_THE_TEST_PASS = """
+import os, signal, sys
+from cnnlab import pipeline
+from cnnlab.cli import app
+real_test_run = pipeline.test_run
+def signalled_test_run(*args, **kwargs):  # the signal arrives as the run's test pass starts
+    os.kill(os.getpid(), getattr(signal, sys.argv[1]))
+    return real_test_run(*args, **kwargs)
+pipeline.test_run = signalled_test_run
+app(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
+def test_a_signal_after_the_last_step_lets_the_run_finish_its_test_and_files(tmp_path, name):
+    """Training is done; the seconds that test and write the run finish rather than leave it half made."""
+    run = tmp_path / "runs" / "late"
+    done = subprocess.run([sys.executable, "-c", SIGNAL_IN_THE_TEST_PASS, name, "train", "--set", "epochs=1",
+                           "--set", "model.conv.0.filters=4", "--set", "dense_layer_size=16",
+                           "--runs-dir", str(tmp_path / "runs"), "--name", "late", "-q"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "test accuracy" in done.stdout
+    assert all(layout.path(run, key).is_file() for key in ("test", "confusion", "weights", "metrics"))
+    assert not temp_files(run)
+
+
 # ---------------------------------------------------------------------------- full or read-only disk
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:

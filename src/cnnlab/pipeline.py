@@ -34,7 +34,7 @@ from cnnlab.runs.transfer import start_from
 from cnnlab.runs.weights import load_model, save_weights, weights_problem
 from cnnlab.training.callbacks import Callback, in_notebook, progress_display
 from cnnlab.training.distributed import SINGLE, Context, first_on_main, on_main
-from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted
+from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted, stop_on_signals
 from cnnlab.training.evaluate import Evaluation, evaluate_source
 from cnnlab.training.lr_find import Finding, find_lr
 
@@ -251,12 +251,15 @@ def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SIN
         trained = (trainer.state.epoch * trainer.steps_per_epoch - steps_before) * trainer.config.batch_size
         skipped = merge_skipped(context, data)
         test = None
-        if context.is_main:
-            test = test_run(run, trainer.evaluation_model, data, trainer.config)
-            skipped.update(data.test.skipped)
-            if skipped:
-                write_json(layout.path(run, "skipped"), skipped)
-        context.barrier()  # the other ranks return once rank 0's files are complete
+        # The last seconds (the test pass, confusion.png, skipped.json) finish despite a Ctrl-C or SIGTERM, as a
+        # step does: cut short, they would leave a trained run without its test; a second Ctrl-C stops at once.
+        with stop_on_signals(trainer):
+            if context.is_main:
+                test = test_run(run, trainer.evaluation_model, data, trainer.config)
+                skipped.update(data.test.skipped)
+                if skipped:
+                    write_json(layout.path(run, "skipped"), skipped)
+            context.barrier()  # the other ranks return once rank 0's files are complete
     images = min(trained, len(trainer.data.train) * trainer.config.epochs)
     return RunResult(run, history, test, seconds, images / seconds if seconds > 0 else 0.0, skipped,
                      trainer.kept_epoch, trainer.state.stopped, compile_seconds=trainer.compile_total)
