@@ -174,9 +174,9 @@ def first_step_input(config, tmp_path) -> tuple[torch.Tensor, torch.Tensor]:
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     real_step = Trainer.train_step
 
-    def record(self, images, labels):
+    def record(self, images, labels, *rest):
         seen.append((images.clone(), labels.clone()))
-        return real_step(self, images, labels)
+        return real_step(self, images, labels, *rest)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Trainer, "train_step", record)
