@@ -33,11 +33,9 @@ def training_macs(plan: object) -> int:
     """Multiply-adds of one training image: forward, weight gradients, and the input gradients backprop needs."""
     total, trained_below = 0, False
     for layer in plan.layers():  # type: ignore[attr-defined]
-        if not layer.macs:
-            continue
-        trained = layer.params > layer.frozen
-        total += layer.macs * (1 + trained + trained_below)  # forward, weight gradient, input gradient
-        trained_below = trained_below or trained
+        weights_trained = layer.params > 0 and layer.frozen == 0  # a whitening layer trains its bias alone
+        total += layer.macs * (1 + weights_trained + trained_below)  # forward, weight gradient, input gradient
+        trained_below = trained_below or layer.params > layer.frozen  # batch norm too: its input gradient is needed
     return total
 
 

@@ -177,6 +177,30 @@ def signalled_test_run(*args, **kwargs):  # the signal arrives as the run's test
 pipeline.test_run = signalled_test_run
 app(sys.argv[2:])
 """
+SWEEP = """
+method: grid
+metric: {name: val_acc, goal: maximize}
+model: seed
+dataset: mnist-sample
+set: {first_layer_convs: 4, dense_layer_size: 8, epochs: 1}
+parameters:
+  dropout: {values: [0.0, 0.2]}
+"""
+
+
+def test_a_signal_while_a_sweep_trial_tests_records_the_trial_and_stops_the_sweep(tmp_path):
+    import optuna
+
+    from cnnlab import sweep as sweeps
+
+    (tmp_path / "sweep.yaml").write_text(SWEEP)
+    done = subprocess.run([sys.executable, "-c", SIGNAL_IN_THE_TEST_PASS, "SIGINT", "sweep", "run",
+                           str(tmp_path / "sweep.yaml"), "--trials", "2", "--runs-dir", str(tmp_path / "runs")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 130, done.stdout + done.stderr
+    assert "stopped after trial 0, which is recorded. Resume with the same command" in done.stderr
+    trials = sweeps.load_study("sweep", sweeps.default_storage(tmp_path / "runs", "sweep")).get_trials()
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]  # the second never started
 
 
 @pytest.mark.parametrize("name", ["SIGTERM", "SIGINT"])
@@ -187,8 +211,10 @@ def test_a_signal_after_the_last_step_lets_the_run_finish_its_test_and_files(tmp
                            "--set", "model.conv.0.filters=4", "--set", "dense_layer_size=16",
                            "--runs-dir", str(tmp_path / "runs"), "--name", "late", "-q"],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 130, done.stderr  # the stop still reaches the caller (a shell loop, a scheduler)
     assert "test accuracy" in done.stdout
+    assert done.stderr.strip().splitlines()[-1] == \
+        "error: stopped as asked, after the run was complete (its test and files are written)"
     assert all(layout.path(run, key).is_file() for key in ("test", "confusion", "weights", "metrics"))
     assert not temp_files(run)
 

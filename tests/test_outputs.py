@@ -121,3 +121,21 @@ def test_an_unwritable_folder_is_named_as_the_user_gave_it(tmp_path, monkeypatch
     result = runner.invoke(app, commands(tiny_run(), out)["convolve"])
     assert result.exit_code == 2 and f"{out}: Permission denied" in result.output, result.output
     assert ".tmp" not in result.output and "Traceback" not in result.output
+
+
+def test_a_full_disk_while_writing_names_the_file_asked_for_in_one_line(tmp_path, monkeypatch):
+    """The writer's own error names no file (a write on an open handle): the user's target is named instead."""
+    import errno
+
+    import cnnlab.files as files
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    command = commands(tiny_run(), tmp_path / "blurred.png")["convolve"]  # the run trained before the disk fills
+    monkeypatch.setattr(files.os, "fsync", full)
+    out = tmp_path / "blurred.png"
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == f"error: {out}: No space left on device (ENOSPC)"
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing half written

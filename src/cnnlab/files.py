@@ -216,6 +216,10 @@ def write_atomic(path: str | Path, write: Callable[[Path], object],
         if before_rename is not None:
             before_rename()
         os.replace(tmp, target)
+    except OSError as exc:  # a full disk while writing: name the file the user asked for (a handle's error names none)
+        if exc.errno is None or exc.filename not in (None, tmp):
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(target)) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
     return target

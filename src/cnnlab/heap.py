@@ -44,18 +44,18 @@ def _glibc() -> ctypes.CDLL | None:
 
 
 _LIBC = _glibc()
-_kept = False  # keep_freed_memory has set the thresholds in this process
+_kept: bool | None = None  # None: not tried yet in this process; then whether both thresholds were set
 
 
 def keep_freed_memory() -> bool:
-    """Set glibc's thresholds once per process; whether they are set (False: not glibc, or switched off)."""
+    """Set glibc's thresholds, once per process (for good: every later allocation of the process is served so);
+    whether they are set (False: not glibc, switched off, or refused)."""
     global _kept
-    if _kept:
-        return True
-    if _LIBC is None or os.environ.get(SWITCH, "").lower() in ("off", "0", "false"):
-        return False
-    _kept = bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    if _kept is None:
+        if _LIBC is None or os.environ.get(SWITCH, "").lower() in ("off", "0", "false"):
+            return False
+        mmap_set = bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        _kept = mmap_set and bool(_LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
     return _kept
 
 

@@ -54,6 +54,7 @@ class RunResult(Run):
     stopped: str | None = None  # early stopping: why training ended before train.epochs
     lr_finding: Finding | None = None  # train.lr auto: what the finder saw and suggested
     compile_seconds: float = 0.0  # train.compile: the steps that compiled, not counted in train_seconds
+    stop_requested: bool = False  # Ctrl-C or SIGTERM came after the last step: the run finished, then should stop
 
     def __repr__(self) -> str:  # the dataclass's own would print every test prediction
         accuracy = f"{self.test.accuracy:.4f}" if self.test is not None else "None"
@@ -239,7 +240,11 @@ def restore_weights(run: Path, model: CNN, classes: tuple[str, ...]) -> None:
 
 
 def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SINGLE) -> RunResult:
-    with layout.locked(run) if context.is_main else contextlib.nullcontext():
+    # From the first step to the last file, a first Ctrl-C or SIGTERM asks for a stop rather than killing the
+    # process: training stops at the next sync point (TrainingInterrupted, resumable); after the last step, the
+    # few seconds that keep the best weights, test the run and write its files finish, and the result says a stop
+    # was asked (cut short, they would leave a trained run without its test). A second Ctrl-C stops at once.
+    with layout.locked(run) if context.is_main else contextlib.nullcontext(), stop_on_signals(trainer):
         steps_before = trainer.state.epoch * trainer.steps_per_epoch + trainer.state.step
         started = time.perf_counter()
         try:
@@ -251,18 +256,16 @@ def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SIN
         trained = (trainer.state.epoch * trainer.steps_per_epoch - steps_before) * trainer.config.batch_size
         skipped = merge_skipped(context, data)
         test = None
-        # The last seconds (the test pass, confusion.png, skipped.json) finish despite a Ctrl-C or SIGTERM, as a
-        # step does: cut short, they would leave a trained run without its test; a second Ctrl-C stops at once.
-        with stop_on_signals(trainer):
-            if context.is_main:
-                test = test_run(run, trainer.evaluation_model, data, trainer.config)
-                skipped.update(data.test.skipped)
-                if skipped:
-                    write_json(layout.path(run, "skipped"), skipped)
-            context.barrier()  # the other ranks return once rank 0's files are complete
+        if context.is_main:
+            test = test_run(run, trainer.evaluation_model, data, trainer.config)
+            skipped.update(data.test.skipped)
+            if skipped:
+                write_json(layout.path(run, "skipped"), skipped)
+        context.barrier()  # the other ranks return once rank 0's files are complete
     images = min(trained, len(trainer.data.train) * trainer.config.epochs)
     return RunResult(run, history, test, seconds, images / seconds if seconds > 0 else 0.0, skipped,
-                     trainer.kept_epoch, trainer.state.stopped, compile_seconds=trainer.compile_total)
+                     trainer.kept_epoch, trainer.state.stopped, compile_seconds=trainer.compile_total,
+                     stop_requested=trainer.stop_requested)
 
 
 def merge_skipped(context: Context, data: Data) -> dict[str, str]:

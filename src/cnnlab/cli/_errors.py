@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import typer
 
 from cnnlab.errors import UserError
+from cnnlab.files import reason
 
 F = TypeVar("F", bound=Callable[..., Any])
 OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
@@ -36,5 +37,9 @@ def friendly_errors(command: F) -> F:
         except OS_ERRORS as exc:
             where = f"{exc.filename}: " if exc.filename else ""
             raise fail(f"{where}{exc.strerror or exc}") from None
+        except OSError as exc:  # a named file the system would not write or read (a full disk, an I/O error)
+            if not exc.filename:
+                raise
+            raise fail(f"{exc.filename}: {reason(exc)}") from None
 
     return wrapper  # type: ignore[return-value]

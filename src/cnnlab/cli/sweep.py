@@ -57,9 +57,9 @@ def run(
           f"in {shown_storage(sweep.storage)}")
     try:
         sweeps.run_workers(sweep, workers)
-    except TrainingInterrupted:
-        raise fail(f"interrupted; the trial will be retried. Resume with the same command "
-                   f"(cnnlab sweep run {file} --name {name})", code=130) from None
+    except TrainingInterrupted as exc:
+        what = str(exc) or "interrupted; the trial will be retried"
+        raise fail(f"{what}. Resume with the same command (cnnlab sweep run {file} --name {name})", code=130) from None
     summary = print_status(sweeps.load_study(name, sweep.storage))
     if summary.best is None:  # every trial failed (or was pruned): the sweep has no result to give
         raise sweeps.SweepError(f"sweep {name}: none of its {len(summary.trials)} trials completed; see each "

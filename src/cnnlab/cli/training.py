@@ -163,6 +163,8 @@ def train(
     for tracker in trackers:
         tracker.finish(result)
     print_result(result)
+    if result.stop_requested:  # the run is whole; the caller (a shell loop, a scheduler) still learns of the stop
+        raise fail("stopped as asked, after the run was complete (its test and files are written)", code=130)
 
 
 def training_config(ctx: typer.Context, model: str, file: Path | None, overrides: list[str] | None,

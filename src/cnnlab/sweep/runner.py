@@ -228,10 +228,14 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: dict[st
         trial.set_user_attr("error", f"the objective {metric} is {value}")
         study.tell(trial, state=TrialState.FAIL)
         log(f"trial {trial.number} {params}: failed: the objective {metric} is {value}")
-        return TrialState.FAIL
-    study.tell(trial, value)
-    log(f"trial {trial.number} {params}: {metric} {value:.4f}  ({run})")
-    return TrialState.COMPLETE
+        state = TrialState.FAIL
+    else:
+        study.tell(trial, value)
+        log(f"trial {trial.number} {params}: {metric} {value:.4f}  ({run})")
+        state = TrialState.COMPLETE
+    if result.stop_requested:  # Ctrl-C or SIGTERM while the trial was testing: it is recorded; the sweep stops
+        raise TrainingInterrupted(f"stopped after trial {trial.number}, which is recorded")
+    return state
 
 
 def requeue(study: optuna.Study, trial: Trial) -> None:

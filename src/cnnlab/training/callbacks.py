@@ -21,6 +21,7 @@ class Callback:
 
     def on_train_begin(self, trainer: Trainer) -> None: ...
     def on_epoch_begin(self, trainer: Trainer) -> None: ...
+    # At each sync point (every step on the CPU; see train.sync_every): the mean loss and accuracy since the last.
     def on_batch_end(self, trainer: Trainer, loss: float, accuracy: float) -> None: ...
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None: ...
     def on_interrupt(self, trainer: Trainer) -> None: ...
@@ -28,6 +29,16 @@ class Callback:
 
 
 REDRAW_EVERY = 20  # steps between progress-bar redraws: redrawing costs time
+
+
+def redraw_now(trainer: Trainer, display: Any) -> bool:
+    """Whether a display last drawn REDRAW_EVERY or more steps ago (or at the epoch's end) draws again. Counted
+    from its last drawing, since the trainer reports only at sync points (every 3rd step, say)."""
+    step, last = trainer.state.step, getattr(display, "drawn_at", 0)
+    if step < last or step - last >= REDRAW_EVERY or step == trainer.steps_per_epoch:  # (a new epoch restarts)
+        display.drawn_at = step
+        return True
+    return False
 
 
 class ProgressBar(Callback):
@@ -52,7 +63,7 @@ class ProgressBar(Callback):
 
     def on_batch_end(self, trainer: Trainer, loss: float, accuracy: float) -> None:
         step = trainer.state.step
-        if step % REDRAW_EVERY == 0 or step == trainer.steps_per_epoch:
+        if redraw_now(trainer, self):
             running = trainer.state.running
             self.progress.update(self.task, completed=step,
                                  stats=f"loss {running.loss:.4f} acc {running.accuracy:.4f}")
@@ -126,8 +137,7 @@ class NotebookProgress(Callback):
         self.show_step(trainer)
 
     def on_batch_end(self, trainer: Trainer, loss: float, accuracy: float) -> None:
-        step = trainer.state.step
-        if step % REDRAW_EVERY == 0 or step == trainer.steps_per_epoch:
+        if redraw_now(trainer, self):
             self.show_step(trainer)
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:

@@ -12,8 +12,12 @@ What stays the same with it on:
 - validation, testing and everything saved: they use the eager module, whose parameters the compiled one shares.
 
 The compiled kernels are cached in the user cache ($XDG_CACHE_HOME/cnnlab/inductor), so only the first run of
-a model on a machine pays the whole compile. When compiling fails (no C++ compiler, an unsupported operation),
-training goes on eagerly after one line saying why.
+a model on a machine pays the whole compile. When compiling the forward pass fails (no C++ compiler, an
+unsupported operation), training goes on eagerly after one line saying why; a failure to compile the backward
+pass (inductor compiles it at the first backward) stops the run with its error, and so does running out of memory.
+
+Both settings are the process's: inductor's `fallback_random` stays on for anything compiled later in it, and
+TORCHINDUCTOR_CACHE_DIR is set in its environment (so child processes share the cache).
 """
 from __future__ import annotations
 

@@ -228,7 +228,7 @@ class Trainer:
             state.running.add(loss_sum, correct, seen)
             self.emit("on_batch_end", loss_sum / max(seen, 1), correct / max(seen, 1))
             if stop and state.step < self.steps_per_epoch:
-                state.epoch_seconds = time.perf_counter() - started
+                state.epoch_seconds = time.perf_counter() - started - self.compile_seconds
                 self.sync_rng_states()
                 self.emit("on_interrupt")
                 raise TrainingInterrupted(f"stopped in epoch {state.epoch + 1} after step {state.step} "
@@ -253,8 +253,9 @@ class Trainer:
         With `sync`, returns the loss sum, number correct and number seen of the global batches since the
         last sync point, and whether any rank was asked to stop: the same numbers on every rank, so every
         rank takes the same decision. Without, returns None and reads nothing back from the device: the
-        step's numbers are added up there (a host sync per step is what keeps a GPU waiting), and a loss
-        that turned NaN or infinite is caught at the next sync point, before its step updates the weights.
+        step's numbers are added up there (a host sync per step is what keeps a GPU waiting). A loss that
+        turned NaN or infinite is caught at the next sync point, before that step's update; the steps in
+        between have updated the weights in memory, but nothing is saved between sync points.
         """
         inputs = to_inputs(images, self.config.channels_last, self.device)  # floats in [0, 1]
         labels = labels.to(self.device)
@@ -303,9 +304,11 @@ class Trainer:
             return self.net(inputs)
         try:
             return self.net(inputs)
+        except torch.OutOfMemoryError:
+            raise  # the step's size, not the compiler: eager would not fit either
         except Exception as error:  # noqa: BLE001  (whatever the compiler raised: eager may still work)
-            if self.context.is_main:
-                print(failure_line(error), file=sys.stderr)
+            rank = f"rank {self.context.rank}: " if self.context.parallel else ""
+            print(rank + failure_line(error), file=sys.stderr)
             self.net = self.eager_net
             return self.net(inputs)
 
