@@ -160,8 +160,6 @@ def resident_bytes() -> int:
         return 0
 
 
-
-
 class FolderSource:
     """One split of an image folder, decoded a batch at a time in `workers` processes (the `Source` protocol).
 
