@@ -35,6 +35,8 @@ VARIANTS: dict[str, list[str]] = {
     "+ lookahead": ["train.lookahead=true"],
     "+ random rotations 10 degrees": ["train.augment_rotate=10"],
     "+ random rotations 15 degrees": ["train.augment_rotate=15"],
+    "+ bf16-mixed precision": ["train.precision=bf16-mixed"],
+    "+ bf16-mixed, batch-norm biases at 8x": ["train.precision=bf16-mixed", "train.norm_bias_lr_scale=8"],
 }
 
 

@@ -2,7 +2,7 @@
 
 The model and fused optimizer are the engine's own (`build_model`, `make_optimizer`), at the config's batch
 size, on random uint8 images of its dataset's shape (a step's cost does not depend on the pixels), cycling
-through `batches` of them. Each step ends with `loss.item()`, as the engine's does on the CPU.
+through `batches` of them, in the config's `train.precision`. Each step ends with `loss.item()`, as the engine's does on the CPU.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from cnnlab.data.pixels import to_inputs
 from cnnlab.data.registry import get_dataset
 from cnnlab.models.cnn import CNN, build_model
 from cnnlab.training.optim import make_optimizer
+from cnnlab.training.precision import autocast
 
 
 def engine_step(config: Config, batch: int | None = None, channels_last: bool = True, compiled: bool = False,
@@ -35,7 +36,9 @@ def engine_step(config: Config, batch: int | None = None, channels_last: bool = 
 
     def step(i: int) -> None:
         part = slice((i % batches) * batch, (i % batches + 1) * batch)
-        loss = loss_fn(net(to_inputs(images[part], channels_last)), labels[part])
+        with autocast(config.train.precision, torch.device("cpu")):  # train.precision, as the engine's step
+            logits = net(to_inputs(images[part], channels_last)).float()
+        loss = loss_fn(logits, labels[part])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

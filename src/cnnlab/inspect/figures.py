@@ -81,9 +81,12 @@ def plot_curves(histories: Mapping[str, Sequence[dict]], out: Output, title: str
         most_epochs = max([most_epochs, *epochs])
         for ax, metric in ((loss_ax, "loss"), (acc_ax, "accuracy")):
             for j, (split, style, marker) in enumerate((("train", "-", "o"), ("val", "--", "s"))):
-                values = [m.get(f"{split}_{metric}", math.nan) for m in history]
+                # epochs without a number (train.val_every, no validation split) are left out, not gaps
+                kept = [(e, v) for e, v in zip(epochs, (m.get(f"{split}_{metric}", math.nan) for m in history))
+                        if math.isfinite(v)]
+                xs, values = [e for e, _ in kept], [v for _, v in kept]
                 name = "validation" if split == "val" else split
-                ax.plot(epochs, values, style, marker=marker, color=f"C{(i if several else j) % 10}",
+                ax.plot(xs, values, style, marker=marker, color=f"C{(i if several else j) % 10}",
                         label=f"{label}: {name}" if several else name)
     for ax, metric in ((loss_ax, "loss (cross-entropy)"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")

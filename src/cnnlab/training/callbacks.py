@@ -6,6 +6,7 @@ all callbacks: the trainer knows none of them.
 from __future__ import annotations
 
 import html
+import math
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -85,8 +86,10 @@ class ProgressBar(Callback):
 
 
 def format_epoch(m: dict[str, Any], epochs: int) -> str:
+    validated = not math.isnan(m["val_loss"])  # train.val_every skips some epochs' validation
     return (f"epoch {m['epoch']}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_accuracy']:.4f}  "
-            f"val loss {m['val_loss']:.4f} acc {m['val_accuracy']:.4f}  {m['seconds']:.1f}s"
+            + (f"val loss {m['val_loss']:.4f} acc {m['val_accuracy']:.4f}  " if validated else "")
+            + f"{m['seconds']:.1f}s"
             + (f" (+{m['compile_seconds']:.1f}s compiling)" if m.get("compile_seconds") else ""))
 
 

@@ -39,6 +39,7 @@ from cnnlab.training.ema import EMA
 from cnnlab.training.evaluate import predict_batches
 from cnnlab.training.lookahead import MIN_STEPS, Lookahead
 from cnnlab.training.optim import make_optimizer, make_scheduler
+from cnnlab.training.precision import autocast, slow_notice
 from cnnlab.training.state import Running, TrainState
 
 # Steps between reading the running loss back on a GPU (the progress bar's redraw cadence). On the CPU every
@@ -133,6 +134,9 @@ class Trainer:
             # In place: parameters keep their identity. torch's stubs leave memory_format out of Module.to's overloads.
             model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.eager_net = self.wrap_for_data_parallel(model)
+        notice = slow_notice(config.precision, self.device)
+        if notice and context.rank == 0:
+            print(notice, file=sys.stderr)
         self.net = compiled(self.eager_net) if config.compile else self.eager_net  # what the training step calls
         self.shapes_compiled: set[tuple[int, ...]] = set()  # batch shapes the compiled step has met
         self.sync_every = config.sync_every or (1 if self.device.type == "cpu" else SYNC_EVERY_ON_ACCELERATORS)
@@ -261,7 +265,8 @@ class Trainer:
         labels = labels.to(self.device)
         compiling = self.net is not self.eager_net and tuple(inputs.shape) not in self.shapes_compiled
         started = time.perf_counter()
-        logits = self.forward(inputs, compiling)  # (B, num_classes)
+        with autocast(self.config.precision, self.device):
+            logits = self.forward(inputs, compiling).float()  # (B, num_classes); bf16-mixed computes them in bf16
         loss_sum = self.loss_fn(logits, labels)
         # (loss sum, correct, seen, stop asked) of this rank's slice, summed over ranks on the device; the host's
         # numbers go in as fills (a kernel argument), not copies, which would wait for the device
@@ -323,7 +328,7 @@ class Trainer:
 
     def finish_epoch(self, seconds: float) -> None:
         state = self.state
-        val_loss, val_accuracy = self.validate()
+        val_loss, val_accuracy = self.validate() if self.validates(state.epoch + 1) else (math.nan, math.nan)
         state.epoch += 1
         metrics = dict(epoch=state.epoch, train_loss=state.running.loss, train_accuracy=state.running.accuracy,
                        val_loss=val_loss, val_accuracy=val_accuracy, seconds=seconds,
@@ -336,6 +341,10 @@ class Trainer:
         self.sync_rng_states()
         self.emit("on_epoch_end", metrics)
 
+    def validates(self, epoch: int) -> bool:
+        """Whether epoch `epoch` (1-based) ends with a validation pass: every `train.val_every`-th, and the last."""
+        return epoch % self.config.val_every == 0 or epoch >= self.config.epochs
+
     # ------------------------------------------------------------------------ early stopping
     def track_best(self, metrics: dict[str, Any]) -> None:
         """Remember the best epoch's weights; stop after `patience` epochs without improvement.
@@ -346,6 +355,8 @@ class Trainer:
         if not rule.patience:
             return
         value, best = metrics[rule.metric], self.state.best
+        if math.isnan(value):  # an epoch not validated (train.val_every) or no validation split: nothing to judge
+            return
         lower_is_better = rule.metric.endswith("loss")
         if math.isfinite(value) and (best is None or (value < best["value"] - rule.min_delta if lower_is_better
                                                       else value > best["value"] + rule.min_delta)):
