@@ -46,8 +46,10 @@ def worker(args: argparse.Namespace) -> None:
         macs = count_macs(plan(config.model, spec.image_shape, spec.num_classes))  # per image, forward pass
         val = spec.val_size if config.data.val_size is None else config.data.val_size
         trained = len(dataset.train_labels) - val
-        # 2 FLOP per multiply-add; training (forward + backward) ~ 3 forwards; validation every epoch; test once
-        flops = 2 * macs * (config.train.epochs * (3 * trained + val) + len(dataset.test_labels))
+        # 2 FLOP per multiply-add; training (forward + backward) ~ 3 forwards; each validation pass and the test
+        # once (test-time augmentation's extra views not counted)
+        validations = sum(1 for m in result.history if m["val_accuracy"] == m["val_accuracy"])  # NaN: skipped
+        flops = 2 * macs * (config.train.epochs * 3 * trained + validations * val + len(dataset.test_labels))
         print(json.dumps(dict(preset=args.preset, seed=seed, seconds=seconds, test_accuracy=result.test.accuracy,
                               epochs=config.train.epochs, gflops=flops / seconds / 1e9,
                               epoch_seconds=[m["seconds"] for m in result.history])), flush=True)

@@ -2,7 +2,8 @@
 
 The model and fused optimizer are the engine's own (`build_model`, `make_optimizer`), at the config's batch
 size, on random uint8 images of its dataset's shape (a step's cost does not depend on the pixels), cycling
-through `batches` of them, in the config's `train.precision`. Each step ends with `loss.item()`, as the engine's does on the CPU.
+through `batches` of them, in the config's `train.precision`. Each step ends with `loss.item()`, as the
+engine's does on the CPU.
 """
 from __future__ import annotations
 

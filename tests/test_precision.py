@@ -114,3 +114,19 @@ def test_the_epoch_line_leaves_out_a_validation_not_made():
     row = dict(epoch=1, train_loss=0.5, train_accuracy=0.9, val_loss=math.nan, val_accuracy=math.nan, seconds=1.0)
     assert "val" not in format_epoch(row, 3) and "nan" not in format_epoch(row, 3)
     assert "val loss 0.4000 acc 0.9100" in format_epoch({**row, "val_loss": 0.4, "val_accuracy": 0.91}, 3)
+
+
+def test_the_curves_join_the_validated_epochs(monkeypatch, tmp_path):
+    from cnnlab.inspect import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save_figure", lambda fig, out: drawn.append(fig) or out)
+    nan = math.nan
+    history = [dict(epoch=e, train_loss=1.0 / e, train_accuracy=0.5, val_loss=v, val_accuracy=v)
+               for e, v in [(1, nan), (2, 0.8), (3, nan), (4, 0.9)]]
+    figures.plot_curves({"run": history}, tmp_path / "curves.png")
+    loss_ax, accuracy_ax = drawn[0].axes[:2]
+    validation = [line for line in accuracy_ax.get_lines() if line.get_label() == "validation"][0]
+    assert list(validation.get_xdata()) == [2, 4] and list(validation.get_ydata()) == [0.8, 0.9]
+    train = [line for line in loss_ax.get_lines() if line.get_label() == "train"][0]
+    assert list(train.get_xdata()) == [1, 2, 3, 4]

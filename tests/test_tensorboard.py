@@ -95,6 +95,15 @@ def test_tensorboard_dir_holds_a_folder_per_run(tmp_path):
     assert_scalars_are_the_metrics(events(logs / "d"), tmp_path / "runs" / "d")
 
 
+def test_epochs_not_validated_log_no_validation_points(tmp_path):
+    result = CliRunner().invoke(app, [*TINY, "--epochs", "3", "--set", "train.val_every=2", "--runs-dir",
+                                      str(tmp_path), "--name", "v", "--tensorboard"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    logged = events(tmp_path / "v" / "tensorboard")
+    assert [e.step for e in logged.Scalars("accuracy/val")] == [2, 3]  # not a NaN at epoch 1
+    assert [e.step for e in logged.Scalars("accuracy/train")] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("logged_before", [True, False], ids=["logged-before", "first-logged-on-resume"])
 def test_resume_appends_and_continues_by_epoch(tmp_path, logged_before):
     """Stopped in epoch 2 of 3, resumed from the command line: every epoch once, at its own step."""

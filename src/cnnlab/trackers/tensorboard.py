@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -158,7 +159,9 @@ class TensorBoardTracker(Callback):
         writer = self.active_writer()
         step = int(metrics["epoch"])
         for key, value in metrics.items():
-            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            # NaN: an epoch not validated (train.val_every) or no validation split; a point there would break the curve
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and not math.isnan(value):
                 writer.add_scalar(scalar_tag(key), value, step)
         writer.flush()  # a killed run keeps the epochs it logged
         self.epoch = step

@@ -7,6 +7,7 @@ logged offline under ./wandb (or $WANDB_DIR), to upload later with `wandb sync`.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -97,7 +98,9 @@ class WandbTracker(Callback):
         self.active_run().log({"layers": wandb.Table(columns=["layer", "type", "output shape", "params"], data=rows)})
 
     def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        self.active_run().log(dict(metrics))
+        # NaN: an epoch not validated (train.val_every) or no validation split; W&B would chart it as a point
+        self.active_run().log({key: value for key, value in metrics.items()
+                               if not (isinstance(value, float) and math.isnan(value))})
 
     def on_interrupt(self, trainer: Trainer) -> None:
         if self.run is not None:
