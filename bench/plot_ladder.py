@@ -49,6 +49,7 @@ def main() -> None:
     data = dict(dataset=datasets.pop(), rows=rows_of)
     dataset = data["dataset"]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    later_references = [name for name in data["rows"] if name.startswith("reference (")]
     for name, rows in data["rows"].items():
         seconds = [r["seconds"] for r in rows]
         accuracy = [100 * r["test_accuracy"] for r in rows]
@@ -61,11 +62,15 @@ def main() -> None:
         # the reference's label above its square, the presets' below their dots: they sit close in time;
         # a later file's rows the other way round, so two commands' labels do not overlap
         above = reference != (name in later)
+        # later files' references sit close together (the same machine): each one's label a line lower
+        below = -11 - 10 * later_references.index(name) if name in later_references else -11
         ax.annotate(f"{name} ({epochs} ep, {len(rows)} seed{'s' if len(rows) > 1 else ''}): {y:.2f}%",
-                    (x, y), textcoords="offset points", xytext=(7, 5 if above else -11), fontsize=8)
+                    (x, y), textcoords="offset points", xytext=(7, 5 if above else below), fontsize=8)
     for seconds, accuracy in TARGETS.get(dataset, []):
         ax.scatter([seconds], [100 * accuracy], s=50, marker="^", facecolors="none", edgecolors="tab:red", zorder=2)
     ax.scatter([], [], s=50, marker="^", facecolors="none", edgecolors="tab:red", label="target (issue 16)")
+    low, high = ax.get_ylim()
+    ax.set_ylim(low - 0.1 * len(later_references), high)  # room for the stacked reference labels
     ax.set_xscale("log")
     every_second = [r["seconds"] for rows in data["rows"].values() for r in rows]
     ax.set_xlim(min(every_second + [t for t, _ in TARGETS.get(dataset, [])]) / 1.5, max(every_second) * 6)

@@ -5,8 +5,8 @@ bf16-mixed: the forward pass runs under `torch.autocast` with bfloat16, so convo
 and write bfloat16 (half the memory traffic; on CPUs with AVX512-BF16 or AMX, and on Ampere and later GPUs,
 instructions that do twice the multiply-adds per cycle); the weights, their gradients, the optimizer's state
 and the loss stay float32. bfloat16 keeps float32's exponent range, so, unlike float16, no loss scaling is
-needed. Measured on the project's 2-core CPU (AVX512-BF16): 1.5x the steps per second of `top`
-(BENCHMARKS.md, "Mixed precision").
+needed. Measured on the project's 2-core CPU (AVX512-BF16): `top`'s epoch 1.38x faster, the same validation
+accuracy (BENCHMARKS.md, "`top` in bfloat16").
 
 Only training steps run in bfloat16. Validation, testing, prediction, export and serving use the float32
 weights in float32, so what a run reports is what `cnnlab predict` computes.
