@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -48,7 +49,7 @@ def worker(args: argparse.Namespace) -> None:
         trained = len(dataset.train_labels) - val
         # 2 FLOP per multiply-add; training (forward + backward) ~ 3 forwards; each validation pass and the test
         # once (test-time augmentation's extra views not counted)
-        validations = sum(1 for m in result.history if m["val_accuracy"] == m["val_accuracy"])  # NaN: skipped
+        validations = sum(1 for m in result.history if not math.isnan(m["val_accuracy"]))  # NaN: not validated
         flops = 2 * macs * (config.train.epochs * 3 * trained + validations * val + len(dataset.test_labels))
         print(json.dumps(dict(preset=args.preset, seed=seed, seconds=seconds, test_accuracy=result.test.accuracy,
                               epochs=config.train.epochs, gflops=flops / seconds / 1e9,

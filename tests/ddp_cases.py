@@ -123,8 +123,18 @@ def early_stopping(context) -> dict:
                 weights=float(sum(p.double().sum() for p in run.evaluation_model.state_dict().values())))
 
 
+def bf16_validated_every_2(context) -> dict:
+    """bfloat16 steps, validation after epochs 2 and 3 only: the ranks must agree on both (a rank validating
+    alone would wait in its all-reduce) and end with the same weights."""
+    run = trainer(context, random_data(), precision="bf16-mixed", val_every=2, epochs=3)
+    run.fit()
+    return dict(validated=[m["epoch"] for m in run.history if not math.isnan(m["val_loss"])],
+                weights=float(sum(p.double().sum() for p in run.model.state_dict().values())),
+                dtypes=sorted({str(p.dtype) for p in run.model.parameters()}))
+
+
 CASES = dict(nan_on_one_rank=nan_on_one_rank, nan_between_sync_points=nan_between_sync_points, shards=shards,
-             timeout=timeout, early_stopping=early_stopping)
+             timeout=timeout, early_stopping=early_stopping, bf16_validated_every_2=bf16_validated_every_2)
 
 
 def thread_names() -> list[str]:

@@ -176,6 +176,13 @@ def test_early_stopping_stops_every_rank_at_the_same_epoch_with_the_same_kept_we
 
 
 @pytest.mark.slow  # a torchrun job
+def test_bf16_ranks_stay_in_step_and_validate_at_the_same_epochs(tmp_path):
+    rank0, rank1 = ddp_case("bf16_validated_every_2", tmp_path)
+    assert rank0["validated"] == [2, 3] and rank0["dtypes"] == ["torch.float32"]
+    assert rank0 == rank1
+
+
+@pytest.mark.slow  # a torchrun job
 def test_shards_are_disjoint_cover_each_global_batch_and_are_reshuffled_every_epoch(tmp_path):
     rank0, rank1 = ddp_case("shards", tmp_path)
     steps, batch = rank0["steps_per_epoch"], rank0["batch_size"]
