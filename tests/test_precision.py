@@ -130,3 +130,31 @@ def test_the_curves_join_the_validated_epochs(monkeypatch, tmp_path):
     assert list(validation.get_xdata()) == [2, 4] and list(validation.get_ydata()) == [0.8, 0.9]
     train = [line for line in loss_ax.get_lines() if line.get_label() == "train"][0]
     assert list(train.get_xdata()) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("asked", ["bf16", "bfloat16", "fp16", "float16", "half"])
+def test_asking_for_16_bits_is_pointed_to_bf16_mixed(asked):
+    with pytest.raises(ConfigError, match=r"; did you mean 'bf16-mixed'\?$"):
+        quick(f"train.precision={asked}")
+
+
+def test_the_early_stop_line_gives_the_gap_between_validations(tmp_path, monkeypatch):
+    from cnnlab.training.engine import Trainer
+
+    losses = {3: 0.5, 6: 0.6}  # scripted: epoch 3 is best, epoch 6 (the next validation) is worse
+
+    def validate(self):
+        return losses[self.state.epoch + 1], 0.5
+    monkeypatch.setattr(Trainer, "validate", validate)
+    config = quick("epochs=9", "batch_size=256", "train.val_every=3", "train.early_stopping.patience=1")
+    result = pipeline.train(config, tmp_path, name="gap", progress=False)
+    assert len(result.history) == 6 and result.kept_epoch == 3
+    assert "for 3 epoch(s) after epoch 3 (0.5000)" in result.stopped  # the gap, not the patience of 1
+
+
+def test_the_runs_table_shows_the_last_validated_accuracy():
+    from cnnlab.inspect.run_table import last_validated
+
+    nan = math.nan
+    assert last_validated([dict(val_accuracy=0.5), dict(val_accuracy=0.7), dict(val_accuracy=nan)]) == 0.7
+    assert last_validated([dict(val_accuracy=nan)]) is None and last_validated([]) is None

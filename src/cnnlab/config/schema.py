@@ -24,6 +24,7 @@ POOLINGS = ("flatten", "global_avg", "global_max")  # how the last feature maps 
 STOP_METRICS = ("val_loss", "val_accuracy")  # what early stopping watches (lower loss, higher accuracy is better)
 SAMPLINGS = ("shuffle", "balanced")
 PRECISIONS = ("float32", "bf16-mixed")  # the training step's arithmetic (weights are float32 in both)
+HALF_PRECISIONS = ("bf16", "bfloat16", "fp16", "float16", "half", "16", "16-mixed", "bf16_mixed", "mixed", "amp")
 
 
 class ConfigError(UserError, ValueError):
@@ -101,7 +102,8 @@ class DataConfig:
 class EarlyStopping:
     """Stop when the validation metric has not improved for `patience` epochs; keep the best epoch's weights."""
 
-    patience: int = 0  # epochs without improvement before training stops; 0: off (every epoch is trained)
+    # epochs without improvement before training stops (judged at validated epochs: see train.val_every); 0: off
+    patience: int = 0
     metric: str = "val_loss"  # val_loss (lower is better) or val_accuracy (higher is better)
     min_delta: float = 0.0  # a change smaller than this is not an improvement (loss units, or accuracy 0-1)
 
@@ -131,7 +133,7 @@ class TrainConfig:
     tta: bool = False  # test-time augmentation: average the predictions for each image and its mirror
     tta_shift: int = 0  # pixels: also average over the image moved this far up, down, left and right
     channels_last: bool = True  # weights and batches stored (N, H, W, C): 1.5-2x faster conv/BN steps on CPU
-    precision: str = "float32"  # bf16-mixed: the training step's convolutions and matmuls in bfloat16
+    precision: str = "float32"  # float32, or bf16-mixed: the training step's convolutions and matmuls in bfloat16
     compile: bool = False  # the training step's forward and backward through torch.compile (slower on 2 CPU cores)
     sync_every: int | None = None  # steps between reading the loss back from the device; None: 1 on CPU, 20 on GPU
     device: str = "auto"  # cpu, cuda, cuda:N, or auto (a GPU when torch sees one)
@@ -262,7 +264,10 @@ def validate_train(t: TrainConfig) -> None:
     for i, weight in enumerate(t.class_weights if isinstance(t.class_weights, list) else []):
         real(weight, 0, 1e6, f"train.class_weights[{i}]", "a class weight")
     choice(t.sampling, SAMPLINGS, "train.sampling")
-    choice(t.precision, PRECISIONS, "train.precision")
+    if t.precision not in PRECISIONS:
+        sixteen = str(t.precision).lower() in HALF_PRECISIONS  # asked for 16 bits: bf16-mixed is the way here
+        raise ConfigError(f"train.precision: expected one of {', '.join(PRECISIONS)}, found {t.precision!r}"
+                          + ("; did you mean 'bf16-mixed'?" if sixteen else did_you_mean(str(t.precision), PRECISIONS)))
     bounded(t.freeze_epochs, 0, MAX_EPOCHS, "train.freeze_epochs", "epochs")
     real(t.features_lr_scale, 0, 1000, "train.features_lr_scale", "a multiple of the learning rate", low_open=True)
     if not (t.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d{1,3}", t.device)):

@@ -84,6 +84,8 @@ def plot_curves(histories: Mapping[str, Sequence[dict]], out: Output, title: str
                 # epochs without a number (train.val_every, no validation split) are left out, not gaps
                 kept = [(e, v) for e, v in zip(epochs, (m.get(f"{split}_{metric}", math.nan) for m in history))
                         if math.isfinite(v)]
+                if not kept:  # no validation split, or none made yet: no legend entry for an empty line
+                    continue
                 xs, values = [e for e, _ in kept], [v for _, v in kept]
                 name = "validation" if split == "val" else split
                 ax.plot(xs, values, style, marker=marker, color=f"C{(i if several else j) % 10}",

@@ -59,10 +59,16 @@ def run_row(run: str | Path) -> dict[str, Any]:
     return dict(
         run=run.name, path=str(run), dataset=config.data.dataset, model=config.model.name,
         params=count_run_params(run, config), epochs=len(history), epochs_planned=config.train.epochs,
-        val_accuracy=finite(history[-1].get("val_accuracy")) if history else None,
+        val_accuracy=last_validated(history),
         test_accuracy=finite(test.get("accuracy")), test_loss=finite(test.get("loss")),
         seconds=round(sum(finite(m.get("seconds")) or 0.0 for m in history), 2) if history else None,
         started=started if isinstance(started, str) else None, error=None)
+
+
+def last_validated(history: list[dict[str, Any]]) -> float | None:
+    """The validation accuracy of the last epoch that has one (train.val_every skips some; a run stopped early
+    may end on an epoch without), or None."""
+    return next((value for m in reversed(history) if (value := finite(m.get("val_accuracy"))) is not None), None)
 
 
 def broken_row(run: Path, error: Exception) -> dict[str, Any]:

@@ -363,8 +363,10 @@ class Trainer:
             self.state.best = dict(epoch=self.state.epoch, value=value, metric=rule.metric)
             self.best_weights = {k: v.detach().clone() for k, v in self.evaluation_model.state_dict().items()}
         elif best is not None and self.state.epoch - best["epoch"] >= rule.patience:
+            # the gap, not the patience: with train.val_every the first validation past the patience ends the run
             self.state.stopped = (f"{rule.metric} did not improve by more than {rule.min_delta:g} for "
-                                  f"{rule.patience} epoch(s) after epoch {best['epoch']} ({best['value']:.4f})")
+                                  f"{self.state.epoch - best['epoch']} epoch(s) after epoch {best['epoch']} "
+                                  f"({best['value']:.4f})")
 
     @property
     def kept_epoch(self) -> int | None:

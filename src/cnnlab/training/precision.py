@@ -22,7 +22,7 @@ MIXED = "bf16-mixed"
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` has bfloat16 instructions; without them bf16-mixed is exact but may run slower."""
+    """Whether `device` has bfloat16 instructions; without them bf16-mixed still trains, maybe slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
