@@ -63,3 +63,13 @@ class StopAt(Callback):
     def on_batch_end(self, trainer, loss, accuracy):
         if trainer.state.epoch + 1 == self.epoch and trainer.state.step == self.step:
             trainer.stop_requested = True
+
+
+def whole_and_resumed(config, tmp_path, stop: StopAt):
+    """(run trained straight through, run stopped at `stop` and resumed): the pair a bitwise-resume test compares."""
+    from cnnlab import pipeline
+
+    reference = pipeline.train(config, tmp_path, name="whole", progress=False).run
+    with pytest.raises(pipeline.TrainingInterrupted):
+        pipeline.train(config, tmp_path, name="cut", callbacks=[stop], progress=False)
+    return reference, pipeline.resume(tmp_path / "cut", progress=False).run

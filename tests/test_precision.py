@@ -13,7 +13,7 @@ from cnnlab.config import ConfigError, load_config
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.weights import load_model
 from cnnlab.training import precision
-from conftest import StopAt
+from conftest import StopAt, whole_and_resumed
 
 QUICK = ["epochs=1", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
          "train.threads=1"]
@@ -70,10 +70,7 @@ def test_bf16_mixed_learns_as_float32_does_but_not_bitwise(tmp_path):
 
 def test_a_bf16_mixed_run_resumes_bitwise_equal(tmp_path):
     config = quick("epochs=2", "dropout=0.2", "train.augment_shift=1", "train.precision=bf16-mixed")
-    reference = pipeline.train(config, tmp_path, name="whole", progress=False).run
-    with pytest.raises(pipeline.TrainingInterrupted):
-        pipeline.train(config, tmp_path, name="cut", callbacks=[StopAt(epoch=2, step=11)], progress=False)
-    resumed = pipeline.resume(tmp_path / "cut", progress=False).run
+    reference, resumed = whole_and_resumed(config, tmp_path, StopAt(epoch=2, step=11))
     a, b = load_checkpoint(reference)[0]["model"], load_checkpoint(resumed)[0]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert (reference / "test.json").read_text() == (resumed / "test.json").read_text()

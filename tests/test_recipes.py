@@ -13,7 +13,7 @@ from cnnlab.training.augment import augment, random_erase
 from cnnlab.training.evaluate import shifted, views
 from cnnlab.training.lookahead import EVERY, PEAK_DECAY, Lookahead, decay_at
 from cnnlab.training.optim import make_optimizer, make_scheduler
-from conftest import StopAt
+from conftest import StopAt, whole_and_resumed
 
 QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
          "train.threads=1"]
@@ -119,10 +119,7 @@ def test_the_averaged_weights_are_what_is_tested_and_saved(tmp_path):
 
 def test_an_ema_run_resumes_bitwise_equal(tmp_path):
     config = quick("train.ema=0.95", "dropout=0.2", "train.augment_erase=0.5", "train.augment_shift=1")
-    reference = pipeline.train(config, tmp_path, name="whole", progress=False).run
-    with pytest.raises(pipeline.TrainingInterrupted):
-        pipeline.train(config, tmp_path, name="cut", callbacks=[StopAt(epoch=2, step=17)], progress=False)
-    resumed = pipeline.resume(tmp_path / "cut", progress=False).run
+    reference, resumed = whole_and_resumed(config, tmp_path, StopAt(epoch=2, step=17))
     a, b = load_checkpoint(reference)[0], load_checkpoint(resumed)[0]
     for key in ("model",):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])

@@ -13,9 +13,6 @@ weights in float32, so what a run reports is what `cnnlab predict` computes.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 MIXED = "bf16-mixed"
@@ -38,8 +35,6 @@ def slow_notice(precision: str, device: torch.device) -> str | None:
             "the results hold, but it may be slower than float32")
 
 
-@contextlib.contextmanager
-def autocast(precision: str, device: torch.device) -> Iterator[None]:
-    """The forward pass's arithmetic: bfloat16 for convolutions and matmuls under bf16-mixed."""
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == MIXED):
-        yield
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """The forward pass's arithmetic, as a context: bfloat16 for convolutions and matmuls under bf16-mixed."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == MIXED)
