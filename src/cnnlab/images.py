@@ -13,9 +13,11 @@ One policy, applied in this order:
                            transparent layer stays visible); grey stays grey, colour stays colour
   16- and 32-bit grey      scaled to 8 bits: round(v * 255 / 65535), clipped (257 * k becomes k)
   CMYK, YCbCr, LAB, HSV    converted to RGB; 1-bit and float grey to 8-bit grey
-so every image becomes mode "L" (grey) or "RGB". `read_pixels` then fits it to a size (the largest
-centred crop of the target's aspect, resized with Lanczos), the way image folders and the photos
-recipe both see it: the same file gives the same pixels whichever command reads it.
+so every image becomes mode "L" (grey) or "RGB". `read_pixels` then fits it to a size, resized with
+Lanczos, in one of three ways (`data.resize`): `crop` the largest centred box of the target's aspect,
+`pad` the whole picture with bars of its own border colour, or `squish` the whole picture stretched;
+the way image folders and the photos recipe both see it: the same file gives the same pixels
+whichever command reads it.
 """
 from __future__ import annotations
 
@@ -165,11 +167,41 @@ def with_channels(image: Image.Image, channels: int) -> Image.Image:
 
 
 # ------------------------------------------------------------------------------ fitting to a size
-def fitted(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """The largest centred crop of `size`'s aspect, resized with Lanczos to size (height, width)."""
+RESIZE_MODES = ("crop", "pad", "squish")  # how a picture of another aspect meets the target size (data.resize)
+
+
+def fitted(image: Image.Image, size: tuple[int, int], resize: str = "crop") -> Image.Image:
+    """The picture at size (height, width), resized with Lanczos: `crop` keeps the largest centred box of
+    the target's aspect (Keras' crop_to_aspect_ratio), `pad` keeps the whole picture and fills the bars with
+    its border's median colour (pad_to_aspect_ratio), `squish` stretches the whole picture to fit."""
     height, width = size
+    if resize == "squish":
+        return image.resize((width, height), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+    if resize == "pad":
+        return padded(image, size)
+    if resize != "crop":
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     crop = centred_crop(image.size, width / height)
     return image.resize((width, height), Image.Resampling.LANCZOS, box=crop, reducing_gap=REDUCING_GAP)
+
+
+def padded(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The whole picture scaled to fit inside size (height, width), centred on its border's median colour."""
+    height, width = size
+    scale = min(width / image.width, height / image.height)
+    inner = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    resized = image.resize(inner, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
+    canvas = Image.new(image.mode, (width, height), border_colour(image))
+    canvas.paste(resized, ((width - inner[0]) // 2, (height - inner[1]) // 2))
+    return canvas
+
+
+def border_colour(image: Image.Image) -> int | tuple[int, ...]:
+    """The median of the picture's outermost pixels: the bars of a padded picture continue its backdrop."""
+    pixels = np.asarray(image)
+    edge = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (2W + 2H,) or (2W + 2H, 3)
+    median = np.median(edge, axis=0).astype(np.uint8)
+    return int(median) if median.ndim == 0 else tuple(int(v) for v in median)
 
 
 def centred_crop(source: tuple[int, int], aspect: float) -> tuple[float, float, float, float]:
@@ -184,8 +216,9 @@ def centred_crop(source: tuple[int, int], aspect: float) -> tuple[float, float, 
 
 
 def read_pixels(source: ImageFile, size: tuple[int, int], channels: int, name: str | None = None,
-                max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """A picture as the network sees it: uint8 (H, W) grey or (H, W, 3) RGB, fitted to size (H, W).
+                max_pixels: int = MAX_PIXELS, resize: str = "crop") -> np.ndarray:
+    """A picture as the network sees it: uint8 (H, W) grey or (H, W, 3) RGB, fitted to size (H, W) by
+    `resize` (crop, pad or squish: `fitted`).
 
     The decoder of image folders and of the photos recipe (predict, serve, show): one function, so
     a file gives the same pixels in training and in use.
@@ -193,7 +226,7 @@ def read_pixels(source: ImageFile, size: tuple[int, int], channels: int, name: s
     height, width = size
     side = 2 * max(height, width)
     image = normalized(open_image(source, name, max_pixels, draft=(side, side)))
-    return np.array(fitted(with_channels(image, channels), size), dtype=np.uint8)
+    return np.array(fitted(with_channels(image, channels), size, resize), dtype=np.uint8)
 
 
 # ------------------------------------------------------------------------------ for HTML pages

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,10 @@ from torch import nn
 
 from cnnlab.config import Config, ConfigError, TrainConfig, dotted_keys, load_config
 from cnnlab.data.loading import Dataset
+from cnnlab.data.pinning import check_folder
+from cnnlab.data.registry import is_image_folder
 from cnnlab.data.sources import Data, load_data, prepare_data
+from cnnlab.data.store import notify
 from cnnlab.files import write_atomic, write_json, write_text
 from cnnlab.inspect.figures import plot_confusion
 from cnnlab.inspect.notebook import Run, curves_figure
@@ -77,10 +81,34 @@ def new_network(config: Config, data: Data) -> CNN:
     return network
 
 
-def open_data(config: Config, progress: bool = True, context: Context = SINGLE) -> Data:
+def open_data(config: Config, progress: bool = True, context: Context = SINGLE, summary: bool = False) -> Data:
     """The configured dataset, ready to train on; under data-parallel training rank 0 goes first
-    (it may download into the shared cache) and the others follow once it succeeded."""
-    return first_on_main(context, lambda: load_data(config, progress and context.is_main))
+    (it may download into the shared cache) and the others follow once it succeeded. `summary`: an image
+    folder's summary and warnings printed (by rank 0)."""
+    return first_on_main(context, lambda: load_data(config, progress and context.is_main,
+                                                    summary and progress and context.is_main))
+
+
+def open_pinned_data(run: Path, config: Config, progress: bool = True, context: Context = SINGLE) -> Data:
+    """The dataset a run was made from, opened again: an image folder is compared with the one the run pinned
+    in its manifest (FolderChanged, before anything is written, when its classes differ; a warning when its
+    files do)."""
+    data = open_data(config, progress, context)
+    recorded = (records.read_record(run, "manifest") or {}).get("image_folder")
+    now = data.about.get("image_folder")
+    for warning in check_folder(recorded, now, str(run)) if now else []:
+        if progress and context.is_main:
+            notify(warning)
+    return data
+
+
+def pinned(config: Config) -> Config:
+    """The config with an image folder's path made absolute: the run records where its data is, whatever the
+    working folder of a later `evaluate` or `--resume`."""
+    if not is_image_folder(config.data.dataset):
+        return config
+    where = os.path.abspath(config.data.dataset)
+    return dataclasses.replace(config, data=dataclasses.replace(config.data, dataset=where))
 
 
 def start_run(config: Config, data: Data, model: CNN, root: str | Path, name: str | None,
@@ -155,7 +183,8 @@ def train(config: Config | str | Path | None = None, root: str | Path = layout.D
         callbacks = [*callbacks, progress_display(curves_figure)]
     if name is not None:
         layout.check_name(name)  # before the data is loaded: a bad name costs nothing
-    data = prepare_data(dataset, config) if dataset is not None else open_data(config, progress, context)
+    config = pinned(config)
+    data = prepare_data(dataset, config) if dataset is not None else open_data(config, progress, context, summary=True)
     network = new_network(config, data)
     check_early_stopping(config, data)
     started_from = start_from(network, config.train.init_from, data.classes) if config.train.init_from else None
@@ -181,7 +210,7 @@ def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool =
     """
     run = layout.check_run(run, "config")
     config = records.load_config(run)
-    data = open_data(config, progress, context)
+    data = open_pinned_data(run, config, progress, context)
     model = build_model(config.model, data.image_shape, data.num_classes)
     recorders = [RunRecorder(run, data.classes, config)] if context.is_main else []
     trainer = Trainer(model, TrainData(data.train, data.val), config.train, [*recorders, *callbacks], context)
@@ -293,4 +322,4 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, progress: 
     model, classes, config = load_model(run)
     if data_dir is not None:
         config.data.data_dir = str(data_dir)
-    return test_run(Path(run), model, open_data(config, progress), config.train)
+    return test_run(Path(run), model, open_pinned_data(Path(run), config, progress), config.train)

@@ -1,7 +1,7 @@
-"""`cnnlab datasets list|where|fetch|verify`."""
+"""`cnnlab datasets list|where|fetch|verify|info`."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -10,6 +10,10 @@ from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.cli._options import DataDir
 
 datasets_app = typer.Typer(help="List, locate, download and verify datasets.", no_args_is_help=True)
+
+if TYPE_CHECKING:
+    from cnnlab.config import Config
+    from cnnlab.data.folder import ImageFolder
 
 Name = Annotated[str, typer.Argument(help="Dataset name (see `cnnlab datasets list`).")]
 AllowMismatch = Annotated[bool, typer.Option(
@@ -101,6 +105,57 @@ def verify_dataset(name: Name, data_dir: DataDir = None) -> None:
         bad.append((location, failed))
     raise fail("; ".join(f"{copy.directory}: {n} file(s) differ from the registry or cannot be read" for copy, n in bad)
                + "; train on a copy that differs only with --allow-checksum-mismatch", code=1)
+
+
+@datasets_app.command("info")
+@friendly_errors
+def info(
+    dataset: Annotated[str, typer.Argument(help="An image folder (one sub-folder per class), or a dataset name.")],
+    image_size: Annotated[int, typer.Option("--image-size", help="Pixels per side the pictures become.")] = 32,
+    resize: Annotated[str, typer.Option(help="How a picture meets the square: crop, pad or squish.")] = "crop",
+    channels: Annotated[int, typer.Option(help="3: colour, 1: grey.")] = 3,
+    json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """What a dataset holds: for an image folder, files per class per split, the sizes seen, the files that
+    cannot be read and why (every file is decoded once), and warnings for what would mislead a run."""
+    import json
+
+    from cnnlab.config import load_config
+    from cnnlab.data import get_dataset
+    from cnnlab.data.registry import is_image_folder
+
+    if not is_image_folder(dataset):
+        spec = get_dataset(dataset)
+        shown = dict(name=spec.name, title=spec.title, classes=list(spec.classes), image_shape=list(spec.image_shape))
+        if json_:
+            print(json.dumps(shown, indent=2))
+        else:
+            print(f"{spec.name}: {spec.title}; {spec.num_classes} classes ({', '.join(spec.classes)}); images "
+                  f"{'x'.join(map(str, spec.image_shape))}")
+        return
+    from cnnlab.data.summary import summarize
+
+    config = load_config("seed", overrides=[f"data.image_size={image_size}", f"data.resize={json.dumps(resize)}",
+                                            f"data.channels={channels}"], data={"dataset": dataset})
+    summary = summarize(folder_info(config), train=None)
+    if json_:
+        print(json.dumps(summary.to_dict(), indent=2))
+        return
+    print("\n".join(summary.lines()))
+    warn(summary.warnings)
+
+
+def folder_info(config: Config) -> ImageFolder:
+    """The configured folder opened and, when it fits data.memory_mb, decoded (the counts of unreadable files
+    are then exact)."""
+    from cnnlab.data.folder import open_image_folder
+    from cnnlab.data.sources import MB
+
+    d = config.data
+    folder = open_image_folder(d.dataset, (d.image_size, d.image_size), d.channels, workers=d.workers,
+                               resize=d.resize)
+    folder.hold_in_memory(d.memory_mb * MB)
+    return folder
 
 
 app.add_typer(datasets_app, name="datasets", rich_help_panel=TRAIN)

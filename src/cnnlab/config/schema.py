@@ -23,6 +23,7 @@ SCHEDULES = ("constant", "onecycle", "cosine")
 POOLINGS = ("flatten", "global_avg", "global_max")  # how the last feature maps become the head's input
 STOP_METRICS = ("val_loss", "val_accuracy")  # what early stopping watches (lower loss, higher accuracy is better)
 SAMPLINGS = ("shuffle", "balanced")
+RESIZES = ("crop", "pad", "squish")  # how an image folder's pictures meet the square size (cnnlab.images.fitted)
 PRECISIONS = ("float32", "bf16-mixed")  # the training step's arithmetic (weights are float32 in both)
 HALF_PRECISIONS = ("bf16", "bfloat16", "fp16", "float16", "half", "16", "16-mixed", "bf16_mixed", "mixed", "amp")
 
@@ -93,9 +94,12 @@ class DataConfig:
     val_size: int | None = None  # training images held out for validation; None: the dataset's default
     allow_checksum_mismatch: bool = False  # use local files whose checksums differ (recorded in the run)
     # Image folders only (one sub-folder per class): images are fitted to image_size x image_size.
-    image_size: int = 32  # pixels per side the images are resized (centre-cropped) to
+    image_size: int = 32  # pixels per side the images are resized to
+    resize: str = "crop"  # crop: the largest centred square; pad: the whole picture, bars of its border colour; squish
     channels: int = 3  # 3: colour (RGB), 1: greyscale
     workers: int | None = None  # processes decoding images in parallel; None: min(4, cores); 0: in the main process
+    # MB of decoded pixels an image folder may hold in memory: a folder that fits is decoded once, not every epoch
+    memory_mb: int = 2048
 
 
 @dataclass
@@ -128,6 +132,7 @@ class TrainConfig:
     augment_flip: bool = False  # mirror half the training images at random (clothes, not digits)
     augment_erase: float = 0.0  # probability an image gets a random rectangle (2-33% of it) replaced by noise
     augment_rotate: float = 0.0  # degrees: each training image turned by up to this much either way, at random
+    augment_zoom: float = 0.0  # each training image scaled by 1/(1+z) to 1+z at random (objects come at every size)
     ema: float = 0.0  # averaged weights, evaluated and saved: decay per step (0.999: ~the last 1000 steps); 0: off
     lookahead: bool = False  # every 5 steps pull the weights toward a slow average of them, harder as the run ends
     tta: bool = False  # test-time augmentation: average the predictions for each image and its mirror
@@ -177,6 +182,7 @@ MAX_BATCH = 65536  # images per step or per evaluation pass
 MAX_SEED = 2**32 - 1  # seeds numpy and torch alike
 MAX_IMAGE_SIZE = 1024  # pixels per side of an image-folder image
 MAX_WORKERS = 64
+MAX_MEMORY_MB = 1 << 20  # 1 TB of decoded pixels: a bound on typos, not on machines
 MAX_THREADS = 256
 
 
@@ -253,6 +259,7 @@ def validate_train(t: TrainConfig) -> None:
     bounded(t.augment_shift, 0, MAX_KERNEL, "train.augment_shift", "pixels")
     real(t.augment_erase, 0, 1, "train.augment_erase", "a probability")
     real(t.augment_rotate, 0, 180, "train.augment_rotate", "an angle in degrees")
+    real(t.augment_zoom, 0, 1, "train.augment_zoom", "a scale range (0.25: 0.8x to 1.25x)")
     real(t.ema, 0, 1, "train.ema", "a decay per step", high_open=True)
     bounded(t.tta_shift, 0, MAX_KERNEL, "train.tta_shift", "pixels")
     bounded(t.early_stopping.patience, 0, MAX_EPOCHS, "train.early_stopping.patience", "epochs")
@@ -278,6 +285,8 @@ def validate_train(t: TrainConfig) -> None:
 def validate_data(d: DataConfig) -> None:
     bounded(d.image_size, 1, MAX_IMAGE_SIZE, "data.image_size", "pixels")
     choice(d.channels, (1, 3), "data.channels")
+    choice(d.resize, RESIZES, "data.resize")
+    bounded(d.memory_mb, 0, MAX_MEMORY_MB, "data.memory_mb", "MB")
     if d.workers is not None:
         bounded(d.workers, 0, MAX_WORKERS, "data.workers")
     if d.val_size is not None:

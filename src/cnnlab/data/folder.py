@@ -5,6 +5,11 @@ Two layouts: `root/<class>/...` (train / val / test are carved out by a hash of 
 is a `FolderSource` (the trainer's `Source` protocol): labels are known up front, images are decoded
 in DataLoader worker processes a batch at a time, and unreadable files are dropped and reported.
 
+Memory. A folder whose decoded pixels fit `data.memory_mb` is decoded once, all splits up front
+(`ImageFolder.hold_in_memory`), and every epoch after reads memory: the same pixels and batches as
+streaming (training is bitwise the same), without decoding a file twice. A larger folder streams from
+disk every epoch, holding only workers x PREFETCH_FACTOR batches.
+
 Symbolic links. A class folder (and `train/`, `val/`, `test/`) may be a link to a folder: datasets are often
 assembled that way. Inside a class folder, links to folders are not followed: they are left out and reported
 (`ImageFolder.links_not_followed`, `describe()` in the run manifest, one line on stderr when training), so a
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,14 +85,14 @@ class PathTable:
 
 
 # ---------------------------------------------------------------------------- decoding one image
-def decode_image(path: str | Path, image_size: tuple[int, int], channels: int) -> np.ndarray:
+def decode_image(path: str | Path, image_size: tuple[int, int], channels: int, resize: str = "crop") -> np.ndarray:
     """One image file -> uint8 (C, H, W), read by cnnlab's one image reader (`cnnlab.images.read_pixels`):
     the same pixels `cnnlab predict` gives the file. Raises on anything unreadable; `FolderSource` catches it.
 
     The file's bytes are read first (`cnnlab.files`): a FIFO, a device or
     a link to one is refused without blocking, and a file over MAX_IMAGE_FILE_BYTES is refused unread."""
     data = read_regular(path, MAX_IMAGE_FILE_BYTES, "dataset image")
-    pixels = read_pixels(data, image_size, channels, name=str(path))  # (H, W) or (H, W, 3)
+    pixels = read_pixels(data, image_size, channels, name=str(path), resize=resize)  # (H, W) or (H, W, 3)
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1).copy()
 
 
@@ -102,37 +107,44 @@ def _short_reason(path: str, error: BaseException) -> str:
 
 # ---------------------------------------------------------------------------- one split
 class _Decoded(Dataset):
-    """What a DataLoader worker reads: position -> (uint8 (C, H, W) or None, label, path, reason)."""
+    """What a DataLoader worker reads: position -> (uint8 (C, H, W) or None, label, position, path, reason)."""
 
-    def __init__(self, root: str, paths: PathTable, labels: np.ndarray, image_size: tuple[int, int], channels: int):
+    def __init__(self, root: str, paths: PathTable, labels: np.ndarray, image_size: tuple[int, int], channels: int,
+                 resize: str):
         self.root, self.paths, self.labels = root, paths, labels
-        self.image_size, self.channels = image_size, channels
+        self.image_size, self.channels, self.resize = image_size, channels, resize
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray | None, int, str, str | None]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray | None, int, int, str, str | None]:
         i = int(i)
         path = os.path.join(self.root, self.paths[i])
         try:
-            return decode_image(path, self.image_size, self.channels), int(self.labels[i]), path, None
+            return decode_image(path, self.image_size, self.channels, self.resize), int(self.labels[i]), i, path, None
         except Exception as error:  # noqa: BLE001 -- any decoder failure on one file must not end a training run
-            return None, int(self.labels[i]), path, _short_reason(path, error)
+            return None, int(self.labels[i]), i, path, _short_reason(path, error)
+
+
+_Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[tuple[str, str]]]  # images, labels, positions, bad
 
 
 @dataclass(frozen=True)
 class _Collate:
-    """Stacks the readable images of a batch; carries the unreadable ones' (path, reason) to the main process."""
+    """Stacks the readable images of a batch with their labels and positions in the split; carries the
+    unreadable ones' (path, reason) to the main process."""
 
     shape: tuple[int, int, int]  # (C, H, W)
 
-    def __call__(self, items: list) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
-        good = [(image, label) for image, label, _, reason in items if reason is None]
-        bad = [(path, reason) for _, _, path, reason in items if reason is not None]
+    def __call__(self, items: list) -> _Batch:
+        good = [(image, label, i) for image, label, i, _, reason in items if reason is None]
+        bad = [(path, reason) for _, _, _, path, reason in items if reason is not None]
         if not good:
-            return torch.zeros((0, *self.shape), dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), bad
-        images = torch.from_numpy(np.stack([image for image, _ in good]))  # (B, C, H, W) uint8
-        return images, torch.tensor([label for _, label in good], dtype=torch.int64), bad
+            empty = torch.zeros(0, dtype=torch.int64)
+            return torch.zeros((0, *self.shape), dtype=torch.uint8), empty, empty, bad
+        images = torch.from_numpy(np.stack([image for image, _, _ in good]))  # (B, C, H, W) uint8
+        labels = torch.tensor([label for _, label, _ in good], dtype=torch.int64)
+        return images, labels, torch.tensor([i for _, _, i in good], dtype=torch.int64), bad
 
 
 class _Batches:
@@ -149,6 +161,7 @@ class _Batches:
 
 
 HEAP_SLACK_BYTES = 128 << 20  # resident growth while streaming before the C heap is trimmed
+HOLD_BATCH = 64  # files per decoding task when a split is read into memory
 
 
 def resident_bytes() -> int:
@@ -163,18 +176,26 @@ def resident_bytes() -> int:
 class FolderSource:
     """One split of an image folder, decoded a batch at a time in `workers` processes (the `Source` protocol).
 
-    Memory holds at most workers x PREFETCH_FACTOR batches of decoded images, whatever the split's size.
+    Streaming, memory holds at most workers x PREFETCH_FACTOR batches of decoded images, whatever the split's
+    size; after `hold_in_memory`, every image is decoded once and batches are read from memory.
     """
 
     def __init__(self, root: Path, paths: PathTable, labels: np.ndarray, image_size: tuple[int, int],
-                 channels: int, workers: int):
+                 channels: int, workers: int, resize: str = "crop"):
         self.root, self.paths, self.image_size, self.channels = root, paths, image_size, channels
-        self.workers = workers  # decoding processes; 0 decodes in the calling process
+        self.workers, self.resize = workers, resize  # decoding processes (0: the calling process); data.resize
         self.labels = torch.from_numpy(labels.astype(np.int64))  # (N,)
         self.skipped: dict[str, str] = {}  # path -> reason, for unreadable files met so far
+        self.pixels: torch.Tensor | None = None  # uint8 (N, C, H, W) once held in memory (unreadable ones: zeros)
+        self.readable: torch.Tensor | None = None  # bool (N,) once held in memory
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole split decoded: N x C x H x W."""
+        return len(self) * self.channels * self.image_size[0] * self.image_size[1]
 
     def path(self, i: int) -> Path:
         """The file behind position `i` of this split."""
@@ -182,8 +203,30 @@ class FolderSource:
 
     def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """For each 1-D int64 index batch: uint8 images (B, C, H, W) and int64 labels (B,), unreadable ones dropped."""
+        if self.pixels is not None and self.readable is not None:
+            for index in index_batches:
+                index = torch.as_tensor(index)
+                kept = index[self.readable[index]]  # as streaming drops an unreadable file from its batch
+                yield self.pixels[kept], self.labels[kept]
+            return
+        for images, labels, _, _ in self.decoded(index_batches):
+            yield images, labels
+
+    def hold_in_memory(self) -> None:
+        """Decode every file of the split once (in `workers` processes) and keep the pixels; unreadable files are
+        recorded in `skipped` now, not when an epoch meets them."""
+        c, (h, w) = self.channels, self.image_size
+        pixels = torch.zeros((len(self), c, h, w), dtype=torch.uint8)
+        readable = torch.zeros(len(self), dtype=torch.bool)
+        for images, _, positions, _ in self.decoded(torch.arange(len(self)).split(HOLD_BATCH)):
+            pixels[positions] = images
+            readable[positions] = True
+        self.pixels, self.readable = pixels, readable
+
+    def decoded(self, index_batches: Sequence[torch.Tensor]) -> Iterator[_Batch]:
+        """Each index batch decoded from disk: images, labels, their positions in the split, unreadable files."""
         loader = DataLoader(
-            _Decoded(str(self.root), self.paths, self.labels.numpy(), self.image_size, self.channels),
+            _Decoded(str(self.root), self.paths, self.labels.numpy(), self.image_size, self.channels, self.resize),
             batch_sampler=_Batches(index_batches), num_workers=self.workers,
             collate_fn=_Collate((self.channels, *self.image_size)),
             prefetch_factor=PREFETCH_FACTOR if self.workers > 0 else None, persistent_workers=False,
@@ -191,9 +234,9 @@ class FolderSource:
             # which dropout and augmentation use, and a resumed epoch would draw once more.
             generator=torch.Generator().manual_seed(0))
         limit = resident_bytes() + HEAP_SLACK_BYTES
-        for images, labels, bad in loader:
-            self.skipped.update(bad)
-            yield images, labels
+        for batch in loader:
+            self.skipped.update(batch[3])
+            yield batch
             if resident_bytes() > limit:  # trimming every batch would cost page faults on every batch
                 trim_heap()
                 limit = resident_bytes() + HEAP_SLACK_BYTES
@@ -383,19 +426,43 @@ class ImageFolder:
     ignored: int  # non-image files found and left out
     layout: str  # "classes" (root/<class>/) or "splits" (root/train/<class>/, root/test/<class>/)
     digest: str  # sha256 of the sorted relative paths with sizes and mtimes
+    class_digests: dict[str, str]  # the same per class (over every split): a changed file is traced to its class
     fractions: dict[str, float]  # the fractions that carved splits out (those not given as folders)
     links_not_followed: list[str] = field(default_factory=list)  # directory links in class folders, left out
 
+    @property
+    def splits(self) -> dict[str, FolderSource]:
+        return {"train": self.train, "val": self.val, "test": self.test}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every split decoded."""
+        return sum(source.nbytes for source in self.splits.values())
+
+    def hold_in_memory(self, budget_bytes: int) -> bool:
+        """Decode every split once and keep it in memory when all of it fits `budget_bytes`; False (streaming
+        stays) when it does not."""
+        if self.nbytes > budget_bytes:
+            return False
+        for source in self.splits.values():
+            source.hold_in_memory()
+        return True
+
+    @property
+    def in_memory(self) -> bool:
+        return all(source.pixels is not None for source in self.splits.values())
+
     def describe(self) -> dict:
         """What the run manifest records: root, layout, counts per split and per class, the file-list digest."""
-        splits = {"train": self.train, "val": self.val, "test": self.test}
+        splits = self.splits
         return {
             "root": str(self.root), "layout": self.layout, "classes": list(self.classes),
+            "resize": self.train.resize,
             "image_shape": list(self.image_shape), "ignored": self.ignored, "fractions": self.fractions,
             "counts": {name: len(s) for name, s in splits.items()},
             "per_class": {name: dict(zip(self.classes, np.bincount(s.labels.numpy(), minlength=len(self.classes))
                                          .tolist())) for name, s in splits.items()},
-            "digest": self.digest,
+            "digest": self.digest, "class_digests": self.class_digests,
             "links_not_followed": {"count": len(self.links_not_followed),
                                    "paths": self.links_not_followed[:LINKS_LISTED]},
         }
@@ -414,12 +481,13 @@ class ImageFolder:
 
 def open_image_folder(root: str | Path, image_size: tuple[int, int] = (32, 32), channels: int = 3,
                       val_fraction: float = 0.1, test_fraction: float = 0.1,
-                      workers: int | None = None) -> ImageFolder:
+                      workers: int | None = None, resize: str = "crop") -> ImageFolder:
     """Find the images under `root` and split them; nothing is decoded yet.
 
     `image_size` is (H, W) in pixels, `channels` 1 (grey) or 3 (RGB); fractions are of the images in
     `root/<class>/` (or, with `root/train/` and `root/test/` but no `root/val/`, `val_fraction` is of
-    train). `workers` decoding processes per split read (default min(4, CPUs); 0: the calling process).
+    train). `workers` decoding processes per split read (default min(4, CPUs); 0: the calling process);
+    `resize` how a picture meets the size (`cnnlab.images.fitted`).
     """
     root = Path(root)
     size, channels, workers = check_numbers(image_size, channels, workers, root)
@@ -435,7 +503,10 @@ def open_image_folder(root: str | Path, image_size: tuple[int, int] = (32, 32), 
     walker = _Walker(root)
     scans, assign, fractions, layout = _split_layout(walker, present, val_fraction) if present else \
         _class_layout(walker, val_fraction, test_fraction)
-    return _assemble(root, scans, assign, fractions, layout, size, channels, workers, sorted(walker.links))
+    folder = _assemble(root, scans, assign, fractions, layout, size, channels, workers, sorted(walker.links))
+    for source in folder.splits.values():
+        source.resize = resize
+    return folder
 
 
 def _is_int(value: object) -> bool:
@@ -510,14 +581,25 @@ def _assemble(root: Path, scans: list[_Scan], assign: list[np.ndarray], fraction
                               "add images or raise the fraction")
         sources.append(FolderSource(root, paths.take(chosen), labels[chosen], image_size, channels, workers))
     train, val, test = sources  # one per SPLIT_FOLDERS entry, in that order
+    every_file = ((p, st) for scan in scans for p, st in zip(scan.paths, scan.stats))
     return ImageFolder(root, scans[0].classes, (*image_size, channels), train, val, test,
-                       ignored=sum(s.ignored for s in scans), layout=layout, digest=_file_digest(scans),
+                       ignored=sum(s.ignored for s in scans), layout=layout, digest=_file_digest(every_file),
+                       class_digests=_class_digests(scans),
                        fractions=fractions, links_not_followed=links)
 
 
-def _file_digest(scans: list[_Scan]) -> str:
-    """sha256 over the sorted relative paths with each file's size and mtime (ns)."""
+def _file_digest(files: Iterable[tuple[bytes, tuple[int, int]]]) -> str:
+    """sha256 over the sorted relative paths with each file's (size, mtime ns)."""
     digest = hashlib.sha256()
-    for path, (size, mtime) in sorted((p, s) for scan in scans for p, s in zip(scan.paths, scan.stats)):
+    for path, (size, mtime) in sorted(files):
         digest.update(path + b"\0" + f"{size} {mtime}\n".encode())
     return "sha256:" + digest.hexdigest()
+
+
+def _class_digests(scans: list[_Scan]) -> dict[str, str]:
+    """`_file_digest` of each class's files over every split."""
+    per_class: list[list[tuple[bytes, tuple[int, int]]]] = [[] for _ in scans[0].classes]
+    for scan in scans:
+        for path, stat, label in zip(scan.paths, scan.stats, scan.labels):
+            per_class[label].append((path, stat))
+    return {name: _file_digest(files) for name, files in zip(scans[0].classes, per_class)}

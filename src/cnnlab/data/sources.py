@@ -19,6 +19,7 @@ from cnnlab.data.pixels import images_tensor
 from cnnlab.data.registry import is_image_folder
 
 LOAD_ALL_BATCH = 256  # images per batch when a whole split is read into memory
+MB = 1_000_000  # data.memory_mb's unit
 
 
 class Source(Protocol):
@@ -94,26 +95,43 @@ def prepare_data(dataset: Dataset, config: Config) -> Data:
                            **({"skipped_copies": list(dataset.passed_over)} if dataset.passed_over else {})))
 
 
-def folder_data(config: Config, workers: int | None = None, progress: bool = False) -> Data:
-    """An image folder streamed from disk: 10% of the images held out for validation, 10% for test.
+def folder_data(config: Config, workers: int | None = None, progress: bool = False, summary: bool = False,
+                hold: bool = True) -> Data:
+    """An image folder: 10% of the images held out for validation, 10% for test; decoded once into memory when
+    its pixels fit data.memory_mb, streamed from disk every epoch otherwise.
 
-    Directory links inside class folders are left out (`cnnlab.data.folder`): recorded in the manifest, and
-    said in one line on stderr when `progress`.
+    Directory links inside class folders are left out (`cnnlab.data.folder`): recorded in the manifest, and said
+    in one line on stderr when `progress`. `summary`: the folder's summary (classes by split, sizes, skipped
+    files) and its warnings are printed. A class with no readable training image is a FolderError. `hold`
+    False: streamed whatever its size (a command that reads one split once).
     """
-    from cnnlab.data.folder import open_image_folder
+    from cnnlab.data.folder import FolderError, open_image_folder
     from cnnlab.data.store import notify
+    from cnnlab.data.summary import readable_problem, summarize
 
     d = config.data
     if d.val_size is not None:
         raise ConfigError("data.val_size: image folders hold out 10% for validation and 10% for test "
                           "(or use their val/ and test/ sub-folders); remove data.val_size")
     folder = open_image_folder(d.dataset, (d.image_size, d.image_size), d.channels,
-                               workers=d.workers if workers is None else workers)
+                               workers=d.workers if workers is None else workers, resize=d.resize)
+    if hold:
+        folder.hold_in_memory(d.memory_mb * MB)
+    problem = readable_problem(folder)
+    if problem is not None:
+        raise FolderError(problem)
     notice = folder.notice()
     if progress and notice is not None:
         notify(notice)
+    about = folder.describe()
+    if summary:
+        found = summarize(folder, config.train)
+        print("\n".join(found.lines()))
+        for warning in found.warnings:
+            notify(warning)
+        about["summary_warnings"] = found.warnings
     return Data(str(folder.root), folder.classes, folder.image_shape, folder.train, folder.val, folder.test,
-                about=dict(dataset=str(folder.root), data_origin="image folder", image_folder=folder.describe()))
+                about=dict(dataset=str(folder.root), data_origin="image folder", image_folder=about))
 
 
 def open_dataset(config: Config, progress: bool = True) -> Dataset:
@@ -122,17 +140,28 @@ def open_dataset(config: Config, progress: bool = True) -> Dataset:
     return load_dataset(d.dataset, d.data_dir, allow_mismatch=d.allow_checksum_mismatch, progress=progress)
 
 
-def load_data(config: Config, progress: bool = True) -> Data:
-    """The configured dataset (named or an image folder), ready to train on; `progress`: bars and warnings."""
+def load_data(config: Config, progress: bool = True, summary: bool = False) -> Data:
+    """The configured dataset (named or an image folder), ready to train on; `progress`: bars and warnings;
+    `summary`: an image folder's summary printed (training does)."""
     if is_image_folder(config.data.dataset):
-        return folder_data(config, progress=progress)
+        return folder_data(config, progress=progress, summary=summary)
     return prepare_data(open_dataset(config, progress), config)
 
 
-def open_test_set(config: Config) -> tuple[torch.Tensor, torch.Tensor]:
+def open_test_set(config: Config, pinned: dict | None = None, run: str = "the run"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """A run's test images in memory, uint8 (N, C, H, W), and labels (N,), for pictures of mistakes and
-    saliency (an image folder's test split is decoded; unreadable files are left out as in training)."""
+    saliency (an image folder's test split is decoded; unreadable files are left out as in training).
+
+    `pinned`: the image folder's record in the run's manifest, compared with the folder now
+    (`cnnlab.data.pinning`): FolderChanged when its classes differ, a warning on stderr when its files do."""
     if is_image_folder(config.data.dataset):
-        return load_all(folder_data(config).test)
+        from cnnlab.data.pinning import check_folder
+        from cnnlab.data.store import notify
+
+        data = folder_data(config, hold=False)
+        for warning in check_folder(pinned, data.about["image_folder"], run):
+            notify(warning)
+        return load_all(data.test)
     dataset = open_dataset(config, progress=False)
     return images_tensor(dataset.test_images), torch.from_numpy(dataset.test_labels)

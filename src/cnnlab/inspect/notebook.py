@@ -158,7 +158,8 @@ class RunPictures:
 
             image = PILImage.fromarray(np.asarray(image, dtype=np.uint8))
         recipe = dataset_recipe(self.loaded.config.data)
-        return show.InputImage(prepare(image, recipe, self.loaded.model.input_shape[0]), None, "your image")
+        size = self.loaded.model.input_shape[0]
+        return show.InputImage(prepare(image, recipe, size, resize=self.loaded.config.data.resize), None, "your image")
 
     def mistakes(self, limit: int = 24) -> InlineFigure:
         """The most confidently misclassified test images, worst first."""

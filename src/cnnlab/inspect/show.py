@@ -51,7 +51,8 @@ class LoadedRun:
     @cached_property
     def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The run's test images, uint8 (N, C, H, W), and labels (N,)."""
-        return open_test_set(self.config)
+        manifest = records.read_record(self.run, "manifest") or {}
+        return open_test_set(self.config, manifest.get("image_folder"), str(self.run))
 
     @property
     def test_labels(self) -> np.ndarray:
@@ -86,7 +87,8 @@ def choose_input(loaded: LoadedRun, image: str | Path | None = None, index: int 
         raise InputError("give either an image file or a test-set index, not both or neither")
     if image is not None:
         recipe = dataset_recipe(loaded.config.data)
-        return InputImage(prepare(image, recipe, loaded.model.input_shape[0]), None, Path(image).name)
+        return InputImage(prepare(image, recipe, loaded.model.input_shape[0], resize=loaded.config.data.resize), None,
+                          Path(image).name)
     count = len(loaded.test_labels)
     if index is None or not 0 <= index < count:
         raise InputError(f"--index must be 0..{count - 1} (the {loaded.config.data.dataset} test set), got {index}")

@@ -1,5 +1,5 @@
-"""Training-time augmentation on whole uint8 batches: random rotations, random shifts (a random crop of the
-zero-padded image), mirror images and random erasing, with no per-image Python.
+"""Training-time augmentation on whole uint8 batches: random zooms, random rotations, random shifts (a random crop
+of the zero-padded image), mirror images and random erasing, with no per-image Python.
 
 Random draws come from torch's global generator, which the trainer seeds and checkpoints, so
 augmented runs stay deterministic and resumable.
@@ -54,6 +54,21 @@ def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
     return padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)  # (N, C, H, W)
 
 
+def random_zoom(images: torch.Tensor, zoom: float) -> torch.Tensor:
+    """Scale each image (N, C, H, W) about its centre by its own random factor, log-uniform in
+    [1 / (1 + zoom), 1 + zoom], bilinear; a picture zoomed out repeats its edge pixels (a photo's backdrop goes
+    on), one zoomed in loses its rim. Objects in one's own photos come at every size."""
+    if zoom <= 0:
+        return images
+    n = len(images)
+    scale = (torch.rand(n) * 2 - 1).mul_(math.log1p(zoom)).exp_()  # (N,) output size / input size
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale  # the grid samples the input: a smaller window is a zoom in
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    zoomed = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return zoomed.round_().clamp_(0, 255).to(torch.uint8)
+
+
 def random_flip(images: torch.Tensor) -> torch.Tensor:
     """Mirror a random half of the images left to right (clothes look alike mirrored; digits do not)."""
     flip = torch.rand(len(images)) < 0.5
@@ -89,8 +104,9 @@ def random_erase(images: torch.Tensor, probability: float) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, shift: int = 0, flip: bool = False, erase: float = 0.0,
-            rotate: float = 0.0) -> torch.Tensor:
-    """Augmentations of a uint8 batch (N, C, H, W): rotate, then shift, then mirror, then erase."""
+            rotate: float = 0.0, zoom: float = 0.0) -> torch.Tensor:
+    """Augmentations of a uint8 batch (N, C, H, W): zoom, then rotate, then shift, then mirror, then erase."""
+    images = random_zoom(images, zoom)
     images = random_rotate(images, rotate)
     images = random_shift(images, shift)
     images = random_flip(images) if flip else images
@@ -99,4 +115,5 @@ def augment(images: torch.Tensor, shift: int = 0, flip: bool = False, erase: flo
 
 def augment_as(images: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     """The augmentations `config` asks for (the trainer, the LR finder and `show batch` all call this)."""
-    return augment(images, config.augment_shift, config.augment_flip, config.augment_erase, config.augment_rotate)
+    return augment(images, config.augment_shift, config.augment_flip, config.augment_erase, config.augment_rotate,
+                   config.augment_zoom)

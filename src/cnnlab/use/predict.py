@@ -33,6 +33,7 @@ class Predictor:
     run: Path | None = None
     test_accuracy: float | None = None
     name: str = "model"
+    resize: str = "crop"  # how a photo meets the model's square input: its folder's data.resize
     inference_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
@@ -40,7 +41,7 @@ class Predictor:
         """Load a run's weights (safetensors, no pickle) and look up its dataset's recipe."""
         model, classes, config = load_model(run)
         return cls(model, classes, config.data.dataset, dataset_recipe(config.data), Path(run),
-                   read_test_accuracy(run), Path(run).name)
+                   read_test_accuracy(run), Path(run).name, resize=config.data.resize)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -53,7 +54,7 @@ class Predictor:
         height, width = self.input_size
         if height != width:
             raise ValueError(f"{self.name}: preprocessing needs a square input, the model takes {height}x{width}")
-        return prepare(source, self.recipe, height, name, max_pixels)
+        return prepare(source, self.recipe, height, name, max_pixels, self.resize)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """float (N, classes) for prepared uint8 images, grey (N, H, W) or colour (N, H, W, C)."""

@@ -235,16 +235,17 @@ RECIPES = (*PICTURE_RECIPES, *PHOTO_CHANNELS)
 
 
 def prepare(source: ImageFile, recipe: str = "digits", size: int = 28, name: str | None = None,
-            max_pixels: int = MAX_PIXELS) -> np.ndarray:
+            max_pixels: int = MAX_PIXELS, resize: str = "crop") -> np.ndarray:
     """Read an image (path, bytes, file object or PIL image) and prepare it by a recipe.
 
-    uint8 (size, size) for the grey recipes, (size, size, 3) for photos. Raises ImageReadError
+    uint8 (size, size) for the grey recipes, (size, size, 3) for photos; `resize` (crop, pad or squish) is how
+    a photo meets the square, as its folder's data.resize says. Raises ImageReadError
     (ImageTooLarge) for unreadable or oversized pictures, BlankImage when nothing stands out.
     """
     if recipe in PHOTO_CHANNELS:
-        # CIFAR-10's look: the largest centred square, resized; nothing trimmed or inverted (a photo's
-        # background is part of what the model learned from)
-        return read_pixels(source, (size, size), PHOTO_CHANNELS[recipe], name, max_pixels)
+        # CIFAR-10's look: the largest centred square (or the folder's data.resize), resized; nothing trimmed or
+        # inverted (a photo's background is part of what the model learned from)
+        return read_pixels(source, (size, size), PHOTO_CHANNELS[recipe], name, max_pixels, resize)
     if recipe not in PICTURE_RECIPES:
         raise ValueError(f"unknown preprocessing recipe {recipe!r} (known: {', '.join(RECIPES)})")
     return PICTURE_RECIPES[recipe](normalized(open_image(source, name, max_pixels)), size)
