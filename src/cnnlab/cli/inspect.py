@@ -109,7 +109,7 @@ def show_mistakes(run: Run, out: Annotated[Path, out_option("the grid")] = Path(
     loaded = load(run, data_dir)
     mistakes = save_png(out, lambda tmp: inspection.show_mistakes(loaded, tmp, limit))
     for m in mistakes[:5]:
-        print(f"  #{m.index}: true {loaded.classes[m.true_label]}, predicted "
+        print(f"  {m.name}: true {loaded.classes[m.true_label]}, predicted "
               f"{loaded.classes[m.predicted_label]} ({m.confidence:.0%})")
     if len(mistakes) > 5:
         print(f"  ... {len(mistakes) - 5} more in the picture")

@@ -41,11 +41,11 @@ class Row:
 
 def file_names(source: Source) -> list[str]:
     """What names each image of a split: its path relative to an image folder, else its position ("0", "1", ...)."""
-    locate = getattr(source, "path", None)  # image folders' FolderSource knows each position's file
-    if locate is None:
+    from cnnlab.data.folder import FolderSource  # torch, only once a split is named
+
+    if not isinstance(source, FolderSource):
         return [str(i) for i in range(len(source))]
-    root = Path(getattr(source, "root"))
-    return [Path(locate(i)).relative_to(root).as_posix() for i in range(len(source))]
+    return [source.path(i).relative_to(source.root).as_posix() for i in range(len(source))]
 
 
 def skip_reason(source: Source, position: int) -> str:
