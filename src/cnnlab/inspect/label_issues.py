@@ -4,9 +4,10 @@ that sit in two splits (a test image the model also trained on).
 Label issues by confident learning (Northcutt, Jiang and Chuang, "Confident Learning: Estimating Uncertainty in
 Dataset Labels", JAIR 2021), in NumPy: each class's threshold is the mean probability the model gives that class
 on the images labelled with it (its self-confidence); an image is flagged when its probability for another class
-reaches that class's threshold, the suggested class is the most probable such class, and images are ranked by
-the margin p(suggested) - p(given), worst first. The probabilities must be out-of-sample: a model repeats the
-labels it trained on, right or wrong, so only the held-out splits (validation and test) are checked.
+reaches that class's threshold, or the model predicts another class outright; the suggested class is the most
+probable such class, and images are ranked by the margin p(suggested) - p(given), worst first. The probabilities
+must be out-of-sample: a model repeats the labels it trained on, right or wrong, so only the held-out splits
+(validation and test) are checked.
 
 Duplicates: every image of every split, as the run reads it, shrunk to a 16x16 grey thumbnail; images whose
 8x8 average hashes agree are compared thumbnail to thumbnail, and pairs in different splits that differ by less
@@ -74,9 +75,11 @@ class Findings:
     thresholds: dict[str, float]  # per-class self-confidence thresholds
 
     def to_list(self, limit: int | None = None) -> list[dict]:
-        """The `--json` list: label issues worst first, then duplicates closest first (at most `limit` of each)."""
+        """The `--json` list: label issues worst first, then duplicates closest first (at most `limit` of each);
+        a duplicate's `suggested` is the class its twin is filed under."""
         return ([asdict(i) for i in self.issues[:limit]]
-                + [{**asdict(d), "score": round(d.score, 6)} for d in self.duplicates[:limit]])
+                + [{**asdict(d), "suggested": d.duplicate_given, "score": round(d.score, 6)}
+                   for d in self.duplicates[:limit]])
 
 
 # ------------------------------------------------------------------------------ the arithmetic
@@ -98,9 +101,13 @@ def confident_issues(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.
     given = probabilities[np.arange(n), labels]
     others = probabilities.copy()
     others[np.arange(n), labels] = -np.inf
-    above = np.where(others >= thresholds[None, :], others, -np.inf)  # (N, K) other classes at their threshold
-    flagged = np.flatnonzero(np.isfinite(above.max(axis=1)))
-    suggested = above[flagged].argmax(axis=1)
+    above = others >= thresholds[None, :]  # (N, K) other classes at their threshold
+    # the model's outright prediction disputes the label too: with saturated probabilities a class's mean
+    # self-confidence (0.995, say) can sit just above a mislabelled image's 0.994
+    above[np.arange(n), probabilities.argmax(axis=1)] |= probabilities.argmax(axis=1) != labels
+    candidates = np.where(above, others, -np.inf)
+    flagged = np.flatnonzero(np.isfinite(candidates.max(axis=1)))
+    suggested = candidates[flagged].argmax(axis=1)
     scores = probabilities[flagged, suggested] - given[flagged]
     order = np.argsort(-scores, kind="stable")
     return flagged[order], suggested[order], scores[order]
