@@ -125,9 +125,9 @@ def duplicate_pairs(thumbs: np.ndarray, splits: np.ndarray) -> list[tuple[int, i
     small = thumbs.reshape(n, 8, THUMB // 8, 8, THUMB // 8).mean(axis=(2, 4)).reshape(n, 64)
     bits = np.packbits(small > small.mean(axis=1, keepdims=True), axis=1)  # (N, 8) the 64-bit average hash
     groups: dict[bytes, list[int]] = defaultdict(list)
-    for i in np.flatnonzero(thumbs.reshape(n, -1).std(axis=1) >= FLAT_LEVELS):
-        groups[bits[i].tobytes()].append(int(i))
-    pairs = []
+    for k in np.flatnonzero(thumbs.reshape(n, -1).std(axis=1) >= FLAT_LEVELS).tolist():
+        groups[bits[k].tobytes()].append(k)
+    pairs: list[tuple[int, int, float]] = []
     for members in groups.values():
         members = members[:MAX_GROUP]
         if len(members) < 2 or len({int(splits[i]) for i in members}) < 2:
@@ -135,7 +135,7 @@ def duplicate_pairs(thumbs: np.ndarray, splits: np.ndarray) -> list[tuple[int, i
         flat = thumbs[members].reshape(len(members), -1)
         for a, i in enumerate(members):
             difference = np.abs(flat[a + 1:] - flat[a]).mean(axis=1)  # (g - a - 1,) one row at a time: bounded memory
-            for b in np.flatnonzero(difference < DUPLICATE_LEVELS):
+            for b in np.flatnonzero(difference < DUPLICATE_LEVELS).tolist():
                 j = members[a + 1 + b]
                 if splits[i] != splits[j]:
                     earlier, later = (i, j) if splits[i] < splits[j] else (j, i)
