@@ -47,7 +47,8 @@ def test_predict_prints_the_top_classes(digits, pictures):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == f"{pictures / 'zero.png'}: {lines[1].split()[0]}"  # the best class is listed first
-    assert len(lines) == 2 * 3 and all(line.strip().endswith(("%", "█")) for line in lines[1:3])
+    assert len(lines) == 2 * 3 + 1 and all(line.strip().endswith(("%", "█")) for line in lines[1:3])
+    assert lines[-1].startswith("predicted 2 files: ")
 
 
 def test_predict_json_is_one_object_per_image(digits, pictures):
@@ -73,7 +74,7 @@ def test_predict_agrees_with_the_model_on_the_original_digits(digits, pictures):
 
 def test_bad_files_are_reported_and_the_rest_still_predicted(digits, pictures, tmp_path):
     result = run("predict", digits, pictures / "notes.txt", pictures / "zero.png", pictures / "empty.png",
-                 tmp_path / "missing.png", tmp_path, "--json")
+                 tmp_path / "missing.png", "--json")
     assert result.exit_code == 1
     assert [json.loads(line)["file"] for line in result.stdout.splitlines()] == [str(pictures / "zero.png")]
     errors = result.stderr.splitlines()
@@ -82,7 +83,7 @@ def test_bad_files_are_reported_and_the_rest_still_predicted(digits, pictures, t
         f"error: {notes}: not a readable image (cannot identify image file '{notes}')",
         f"error: {empty}: not a readable image (cannot identify image file '{empty}')",
         f"error: {tmp_path / 'missing.png'}: no such file",
-        f"error: {tmp_path}: a directory, not a regular file",
+        "predicted 1 file; 3 unreadable (listed above): " + json.loads(result.stdout)["class_name"] + " 1",
     ]
     assert "Traceback" not in result.output
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import torch
 from torch import nn
 
 from cnnlab.config import Config, ConfigError, TrainConfig, dotted_keys, load_config
@@ -33,13 +34,14 @@ from cnnlab.models.summary import format_summary
 from cnnlab.models.whitening import fit_whitening
 from cnnlab.runs import layout, records
 from cnnlab.runs.checkpoints import load_checkpoint
+from cnnlab.runs.predictions import rows_of, write_predictions
 from cnnlab.runs.recorder import RunRecorder
 from cnnlab.runs.transfer import start_from
 from cnnlab.runs.weights import load_model, save_weights, weights_problem
 from cnnlab.training.callbacks import Callback, in_notebook, progress_display
 from cnnlab.training.distributed import SINGLE, Context, first_on_main, on_main
 from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted, stop_on_signals
-from cnnlab.training.evaluate import Evaluation, evaluate_source
+from cnnlab.training.evaluate import Evaluation, evaluation_of, predict_per_image
 from cnnlab.training.lr_find import Finding, find_lr
 
 
@@ -307,10 +309,13 @@ def merge_skipped(context: Context, data: Data) -> dict[str, str]:
 
 
 def test_run(run: Path, model: nn.Module, data: Data, config: TrainConfig) -> Evaluation:
-    """Evaluate on the test set and record test.json and confusion.png in the run."""
-    result = evaluate_source(model, data.test, data.classes, config.eval_batch_size, config.channels_last,
-                             config.tta, config.tta_shift)
+    """Evaluate on the test set and record test.json, confusion.png and predictions.csv (every image's
+    file, true and predicted class) in the run."""
+    per_image = predict_per_image(model, data.test, config.eval_batch_size, config.channels_last, config.tta,
+                                  config.tta_shift)
+    result = evaluation_of(per_image.logits, torch.from_numpy(per_image.labels), data.classes)
     write_json(layout.path(run, "test"), result.to_dict())
+    write_predictions(run, rows_of(per_image, data.test, data.classes))
     write_atomic(layout.path(run, "confusion"),
                  lambda tmp: plot_confusion(result.confusion, data.classes, tmp,
                                             title=f"{run.name}: test accuracy {result.accuracy:.2%}"))

@@ -109,10 +109,48 @@ def show_mistakes(run: Run, out: Annotated[Path, out_option("the grid")] = Path(
     loaded = load(run, data_dir)
     mistakes = save_png(out, lambda tmp: inspection.show_mistakes(loaded, tmp, limit))
     for m in mistakes[:5]:
-        print(f"  #{m.index}: true {loaded.classes[m.true_label]}, predicted "
+        print(f"  {m.name}: true {loaded.classes[m.true_label]}, predicted "
               f"{loaded.classes[m.predicted_label]} ({m.confidence:.0%})")
     if len(mistakes) > 5:
         print(f"  ... {len(mistakes) - 5} more in the picture")
+
+
+@show_app.command("label-issues")
+@friendly_errors
+def show_label_issues(run: Run,
+                      json_: Annotated[bool, typer.Option("--json", help="Print a JSON list of objects (file, split, "
+                                                          "given, suggested, score, kind), worst first.")] = False,
+                      limit: Annotated[int, typer.Option(min=0, help="List at most this many of each kind "
+                                                         "(0: all).")] = 25,
+                      data_dir: DataDir = None) -> None:
+    """Files whose given class the model confidently disputes (confident learning on the held-out validation
+    and test images), with the class it suggests; and images that sit in two splits (near-duplicates)."""
+    from cnnlab.inspect.label_issues import find_label_issues
+
+    loaded = load(run, data_dir)
+    found = find_label_issues(loaded)
+    issues = found.issues[:limit or None]
+    duplicates = found.duplicates[:limit or None]
+    if json_:
+        print(json.dumps(found.to_list(limit or None), indent=2))
+        return
+    checked = " and ".join(f"{count:,} {'validation' if split == 'val' else split}" for split, count in
+                           found.checked.items())
+    print(f"{len(found.issues)} possible label issue(s) among the {checked} images (held out from training; "
+          "training images are not checked: the model learned their labels, right or wrong)")
+    if issues:
+        width = max(len(i.file) for i in issues)
+        print(f"  {'score':>6}  {'file':<{width}}  given -> suggested")
+        for i in issues:
+            print(f"  {i.score:6.3f}  {i.file:<{width}}  {i.given} -> {i.suggested} "
+                  f"({i.given_probability:.0%} vs {i.suggested_probability:.0%})")
+    if len(found.issues) > len(issues):
+        print(f"  ... {len(found.issues) - len(issues)} more (--limit 0 lists all)")
+    print(f"{len(found.duplicates)} image(s) that also sit in an earlier split (near-duplicates: leakage)")
+    for d in duplicates:
+        print(f"  {d.split}: {d.file} ({d.given}) = {d.duplicate_split}: {d.duplicate_of} ({d.duplicate_given})")
+    if len(found.duplicates) > len(duplicates):
+        print(f"  ... {len(found.duplicates) - len(duplicates)} more (--limit 0 lists all)")
 
 
 class Method(str, Enum):

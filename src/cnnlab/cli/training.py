@@ -344,7 +344,7 @@ def print_result(result: RunResult) -> None:
         print(f"trained in {result.train_seconds:.1f}s  ({result.images_per_second:,.0f} images/s{compiling})")
     else:
         print("training had already finished; the test set was evaluated again")
-    print(f"results in {result.run}/: test.json, confusion.png, metrics.jsonl, model.safetensors")
+    print(f"results in {result.run}/: test.json, predictions.csv, confusion.png, metrics.jsonl, model.safetensors")
     print(f"see the details with: cnnlab evaluate {result.run}")
 
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import sys
+from collections.abc import Iterable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -14,38 +14,83 @@ from cnnlab.cli._app import USE, app
 from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.cli._options import Run, output_file
 
+if TYPE_CHECKING:
+    from cnnlab.use.predict import Prediction
+
 
 @app.command(rich_help_panel=USE)
 @friendly_errors
 def predict(
     run: Run,
-    images: Annotated[list[Path], typer.Argument(help="Image files: PNG, JPEG, ... any size, colour or grey.")],
+    images: Annotated[list[Path], typer.Argument(
+        help="Image files (PNG, JPEG, ... any size, colour or grey), or folders: every image file under them.")],
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, max=1000,
-                                       help="How many classes to list per image.")] = 3,
+                                       help="How many classes to list per image named on the command line.")] = 3,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per image, one per line.")] = False,
+    csv_: Annotated[bool, typer.Option("--csv", help="CSV: file, predicted, confidence, error, p_<class>...")]
+    = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Write the rows to this .csv, .json (a list) or .jsonl file instead of printing them.")]
+    = None,
     preview: Annotated[Path | None, typer.Option(
         "--preview", help="Write the images the model saw (28x28 grey, 32x32 colour, ...) side by side to this PNG.")]
     = None,
 ) -> None:
-    """Classify your own pictures, prepared the way the run's dataset was made (crop, scale, centre, invert)."""
-    from cnnlab.use.predict import Predictor, predict_files, save_preview
+    """Classify your own pictures, prepared the way the run's dataset was made (crop, scale, centre, invert).
 
+    A folder is walked (sub-folders too): one line per image, unreadable files listed on stderr without stopping,
+    and a summary line. Exit status 1 when a file named on the command line could not be read."""
+    from cnnlab.files import write_atomic
+    from cnnlab.use.folder_predict import Tally, expand, format_lines, output_format
+    from cnnlab.use.predict import FileError, Predictor, iter_predictions, save_preview
+
+    kind = output_format(out, csv_, json_)
+    if out is not None:
+        output_file(out, (".csv", ".json", ".jsonl"))
     if preview is not None:
         output_file(preview, (".png",), "--preview")
     predictor = Predictor.from_run(run)
-    results = predict_files(predictor, images)
-    for prediction in results.predictions:
-        if json_:
-            print(json.dumps(prediction.to_dict()))
-        else:
-            print_top(prediction.file, prediction.top(top_k))
-    for error in results.errors:
-        print(f"error: {error.message}", file=sys.stderr)
-    if preview is not None and results.predictions:
-        save_preview([p.image for p in results.predictions], preview)
-        print(f"saved {preview}", file=sys.stderr if json_ else sys.stdout)
-    if not results.ok:
+    named = {str(path) for path in images if not path.is_dir()}
+    walked = len(named) < len(images)
+    tally, seen = Tally(), []
+
+    def tallied() -> Iterator[Prediction | FileError]:
+        for item in iter_predictions(predictor, expand(images)):
+            tally.add(item)
+            if isinstance(item, FileError):
+                print(f"error: {item.message}", file=sys.stderr)
+            elif preview is not None:
+                seen.append(item.image)
+            yield item
+
+    if out is not None and kind is not None:
+        write_atomic(out, lambda tmp: write_lines(tmp, format_lines(tallied(), kind, predictor.classes)))
+    elif kind is not None:
+        for line in format_lines((i for i in tallied() if not isinstance(i, FileError)), kind, predictor.classes):
+            print(line, end="")
+    else:
+        for item in tallied():
+            if isinstance(item, FileError):
+                continue
+            if walked:
+                best = item.top(1)[0]
+                print(f"{item.file}: {best[0]} ({best[1]:.1%})")
+            else:
+                print_top(item.file, item.top(top_k))
+    quiet = kind is not None and out is None  # stdout holds the rows: the rest goes to stderr
+    if out is not None:
+        print(f"saved {out}", file=sys.stderr if quiet else sys.stdout)
+    if preview is not None and seen:
+        save_preview(seen, preview)
+        print(f"saved {preview}", file=sys.stderr if quiet else sys.stdout)
+    print(tally.summary(), file=sys.stderr if quiet else sys.stdout)
+    if any(error.file in named for error in tally.errors) or not tally.counts:
         raise typer.Exit(1)
+
+
+def write_lines(tmp: Path, lines: Iterable[str]) -> None:
+    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+        handle.writelines(lines)
 
 
 def print_top(file: str, top: list[tuple[str, float]]) -> None:

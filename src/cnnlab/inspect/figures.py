@@ -116,16 +116,27 @@ class Mistake:
     true_label: int
     predicted_label: int
     confidence: float  # the probability the model gave its (wrong) prediction, 0-1
+    file: str = ""  # the image's path in its folder, or its test index ("8"); "" when unknown
+
+    @property
+    def name(self) -> str:
+        """How the image is named in titles and lists: its file, else "#index"."""
+        return self.file if self.file and not self.file.isdigit() else f"#{self.file or self.index}"
 
 
 def find_mistakes(labels: np.ndarray, predictions: np.ndarray, probabilities: np.ndarray,
-                  limit: int = 25) -> list[Mistake]:
-    """The misclassified images, worst first: the most confident wrong predictions."""
+                  limit: int = 25, files: Sequence[str] | None = None) -> list[Mistake]:
+    """The misclassified images, worst first: the most confident wrong predictions; `files` names each image."""
     wrong = np.flatnonzero(predictions != labels)
     confidence = probabilities[wrong, predictions[wrong]]
     order = wrong[np.argsort(-confidence, kind="stable")][:limit]
-    return [Mistake(int(i), int(labels[i]), int(predictions[i]), float(probabilities[i, predictions[i]]))
-            for i in order]
+    return [Mistake(int(i), int(labels[i]), int(predictions[i]), float(probabilities[i, predictions[i]]),
+                    files[i] if files is not None else "") for i in order]
+
+
+def short_name(name: str, width: int = 22) -> str:
+    """A file name cut to `width` characters from the left ("...cat/IMG_0042.jpg"): the end tells files apart."""
+    return name if len(name) <= width else "..." + name[-(width - 3):]
 
 
 def grid_shape(count: int, max_columns: int) -> tuple[int, int]:
@@ -145,7 +156,7 @@ def plot_mistakes(pictures: Sequence[np.ndarray], mistakes: Sequence[Mistake], c
         ax.axis("off")
     for ax, mistake, picture in zip(axes, mistakes, pictures):
         draw_image(ax, picture)
-        ax.set_title(f"#{mistake.index}\ntrue: {classes[mistake.true_label]}\n"
+        ax.set_title(f"{short_name(mistake.name)}\ntrue: {classes[mistake.true_label]}\n"
                      f"said: {classes[mistake.predicted_label]} ({mistake.confidence:.0%})",
                      fontsize=8, color="firebrick")
     if not mistakes:

@@ -19,7 +19,7 @@ import numpy as np
 
 from cnnlab.files import write_text
 from cnnlab.images import png_data_url
-from cnnlab.inspect.figures import plot_confusion
+from cnnlab.inspect.figures import Mistake, plot_confusion
 from cnnlab.inspect.run_table import format_cell, run_row
 from cnnlab.inspect.show import (
     InputImage,
@@ -159,6 +159,20 @@ def map_section(loaded: LoadedRun) -> str:
     return "".join(parts)
 
 
+def mistakes_section(loaded: LoadedRun, limit: int = 18) -> str:
+    """The most confident mistakes as pictures, then as a table naming each file (to open, move or relabel)."""
+    drawn: list[Mistake] = []
+    picture = img(png_data_uri(lambda out: drawn.extend(show_mistakes(loaded, out, limit=limit))),
+                  "misclassified test images")
+    rows = [[m.name, loaded.classes[m.true_label], loaded.classes[m.predicted_label], f"{m.confidence:.0%}"]
+            for m in drawn]
+    where = "predictions.csv in the run lists every test image" if \
+        layout.path(loaded.run, "predictions").is_file() else "cnnlab predict names more files"
+    listed = table(["file", "true", "predicted", "confidence"], rows, numeric={3}) if rows else ""
+    return ("<p>Misclassified test images, the most confident mistakes first.</p>" + picture + listed
+            + f'<p class="note">Files are relative to the dataset folder (a number is a test index); {where}.</p>')
+
+
 def config_section(run: Path) -> str:
     config = layout.path(run, "config").read_text()
     summary_file = layout.path(run, "summary")
@@ -173,13 +187,12 @@ def build_report(run: str | Path, data_dir: str | Path | None = None) -> str:
     history = records.read_metrics(run)
     curves = (img(png_data_uri(lambda out: show_curves(run, out)), "training curves")
               if history else "<p>No finished epoch recorded.</p>")
-    mistakes = img(png_data_uri(lambda out: show_mistakes(loaded, out, limit=18)), "misclassified test images")
+    mistakes = mistakes_section(loaded)
     sections = [("summary", "Summary", summary_section(run)),
                 ("curves", "Training curves", "<p>Train (solid) and validation (dashed) per epoch; validation "
                  "getting worse while training improves means overfitting.</p>" + curves),
                 ("results", "Test results", results_section(loaded)),
-                ("mistakes", "Mistakes", "<p>Misclassified test images, the most confident mistakes first.</p>"
-                 + mistakes),
+                ("mistakes", "Mistakes", mistakes),
                 ("learned", "What the network learned", learned_section(loaded)),
                 ("config", "Config", config_section(run))]
     nav = "".join(f'<a href="#{key}">{title}</a>' for key, title, _ in sections)

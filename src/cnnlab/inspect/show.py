@@ -8,9 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cnnlab.data.pinning import check_folder
 from cnnlab.data.pixels import image_input, to_pixels
-from cnnlab.data.registry import dataset_recipe
-from cnnlab.data.sources import open_test_set
+from cnnlab.data.registry import dataset_recipe, is_image_folder
+from cnnlab.data.sources import LOAD_ALL_BATCH, folder_data, open_test_set
+from cnnlab.data.store import notify
 from cnnlab.errors import UserError
 from cnnlab.inspect.activations import (
     FeatureMaps,
@@ -25,9 +27,10 @@ from cnnlab.inspect.embedding import Embedding, embed, plot_embedding
 from cnnlab.inspect.figures import Mistake, Output, find_mistakes, plot_curves, plot_mistakes
 from cnnlab.inspect.saliency import Saliency, plot_saliency, saliency
 from cnnlab.runs import layout, records
+from cnnlab.runs.predictions import file_names
 from cnnlab.runs.weights import load_model
 from cnnlab.training.calibration import Calibration
-from cnnlab.training.evaluate import Evaluation, evaluate
+from cnnlab.training.evaluate import Evaluation, batches_with_positions, evaluate
 from cnnlab.use.recipes import prepare
 
 
@@ -49,10 +52,33 @@ class LoadedRun:
         return self.run.resolve().name
 
     @cached_property
-    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The run's test images, uint8 (N, C, H, W), and labels (N,)."""
+    def _test_read(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """The readable test images, their labels and each one's file (an image folder's relative path, or
+        a named dataset's test index), tied by the positions actually read."""
+        if not is_image_folder(self.config.data.dataset):
+            images, labels = open_test_set(self.config)
+            return images, labels, [str(i) for i in range(len(labels))]
+        data = folder_data(self.config, hold=False)  # one split, read once: no need to decode the others
         manifest = records.read_record(self.run, "manifest") or {}
-        return open_test_set(self.config, manifest.get("image_folder"), str(self.run))
+        for warning in check_folder(manifest.get("image_folder"), data.about["image_folder"], str(self.run)):
+            notify(warning)
+        source = data.test
+        parts = list(batches_with_positions(source, list(torch.arange(len(source)).split(LOAD_ALL_BATCH))))
+        if not parts:
+            raise InputError(f"{self.config.data.dataset}: no readable image in the test split")
+        names = file_names(source)
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                [names[i] for p in parts for i in p[2].tolist()])
+
+    @property
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The run's readable test images, uint8 (N, C, H, W), and labels (N,)."""
+        return self._test_read[0], self._test_read[1]
+
+    @property
+    def test_files(self) -> list[str]:
+        """Each of `test_set`'s images by file: its path in the image folder, or its test index."""
+        return self._test_read[2]
 
     @property
     def test_labels(self) -> np.ndarray:
@@ -129,7 +155,7 @@ def show_mistakes(loaded: LoadedRun, out: Output, limit: int = 24) -> list[Mista
     """The most confidently misclassified test images, worst first; returns them in drawing order."""
     result = loaded.test_evaluation
     labels = loaded.test_labels
-    mistakes = find_mistakes(labels, result.predictions, result.probabilities, limit)
+    mistakes = find_mistakes(labels, result.predictions, result.probabilities, limit, loaded.test_files)
     wrong = int((result.predictions != labels).sum())
     plot_mistakes([loaded.test_pixels(m.index) for m in mistakes], mistakes, loaded.classes, out,
                   title=f"{loaded.name}: the {len(mistakes)} most confident of {wrong} mistakes "

@@ -8,6 +8,7 @@ A run is a folder (default runs/<dataset>-<model>-<timestamp>) holding:
   model.safetensors   weights only (metadata: input shape, class names), loadable without pickle
   checkpoint.safetensors  resumable state: weights, optimizer, scheduler, RNG, epoch, step
   test.json           final test metrics;  confusion.png  the test confusion matrix
+  predictions.csv     every test image: file (or test index), true and predicted class, confidence, loss
   report.html         the self-contained HTML report, when `cnnlab report` made one
   skipped.json        unreadable images met while training on an image folder (path -> reason), if any
   early_stopping.json with train.early_stopping: the epoch kept, its metric, and why training stopped
@@ -33,6 +34,7 @@ DEFAULT_ROOT = Path("runs")
 FILES = dict(config="config.yaml", summary="summary.txt", manifest="manifest.json", metrics="metrics.jsonl",
              weights="model.safetensors", checkpoint="checkpoint.safetensors",
              previous_checkpoint="checkpoint.prev.safetensors", test="test.json", confusion="confusion.png",
+             predictions="predictions.csv",
              report="report.html", skipped="skipped.json", early_stopping="early_stopping.json",
              lr_find="lr_find.json", lr_find_plot="lr_find.png", lock=".lock")
 

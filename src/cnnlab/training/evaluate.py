@@ -84,6 +84,66 @@ def predict_batches(model: nn.Module, source: Source, positions: torch.Tensor | 
         model.train(was_training)
 
 
+def batches_with_positions(source: Source, index_batches: list[torch.Tensor]
+                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(images, labels, positions) for each index batch: `positions` (B,) are the split positions of the
+    images actually read, so a streamed split that drops an unreadable image keeps every row on its file.
+
+    A batch that came back short is read again one image at a time (one reader for the whole batch) to
+    learn which positions it dropped, rather than guessing from paths."""
+    for index, (images, labels) in zip(index_batches, source.batches(index_batches)):
+        if len(labels) == len(index):
+            yield images, labels, index
+            continue
+        singles = list(index.split(1))
+        kept = [(one, pair) for one, pair in zip(singles, source.batches(singles)) if len(pair[1])]
+        if kept:
+            yield (torch.cat([pair[0] for _, pair in kept]), torch.cat([pair[1] for _, pair in kept]),
+                   torch.cat([one for one, _ in kept]))
+
+
+@dataclass
+class PerImage:
+    """Each readable image's logits with its split position and true label; `missing` are the positions
+    that could not be read (a streamed split's unreadable files)."""
+
+    positions: np.ndarray  # (M,) int64 positions in the split, in reading order
+    labels: np.ndarray  # (M,) int64
+    logits: torch.Tensor  # (M, num_classes)
+    missing: np.ndarray  # (N - M,) int64
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return torch.softmax(self.logits, 1).numpy()  # (M, num_classes)
+
+    @property
+    def losses(self) -> np.ndarray:
+        """Cross-entropy of each image, in nats (M,)."""
+        return F.cross_entropy(self.logits, torch.from_numpy(self.labels), reduction="none").numpy()
+
+
+@torch.no_grad()
+def predict_per_image(model: nn.Module, source: Source, batch_size: int = 256, channels_last: bool = False,
+                      tta: bool = False, tta_shift: int = 0) -> PerImage:
+    """Logits for every image of a split, each tied to its position (`batches_with_positions`)."""
+    was_training = model.training
+    model.eval()
+    logits, labels, positions = [], [], []
+    try:
+        for images, batch_labels, batch_positions in batches_with_positions(
+                source, list(torch.arange(len(source)).split(batch_size))):
+            logits.append(infer(model, images, batch_size, channels_last, tta, tta_shift))
+            labels.append(batch_labels)
+            positions.append(batch_positions)
+    finally:
+        model.train(was_training)
+    if not positions:
+        raise ValueError("no readable images to evaluate")
+    read = torch.cat(positions).numpy().astype(np.int64)
+    return PerImage(read, torch.cat(labels).numpy(), torch.cat(logits),
+                    np.setdiff1d(np.arange(len(source)), read).astype(np.int64))
+
+
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """Mean cross-entropy and the fraction of correct top-1 predictions."""
     loss = F.cross_entropy(logits, labels).item()

@@ -5,7 +5,7 @@ Library functions return data (dicts shaped like `cnnlab predict --json`); the C
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,20 +135,38 @@ def predict_image(predictor: Predictor, source: ImageFile, name: str = "image", 
     return Prediction(name, image, predictor.probabilities(image[None])[0], predictor.classes)
 
 
-def predict_files(predictor: Predictor, files: Sequence[str | Path], batch_size: int = 256) -> Results:
-    """Predict every readable file in one batched pass; unreadable ones become FileErrors, the rest still run."""
-    prepared: list[tuple[str, np.ndarray]] = []
-    results = Results()
+def iter_predictions(predictor: Predictor, files: Iterable[str | Path], batch_size: int = 256
+                     ) -> Iterator[Prediction | FileError]:
+    """A Prediction (or a FileError, for an unreadable file) per file, in order, `batch_size` files per forward
+    pass: memory holds one batch of prepared images, however many files there are."""
+    pending: list[tuple[str, np.ndarray] | FileError] = []
+
+    def flush() -> Iterator[Prediction | FileError]:
+        ready = [item for item in pending if not isinstance(item, FileError)]
+        probabilities = iter(predictor.probabilities(np.stack([image for _, image in ready])) if ready else [])
+        for item in pending:
+            yield item if isinstance(item, FileError) else \
+                Prediction(item[0], item[1], next(probabilities), predictor.classes)
+        pending.clear()
+
     for file in files:
         try:
-            prepared.append((str(file), predictor.prepare(file, str(file))))
+            pending.append((str(file), predictor.prepare(file, str(file))))
         except PER_FILE_ERRORS as exc:
-            results.errors.append(FileError(str(file), file_error_message(file, exc)))
-    for start in range(0, len(prepared), batch_size):
-        chunk = prepared[start:start + batch_size]
-        probabilities = predictor.probabilities(np.stack([image for _, image in chunk]))
-        results.predictions += [Prediction(name, image, p, predictor.classes)
-                                for (name, image), p in zip(chunk, probabilities)]
+            pending.append(FileError(str(file), file_error_message(file, exc)))
+        if len(pending) >= batch_size:
+            yield from flush()
+    yield from flush()
+
+
+def predict_files(predictor: Predictor, files: Sequence[str | Path], batch_size: int = 256) -> Results:
+    """Predict every readable file, batched; unreadable ones become FileErrors, the rest still run."""
+    results = Results()
+    for item in iter_predictions(predictor, files, batch_size):
+        if isinstance(item, FileError):
+            results.errors.append(item)
+        else:
+            results.predictions.append(item)
     return results
 
 
