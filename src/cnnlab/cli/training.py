@@ -85,6 +85,9 @@ def train(
     init_from: Annotated[Path | None, typer.Option(
         "--init-from", help="Start from this run's weights and model (fine-tuning): the features are kept, the "
         "head gets this dataset's classes. See train.freeze_epochs and train.features_lr_scale.")] = None,
+    keep_checkpoints: Annotated[bool, typer.Option(
+        "--keep-checkpoints", help="Keep both checkpoints of a finished run (by default only the last one, which "
+        "--resume reads, stays; train.keep_checkpoints).")] = False,
     data_dir: DataDir = None,
     allow_checksum_mismatch: Annotated[bool, typer.Option(
         "--allow-checksum-mismatch", help="Use local dataset files whose checksums differ (recorded in the run)."
@@ -134,7 +137,8 @@ def train(
             given = [flag for flag, value in (("--config", config), ("--set", set_), ("--epochs", epochs),
                                               ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
                                               ("--dataset", dataset), ("--data-dir", data_dir), ("--name", name),
-                                              ("--device", device), ("--init-from", init_from))
+                                              ("--device", device), ("--init-from", init_from),
+                                              ("--keep-checkpoints", keep_checkpoints))
                      if value]
             if given:
                 raise fail(f"--resume continues a run with its saved config.yaml; drop {', '.join(given)}")
@@ -147,7 +151,7 @@ def train(
         else:
             cfg = training_config(ctx, model, config, set_, init_from, sections(
                 dataset, data_dir, allow_checksum_mismatch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                threads=threads, device=device))
+                threads=threads, device=device, keep_checkpoints=keep_checkpoints or None))
             context = distributed.init(cfg.train.device)
             callbacks, trackers = training_callbacks(context, quiet, cfg, wandb_project if wandb else None,
                                                      tensorboard, tensorboard_dir)
