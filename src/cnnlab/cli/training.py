@@ -376,6 +376,8 @@ def evaluate(
 
 def format_evaluation(result: Evaluation) -> str:
     """Accuracy, the per-class table, the confusion matrix and the most confused pairs, as text."""
+    from cnnlab.training.confusion import format_matrix, shown_matrix
+
     names = result.classes
     width = max(len(n) for n in [*names, "class"])
     lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}   "
@@ -389,11 +391,7 @@ def format_evaluation(result: Evaluation) -> str:
     if few:
         lines.append(f"few examples: {', '.join(few)} (under a third of the median class); "
                      "see train.class_weights: balanced, or train.sampling: balanced")
-    short = [n[:5] for n in names]
-    lines += ["", "confusion matrix (rows: true class, columns: predicted)",
-              " " * (width + 1) + " ".join(f"{s:>5}" for s in short)]
-    for name, row in zip(names, result.confusion):
-        lines.append(f"{name:{width}} " + " ".join(f"{c:5d}" for c in row))
+    lines += ["", *format_matrix(shown_matrix(result.confusion, names))]
     if result.calibration is not None:
         c = result.calibration
         lines += ["", f"calibration: ECE {c.ece:.4f} over {c.bins} confidence bins (0 is honest), "
