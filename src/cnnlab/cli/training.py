@@ -153,6 +153,8 @@ def train(
                 dataset, data_dir, allow_checksum_mismatch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
                 threads=threads, device=device, keep_checkpoints=keep_checkpoints or None))
             context = distributed.init(cfg.train.device)
+            if init_from is not None:
+                say(context, fine_tuning_line(init_from, cfg))
             callbacks, trackers = training_callbacks(context, quiet, cfg, wandb_project if wandb else None,
                                                      tensorboard, tensorboard_dir)
             result = train_or_continue(cfg, runs_dir, name, callbacks, context)
@@ -191,6 +193,17 @@ def training_config(ctx: typer.Context, model: str, file: Path | None, overrides
     base["data"].update(image_size=height, channels=channels)  # an image folder is read as the source saw images
     base["train"]["init_from"] = str(init_from.resolve())  # the config reruns the fine-tuning from anywhere
     return load_config(None, file, overrides, base=base, **given)
+
+
+def fine_tuning_line(source: Path, cfg: Config) -> str:
+    """What --init-from converts (channels, image size, polarity), in one line, before training starts."""
+    from cnnlab.data.registry import is_image_folder
+    from cnnlab.runs import records
+    from cnnlab.runs.transfer import conversion_line, look_at_folder
+    from cnnlab.runs.weights import read_input_shape
+
+    look = look_at_folder(Path(cfg.data.dataset)) if is_image_folder(cfg.data.dataset) else None
+    return conversion_line(source, records.load_config(source), read_input_shape(source), cfg, look)
 
 
 def say(context: Context, text: str) -> None:
