@@ -119,6 +119,55 @@ def test_the_command_fine_tunes_on_a_folder_read_at_the_source_image_size(tmp_pa
     assert refused.exit_code != 0 and "drop --model" in refused.output
 
 
+def write_colour_photos(root, per_class: int = 12):
+    """Two classes of colour photos on a light background: a red or a blue square in the middle."""
+    rng = np.random.default_rng(1)
+    for name, channel in (("red", 0), ("blue", 2)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(200, 256, (40, 40, 3), dtype=np.uint8)
+            pixels[10:30, 10:30] = 30
+            pixels[10:30, 10:30, channel] = 220
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def fine_tune(source, folder, tmp_path, *extra: str):
+    return CliRunner().invoke(app, ["train", "--init-from", str(source), "--dataset", str(folder), "--epochs", "1",
+                                    "--threads", "1", "--quiet", "--runs-dir", str(tmp_path / "runs"), *extra])
+
+
+def test_fine_tuning_a_digits_run_on_colour_photos_says_what_it_converts(tmp_path):
+    source = tiny_run("mnist-sample")
+    folder = write_colour_photos(tmp_path / "photos")
+    done = fine_tune(source, folder, tmp_path, "--name", "grey")
+    assert done.exit_code == 0, done.output
+    line = done.output.splitlines()[0]
+    assert line.startswith(f"fine-tuning from {source} (mnist-sample: grey 28x28, light on black); ")
+    assert "16 of 16 sampled images are in colour and are read grey, as it was trained " \
+        "(--set data.channels=3 keeps the colour" in line
+    assert "images resized to 28x28 (its flatten head fits no other size)" in line
+    assert "16 of 16 sampled images are dark on a light background, the opposite of what it learned: invert them " \
+        "first" in line
+    assert load_model(tmp_path / "runs" / "grey")[0].input_shape == (28, 28, 1)
+
+    colour = fine_tune(source, folder, tmp_path, "--name", "colour", "--set", "data.channels=3")
+    assert colour.exit_code == 0, colour.output
+    line = colour.output.splitlines()[0]
+    assert "channels 1->3: its first convolution's kernels are spread over R, G and B, a third each" in line
+    assert "read grey" not in line
+    assert load_model(tmp_path / "runs" / "colour")[0].input_shape == (28, 28, 3)
+
+
+def test_fine_tuning_on_a_registered_dataset_of_the_same_kind_says_only_where_it_starts(tmp_path):
+    source = tiny_run("mnist-sample")
+    done = CliRunner().invoke(app, ["train", "--init-from", str(source), "--dataset", "fashion-mnist-sample",
+                                    "--epochs", "1", "--threads", "1", "--quiet", "--set", "data.val_size=500",
+                                    "--runs-dir", str(tmp_path / "runs"), "--name", "clothes"])
+    assert done.exit_code == 0, done.output
+    assert done.output.splitlines()[0] == f"fine-tuning from {source} (mnist-sample: grey 28x28, light on black)"
+
+
 # ---------------------------------------------------------------------------------- freezing, slower features
 def test_frozen_epochs_keep_the_kernels_and_train_the_head_and_batch_norm(tmp_path):
     config = load_config("fast", overrides=[*QUICK, "epochs=2", "train.freeze_epochs=1"])

@@ -82,6 +82,42 @@ def test_resuming_a_finished_run_restores_its_model_file_from_the_checkpoint(fin
     assert predicted.exit_code == 0, predicted.output
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_finished_run_keeps_its_last_checkpoint_only_unless_asked(tmp_path, keep):
+    """Two epochs write two checkpoints: a finished run keeps the last (all --resume reads), both with
+    --keep-checkpoints; either way --resume still restores a lost model file."""
+    flag = ["--keep-checkpoints"] if keep else []
+    result = runner.invoke(app, ["train", *QUICK, "--epochs", "2", "--runs-dir", str(tmp_path), "--name", "two", *flag])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "two"
+    assert layout.path(run, "checkpoint").is_file()
+    assert layout.path(run, "previous_checkpoint").is_file() == keep
+    assert yaml.safe_load(layout.path(run, "config").read_text())["train"]["keep_checkpoints"] == keep
+    expected = weights(run)
+    layout.path(run, "weights").unlink()
+    result = resume(run)
+    assert result.exit_code == 0 and "rewritten from the checkpoint" in result.output, result.output
+    restored = weights(run)
+    assert all(torch.equal(restored[k], value) for k, value in expected.items())
+
+
+def test_the_previous_checkpoint_stays_when_the_last_is_unreadable(tmp_path):
+    from cnnlab.runs.checkpoints import load_checkpoint, prune_finished
+
+    result = runner.invoke(app, ["train", *QUICK, "--epochs", "2", "--runs-dir", str(tmp_path), "--name", "two",
+                                 "--keep-checkpoints"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "two"
+    layout.path(run, "checkpoint").write_bytes(b"torn")
+    assert not prune_finished(run)
+    assert load_checkpoint(run)[0]["epoch"] == 1  # the fallback is still there to resume from
+
+
+def test_resume_refuses_keep_checkpoints(copy):
+    result = runner.invoke(app, ["train", "--resume", str(copy()), "--keep-checkpoints"])
+    assert result.exit_code != 0 and "drop --keep-checkpoints" in result.output
+
+
 def test_resuming_an_intact_finished_run_changes_nothing(copy):
     run = copy()
     before = layout.path(run, "weights").read_bytes()

@@ -85,6 +85,9 @@ def train(
     init_from: Annotated[Path | None, typer.Option(
         "--init-from", help="Start from this run's weights and model (fine-tuning): the features are kept, the "
         "head gets this dataset's classes. See train.freeze_epochs and train.features_lr_scale.")] = None,
+    keep_checkpoints: Annotated[bool, typer.Option(
+        "--keep-checkpoints", help="Keep both checkpoints of a finished run (by default only the last one, which "
+        "--resume reads, stays; train.keep_checkpoints).")] = False,
     data_dir: DataDir = None,
     allow_checksum_mismatch: Annotated[bool, typer.Option(
         "--allow-checksum-mismatch", help="Use local dataset files whose checksums differ (recorded in the run)."
@@ -134,7 +137,8 @@ def train(
             given = [flag for flag, value in (("--config", config), ("--set", set_), ("--epochs", epochs),
                                               ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
                                               ("--dataset", dataset), ("--data-dir", data_dir), ("--name", name),
-                                              ("--device", device), ("--init-from", init_from))
+                                              ("--device", device), ("--init-from", init_from),
+                                              ("--keep-checkpoints", keep_checkpoints))
                      if value]
             if given:
                 raise fail(f"--resume continues a run with its saved config.yaml; drop {', '.join(given)}")
@@ -147,8 +151,10 @@ def train(
         else:
             cfg = training_config(ctx, model, config, set_, init_from, sections(
                 dataset, data_dir, allow_checksum_mismatch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                threads=threads, device=device))
+                threads=threads, device=device, keep_checkpoints=keep_checkpoints or None))
             context = distributed.init(cfg.train.device)
+            if init_from is not None:
+                say(context, fine_tuning_line(init_from, cfg))
             callbacks, trackers = training_callbacks(context, quiet, cfg, wandb_project if wandb else None,
                                                      tensorboard, tensorboard_dir)
             result = train_or_continue(cfg, runs_dir, name, callbacks, context)
@@ -187,6 +193,17 @@ def training_config(ctx: typer.Context, model: str, file: Path | None, overrides
     base["data"].update(image_size=height, channels=channels)  # an image folder is read as the source saw images
     base["train"]["init_from"] = str(init_from.resolve())  # the config reruns the fine-tuning from anywhere
     return load_config(None, file, overrides, base=base, **given)
+
+
+def fine_tuning_line(source: Path, cfg: Config) -> str:
+    """What --init-from converts (channels, image size, polarity), in one line, before training starts."""
+    from cnnlab.data.registry import is_image_folder
+    from cnnlab.runs import records
+    from cnnlab.runs.transfer import conversion_line, look_at_folder
+    from cnnlab.runs.weights import read_input_shape
+
+    look = look_at_folder(Path(cfg.data.dataset)) if is_image_folder(cfg.data.dataset) else None
+    return conversion_line(source, records.load_config(source), read_input_shape(source), cfg, look)
 
 
 def say(context: Context, text: str) -> None:
@@ -372,6 +389,8 @@ def evaluate(
 
 def format_evaluation(result: Evaluation) -> str:
     """Accuracy, the per-class table, the confusion matrix and the most confused pairs, as text."""
+    from cnnlab.training.confusion import format_matrix, shown_matrix
+
     names = result.classes
     width = max(len(n) for n in [*names, "class"])
     lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}   "
@@ -385,11 +404,7 @@ def format_evaluation(result: Evaluation) -> str:
     if few:
         lines.append(f"few examples: {', '.join(few)} (under a third of the median class); "
                      "see train.class_weights: balanced, or train.sampling: balanced")
-    short = [n[:5] for n in names]
-    lines += ["", "confusion matrix (rows: true class, columns: predicted)",
-              " " * (width + 1) + " ".join(f"{s:>5}" for s in short)]
-    for name, row in zip(names, result.confusion):
-        lines.append(f"{name:{width}} " + " ".join(f"{c:5d}" for c in row))
+    lines += ["", *format_matrix(shown_matrix(result.confusion, names))]
     if result.calibration is not None:
         c = result.calibration
         lines += ["", f"calibration: ECE {c.ece:.4f} over {c.bins} confidence bins (0 is honest), "

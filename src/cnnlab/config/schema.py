@@ -152,6 +152,8 @@ class TrainConfig:
     init_from: str | None = None  # a run directory whose weights start this run (its head kept if the classes match)
     freeze_epochs: int = 0  # epochs at the start in which the feature layers stay fixed (batch norm still learns)
     features_lr_scale: float = 1.0  # the feature layers learn at this multiple of the learning rate (fine-tuning)
+    # false: a finished run keeps its last checkpoint only (what --resume reads); true: the previous one too
+    keep_checkpoints: bool = False
 
 
 @dataclass

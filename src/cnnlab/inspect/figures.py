@@ -45,23 +45,33 @@ def draw_image(ax: Axes, image: np.ndarray) -> AxesImage:
 
 
 def plot_confusion(confusion: np.ndarray, classes: tuple[str, ...], out: Output, title: str = "") -> Output:
-    """The confusion matrix as a PNG: rows true classes, columns predictions, counts in the cells."""
-    n = len(classes)
+    """The confusion matrix as a PNG: rows true classes, columns predictions, counts in the cells.
+
+    Past 30 classes, the 30 most confused ones (`training.confusion.shown_matrix`), and the title says
+    so: the figure's size is bounded whatever the class count.
+    """
+    from cnnlab.training.confusion import abbreviate, shown_matrix
+
+    shown = shown_matrix(confusion, classes)
+    n = len(shown.classes)
     fig = new_figure(1.0 + 0.6 * n, 0.8 + 0.6 * n)
     ax = fig.add_subplot()
-    # row-normalised colours, so small classes show their mistakes as clearly as big ones
-    rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    # row-normalised colours (over the full row), so small classes show their mistakes as clearly as big ones
+    rows = np.asarray(confusion).sum(axis=1)[list(shown.indices)]
+    rates = shown.counts / np.maximum(rows[:, None], 1)
     ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
-    for (t, p), count in np.ndenumerate(confusion):
+    for (t, p), count in np.ndenumerate(shown.counts):
         if count:
             ax.text(p, t, str(count), ha="center", va="center", fontsize=8,
                     color="white" if rates[t, p] > 0.5 else "black")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right")
-    ax.set_yticks(range(n), classes)
+    names = [abbreviate(name, 24) for name in shown.classes]  # a long folder name would squeeze the cells
+    ax.set_xticks(range(n), names, rotation=45, ha="right")
+    ax.set_yticks(range(n), names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if title:
-        ax.set_title(title)
+    heading = "\n".join(part for part in (title, shown.caption) if part)
+    if heading:
+        ax.set_title(heading, fontsize=10 if shown.partial else None)
     return save_figure(fig, out)
 
 

@@ -97,6 +97,27 @@ def read_checkpoint(file: Path) -> dict:
     return state
 
 
+def prune_finished(run: Path) -> bool:
+    """Drop checkpoint.prev.safetensors once a run has finished; whether it was dropped.
+
+    The previous checkpoint is a fallback for a write torn mid-training; a finished run's last checkpoint
+    is complete and is all `--resume` of it reads (it restores model.safetensors from it). The previous
+    one goes only after the last reads back whole (`read_checkpoint`), so one readable checkpoint stays.
+    """
+    current, previous = path(run, "checkpoint"), path(run, "previous_checkpoint")
+    if not previous.is_file() or not current.is_file():
+        return False
+    try:
+        read_checkpoint(current)
+    except (RunError, ValueError):
+        return False  # the previous one stays as the fallback; resume says which was unreadable
+    try:
+        previous.unlink()
+    except OSError:
+        return False  # a read-only folder: the run is whole all the same, only larger
+    return True
+
+
 def load_checkpoint(run: str | Path, restore: Callable[[dict[str, Any]], object] | None = None
                     ) -> tuple[dict, list[str]]:
     """The newest readable checkpoint of a run, and warnings about any unreadable one skipped.

@@ -9,7 +9,7 @@ from safetensors import SafetensorError
 
 from cnnlab.config import Config
 from cnnlab.files import reason, write_json
-from cnnlab.runs.checkpoints import save_checkpoint
+from cnnlab.runs.checkpoints import prune_finished, save_checkpoint
 from cnnlab.runs.layout import FILES, RunError, path, remove_stale_files
 from cnnlab.runs.records import rewrite_metrics
 from cnnlab.runs.weights import save_weights
@@ -27,6 +27,7 @@ class RunRecorder(Callback):
     def __init__(self, run: Path, classes: tuple[str, ...], config: Config):
         self.run, self.classes = run, classes
         self.config = config.to_dict()  # stored in every checkpoint: resume refuses a config edited since
+        self.keep_checkpoints = config.train.keep_checkpoints
 
     def on_train_begin(self, trainer: Trainer) -> None:
         remove_stale_files(self.run)  # left by a killed trainer; the run's lock is held now
@@ -41,7 +42,14 @@ class RunRecorder(Callback):
         self.save("metrics", where, rewrite_metrics, self.run, trainer.history)
 
     def on_train_end(self, trainer: Trainer) -> None:
-        """With early stopping: the kept epoch's weights (the trainer restored them) and why it stopped."""
+        """The finished run's files: with early stopping, the kept epoch's weights (the trainer restored them)
+        and why it stopped; then the previous checkpoint goes (unless train.keep_checkpoints)."""
+        self.save_early_stopping(trainer)
+        if not self.keep_checkpoints:
+            # after the weights: a run killed here still resumes, from its last checkpoint
+            prune_finished(self.run)
+
+    def save_early_stopping(self, trainer: Trainer) -> None:
         if trainer.kept_epoch is None or trainer.state.best is None:
             return
         self.save("weights", "training", save_weights, self.run, trainer.evaluation_model, self.classes)

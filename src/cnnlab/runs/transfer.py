@@ -7,11 +7,20 @@ so that a grey image gives the same activations either way (timm's `adapt_input_
 """
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from cnnlab.config import Config
+from cnnlab.data.folder import IMAGE_EXTENSIONS
+from cnnlab.data.registry import dataset_recipe, is_image_folder
+from cnnlab.errors import UserError
+from cnnlab.images import luminance, read_pixels
 from cnnlab.models.cnn import CNN
 from cnnlab.models.plan import Conv, Dense
 from cnnlab.runs.layout import RunError, path
@@ -85,3 +94,75 @@ def start_from(model: CNN, source: str | Path, classes: tuple[str, ...]) -> dict
     return dict(run=str(source), classes=list(source_classes), head="copied" if same_classes else
                 f"new classifier for {len(classes)} classes", tensors_copied=len(copied),
                 conv_layers=convs, adapted_input_channels=adapted)
+
+
+# ------------------------------------------------------------------ saying what fine-tuning converts
+LIGHT_ON_DARK = ("digits", "objects")  # recipes whose images are light on black (MNIST, Fashion-MNIST)
+SAMPLED_IMAGES = 16  # images of a folder looked at for colour and background: a second, however big the folder
+
+
+@dataclass(frozen=True)
+class FolderLook:
+    """What a few of a folder's images look like: how many were read, in colour, on a light background."""
+
+    read: int
+    colour: int
+    light_background: int
+
+
+def sample_images(folder: Path, limit: int = SAMPLED_IMAGES) -> list[Path]:
+    """Up to `limit` image files, taken in turn from the first `limit` sub-folders in name order (so from
+    several classes), never listing more than those folders."""
+    per_folder: list[list[Path]] = []
+    for here, folders, files in os.walk(folder):
+        folders.sort()
+        images = [Path(here) / f for f in sorted(files) if Path(f).suffix.lower() in IMAGE_EXTENSIONS][:limit]
+        if images:
+            per_folder.append(images)
+        if len(per_folder) >= limit:
+            break
+    in_turn = [file for group in zip_longest(*per_folder) for file in group if file is not None]
+    return in_turn[:limit]
+
+
+def look_at_folder(folder: Path) -> FolderLook:
+    """Colour and background of a sample of the folder's images, read as training reads them (unreadable
+    ones are left out: training reports them)."""
+    read = colour = light = 0
+    for file in sample_images(folder):
+        try:
+            pixels = read_pixels(file, (64, 64), 3).astype(np.int16)  # (64, 64, 3)
+        except (UserError, OSError, ValueError):
+            continue
+        read += 1
+        colour += int(np.abs(np.diff(pixels, axis=2)).mean() > 4)  # R, G and B differ: not a grey picture
+        edge = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+        light += int(np.median(luminance(edge.astype(np.float32))) > 127.5)
+    return FolderLook(read, colour, light)
+
+
+def conversion_line(source: Path, source_config: Config, source_shape: tuple[int, int, int], config: Config,
+                    look: FolderLook | None = None) -> str:
+    """One line: what `--init-from` does to the new data and the source's first layer, and the setting
+    that changes it (channels, image size, polarity). `look`: the folder's sample, when it is one."""
+    height, width, channels = source_shape
+    recipe = dataset_recipe(source_config.data)
+    light_on_dark = recipe in LIGHT_ON_DARK
+    learned = (f"{'grey' if channels == 1 else 'colour'} {height}x{width}"
+               + (", light on black" if light_on_dark else ""))
+    parts = [f"fine-tuning from {source} ({source_config.data.dataset}: {learned})"]
+    now = config.data.channels if is_image_folder(config.data.dataset) else None
+    if now is not None and now != channels:
+        parts.append(f"channels {channels}->{now}: its first convolution's kernels are "
+                     + ("spread over R, G and B, a third each" if channels == 1 else "summed into one grey kernel")
+                     + " (a grey picture gives the same activations)")
+    elif now == 1 and look is not None and look.colour:
+        parts.append(f"{look.colour} of {look.read} sampled images are in colour and are read grey, as it was "
+                     "trained (--set data.channels=3 keeps the colour: its first kernels are spread over R, G, B)")
+    if now is not None:
+        fixed = " (its flatten head fits no other size)" if source_config.model.pooling == "flatten" else ""
+        parts.append(f"images resized to {config.data.image_size}x{config.data.image_size}{fixed}")
+    if light_on_dark and look is not None and look.read and look.light_background * 2 > look.read:
+        parts.append(f"{look.light_background} of {look.read} sampled images are dark on a light background, the "
+                     f"opposite of what it learned: invert them first, or train without --init-from")
+    return "; ".join(parts)

@@ -15,6 +15,7 @@ from torch import nn
 
 from cnnlab.data.pixels import to_inputs
 from cnnlab.training.calibration import Calibration, calibration
+from cnnlab.training.confusion import shown_matrix
 
 if TYPE_CHECKING:
     from cnnlab.data.sources import Source
@@ -208,20 +209,23 @@ class Evaluation:
 
         per_class = "".join(cells([r["class_name"], f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}",
                                    r["support"]]) for r in self.per_class)
-        rates = self.confusion / np.maximum(self.confusion.sum(axis=1, keepdims=True), 1)  # row-normalised shading
+        shown = shown_matrix(self.confusion, self.classes)  # past 30 classes, the most confused ones
+        rows = self.confusion.sum(axis=1)[list(shown.indices)]
+        rates = shown.counts / np.maximum(rows[:, None], 1)  # row-normalised shading
         matrix = "".join(
             f"<tr><th>{html.escape(name)}</th>" + "".join(
                 f'<td style="text-align:right;background:rgba(31,119,180,{rate:.2f})">{count}</td>'
                 for count, rate in zip(row, rate_row)) + "</tr>"
-            for name, row, rate_row in zip(self.classes, self.confusion, rates))
+            for name, row, rate_row in zip(shown.classes, shown.counts, rates))
+        which = f"{html.escape(shown.caption)}; " if shown.partial else ""
         pairs = ", ".join(f"{html.escape(p['true'])} &rarr; {html.escape(p['predicted'])}: {p['count']}"
                           for p in self.most_confused()) or "none"
         ece = f", ECE {self.calibration.ece:.4f}" if self.calibration is not None else ""
         return (f"<p><b>test accuracy {self.accuracy:.4f}</b> &nbsp; loss {self.loss:.4f} &nbsp; "
                 f"({int(self.confusion.sum())} images{ece})</p>"
                 f"<table>{cells(['class', 'precision', 'recall', 'f1', 'support'], 'th')}{per_class}</table>"
-                f"<p>confusion matrix (rows: true class, columns: predicted)</p>"
-                f"<table>{cells(['', *self.classes], 'th')}{matrix}</table><p>most confused: {pairs}</p>")
+                f"<p>confusion matrix ({which}rows: true class, columns: predicted)</p>"
+                f"<table>{cells(['', *shown.classes], 'th')}{matrix}</table><p>most confused: {pairs}</p>")
 
     def to_dict(self) -> dict:
         data = dict(accuracy=self.accuracy, loss=self.loss, num_images=int(self.confusion.sum()),
