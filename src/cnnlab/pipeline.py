@@ -20,10 +20,10 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from cnnlab.config import Config, ConfigError, TrainConfig, dotted_keys, load_config
+from cnnlab.config import Config, ConfigError, TrainConfig, dotted_keys
 from cnnlab.data.loading import Dataset
 from cnnlab.data.pinning import check_folder
-from cnnlab.data.registry import is_image_folder
+from cnnlab.data.registry import is_image_folder, load_config_for
 from cnnlab.data.sources import Data, load_data, prepare_data
 from cnnlab.data.store import notify
 from cnnlab.files import write_atomic, write_json, write_text
@@ -156,7 +156,10 @@ def keyword_config(model: str | None, file: str | Path | None, dataset: str | No
     one-line error, naming it with a "did you mean"."""
     overrides = [f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"
                  for key, value in settings.items()]  # JSON is YAML: numbers, true/null, lists, quoted text
-    return load_config(model or "seed", file, overrides, data={"dataset": dataset} if dataset else {})
+    config, chosen = load_config_for(model, file, overrides, data={"dataset": dataset} if dataset else {})
+    if chosen:
+        print(chosen)
+    return config
 
 
 def train(config: Config | str | Path | None = None, root: str | Path = layout.DEFAULT_ROOT, name: str | None = None,

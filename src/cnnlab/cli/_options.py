@@ -9,6 +9,9 @@ import typer
 from cnnlab.runs.layout import DEFAULT_ROOT
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Model preset (see `cnnlab presets`).")]
+DefaultModel = Annotated[str | None, typer.Option(
+    "--model", "-m", help="Model preset (see `cnnlab presets`); default seed, the lesson's CNN, or photos for a "
+    "colour image folder.")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML config applied over the preset.")]
 Overrides = Annotated[list[str] | None, typer.Option(
     "--set", "-s", help="Override a key: a knob (dropout=0.4) or a path (train.lr=3e-4, model.conv.0.filters=64). "

@@ -14,7 +14,17 @@ import typer
 
 from cnnlab.cli._app import LEARN, TRAIN, app
 from cnnlab.cli._errors import fail, friendly_errors
-from cnnlab.cli._options import RUNS_DIR, ConfigFile, DataDir, Dataset, LatestRun, Model, Overrides, RunsDir
+from cnnlab.cli._options import (
+    RUNS_DIR,
+    ConfigFile,
+    DataDir,
+    Dataset,
+    DefaultModel,
+    LatestRun,
+    Model,
+    Overrides,
+    RunsDir,
+)
 
 if TYPE_CHECKING:
     from cnnlab.config import Config
@@ -55,15 +65,16 @@ def presets(name: Annotated[str | None, typer.Argument(help="Print this preset's
 
 @app.command(rich_help_panel=LEARN)
 @friendly_errors
-def summary(model: Model = "seed", config: ConfigFile = None, set_: Overrides = None, dataset: Dataset = None,
+def summary(model: DefaultModel = None, config: ConfigFile = None, set_: Overrides = None, dataset: Dataset = None,
             explain: Annotated[bool, typer.Option("--explain", help="Show how each layer's parameters add up.")] = False
             ) -> None:
     """The model layer by layer, like Keras' model.summary(): output shapes and parameters."""
-    from cnnlab.config import load_config
-    from cnnlab.data.registry import dataset_shape
+    from cnnlab.data.registry import dataset_shape, load_config_for
     from cnnlab.models.summary import summarize
 
-    cfg = load_config(model, config, set_, **sections(dataset))
+    cfg, chosen = load_config_for(model, config, set_, **sections(dataset))
+    if chosen:
+        print(chosen)
     image_shape, num_classes = dataset_shape(cfg.data)
     print(summarize(cfg, image_shape, num_classes, explain))
 
@@ -72,7 +83,7 @@ def summary(model: Model = "seed", config: ConfigFile = None, set_: Overrides = 
 @friendly_errors
 def train(
     ctx: typer.Context,
-    model: Model = "seed",
+    model: DefaultModel = None,
     dataset: Dataset = None,
     config: ConfigFile = None,
     set_: Overrides = None,
@@ -118,7 +129,7 @@ def train(
     Data-parallel: `--nproc N` on one machine, or `torchrun ... -m cnnlab train ...` across machines.
     """
     from cnnlab import pipeline
-    from cnnlab.config import load_config
+    from cnnlab.data.registry import load_config_for
     from cnnlab.runs import layout, records
     from cnnlab.training import distributed
     from cnnlab.training.engine import TrainingInterrupted
@@ -128,7 +139,7 @@ def train(
         require_tensorboard()  # before any run directory, or any process, is started
     if nproc > 1 and not distributed.launched_by_torchrun():
         if resume is None and name is None:
-            name = layout.default_name(load_config(model, config, set_, **sections(dataset)))
+            name = layout.default_name(load_config_for(model, config, set_, **sections(dataset))[0])
         launch_processes(ctx, nproc, max_restarts, name, resume, runs_dir)
         return
     trackers: list[Tracker] = []
@@ -173,15 +184,24 @@ def train(
         raise fail("stopped as asked, after the run was complete (its test and files are written)", code=130)
 
 
-def training_config(ctx: typer.Context, model: str, file: Path | None, overrides: list[str] | None,
+def distributed_worker() -> bool:
+    """A data-parallel process other than rank 0 (which says things once for the job)."""
+    return os.environ.get("RANK", "0") != "0"
+
+
+def training_config(ctx: typer.Context, model: str | None, file: Path | None, overrides: list[str] | None,
                     init_from: Path | None, given: dict[str, dict[str, Any]]) -> Config:
     """The run's config: the preset, file and overrides; with --init-from, the source run's config.yaml
     in the preset's place (its model, its input size for an image folder, its training settings)."""
     from cnnlab.config import load_config
+    from cnnlab.data.registry import load_config_for
     from cnnlab.runs import layout, records
 
     if init_from is None:
-        return load_config(model, file, overrides, **given)
+        config, chosen = load_config_for(model, file, overrides, **given)
+        if chosen and not distributed_worker():
+            print(chosen)
+        return config
     source_of_model = ctx.get_parameter_source("model")
     if source_of_model is not None and source_of_model.name != "DEFAULT":  # (Typer ships its own click)
         raise fail("--init-from takes the model from the run it starts from; drop --model")

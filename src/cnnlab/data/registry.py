@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cnnlab.config import DataConfig
+from cnnlab.config import Config, DataConfig, load_config, read_yaml
 from cnnlab.errors import UserError
 from cnnlab.suggest import did_you_mean
 
@@ -249,3 +249,26 @@ def dataset_shape(data: DataConfig) -> tuple[tuple[int, int, int], int]:
         return folder.image_shape, len(folder.classes)
     spec = get_dataset(data.dataset)
     return spec.image_shape, spec.num_classes
+
+
+# -------------------------------------------------------------------- the model a dataset gets by default
+PHOTOS_MODEL = "photos"  # the preset for colour image folders when no model is named
+DEFAULT_MODEL_LINE = ("no model named: training 'photos', a small residual network with augmentation for colour "
+                      "image folders (--model seed is the lesson's CNN; cnnlab presets lists the others)")
+
+
+def default_model(data: DataConfig) -> str:
+    """The preset a dataset gets when no model is named: `photos` for a colour image folder, the lesson's
+    `seed` for everything else (the named datasets, grey folders of digits)."""
+    return PHOTOS_MODEL if is_image_folder(data.dataset) and data.channels == 3 else "seed"
+
+
+def load_config_for(model: str | None, file: str | Path | None = None, overrides: list[str] | None = None,
+                    **sections: dict) -> tuple[Config, str | None]:
+    """`load_config` where `model` None means the dataset's default model (`default_model`); with the line
+    that says which was chosen, or None when the model was named or is the lesson's."""
+    config = load_config(model or "seed", file, overrides, **sections)
+    own_model = file is not None and "model" in (read_yaml(file) or {})  # a config file that describes a network
+    if model is not None or own_model or default_model(config.data) == "seed":
+        return config, None
+    return load_config(default_model(config.data), file, overrides, **sections), DEFAULT_MODEL_LINE
