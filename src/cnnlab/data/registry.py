@@ -243,9 +243,9 @@ def dataset_recipe(data: DataConfig) -> str:
 def dataset_shape(data: DataConfig) -> tuple[tuple[int, int, int], int]:
     """(image shape (H, W, C), number of classes) of the configured dataset, without loading images."""
     if is_image_folder(data.dataset):
-        from cnnlab.data.folder import open_image_folder  # torch: only for folders
+        from cnnlab.data.folder_layout import class_names  # folder names only: no image read, no torch
 
-        folder = open_image_folder(data.dataset, (data.image_size, data.image_size), data.channels, workers=0)
-        return folder.image_shape, len(folder.classes)
+        # every image is fitted to image_size x image_size with `channels` channels (`cnnlab.data.folder`)
+        return (data.image_size, data.image_size, data.channels), len(class_names(data.dataset))
     spec = get_dataset(data.dataset)
     return spec.image_shape, spec.num_classes
