@@ -21,8 +21,11 @@ from cnnlab import sweep as sweeps
 from cnnlab.cli import app
 from cnnlab.config import load_config
 from cnnlab.data import folder as folder_module
+from cnnlab.data.sources import open_test_set
 from cnnlab.inspect.run_table import count_run_params
 from cnnlab.models.plan import plan
+from cnnlab.use.export import dataset_images
+from cnnlab.use.predict import Predictor
 
 runner = CliRunner()
 COLOURS = ("red", "green", "blue")
@@ -140,6 +143,10 @@ def test_the_notebook_api_trains_evaluates_and_draws_a_folder(tmp_path):
     assert picture.size[0] > 100
     again = cnnlab.open_run(run.run)
     assert again.evaluate().accuracy == evaluation.accuracy
+    # `cnnlab export` checks the exported model on the folder's own test images, as training decoded them
+    images, _ = open_test_set(load_config(None, run.run / "config.yaml"))  # (N, 3, 12, 12)
+    checked = dataset_images(Predictor.from_run(run.run), count=4)
+    assert checked is not None and np.array_equal(checked, images[:4].permute(0, 2, 3, 1).numpy())
     # `cnnlab runs` counts a run's parameters from its config when its weights file is gone: the folder's shape
     (run.run / "model.safetensors").unlink()
     config = load_config(None, run.run / "config.yaml")
