@@ -173,3 +173,10 @@ def test_datasets_where_fetch_and_verify_take_a_folder(tmp_path):
 def test_a_misspelt_dataset_name_is_still_an_unknown_dataset(command):
     result = runner.invoke(app, ["datasets", command, "mnist-sampel"])
     assert result.exit_code == 2 and "unknown dataset 'mnist-sampel'" in result.output
+
+
+def test_a_relative_folder_opened_from_elsewhere_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["summary", "--dataset", "holiday"])  # no folder of that name here
+    assert result.exit_code == 2
+    assert "unknown dataset 'holiday'" in result.output and f"{tmp_path / 'holiday'} does not exist" in result.output

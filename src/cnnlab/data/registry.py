@@ -220,8 +220,10 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise UnknownDataset(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)} "
-                             f"(known: {', '.join(DATASETS)})") from None
+        near = did_you_mean(name, DATASETS)
+        # a run trained on a relative folder, opened from elsewhere, lands here: say where a folder was looked for
+        folder = "" if near else f"; nor an image folder ({Path(name).absolute()} does not exist)"
+        raise UnknownDataset(f"unknown dataset {name!r}{near} (known: {', '.join(DATASETS)}){folder}") from None
 
 
 # -------------------------------------------------------------------- what a config's dataset is
