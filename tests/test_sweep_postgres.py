@@ -122,3 +122,33 @@ def test_a_worker_killed_mid_trial_is_detected_by_its_heartbeat_and_its_trial_re
     assert len(retry) == 1 and retry[0].state == TrialState.COMPLETE and retry[0].params == trials[0].params
     assert sorted(t.number for t in trials) == list(range(len(trials)))  # numbers stay unique
     assert [t.state for t in sweeps.counted_trials(trials)] == [TrialState.COMPLETE] * 2
+
+
+def test_workers_started_from_different_folders_read_the_folder_beside_the_sweep_file(postgres, tmp_path):
+    from test_folder_commands import TINY, colour_folder
+
+    folder = colour_folder(tmp_path / "project" / "shapes")
+    sweep = dict(method="random", metric={"name": "val_acc", "goal": "maximize"}, model="seed", dataset="shapes",
+                 set=TINY, parameters={"dropout": {"min": 0.0, "max": 0.5}})
+    file = tmp_path / "project" / "sweep.yaml"
+    file.write_text(yaml.safe_dump(sweep))
+    barrier = tmp_path / "barrier"  # both workers take part, each from its own folder (two "machines")
+    barrier.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", CNNLAB_TEST_BARRIER=f"{barrier}:2")
+    workers = []
+    for where in ("a", "b"):
+        (tmp_path / where).mkdir()
+        workers.append(subprocess.Popen([sys.executable, str(HOOKS), "sweep", "run", str(file), "--trials", "3",
+                                         "--name", "photos", "--storage", postgres, "--runs-dir",
+                                         str(tmp_path / "runs")],
+                                        cwd=tmp_path / where, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True))
+    outputs = [w.communicate(timeout=600) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], [err[-6000:] for _, err in outputs]
+
+    trials = sweeps.load_study("photos", postgres).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    assert len({int(t.user_attrs["worker"].rpartition(":")[2]) for t in trials}) == 2  # both workers trained
+    for trial in trials:
+        config = yaml.safe_load((Path(trial.user_attrs["run"]) / "config.yaml").read_text())
+        assert config["data"]["dataset"] == str(folder)

@@ -163,16 +163,17 @@ def keyword_config(model: str | None, file: str | Path | None, dataset: str | No
 
 
 def train(config: Config | str | Path | None = None, root: str | Path = layout.DEFAULT_ROOT, name: str | None = None,
-          callbacks: Sequence[Callback] = (), progress: bool = True, dataset: Dataset | str | None = None,
+          callbacks: Sequence[Callback] = (), progress: bool = True, dataset: Data | Dataset | str | None = None,
           context: Context = SINGLE, reuse: bool = False, *, model: str | None = None, **settings: Any) -> RunResult:
     """Train a model from a config into a new run directory, then evaluate it on the test set.
 
     `config` is a Config (`load_config`); or, the notebook form, a YAML file or nothing, with the preset
-    as `model`, the dataset's name as `dataset` and any setting as a keyword (`epochs=4, dropout=0.4`);
-    that form shows its progress (a live bar and curves in Jupyter), as does any form in Jupyter.
+    as `model`, the dataset's name (or an image folder's path) as `dataset` and any setting as a keyword
+    (`epochs=4, dropout=0.4`); that form shows its progress (a live bar and curves in Jupyter), as does any
+    form in Jupyter.
     Data and config problems are raised before the run directory is created, so a bad input
-    leaves nothing behind. A Dataset as `dataset` skips loading when the caller holds it already
-    (benchmarks). Under data-parallel training every rank calls this; only rank 0 writes the run.
+    leaves nothing behind. A Dataset (or Data) as `dataset` skips loading when the caller holds it already
+    (benchmarks; a sweep's trials). Under data-parallel training every rank calls this; only rank 0 writes the run.
     """
     keywords = not isinstance(config, Config)
     if not isinstance(config, Config):
@@ -189,7 +190,11 @@ def train(config: Config | str | Path | None = None, root: str | Path = layout.D
     if name is not None:
         layout.check_name(name)  # before the data is loaded: a bad name costs nothing
     config = pinned(config)
-    data = prepare_data(dataset, config) if dataset is not None else open_data(config, progress, context, summary=True)
+    if isinstance(dataset, Data):
+        data = dataset
+    else:
+        data = prepare_data(dataset, config) if dataset is not None else open_data(config, progress, context,
+                                                                                   summary=True)
     network = new_network(config, data)
     check_early_stopping(config, data)
     started_from = start_from(network, config.train.init_from, data.classes) if config.train.init_from else None

@@ -1,4 +1,5 @@
-"""`cnnlab datasets list|where|fetch|verify|info`."""
+"""`cnnlab datasets list|where|fetch|verify|info`; `where`, `fetch`, `verify` and `info` also take an image folder's
+path."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated
@@ -15,10 +16,48 @@ if TYPE_CHECKING:
     from cnnlab.config import Config
     from cnnlab.data.folder import ImageFolder
 
-Name = Annotated[str, typer.Argument(help="Dataset name (see `cnnlab datasets list`).")]
+Name = Annotated[str, typer.Argument(help="Dataset name (see `cnnlab datasets list`) or an image folder's path.")]
 AllowMismatch = Annotated[bool, typer.Option(
     "--allow-checksum-mismatch", help="Accept a copy whose checksums differ from the registry's (as training "
     "with this flag would) instead of passing over it.")]
+
+
+def folder_line(name: str) -> str | None:
+    """Where an image folder is and its classes, in one line (folder names only: nothing is read); None when
+    `name` is a registered dataset's."""
+    import os
+
+    from cnnlab.data.folder_layout import class_names
+    from cnnlab.data.registry import is_image_folder
+
+    if not is_image_folder(name):
+        return None
+    classes = class_names(name)
+    shown = ", ".join(classes[:10]) + (f", ... ({len(classes) - 10} more)" if len(classes) > 10 else "")
+    return f"{name}: image folder {os.path.abspath(name)}, {len(classes)} classes ({shown})"
+
+
+def verify_folder(name: str) -> None:
+    """Decode every image of an image folder once, a batch at a time: exit status 1 naming the unreadable ones
+    (training would skip them), 0 when every image reads."""
+    import torch
+
+    from cnnlab.data.folder import open_image_folder
+
+    folder = open_image_folder(name)  # the layout checks: class folders, empty classes, splits
+    skipped: dict[str, str] = {}
+    total = 0
+    for split in (folder.train, folder.val, folder.test):
+        for _ in split.batches(torch.arange(len(split)).split(256)):
+            pass  # decoded to be checked, then dropped: memory stays at a few batches
+        skipped.update(split.skipped)
+        total += len(split)
+    for path, why in sorted(skipped.items()):
+        print(f"UNREADABLE {path}: {why}")
+    if skipped:
+        raise fail(f"{name}: {len(skipped)} of {total} images cannot be read; training skips them (and lists them "
+                   "in the run's skipped.json): fix or remove them", code=1)
+    print(f"{name}: all {total} images read in {folder.root} ({len(folder.classes)} classes)")
 
 
 def warn(lines: list[str] | tuple[str, ...]) -> None:
@@ -55,6 +94,9 @@ def where(name: Name, data_dir: DataDir = None, allow_checksum_mismatch: AllowMi
     """Which copy of a dataset would be used, every place looked in, and each copy passed over and why."""
     from cnnlab.data import get_dataset, search_places
     from cnnlab.data.store import find, unavailable
+    if (line := folder_line(name)) is not None:
+        print(line)
+        return
     spec = get_dataset(name)
     found, passed = find(spec, data_dir, allow_checksum_mismatch)
     for origin, directory in search_places(spec, data_dir):
@@ -71,6 +113,9 @@ def where(name: Name, data_dir: DataDir = None, allow_checksum_mismatch: AllowMi
 def fetch_dataset(name: Name, data_dir: DataDir = None, allow_checksum_mismatch: AllowMismatch = False) -> None:
     """Find a copy that verifies, or download the dataset from its mirrors into the cache, with checksum checks."""
     from cnnlab.data import fetch, get_dataset
+    if (line := folder_line(name)) is not None:
+        print(f"{line}; nothing to download")
+        return
     location = fetch(get_dataset(name), data_dir, allow_mismatch=allow_checksum_mismatch)
     warn(location.passed_over)
     print(f"{name}: {location.directory} ({location.origin})")
@@ -79,9 +124,14 @@ def fetch_dataset(name: Name, data_dir: DataDir = None, allow_checksum_mismatch:
 @datasets_app.command("verify")
 @friendly_errors
 def verify_dataset(name: Name, data_dir: DataDir = None) -> None:
-    """Check every copy of a dataset, in lookup order, against the registry's SHA-256 checksums until one verifies."""
+    """Check every copy of a dataset, in lookup order, against the registry's SHA-256 checksums until one verifies
+    (an image folder: decode every image once and name those that cannot be read)."""
     from cnnlab.data import get_dataset, verify
+    from cnnlab.data.registry import is_image_folder
     from cnnlab.data.store import Location, candidates, passed_over_line, unavailable
+    if is_image_folder(name):
+        verify_folder(name)
+        return
     spec = get_dataset(name)
     copies = candidates(spec, data_dir)
     if not copies:

@@ -52,7 +52,8 @@ def run(
     check_counts(trials, workers)  # before the file is read, let alone a trial run
     spec = sweeps.read_sweep(file)
     name = check_name(name or spec.name or file.stem, "--name" if name else "the sweep name")
-    sweep = sweeps.Sweep(spec, name, storage_for(storage, runs_dir, name), runs_dir, trials)
+    # a relative image folder in the file means the one beside the file, for every worker (`sweep.trial_data`)
+    sweep = sweeps.Sweep(spec, name, storage_for(storage, runs_dir, name), runs_dir, trials, base=file.parent)
     print(f"sweep {name}: {spec.method} search, {spec.goal} {spec.metric}, {sweep.total()} trials "
           f"in {shown_storage(sweep.storage)}")
     try:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from cnnlab.data.folder_layout import FolderError
 from cnnlab.errors import UserError
 from cnnlab.files import MiB, reason
 from cnnlab.files import read_bytes as read_regular
@@ -51,10 +52,6 @@ MAX_IMAGE_FILE_BYTES = 256 * MiB
 MAX_IMAGE_SIDE = 1024  # pixels per side of a decoded image: a typo (image_size 40960) would be gigabytes a batch
 MAX_WORKERS = 64  # decoding processes per split read
 LINKS_LISTED = 100  # directory links named in describe() (all are counted)
-
-
-class FolderError(UserError, ValueError):
-    """An image folder that cannot be used as a dataset (missing, wrong layout, empty class or split)."""
 
 
 # ---------------------------------------------------------------------------- compact path storage

@@ -220,8 +220,10 @@ def get_dataset(name: str) -> DatasetSpec:
     try:
         return DATASETS[name]
     except KeyError:
-        raise UnknownDataset(f"unknown dataset {name!r}{did_you_mean(name, DATASETS)} "
-                             f"(known: {', '.join(DATASETS)})") from None
+        near = did_you_mean(name, DATASETS)
+        # a run trained on a relative folder, opened from elsewhere, lands here: say where a folder was looked for
+        folder = "" if near else f"; nor an image folder ({Path(name).absolute()} does not exist)"
+        raise UnknownDataset(f"unknown dataset {name!r}{near} (known: {', '.join(DATASETS)}){folder}") from None
 
 
 # -------------------------------------------------------------------- what a config's dataset is
@@ -243,10 +245,10 @@ def dataset_recipe(data: DataConfig) -> str:
 def dataset_shape(data: DataConfig) -> tuple[tuple[int, int, int], int]:
     """(image shape (H, W, C), number of classes) of the configured dataset, without loading images."""
     if is_image_folder(data.dataset):
-        from cnnlab.data.folder import open_image_folder  # torch: only for folders
+        from cnnlab.data.folder_layout import class_names  # folder names only: no image read, no torch
 
-        folder = open_image_folder(data.dataset, (data.image_size, data.image_size), data.channels, workers=0)
-        return folder.image_shape, len(folder.classes)
+        # every image is fitted to image_size x image_size with `channels` channels (`cnnlab.data.folder`)
+        return (data.image_size, data.image_size, data.channels), len(class_names(data.dataset))
     spec = get_dataset(data.dataset)
     return spec.image_shape, spec.num_classes
 

@@ -38,13 +38,13 @@ def count_run_params(run: Path, config: Config) -> int | None:
         input_shape = tuple(json.loads(meta["input_shape"]))
         num_classes = len(json.loads(meta["classes"]))
     except (KeyError, json.JSONDecodeError):
-        from cnnlab.data import UnknownDataset, get_dataset
+        from cnnlab.data.registry import dataset_shape  # a registered dataset or an image folder
+        from cnnlab.errors import UserError
 
         try:
-            spec = get_dataset(config.data.dataset)
-        except UnknownDataset:
+            input_shape, num_classes = dataset_shape(config.data)
+        except UserError:  # a dataset registered by a plugin not loaded now, or a folder moved away
             return None
-        input_shape, num_classes = spec.image_shape, spec.num_classes
     return plan(config.model, input_shape, num_classes).params
 
 

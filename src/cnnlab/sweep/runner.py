@@ -19,8 +19,6 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from cnnlab import pipeline
 from cnnlab.config import ConfigError, load_config
-from cnnlab.data import Dataset
-from cnnlab.data.sources import open_dataset
 from cnnlab.errors import UserError
 from cnnlab.files import FileRefused, check_regular, output_target, read_text, reason, write_atomic
 from cnnlab.runs import layout
@@ -41,6 +39,7 @@ from cnnlab.sweep.study import (
     sweep_dir,
     trial_sampler,
 )
+from cnnlab.sweep.trial_data import TrialData, check_dataset, resolve_dataset
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.engine import Trainer, TrainingInterrupted
 
@@ -104,17 +103,20 @@ class TrialStopped(SweepError):
 
 @dataclass
 class Sweep:
-    """What a worker needs: the spec, where the study is, where trial runs go, and how many trials in all."""
+    """What a worker needs: the spec, where the study is, where trial runs go, how many trials in all, and the
+    folder a relative image folder is read from (the sweep file's; `sweep.trial_data`)."""
 
     spec: SweepSpec
     name: str
     storage: str
     runs_dir: Path
     trials: int
+    base: Path = Path()  # the sweep file's folder; the default: the current folder
 
     def __post_init__(self) -> None:
         check_name(self.name)
         check_counts(self.trials, 1)
+        self.base = Path(os.path.abspath(self.base))  # fixed now: spawned workers and later trials read the same folder
 
     def open(self, worker: int = 0) -> optuna.Study:
         """Create or load the study, and check that a loaded one searches as this spec does.
@@ -183,7 +185,7 @@ def write_failure(exc: BaseException) -> OSError | None:
     return None
 
 
-def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: dict[str, Dataset],
+def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: TrialData,
               log: Callable[[str], object] = print) -> TrialState:
     """Train one trial into runs/sweeps/<name>/trial-<n> and tell the study how it ended."""
     sampler = trial_sampler(sweep.spec, trial.number)
@@ -194,12 +196,11 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: dict[st
     trial.set_user_attr("run", str(run))
     metric = sweep.spec.metric
     try:
-        config = trial_config(sweep.spec, params)
-        dataset = datasets.get(config.data.dataset) or open_dataset(config, progress=False)
-        datasets[config.data.dataset] = dataset
+        config = resolve_dataset(trial_config(sweep.spec, params), sweep.base)
+        data = datasets.open(config)
         with Heartbeat(study, trial):
             result = pipeline.train(config, run.parent, run.name, [PruningReporter(trial, metric)],
-                                    progress=False, dataset=dataset)
+                                    progress=False, dataset=data)
     except JournalWriteError:
         raise  # the study cannot be written: nothing more can be recorded; the rerun retries this trial
     except optuna.TrialPruned as exc:
@@ -254,7 +255,7 @@ def run_worker(sweep: Sweep, worker: int = 0, threads: int | None = None, log: C
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     new_session()  # trials an earlier invocation in this process left running are dead, not ours
     study = sweep.open(worker)
-    datasets: dict[str, Dataset] = {}
+    datasets = TrialData()
     done = 0
     while (trial := claim_trial(study, sweep.storage, sweep.total())) is not None:
         run_trial(sweep, study, trial, datasets, log)
@@ -277,6 +278,7 @@ def worker_process(sweep: Sweep, worker: int, threads: int, errors: Any) -> None
 def run_workers(sweep: Sweep, workers: int, log: Callable[[str], object] = print) -> None:
     """Run `workers` processes on this machine (1: in this process), splitting the CPU cores between them."""
     check_counts(sweep.trials, workers)
+    check_dataset(trial_config(sweep.spec, {p.key: p.first() for p in sweep.spec.parameters}), sweep.base)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep.open()  # create the study once, before workers race to
     if workers <= 1:

@@ -107,13 +107,27 @@ def example_inputs(predictor: Predictor, images: np.ndarray | None = None, count
 
 
 def dataset_images(predictor: Predictor, count: int = 64) -> np.ndarray | None:
-    """The first `count` test images of the run's dataset when they are here already (never downloads), else None."""
+    """The first `count` test images of the run's dataset when they are here already (never downloads; an image
+    folder's test split decoded as in training), else None."""
     from cnnlab.data import load_dataset
+    from cnnlab.data.registry import is_image_folder
 
     try:
+        if is_image_folder(predictor.dataset):
+            return folder_test_images(predictor, count)
         return load_dataset(predictor.dataset, download=False, progress=False).test_images[:count]
     except Exception:  # noqa: BLE001 -- any reason the data is not at hand: the random check inputs will do
         return None
+
+
+def folder_test_images(predictor: Predictor, count: int) -> np.ndarray:
+    """The first `count` readable images of an image folder's test split: uint8 (N, H, W) grey or (N, H, W, C)."""
+    from cnnlab.data.folder import open_image_folder
+
+    height, width, channels = predictor.model.input_shape
+    test = open_image_folder(predictor.dataset, (height, width), channels, workers=0).test
+    images, _ = next(iter(test.batches([torch.arange(min(count, len(test)))])))  # (N, C, H, W)
+    return images[:, 0].numpy() if channels == 1 else images.permute(0, 2, 3, 1).numpy()
 
 
 def export_metadata(predictor: Predictor) -> dict[str, str]:
