@@ -78,8 +78,8 @@ def main() -> None:
         top = [issue.file for issue in found.issues[:2 * len(planted_held_out)]]
         hits = len(planted_held_out & set(top))
         accuracy = __import__("json").loads((Path(tmp) / "runs" / "noisy" / "test.json").read_text())["accuracy"]
-    print(f"| images | planted | planted in val+test | flagged | found in top 2x | share | duplicates | "
-          f"test acc | train s | check s |")
+    print("| images | planted | planted in val+test | flagged | found in top 2x | share | duplicates | "
+          "test acc | train s | check s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.images:,} | {len(planted)} | {len(planted_held_out)} | {len(found.issues)} | {hits} | "
           f"{hits / max(1, len(planted_held_out)):.0%} | {len(found.duplicates)} | {accuracy:.3f} | "

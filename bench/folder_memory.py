@@ -2,7 +2,8 @@
 
 Writes N synthetic JPEG images (one sub-folder per class) and trains one epoch of the `perceptron`
 preset on them in a fresh process, then reports that process's peak RSS and its DataLoader
-workers'. Streaming means the peak stays flat as N grows; an in-memory copy would add N x H x W x C
+workers', streaming (data.memory_mb=0: a folder that fits the budget is otherwise decoded into memory).
+Streaming means the peak stays flat as N grows; an in-memory copy would add N x H x W x C
 bytes. tests/test_folder_training.py runs this at two sizes and compares.
 
     python bench/folder_memory.py --images 16000 --size 96 [--workers 2] [--folder DIR]
@@ -24,7 +25,7 @@ from cnnlab import pipeline
 from cnnlab.config import load_config
 folder, size, workers, runs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 config = load_config("perceptron", None, [f"data.image_size={size}", f"data.workers={workers}",
-                     "train.epochs=1", "train.batch_size=64"], data=dict(dataset=folder))
+                     "data.memory_mb=0", "train.epochs=1", "train.batch_size=64"], data=dict(dataset=folder))
 result = pipeline.train(config, runs, name="memory", progress=False)
 print(json.dumps(dict(main_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                       worker_peak_mib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,

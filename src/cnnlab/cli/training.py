@@ -39,9 +39,9 @@ if TYPE_CHECKING:
 
 
 def sections(dataset: str | None = None, data_dir: Path | None = None, allow_mismatch: bool = False,
-             **train: object) -> dict[str, dict[str, Any]]:
+             image_size: int | None = None, **train: object) -> dict[str, dict[str, Any]]:
     """Typed CLI options as config sections (options left unset do not override the files)."""
-    given = dict(dataset=dataset, data_dir=str(data_dir) if data_dir else None)
+    given = dict(dataset=dataset, data_dir=str(data_dir) if data_dir else None, image_size=image_size)
     data: dict[str, Any] = {k: v for k, v in given.items() if v}
     if allow_mismatch:
         data["allow_checksum_mismatch"] = True
@@ -92,6 +92,9 @@ def train(
     lr: Annotated[str | None, typer.Option(help="Learning rate, or auto: the learning-rate finder's suggestion "
                                            "(see `cnnlab lr-find`).")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed (split, weights, order, dropout).")] = None,
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", help="Image folders: pixels per side each picture becomes (data.image_size; how it gets "
+        "there: data.resize crop, pad or squish).")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch.")] = None,
     init_from: Annotated[Path | None, typer.Option(
         "--init-from", help="Start from this run's weights and model (fine-tuning): the features are kept, the "
@@ -149,7 +152,8 @@ def train(
                                               ("--batch-size", batch_size), ("--lr", lr), ("--seed", seed),
                                               ("--dataset", dataset), ("--data-dir", data_dir), ("--name", name),
                                               ("--device", device), ("--init-from", init_from),
-                                              ("--keep-checkpoints", keep_checkpoints))
+                                              ("--keep-checkpoints", keep_checkpoints),
+                                              ("--image-size", image_size))
                      if value]
             if given:
                 raise fail(f"--resume continues a run with its saved config.yaml; drop {', '.join(given)}")
@@ -161,8 +165,8 @@ def train(
             result = pipeline.resume(resume, callbacks, context=context)
         else:
             cfg = training_config(ctx, model, config, set_, init_from, sections(
-                dataset, data_dir, allow_checksum_mismatch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                threads=threads, device=device, keep_checkpoints=keep_checkpoints or None))
+                dataset, data_dir, allow_checksum_mismatch, image_size, epochs=epochs, batch_size=batch_size, lr=lr,
+                seed=seed, threads=threads, device=device, keep_checkpoints=keep_checkpoints or None))
             context = distributed.init(cfg.train.device)
             if init_from is not None:
                 say(context, fine_tuning_line(init_from, cfg))

@@ -1,0 +1,205 @@
+"""A folder of one's own photos, first-class: held in memory, summarised, pinned by its runs, the photos default,
+and pictures fitted by crop, pad or squish."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from cnnlab import pipeline
+from cnnlab.cli import app
+from cnnlab.config import load_config
+from cnnlab.images import fitted
+from cnnlab.training.augment import random_zoom
+from test_folder_training import with_bad_files, write_colour_folder
+
+QUICK = ["--model", "seed", "--epochs", "1", "--quiet", "--set", "data.image_size=12", "--set", "data.workers=0",
+         "--set", "batch_size=16", "--set", "train.threads=1"]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model.safetensors")
+
+
+# ------------------------------------------------------------------------------------------- held in memory
+def test_a_folder_held_in_memory_trains_bitwise_as_one_streamed_from_disk(tmp_path):
+    folder = write_colour_folder(tmp_path / "colours", per_class=30)
+    bad = with_bad_files(folder)
+    runs = []
+    for name, memory in (("memory", "2048"), ("streamed", "0")):
+        config = load_config("seed", None, ["data.image_size=12", "data.workers=0", "train.epochs=2",
+                                            "train.batch_size=16", "train.threads=1", f"data.memory_mb={memory}",
+                                            "train.augment_shift=1"], data={"dataset": str(folder)})
+        result = pipeline.train(config, tmp_path / "runs", name=name, progress=False)
+        runs.append(result.run)
+        assert sorted(result.skipped) == bad  # unreadable files are reported whichever way they were read
+    memory_run, streamed_run = runs
+    a, b = weights(memory_run), weights(streamed_run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    manifests = [json.loads((run / "manifest.json").read_text())["image_folder"] for run in runs]
+    assert manifests[0]["digest"] == manifests[1]["digest"]
+
+
+def test_a_folder_over_the_memory_budget_streams(tmp_path):
+    folder = write_colour_folder(tmp_path / "colours", per_class=10)
+    config = load_config("seed", None, ["data.image_size=12", "data.workers=0", "data.memory_mb=0"],
+                         data={"dataset": str(folder)})
+    from cnnlab.data.sources import folder_data
+
+    data = folder_data(config)
+    assert all(source.pixels is None for source in (data.train, data.val, data.test))
+    config = load_config("seed", None, ["data.image_size=12", "data.workers=0"], data={"dataset": str(folder)})
+    held = folder_data(config)
+    assert held.train.pixels is not None and held.train.pixels.shape[1:] == (3, 12, 12)
+
+
+# ------------------------------------------------------------------------------------------- the summary
+def test_datasets_info_counts_classes_by_split_and_names_what_was_skipped(tmp_path):
+    folder = write_colour_folder(tmp_path / "colours", per_class=30)
+    with_bad_files(folder)
+    shown = invoke("datasets", "info", str(folder), "--image-size", "16")
+    assert shown.exit_code == 0, shown.output
+    assert "found 93 files belonging to 3 classes" in shown.output  # 90 images and 3 unreadable ones
+    assert "each becomes 16x16x3 by crop" in shown.output
+    assert "skipped 3 unreadable files" in shown.output and "empty file" in shown.output
+    assert "fewer than 20 test images" in shown.output  # a warning: 30 per class leave ~3 test images each
+    as_json = json.loads(invoke("datasets", "info", str(folder), "--json").output)
+    assert as_json["classes"] == ["blue", "green", "red"] and as_json["files"] == 93
+    counted = {name: sum(as_json["counts"][split][name] for split in ("train", "val", "test"))
+               for name in as_json["classes"]}
+    assert counted == {"blue": 31, "green": 31, "red": 31}
+    readable = sum(n for split in as_json["readable"].values() for n in split.values())
+    assert readable == 90 and sum(as_json["skipped"].values()) == 3
+
+
+def test_training_warns_about_imbalance_and_too_few_steps(tmp_path):
+    folder = write_colour_folder(tmp_path / "colours", per_class=40)
+    for extra in sorted((folder / "red").iterdir())[6:]:  # red keeps 6 images: 40 / 6 is over 5x
+        extra.unlink()
+    trained = invoke("train", "--dataset", str(folder), *QUICK, "--set", "batch_size=64", "--runs-dir",
+                     str(tmp_path / "runs"))
+    assert trained.exit_code == 0, trained.output
+    assert "classes are imbalanced" in trained.output and "train.class_weights=balanced" in trained.output
+    assert "make 2 steps an epoch" in trained.output
+
+
+def test_a_class_with_no_readable_image_stops_training_before_a_run_is_made(tmp_path):
+    folder = write_colour_folder(tmp_path / "colours", per_class=10)
+    for picture in (folder / "green").iterdir():
+        picture.write_bytes(b"not a picture")
+    trained = invoke("train", "--dataset", str(folder), *QUICK, "--runs-dir", str(tmp_path / "runs"))
+    assert trained.exit_code != 0
+    lines = [line for line in trained.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "green" in lines[0] and "no readable training image" in lines[0]
+    assert "Traceback" not in trained.output
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+# ------------------------------------------------------------------------------------------- pinning
+@pytest.fixture
+def folder_run(tmp_path, monkeypatch):
+    """A run trained from a relative folder path, and the folder."""
+    work = tmp_path / "work"
+    write_colour_folder(work / "colours", per_class=40)
+    monkeypatch.chdir(work)
+    trained = invoke("train", "--dataset", "colours", *QUICK, "--runs-dir", str(tmp_path / "runs"), "--name", "c")
+    assert trained.exit_code == 0, trained.output
+    return tmp_path / "runs" / "c", work / "colours"
+
+
+def test_a_run_pins_its_folder_and_evaluates_from_anywhere(folder_run, tmp_path, monkeypatch):
+    run, folder = folder_run
+    config = (run / "config.yaml").read_text()
+    assert f"dataset: {folder}" in config  # absolute, not as typed
+    manifest = json.loads((run / "manifest.json").read_text())["image_folder"]
+    assert manifest["classes"] == ["blue", "green", "red"]
+    assert set(manifest["class_digests"]) == set(manifest["classes"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    evaluated = invoke("evaluate", str(run), "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "changed since" not in evaluated.output
+
+
+@pytest.mark.parametrize("change", ["rename", "add", "remove"])
+def test_evaluate_refuses_a_folder_whose_classes_changed_and_keeps_test_json(folder_run, change):
+    run, folder = folder_run
+    before = (run / "test.json").read_bytes()
+    if change == "rename":
+        (folder / "green").rename(folder / "lime")
+    elif change == "add":
+        shutil.copytree(folder / "red", folder / "yellow")
+    else:
+        shutil.rmtree(folder / "blue")
+    for command in (["evaluate", str(run)], ["show", "mistakes", str(run), "--out", str(run.parent / "m.png")]):
+        refused = invoke(*command)
+        assert refused.exit_code != 0
+        error = [line for line in refused.output.splitlines() if line.startswith("error:")]
+        assert len(error) == 1 and "class folders are not the ones" in error[0], refused.output
+        word = {"rename": "renamed green -> lime", "add": "added yellow", "remove": "removed blue"}[change]
+        assert word in error[0]
+    assert (run / "test.json").read_bytes() == before
+    assert not (run.parent / "m.png").exists()
+
+
+def test_evaluate_warns_with_counts_when_files_changed(folder_run):
+    run, folder = folder_run
+    shutil.copy(folder / "red" / "0.png", folder / "red" / "copy.png")
+    (folder / "blue" / "1.jpg").unlink()
+    evaluated = invoke("evaluate", str(run))
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "changed since" in evaluated.output and "120 -> 120 files" in evaluated.output
+    assert "blue -1" in evaluated.output and "red +1" in evaluated.output
+
+
+# ------------------------------------------------------------------------------------------- the default
+def test_a_colour_folder_gets_the_photos_model_when_none_is_named(tmp_path):
+    folder = write_colour_folder(tmp_path / "colours", per_class=10)
+    quick = [arg for arg in QUICK if arg not in ("--model", "seed")]
+    trained = invoke("train", "--dataset", str(folder), *quick, "--runs-dir", str(tmp_path / "runs"), "--name", "p")
+    assert trained.exit_code == 0, trained.output
+    assert "no model named: training 'photos'" in trained.output
+    assert "name: photos" in (tmp_path / "runs" / "p" / "config.yaml").read_text()
+    grey = invoke("summary", "--dataset", str(folder), "--set", "data.channels=1")
+    assert "photos" not in grey.output and "conv1" in grey.output  # a grey folder: the lesson's seed
+    named = invoke("summary", "--dataset", "mnist-sample")
+    assert "no model named" not in named.output
+
+
+# ------------------------------------------------------------------------------------------- fitting pictures
+def wide_picture() -> Image.Image:
+    """40x20: a red left half and a blue right half on a green border."""
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20, 0] = 255
+    pixels[:, 20:, 2] = 255
+    pixels[0, :], pixels[-1, :], pixels[:, 0], pixels[:, -1] = (0, 200, 0), (0, 200, 0), (0, 200, 0), (0, 200, 0)
+    return Image.fromarray(pixels)
+
+
+def test_crop_pad_and_squish_fit_a_wide_picture_as_named():
+    crop = np.asarray(fitted(wide_picture(), (10, 10), "crop"))
+    pad = np.asarray(fitted(wide_picture(), (10, 10), "pad"))
+    squish = np.asarray(fitted(wide_picture(), (10, 10), "squish"))
+    assert crop.shape == pad.shape == squish.shape == (10, 10, 3)
+    assert not (crop[:, 0, 1] > 150).all()  # the crop cut the green left border off
+    assert (pad[0, :, 1] > 150).all() and (pad[-1, :, 1] > 150).all()  # bars of the border's colour
+    assert squish[5, 2, 0] > 150 and squish[5, 7, 2] > 150  # both halves kept, squeezed
+
+
+def test_zoom_keeps_the_batch_and_zero_is_no_change():
+    images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    assert torch.equal(random_zoom(images, 0.0), images)
+    zoomed = random_zoom(images, 0.5)
+    assert zoomed.shape == images.shape and zoomed.dtype == torch.uint8 and not torch.equal(zoomed, images)
