@@ -46,7 +46,7 @@ def run(
     """Run (or resume) a sweep until the study has --trials trials; start it on more machines to share the work."""
     from cnnlab import sweep as sweeps
     from cnnlab.sweep.spec import check_counts, check_name
-    from cnnlab.sweep.study import shown_storage
+    from cnnlab.sweep.storage import shown_storage
     from cnnlab.training.engine import TrainingInterrupted
 
     check_counts(trials, workers)  # before the file is read, let alone a trial run

@@ -26,6 +26,7 @@ from cnnlab.files import FileRefused, check_regular, output_target, read_text, r
 from cnnlab.runs import layout
 from cnnlab.sweep.plots import Importances, param_importances, sweep_figure
 from cnnlab.sweep.spec import SweepError, SweepSpec, check_counts, check_name, trial_config
+from cnnlab.sweep.storage import parse_storage, shown_storage
 from cnnlab.sweep.study import (
     JournalWriteError,
     claim_trial,
@@ -36,7 +37,6 @@ from cnnlab.sweep.study import (
     one_line,
     open_storage,
     retry_callback,
-    shown_storage,
     study_lock,
     sweep_dir,
     trial_sampler,
@@ -115,6 +115,7 @@ class Sweep:
     def __post_init__(self) -> None:
         check_name(self.name)
         check_counts(self.trials, 1)
+        parse_storage(self.storage)  # a URL a sweep cannot use is refused before any study, file or folder
 
     def open(self, worker: int = 0) -> optuna.Study:
         """Create or load the study, and check that a loaded one searches as this spec does.
