@@ -137,8 +137,10 @@ def masked(text: str) -> str:
     if match is None:
         return text
     rest = text[match.end():]
-    if not rest.startswith("//"):  # scheme:path (file:journal): no authority, nothing secret in it
-        return text.split("?", 1)[0].split("#", 1)[0] + ("?..." if "?" in text else "")
+    if not rest.startswith("//"):  # scheme:path: a file's path is shown; anything else may hold a secret anywhere
+        if match.group(1).lower() == "file":
+            return text.split("?", 1)[0].split("#", 1)[0] + ("?..." if "?" in text else "")
+        return f"{match.group(0)}..."
     authority, tail = split_authority(rest[2:])
     userinfo, at, host = authority.rpartition("@")
     user, colon, _ = userinfo.partition(":")
