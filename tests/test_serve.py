@@ -144,9 +144,10 @@ def test_streamed_uploads_without_a_length_are_cut_off_at_the_limit(server):
 
 def test_requests_without_a_file_field(server):
     as_json = server.post("/api/predict", json={"image": "data"})
-    assert as_json.status_code == 400 and "send the image as multipart field 'file'" in as_json.json()["error"]
+    assert as_json.status_code == 400 and "expected a multipart/form-data body with the picture in field 'file'" \
+        in as_json.json()["error"]
     wrong_field = server.post("/api/predict", files={"picture": ("a.png", b"x")})
-    assert wrong_field.status_code == 400
+    assert wrong_field.status_code == 400 and "no picture in the request" in wrong_field.json()["error"]
 
 
 def test_unknown_paths_are_404_json(server):

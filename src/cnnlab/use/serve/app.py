@@ -37,7 +37,14 @@ from cnnlab.images import MAX_PIXELS, ImageReadError, ImageTooLarge, png_data_ur
 from cnnlab.use.predict import Prediction, Predictor
 from cnnlab.use.recipes import BlankImage
 from cnnlab.use.serve.batching import Batcher, BatchSettings, Forward, QueueFull
-from cnnlab.use.serve.guards import BODY_SEEN, LOOPBACK_NAMES, HostCheck, UploadLimit, add_error_handlers
+from cnnlab.use.serve.guards import (
+    BODY_SEEN,
+    LOOPBACK_NAMES,
+    BodyTooLarge,
+    HostCheck,
+    UploadLimit,
+    add_error_handlers,
+)
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # a phone photo as JPEG fits; a bigger body is refused unread
@@ -172,6 +179,8 @@ async def read_form(request: Request) -> FormData:
     try:
         form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
     except (MultiPartException, StarletteHTTPException) as exc:  # Starlette raises the parser's error as a 400
+        if isinstance(exc, StarletteHTTPException) and (exc.status_code != 400 or isinstance(exc, BodyTooLarge)):
+            raise  # the body ran past the limit while it was parsed: 413
         problem = str(getattr(exc, "message", None) or getattr(exc, "detail", "")).rstrip(".")
         raise HTTPException(400, f"the multipart/form-data body is malformed ({problem}); send the picture as a "
                                  "form field 'file'") from None
