@@ -162,3 +162,33 @@ def test_a_journal_path_with_a_colon_is_written_as_a_relative_path(tmp_path, mon
     spec = parse_sweep({"parameters": SEARCH})
     sweeps.Sweep(spec, "s", "./odd:name.journal", tmp_path / "runs", 1).open()
     assert os.path.isfile(tmp_path / "odd:name.journal")
+
+
+def test_best_takes_a_trial_folder_found_by_name_only_when_it_holds_that_trials_config(tmp_path):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import create_trial
+
+    from cnnlab.config import load_config
+    from cnnlab.runs.records import save_config
+
+    sweep = open_study(tmp_path, write_sweep(tmp_path, SEARCH))
+    study = sweeps.load_study("s", sweep.storage)
+    study.add_trial(create_trial(params={"train.lr": 0.005}, distributions={"train.lr": FloatDistribution(0.001, 0.01)},
+                                 value=0.9, user_attrs={"run": "elsewhere/runs/sweeps/s/trial-0"}))
+    found = tmp_path / "runs" / "sweeps" / "s" / "trial-0"  # where `best --runs-dir` looks for it by name
+    found.mkdir(parents=True)
+    args = ("best", "s", "--out", str(tmp_path / "best.yaml"), "--runs-dir", str(tmp_path / "runs"))
+    save_config(found, load_config("seed", None, [*sweep.spec.fixed, "train.lr=0.005"],
+                                   data={"dataset": "mnist-sample"}))  # this trial's run
+    assert cli(*args).exit_code == 0 and load_config(None, tmp_path / "best.yaml").train.lr == 0.005
+    save_config(found, load_config("seed", None, [*sweep.spec.fixed, "train.lr=0.002"],
+                                   data={"dataset": "mnist-sample"}))  # a folder of that name from another sweep
+    one_line_error(cli(*args), "trial 0's run is not at elsewhere/runs/sweeps/s/trial-0", "another configuration")
+
+
+def test_a_real_sweep_moved_to_another_folder_still_gives_its_best(tmp_path):
+    file = write_sweep(tmp_path, SEARCH)
+    assert cli("run", str(file), "--name", "s", "--trials", "1", "--runs-dir", str(tmp_path / "runs")).exit_code == 0
+    (tmp_path / "runs").rename(tmp_path / "moved")  # the study recorded runs/sweeps/s/trial-0, now elsewhere
+    result = cli("best", "s", "--out", str(tmp_path / "best.yaml"), "--runs-dir", str(tmp_path / "moved"))
+    assert result.exit_code == 0, result.output

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
-from cnnlab.sweep.spec import SweepError, SweepSpec
+from cnnlab.config import ConfigError, load_config
+from cnnlab.runs import layout
+from cnnlab.sweep.spec import SweepError, SweepSpec, dump_value
 
 SPEC_ATTR, DIGEST_ATTR = "cnnlab.spec", "cnnlab.spec_sha256"
 LEGACY_ATTRS = ("method", "metric", "grid")  # what studies made before SPEC_ATTR recorded (cnnlab.<key>)
@@ -81,3 +85,28 @@ def differences(recorded: dict[str, Any], mine: dict[str, Any]) -> str:
         else:
             found.append(f"{key} {old}, this file {new}")
     return "; ".join(found) or "its recorded spec is unreadable"
+
+
+def check_found_run(study: optuna.Study, trial: FrozenTrial, run: Path) -> None:
+    """A trial folder found by its name (not where the study recorded it) must hold this trial's config: a
+    folder of that name from another sweep would hand `best` another model's settings.
+
+    The trial's config is rebuilt from the study's recorded spec and the trial's parameters; a study made
+    before specs were recorded cannot be checked.
+    """
+    identity = study.user_attrs.get(SPEC_ATTR)
+    if not isinstance(identity, dict):
+        return
+    overrides = [*identity.get("set", []), *(f"{k}={dump_value(v)}" for k, v in trial.params.items())]
+    try:
+        wanted = load_config(identity.get("model"), None, overrides,
+                             data={"dataset": identity["dataset"]} if identity.get("dataset") else {}).to_dict()
+        found = load_config(None, layout.path(run, "config")).to_dict()
+    except (ConfigError, KeyError, OSError):
+        found, wanted = {}, {"unreadable": True}
+    if wanted.get("train", {}).get("lr") == "auto":  # the finder's suggestion is what the run recorded
+        wanted["train"]["lr"] = found.get("train", {}).get("lr")
+    if found != wanted:
+        raise SweepError(f"sweep {study.study_name!r}: trial {trial.number}'s run is not at "
+                         f"{trial.user_attrs.get('run')}, and {run} holds another configuration (from another "
+                         "sweep of that name?); give the --runs-dir the sweep ran in")

@@ -23,7 +23,7 @@ from cnnlab.data.sources import open_dataset
 from cnnlab.errors import UserError
 from cnnlab.files import FileRefused, check_regular, output_target, read_text, reason, write_atomic
 from cnnlab.runs import layout
-from cnnlab.sweep.identity import check_same_spec
+from cnnlab.sweep.identity import check_found_run, check_same_spec
 from cnnlab.sweep.plots import Importances, param_importances, sweep_figure
 from cnnlab.sweep.spec import SweepError, SweepSpec, check_counts, check_name, trial_config
 from cnnlab.sweep.storage import parse_storage, shown_storage
@@ -340,7 +340,9 @@ def best_run(study: optuna.Study, best: FrozenTrial, runs_dir: str | Path | None
     run = Path(recorded)
     if not run.is_dir() and runs_dir is not None:
         near = sweep_dir(runs_dir, study.study_name) / run.name
-        run = near if near.is_dir() else run
+        if near.is_dir():
+            check_found_run(study, best, near)  # a folder of that name, but is it this trial's run?
+            return near
     return run
 
 
