@@ -219,6 +219,7 @@ LAUNCHER = """
 import sys, threading
 import uvicorn
 import cnnlab.use.serve.app as served
+from cnnlab.use.serve.server import server_config
 
 port, runs = int(sys.argv[1]), sys.argv[2:]
 calls, lock = {"handler": 0, "decoder": 0}, threading.Lock()
@@ -234,7 +235,7 @@ served.choose_model = counting("handler", served.choose_model)  # the predict ha
 served.answer = counting("decoder", served.answer)
 application = served.create_app(runs)
 application.get("/spy")(lambda: dict(calls))
-uvicorn.Server(served.server_config(application, "127.0.0.1", port)).run()
+uvicorn.Server(server_config(application, "127.0.0.1", port)).run()
 """
 
 

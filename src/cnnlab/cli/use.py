@@ -109,9 +109,9 @@ def serve(
         import uvicorn
 
         from cnnlab.use.serve import create_app
-        from cnnlab.use.serve.app import server_config
         from cnnlab.use.serve.batching import BatchSettings
         from cnnlab.use.serve.guards import served_hosts
+        from cnnlab.use.serve.server import server_config
     except ImportError as exc:
         raise fail(f"serve needs the web packages ({exc.name} is missing): pip install 'cnnlab[serve]'") from None
     batching = BatchSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size, timeout_s=timeout)

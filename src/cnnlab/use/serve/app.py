@@ -63,14 +63,6 @@ ACCEPTED = ", ".join(dict.fromkeys(ACCEPTED_FORMATS.values()))  # "PNG, JPEG, GI
 MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 16  # the page sends one file and one field; a form of thousands is not a client's
 FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 MAX_NAME_CHARS = 255  # a file name longer than any file system allows is not a browser's
-# Slow or idle clients: uvicorn has no deadline for receiving a request (its keep-alive timeout restarts with
-# every byte), so a client trickling a byte at a time could hold a connection for ever, and a few hundred such
-# clients every connection there is (Slowloris). A request must arrive whole, headers and body, within
-# REQUEST_SECONDS of its connection opening (or of the previous answer on a kept-alive connection); at most
-# MAX_CONNECTIONS are open at once (far below the process's file limit), and one more gets 503 at once.
-REQUEST_SECONDS = 30.0  # a 5 MB upload at 200 kB/s fits
-MAX_CONNECTIONS = 512
-KEEP_ALIVE_SECONDS = 5  # uvicorn's own default: idle kept-alive connections close after this
 RETRY_AFTER_SECONDS = 1  # what a 503 for a full queue tells the client: a full queue drains in well under a second
 log = logging.getLogger("cnnlab.use.serve")
 
@@ -359,52 +351,3 @@ def colour_map(fmap: np.ndarray, low: float, high: float) -> np.ndarray:
 
     scaled = np.clip((fmap - low) / (high - low), 0.0, 1.0)
     return (colormaps["magma"](scaled)[:, :, :3] * 255).astype(np.uint8)
-
-
-# ------------------------------------------------------------------------------------- the server
-def request_deadline_protocol(seconds: float = REQUEST_SECONDS) -> type:
-    """uvicorn's h11 HTTP protocol with a deadline for receiving each request, headers and body."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class RequestDeadline(H11Protocol):
-        deadline: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn narrows it to Transport
-            self.arm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self.arm()  # the next request on this kept-alive connection gets its own deadline
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.disarm()
-            super().connection_lost(exc)
-
-        def arm(self) -> None:
-            self.disarm()
-            self.deadline = self.loop.call_later(seconds, self.expire)
-
-        def disarm(self) -> None:
-            if self.deadline is not None:
-                self.deadline.cancel()
-                self.deadline = None
-
-        def expire(self) -> None:
-            # a request received whole and being answered is not the client's to hurry
-            answering = self.cycle is not None and not self.cycle.more_body and not self.cycle.response_complete
-            if not answering and not self.transport.is_closing():
-                self.transport.close()
-
-    return RequestDeadline
-
-
-def server_config(application: FastAPI, host: str = "127.0.0.1", port: int = 8000,
-                  request_seconds: float = REQUEST_SECONDS, max_connections: int = MAX_CONNECTIONS,
-                  **options: Any) -> Any:
-    """The uvicorn configuration `cnnlab serve` runs: the request deadline and the connection limit above."""
-    import uvicorn
-
-    return uvicorn.Config(application, host=host, port=port, log_level="warning",
-                          http=request_deadline_protocol(request_seconds), limit_concurrency=max_connections,
-                          timeout_keep_alive=KEEP_ALIVE_SECONDS, **options)
