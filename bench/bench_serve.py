@@ -68,8 +68,8 @@ def serve(run: Path, port: int, threads: int, max_batch: int, max_wait_ms: float
     import uvicorn
 
     from cnnlab.use.serve import create_app
-    from cnnlab.use.serve.app import server_config
     from cnnlab.use.serve.batching import BatchSettings
+    from cnnlab.use.serve.server import server_config
 
     torch.set_num_threads(threads)
     application = create_app([run], batching=BatchSettings(max_batch=max_batch, max_wait_ms=max_wait_ms))

@@ -68,7 +68,7 @@ def test_a_preset_works_in_every_command(trained, tmp_path, name):
 
     from cnnlab.use.serve import create_app
 
-    with TestClient(create_app([run])) as client:
+    with TestClient(create_app([run]), base_url="http://localhost") as client:
         answer = client.post("/api/predict?details=true", files={"file": ("d.png", DIGIT.read_bytes(), "image/png")})
     assert answer.status_code == 200, answer.text
     rows = model.feature_maps(torch.zeros(1, 1, 28, 28))

@@ -144,14 +144,16 @@ def test_streamed_uploads_without_a_length_are_cut_off_at_the_limit(server):
 
 def test_requests_without_a_file_field(server):
     as_json = server.post("/api/predict", json={"image": "data"})
-    assert as_json.status_code == 400 and "send the image as multipart field 'file'" in as_json.json()["error"]
+    assert as_json.status_code == 400 and "expected a multipart/form-data body with the picture in field 'file'" \
+        in as_json.json()["error"]
     wrong_field = server.post("/api/predict", files={"picture": ("a.png", b"x")})
-    assert wrong_field.status_code == 400
+    assert wrong_field.status_code == 400 and "no picture in the request" in wrong_field.json()["error"]
 
 
 def test_unknown_paths_are_404_json(server):
     response = server.get("/api/nothing")
-    assert response.status_code == 404 and response.json() == {"error": "Not Found"}
+    assert response.status_code == 404 and response.json() == {
+        "error": "nothing at '/api/nothing'; this server has / (the demo), GET /api/model and POST /api/predict"}
 
 
 def test_models_load_from_safetensors_without_pickle(monkeypatch):
@@ -198,7 +200,7 @@ def test_a_huge_declared_length_is_answered_without_reading_the_body(server):
 
     address = urlsplit(str(server.base_url))
     with socket.create_connection((address.hostname, address.port), timeout=10) as sock:
-        sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                     b"Content-Length: 1000000000\r\n\r\n")
+        sock.sendall(b"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                     b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000000\r\n\r\n")
         reply = sock.recv(4096).decode()
     assert reply.startswith("HTTP/1.1 413") and "connection: close" in reply.lower()

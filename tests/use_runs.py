@@ -52,7 +52,7 @@ def running_server(application, **options):
     """Serve an ASGI app with uvicorn in a thread on 127.0.0.1 and a free port; yields the base URL."""
     import uvicorn
 
-    from cnnlab.use.serve.app import server_config
+    from cnnlab.use.serve.server import server_config
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

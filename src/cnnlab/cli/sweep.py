@@ -19,7 +19,8 @@ sweep_app = typer.Typer(help="Hyperparameter sweeps (W&B sweep files, run offlin
 
 Storage = Annotated[str | None, typer.Option(
     "--storage", help="Study storage: postgresql://user@host/db (workers on many machines), sqlite:///file.db, "
-    "or a journal file path. Default: <runs-dir>/sweeps/<name>/optuna.journal.")]
+    "file:///path or a journal file path (one holding ':' as ./name). Anything with a scheme is a URL, never a "
+    "path. Default: <runs-dir>/sweeps/<name>/optuna.journal.")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories; trials go to "
                                        "<runs-dir>/sweeps/<name>/trial-<n>.")]
 Name = Annotated[str, typer.Argument(help="Sweep (study) name.")]
@@ -40,13 +41,14 @@ def run(
     workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes on this machine.")] = 1,
     storage: Storage = None,
     name: Annotated[str | None, typer.Option(help="Sweep name; default the file's `name:` or its stem. "
-                                                "The same name resumes the sweep.")] = None,
+                                                "The same name resumes the sweep, from the sweep file it was "
+                                                "started from (another one is refused).")] = None,
     runs_dir: RunsDir = RUNS_DIR,
 ) -> None:
     """Run (or resume) a sweep until the study has --trials trials; start it on more machines to share the work."""
     from cnnlab import sweep as sweeps
     from cnnlab.sweep.spec import check_counts, check_name
-    from cnnlab.sweep.study import shown_storage
+    from cnnlab.sweep.storage import shown_storage
     from cnnlab.training.engine import TrainingInterrupted
 
     check_counts(trials, workers)  # before the file is read, let alone a trial run

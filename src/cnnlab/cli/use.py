@@ -144,21 +144,28 @@ def serve(
         "Requests that may wait for a pass, per model; one more is refused with 503 and Retry-After."))] = 256,
     timeout: Annotated[float, typer.Option(min=0.001, max=3600.0, help=(
         "Seconds a request may wait for its forward pass, queue included; then it gets 504."))] = 10.0,
+    allowed_host: Annotated[list[str] | None, typer.Option("--allowed-host", help=(
+        "Another host name requests may use to reach the server (repeat for more). It always answers to "
+        "localhost, 127.0.0.1 and ::1, and to --host unless that is 0.0.0.0 or ::; any other Host gets 421 "
+        "(a web page elsewhere cannot reach it through DNS rebinding)."))] = None,
 ) -> None:
     """A web page to draw or upload pictures and see the prediction, the model's input and its feature maps."""
     try:
         import uvicorn
 
         from cnnlab.use.serve import create_app
-        from cnnlab.use.serve.app import server_config
         from cnnlab.use.serve.batching import BatchSettings
+        from cnnlab.use.serve.guards import served_hosts
+        from cnnlab.use.serve.server import server_config
     except ImportError as exc:
         raise fail(f"serve needs the web packages ({exc.name} is missing): pip install 'cnnlab[serve]'") from None
     batching = BatchSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size, timeout_s=timeout)
-    application = create_app(runs, batching=batching)
+    hosts = served_hosts(host, allowed_host or [])
+    application = create_app(runs, batching=batching, allowed_hosts=hosts)
     if not is_loopback(host):
-        print(f"warning: listening on {host}: anyone who can reach this machine can use the demo", file=sys.stderr)
-    print(f"serving {', '.join(str(r) for r in runs)} on http://{host}:{port}/  (Ctrl+C stops)")
+        print(f"warning: listening on {host}: anyone who can reach this machine can use the demo (as host "
+              f"{', '.join(hosts)}; add names with --allowed-host)", file=sys.stderr)
+    print(f"serving {', '.join(application.state.batchers)} on http://{host}:{port}/  (Ctrl+C stops)")
     uvicorn.Server(server_config(application, host, port)).run()
 
 

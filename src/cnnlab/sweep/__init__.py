@@ -8,8 +8,9 @@ spec's seed and the trial's number, so resumed sweeps and concurrent workers nev
 journal survives a torn write (it is recovered to its last whole record before use), and a write that
 fails (disk full, read-only) stops the sweep with one line; the rerun resumes it.
 
-`spec` reads the sweep file, `study` holds the Optuna side (samplers, pruners, storage, claiming
-trials), `runner` runs trials and workers and reports the results.
+`spec` reads the sweep file, `storage` parses `--storage` (a URL first, never a path by accident),
+`identity` records and compares what a study's sweep file was, `study` holds the Optuna side (samplers,
+pruners, storage, claiming trials), `runner` runs trials and workers and reports the results.
 """
 from cnnlab.sweep.runner import Summary, Sweep, best_trial, plot_trials, run_workers, summarize, write_best_config
 from cnnlab.sweep.spec import SweepError, SweepSpec, dump_value, parse_metric, read_sweep

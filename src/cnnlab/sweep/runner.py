@@ -3,7 +3,6 @@ several worker processes; then the results (summary, best config, plot)."""
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import signal
@@ -22,8 +21,10 @@ from cnnlab.config import ConfigError, load_config
 from cnnlab.errors import UserError
 from cnnlab.files import FileRefused, check_regular, output_target, read_text, reason, write_atomic
 from cnnlab.runs import layout
+from cnnlab.sweep.identity import check_found_run, check_same_spec
 from cnnlab.sweep.plots import Importances, param_importances, sweep_figure
 from cnnlab.sweep.spec import SweepError, SweepSpec, check_counts, check_name, trial_config
+from cnnlab.sweep.storage import parse_storage, shown_storage
 from cnnlab.sweep.study import (
     JournalWriteError,
     claim_trial,
@@ -34,7 +35,6 @@ from cnnlab.sweep.study import (
     one_line,
     open_storage,
     retry_callback,
-    shown_storage,
     study_lock,
     sweep_dir,
     trial_sampler,
@@ -117,6 +117,7 @@ class Sweep:
         check_name(self.name)
         check_counts(self.trials, 1)
         self.base = Path(os.path.abspath(self.base))  # fixed now: spawned workers and later trials read the same folder
+        parse_storage(self.storage)  # a URL a sweep cannot use is refused before any study, file or folder
 
     def open(self, worker: int = 0) -> optuna.Study:
         """Create or load the study, and check that a loaded one searches as this spec does.
@@ -132,26 +133,13 @@ class Sweep:
         return study
 
     def check_study(self, study: optuna.Study) -> None:
-        """A study resumed from a sweep file that searches differently would rank trials by the wrong rule."""
+        """A study resumed from another sweep file would rank trials of two searches together, or by the wrong rule."""
         if len(study.directions) != 1 or study.direction.name.lower() != self.spec.direction:
             found = ", ".join(d.name.lower() for d in study.directions)
             raise SweepError(f"sweep {self.name!r} in {shown_storage(self.storage)} was started to {found} its "
                              f"objective, but this sweep file asks to {self.spec.direction}; give another --name "
                              "for a new sweep")
-        mine = {"method": self.spec.method, "metric": self.spec.metric}
-        if self.spec.method == "grid":
-            mine["grid"] = json.dumps(self.spec.grid(), sort_keys=True)
-        recorded = {key: study.user_attrs.get(f"cnnlab.{key}") for key in mine}
-        if all(value is None for value in recorded.values()):  # a new study (or one from before these attrs)
-            for key, value in mine.items():
-                study.set_user_attr(f"cnnlab.{key}", value)
-            return
-        for key, value in mine.items():
-            if recorded[key] is not None and recorded[key] != value:
-                shown = "the grid's values" if key == "grid" else f"{key} {recorded[key]}"
-                raise SweepError(f"sweep {self.name!r} in {shown_storage(self.storage)} was started with {shown}; "
-                                 f"this sweep file has {'other values' if key == 'grid' else value}: resume it with "
-                                 "the same sweep file, or give another --name for a new sweep")
+        check_same_spec(study, self.spec, self.name, shown_storage(self.storage))
 
     def total(self) -> int:
         """Trials in all; a grid stops at its size."""
@@ -354,7 +342,9 @@ def best_run(study: optuna.Study, best: FrozenTrial, runs_dir: str | Path | None
     run = Path(recorded)
     if not run.is_dir() and runs_dir is not None:
         near = sweep_dir(runs_dir, study.study_name) / run.name
-        run = near if near.is_dir() else run
+        if near.is_dir():
+            check_found_run(study, best, near)  # a folder of that name, but is it this trial's run?
+            return near
     return run
 
 

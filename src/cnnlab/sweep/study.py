@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from cnnlab.files import GiB, MissingFile, check_regular, kind_of, reason, write_bytes
 from cnnlab.sweep.spec import SweepError, SweepSpec
+from cnnlab.sweep.storage import Storage, parse_storage, scrub
 
 MAX_RETRY = 2  # times a trial whose worker died is tried again
 # RDB storage: how often a running trial says it is alive, and the silence after which it counts as
@@ -104,22 +105,6 @@ def trial_sampler(spec: SweepSpec, number: int) -> optuna.samplers.BaseSampler |
     return None if spec.method == "grid" else make_sampler(spec, trial_seed(spec.seed, number))
 
 
-def is_rdb_url(storage: str) -> bool:
-    return "://" in storage
-
-
-def shown_storage(storage: str) -> str:
-    """The storage as it may be printed: an RDB URL without its password."""
-    if not is_rdb_url(storage):
-        return storage
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(storage).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001 -- not a URL SQLAlchemy reads: show its scheme only
-        return storage.split("://", 1)[0] + "://..."
-
-
 def default_storage(runs_dir: str | Path, name: str) -> str:
     """The journal file of sweep `name`: next to its trial runs, so `status NAME` finds it by name."""
     return str(sweep_dir(runs_dir, name) / "optuna.journal")
@@ -127,17 +112,6 @@ def default_storage(runs_dir: str | Path, name: str) -> str:
 
 def sweep_dir(runs_dir: str | Path, name: str) -> Path:
     return Path(runs_dir) / "sweeps" / name
-
-
-def sqlalchemy_url(storage: str) -> str:
-    """The URL with a PostgreSQL driver that is installed: SQLAlchemy 2.1's default is psycopg 3,
-    while `cnnlab[postgres]` installs psycopg2."""
-    if storage.startswith("postgresql://"):
-        import importlib.util
-
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
-            return "postgresql+psycopg2://" + storage.removeprefix("postgresql://")
-    return storage
 
 
 # -------------------------------------------------------------------------------- the journal file
@@ -304,38 +278,35 @@ def warn(message: str) -> None:
 
 
 def open_storage(storage: str, log: Callable[[str], object] | None = None) -> optuna.storages.BaseStorage:
-    """An RDB URL (postgresql://, sqlite://) with heartbeats, or a journal file path (SweepJournal).
+    """The storage `--storage` names (`storage.parse_storage`): a database with heartbeats, or a journal
+    file (SweepJournal).
 
-    Problems reaching it (a server that is down, a driver that is missing, a folder that cannot be
-    written) are one-line SweepErrors naming the storage, without its password.
+    Problems reaching it (a server that is down, a folder that cannot be written) are one-line
+    SweepErrors naming the storage, without its password.
     """
-    if is_rdb_url(storage):
+    where = parse_storage(storage)
+    if where.path is not None and where.kind == "sqlite" and (where.path.exists() or where.path.is_symlink()):
+        check_regular(where.path, "sweep database")  # a FIFO there would hang SQLite's first read
+    if where.url is not None:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats: stable in use
         import sqlalchemy.exc
 
-        if storage.startswith("sqlite:///"):  # a FIFO there would hang SQLite's first read
-            database = Path(storage.split(":///", 1)[1])
-            if database.exists() or database.is_symlink():
-                check_regular(database, "sweep database")
         try:
             return optuna.storages.RDBStorage(
-                sqlalchemy_url(storage), heartbeat_interval=heartbeat_seconds(), grace_period=grace_seconds(),
+                where.url, heartbeat_interval=heartbeat_seconds(), grace_period=grace_seconds(),
                 heartbeat_stale_trial_callback=retry_callback())
-        except ModuleNotFoundError as exc:
-            hint = " (pip install 'cnnlab[postgres]')" if storage.startswith("postgresql") else ""
-            raise SweepError(f"--storage {shown_storage(storage)}: its database driver is not installed: "
-                             f"{exc.name}{hint}") from None
-        except (sqlalchemy.exc.SQLAlchemyError, ValueError) as exc:
-            raise SweepError(f"--storage {shown_storage(storage)}: cannot open the study database: "
-                             f"{one_line(exc)}") from None
+        except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as exc:
+            raise SweepError(f"--storage {where.shown}: cannot open the study database: "
+                             f"{scrub(one_line(exc), storage)}") from None
+    journal = str(where.path)
     try:
-        backend = SweepJournal(storage, log)
+        backend = SweepJournal(journal, log)
     except OSError as exc:
-        raise JournalWriteError(f"{storage}: cannot open the sweep journal: {reason(exc)}") from None
+        raise JournalWriteError(f"{journal}: cannot open the sweep journal: {reason(exc)}") from None
     try:
         return JournalStorage(backend)
     except (KeyError, TypeError, ValueError, AssertionError, AttributeError) as exc:
-        raise SweepError(f"{storage}: not an Optuna journal this version can read ({type(exc).__name__}: "
+        raise SweepError(f"{journal}: not an Optuna journal this version can read ({type(exc).__name__}: "
                          f"{one_line(exc)}); move it away or give another --name") from None
 
 
@@ -347,17 +318,18 @@ def one_line(exc: BaseException) -> str:
 
 def load_study(name: str, storage: str) -> optuna.Study:
     """An existing study; a missing one is a SweepError naming the storage."""
-    if not is_rdb_url(storage):
+    where = parse_storage(storage)
+    if where.path is not None:  # a journal or database file: never created by a command that only reads
         try:
-            check_regular(storage, "sweep journal")
+            check_regular(where.path, "sweep database" if where.is_rdb else "sweep journal")
         except MissingFile:
-            raise SweepError(f"no sweep {name!r}: {storage} does not exist "
+            raise SweepError(f"no sweep {name!r}: {where.path} does not exist "
                              "(run `cnnlab sweep run` first, or give --storage)") from None
     opened = open_storage(storage)
     try:
         return optuna.load_study(study_name=name, storage=opened)
     except KeyError:
-        raise SweepError(f"no sweep {name!r} in {shown_storage(storage)}") from None
+        raise SweepError(f"no sweep {name!r} in {where.shown}") from None
 
 
 # ------------------------------------------------------------------------ claiming trials exactly
@@ -367,31 +339,13 @@ def study_lock(storage: str, name: str) -> Iterator[None]:
 
     PostgreSQL: an advisory lock (workers on many machines); files: flock next to the journal/database.
     """
-    if storage.startswith("postgresql"):
-        import sqlalchemy
-
-        key = zlib.crc32(f"cnnlab-sweep:{name}".encode())
-        try:
-            engine = sqlalchemy.create_engine(sqlalchemy_url(storage), poolclass=sqlalchemy.pool.NullPool)
-            conn = engine.connect()
-        except ModuleNotFoundError as exc:
-            raise SweepError(f"--storage {shown_storage(storage)}: its database driver is not installed: "
-                             f"{exc.name} (pip install 'cnnlab[postgres]')") from None
-        except (sqlalchemy.exc.SQLAlchemyError, ValueError) as exc:
-            raise SweepError(f"--storage {shown_storage(storage)}: cannot reach the study database: "
-                             f"{one_line(exc)}") from None
-        with conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        engine.dispose()
+    where = parse_storage(storage)
+    if where.lock_file is None:
+        yield from advisory_lock(where, name)
         return
-    path = Path(storage.split(":///", 1)[1] if storage.startswith("sqlite:///") else storage)
-    lock = path.with_name(f"{path.name}.claim-lock")
+    lock = where.lock_file
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        lock.parent.mkdir(parents=True, exist_ok=True)
         # never truncates, never blocks on a FIFO (ENXIO), and a non-regular file is refused below
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as exc:
@@ -406,6 +360,26 @@ def study_lock(storage: str, name: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def advisory_lock(where: Storage, name: str) -> Iterator[None]:
+    """PostgreSQL's advisory lock on the study's name, held while the caller's block runs (workers on many machines)."""
+    import sqlalchemy
+
+    key = zlib.crc32(f"cnnlab-sweep:{name}".encode())
+    try:
+        engine = sqlalchemy.create_engine(str(where.url), poolclass=sqlalchemy.pool.NullPool)
+        conn = engine.connect()
+    except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as exc:
+        raise SweepError(f"--storage {where.shown}: cannot reach the study database: "
+                         f"{scrub(one_line(exc), str(where.url))}") from None
+    with conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    engine.dispose()
 
 
 def replaced_failures(trials: list[FrozenTrial]) -> set[int]:
@@ -460,7 +434,7 @@ def fail_dead_trials(study: optuna.Study, storage: str) -> list[int]:
     RDB storage uses Optuna's heartbeats; the journal file, whose workers share one machine, checks
     that the worker process recorded on the trial still exists.
     """
-    if is_rdb_url(storage):
+    if parse_storage(storage).is_rdb:
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
         optuna.storages.fail_stale_trials(study)
         return sorted(before & {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))})

@@ -70,8 +70,9 @@ class Predictor:
             return self.model.predict_proba(x).numpy()
 
     def describe(self) -> dict:
-        """What `GET /api/model` says about this model."""
-        return dict(name=self.name, run=str(self.run) if self.run else None, dataset=self.dataset, recipe=self.recipe,
+        """What `GET /api/model` says about this model: never where it lives on disk (the server's callers
+        need not know the machine's folders)."""
+        return dict(name=self.name, dataset=self.dataset, recipe=self.recipe,
                     classes=list(self.classes), input_shape=list(self.model.input_shape),
                     parameters=count_parameters(self.model), test_accuracy=self.test_accuracy,
                     conv_layers=list(self.model.conv_layers()))

@@ -22,22 +22,29 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
+from starlette.datastructures import FormData
+from starlette.datastructures import UploadFile as FormFile
 
+from cnnlab.errors import UserError
 from cnnlab.images import MAX_PIXELS, ImageReadError, ImageTooLarge, png_data_url
 from cnnlab.use.predict import Prediction, Predictor
 from cnnlab.use.recipes import BlankImage
 from cnnlab.use.serve.batching import Batcher, BatchSettings, Forward, QueueFull
-
-if TYPE_CHECKING:
-    from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from cnnlab.use.serve.guards import (
+    BODY_SEEN,
+    LOOPBACK_NAMES,
+    BodyTooLarge,
+    HostCheck,
+    UploadLimit,
+    add_error_handlers,
+)
 
 STATIC = Path(__file__).parent / "static"
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024  # a phone photo as JPEG fits; a bigger body is refused unread
@@ -53,87 +60,54 @@ DECODING = ThreadPoolExecutor(DECODERS, thread_name_prefix="cnnlab-decode")
 # EPS, whose decoding runs Ghostscript, never gets that far.
 ACCEPTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "MPO": "JPEG", "GIF": "GIF", "BMP": "BMP", "WEBP": "WebP"}
 ACCEPTED = ", ".join(dict.fromkeys(ACCEPTED_FORMATS.values()))  # "PNG, JPEG, GIF, BMP, WebP" for messages
+MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 16  # the page sends one file and one field; a form of thousands is not a client's
+FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 MAX_NAME_CHARS = 255  # a file name longer than any file system allows is not a browser's
-# Slow or idle clients: uvicorn has no deadline for receiving a request (its keep-alive timeout restarts with
-# every byte), so a client trickling a byte at a time could hold a connection for ever, and a few hundred such
-# clients every connection there is (Slowloris). A request must arrive whole, headers and body, within
-# REQUEST_SECONDS of its connection opening (or of the previous answer on a kept-alive connection); at most
-# MAX_CONNECTIONS are open at once (far below the process's file limit), and one more gets 503 at once.
-REQUEST_SECONDS = 30.0  # a 5 MB upload at 200 kB/s fits
-MAX_CONNECTIONS = 512
-KEEP_ALIVE_SECONDS = 5  # uvicorn's own default: idle kept-alive connections close after this
 RETRY_AFTER_SECONDS = 1  # what a 503 for a full queue tells the client: a full queue drains in well under a second
 log = logging.getLogger("cnnlab.use.serve")
 
 
-class BodyTooLarge(HTTPException):
-    """Raised while the body streams in, once it passes the limit (the client may send no Content-Length)."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, f"upload too large: the limit is {limit / 1024 / 1024:g} MB")
-
-
-class UploadLimit:
-    """ASGI middleware: 413 for a request body over `limit` bytes, by Content-Length or while it streams.
-
-    The rest of an over-limit body is read and dropped (up to `drain` bytes) before answering: a client still
-    sending when the server closes gets a reset connection instead of the 413 and its message.
-    """
-
-    def __init__(self, app: ASGIApp, limit: int, drain: int | None = None):
-        self.app, self.limit = app, limit
-        self.drain = 4 * limit if drain is None else drain
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            drained = int(declared) <= self.drain and await self.discard_rest(receive, 0)
-            response = JSONResponse({"error": BodyTooLarge(self.limit).detail}, status_code=413,
-                                    headers=None if drained else {"Connection": "close"})
-            return await response(scope, receive, send)
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    if message.get("more_body", False):
-                        await self.discard_rest(receive, received)
-                    raise BodyTooLarge(self.limit)
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-    async def discard_rest(self, receive: Receive, already: int) -> bool:
-        """Read the body to its end and drop it; False when it runs past `drain` bytes (then the connection closes)."""
-        while already <= self.drain:
-            message = await receive()
-            if message["type"] != "http.request":
-                return False
-            already += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return True
-        return False
+class ServeError(UserError, ValueError):
+    """Runs that cannot be served together (the same run twice, two models of one name)."""
 
 
 def unique_names(predictors: list[Predictor]) -> list[Predictor]:
-    """Give every model a distinct name for the selector: the run folder's name, numbered when two clash."""
-    seen: dict[str, int] = {}
+    """Give every model a distinct name by construction: its run folder's name, with as many parent folders
+    as it takes to tell it from every other run served (`a/mnist` and `b/mnist`, while `mnist-2` stays itself).
+
+    Never a number appended: `mnist-2` can be another run's real name, and one model would answer for the
+    other. A Predictor named by its caller keeps that name; the same run twice, or two models left with one
+    name, is a ServeError.
+    """
+    by_path: dict[Path, Predictor] = {}
     for predictor in predictors:
-        base = predictor.name
-        seen[base] = seen.get(base, 0) + 1
-        if seen[base] > 1:
-            predictor.name = f"{base}-{seen[base]}"
+        if predictor.run is None or predictor.name != predictor.run.name:
+            continue  # a name its caller chose
+        path = predictor.run.resolve()
+        if path in by_path:
+            raise ServeError(f"{predictor.run} is given twice (also as {by_path[path].run}); serve each run once")
+        by_path[path] = predictor
+    parts = {path: path.parts[1:] for path in by_path}  # without the root: a name never starts with '/'
+    for path, predictor in by_path.items():
+        mine = parts[path]
+        depth = next((k for k in range(1, len(mine)) if all(other[-k:] != mine[-k:] for p, other in parts.items()
+                                                             if p != path)), len(mine))
+        predictor.name = "/".join(mine[-depth:])
+    names: dict[str, Predictor] = {}
+    for predictor in predictors:
+        if predictor.name in names:
+            raise ServeError(f"two models are named {predictor.name!r}; give each its own name")
+        names[predictor.name] = predictor
     return predictors
 
 
 def create_app(models: Sequence[str | Path | Predictor], max_upload_bytes: int = MAX_UPLOAD_BYTES,
-               max_pixels: int = MAX_PIXELS, batching: BatchSettings | None = None) -> FastAPI:
-    """The web app serving these runs (paths or loaded Predictors); the first is the default model."""
+               max_pixels: int = MAX_PIXELS, batching: BatchSettings | None = None,
+               allowed_hosts: Sequence[str] = LOOPBACK_NAMES) -> FastAPI:
+    """The web app serving these runs (paths or loaded Predictors); the first is the default model.
+
+    It answers only requests whose Host is one of `allowed_hosts` (`guards.served_hosts` for a bound address).
+    """
     if not models:
         raise ValueError("serve needs at least one run")
     settings = batching or BatchSettings()
@@ -150,7 +124,8 @@ def create_app(models: Sequence[str | Path | Predictor], max_upload_bytes: int =
     app = FastAPI(title="cnnlab", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.batchers = batchers  # for tests and benchmarks: queue lengths and passes run
     app.add_middleware(UploadLimit, limit=max_upload_bytes)
-    add_error_handlers(app)
+    app.add_middleware(HostCheck, allowed=allowed_hosts)  # added last: runs first, before any body is read
+    add_error_handlers(app, log)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)  # HEAD: what monitors and curl -I ask
@@ -163,16 +138,71 @@ def create_app(models: Sequence[str | Path | Predictor], max_upload_bytes: int =
                 "max_upload_bytes": max_upload_bytes, "accepted_formats": ACCEPTED.split(", ")}
 
     @app.post("/api/predict")
-    async def predict(file: UploadFile, request: Request, details: bool = False) -> dict:
-        form = await request.form()
+    async def predict(request: Request) -> dict:
+        form = await read_form(request)
+        upload = picture_field(form)
         predictor = choose_model(by_name, request.query_params.get("model") or form.get("model"), predictors[0])
-        name = plain_name(file.filename)
+        details = query_flag(request, "details")
+        name = plain_name(upload.filename)
         batcher = batchers[predictor.name]
         if not batcher.has_room():  # refuse before decoding: an overloaded server should not take on more work
             raise busy(batcher)
-        return await answer(predictor, batcher, file.file, name, details, max_pixels)
+        return await answer(predictor, batcher, upload.file, name, details, max_pixels)
 
     return app
+
+
+async def read_form(request: Request) -> FormData:
+    """The request's multipart form; 400 naming what was expected for another body, a malformed one, or one
+    cut off before its closing boundary (the parser takes that for a form without the cut part)."""
+    from python_multipart.multipart import parse_options_header
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.formparsers import MultiPartException
+
+    kind, options = parse_options_header(request.headers.get("content-type", ""))
+    if kind != b"multipart/form-data":
+        found = kind.decode("latin-1")[:60] or "no content type"
+        raise HTTPException(400, f"expected a multipart/form-data body with the picture in field 'file', found "
+                                 f"{found}")
+    boundary = options.get(b"boundary", b"")
+    if not boundary:
+        raise HTTPException(400, "the multipart/form-data body has no boundary in its Content-Type; send the "
+                                 "picture as a form field 'file' (curl -F file=@picture.png)")
+    try:
+        form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
+    except (MultiPartException, StarletteHTTPException) as exc:  # Starlette raises the parser's error as a 400
+        if isinstance(exc, StarletteHTTPException) and (exc.status_code != 400 or isinstance(exc, BodyTooLarge)):
+            raise  # the body ran past the limit while it was parsed: 413
+        problem = str(getattr(exc, "message", None) or getattr(exc, "detail", "")).rstrip(".")
+        raise HTTPException(400, f"the multipart/form-data body is malformed ({problem}); send the picture as a "
+                                 "form field 'file'") from None
+    seen = request.scope.get(BODY_SEEN)
+    if seen is not None and b"--" + boundary + b"--" not in seen.tail:
+        await form.close()
+        raise HTTPException(400, f"the multipart/form-data body ends after {seen.size:,} bytes without its closing "
+                                 "boundary: it was cut off; send the whole request")
+    return form
+
+
+def picture_field(form: FormData) -> FormFile:
+    """The uploaded file of field 'file'; 400 saying what was expected when it is missing or text."""
+    upload = form.get("file")
+    if upload is None:
+        raise HTTPException(400, "no picture in the request: send it as the multipart/form-data file field 'file'")
+    if not isinstance(upload, FormFile):
+        raise HTTPException(400, "the field 'file' holds text; expected a file upload (the picture's bytes and its "
+                                 "file name)")
+    return upload
+
+
+def query_flag(request: Request, name: str) -> bool:
+    """A true/false query parameter (absent: false); 400 naming it for another value."""
+    text = request.query_params.get(name)
+    if text is None:
+        return False
+    if text.lower() not in FLAGS:
+        raise HTTPException(400, f"?{name}={text[:40]!r}: expected true or false")
+    return FLAGS[text.lower()]
 
 
 def forward_of(predictor: Predictor) -> Forward:
@@ -321,81 +351,3 @@ def colour_map(fmap: np.ndarray, low: float, high: float) -> np.ndarray:
 
     scaled = np.clip((fmap - low) / (high - low), 0.0, 1.0)
     return (colormaps["magma"](scaled)[:, :, :3] * 255).astype(np.uint8)
-
-
-# ------------------------------------------------------------------------------------- errors
-def add_error_handlers(app: FastAPI) -> None:
-    """Every error is JSON {"error": "one line"}: no stack traces, no framework internals."""
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
-
-    from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    @app.exception_handler(StarletteHTTPException)
-    async def starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
-
-    @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-        missing = [".".join(str(p) for p in e.get("loc", ())[1:]) for e in exc.errors() if e.get("type") == "missing"]
-        if missing:
-            message = f"missing form field(s): {', '.join(missing)}; send the image as multipart field 'file'"
-        else:
-            message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-        return JSONResponse({"error": message}, status_code=400)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)  # the trace goes to the server log only
-        return JSONResponse({"error": "internal error: see the server log"}, status_code=500)
-
-
-# ------------------------------------------------------------------------------------- the server
-def request_deadline_protocol(seconds: float = REQUEST_SECONDS) -> type:
-    """uvicorn's h11 HTTP protocol with a deadline for receiving each request, headers and body."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class RequestDeadline(H11Protocol):
-        deadline: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.BaseTransport) -> None:
-            super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn narrows it to Transport
-            self.arm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self.arm()  # the next request on this kept-alive connection gets its own deadline
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.disarm()
-            super().connection_lost(exc)
-
-        def arm(self) -> None:
-            self.disarm()
-            self.deadline = self.loop.call_later(seconds, self.expire)
-
-        def disarm(self) -> None:
-            if self.deadline is not None:
-                self.deadline.cancel()
-                self.deadline = None
-
-        def expire(self) -> None:
-            # a request received whole and being answered is not the client's to hurry
-            answering = self.cycle is not None and not self.cycle.more_body and not self.cycle.response_complete
-            if not answering and not self.transport.is_closing():
-                self.transport.close()
-
-    return RequestDeadline
-
-
-def server_config(application: FastAPI, host: str = "127.0.0.1", port: int = 8000,
-                  request_seconds: float = REQUEST_SECONDS, max_connections: int = MAX_CONNECTIONS,
-                  **options: Any) -> Any:
-    """The uvicorn configuration `cnnlab serve` runs: the request deadline and the connection limit above."""
-    import uvicorn
-
-    return uvicorn.Config(application, host=host, port=port, log_level="warning",
-                          http=request_deadline_protocol(request_seconds), limit_concurrency=max_connections,
-                          timeout_keep_alive=KEEP_ALIVE_SECONDS, **options)
