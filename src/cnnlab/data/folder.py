@@ -29,8 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from cnnlab.data.workers import WorkerLoader
 from cnnlab.errors import UserError
 from cnnlab.files import MiB, reason
 from cnnlab.files import read_bytes as read_regular
@@ -182,7 +183,7 @@ class FolderSource:
 
     def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """For each 1-D int64 index batch: uint8 images (B, C, H, W) and int64 labels (B,), unreadable ones dropped."""
-        loader = DataLoader(
+        loader = WorkerLoader(  # its workers leave Ctrl-C and SIGTERM to this process
             _Decoded(str(self.root), self.paths, self.labels.numpy(), self.image_size, self.channels),
             batch_sampler=_Batches(index_batches), num_workers=self.workers,
             collate_fn=_Collate((self.channels, *self.image_size)),
