@@ -32,6 +32,7 @@ from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.recorder import RunRecorder
 from cnnlab.runs.transfer import start_from
 from cnnlab.runs.weights import load_model, save_weights, weights_problem
+from cnnlab.text import command
 from cnnlab.training.callbacks import Callback, in_notebook, progress_display
 from cnnlab.training.distributed import SINGLE, Context, first_on_main, on_main
 from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted, stop_on_signals
@@ -228,7 +229,7 @@ def refuse_edited_config(run: Path, config: Config, saved: dict | None) -> None:
     raise layout.RunError(f"{layout.path(run, 'config')} was edited after the checkpoint was written "
                           f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); --resume continues "
                           f"the run as it was trained. Undo the edit, or train a new run from it: "
-                          f"cnnlab train --config {layout.path(run, 'config')}")
+                          f"{command('train', '--config', layout.path(run, 'config'))}")
 
 
 def restore_weights(run: Path, model: CNN, classes: tuple[str, ...]) -> None:

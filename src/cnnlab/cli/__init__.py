@@ -8,6 +8,7 @@ order the modules were imported in. Command modules import the library inside ea
 import atexit
 import contextlib
 import errno
+import io
 import os
 import sys
 import threading
@@ -16,6 +17,7 @@ import typer
 
 from cnnlab.cli import datasets, explore, inspect, playground, sweep, training, use  # noqa: F401  (each registers)
 from cnnlab.cli._app import PANELS, app
+from cnnlab.text import OUTPUT_ERRORS
 
 
 def panel_rank(entry: typer.models.CommandInfo | typer.models.TyperInfo) -> int:
@@ -30,6 +32,7 @@ app.registered_groups.sort(key=panel_rank)
 def main() -> None:
     """The `cnnlab` script: run the command, then leave without tearing the interpreter down."""
     open_closed_standard_streams()
+    write_any_text()
     if not current_directory_exists():
         print("error: the current directory no longer exists (it was deleted): cd to one that does",
               file=sys.stderr)
@@ -68,6 +71,13 @@ def open_closed_standard_streams() -> None:
         # a stream closed in-process (not its descriptor) writes to the null device, not over what replaced it
         target = fd if stream is None else os.devnull
         setattr(sys, name, open(target, "r" if fd == 0 else "w", encoding="utf-8", closefd=target != fd))  # noqa: SIM115  (held for the process)
+
+
+def write_any_text() -> None:
+    """stdout and stderr write every name as the bytes it came from (`cnnlab.text.OUTPUT_ERRORS`)."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors=OUTPUT_ERRORS)
 
 
 def descriptor_open(fd: int) -> bool:

@@ -8,6 +8,7 @@ import typer
 from cnnlab.cli._app import TRAIN, app
 from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.cli._options import DataDir
+from cnnlab.text import command
 
 datasets_app = typer.Typer(help="List, locate, download and verify datasets.", no_args_is_help=True)
 
@@ -40,7 +41,9 @@ def list_datasets(data_dir: DataDir = None) -> None:
         if found is not None:
             where = f"{found.origin}: {found.directory}" + (f" ({len(passed)} bad copy passed over)" if passed else "")
         else:
-            where = f"no good copy (see `cnnlab datasets where {spec.name}`)" if passed else "not here (fetch it)"
+            where = "not here (fetch it)"
+            if passed:
+                where = f"no good copy (see `{command('datasets', 'where', spec.name)}`)"
         table.add_row(spec.name, spec.title, str(spec.num_classes), str(spec.image_shape), where)
     Console(width=200).print(table)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ipaddress
-import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -13,6 +12,7 @@ import typer
 from cnnlab.cli._app import USE, app
 from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.cli._options import Run, output_file
+from cnnlab.text import to_json
 
 
 @app.command(rich_help_panel=USE)
@@ -36,7 +36,7 @@ def predict(
     results = predict_files(predictor, images)
     for prediction in results.predictions:
         if json_:
-            print(json.dumps(prediction.to_dict()))
+            print(to_json(prediction.to_dict()))
         else:
             print_top(prediction.file, prediction.top(top_k))
     for error in results.errors:

@@ -37,6 +37,7 @@ from cnnlab.files import MiB, reason
 from cnnlab.files import read_bytes as read_regular
 from cnnlab.heap import trim_heap
 from cnnlab.images import ImageTooLarge, read_pixels
+from cnnlab.text import utf8_text
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -304,12 +305,9 @@ def _is_image(name: str) -> bool:
 
 
 def _printable(name: str) -> bool:
-    """Printable UTF-8: names that are not UTF-8 arrive with surrogate escapes, which do not encode."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return name.isprintable()
+    """Printable UTF-8, whatever the locale decoded (`cnnlab.text.utf8_text`)."""
+    text = utf8_text(name)
+    return text is not None and text.isprintable()
 
 
 def _shown(name: str) -> str:

@@ -10,10 +10,10 @@ then ends its workers itself, so workers ignore both signals. Every DataLoader i
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from typing import Any
 
 from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -32,9 +32,10 @@ class WorkerLoader(DataLoader):
     def __init__(self, *args: Any, **kwargs: Any):
         if "worker_init_fn" in kwargs:
             raise TypeError("WorkerLoader sets worker_init_fn itself")
-        super().__init__(*args, worker_init_fn=ignore_stop_signals, **kwargs)
+        kwargs["worker_init_fn"] = ignore_stop_signals
+        super().__init__(*args, **kwargs)
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> _BaseDataLoaderIter:
         # Workers start here. Blocked from before their fork until ignore_stop_signals runs in them, the
         # signals cannot reach a worker that has not ignored them yet; in this process they arrive on unblocking.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)

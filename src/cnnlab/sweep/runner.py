@@ -3,7 +3,6 @@ several worker processes; then the results (summary, best config, plot)."""
 from __future__ import annotations
 
 import errno
-import json
 import math
 import os
 import signal
@@ -23,6 +22,7 @@ from cnnlab.data import Dataset
 from cnnlab.data.sources import open_dataset
 from cnnlab.errors import UserError
 from cnnlab.files import FileRefused, check_regular, output_target, read_text, reason, write_atomic
+from cnnlab.inspect.figures import printable_text
 from cnnlab.runs import layout
 from cnnlab.sweep.plots import Importances, param_importances, sweep_figure
 from cnnlab.sweep.spec import SweepError, SweepSpec, check_counts, check_name, trial_config
@@ -41,6 +41,7 @@ from cnnlab.sweep.study import (
     sweep_dir,
     trial_sampler,
 )
+from cnnlab.text import command, to_json
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.engine import Trainer, TrainingInterrupted
 
@@ -138,7 +139,7 @@ class Sweep:
                              "for a new sweep")
         mine = {"method": self.spec.method, "metric": self.spec.metric}
         if self.spec.method == "grid":
-            mine["grid"] = json.dumps(self.spec.grid(), sort_keys=True)
+            mine["grid"] = to_json(self.spec.grid(), sort_keys=True)
         recorded = {key: study.user_attrs.get(f"cnnlab.{key}") for key in mine}
         if all(value is None for value in recorded.values()):  # a new study (or one from before these attrs)
             for key, value in mine.items():
@@ -373,7 +374,7 @@ def write_best_config(study: optuna.Study, out: str | Path, runs_dir: str | Path
     except (FileRefused, ConfigError) as exc:
         raise SweepError(f"best trial {best.number} of sweep {study.study_name}: {exc}") from None
     header = (f"# best trial {best.number} of sweep {study.study_name}: value {best.value:.4f}\n"
-              f"# params: {best.params}\n# run: {run!s}\n# train it again with: cnnlab train --config {out}\n")
+              f"# params: {best.params}\n# run: {run!s}\n# train it again with: {command('train', '--config', out)}\n")
     write_output(out, lambda tmp: tmp.write_text(header + text, encoding="utf-8"))
     return best
 
@@ -417,5 +418,6 @@ def plot_trials(study: optuna.Study, out: str | Path, importances: Importances |
     if importances is None:
         importances = param_importances(study)
     fig = sweep_figure(study, importances)
+    printable_text(fig)
     write_output(out, lambda tmp: fig.savefig(tmp, format=fmt))
     return importances
