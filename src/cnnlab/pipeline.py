@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ from typing import Any, cast
 
 from torch import nn
 
-from cnnlab.config import Config, ConfigError, TrainConfig, dotted_keys, load_config
+from cnnlab.config import Config, ConfigError, TrainConfig, check_dataset_name, dotted_keys, load_config
 from cnnlab.data.loading import Dataset
 from cnnlab.data.sources import Data, load_data, prepare_data
 from cnnlab.files import write_atomic, write_json, write_text
@@ -125,9 +124,19 @@ def keyword_config(model: str | None, file: str | Path | None, dataset: str | No
     """The config of `train(model=..., dataset=..., epochs=4, dropout=0.4)`: each keyword is a `--set`
     override (a knob of the preset, or a config key: `lr` is train.lr), so an unknown one is the same
     one-line error, naming it with a "did you mean"."""
-    overrides = [f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"
-                 for key, value in settings.items()]  # JSON is YAML: numbers, true/null, lists, quoted text
-    return load_config(model or "seed", file, overrides, data={"dataset": dataset} if dataset else {})
+    overrides = [(key, str(value) if isinstance(value, Path) else value)  # values as given, never re-read as text
+                 for key, value in settings.items()]
+    return load_config(model or "seed", file, overrides, data={} if dataset is None else {"dataset": dataset})
+
+
+def check_keyword_types(**given: tuple[object, tuple[type, ...], str]) -> None:
+    """The notebook API's own keywords, each checked before use: `train(dataset=123)` was an AttributeError
+    deep inside. `given`: keyword -> (value, the types it may have, what it is in words)."""
+    for keyword, (value, types, what) in given.items():
+        if keyword == "dataset" and not isinstance(value, (Dataset, type(None))):
+            check_dataset_name(value, "dataset")  # a name, not empty: the rule of --dataset and data.dataset
+        elif not isinstance(value, types):
+            raise ConfigError(f"{keyword}={value!r}: expected {what}, found {type(value).__name__}")
 
 
 def train(config: Config | str | Path | None = None, root: str | Path = layout.DEFAULT_ROOT, name: str | None = None,
@@ -142,6 +151,12 @@ def train(config: Config | str | Path | None = None, root: str | Path = layout.D
     leaves nothing behind. A Dataset as `dataset` skips loading when the caller holds it already
     (benchmarks). Under data-parallel training every rank calls this; only rank 0 writes the run.
     """
+    check_keyword_types(
+        config=(config, (Config, str, Path, type(None)), "a Config, a YAML file's path or None"),
+        root=(root, (str, Path), "a folder's path"), name=(name, (str, type(None)), "a run name or None"),
+        progress=(progress, (bool,), "True or False"), reuse=(reuse, (bool,), "True or False"),
+        dataset=(dataset, (Dataset, str, type(None)), "a dataset's name, an image folder's path or a Dataset"),
+        model=(model, (str, type(None)), "a model preset's name"))
     keywords = not isinstance(config, Config)
     if not isinstance(config, Config):
         config = keyword_config(model, config, dataset if isinstance(dataset, str) else None, settings)

@@ -32,7 +32,7 @@ def sections(dataset: str | None = None, data_dir: Path | None = None, allow_mis
              **train: object) -> dict[str, dict[str, Any]]:
     """Typed CLI options as config sections (options left unset do not override the files)."""
     given = dict(dataset=dataset, data_dir=str(data_dir) if data_dir else None)
-    data: dict[str, Any] = {k: v for k, v in given.items() if v}
+    data: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # --dataset "" is refused, not dropped
     if allow_mismatch:
         data["allow_checksum_mismatch"] = True
     return dict(data=data, train={k: v for k, v in train.items() if v is not None})
