@@ -20,7 +20,7 @@ from torch import nn
 from cnnlab.config import Config, ConfigError, TrainConfig, check_dataset_name, dotted_keys, load_config
 from cnnlab.data.loading import Dataset
 from cnnlab.data.sources import Data, load_data, prepare_data
-from cnnlab.files import write_atomic, write_json, write_text
+from cnnlab.files import reason, write_atomic, write_json, write_text
 from cnnlab.inspect.figures import plot_confusion
 from cnnlab.inspect.notebook import Run, curves_figure
 from cnnlab.models.cnn import CNN, build_model
@@ -297,16 +297,41 @@ def test_run(run: Path, model: nn.Module, data: Data, config: TrainConfig) -> Ev
     """Evaluate on the test set and record test.json and confusion.png in the run."""
     result = evaluate_source(model, data.test, data.classes, config.eval_batch_size, config.channels_last,
                              config.tta, config.tta_shift)
-    write_json(layout.path(run, "test"), result.to_dict())
-    write_atomic(layout.path(run, "confusion"),
-                 lambda tmp: plot_confusion(result.confusion, data.classes, tmp,
-                                            title=f"{run.name}: test accuracy {result.accuracy:.2%}"))
+    record_test(run, result, data.classes)
     return result
 
 
+def record_test(run: Path, result: Evaluation, classes: Sequence[str]) -> None:
+    """test.json and confusion.png in the run, each whole or not at all."""
+    write_json(layout.path(run, "test"), result.to_dict())
+    write_atomic(layout.path(run, "confusion"),
+                 lambda tmp: plot_confusion(result.confusion, tuple(classes), tmp,
+                                            title=f"{run.name}: test accuracy {result.accuracy:.2%}"))
+
+
+class ResultNotSaved(layout.RunError):
+    """The evaluation is done (`.evaluation`), but the run would not take its test.json or confusion.png
+    (a read-only or full disk): the result is still the caller's to show."""
+
+    def __init__(self, message: str, evaluation: Evaluation):
+        super().__init__(message)
+        self.evaluation = evaluation
+
+
 def evaluate_run(run: str | Path, data_dir: str | Path | None = None, progress: bool = True) -> Evaluation:
-    """Reload a run's model from its files and evaluate it on its dataset's test set."""
+    """Reload a run's model from its files and evaluate it on its dataset's test set, recorded in the run.
+
+    A run that cannot be written (read-only, a full disk) raises ResultNotSaved, which holds the evaluation.
+    """
     model, classes, config = load_model(run)
     if data_dir is not None:
         config.data.data_dir = str(data_dir)
-    return test_run(Path(run), model, open_data(config, progress), config.train)
+    data = open_data(config, progress)
+    result = evaluate_source(model, data.test, data.classes, config.train.eval_batch_size,
+                             config.train.channels_last, config.train.tta, config.train.tta_shift)
+    try:
+        record_test(Path(run), result, data.classes)
+    except OSError as exc:
+        raise ResultNotSaved(f"{run}: the evaluation was not saved ({exc.filename or run}: {reason(exc)}); "
+                             "test.json and confusion.png are as they were", result) from None
+    return result

@@ -362,12 +362,18 @@ def evaluate(
     from cnnlab.runs import layout
 
     run = run or layout.latest_run(runs_dir)
-    result = pipeline.evaluate_run(run, data_dir, progress=not json_)
+    try:
+        result, unsaved = pipeline.evaluate_run(run, data_dir, progress=not json_), None
+    except pipeline.ResultNotSaved as exc:  # a read-only run: the evaluation is shown all the same
+        result, unsaved = exc.evaluation, exc
     if json_:
         print(to_json(dict(run=str(run), **result.to_dict())))
-        return
-    print(format_evaluation(result))
-    print(f"\nconfusion matrix picture: {layout.path(run, 'confusion')}")
+    else:
+        print(format_evaluation(result))
+        if unsaved is None:
+            print(f"\nconfusion matrix picture: {layout.path(run, 'confusion')}")
+    if unsaved is not None:
+        raise fail(str(unsaved))
 
 
 def format_evaluation(result: Evaluation) -> str:
