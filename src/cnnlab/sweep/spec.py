@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from optuna.trial import Trial
 
 from cnnlab.config import Config, ConfigError, load_config
@@ -326,12 +325,6 @@ def parse_values(where: str, values: Any) -> list[Any]:
             raise SweepError(f"{where}.values: {value!r} appears twice; give each value once")
         seen.add((type(value), value))
     return list(values)
-
-
-def dump_value(value: Any) -> str:
-    """A value as YAML text `--set` reads back as the same type (1e-07 alone would read as a string)."""
-    # no line width: a long list folded over two lines would lose its second half
-    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).splitlines()[0]
 
 
 def trial_overrides(spec: SweepSpec, params: dict[str, Any]) -> list[tuple[str, Any]]:
