@@ -106,3 +106,29 @@ def test_an_override_nested_too_deep_is_just_a_string_that_fails_its_type_check(
     assert "train.momentum: expected a number" in line
     line = one_line_error(runner.invoke(app, ["summary", "--set", "train.lr=" + "[" * 5000 + "]" * 5000]))
     assert "train.lr: expected a learning rate (a number > 0) or auto" in line
+
+
+@pytest.mark.parametrize("args", [["train", "--dataset", ""], ["summary", "--dataset", ""],
+                                  ["train", "--set", "data.dataset="], ["train", "--dataset", " "]],
+                         ids=["train", "summary", "set", "blank"])
+def test_an_empty_dataset_name_is_one_line_not_the_default(args, tmp_path):
+    """`--dataset ""` was dropped on the way and the run trained on mnist-sample."""
+    done = CliRunner().invoke(app, [*args, "--runs-dir", str(tmp_path / "runs")] if args[0] == "train" else args)
+    assert done.exit_code == 2 and "data.dataset: expected a dataset name" in done.output, done.output
+    assert len(done.output.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("keywords, message", [
+    (dict(dataset=123), "dataset: expected a dataset name or an image folder's path (text), found int 123"),
+    (dict(dataset=""), "dataset: expected a dataset name or an image folder's path, found ''"),
+    (dict(name=5), "name=5: expected a run name or None, found int"),
+    (dict(model=["seed"]), "model=['seed']: expected a model preset's name, found list"),
+    (dict(progress="no"), "progress='no': expected True or False, found str"),
+    (dict(epochs="yes"), "train.epochs: expected an int"),
+], ids=["dataset-int", "dataset-empty", "name", "model", "progress", "setting"])
+def test_the_notebook_api_names_a_keyword_of_the_wrong_type(keywords, message, tmp_path):
+    """`train(dataset=123)` was an AttributeError deep inside; a keyword's text was read again as YAML."""
+    from cnnlab import pipeline
+    with pytest.raises(ConfigError) as caught:
+        pipeline.train(root=tmp_path / "runs", **keywords)
+    assert message in str(caught.value) and not (tmp_path / "runs").exists()

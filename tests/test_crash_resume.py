@@ -5,6 +5,7 @@ bitwise equal to never stopping, and no file with NaN or inf, and no temporary f
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import errno
 import json
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -164,6 +166,51 @@ def test_sigterm_mid_epoch_exits_130_and_resumes_bitwise_equal(cli_reference, tm
     assert resumed.returncode == 0, stderr
     assert same_weights(cli_reference, run) and comparable(run) == comparable(cli_reference)
     assert not temp_files(run)
+
+
+def children(pid: int) -> list[int]:
+    """The live child processes of `pid` (Linux /proc): a folder run's decoding workers while it trains."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_whole_process_group_stops_a_folder_run_as_documented(signum, tmp_path):
+    """`timeout` and a terminal signal every process of the group, the DataLoader's workers too. A worker
+    that died of SIGTERM made the main process fail with torch's "DataLoader worker ... killed by signal"."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        for i in range(40):
+            pixels = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "folder" / name / f"{i}.png")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cnnlab", "train", "--dataset", "folder", "--model", "seed", "--runs-dir", "runs",
+         "--name", "group", "-q", *[part for item in ("epochs=10000", "batch_size=4", "data.image_size=8",
+                                                     "data.workers=2", "train.threads=1") for part in ("--set", item)]],
+        cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        assert wait_for(process, lambda: len(children(process.pid)) == 2, timeout=120), process.communicate()
+        os.killpg(process.pid, signum)  # as `timeout` does: the main process and both workers
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "DataLoader worker" not in stderr, stderr
+    assert f"Continue with: cnnlab train --resume {Path('runs/group')}" in stderr.strip().splitlines()[-1]
+
+
+def test_every_dataloader_in_cnnlab_is_the_one_whose_workers_ignore_stop_signals():
+    """The rule behind the test above: no other DataLoader can start workers that die of a group's signal."""
+    source = Path(__file__).resolve().parents[1] / "src" / "cnnlab"
+    made = [f"{file.relative_to(source)}:{node.lineno}" for file in source.rglob("*.py")
+            for node in ast.walk(ast.parse(file.read_text())) if isinstance(node, ast.Call)
+            and getattr(node.func, "id", getattr(node.func, "attr", None)) == "DataLoader"]
+    assert made == [], f"use cnnlab.data.workers.WorkerLoader instead: {made}"
 
 
 SIGNAL_IN_THE_TEST_PASS = """

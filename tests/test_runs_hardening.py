@@ -2,6 +2,7 @@
 with their problem, never a false success or a traceback."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 from cnnlab.cli import app
 from cnnlab.runs import layout
 from cnnlab.runs.weights import load_model
+from use_runs import tiny_run
 
 runner = CliRunner()
 DIGIT = Path(__file__).resolve().parents[1] / "docs" / "img" / "digit.png"
@@ -222,3 +224,28 @@ def test_a_fifo_where_the_weights_belong_is_refused_without_blocking(copy):
     done = subprocess.run([sys.executable, "-m", "cnnlab", "evaluate", str(run)], capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 2 and "model.safetensors: a FIFO (named pipe), not a regular file" in done.stderr
+
+
+def test_evaluate_on_a_read_only_run_prints_the_evaluation_then_one_line_on_what_was_not_saved(monkeypatch):
+    """It printed only the EROFS error. Simulated (the tests run as root): every rename into the run fails."""
+    run = tiny_run()
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    real_replace = os.replace
+
+    def read_only(source, target, *args, **kwargs):
+        if Path(target).parent == run:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+        return real_replace(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", read_only)
+    for json_ in ([], ["--json"]):
+        done = CliRunner().invoke(app, ["evaluate", str(run), *json_])
+        assert done.exit_code == 2
+        lines = done.output.strip().splitlines()
+        assert lines[-1].startswith(f"error: {run}: the evaluation was not saved (")
+        assert "Read-only file system" in lines[-1] and "test.json and confusion.png are as they were" in lines[-1]
+        if json_:
+            assert json.loads(lines[0])["accuracy"] == json.loads(before["test.json"])["accuracy"]
+        else:
+            assert any(line.startswith("test accuracy") for line in lines)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing half-written, no temporary file

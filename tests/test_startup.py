@@ -7,6 +7,7 @@ script leaves as `sys.exit` would, exit handlers and buffered output included.
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import textwrap
@@ -174,3 +175,43 @@ def test_output_to_a_full_disk_is_one_line_not_a_traceback(unbuffered, monkeypat
                               text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip() == "error: cannot write the output: No space left on device"
+
+
+def shell(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`command` in sh, with "cnnlab" standing for this interpreter running the package."""
+    script = command.replace("cnnlab", f"{sys.executable} -m cnnlab")
+    return subprocess.run(["sh", "-c", script], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", ["cnnlab presets >&-", "cnnlab presets <&- >&-", "cnnlab --help >&-",
+                                     "cnnlab datasets list >&-", "cnnlab presets 2>&- && echo ok"])
+def test_a_closed_standard_stream_is_no_error(command, tmp_path):
+    """`>&-` used to end every command in `AttributeError: 'NoneType' object has no attribute 'flush'`."""
+    done = shell(command, tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.endswith("ok\n") if "echo" in command else done.stdout == ""
+
+
+def test_a_training_with_its_output_closed_writes_its_run_and_nothing_strays_into_its_files(tmp_path):
+    """A closed descriptor 1 would be the next file opened, and the decoding workers' stdout: the null
+    device takes its place first."""
+    from PIL import Image
+    for name in ("a", "b"):
+        (tmp_path / "folder" / name).mkdir(parents=True)
+        for i in range(8):
+            colour = (40 * i, 200 if name == "a" else 0, 0)
+            Image.new("RGB", (8, 8), colour).save(tmp_path / "folder" / name / f"{i}.png")
+    done = shell("cnnlab train --dataset folder --model seed --runs-dir runs --name closed --set epochs=2 "
+                 "--set data.image_size=8 --set data.workers=2 --set train.threads=1 >&- 2>&-", tmp_path)
+    assert done.returncode == 0
+    run = tmp_path / "runs" / "closed"
+    assert [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((run / "test.json").read_text())["classes"] == ["a", "b"]
+
+
+def test_a_deleted_working_directory_is_one_line(tmp_path):
+    """It was MKL's "FATAL ERROR: Cannot load libtorch_cpu.so" for every command that loads torch."""
+    for command in ("cnnlab evaluate runs/x", "cnnlab presets", "cnnlab train --dataset mnist-sample"):
+        done = shell(f"mkdir gone && cd gone && rmdir ../gone && {command}", tmp_path)
+        assert done.returncode == 2, done.stderr
+        assert done.stderr == "error: the current directory no longer exists (it was deleted): cd to one that does\n"

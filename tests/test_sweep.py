@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from cnnlab import sweep as sweeps
 from cnnlab.cli import app
 from cnnlab.config import load_config
+from cnnlab.sweep.spec import parse_sweep, trial_config
 
 runner = CliRunner()
 TINY = {"first_layer_convs": 4, "dense_layer_size": 8, "epochs": 2}  # ~1 s a trial on mnist-sample
@@ -130,7 +131,9 @@ def test_sweep_file_errors_name_the_problem(tmp_path):
 def test_metric_names_and_override_values_keep_their_types():
     assert sweeps.parse_metric({"name": "val_acc", "goal": "maximize"}) == ("val_accuracy", "maximize")
     assert sweeps.parse_metric({"name": "val_loss"}) == ("val_loss", "minimize")
-    assert sweeps.dump_value(1e-7) == "1.0e-07"  # "1e-07" would read back as a string
+    spec = parse_sweep({"method": "random", "metric": {"name": "val_acc"}, "model": "seed",
+                        "parameters": {"train.lr": {"min": 1e-8, "max": 1e-6}}})
+    assert trial_config(spec, {"train.lr": 1e-7}).train.lr == 1e-7  # as text, "1e-07" read back as a string
 
 
 HOOKS = Path(__file__).with_name("sweep_hooks.py")  # cnnlab with test hooks: see that file

@@ -21,7 +21,7 @@ from cnnlab import sweep as sweeps
 from cnnlab.cli import app
 from cnnlab.config import load_config
 from cnnlab.runs.records import save_config
-from cnnlab.sweep.spec import SweepError, parse_sweep
+from cnnlab.sweep.spec import SweepError, parse_sweep, trial_config
 from cnnlab.sweep.study import env_seconds, open_storage, trial_sampler
 
 runner = CliRunner()
@@ -455,3 +455,16 @@ def test_a_trial_directory_left_over_gets_a_fresh_name(tmp_path):
 
     (tmp_path / "sweeps" / "s" / "trial-3").mkdir(parents=True)
     assert trial_run_dir(sweep, 3).name == "trial-3-2" and trial_run_dir(sweep, 4).name == "trial-4"
+
+
+def test_a_string_in_set_arrives_as_that_string(tmp_path):
+    """`set:` values were written back as KEY=VALUE text and read again as YAML: the folder "yes" became true,
+    "photos #2" became "photos"; a constant `value:` too. Each value now arrives as the sweep file gave it."""
+    file = tmp_path / "sweep.yaml"
+    file.write_text(yaml.safe_dump({
+        "method": "grid", "metric": {"name": "val_acc", "goal": "maximize"}, "model": "seed",
+        "set": {"data.dataset": "photos #2", "epochs": 1},
+        "parameters": {"dropout": {"values": [0.0, 0.5]}, "data.data_dir": {"value": "yes"}}}))
+    spec = sweeps.read_sweep(file)
+    config = trial_config(spec, {"dropout": 0.5})
+    assert config.data.dataset == "photos #2" and config.data.data_dir == "yes" and config.train.epochs == 1

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from cnnlab.errors import UserError
+from cnnlab.text import to_json
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
@@ -241,7 +242,7 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
 
 
 def write_json(path: str | Path, data: Any) -> Path:
-    return write_text(path, json.dumps(data, indent=2) + "\n")
+    return write_text(path, to_json(data, indent=2) + "\n")
 
 
 def remove_stale_temps(folder: Path, names: list[str], dead_only: bool = True) -> list[Path]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Sequence
@@ -20,13 +19,13 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from cnnlab.config import Config, ConfigError, TrainConfig, dotted_keys
+from cnnlab.config import Config, ConfigError, TrainConfig, check_dataset_name, dotted_keys
 from cnnlab.data.loading import Dataset
 from cnnlab.data.pinning import check_folder
 from cnnlab.data.registry import is_image_folder, load_config_for
 from cnnlab.data.sources import Data, load_data, prepare_data
 from cnnlab.data.store import notify
-from cnnlab.files import write_atomic, write_json, write_text
+from cnnlab.files import reason, write_atomic, write_json, write_text
 from cnnlab.inspect.figures import plot_confusion
 from cnnlab.inspect.notebook import Run, curves_figure
 from cnnlab.models.cnn import CNN, build_model
@@ -38,10 +37,11 @@ from cnnlab.runs.predictions import rows_of, write_predictions
 from cnnlab.runs.recorder import RunRecorder
 from cnnlab.runs.transfer import start_from
 from cnnlab.runs.weights import load_model, save_weights, weights_problem
+from cnnlab.text import command
 from cnnlab.training.callbacks import Callback, in_notebook, progress_display
 from cnnlab.training.distributed import SINGLE, Context, first_on_main, on_main
 from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted, stop_on_signals
-from cnnlab.training.evaluate import Evaluation, evaluation_of, predict_per_image
+from cnnlab.training.evaluate import Evaluation, PerImage, evaluation_of, predict_per_image
 from cnnlab.training.lr_find import Finding, find_lr
 
 
@@ -154,12 +154,22 @@ def keyword_config(model: str | None, file: str | Path | None, dataset: str | No
     """The config of `train(model=..., dataset=..., epochs=4, dropout=0.4)`: each keyword is a `--set`
     override (a knob of the preset, or a config key: `lr` is train.lr), so an unknown one is the same
     one-line error, naming it with a "did you mean"."""
-    overrides = [f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"
-                 for key, value in settings.items()]  # JSON is YAML: numbers, true/null, lists, quoted text
-    config, chosen = load_config_for(model, file, overrides, data={"dataset": dataset} if dataset else {})
+    overrides = [(key, str(value) if isinstance(value, Path) else value)  # values as given, never re-read as text
+                 for key, value in settings.items()]
+    config, chosen = load_config_for(model, file, overrides, data={} if dataset is None else {"dataset": dataset})
     if chosen:
         print(chosen)
     return config
+
+
+def check_keyword_types(**given: tuple[object, tuple[type, ...], str]) -> None:
+    """The notebook API's own keywords, each checked before use: `train(dataset=123)` was an AttributeError
+    deep inside. `given`: keyword -> (value, the types it may have, what it is in words)."""
+    for keyword, (value, types, what) in given.items():
+        if keyword == "dataset" and not isinstance(value, (Dataset, type(None))):
+            check_dataset_name(value, "dataset")  # a name, not empty: the rule of --dataset and data.dataset
+        elif not isinstance(value, types):
+            raise ConfigError(f"{keyword}={value!r}: expected {what}, found {type(value).__name__}")
 
 
 def train(config: Config | str | Path | None = None, root: str | Path = layout.DEFAULT_ROOT, name: str | None = None,
@@ -175,6 +185,12 @@ def train(config: Config | str | Path | None = None, root: str | Path = layout.D
     leaves nothing behind. A Dataset (or Data) as `dataset` skips loading when the caller holds it already
     (benchmarks; a sweep's trials). Under data-parallel training every rank calls this; only rank 0 writes the run.
     """
+    check_keyword_types(
+        config=(config, (Config, str, Path, type(None)), "a Config, a YAML file's path or None"),
+        root=(root, (str, Path), "a folder's path"), name=(name, (str, type(None)), "a run name or None"),
+        progress=(progress, (bool,), "True or False"), reuse=(reuse, (bool,), "True or False"),
+        dataset=(dataset, (Dataset, str, type(None)), "a dataset's name, an image folder's path or a Dataset"),
+        model=(model, (str, type(None)), "a model preset's name"))
     keywords = not isinstance(config, Config)
     if not isinstance(config, Config):
         config = keyword_config(model, config, dataset if isinstance(dataset, str) else None, settings)
@@ -267,7 +283,7 @@ def refuse_edited_config(run: Path, config: Config, saved: dict | None) -> None:
     raise layout.RunError(f"{layout.path(run, 'config')} was edited after the checkpoint was written "
                           f"({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''}); --resume continues "
                           f"the run as it was trained. Undo the edit, or train a new run from it: "
-                          f"cnnlab train --config {layout.path(run, 'config')}")
+                          f"{command('train', '--config', layout.path(run, 'config'))}")
 
 
 def restore_weights(run: Path, model: CNN, classes: tuple[str, ...]) -> None:
@@ -319,20 +335,49 @@ def merge_skipped(context: Context, data: Data) -> dict[str, str]:
 def test_run(run: Path, model: nn.Module, data: Data, config: TrainConfig) -> Evaluation:
     """Evaluate on the test set and record test.json, confusion.png and predictions.csv (every image's
     file, true and predicted class) in the run."""
-    per_image = predict_per_image(model, data.test, config.eval_batch_size, config.channels_last, config.tta,
-                                  config.tta_shift)
-    result = evaluation_of(per_image.logits, torch.from_numpy(per_image.labels), data.classes)
-    write_json(layout.path(run, "test"), result.to_dict())
-    write_predictions(run, rows_of(per_image, data.test, data.classes))
-    write_atomic(layout.path(run, "confusion"),
-                 lambda tmp: plot_confusion(result.confusion, data.classes, tmp,
-                                            title=f"{run.name}: test accuracy {result.accuracy:.2%}"))
+    result, per_image = evaluate_with_files(model, data, config)
+    record_test(run, result, data, per_image)
     return result
 
 
+def evaluate_with_files(model: nn.Module, data: Data, config: TrainConfig) -> tuple[Evaluation, PerImage]:
+    """The test split evaluated, each prediction tied to its image's position (and so its file)."""
+    per_image = predict_per_image(model, data.test, config.eval_batch_size, config.channels_last, config.tta,
+                                  config.tta_shift)
+    return evaluation_of(per_image.logits, torch.from_numpy(per_image.labels), data.classes), per_image
+
+
+def record_test(run: Path, result: Evaluation, data: Data, per_image: PerImage) -> None:
+    """test.json, predictions.csv and confusion.png in the run, each whole or not at all."""
+    write_json(layout.path(run, "test"), result.to_dict())
+    write_predictions(run, rows_of(per_image, data.test, data.classes))
+    write_atomic(layout.path(run, "confusion"),
+                 lambda tmp: plot_confusion(result.confusion, tuple(data.classes), tmp,
+                                            title=f"{run.name}: test accuracy {result.accuracy:.2%}"))
+
+
+class ResultNotSaved(layout.RunError):
+    """The evaluation is done (`.evaluation`), but the run would not take its test.json or confusion.png
+    (a read-only or full disk): the result is still the caller's to show."""
+
+    def __init__(self, message: str, evaluation: Evaluation):
+        super().__init__(message)
+        self.evaluation = evaluation
+
+
 def evaluate_run(run: str | Path, data_dir: str | Path | None = None, progress: bool = True) -> Evaluation:
-    """Reload a run's model from its files and evaluate it on its dataset's test set."""
+    """Reload a run's model from its files and evaluate it on its dataset's test set, recorded in the run.
+
+    A run that cannot be written (read-only, a full disk) raises ResultNotSaved, which holds the evaluation.
+    """
     model, classes, config = load_model(run)
     if data_dir is not None:
         config.data.data_dir = str(data_dir)
-    return test_run(Path(run), model, open_pinned_data(Path(run), config, progress), config.train)
+    data = open_pinned_data(Path(run), config, progress)
+    result, per_image = evaluate_with_files(model, data, config.train)
+    try:
+        record_test(Path(run), result, data, per_image)
+    except OSError as exc:
+        raise ResultNotSaved(f"{run}: the evaluation was not saved ({exc.filename or run}: {reason(exc)}); "
+                             "test.json, predictions.csv and confusion.png are as they were", result) from None
+    return result

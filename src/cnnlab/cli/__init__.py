@@ -8,6 +8,7 @@ order the modules were imported in. Command modules import the library inside ea
 import atexit
 import contextlib
 import errno
+import io
 import os
 import sys
 import threading
@@ -16,6 +17,7 @@ import typer
 
 from cnnlab.cli import datasets, explore, inspect, playground, sweep, training, use  # noqa: F401  (each registers)
 from cnnlab.cli._app import PANELS, app
+from cnnlab.text import OUTPUT_ERRORS
 
 
 def panel_rank(entry: typer.models.CommandInfo | typer.models.TyperInfo) -> int:
@@ -29,6 +31,12 @@ app.registered_groups.sort(key=panel_rank)
 
 def main() -> None:
     """The `cnnlab` script: run the command, then leave without tearing the interpreter down."""
+    open_closed_standard_streams()
+    write_any_text()
+    if not current_directory_exists():
+        print("error: the current directory no longer exists (it was deleted): cd to one that does",
+              file=sys.stderr)
+        exit_now(2)
     try:
         app()  # click's standalone mode: always ends in SystemExit
     except SystemExit as done:
@@ -37,6 +45,57 @@ def main() -> None:
         if not output_failed(exc):
             raise
         exit_now(report_output_failure(exc))
+
+
+STANDARD_STREAMS = ("stdin", "stdout", "stderr")
+
+
+def open_closed_standard_streams() -> None:
+    """Give a closed standard descriptor (`cnnlab ... >&-`) the null device, before anything else is opened.
+
+    Python makes sys.stdout None for a closed descriptor 1, which every writer must then guard against
+    (`None.flush()` was the end of every command). Worse, the next file opened would get descriptor 1, and
+    the decoding workers and torchrun's ranks would inherit it as their stdout: whatever they printed would
+    land in a checkpoint or a metrics file. Output to a stream the user closed is dropped, as Python drops
+    print() to a None stream.
+    """
+    for fd, name in enumerate(STANDARD_STREAMS):
+        stream = getattr(sys, name)
+        if descriptor_open(fd) and stream is not None and not stream.closed:
+            continue
+        if not descriptor_open(fd):
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: fd itself, the lower ones are open
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+        # a stream closed in-process (not its descriptor) writes to the null device, not over what replaced it
+        target = fd if stream is None else os.devnull
+        setattr(sys, name, open(target, "r" if fd == 0 else "w", encoding="utf-8", closefd=target != fd))  # noqa: SIM115  (held for the process)
+
+
+def write_any_text() -> None:
+    """stdout and stderr write every name as the bytes it came from (`cnnlab.text.OUTPUT_ERRORS`)."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors=OUTPUT_ERRORS)
+
+
+def descriptor_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def current_directory_exists() -> bool:
+    """False when the working directory was deleted under the shell: every relative path would fail later,
+    and torch cannot even be imported (MKL prints a fatal error about its own library and exits)."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 # Errors of writing the command's own output (a file name would say it was some other file): a full disk or
@@ -74,7 +133,8 @@ def exit_now(code: int | str | None) -> None:
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
-            stream.flush()
+            if stream is not None:  # None: closed before Python started, and not by cnnlab's script
+                stream.flush()
         except ValueError:  # closed
             pass
         except OSError as exc:  # the command is done; what it still had to say could not be written

@@ -9,6 +9,7 @@ import typer
 from cnnlab.cli._app import TRAIN, app
 from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.cli._options import DataDir
+from cnnlab.text import command, to_json
 
 datasets_app = typer.Typer(help="List, locate, download and verify datasets.", no_args_is_help=True)
 
@@ -83,7 +84,9 @@ def list_datasets(data_dir: DataDir = None) -> None:
         if found is not None:
             where = f"{found.origin}: {found.directory}" + (f" ({len(passed)} bad copy passed over)" if passed else "")
         else:
-            where = f"no good copy (see `cnnlab datasets where {spec.name}`)" if passed else "not here (fetch it)"
+            where = "not here (fetch it)"
+            if passed:
+                where = f"no good copy (see `{command('datasets', 'where', spec.name)}`)"
         table.add_row(spec.name, spec.title, str(spec.num_classes), str(spec.image_shape), where)
     Console(width=200).print(table)
 
@@ -168,7 +171,6 @@ def info(
 ) -> None:
     """What a dataset holds: for an image folder, files per class per split, the sizes seen, the files that
     cannot be read and why (every file is decoded once), and warnings for what would mislead a run."""
-    import json
 
     from cnnlab.config import load_config
     from cnnlab.data import get_dataset
@@ -178,18 +180,18 @@ def info(
         spec = get_dataset(dataset)
         shown = dict(name=spec.name, title=spec.title, classes=list(spec.classes), image_shape=list(spec.image_shape))
         if json_:
-            print(json.dumps(shown, indent=2))
+            print(to_json(shown, indent=2))
         else:
             print(f"{spec.name}: {spec.title}; {spec.num_classes} classes ({', '.join(spec.classes)}); images "
                   f"{'x'.join(map(str, spec.image_shape))}")
         return
     from cnnlab.data.summary import summarize
 
-    config = load_config("seed", overrides=[f"data.image_size={image_size}", f"data.resize={json.dumps(resize)}",
-                                            f"data.channels={channels}"], data={"dataset": dataset})
+    config = load_config("seed", overrides=[("data.image_size", image_size), ("data.resize", resize),
+                                            ("data.channels", channels)], data={"dataset": dataset})
     summary = summarize(folder_info(config), train=None)
     if json_:
-        print(json.dumps(summary.to_dict(), indent=2))
+        print(to_json(summary.to_dict(), indent=2))
         return
     print("\n".join(summary.lines()))
     warn(summary.warnings)

@@ -2,7 +2,6 @@
 `cnnlab runs [compare]`."""
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
@@ -23,6 +22,7 @@ from cnnlab.cli._options import (
     RunsDir,
     output_file,
 )
+from cnnlab.text import to_json
 
 if TYPE_CHECKING:
     from typer.models import OptionInfo
@@ -132,7 +132,7 @@ def show_label_issues(run: Run,
     issues = found.issues[:limit or None]
     duplicates = found.duplicates[:limit or None]
     if json_:
-        print(json.dumps(found.to_list(limit or None), indent=2))
+        print(to_json(found.to_list(limit or None), indent=2))
         return
     checked = " and ".join(f"{count:,} {'validation' if split == 'val' else split}" for split, count in
                            found.checked.items())
@@ -319,7 +319,7 @@ def list_runs(ctx: typer.Context, runs_dir: RunsDir = RUNS_DIR,
 
     rows = run_rows(runs_dir, sort.value if sort else None, reverse)
     if json_:
-        print(json.dumps(rows, indent=2))
+        print(to_json(rows, indent=2))
         return
     if not rows:
         print(f"no runs under {runs_dir}/: train one with `cnnlab train`")

@@ -13,6 +13,7 @@ import typer
 from cnnlab.cli._app import SCALE, app
 from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.cli._options import RUNS_DIR
+from cnnlab.text import command
 
 sweep_app = typer.Typer(help="Hyperparameter sweeps (W&B sweep files, run offline with Optuna; many machines "
                         "share one study through --storage postgresql://...).", no_args_is_help=True)
@@ -62,11 +63,12 @@ def run(
         sweeps.run_workers(sweep, workers)
     except TrainingInterrupted as exc:
         what = str(exc) or "interrupted; the trial will be retried"
-        raise fail(f"{what}. Resume with the same command (cnnlab sweep run {file} --name {name})", code=130) from None
+        again = command("sweep", "run", file, "--name", name)
+        raise fail(f"{what}. Resume with the same command ({again})", code=130) from None
     summary = print_status(sweeps.load_study(name, sweep.storage))
     if summary.best is None:  # every trial failed (or was pruned): the sweep has no result to give
         raise sweeps.SweepError(f"sweep {name}: none of its {len(summary.trials)} trials completed; see each "
-                                f"trial's error above (cnnlab sweep status {name})")
+                                f"trial's error above ({command('sweep', 'status', name)})")
 
 
 @sweep_app.command()
@@ -101,7 +103,7 @@ def best(name: Name, out: Annotated[Path, typer.Option("--out", "-o", help="Writ
     output_target(out)  # a FIFO, a device or a folder: refused before the study is read
     trial = sweeps.write_best_config(sweeps.load_study(name, storage_for(storage, runs_dir, name)), out, runs_dir)
     print(f"best trial {trial.number}: value {trial.value:.4f} {trial.params}")
-    print(f"config written to {out}; train it with: cnnlab train --config {out}")
+    print(f"config written to {out}; train it with: {command('train', '--config', out)}")
 
 
 def print_status(study: Any) -> Any:

@@ -4,7 +4,6 @@ Nothing heavy is imported until a command runs: `presets` and `summary` never lo
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from cnnlab.cli._options import (
     Overrides,
     RunsDir,
 )
+from cnnlab.text import command, to_json
 
 if TYPE_CHECKING:
     from cnnlab.config import Config
@@ -42,7 +42,7 @@ def sections(dataset: str | None = None, data_dir: Path | None = None, allow_mis
              image_size: int | None = None, **train: object) -> dict[str, dict[str, Any]]:
     """Typed CLI options as config sections (options left unset do not override the files)."""
     given = dict(dataset=dataset, data_dir=str(data_dir) if data_dir else None, image_size=image_size)
-    data: dict[str, Any] = {k: v for k, v in given.items() if v}
+    data: dict[str, Any] = {k: v for k, v in given.items() if v is not None}  # --dataset "" is refused, not dropped
     if allow_mismatch:
         data["allow_checksum_mismatch"] = True
     return dict(data=data, train={k: v for k, v in train.items() if v is not None})
@@ -176,8 +176,8 @@ def train(
     except TrainingInterrupted as exc:
         if distributed.launched_by_torchrun() and os.environ.get("RANK") != "0":
             raise typer.Exit(130) from None  # rank 0 says it once
-        again = f"cnnlab train --resume {exc.run}" + (f" --nproc {os.environ['WORLD_SIZE']}"
-                                                      if distributed.launched_by_torchrun() else "")
+        ranks = ["--nproc", os.environ["WORLD_SIZE"]] if distributed.launched_by_torchrun() else []
+        again = command("train", "--resume", str(exc.run), *ranks)
         raise fail(f"{exc}; the checkpoint is saved. Continue with: {again}", code=130) from None
     if not context.is_main:
         return
@@ -386,7 +386,7 @@ def print_result(result: RunResult) -> None:
     else:
         print("training had already finished; the test set was evaluated again")
     print(f"results in {result.run}/: test.json, predictions.csv, confusion.png, metrics.jsonl, model.safetensors")
-    print(f"see the details with: cnnlab evaluate {result.run}")
+    print(f"see the details with: {command('evaluate', result.run)}")
 
 
 @app.command(rich_help_panel=TRAIN)
@@ -403,12 +403,18 @@ def evaluate(
     from cnnlab.runs import layout
 
     run = run or layout.latest_run(runs_dir)
-    result = pipeline.evaluate_run(run, data_dir, progress=not json_)
+    try:
+        result, unsaved = pipeline.evaluate_run(run, data_dir, progress=not json_), None
+    except pipeline.ResultNotSaved as exc:  # a read-only run: the evaluation is shown all the same
+        result, unsaved = exc.evaluation, exc
     if json_:
-        print(json.dumps(dict(run=str(run), **result.to_dict())))
-        return
-    print(format_evaluation(result))
-    print(f"\nconfusion matrix picture: {layout.path(run, 'confusion')}")
+        print(to_json(dict(run=str(run), **result.to_dict())))
+    else:
+        print(format_evaluation(result))
+        if unsaved is None:
+            print(f"\nconfusion matrix picture: {layout.path(run, 'confusion')}")
+    if unsaved is not None:
+        raise fail(str(unsaved))
 
 
 def format_evaluation(result: Evaluation) -> str:
@@ -484,11 +490,11 @@ def lr_find(
 
         write_atomic(plot, lambda tmp: plot_lr_finding(finding, tmp))
     if json_:
-        print(json.dumps(finding.to_dict()))
+        print(to_json(finding.to_dict()))
         return
     print(f"suggested learning rate {finding.suggestion:.2g}  ({finding.rule}: {finding.why})")
     print(f"{len(finding.lrs)} steps from {start:g} in {finding.seconds:.1f}s; the sweep ended: {finding.ended}")
-    print(f"train at it: cnnlab train --model {model} ... --lr {finding.suggestion:.2g}   (or --lr auto)")
+    print(f"train at it: {command('train', '--model', model)} ... --lr {finding.suggestion:.2g}   (or --lr auto)")
     if plot is not None:
         print(f"plot written to {plot}")
 

@@ -31,6 +31,7 @@ from cnnlab.config.schema import (
     ModelConfig,
     ResidualStage,
     TrainConfig,
+    check_dataset_name,
     peak_lr,
     validate,
 )
@@ -38,4 +39,4 @@ from cnnlab.config.schema import (
 __all__ = ["config_from_dict", "dotted_keys", "list_presets", "load_config", "merge", "parse_override", "preset_path",
            "read_yaml", "resolve", "ACTIVATIONS", "OPTIMIZERS", "POOLINGS", "POOLS", "SCHEDULES", "SECTIONS", "Config",
            "ConfigError", "ConvBlock", "ResidualStage", "DataConfig", "DenseLayer", "EarlyStopping", "ModelConfig",
-           "TrainConfig", "peak_lr", "validate"]
+           "TrainConfig", "check_dataset_name", "peak_lr", "validate"]

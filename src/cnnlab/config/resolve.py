@@ -12,12 +12,12 @@ import dataclasses
 import json
 import types
 import typing
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from cnnlab.config.schema import SECTIONS, Config, ConfigError, DataConfig, validate
+from cnnlab.config.schema import SECTIONS, Config, ConfigError, DataConfig, check_dataset_name, validate
 from cnnlab.config.yamlfile import FileRefused, YAMLProblem, parse_yaml, read_yaml_file
 from cnnlab.suggest import did_you_mean
 
@@ -57,7 +57,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------- loading
 def load_config(model: str | None = "seed", file: str | Path | None = None,
-                overrides: list[str] | None = None, base: dict[str, Any] | None = None,
+                overrides: Sequence[str | tuple[str, Any]] | None = None, base: dict[str, Any] | None = None,
                 **section_values: dict[str, Any]) -> Config:
     """Resolve a config: preset `model` (or a whole config as `base`: a run's, to start from), then YAML
     `file`, then `key=value` overrides.
@@ -77,12 +77,14 @@ def load_config(model: str | None = "seed", file: str | Path | None = None,
             for key, value in values.items():
                 set_path(raw, f"{section}.{key}", value)
         for item in overrides or []:
-            key, value = parse_override(item)
+            # text from the command line is parsed as YAML; a (key, value) pair is a value already read (a
+            # sweep file's `set:`, a keyword argument), which must not be read a second time as text
+            key, value = item if isinstance(item, tuple) else parse_override(item)
             user_keys.add(apply_override(raw, key, value))
         return raw
 
     raw = assemble(preset, user)
-    dataset = (raw.get("data") or {}).get("dataset", DataConfig.dataset)
+    dataset = check_dataset_name((raw.get("data") or {}).get("dataset", DataConfig.dataset))
     preset_block, user_block = dataset_block(preset_tuned, dataset), dataset_block(user_tuned, dataset)
     if preset_block or user_block:  # each file's block tops that file's general settings
         raw = assemble(merge(preset, preset_block or {}), merge(user, user_block or {}))

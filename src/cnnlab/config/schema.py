@@ -284,7 +284,20 @@ def validate_train(t: TrainConfig) -> None:
                           f"{did_you_mean(t.device, ['auto', 'cpu', 'cuda'])}")
 
 
+def check_dataset_name(dataset: object, where: str = "data.dataset") -> str:
+    """Every way a dataset is named (--dataset, a config or sweep file, `train(dataset=...)`) comes here: an
+    empty name used to be dropped on the way, and the run trained on the default dataset instead."""
+    if not isinstance(dataset, str):
+        raise ConfigError(f"{where}: expected a dataset name or an image folder's path (text), found "
+                          f"{type(dataset).__name__} {dataset!r}")
+    if not dataset.strip():
+        raise ConfigError(f"{where}: expected a dataset name or an image folder's path, found {dataset!r} "
+                          "(see `cnnlab datasets list`)")
+    return dataset
+
+
 def validate_data(d: DataConfig) -> None:
+    check_dataset_name(d.dataset)
     bounded(d.image_size, 1, MAX_IMAGE_SIZE, "data.image_size", "pixels")
     choice(d.channels, (1, 3), "data.channels")
     choice(d.resize, RESIZES, "data.resize")

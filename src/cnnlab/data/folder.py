@@ -34,14 +34,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from cnnlab.data.folder_layout import FolderError
+from cnnlab.data.workers import WorkerLoader
 from cnnlab.errors import UserError
 from cnnlab.files import MiB, reason
 from cnnlab.files import read_bytes as read_regular
 from cnnlab.heap import trim_heap
 from cnnlab.images import ImageTooLarge, read_pixels
+from cnnlab.text import utf8_text
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -222,7 +224,7 @@ class FolderSource:
 
     def decoded(self, index_batches: Sequence[torch.Tensor]) -> Iterator[_Batch]:
         """Each index batch decoded from disk: images, labels, their positions in the split, unreadable files."""
-        loader = DataLoader(
+        loader = WorkerLoader(  # its workers leave Ctrl-C and SIGTERM to this process
             _Decoded(str(self.root), self.paths, self.labels.numpy(), self.image_size, self.channels, self.resize),
             batch_sampler=_Batches(index_batches), num_workers=self.workers,
             collate_fn=_Collate((self.channels, *self.image_size)),
@@ -343,12 +345,9 @@ def _is_image(name: str) -> bool:
 
 
 def _printable(name: str) -> bool:
-    """Printable UTF-8: names that are not UTF-8 arrive with surrogate escapes, which do not encode."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return name.isprintable()
+    """Printable UTF-8, whatever the locale decoded (`cnnlab.text.utf8_text`)."""
+    text = utf8_text(name)
+    return text is not None and text.isprintable()
 
 
 def _shown(name: str) -> str:

@@ -1,8 +1,10 @@
 """Named datasets: files, checksums, mirrors, class names and how their images were made."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cnnlab.config import Config, DataConfig, load_config, read_yaml
 from cnnlab.errors import UserError
@@ -265,7 +267,8 @@ def default_model(data: DataConfig) -> str:
     return PHOTOS_MODEL if is_image_folder(data.dataset) and data.channels == 3 else "seed"
 
 
-def load_config_for(model: str | None, file: str | Path | None = None, overrides: list[str] | None = None,
+def load_config_for(model: str | None, file: str | Path | None = None,
+                    overrides: Sequence[str | tuple[str, Any]] | None = None,
                     **sections: dict) -> tuple[Config, str | None]:
     """`load_config` where `model` None means the dataset's default model (`default_model`); with the line
     that says which was chosen, or None when the model was named or is the lesson's."""

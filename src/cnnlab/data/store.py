@@ -39,6 +39,7 @@ from cnnlab.data.idx import GZIP_MAGIC, MAX_PAYLOAD_BYTES, decompress, read_raw
 from cnnlab.data.registry import DataFile, DatasetSpec
 from cnnlab.errors import UserError
 from cnnlab.files import current_umask, kind_of, open_regular, read_chunks, reason
+from cnnlab.text import command
 
 SYSTEM_ROOT = Path("/usr/share/datasets")
 DOWNLOAD_TIMEOUT_S = 30.0  # per connection attempt and per read; a dead mirror must not hang a run
@@ -257,7 +258,7 @@ def how_to_get(spec: DatasetSpec) -> str:
     if spec.apt_package:
         hints.insert(0, f"on Debian/Ubuntu: apt-get install {spec.apt_package}")
     if spec.mirrors:
-        hints.append(f"or run `cnnlab datasets fetch {spec.name}` when online")
+        hints.append(f"or run `{command('datasets', 'fetch', spec.name)}` when online")
     return "; ".join(hints)
 
 

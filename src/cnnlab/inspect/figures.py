@@ -14,6 +14,8 @@ from typing import IO, TYPE_CHECKING
 
 import numpy as np
 
+from cnnlab.text import real_text
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
@@ -31,8 +33,18 @@ def new_figure(width: float, height: float, dpi: int = 100) -> Figure:
 
 def save_figure(fig: Figure, out: Output) -> Output:
     """Write a figure as PNG to a path or a binary file object."""
+    printable_text(fig)
     fig.savefig(out, format="png")
     return out
+
+
+def printable_text(fig: Figure) -> None:
+    """Every text in `fig` as valid UTF-8: a run or file name the locale could not decode holds escaped bytes
+    (`cnnlab.text`), which matplotlib's font code refuses with a TypeError."""
+    from matplotlib.text import Text
+
+    for text in fig.findobj(Text):
+        text.set_text(real_text(text.get_text()))
 
 
 def draw_image(ax: Axes, image: np.ndarray) -> AxesImage:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import io
+import shlex
 from collections.abc import Callable, Collection
 from datetime import datetime
 from functools import partial
@@ -88,7 +89,7 @@ def summary_section(run: Path) -> str:
              ("test loss", "-" if row["test_loss"] is None else f"{row['test_loss']:.4f}"),
              ("training time (s)", format_cell(row["seconds"], "seconds")), ("started", format_cell(row["started"])),
              ("versions", f"cnnlab {manifest.get('cnnlab', '?')}, torch {manifest.get('torch', '?')}"),
-             ("command", " ".join(manifest.get("command", [])) or "-"), ("run directory", str(run))]
+             ("command", shlex.join(map(str, manifest.get("command", []))) or "-"), ("run directory", str(run))]
     return table(["", ""], [list(f) for f in facts])
 
 

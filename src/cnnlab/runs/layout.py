@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from cnnlab.errors import UserError
 from cnnlab.files import FileRefused, check_regular, remove_stale_temps
+from cnnlab.text import utf8_text
 
 if TYPE_CHECKING:
     from cnnlab.config import Config
@@ -64,13 +65,14 @@ def check_name(name: str) -> str:
     Any UTF-8 name works (spaces, accents, emoji); a name that would leave --runs-dir ("../x", "/tmp/x",
     "a/b"), be hidden (".x") or be no folder name at all is refused.
     """
-    try:
-        encoded = name.encode("utf-8")
-    except UnicodeEncodeError:  # argv bytes that were not UTF-8 arrive as lone surrogates
+    # argv arrives as the locale decoded it: under the C locale a UTF-8 `ñ` holds escaped bytes, which name
+    # the same folder; bytes that are no UTF-8 are refused, as output cannot show them
+    if utf8_text(name) is None:
         raise RunError(f"run name {name!r}: not valid UTF-8; give a name of letters, digits and punctuation") from None
     if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name or name.startswith("."):
         raise RunError(f"run name {name!r}: expected one folder name (no '/', not '.' or '..', not starting "
                        "with '.'); the run goes under --runs-dir")
+    encoded = name.encode("utf-8", "surrogateescape")
     if len(encoded) > MAX_NAME_BYTES:
         raise RunError(f"run name {name[:40]!r}...: {len(encoded)} bytes is longer than the {MAX_NAME_BYTES} allowed")
     return name

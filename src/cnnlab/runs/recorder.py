@@ -13,6 +13,7 @@ from cnnlab.runs.checkpoints import prune_finished, save_checkpoint
 from cnnlab.runs.layout import FILES, RunError, path, remove_stale_files
 from cnnlab.runs.records import rewrite_metrics
 from cnnlab.runs.weights import save_weights
+from cnnlab.text import command
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.engine import Trainer
 
@@ -73,7 +74,7 @@ class RunRecorder(Callback):
             why = reason(exc) if isinstance(exc, OSError) else str(exc)
             if path(self.run, "checkpoint").exists() or path(self.run, "previous_checkpoint").exists():
                 then = f"the files saved before are intact. Free space or make the folder writable, then continue " \
-                       f"with: cnnlab train --resume {self.run}"
+                       f"with: {command('train', '--resume', self.run)}"
             else:
                 then = f"no checkpoint was written yet, so there is nothing to resume: free space or make the " \
                        f"folder writable, then train again ({self.run} can be deleted)"

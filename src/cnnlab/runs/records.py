@@ -17,6 +17,7 @@ from typing import Any
 from cnnlab.config import Config, config_from_dict, read_yaml
 from cnnlab.files import FileRefused, MiB, MissingFile, read_json, read_text, write_json, write_text
 from cnnlab.runs.layout import RunError, check_run, path
+from cnnlab.text import from_null, to_json
 
 MAX_CONFIG_BYTES = 1 * MiB  # a resolved config is a few kB
 MAX_RECORD_BYTES = 16 * MiB  # test.json, manifest.json: a 1,000-class confusion matrix is 6.7-8.5 MB (tested)
@@ -98,10 +99,10 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
             raise RunError(f"{file}: line {number} is not JSON ({exc.msg}); expected one object per line") from None
         if not isinstance(row, dict):
             raise RunError(f"{file}: line {number} is a JSON {type(row).__name__}, expected an object per epoch")
-        rows.append(row)
+        rows.append(from_null(row))  # null: a number that was not finite (an epoch not validated)
     return rows
 
 
 def rewrite_metrics(run: Path, history: list[dict[str, Any]]) -> None:
     """metrics.jsonl as the checkpoint knows it (drops epochs recorded after the checkpoint)."""
-    write_text(path(run, "metrics"), "".join(json.dumps(m) + "\n" for m in history))
+    write_text(path(run, "metrics"), "".join(to_json(m) + "\n" for m in history))

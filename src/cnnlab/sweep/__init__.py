@@ -13,9 +13,9 @@ fails (disk full, read-only) stops the sweep with one line; the rerun resumes it
 pruners, storage, claiming trials), `runner` runs trials and workers and reports the results.
 """
 from cnnlab.sweep.runner import Summary, Sweep, best_trial, plot_trials, run_workers, summarize, write_best_config
-from cnnlab.sweep.spec import SweepError, SweepSpec, dump_value, parse_metric, read_sweep
+from cnnlab.sweep.spec import SweepError, SweepSpec, parse_metric, read_sweep
 from cnnlab.sweep.study import counted_trials, default_storage, load_study
 
 __all__ = ["Summary", "Sweep", "best_trial", "plot_trials", "run_workers", "summarize", "write_best_config",
-           "SweepError", "SweepSpec", "dump_value", "parse_metric", "read_sweep", "counted_trials",
+           "SweepError", "SweepSpec", "parse_metric", "read_sweep", "counted_trials",
            "default_storage", "load_study"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from optuna.trial import FrozenTrial
 
 from cnnlab.config import ConfigError, load_config
 from cnnlab.runs import layout
-from cnnlab.sweep.spec import SweepError, SweepSpec, dump_value
+from cnnlab.sweep.spec import SweepError, SweepSpec
 
 SPEC_ATTR, DIGEST_ATTR = "cnnlab.spec", "cnnlab.spec_sha256"
 LEGACY_ATTRS = ("method", "metric", "grid")  # what studies made before SPEC_ATTR recorded (cnnlab.<key>)
@@ -97,7 +98,9 @@ def check_found_run(study: optuna.Study, trial: FrozenTrial, run: Path) -> None:
     identity = study.user_attrs.get(SPEC_ATTR)
     if not isinstance(identity, dict):
         return
-    overrides = [*identity.get("set", []), *(f"{k}={dump_value(v)}" for k, v in trial.params.items())]
+    # `set:` as recorded: (key, value) pairs, or "key=value" text in studies recorded before values were kept typed
+    fixed = [item if isinstance(item, str) else (str(item[0]), item[1]) for item in identity.get("set", [])]
+    overrides = [*fixed, *trial.params.items()]
     try:
         wanted = load_config(identity.get("model"), None, overrides,
                              data={"dataset": identity["dataset"]} if identity.get("dataset") else {}).to_dict()
@@ -106,6 +109,9 @@ def check_found_run(study: optuna.Study, trial: FrozenTrial, run: Path) -> None:
         found, wanted = {}, {"unreadable": True}
     if wanted.get("train", {}).get("lr") == "auto":  # the finder's suggestion is what the run recorded
         wanted["train"]["lr"] = found.get("train", {}).get("lr")
+    asked, recorded = wanted.get("data", {}).get("dataset"), found.get("data", {}).get("dataset")
+    if isinstance(asked, str) and isinstance(recorded, str) and recorded.endswith(os.path.normpath(asked)):
+        wanted["data"]["dataset"] = recorded  # a folder relative to the sweep file, recorded absolute by the trial
     if found != wanted:
         raise SweepError(f"sweep {study.study_name!r}: trial {trial.number}'s run is not at "
                          f"{trial.user_attrs.get('run')}, and {run} holds another configuration (from another "

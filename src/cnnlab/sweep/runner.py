@@ -20,6 +20,7 @@ from cnnlab import pipeline
 from cnnlab.config import ConfigError, load_config
 from cnnlab.errors import UserError
 from cnnlab.files import FileRefused, check_regular, output_target, read_text, reason, write_atomic
+from cnnlab.inspect.figures import printable_text
 from cnnlab.runs import layout
 from cnnlab.sweep.identity import check_found_run, check_same_spec
 from cnnlab.sweep.plots import Importances, param_importances, sweep_figure
@@ -40,6 +41,7 @@ from cnnlab.sweep.study import (
     trial_sampler,
 )
 from cnnlab.sweep.trial_data import TrialData, check_dataset, resolve_dataset
+from cnnlab.text import command
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.engine import Trainer, TrainingInterrupted
 
@@ -365,7 +367,7 @@ def write_best_config(study: optuna.Study, out: str | Path, runs_dir: str | Path
     except (FileRefused, ConfigError) as exc:
         raise SweepError(f"best trial {best.number} of sweep {study.study_name}: {exc}") from None
     header = (f"# best trial {best.number} of sweep {study.study_name}: value {best.value:.4f}\n"
-              f"# params: {best.params}\n# run: {run!s}\n# train it again with: cnnlab train --config {out}\n")
+              f"# params: {best.params}\n# run: {run!s}\n# train it again with: {command('train', '--config', out)}\n")
     write_output(out, lambda tmp: tmp.write_text(header + text, encoding="utf-8"))
     return best
 
@@ -409,5 +411,6 @@ def plot_trials(study: optuna.Study, out: str | Path, importances: Importances |
     if importances is None:
         importances = param_importances(study)
     fig = sweep_figure(study, importances)
+    printable_text(fig)
     write_output(out, lambda tmp: fig.savefig(tmp, format=fmt))
     return importances

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from optuna.trial import Trial
 
 from cnnlab.config import Config, ConfigError, load_config
@@ -87,7 +86,7 @@ class SweepSpec:
     parameters: list[Parameter]
     model: str = "seed"
     dataset: str | None = None
-    fixed: list[str] = field(default_factory=list)  # `set:` overrides every trial gets, KEY=VALUE
+    fixed: list[tuple[str, Any]] = field(default_factory=list)  # `set:` overrides every trial gets, as read
     early_terminate: dict | None = None
     seed: int = 0
     name: str | None = None
@@ -169,7 +168,7 @@ def parse_sweep(data: dict[str, Any]) -> SweepSpec:
             if len(body) > 1:
                 raise SweepError(f"parameters.{key}: a constant `value` takes no other keys, found "
                                  f"{', '.join(sorted(str(k) for k in body if k != 'value'))}")
-            fixed.append(f"{key}={dump_value(body['value'])}")
+            fixed.append((str(key), body["value"]))
         else:
             searched.append(parse_parameter(str(key), body))
     if not searched:
@@ -194,13 +193,14 @@ def optional_text(data: dict[str, Any], key: str) -> str | None:
     return value
 
 
-def parse_set(values: Any) -> list[str]:
-    """`set:` (overrides every trial gets) as KEY=VALUE texts."""
+def parse_set(values: Any) -> list[tuple[str, Any]]:
+    """`set:` (overrides every trial gets) as (key, value) pairs: each value as the sweep file's YAML read it
+    (as KEY=VALUE text it was read again, and the string "yes" became true, "x #note" became x)."""
     if values is None:
         return []
     if not isinstance(values, dict):
         raise SweepError(f"set: expected a mapping of config key -> value, found a YAML {yaml_kind(values)}")
-    return [f"{k}={v}" if isinstance(v, str) else f"{k}={dump_value(v)}" for k, v in values.items()]
+    return [(str(key), value) for key, value in values.items()]
 
 
 def parse_seed(seed: Any) -> int:
@@ -327,14 +327,9 @@ def parse_values(where: str, values: Any) -> list[Any]:
     return list(values)
 
 
-def dump_value(value: Any) -> str:
-    """A value as YAML text `--set` reads back as the same type (1e-07 alone would read as a string)."""
-    # no line width: a long list folded over two lines would lose its second half
-    return yaml.safe_dump(value, default_flow_style=True, width=math.inf).splitlines()[0]
-
-
-def trial_overrides(spec: SweepSpec, params: dict[str, Any]) -> list[str]:
-    return [*spec.fixed, *(f"{key}={dump_value(value)}" for key, value in params.items())]
+def trial_overrides(spec: SweepSpec, params: dict[str, Any]) -> list[tuple[str, Any]]:
+    """What a trial's config is made of: the fixed `set:` and the sampled parameters, values as they are."""
+    return [*spec.fixed, *params.items()]
 
 
 def trial_config(spec: SweepSpec, params: dict[str, Any]) -> Config:

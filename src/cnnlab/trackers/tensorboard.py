@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import io
-import json
 import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from cnnlab.data.pixels import to_pixels
 from cnnlab.inspect.figures import Output, draw_image, grid_shape, new_figure, plot_confusion, save_figure
 from cnnlab.runs import layout
 from cnnlab.runs.recorder import RunRecorder
+from cnnlab.text import to_json
 from cnnlab.training.callbacks import Callback
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def run_directory(trainer: Trainer) -> Path:
 
 def hparams(config: Config) -> dict[str, bool | int | float | str]:
     """The config under the dotted names --set takes, as values the HParams plugin holds (lists as JSON)."""
-    return {key: value if isinstance(value, (bool, int, float, str)) else json.dumps(value)
+    return {key: value if isinstance(value, (bool, int, float, str)) else to_json(value)
             for key, value in dotted_keys(config.to_dict()).items()}
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from cnnlab.data.folder import IMAGE_EXTENSIONS
 from cnnlab.errors import UserError
+from cnnlab.text import to_json
 from cnnlab.use.predict import FileError, Prediction
 
 FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "jsonl"}
@@ -99,7 +99,7 @@ def format_lines(items: Iterable[Prediction | FileError], kind: str, classes: Se
         return
     first = True
     for item in items:
-        text = json.dumps(item.to_dict())
+        text = to_json(item.to_dict())
         yield text + "\n" if kind == "jsonl" else ("[\n" if first else ",\n") + "  " + text
         first = False
     if kind == "json":

@@ -8,7 +8,6 @@ weights would make the page too large are refused with a message saying so.
 from __future__ import annotations
 
 import base64
-import json
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +23,7 @@ from cnnlab.inspect.show import LoadedRun
 from cnnlab.models.cnn import CNN
 from cnnlab.models.plan import Conv, GlobalPool, Pool
 from cnnlab.runs import layout
+from cnnlab.text import to_json
 
 M = TypeVar("M", bound=torch.nn.Module)
 
@@ -150,7 +150,7 @@ def render(data: dict[str, Any]) -> str:
     """The page: the template with the data in its <script type="application/json">."""
     template = files("cnnlab.inspect.explore").joinpath("explore.html").read_text(encoding="utf-8")
     # "<" escaped so no class name or run name can close the <script> it sits in
-    text = json.dumps(data, separators=(",", ":")).replace("<", "\\u003c")
+    text = to_json(data, separators=(",", ":")).replace("<", "\\u003c")
     if template.count(DATA_MARK) != 1:
         raise RuntimeError(f"explore.html should hold {DATA_MARK} once")
     return template.replace(DATA_MARK, text)

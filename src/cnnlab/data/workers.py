@@ -1,0 +1,45 @@
+"""The one DataLoader of cnnlab's decoding workers: workers that leave Ctrl-C and SIGTERM to the main process.
+
+`timeout`, a terminal's Ctrl-C and job control send SIGINT or SIGTERM to every process of the group, the
+decoding workers included. A worker that died of SIGTERM made the main process raise "DataLoader worker
+... killed by signal" from torch's SIGCHLD handler, a traceback instead of the documented stop (exit 130
+and the resume command). The main process alone decides how to stop (`training.engine.stop_on_signals`) and
+then ends its workers itself, so workers ignore both signals. Every DataLoader in cnnlab is this one
+(`tests/test_signals.py` checks the source).
+"""
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+from torch.utils.data import DataLoader
+from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """worker_init_fn: ignore SIGINT and SIGTERM, then let through what was blocked while the worker started
+    (a stop signal that came meanwhile is dropped: it was meant for the main process, which got it too)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+class WorkerLoader(DataLoader):
+    """A DataLoader whose worker processes never act on Ctrl-C or SIGTERM (see the module's docstring)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        if "worker_init_fn" in kwargs:
+            raise TypeError("WorkerLoader sets worker_init_fn itself")
+        kwargs["worker_init_fn"] = ignore_stop_signals
+        super().__init__(*args, **kwargs)
+
+    def __iter__(self) -> _BaseDataLoaderIter:
+        # Workers start here. Blocked from before their fork until ignore_stop_signals runs in them, the
+        # signals cannot reach a worker that has not ignored them yet; in this process they arrive on unblocking.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
