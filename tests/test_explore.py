@@ -202,6 +202,17 @@ def test_explore_writes_one_self_contained_page(tmp_path):
     assert [s["kind"] for s in data["stages"]] == ["input", "conv", "pool", "flatten", "dense", "dense", "softmax"]
 
 
+def test_explore_writes_into_the_run_unless_told_where(tmp_path, monkeypatch):
+    run = shutil.copytree(tiny_run("mnist-sample"), tmp_path / "runs" / "mnist")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["explore", "runs/mnist", "--images", "2"])
+    assert result.exit_code == 0, result.output
+    assert "wrote runs/mnist/explore.html" in result.output  # where report.html and run.explore() go too
+    assert (run / "explore.html").is_file() and not (tmp_path / "explore.html").exists()
+    result = runner.invoke(app, ["explore", "runs/nothing"])
+    assert result.exit_code == 2 and "runs/nothing" in result.output and len(result.output.splitlines()) == 1
+
+
 def test_a_class_name_cannot_close_the_script_it_sits_in():
     page = explore_page.render({"classes": ["</script><script>alert(1)</script>"], "stages": [], "images": []})
     assert page.count("</script>") == 3  # the recipes', the data's and the code's own
