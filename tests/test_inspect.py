@@ -148,6 +148,19 @@ def test_saliency_heat_map(trained, tmp_path, loaded, method):
 
 
 # ------------------------------------------------------------------------------------- curves
+@pytest.mark.parametrize("classes", [2, 3, 10])
+def test_the_confusion_matrix_title_is_never_cut_off(classes):
+    from cnnlab.inspect.figures import plot_confusion
+
+    out = io.BytesIO()
+    names = tuple(f"class {i}" for i in range(classes))
+    plot_confusion(np.eye(classes, dtype=int) * 50 + 1, names, out, title="mnist-pair: confusion on 1,000 test images")
+    picture = np.asarray(Image.open(out).convert("L"))
+    title_band = picture[: picture.shape[0] // 8]  # the title sits above the matrix
+    assert (title_band < 128).any()  # it is drawn ...
+    assert title_band[:, :2].min() > 200 and title_band[:, -2:].min() > 200  # ... and inside the picture
+
+
 def test_show_curves_and_compare_overlay(trained, tmp_path):
     assert run("show", "curves", trained / "a", "--out", tmp_path / "c.png").exit_code == 0
     assert png_size((tmp_path / "c.png").read_bytes()) == (1000, 400)

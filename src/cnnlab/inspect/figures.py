@@ -7,6 +7,7 @@ Pictures of what a network learned live in `cnnlab.inspect.activations` and `cnn
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,8 +61,8 @@ def plot_confusion(confusion: np.ndarray, classes: tuple[str, ...], out: Output,
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if title:
-        ax.set_title(title)
+    if title:  # wrapped to the figure's width: with 2 or 3 classes the figure is narrower than a one-line title
+        ax.set_title(textwrap.fill(title, width=max(16, int(11 * fig.get_figwidth()))), fontsize=10)
     return save_figure(fig, out)
 
 
