@@ -184,6 +184,8 @@ def test_report_is_one_self_contained_page(trained, tmp_path):
     # curves, confusion, calibration, mistakes, kernels, 3 x (feature maps, saliency), the PCA and t-SNE maps
     assert len(images) >= (13 if find_spec("sklearn") else 12)
     assert "Calibration" in page and "A map of the learned features" in page
+    summary = page.split('<section id="summary">', 1)[1]
+    assert "<th></th>" not in page and summary.split("<table>", 1)[1].startswith("<tr><td>dataset</td>")
     for uri in images:
         assert base64.b64decode(uri.split(",", 1)[1]).startswith(b"\x89PNG")
     other = tmp_path / "elsewhere.html"
