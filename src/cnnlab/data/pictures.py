@@ -73,6 +73,13 @@ SAMPLES: dict[str, tuple[Callable[[], Image.Image], str]] = {
 }
 
 
+def png_writer(picture: Image.Image) -> Callable[[Path], None]:
+    """What write_atomic calls with its temporary file: save `picture` there as PNG."""
+    def write(tmp: Path) -> None:
+        picture.save(tmp, format="PNG")
+    return write
+
+
 def write_samples(folder: str | Path, overwrite: bool = False) -> list[tuple[Path, str]]:
     """Write the sample pictures into `folder` (made if missing); [(file, what it is)].
 
@@ -89,5 +96,5 @@ def write_samples(folder: str | Path, overwrite: bool = False) -> list[tuple[Pat
     pictures = [(path, make()) for path, (make, _) in zip(targets, SAMPLES.values())]  # all made before any written
     folder.mkdir(parents=True, exist_ok=True)
     for path, picture in pictures:
-        write_atomic(path, lambda tmp, picture=picture: picture.save(tmp, format="PNG"))
+        write_atomic(path, png_writer(picture))
     return [(path, what) for path, (_, what) in zip(targets, SAMPLES.values())]
