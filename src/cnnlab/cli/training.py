@@ -385,11 +385,7 @@ def format_evaluation(result: Evaluation) -> str:
     if few:
         lines.append(f"few examples: {', '.join(few)} (under a third of the median class); "
                      "see train.class_weights: balanced, or train.sampling: balanced")
-    short = [n[:5] for n in names]
-    lines += ["", "confusion matrix (rows: true class, columns: predicted)",
-              " " * (width + 1) + " ".join(f"{s:>5}" for s in short)]
-    for name, row in zip(names, result.confusion):
-        lines.append(f"{name:{width}} " + " ".join(f"{c:5d}" for c in row))
+    lines += ["", *confusion_lines(names, result.confusion)]
     if result.calibration is not None:
         c = result.calibration
         lines += ["", f"calibration: ECE {c.ece:.4f} over {c.bins} confidence bins (0 is honest), "
@@ -400,6 +396,20 @@ def format_evaluation(result: Evaluation) -> str:
         lines += ["", "most confused (true -> predicted: count)"]
         lines += [f"  {p['true']} -> {p['predicted']}: {p['count']}" for p in pairs]
     return "\n".join(lines)
+
+
+def confusion_lines(names: tuple[str, ...] | list[str], confusion: Any) -> list[str]:
+    """The confusion matrix as text: columns headed by the class names when they fit in 5 characters, else by
+    the classes' numbers, which the rows then show beside the full names ("Ankle boot", never "Ankle")."""
+    cell = max(5, *(len(str(int(c))) for c in confusion.ravel()))
+    numbered = max(len(n) for n in names) > cell
+    labels = [f"{i:>{len(str(len(names) - 1))}} {n}" if numbered else n for i, n in enumerate(names)]
+    width = max(len(n) for n in [*labels, "class"])
+    heads = [str(i) if numbered else n for i, n in enumerate(names)]
+    lines = ["confusion matrix (rows: true class, columns: predicted" + (", by number)" if numbered else ")"),
+             " " * (width + 1) + " ".join(f"{h:>{cell}}" for h in heads)]
+    lines += [f"{label:{width}} " + " ".join(f"{int(c):{cell}d}" for c in row) for label, row in zip(labels, confusion)]
+    return lines
 
 
 @app.command("lr-find", rich_help_panel=TRAIN)
