@@ -60,6 +60,7 @@ def test_drawing_a_digit_shows_a_prediction(page, tmp_path):
     prediction = page.locator("#prediction").inner_text()
     assert prediction.split(" ")[0] in [str(d) for d in range(10)] and "%" in prediction
     assert page.locator("#input-image").is_visible()
+    assert "centred by mass, light on dark" in page.locator("#seen-caption").inner_text()
     assert page.locator("#feature-maps img").count() == 4  # conv1's four filters
     assert page.locator("#error").is_hidden()
     page.screenshot(path=str(tmp_path / "serve-drawing.png"), full_page=True)
@@ -78,6 +79,8 @@ def test_uploading_a_picture_and_switching_models(page, tmp_path):
     page.wait_for_function("document.querySelector('#bars').textContent.match(/Sneaker|Sandal|Ankle boot|Bag|"
                            "T-shirt|Trouser|Pullover|Dress|Coat|Shirt/) && !document.body.classList.contains('busy')")
     assert "fashion-mnist-sample" in page.locator("#model-info").inner_text()
+    assert "trimmed to the object" in page.locator("#seen-caption").inner_text()  # the recipe's own steps
+    assert "light on dark" not in page.evaluate("SEEN.photos")  # a colour photo is never inverted
     page.screenshot(path=str(tmp_path / "serve-upload.png"), full_page=True)
 
 

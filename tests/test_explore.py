@@ -202,9 +202,20 @@ def test_explore_writes_one_self_contained_page(tmp_path):
     assert [s["kind"] for s in data["stages"]] == ["input", "conv", "pool", "flatten", "dense", "dense", "softmax"]
 
 
+def test_explore_writes_into_the_run_unless_told_where(tmp_path, monkeypatch):
+    run = shutil.copytree(tiny_run("mnist-sample"), tmp_path / "runs" / "mnist")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["explore", "runs/mnist", "--images", "2"])
+    assert result.exit_code == 0, result.output
+    assert "wrote runs/mnist/explore.html" in result.output  # where report.html and run.explore() go too
+    assert (run / "explore.html").is_file() and not (tmp_path / "explore.html").exists()
+    result = runner.invoke(app, ["explore", "runs/nothing"])
+    assert result.exit_code == 2 and "runs/nothing" in result.output and len(result.output.splitlines()) == 1
+
+
 def test_a_class_name_cannot_close_the_script_it_sits_in():
     page = explore_page.render({"classes": ["</script><script>alert(1)</script>"], "stages": [], "images": []})
-    assert page.count("</script>") == 2  # the data's and the code's own
+    assert page.count("</script>") == 3  # the recipes', the data's and the code's own
 
 
 @pytest.mark.parametrize("case", ["missing", "not a run", "no images", "too many", "too big", "not html", "a fifo",
@@ -352,7 +363,8 @@ def test_a_drawing_is_run_through_the_network_in_the_page(browser, tmp_path):
     tab.mouse.up()
     tab.wait_for_function("document.querySelector('#prediction').textContent.includes('your drawing')")
     drawn = np.array(tab.evaluate("Array.from(drawnInput())")).reshape(28, 28)
-    assert drawn[:, 14].mean() > 0.5 and drawn[:, :5].max() == 0  # a vertical white stroke on black
+    # black ink on white paper, prepared as MNIST's digits are: a light stroke on black, 20 px tall, centred
+    assert drawn[4:24, 12:16].max(axis=1).min() > 0.5 and drawn[:, :5].max() == 0 and drawn[:3].max() == 0
     logits = tab.evaluate(f"Array.from(outs[{len(explore_stages(LoadedRun(run).model)) - 2}])")
     with torch.no_grad():
         expected = LoadedRun(run).model(torch.from_numpy(drawn).float()[None, None])[0]

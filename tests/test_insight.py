@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -77,6 +78,26 @@ def test_ece_matches_a_loop_over_the_bins():
             expected += inside.sum() / 500 * abs(right[inside].mean() - confidence[inside].mean())
     assert cal.ece == pytest.approx(expected)
     assert cal.to_dict()["confidence"][0] is None  # no confidence under 0.25 with 4 classes: an empty bin, null
+
+
+@pytest.mark.parametrize("spread", [(3, 4, 1), (1, 40, 900)])
+def test_the_count_axis_reads_in_plain_numbers(spread):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from cnnlab.inspect.calibration import reliability_figure
+
+    few, some, many = spread  # 4 images in a bin read "4" on a few-image run, not "4×10⁰"
+    probabilities = np.concatenate([np.tile([p, 1 - p], (n, 1)) for p, n in ((0.55, few), (0.7, some), (0.95, many))])
+    labels = np.zeros(len(probabilities), dtype=int)
+    figure = reliability_figure(calibration(probabilities, labels))
+    FigureCanvasAgg(figure).draw()
+    counts = figure.axes[1]
+    low, high = counts.get_ylim()
+    labels_shown = [t.get_text() for t in counts.get_yticklabels() if low <= t.get_position()[1] <= high]
+    minor = [t.get_text() for t in counts.get_yticklabels(minor=True) if t.get_text()]
+    assert labels_shown and all(re.fullmatch(r"[\d,]+", text) for text in labels_shown), labels_shown
+    assert minor == []
+    assert int(labels_shown[-1].replace(",", "")) >= max(spread) / 5  # the ticks reach up to the fullest bin
 
 
 def test_calibration_refuses_mismatched_inputs():

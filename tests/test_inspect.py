@@ -148,6 +148,19 @@ def test_saliency_heat_map(trained, tmp_path, loaded, method):
 
 
 # ------------------------------------------------------------------------------------- curves
+@pytest.mark.parametrize("classes", [2, 3, 10])
+def test_the_confusion_matrix_title_is_never_cut_off(classes):
+    from cnnlab.inspect.figures import plot_confusion
+
+    out = io.BytesIO()
+    names = tuple(f"class {i}" for i in range(classes))
+    plot_confusion(np.eye(classes, dtype=int) * 50 + 1, names, out, title="mnist-pair: confusion on 1,000 test images")
+    picture = np.asarray(Image.open(out).convert("L"))
+    title_band = picture[: picture.shape[0] // 8]  # the title sits above the matrix
+    assert (title_band < 128).any()  # it is drawn ...
+    assert title_band[:, :2].min() > 200 and title_band[:, -2:].min() > 200  # ... and inside the picture
+
+
 def test_show_curves_and_compare_overlay(trained, tmp_path):
     assert run("show", "curves", trained / "a", "--out", tmp_path / "c.png").exit_code == 0
     assert png_size((tmp_path / "c.png").read_bytes()) == (1000, 400)
@@ -171,6 +184,8 @@ def test_report_is_one_self_contained_page(trained, tmp_path):
     # curves, confusion, calibration, mistakes, kernels, 3 x (feature maps, saliency), the PCA and t-SNE maps
     assert len(images) >= (13 if find_spec("sklearn") else 12)
     assert "Calibration" in page and "A map of the learned features" in page
+    summary = page.split('<section id="summary">', 1)[1]
+    assert "<th></th>" not in page and summary.split("<table>", 1)[1].startswith("<tr><td>dataset</td>")
     for uri in images:
         assert base64.b64decode(uri.split(",", 1)[1]).startswith(b"\x89PNG")
     other = tmp_path / "elsewhere.html"

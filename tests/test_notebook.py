@@ -2,11 +2,25 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
-NOTEBOOK = Path(__file__).parents[1] / "examples" / "lesson.ipynb"
+ROOT = Path(__file__).parents[1]
+NOTEBOOK = ROOT / "examples" / "lesson.ipynb"
+
+
+def test_the_notebook_extra_the_docs_install_holds_jupyter_nbconvert_and_a_kernel():
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    docs = (ROOT / "docs" / "notebook.md").read_text()
+    named = set(re.findall(r"pip install -e '\.\[(\w+)\]'", docs)) | set(re.findall(r"cnnlab\[(\w+)\]", docs))
+    assert named == {"notebook"}
+    packages = {re.split(r"[<>=;\[ ]", requirement)[0] for requirement in extras["notebook"]}
+    assert packages & {"jupyterlab", "notebook"} and {"nbconvert", "ipykernel"} <= packages
+    assert "jupyter nbconvert --to notebook --execute examples/lesson.ipynb" in docs
+    assert "notebook" not in extras["test"][0]  # the suite runs the notebook with nbclient, not JupyterLab
 
 
 def test_the_committed_notebook_has_no_outputs():

@@ -1,47 +1,19 @@
 """Regenerate the pictures of docs/playground.md: a drawn 'photo', a digit, and the commands' outputs.
 
 Usage (from the repository root): python docs/img/make_playground_images.py
-Nothing is downloaded: the sample photo is a scene drawn with Pillow.
+Nothing is downloaded: the pictures are `cnnlab samples`' (cnnlab.data.pictures).
 """
 from __future__ import annotations
 
 import shlex
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageFont
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
+from cnnlab.data.pictures import digit, scene, trousers
 
 HERE = Path(__file__).parent
-SIDE = 160  # pixels: small enough to keep every picture a few tens of KB
-
-
-def draw_scene(path: Path) -> None:
-    """A small landscape: sky gradient, sun, hills, a house with a window, and some text."""
-    sky = np.linspace([90, 150, 230], [200, 225, 250], SIDE)                  # (SIDE, 3) top to bottom
-    pixels = np.repeat(sky[:, None, :], SIDE, axis=1).astype(np.uint8)      # (SIDE, SIDE, 3)
-    image = Image.fromarray(pixels)
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((110, 14, 146, 50), fill=(255, 215, 70))                     # sun
-    draw.polygon([(0, 110), (50, 80), (100, 105), (160, 75), (160, 160), (0, 160)], fill=(70, 140, 60))
-    draw.rectangle((30, 95, 85, 140), fill=(190, 80, 60))                     # house
-    draw.polygon([(24, 96), (57, 68), (91, 96)], fill=(110, 50, 40))          # roof
-    draw.rectangle((40, 105, 54, 119), fill=(250, 250, 210))                  # window
-    draw.rectangle((63, 112, 75, 140), fill=(80, 50, 30))                     # door
-    draw.text((96, 128), "cnnlab", fill=(255, 255, 255), font=ImageFont.load_default(size=14))
-    noise = np.random.default_rng(0).normal(0, 6, (SIDE, SIDE, 3))          # camera-like grain
-    grainy = np.clip(np.asarray(image, dtype=float) + noise, 0, 255).astype(np.uint8)
-    Image.fromarray(grainy).save(path)
-
-
-def draw_digit(path: Path) -> None:
-    """A 28x28 grey '3', white on black like MNIST."""
-    image = Image.new("L", (28, 28), 0)
-    ImageDraw.Draw(image).text((14, 14), "3", fill=255, anchor="mm", stroke_width=2, stroke_fill=255,
-                               font=ImageFont.load_default(size=26))
-    image.save(path)
 
 
 COMMANDS = [
@@ -58,8 +30,9 @@ COMMANDS = [
 
 
 def main() -> None:
-    draw_scene(HERE / "photo.png")
-    draw_digit(HERE / "digit.png")
+    scene().save(HERE / "photo.png")  # what `cnnlab samples` writes
+    digit().save(HERE / "digit.png")
+    trousers().save(HERE / "tour-trousers.png")
     runner = CliRunner()
     for command in COMMANDS:
         args = [str(HERE / a) if "." in a and not a.startswith("1,") else a for a in shlex.split(command)]

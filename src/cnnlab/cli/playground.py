@@ -1,4 +1,4 @@
-"""Playground commands: convolve, pool, explain (conv | pool). Thin wrappers over cnnlab.playground.
+"""Playground commands: samples, convolve, pool, explain (conv | pool). Thin wrappers over cnnlab.playground.
 
 NumPy and Pillow only (the playground has no torch); matplotlib is imported by `explain` alone.
 """
@@ -157,6 +157,19 @@ def shape_text(shape: tuple[int, ...]) -> str:
 
 
 # ---------------------------------------------------------------- commands
+
+@app.command(rich_help_panel=LEARN)
+@friendly_errors
+def samples(
+    folder: Path = typer.Argument(..., help="Folder to write them into (made if missing), e.g. '.'."),
+    force: bool = typer.Option(False, "--force", help="Overwrite pictures of the same names already there."),
+) -> None:
+    """Write the lesson's sample pictures (photo.png, digit.png, trousers.png) into a folder: the tour starts here."""
+    from cnnlab.data.pictures import write_samples
+
+    for path, what in write_samples(folder, overwrite=force):
+        typer.echo(f"{path}: {what}")
+
 
 @app.command(rich_help_panel=LEARN)
 @friendly_errors

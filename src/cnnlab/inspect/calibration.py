@@ -2,14 +2,25 @@
 with how many test images fell in each bin below (`cnnlab show calibration`, the report)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from cnnlab.inspect.figures import Output, new_figure, save_figure
 from cnnlab.training.calibration import Calibration
 
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
 
 def plot_reliability(cal: Calibration, out: Output, title: str = "") -> Output:
     """Accuracy per confidence bin as bars over the diagonal (gaps hatched red), image counts per bin below."""
+    return save_figure(reliability_figure(cal, title), out)
+
+
+def reliability_figure(cal: Calibration, title: str = "") -> Figure:
+    """The reliability diagram as a Figure: accuracy per bin over the diagonal, image counts per bin below."""
     fig = new_figure(6, 6.4)
     top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 1))
     edges = cal.edges
@@ -36,7 +47,18 @@ def plot_reliability(cal: Calibration, out: Output, title: str = "") -> Output:
     top.set_title(title or "reliability diagram", fontsize=10)
     bottom.bar(centres, counts, width=width * 0.95, color="0.5")
     if counts.max() > 0:
-        bottom.set_yscale("log")  # a good model puts most images in the last bin
+        log_counts(bottom)  # a good model puts most images in the last bin
     bottom.set_ylabel("images")
     bottom.set_xlabel(f"confidence: the top class's probability, {cal.bins} bins")
-    return save_figure(fig, out)
+    return fig
+
+
+def log_counts(ax: Axes) -> None:
+    """A log count axis labelled in plain numbers at 1, 2, 5, 10, 20, ... ("4×10⁰" is no way to write 4)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,.0f}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(bottom=0.7)  # a bin of 1 image shows as a bar, and the axis starts at a labelled 1

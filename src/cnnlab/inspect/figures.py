@@ -7,6 +7,7 @@ Pictures of what a network learned live in `cnnlab.inspect.activations` and `cnn
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,9 @@ def plot_confusion(confusion: np.ndarray, classes: tuple[str, ...], out: Output,
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     heading = "\n".join(part for part in (title, shown.caption) if part)
-    if heading:
-        ax.set_title(heading, fontsize=10 if shown.partial else None)
+    if heading:  # wrapped to the figure's width: with 2 or 3 classes the figure is narrower than a one-line title
+        width = max(16, int(11 * fig.get_figwidth()))
+        ax.set_title("\n".join(textwrap.fill(line, width=width) for line in heading.splitlines()), fontsize=10)
     return save_figure(fig, out)
 
 

@@ -70,12 +70,12 @@ def img(uri: str, alt: str) -> str:
     return f'<img src="{uri}" alt="{html.escape(alt)}">'
 
 
-def table(header: list[str], rows: list[list[Any]], numeric: Collection[int] = frozenset()) -> str:
-    """An HTML table; cells are escaped here, columns in `numeric` are right-aligned."""
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+def table(header: list[str] | None, rows: list[list[Any]], numeric: Collection[int] = frozenset()) -> str:
+    """An HTML table; cells are escaped here, columns in `numeric` are right-aligned; no header row for None."""
+    head = "" if header is None else "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     body = "".join("<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{html.escape(str(c))}</td>'
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 # ---------------------------------------------------------------------------------- sections
@@ -90,7 +90,7 @@ def summary_section(run: Path) -> str:
              ("training time (s)", format_cell(row["seconds"], "seconds")), ("started", format_cell(row["started"])),
              ("versions", f"cnnlab {manifest.get('cnnlab', '?')}, torch {manifest.get('torch', '?')}"),
              ("command", shlex.join(map(str, manifest.get("command", []))) or "-"), ("run directory", str(run))]
-    return table(["", ""], [list(f) for f in facts])
+    return table(None, [list(f) for f in facts])  # name: value rows; a header row would be an empty grey bar
 
 
 def results_section(loaded: LoadedRun) -> str:

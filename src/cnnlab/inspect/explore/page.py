@@ -2,7 +2,8 @@
 
 The page holds the model's stages and weights (float32, base64) and a few test images as JSON in a
 <script>, with its JavaScript and style sheet inline: it runs the forward pass itself, for a shipped
-image or one drawn on its canvas, and opens from disk with no server and no network. Models whose
+image or one drawn on its canvas, and opens from disk with no server and no network. A drawing is prepared
+by recipes.js, a port of `cnnlab.use.recipes` (the dataset's recipe, as `cnnlab predict` uses it). Models whose
 weights would make the page too large are refused with a message saying so.
 """
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from cnnlab.data.pixels import to_inputs
+from cnnlab.data.registry import dataset_recipe
 from cnnlab.errors import UserError
 from cnnlab.files import write_text
 from cnnlab.inspect.explore.stages import Stage, explore_stages
@@ -31,6 +33,7 @@ MAX_IMAGES = 64  # test images shipped in the page
 DEFAULT_IMAGES = 16
 MAX_WEIGHT_BYTES = 20 * 2**20  # base64 text of the weights in the page: 20 MiB is about 3.9M parameters
 DATA_MARK = "/*CNNLAB-EXPLORE-DATA*/"  # where the JSON goes in the template
+RECIPES_MARK = "/*CNNLAB-EXPLORE-RECIPES*/"  # where recipes.js goes
 
 
 class ExploreError(UserError, ValueError):
@@ -140,6 +143,7 @@ def explore_data(loaded: LoadedRun, count: int = DEFAULT_IMAGES) -> dict[str, An
     h, w, c = model.input_shape
     return {"format": "cnnlab-explore-1", "run": loaded.name, "dataset": loaded.config.data.dataset,
             "model": loaded.config.model.name, "classes": list(loaded.classes),
+            "recipe": dataset_recipe(loaded.config.data),  # how the page prepares a drawing (recipes.js)
             "input": {"height": h, "width": w, "channels": c},
             "params": sum(p.numel() for p in model.parameters()),
             "stages": [stage_json(model, stage) for stage in explore_stages(model)],
@@ -147,13 +151,18 @@ def explore_data(loaded: LoadedRun, count: int = DEFAULT_IMAGES) -> dict[str, An
 
 
 def render(data: dict[str, Any]) -> str:
-    """The page: the template with the data in its <script type="application/json">."""
-    template = files("cnnlab.inspect.explore").joinpath("explore.html").read_text(encoding="utf-8")
+    """The page: the template with recipes.js inline and the data in its <script type="application/json">."""
+    folder = files("cnnlab.inspect.explore")
+    template = folder.joinpath("explore.html").read_text(encoding="utf-8")
+    recipes = folder.joinpath("recipes.js").read_text(encoding="utf-8")
     # "<" escaped so no class name or run name can close the <script> it sits in
     text = to_json(data, separators=(",", ":")).replace("<", "\\u003c")
-    if template.count(DATA_MARK) != 1:
-        raise RuntimeError(f"explore.html should hold {DATA_MARK} once")
-    return template.replace(DATA_MARK, text)
+    for mark in (DATA_MARK, RECIPES_MARK):
+        if template.count(mark) != 1:
+            raise RuntimeError(f"explore.html should hold {mark} once")
+    if "</script" in recipes.lower():
+        raise RuntimeError("recipes.js may not contain </script: it is inlined in a <script>")
+    return template.replace(RECIPES_MARK, recipes).replace(DATA_MARK, text)
 
 
 def write_explorer(run: str | Path, out: str | Path, images: int = DEFAULT_IMAGES,

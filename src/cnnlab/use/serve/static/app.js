@@ -101,6 +101,14 @@ modelSelect.addEventListener("change", () => {
   if (state.last_input) predict(state.last_input.blob, state.last_input.name);  // same picture, other model
 });
 
+// How each recipe (cnnlab.use.recipes) prepared the picture shown under "what the model saw".
+const SEEN = {
+  digits: "cropped to the ink, scaled into 20x20, centred by mass, light on dark",
+  objects: "trimmed to the object, scaled to 28 pixels, sharpened, negated to light on dark",
+  photos: "the middle square, resized, colours kept",
+  "photos-grey": "the middle square, resized, in grey",
+};
+
 async function loadModels() {
   const response = await fetch("/api/model");
   const info = await response.json();
@@ -123,6 +131,8 @@ function describeModel() {
   const accuracy = model.test_accuracy == null ? "not tested" : `${(100 * model.test_accuracy).toFixed(1)}% test accuracy`;
   document.getElementById("model-info").textContent =
     `${model.dataset} · ${model.classes.length} classes · ${model.parameters.toLocaleString("en")} parameters · ${accuracy}`;
+  document.getElementById("seen-caption").textContent =
+    `what the model saw: your picture prepared like the training images (${SEEN[model.recipe] || SEEN.digits})`;
   document.getElementById("hint").textContent = {
     objects: "Upload a photo of one clothing item or shoe on a plain background (or draw one).",
     photos: `Upload a photo of one of: ${model.classes.join(", ")} (the middle square is used).`,
