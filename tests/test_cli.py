@@ -132,18 +132,3 @@ def help_text(*command: str) -> str:
     output = runner.invoke(app, [*command, "--help"]).output
     lines = [line.strip().strip("│╭╰─").strip() for line in output.splitlines()]
     return " ".join(" ".join(lines).split())
-
-
-def test_evaluates_confusion_matrix_never_cuts_a_class_name():
-    import numpy as np
-
-    from cnnlab.cli.training import confusion_lines
-
-    names = ("T-shirt/top", "Trouser", "Ankle boot")
-    lines = confusion_lines(names, np.array([[90, 1, 5], [0, 99, 0], [3, 0, 1234]]))
-    assert lines[1].split() == ["0", "1", "2"]  # columns by number: long names do not fit a 5-wide column
-    assert [line.split()[:3] for line in lines[2:]] == [["0", "T-shirt/top", "90"], ["1", "Trouser", "0"],
-                                                         ["2", "Ankle", "boot"]]
-    assert lines[-1].endswith(" 1234") and len({len(line) for line in lines[1:]}) == 1  # columns line up
-    digits = confusion_lines(tuple("012"), np.eye(3, dtype=int) * 7)
-    assert digits[1].split() == ["0", "1", "2"] and digits[2].split() == ["0", "7", "0", "0"]
