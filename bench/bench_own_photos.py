@@ -43,7 +43,7 @@ def run_cnnlab(folder: Path, seed: int, extra: list[str]) -> dict:
         config = (Path(runs) / "bench" / "config.yaml").read_text()
         model = next(line.split(":", 1)[1].strip() for line in config.splitlines() if line.strip().startswith("name:"))
         return {"what": "cnnlab train (default)", "seed": seed, "model": model, "wall_seconds": round(wall, 1),
-                "test_accuracy": test["accuracy"], "test_images": int(np.sum(test["confusion"]))}
+                "test_accuracy": test["accuracy"], "test_images": test["num_images"]}
 
 
 def split_files(folder: Path) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]], list[str]]:
