@@ -324,9 +324,9 @@ def test_a_fifo_in_a_class_folder_is_skipped_and_reported(tmp_path, workers):
 
 
 def test_an_image_file_over_the_size_limit_is_skipped_unread(tmp_path, monkeypatch):
-    from cnnlab.data import folder as folder_module
+    from cnnlab.data import folder_source
 
-    monkeypatch.setattr(folder_module, "MAX_IMAGE_FILE_BYTES", 2000, raising=False)
+    monkeypatch.setattr(folder_source, "MAX_IMAGE_FILE_BYTES", 2000)
     root = pets(tmp_path / "pets")
     big = picture(root / "cat" / "big.png", seed=5, size=64)
     assert big.stat().st_size > 2000
