@@ -203,3 +203,60 @@ def test_zoom_keeps_the_batch_and_zero_is_no_change():
     assert torch.equal(random_zoom(images, 0.0), images)
     zoomed = random_zoom(images, 0.5)
     assert zoomed.shape == images.shape and zoomed.dtype == torch.uint8 and not torch.equal(zoomed, images)
+
+
+# ------------------------------------------------------------------------------------------- a hostile probe's cases
+def test_resume_refuses_a_folder_whose_files_changed(folder_run):
+    run, folder = folder_run
+    shutil.copy(folder / "red" / "0.png", folder / "red" / "copy.png")
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    resumed = invoke("train", "--resume", str(run))
+    assert resumed.exit_code != 0 and "Traceback" not in resumed.output
+    assert "--resume would go on with other splits" in resumed.output
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_a_picture_that_cannot_be_written_leaves_test_json_and_the_evaluation_is_printed(folder_run):
+    run, _ = folder_run
+    before = (run / "test.json").read_bytes()
+    (run / "confusion.png").unlink()
+    (run / "confusion.png").mkdir()  # a folder where the picture goes
+    evaluated = invoke("evaluate", str(run), "--json")
+    assert evaluated.exit_code == 2
+    assert '"accuracy"' in evaluated.output and "test.json is as it was" in evaluated.output
+    assert (run / "test.json").read_bytes() == before
+
+
+def test_the_web_demo_names_a_folder_run_s_dataset_without_its_path(folder_run):
+    from cnnlab.use.predict import Predictor
+
+    run, folder = folder_run
+    described = Predictor.from_run(run).describe()
+    assert described["dataset"] == "colours" and str(folder.parent) not in json.dumps(described)
+
+
+def test_class_names_with_dollars_and_quotes_draw(tmp_path):
+    folder = write_colour_folder(tmp_path / "colours", per_class=40)
+    (folder / "green").rename(folder / "gr\"e'en $x")
+    trained = invoke("train", "--dataset", str(folder), *QUICK, "--runs-dir", str(tmp_path / "runs"), "--name", "d")
+    assert trained.exit_code == 0, trained.output
+    run = tmp_path / "runs" / "d"
+    for command in (["report", str(run)], ["show", "features", str(run), "--index", "0", "--out",
+                                            str(tmp_path / "f.png")]):
+        shown = invoke(*command)
+        assert shown.exit_code == 0 and "Traceback" not in shown.output, (command, shown.output)
+
+
+@pytest.mark.parametrize("storage", ["//u:SECRET@host/db", " postgres://u:SECRET@h/db", "postgres://u:p@SECRET@h/db"])
+def test_storage_that_looks_like_a_url_is_refused_without_its_password_or_a_folder(storage, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for command in (["sweep", "status", "s", "--storage", storage], ["sweep", "best", "s", "--storage", storage]):
+        refused = invoke(*command)
+        assert refused.exit_code != 0 and "SECRET" not in refused.output and "Traceback" not in refused.output
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sweep_status_refuses_a_name_that_leaves_the_sweeps_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused = invoke("sweep", "status", "../../etc")
+    assert refused.exit_code != 0 and refused.output.startswith("error:") and "Traceback" not in refused.output

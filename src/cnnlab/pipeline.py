@@ -21,10 +21,11 @@ from torch import nn
 
 from cnnlab.config import Config, ConfigError, TrainConfig, check_dataset_name, dotted_keys
 from cnnlab.data.loading import Dataset
-from cnnlab.data.pinning import check_folder
+from cnnlab.data.pinning import FolderChanged, check_folder
 from cnnlab.data.registry import is_image_folder, load_config_for
 from cnnlab.data.sources import Data, load_data, prepare_data
 from cnnlab.data.store import notify
+from cnnlab.errors import UserError
 from cnnlab.files import reason, write_atomic, write_json, write_text
 from cnnlab.inspect.figures import plot_confusion
 from cnnlab.inspect.notebook import Run, curves_figure
@@ -91,14 +92,18 @@ def open_data(config: Config, progress: bool = True, context: Context = SINGLE, 
                                                     summary and progress and context.is_main))
 
 
-def open_pinned_data(run: Path, config: Config, progress: bool = True, context: Context = SINGLE) -> Data:
+def open_pinned_data(run: Path, config: Config, progress: bool = True, context: Context = SINGLE,
+                     same_files: bool = False) -> Data:
     """The dataset a run was made from, opened again: an image folder is compared with the one the run pinned
     in its manifest (FolderChanged, before anything is written, when its classes differ; a warning when its
-    files do)."""
+    files do, or with `same_files` (resuming: the splits must be the ones it trained on) FolderChanged too)."""
     data = open_data(config, progress, context)
     recorded = (records.read_record(run, "manifest") or {}).get("image_folder")
     now = data.about.get("image_folder")
     for warning in check_folder(recorded, now, str(run)) if now else []:
+        if same_files:
+            raise FolderChanged(f"{warning}; --resume would go on with other splits (a test image could reach "
+                                "training): restore the folder, or train a new run on it")
         if progress and context.is_main:
             notify(warning)
     return data
@@ -166,14 +171,14 @@ def check_keyword_types(**given: tuple[object, tuple[type, ...], str]) -> None:
     """The notebook API's own keywords, each checked before use: `train(dataset=123)` was an AttributeError
     deep inside. `given`: keyword -> (value, the types it may have, what it is in words)."""
     for keyword, (value, types, what) in given.items():
-        if keyword == "dataset" and not isinstance(value, (Dataset, type(None))):
+        if keyword == "dataset" and not isinstance(value, (Dataset, Data, Path, type(None))):
             check_dataset_name(value, "dataset")  # a name, not empty: the rule of --dataset and data.dataset
         elif not isinstance(value, types):
             raise ConfigError(f"{keyword}={value!r}: expected {what}, found {type(value).__name__}")
 
 
 def train(config: Config | str | Path | None = None, root: str | Path = layout.DEFAULT_ROOT, name: str | None = None,
-          callbacks: Sequence[Callback] = (), progress: bool = True, dataset: Data | Dataset | str | None = None,
+          callbacks: Sequence[Callback] = (), progress: bool = True, dataset: Data | Dataset | str | Path | None = None,
           context: Context = SINGLE, reuse: bool = False, *, model: str | None = None, **settings: Any) -> RunResult:
     """Train a model from a config into a new run directory, then evaluate it on the test set.
 
@@ -189,8 +194,11 @@ def train(config: Config | str | Path | None = None, root: str | Path = layout.D
         config=(config, (Config, str, Path, type(None)), "a Config, a YAML file's path or None"),
         root=(root, (str, Path), "a folder's path"), name=(name, (str, type(None)), "a run name or None"),
         progress=(progress, (bool,), "True or False"), reuse=(reuse, (bool,), "True or False"),
-        dataset=(dataset, (Dataset, str, type(None)), "a dataset's name, an image folder's path or a Dataset"),
+        dataset=(dataset, (Dataset, Data, str, Path, type(None)),
+                 "a dataset's name, an image folder's path or a Dataset"),
         model=(model, (str, type(None)), "a model preset's name"))
+    if isinstance(dataset, Path):
+        dataset = str(dataset)  # an image folder's path
     keywords = not isinstance(config, Config)
     if not isinstance(config, Config):
         config = keyword_config(model, config, dataset if isinstance(dataset, str) else None, settings)
@@ -236,7 +244,7 @@ def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool =
     """
     run = layout.check_run(run, "config")
     config = records.load_config(run)
-    data = open_pinned_data(run, config, progress, context)
+    data = open_pinned_data(run, config, progress, context, same_files=True)
     model = build_model(config.model, data.image_shape, data.num_classes)
     recorders = [RunRecorder(run, data.classes, config)] if context.is_main else []
     trainer = Trainer(model, TrainData(data.train, data.val), config.train, [*recorders, *callbacks], context)
@@ -348,12 +356,13 @@ def evaluate_with_files(model: nn.Module, data: Data, config: TrainConfig) -> tu
 
 
 def record_test(run: Path, result: Evaluation, data: Data, per_image: PerImage) -> None:
-    """test.json, predictions.csv and confusion.png in the run, each whole or not at all."""
-    write_json(layout.path(run, "test"), result.to_dict())
-    write_predictions(run, rows_of(per_image, data.test, data.classes))
+    """confusion.png, predictions.csv and test.json in the run, each whole or not at all, the record last: a
+    picture that cannot be written leaves the run's test.json as it was."""
     write_atomic(layout.path(run, "confusion"),
                  lambda tmp: plot_confusion(result.confusion, tuple(data.classes), tmp,
                                             title=f"{run.name}: test accuracy {result.accuracy:.2%}"))
+    write_predictions(run, rows_of(per_image, data.test, data.classes))
+    write_json(layout.path(run, "test"), result.to_dict())
 
 
 class ResultNotSaved(layout.RunError):
@@ -379,5 +388,7 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, progress: 
         record_test(Path(run), result, data, per_image)
     except OSError as exc:
         raise ResultNotSaved(f"{run}: the evaluation was not saved ({exc.filename or run}: {reason(exc)}); "
-                             "test.json, predictions.csv and confusion.png are as they were", result) from None
+                             "test.json is as it was", result) from None
+    except UserError as exc:  # a file the run holds that cnnlab will not replace (a folder, a link, a FIFO)
+        raise ResultNotSaved(f"{run}: the evaluation was not saved ({exc}); test.json is as it was", result) from None
     return result

@@ -82,7 +82,9 @@ def status(name: Name, storage: Storage = None, runs_dir: RunsDir = RUNS_DIR,
     """A table of the sweep's trials, the best so far, how many were pruned or failed, and which parameters mattered."""
     from cnnlab import sweep as sweeps
     from cnnlab.sweep.runner import check_plot_target
+    from cnnlab.sweep.spec import check_name
 
+    check_name(name, "the sweep name")  # '../../etc' names no sweep: refused as `run` refuses it
     if plot is not None:
         check_plot_target(plot)  # a FIFO, a device, a folder or an unknown format: refused before reading
     study = sweeps.load_study(name, storage_for(storage, runs_dir, name))
@@ -99,7 +101,9 @@ def best(name: Name, out: Annotated[Path, typer.Option("--out", "-o", help="Writ
     """Write the best trial's full config, ready for `cnnlab train --config`."""
     from cnnlab import sweep as sweeps
     from cnnlab.files import output_target
+    from cnnlab.sweep.spec import check_name
 
+    check_name(name, "the sweep name")
     output_target(out)  # a FIFO, a device or a folder: refused before the study is read
     trial = sweeps.write_best_config(sweeps.load_study(name, storage_for(storage, runs_dir, name)), out, runs_dir)
     print(f"best trial {trial.number}: value {trial.value:.4f} {trial.params}")

@@ -146,15 +146,21 @@ def data_warnings(summary: FolderSummary) -> list[str]:
     unjudged = [name for name, n in test.items() if n == 0]
     if unjudged:
         many = len(unjudged) > 1
-        out.append(f"class{'es' if many else ''} {', '.join(unjudged)} ha{'ve' if many else 's'} no readable test "
-                   f"image: the test accuracy says nothing about {'them' if many else 'it'}; add images")
+        found = any(summary.counts["test"][name] for name in unjudged)  # files there, none of them readable
+        out.append(f"class{'es' if many else ''} {', '.join(unjudged)} ha{'ve' if many else 's'} no "
+                   f"{'readable ' if found else ''}test image: the test accuracy says nothing about "
+                   f"{'them' if many else 'it'}; add images")
+    train = usable(summary, "train")
+    unlearnt = [name for name, n in train.items() if n == 0]
+    if unlearnt and summary.readable is not None:  # training refuses this folder (readable_problem)
+        out.append(f"class{'es' if len(unlearnt) > 1 else ''} {', '.join(unlearnt)}: no readable training image; "
+                   "training refuses the folder until there is one")
     few = [f"{name} ({n})" for name, n in test.items() if 0 < n < FEW_TEST_IMAGES]
     if few:
         out.append(f"{len(few)} class{'es have' if len(few) > 1 else ' has'} fewer than {FEW_TEST_IMAGES} test images "
                    f"({', '.join(few[:5])}{', ...' if len(few) > 5 else ''}): one image moves its accuracy by "
                    f"{100 / max(1, min(n for n in test.values() if n)):.0f} points; add images, or put a test/ "
                    "folder beside train/")
-    train = usable(summary, "train")
     smallest, largest = min(train.values()), max(train.values())
     if smallest and largest / smallest >= IMBALANCE_RATIO:
         small = min(train, key=lambda name: train[name])

@@ -40,12 +40,14 @@ def save_figure(fig: Figure, out: Output) -> Output:
 
 
 def printable_text(fig: Figure) -> None:
-    """Every text in `fig` as valid UTF-8: a run or file name the locale could not decode holds escaped bytes
-    (`cnnlab.text`), which matplotlib's font code refuses with a TypeError."""
+    """Every text in `fig` as valid UTF-8 and literal: a run or file name the locale could not decode holds
+    escaped bytes (`cnnlab.text`), which matplotlib's font code refuses with a TypeError, and a class named
+    `$x` would be read as TeX math (a ParseException for an unmatched `$`)."""
     from matplotlib.text import Text
 
     for text in fig.findobj(Text):
         text.set_text(real_text(text.get_text()))
+        text.set_parse_math(False)
 
 
 def draw_image(ax: Axes, image: np.ndarray) -> AxesImage:

@@ -52,6 +52,15 @@ def parse_storage(text: str) -> Storage:
     """The storage `text` names; a SweepError (one line, no password) for one a sweep cannot use."""
     if not text or not text.strip():
         raise SweepError(f"--storage is empty; {EXPECTED}")
+    if text != text.strip():  # ' postgres://u:pw@h/db' is a URL typed with a space, not a folder named after it
+        raise SweepError(f"--storage {masked(text.strip())!r}: starts or ends with a space; {EXPECTED}")
+    first = text.split("/")[0] if not text.startswith("//") else text[2:].split("/")[0]
+    if "@" in first and ":" in first and SCHEME.match(text) is None or text.startswith("//"):
+        # '//user:pw@host/db' is a URL without its scheme: never a folder, and never echoed (it may hold a password)
+        raise SweepError(f"--storage: looks like a database URL without its scheme (not shown: it may hold a "
+                         f"password); {EXPECTED}")
+    if re.search(r"://[^/]*@[^/]*@", text):  # a driver would take what follows the first '@' for a host, and say so
+        raise SweepError(f"--storage {masked(text)}: its password holds an '@': write it %40; {EXPECTED}")
     match = SCHEME.match(text)
     if match is None:
         return Storage("journal", Path(text), None, text)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from cnnlab.data.pixels import images_tensor, to_inputs
-from cnnlab.data.registry import dataset_recipe
+from cnnlab.data.registry import dataset_recipe, is_image_folder
 from cnnlab.files import write_atomic
 from cnnlab.images import MAX_PIXELS, ImageFile, ImageReadError
 from cnnlab.models.cnn import CNN, count_parameters
@@ -72,7 +72,9 @@ class Predictor:
     def describe(self) -> dict:
         """What `GET /api/model` says about this model: never where it lives on disk (the server's callers
         need not know the machine's folders)."""
-        return dict(name=self.name, dataset=self.dataset, recipe=self.recipe,
+        # an image folder by its name alone: its path is where it lives on this machine
+        dataset = Path(self.dataset).name if is_image_folder(self.dataset) else self.dataset
+        return dict(name=self.name, dataset=dataset, recipe=self.recipe,
                     classes=list(self.classes), input_shape=list(self.model.input_shape),
                     parameters=count_parameters(self.model), test_accuracy=self.test_accuracy,
                     conv_layers=list(self.model.conv_layers()))
