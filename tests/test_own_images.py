@@ -17,7 +17,7 @@ from cnnlab import pipeline
 from cnnlab.cli import app
 from cnnlab.config import load_config
 from cnnlab.images import fitted
-from cnnlab.training.augment import random_zoom
+from cnnlab.training.augment import random_colour, random_zoom
 from test_folder_training import with_bad_files, write_colour_folder
 
 QUICK = ["--model", "seed", "--epochs", "1", "--quiet", "--set", "data.image_size=12", "--set", "data.workers=0",
@@ -203,6 +203,28 @@ def test_zoom_keeps_the_batch_and_zero_is_no_change():
     assert torch.equal(random_zoom(images, 0.0), images)
     zoomed = random_zoom(images, 0.5)
     assert zoomed.shape == images.shape and zoomed.dtype == torch.uint8 and not torch.equal(zoomed, images)
+
+
+def test_a_zoomed_photo_has_no_black_bars():
+    backdrop = torch.full((16, 3, 20, 20), 200, dtype=torch.uint8)  # a light backdrop, as photos have
+    backdrop[:, :, 8:12, 8:12] = 30  # the object
+    zoomed = random_zoom(backdrop, 0.5)
+    assert int(zoomed.min()) >= 30  # nothing darker than the object: no black bars where the picture ends
+
+
+def test_colour_jitter_keeps_shapes_and_changes_colours():
+    torch.manual_seed(0)
+    images = torch.zeros((64, 3, 8, 8), dtype=torch.uint8)
+    images[:, 0, 2:6, 2:6] = 250  # a red square on black
+    jittered = random_colour(images, 1.0)
+    assert jittered.shape == images.shape and jittered.dtype == torch.uint8
+    square = jittered[:, :, 2:6, 2:6].float().mean((2, 3))  # (64, 3) the square's colour in each image
+    outside = jittered[:, :, 0, 0].float()
+    assert ((square.max(1).values - outside.max(1).values) > 10).all()  # the square still stands out
+    assert len({int(c) for c in square.argmax(1)}) == 3  # ... but not always in red
+    assert torch.equal(random_colour(images, 0.0), images)
+    grey = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8)
+    assert random_colour(grey, 1.0).shape == grey.shape  # grey batches get brightness and contrast only
 
 
 # ------------------------------------------------------------------------------------------- a hostile probe's cases

@@ -16,6 +16,7 @@ from cnnlab.cli._options import (
     ConfigFile,
     DataDir,
     Dataset,
+    DefaultModel,
     LatestRun,
     Overrides,
     Run,
@@ -234,8 +235,7 @@ def show_batch(ctx: typer.Context,
                run: Annotated[Path | None, typer.Argument(
                    help="A run directory: its config.yaml; or leave it out and give the config by options.",
                    show_default=False)] = None,
-               model: Annotated[str, typer.Option("--model", "-m", help="Model preset (see `cnnlab presets`).")
-                                ] = "seed",
+               model: DefaultModel = None,
                dataset: Dataset = None, config: ConfigFile = None, set_: Overrides = None, data_dir: DataDir = None,
                allow_checksum_mismatch: Annotated[bool, typer.Option(
                    "--allow-checksum-mismatch", help="Use local dataset files whose checksums differ.")] = False,
@@ -246,6 +246,7 @@ def show_batch(ctx: typer.Context,
     `cnnlab train` would feed its first step)."""
     from cnnlab.cli.training import sections
     from cnnlab.config import load_config
+    from cnnlab.data.registry import load_config_for
     from cnnlab.runs import layout, records
 
     output_file(out, (".png",))  # before anything is loaded
@@ -260,7 +261,7 @@ def show_batch(ctx: typer.Context,
             cfg = load_config(None, None, None, base=cfg.to_dict(),
                               **sections(None, data_dir, allow_checksum_mismatch))
     else:
-        cfg = load_config(model, config, set_, **sections(dataset, data_dir, allow_checksum_mismatch))
+        cfg = load_config_for(model, config, set_, **sections(dataset, data_dir, allow_checksum_mismatch))[0]
     from cnnlab.inspect.batch import first_batch, plot_batch
     from cnnlab.pipeline import open_data
 

@@ -20,7 +20,6 @@ from cnnlab.cli._options import (
     Dataset,
     DefaultModel,
     LatestRun,
-    Model,
     Overrides,
     RunsDir,
 )
@@ -450,7 +449,7 @@ def format_evaluation(result: Evaluation) -> str:
 @app.command("lr-find", rich_help_panel=TRAIN)
 @friendly_errors
 def lr_find(
-    model: Model = "seed",
+    model: DefaultModel = None,
     dataset: Dataset = None,
     config: ConfigFile = None,
     set_: Overrides = None,
@@ -473,7 +472,7 @@ def lr_find(
     (or `train.lr: auto`) runs the same sweep and trains at its suggestion.
     """
     from cnnlab.cli._options import output_file
-    from cnnlab.config import load_config
+    from cnnlab.data.registry import load_config_for
     from cnnlab.files import write_atomic
     from cnnlab.pipeline import new_network, open_data
     from cnnlab.training.engine import TrainData
@@ -481,7 +480,7 @@ def lr_find(
 
     if plot is not None:
         output_file(plot, (".png",), "--plot")
-    cfg = load_config(model, config, set_, **sections(dataset, data_dir, allow_checksum_mismatch))
+    cfg = load_config_for(model, config, set_, **sections(dataset, data_dir, allow_checksum_mismatch))[0]
     data = open_data(cfg, progress=not json_)
     network = new_network(cfg, data)  # as `cnnlab train` builds it: the same suggestion as --lr auto
     finding = find_lr(network, TrainData(data.train, data.val), cfg.train, steps, start, end, rule)
@@ -494,7 +493,8 @@ def lr_find(
         return
     print(f"suggested learning rate {finding.suggestion:.2g}  ({finding.rule}: {finding.why})")
     print(f"{len(finding.lrs)} steps from {start:g} in {finding.seconds:.1f}s; the sweep ended: {finding.ended}")
-    print(f"train at it: {command('train', '--model', model)} ... --lr {finding.suggestion:.2g}   (or --lr auto)")
+    print(f"train at it: {command('train', '--model', cfg.model.name)} ... --lr {finding.suggestion:.2g}   "
+          "(or --lr auto)")
     if plot is not None:
         print(f"plot written to {plot}")
 

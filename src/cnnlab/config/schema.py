@@ -133,6 +133,7 @@ class TrainConfig:
     augment_erase: float = 0.0  # probability an image gets a random rectangle (2-33% of it) replaced by noise
     augment_rotate: float = 0.0  # degrees: each training image turned by up to this much either way, at random
     augment_zoom: float = 0.0  # each training image scaled by 1/(1+z) to 1+z at random (objects come at every size)
+    augment_colour: float = 0.0  # colour jitter: channels shuffled with this probability, grey, brightness, contrast
     ema: float = 0.0  # averaged weights, evaluated and saved: decay per step (0.999: ~the last 1000 steps); 0: off
     lookahead: bool = False  # every 5 steps pull the weights toward a slow average of them, harder as the run ends
     tta: bool = False  # test-time augmentation: average the predictions for each image and its mirror
@@ -262,6 +263,7 @@ def validate_train(t: TrainConfig) -> None:
     real(t.augment_erase, 0, 1, "train.augment_erase", "a probability")
     real(t.augment_rotate, 0, 180, "train.augment_rotate", "an angle in degrees")
     real(t.augment_zoom, 0, 1, "train.augment_zoom", "a scale range (0.25: 0.8x to 1.25x)")
+    real(t.augment_colour, 0, 1, "train.augment_colour", "a strength (0.5: channels shuffled in half the images)")
     real(t.ema, 0, 1, "train.ema", "a decay per step", high_open=True)
     bounded(t.tta_shift, 0, MAX_KERNEL, "train.tta_shift", "pixels")
     bounded(t.early_stopping.patience, 0, MAX_EPOCHS, "train.early_stopping.patience", "epochs")

@@ -39,7 +39,8 @@ class Batch:
 
 def describe_augmentation(config: Config) -> str:
     t = config.train
-    parts = [f"zoom {1 / (1 + t.augment_zoom):.2g}x to {1 + t.augment_zoom:.2g}x"] if t.augment_zoom else []
+    parts = [f"colour jitter {t.augment_colour:g}"] if t.augment_colour else []
+    parts += [f"zoom {1 / (1 + t.augment_zoom):.2g}x to {1 + t.augment_zoom:.2g}x"] if t.augment_zoom else []
     parts += ([f"rotate up to {t.augment_rotate:g} degrees"] if t.augment_rotate else [])
     parts += ([f"shift up to {t.augment_shift} px"] if t.augment_shift else []) + (["mirror half"] if t.augment_flip
                                                                                     else [])

@@ -55,18 +55,44 @@ def random_shift(images: torch.Tensor, max_shift: int) -> torch.Tensor:
 
 
 def random_zoom(images: torch.Tensor, zoom: float) -> torch.Tensor:
-    """Scale each image (N, C, H, W) about its centre by its own random factor, log-uniform in
-    [1 / (1 + zoom), 1 + zoom], bilinear; a picture zoomed out repeats its edge pixels (a photo's backdrop goes
-    on), one zoomed in loses its rim. Objects in one's own photos come at every size."""
+    """Scale each image (N, C, H, W) by its own random factor, log-uniform in [1 / (1 + zoom), 1 + zoom], and
+    move it by up to zoom / 2 of its size each way, bilinear; the edge pixels are repeated where the picture
+    ends (a photo's backdrop goes on, no black bars). Objects in one's own photos come at every size and place."""
     if zoom <= 0:
         return images
     n = len(images)
     scale = (torch.rand(n) * 2 - 1).mul_(math.log1p(zoom)).exp_()  # (N,) output size / input size
     theta = torch.zeros(n, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale  # the grid samples the input: a smaller window is a zoom in
+    theta[:, :, 2] = (torch.rand(n, 2) * 2 - 1) * zoom  # offsets in [-1, 1] coordinates: zoom / 2 of a side
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     zoomed = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return zoomed.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def random_colour(images: torch.Tensor, strength: float) -> torch.Tensor:
+    """Colour jitter of each image (N, C, H, W): with probability `strength` its colour channels in a random
+    order, with probability strength / 4 in grey, and always brightness and contrast scaled by factors in
+    [1 - strength / 2, 1 + strength / 2]. The objects in one's own photos come in every colour: a red shoe and
+    a blue one are both shoes. A grey batch (C = 1) gets brightness and contrast only."""
+    if strength <= 0:
+        return images
+    n, c = images.shape[:2]
+    x = images.float()
+    if c == 3:
+        order = torch.rand(n, 3).argsort(dim=1)  # a random permutation of the channels per image
+        shuffle = torch.rand(n) < strength
+        order[~shuffle] = torch.arange(3)
+        x = x.gather(1, order[:, :, None, None].expand_as(x))
+        grey = (torch.rand(n) < strength / 4)[:, None, None, None]
+        luma = (x * torch.tensor([0.299, 0.587, 0.114])[None, :, None, None]).sum(1, keepdim=True)
+        x = torch.where(grey, luma.expand_as(x), x)
+    spread = strength / 2
+    brightness = 1 + (torch.rand(n, 1, 1, 1) * 2 - 1) * spread
+    contrast = 1 + (torch.rand(n, 1, 1, 1) * 2 - 1) * spread
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean * brightness
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 def random_flip(images: torch.Tensor) -> torch.Tensor:
@@ -104,8 +130,9 @@ def random_erase(images: torch.Tensor, probability: float) -> torch.Tensor:
 
 
 def augment(images: torch.Tensor, shift: int = 0, flip: bool = False, erase: float = 0.0,
-            rotate: float = 0.0, zoom: float = 0.0) -> torch.Tensor:
-    """Augmentations of a uint8 batch (N, C, H, W): zoom, then rotate, then shift, then mirror, then erase."""
+            rotate: float = 0.0, zoom: float = 0.0, colour: float = 0.0) -> torch.Tensor:
+    """Augmentations of a uint8 batch (N, C, H, W): colour, zoom, then rotate, then shift, then mirror, then erase."""
+    images = random_colour(images, colour)
     images = random_zoom(images, zoom)
     images = random_rotate(images, rotate)
     images = random_shift(images, shift)
@@ -116,4 +143,4 @@ def augment(images: torch.Tensor, shift: int = 0, flip: bool = False, erase: flo
 def augment_as(images: torch.Tensor, config: TrainConfig) -> torch.Tensor:
     """The augmentations `config` asks for (the trainer, the LR finder and `show batch` all call this)."""
     return augment(images, config.augment_shift, config.augment_flip, config.augment_erase, config.augment_rotate,
-                   config.augment_zoom)
+                   config.augment_zoom, config.augment_colour)
