@@ -190,7 +190,8 @@ def test_a_signal_to_the_whole_process_group_stops_a_folder_run_as_documented(si
     process = subprocess.Popen(
         [sys.executable, "-m", "cnnlab", "train", "--dataset", "folder", "--model", "seed", "--runs-dir", "runs",
          "--name", "group", "-q", *[part for item in ("epochs=10000", "batch_size=4", "data.image_size=8",
-                                                     "data.workers=2", "train.threads=1") for part in ("--set", item)]],
+                                                     "data.workers=2", "data.memory_mb=0", "train.threads=1")
+                                    for part in ("--set", item)]],  # streamed: the workers live while it trains
         cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         assert wait_for(process, lambda: len(children(process.pid)) == 2, timeout=120), process.communicate()
