@@ -134,7 +134,7 @@ class _Batches:
         return (torch.as_tensor(index).tolist() for index in self.index_batches)
 
 
-HEAP_SLACK_BYTES = 128 << 20  # resident growth while streaming before the C heap is trimmed
+HEAP_SLACK_BYTES = 64 << 20  # resident growth while streaming before the C heap is trimmed
 HOLD_BATCH = 64  # files per decoding task when a split is read into memory
 
 
