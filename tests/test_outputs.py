@@ -181,6 +181,8 @@ JSON_WRITERS_ALLOWED = {  # json.dumps outside cnnlab.text: internal formats rea
     "runs/checkpoints.py": "the checkpoint's state skeleton, which must round-trip exactly",
     "use/export.py": "shape and class list in an export's metadata, as the weights file holds them",
     "pipeline.py": "--set overrides for the notebook API's keyword arguments",
+    "sweep/identity.py": "a sweep file's identity and its digest, kept in the study and compared, never shown",
+    "sweep/trial_data.py": "the key of a worker's cache of opened folders, never written",
 }
 
 

@@ -87,7 +87,7 @@ def write_samples(folder: str | Path, overwrite: bool = False) -> list[tuple[Pat
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise SamplesError(f"{folder}: not a folder (cnnlab samples writes {', '.join(SAMPLES)} into a folder)")
+        raise SamplesError(f"{folder}: not a folder (`cnnlab samples` writes {', '.join(SAMPLES)} into a folder)")
     targets = [folder / name for name in SAMPLES]
     taken = [path.name for path in targets if path.exists() or path.is_symlink()]
     if taken and not overwrite:

@@ -8,10 +8,11 @@ files were unreadable) and the headers of up to SIZE_SAMPLE pictures; no torch.
 from __future__ import annotations
 
 import math
-import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from cnnlab.text import command
 
 if TYPE_CHECKING:
     from cnnlab.config import TrainConfig
@@ -204,7 +205,6 @@ def readable_problem(folder: ImageFolder) -> str | None:
     common = f" (most common reason: {reasons.most_common(1)[0][0]})" if reasons else ""
     which = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
     if len(empty) == len(folder.classes):
-        return (f"{folder.root}: no training image could be read{common}; see "
-                f"cnnlab datasets info {shlex.quote(str(folder.root))}")
+        return f"{folder.root}: no training image could be read{common}; see {command('datasets', 'info', folder.root)}"
     return (f"{folder.root}: class{'es' if len(empty) > 1 else ''} {which} ha{'ve' if len(empty) > 1 else 's'} no "
             f"readable training image{common}; fix or remove the files, or remove the class folder")

@@ -81,11 +81,19 @@ def differences(recorded: dict[str, Any], mine: dict[str, Any]) -> str:
         if key == "parameters" and isinstance(old, dict) and isinstance(new, dict):
             found += [f"parameters.{p}" for p in sorted(set(old) | set(new)) if old.get(p) != new.get(p)]
         elif key == "set" and isinstance(old, list) and isinstance(new, list):
-            changed = [f"-{item}" for item in old if item not in new] + [f"+{item}" for item in new if item not in old]
+            changed = ([f"-{set_text(item)}" for item in old if item not in new]
+                       + [f"+{set_text(item)}" for item in new if item not in old])
             found.append(f"set {' '.join(changed) or 'in another order'}")
         else:
             found.append(f"{key} {old}, this file {new}")
     return "; ".join(found) or "its recorded spec is unreadable"
+
+
+def set_text(item: Any) -> str:
+    """A recorded `set:` item as the sweep file says it: `epochs=1` (a (key, value) pair, or older text)."""
+    if isinstance(item, (list, tuple)) and len(item) == 2:
+        return f"{item[0]}={item[1]}"
+    return str(item)
 
 
 def check_found_run(study: optuna.Study, trial: FrozenTrial, run: Path) -> None:
