@@ -196,11 +196,14 @@ def padded(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     return canvas
 
 
+def border(pixels: np.ndarray) -> np.ndarray:
+    """The outermost rows and columns of an (H, W, ...) array, concatenated: (2W + 2H, ...)."""
+    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+
+
 def border_colour(image: Image.Image) -> int | tuple[int, ...]:
     """The median of the picture's outermost pixels: the bars of a padded picture continue its backdrop."""
-    pixels = np.asarray(image)
-    edge = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])  # (2W + 2H,) or (2W + 2H, 3)
-    median = np.median(edge, axis=0).astype(np.uint8)
+    median = np.median(border(np.asarray(image)), axis=0).astype(np.uint8)
     return int(median) if median.ndim == 0 else tuple(int(v) for v in median)
 
 

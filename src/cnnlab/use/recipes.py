@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageFilter, ImageOps
 
 from cnnlab.errors import UserError
-from cnnlab.images import MAX_PIXELS, ImageFile, luminance, normalized, open_image, read_pixels
+from cnnlab.images import MAX_PIXELS, ImageFile, border, luminance, normalized, open_image, read_pixels
 
 # Work on at most this many pixels along a side: bigger inputs are max-pooled down first, which keeps
 # thin strokes (averaging would fade a 2 px pen line in a 4000 px photo to nothing).
@@ -31,11 +31,6 @@ MAX_SIDE = 2048  # the whole picture is max-pooled to this before any float copy
 
 class BlankImage(UserError, ValueError):
     """An image with nothing to classify: no ink or object stands out from the background."""
-
-
-def border(pixels: np.ndarray) -> np.ndarray:
-    """The outermost rows and columns of an (H, W, ...) array, concatenated."""
-    return np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
 
 
 # ------------------------------------------------------------------------------ digits (MNIST)
