@@ -8,9 +8,13 @@ at random sizes, aspect ratios, placements and tilts, saved as JPEG, PNG, WebP o
 
   python bench/photo_folders.py products OUT --idx-dir DIR_OF_FASHION_MNIST [--backdrops DIR] [--per-class 120]
   python bench/photo_folders.py digits OUT --idx-dir DIR_OF_MNIST [--backdrops DIR]
+  python bench/photo_folders.py plain OUT --idx-dir DIR_OF_FASHION_MNIST [--per-class 108]
 
 `products`: 10 classes of garments (Fashion-MNIST's training images), --per-class files each (1,200 by default).
 `digits`: 4 classes of handwritten digits (MNIST 0-3) in coloured ink, imbalanced 100/70/40/20 (230 files).
+`plain`: no photograph at all, the ceiling the others are judged against: --per-class of Fashion-MNIST's training
+garments as the 28x28 grey PNGs they are, under train/, and all 10,000 test garments under test/ (a test split
+large enough to tell one point from noise).
 Seeded: the same command writes the same files.
 """
 from __future__ import annotations
@@ -139,6 +143,24 @@ def make_products(out: Path, idx_dir: Path, photos: list[Image.Image], per_class
     return per_class * len(FASHION_CLASSES)
 
 
+def make_plain(out: Path, idx_dir: Path, per_class: int, seed: int) -> int:
+    """The garments themselves (28x28 grey), `per_class` a class to train on and every test garment to test on."""
+    rng = np.random.default_rng(seed)
+    written = 0
+    for split, stem, count in (("train", "train", per_class), ("test", "t10k", None)):
+        images = read_idx(idx_dir / f"{stem}-images-idx3-ubyte.gz")
+        labels = read_idx(idx_dir / f"{stem}-labels-idx1-ubyte.gz")
+        for label, name in enumerate(FASHION_CLASSES):
+            indices = np.flatnonzero(labels == label)
+            chosen = indices if count is None else rng.choice(indices, count, replace=False)
+            folder = out / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for k, index in enumerate(chosen):
+                Image.fromarray(images[index]).save(folder / f"{name}-{k:04d}.png")
+            written += len(chosen)
+    return written
+
+
 def make_digits(out: Path, idx_dir: Path, photos: list[Image.Image], seed: int) -> int:
     images = read_idx(idx_dir / "t10k-images-idx3-ubyte.gz")
     labels = read_idx(idx_dir / "t10k-labels-idx1-ubyte.gz")
@@ -155,7 +177,7 @@ def make_digits(out: Path, idx_dir: Path, photos: list[Image.Image], seed: int) 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["products", "digits"])
+    parser.add_argument("kind", choices=["products", "digits", "plain"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--idx-dir", type=Path, required=True, help="folder with the dataset's IDX .gz files")
     parser.add_argument("--backdrops", type=Path, help="folder of real photos to crop backgrounds from")
@@ -165,6 +187,8 @@ def main(argv: list[str]) -> None:
     photos = load_backdrops(args.backdrops)
     if args.kind == "products":
         n = make_products(args.out, args.idx_dir, photos, args.per_class, args.seed)
+    elif args.kind == "plain":
+        n = make_plain(args.out, args.idx_dir, args.per_class, args.seed)
     else:
         n = make_digits(args.out, args.idx_dir, photos, args.seed)
     print(f"{args.out}: {n} files")

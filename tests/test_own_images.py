@@ -164,6 +164,25 @@ def test_evaluate_warns_with_counts_when_files_changed(folder_run):
     assert "blue -1" in evaluated.output and "red +1" in evaluated.output
 
 
+def test_evaluate_reads_only_the_test_split_s_files(folder_run, monkeypatch):
+    """Evaluating a run reads its test pictures once: decoding the training split too (all of it held in memory,
+    as training does) would cost a large folder minutes for nothing."""
+    import cnnlab.data.folder_source as folder_source
+
+    run, folder = folder_run
+    opened: list[str] = []
+    decode = folder_source.decode_image
+
+    def counting(path, *args, **kwargs):
+        opened.append(str(Path(path).relative_to(folder)))
+        return decode(path, *args, **kwargs)
+
+    monkeypatch.setattr(folder_source, "decode_image", counting)
+    assert invoke("evaluate", str(run)).exit_code == 0
+    tested = [row.split(",")[0] for row in (run / "predictions.csv").read_text().splitlines()[1:]]
+    assert sorted(opened) == sorted(tested) and 0 < len(opened) < 120
+
+
 # ------------------------------------------------------------------------------------------- the default
 def test_a_colour_folder_gets_the_photos_model_when_none_is_named(tmp_path):
     folder = write_colour_folder(tmp_path / "colours", per_class=10)

@@ -84,20 +84,23 @@ def new_network(config: Config, data: Data) -> CNN:
     return network
 
 
-def open_data(config: Config, progress: bool = True, context: Context = SINGLE, summary: bool = False) -> Data:
+def open_data(config: Config, progress: bool = True, context: Context = SINGLE, summary: bool = False,
+              hold: bool = True) -> Data:
     """The configured dataset, ready to train on; under data-parallel training rank 0 goes first
     (it may download into the shared cache) and the others follow once it succeeded. `summary`: an image
-    folder's summary and warnings printed (by rank 0)."""
+    folder's summary and warnings printed (by rank 0); `hold` False: an image folder streamed, never decoded
+    into memory (for a command that reads one split once)."""
     return first_on_main(context, lambda: load_data(config, progress and context.is_main,
-                                                    summary and progress and context.is_main))
+                                                    summary and progress and context.is_main, hold))
 
 
 def open_pinned_data(run: Path, config: Config, progress: bool = True, context: Context = SINGLE,
-                     same_files: bool = False) -> Data:
+                     same_files: bool = False, hold: bool = True) -> Data:
     """The dataset a run was made from, opened again: an image folder is compared with the one the run pinned
     in its manifest (FolderChanged, before anything is written, when its classes differ; a warning when its
-    files do, or with `same_files` (resuming: the splits must be the ones it trained on) FolderChanged too)."""
-    data = open_data(config, progress, context)
+    files do, or with `same_files` (resuming: the splits must be the ones it trained on) FolderChanged too).
+    `hold` False: streamed (see open_data)."""
+    data = open_data(config, progress, context, hold=hold)
     recorded = (records.read_record(run, "manifest") or {}).get("image_folder")
     now = data.about.get("image_folder")
     for warning in check_folder(recorded, now, str(run)) if now else []:
@@ -382,7 +385,7 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, progress: 
     model, classes, config = load_model(run)
     if data_dir is not None:
         config.data.data_dir = str(data_dir)
-    data = open_pinned_data(Path(run), config, progress)
+    data = open_pinned_data(Path(run), config, progress, hold=False)  # the test split, read once
     result, per_image = evaluate_with_files(model, data, config.train)
     try:
         record_test(Path(run), result, data, per_image)

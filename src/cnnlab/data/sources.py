@@ -140,11 +140,12 @@ def open_dataset(config: Config, progress: bool = True) -> Dataset:
     return load_dataset(d.dataset, d.data_dir, allow_mismatch=d.allow_checksum_mismatch, progress=progress)
 
 
-def load_data(config: Config, progress: bool = True, summary: bool = False) -> Data:
+def load_data(config: Config, progress: bool = True, summary: bool = False, hold: bool = True) -> Data:
     """The configured dataset (named or an image folder), ready to train on; `progress`: bars and warnings;
-    `summary`: an image folder's summary printed (training does)."""
+    `summary`: an image folder's summary printed (training does); `hold` False: an image folder streamed (a
+    command that reads one split once has no use for every split decoded into memory)."""
     if is_image_folder(config.data.dataset):
-        return folder_data(config, progress=progress, summary=summary)
+        return folder_data(config, progress=progress, summary=summary, hold=hold)
     return prepare_data(open_dataset(config, progress), config)
 
 
