@@ -68,10 +68,12 @@ def test_a_folder_over_the_memory_budget_streams(tmp_path):
 def test_datasets_info_counts_classes_by_split_and_names_what_was_skipped(tmp_path):
     folder = write_colour_folder(tmp_path / "colours", per_class=30)
     with_bad_files(folder)
-    shown = invoke("datasets", "info", str(folder), "--image-size", "16")
+    shown = invoke("datasets", "info", str(folder), "--image-size", "16", "--resize", "crop")
     assert shown.exit_code == 0, shown.output
     assert "found 93 files belonging to 3 classes" in shown.output  # 90 images and 3 unreadable ones
     assert "each becomes 16x16x3 by crop" in shown.output
+    # unnamed, the size and fit are the ones `cnnlab train --dataset FOLDER` would use: photos, 48x48 padded
+    assert "each becomes 48x48x3 by pad" in invoke("datasets", "info", str(folder)).output
     assert "skipped 3 unreadable files" in shown.output and "empty file" in shown.output
     assert "fewer than 20 test images" in shown.output  # a warning: 30 per class leave ~3 test images each
     as_json = json.loads(invoke("datasets", "info", str(folder), "--json").output)

@@ -164,17 +164,18 @@ def verify_dataset(name: Name, data_dir: DataDir = None) -> None:
 @friendly_errors
 def info(
     dataset: Annotated[str, typer.Argument(help="An image folder (one sub-folder per class), or a dataset name.")],
-    image_size: Annotated[int, typer.Option("--image-size", help="Pixels per side the pictures become.")] = 32,
-    resize: Annotated[str, typer.Option(help="How a picture meets the square: crop, pad or squish.")] = "crop",
+    image_size: Annotated[int | None, typer.Option(
+        "--image-size", help="Pixels per side the pictures become; default: what `cnnlab train` would use.")] = None,
+    resize: Annotated[str | None, typer.Option(
+        help="How a picture meets the square: crop, pad or squish; default: what `cnnlab train` would use.")] = None,
     channels: Annotated[int, typer.Option(help="3: colour, 1: grey.")] = 3,
     json_: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """What a dataset holds: for an image folder, files per class per split, the sizes seen, the files that
     cannot be read and why (every file is decoded once), and warnings for what would mislead a run."""
 
-    from cnnlab.config import load_config
     from cnnlab.data import get_dataset
-    from cnnlab.data.registry import is_image_folder
+    from cnnlab.data.registry import is_image_folder, load_config_for
 
     if not is_image_folder(dataset):
         spec = get_dataset(dataset)
@@ -187,8 +188,12 @@ def info(
         return
     from cnnlab.data.summary import summarize
 
-    config = load_config("seed", overrides=[("data.image_size", image_size), ("data.resize", resize),
-                                            ("data.channels", channels)], data={"dataset": dataset})
+    # The pictures as `cnnlab train --dataset FOLDER` would see them: the folder's default model (a colour
+    # folder trains `photos`, 48x48 padded) unless a size or fit is named here.
+    given = [("data.image_size", image_size), ("data.resize", resize)]
+    config, _ = load_config_for(None, overrides=[("data.channels", channels)] + [(k, v) for k, v in given
+                                                                                  if v is not None],
+                                data={"dataset": dataset})
     summary = summarize(folder_info(config), train=None)
     if json_:
         print(to_json(summary.to_dict(), indent=2))
