@@ -6,8 +6,9 @@
 Writes the first --images Fashion-MNIST test images as PNG files in one folder per class, moves --noise of them
 (seeded) into another class's folder, trains a run on the folder (`cnnlab train --dataset FOLDER`, one thread),
 then runs confident learning on the run's held-out splits (validation and test: the training split is not
-checked). Reports the share of the planted files that sit in the held-out splits and appear in the top
-2 x (that many) of the ranked list, and the near-duplicates found across splits. Prints Markdown for BENCHMARKS.md.
+checked, unless --folds K trains K runs on the training split's folds to judge it too). Reports the share of the
+planted files that sit in the checked splits and appear in the top 2 x (that many) of the ranked list, and the
+near-duplicates found across splits. Prints Markdown for BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--model", default="fast")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--folds", type=int, default=0, help="check the training split too, by this many folds")
     parser.add_argument("--idx", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,19 +68,20 @@ def main() -> None:
         from cnnlab.inspect.show import LoadedRun
 
         started = time.perf_counter()
-        found = find_label_issues(LoadedRun(Path(tmp) / "runs" / "noisy"))
+        found = find_label_issues(LoadedRun(Path(tmp) / "runs" / "noisy"), folds=args.folds)
         checked = time.perf_counter() - started
         held_out = set()
         from cnnlab.data.folder import open_image_folder
 
         split = open_image_folder(folder, (28, 28), 1, workers=0)
-        for source in (split.val, split.test):
+        for source in (split.train, split.val, split.test) if args.folds else (split.val, split.test):
             held_out |= {source.path(i).relative_to(folder).as_posix() for i in range(len(source))}
         planted_held_out = planted & held_out
         top = [issue.file for issue in found.issues[:2 * len(planted_held_out)]]
         hits = len(planted_held_out & set(top))
         accuracy = __import__("json").loads((Path(tmp) / "runs" / "noisy" / "test.json").read_text())["accuracy"]
-    print("| images | planted | planted in val+test | flagged | found in top 2x | share | duplicates | "
+    checked_splits = "all splits" if args.folds else "val+test"
+    print(f"| images | planted | planted in {checked_splits} | flagged | found in top 2x | share | duplicates | "
           "test acc | train s | check s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.images:,} | {len(planted)} | {len(planted_held_out)} | {len(found.issues)} | {hits} | "

@@ -33,7 +33,7 @@ def colour_image(path: Path, channel: int, seed: int) -> None:
 @pytest.fixture(scope="module")
 def folder_run(tmp_path_factory):
     """A train/val/test colour folder with, in test/: an unreadable file sorted first, a red picture filed as
-    blue, and a copy of a training picture; and a run trained on it."""
+    blue, and a copy of a training picture; in train/: a blue picture filed as green; and a run trained on it."""
     root = tmp_path_factory.mktemp("mistakes")
     folder = root / "colours"
     for split, count in (("train", 40), ("val", 10), ("test", 10)):
@@ -43,6 +43,7 @@ def folder_run(tmp_path_factory):
                 colour_image(folder / split / name / f"{i}.png", channel, hash((split, name, i)) % 2**32)
     (folder / "test" / "blue" / "0-broken.png").write_bytes(b"not a png")
     colour_image(folder / "test" / "blue" / "planted.png", COLOURS["red"], 7)
+    colour_image(folder / "train" / "green" / "planted-train.png", COLOURS["blue"], 11)
     shutil.copy(folder / "train" / "green" / "3.png", folder / "test" / "green" / "copy.png")
     result = run("train", "--dataset", folder, "--model", "seed", "--epochs", "3", "--quiet", "--threads", "1",
                  "--set", "data.image_size=12", "--set", "data.workers=0", "--set", "batch_size=16",
@@ -123,6 +124,29 @@ def test_label_issues_find_the_planted_label_and_the_copy_across_splits(folder_r
     assert text.exit_code == 0
     assert "held out from training" in text.output and "test/blue/planted.png  blue -> red" in text.output
     assert "test: test/green/copy.png (green) = train: train/green/3.png (green)" in text.output
+
+
+def test_folds_check_the_training_images_too(folder_run, tmp_path):
+    _, run_dir = folder_run
+    held_out_only = json.loads(run("show", "label-issues", run_dir, "--json", "--limit", "0").stdout)
+    assert not any(o["split"] == "train" for o in held_out_only if o["kind"] == "label")
+    before = sorted(p.name for p in run_dir.parent.iterdir())
+    result = run("show", "label-issues", run_dir, "--json", "--limit", "0", "--folds", "2")
+    assert result.exit_code == 0, result.output
+    labels = [o for o in json.loads(result.stdout) if o["kind"] == "label"]
+    planted = [o for o in labels if o["file"] == "train/green/planted-train.png"]
+    assert planted and (planted[0]["split"], planted[0]["given"], planted[0]["suggested"]) == ("train", "green", "blue")
+    assert labels[0]["file"] in ("train/green/planted-train.png", "test/blue/planted.png")
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == before  # the fold runs left nothing behind
+    text = run("show", "label-issues", run_dir, "--folds", "2")
+    assert "fold 1/2: training on" in text.output and "fold 2/2: training on" in text.output
+    summary = next(line for line in text.output.splitlines() if "possible label issue" in line)
+    # 40 training pictures a class and the planted one; the test split's planted picture and copy, not the broken one
+    assert "among the 121 train and 30 validation and 32 test images (each judged by a model that did not " \
+           "train on it: the training images by 2 runs of its folds)" in summary
+
+    refused = run("show", "label-issues", run_dir, "--folds", "1")
+    assert refused.exit_code == 2 and "--folds: 2 or more" in refused.output
 
 
 def test_confident_learning_against_a_hand_worked_example():

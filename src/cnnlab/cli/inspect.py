@@ -123,13 +123,20 @@ def show_label_issues(run: Run,
                                                           "given, suggested, score, kind), worst first.")] = False,
                       limit: Annotated[int, typer.Option(min=0, help="List at most this many of each kind "
                                                          "(0: all).")] = 25,
+                      folds: Annotated[int, typer.Option(min=0, help="Check the training images too: train this "
+                                                         "many runs as this one was, each on all but one fold of "
+                                                         "the training split, judging the fold it never saw "
+                                                         "(costs that many trainings; 0: off).")] = 0,
                       data_dir: DataDir = None) -> None:
     """Files whose given class the model confidently disputes (confident learning on the held-out validation
-    and test images), with the class it suggests; and images that sit in two splits (near-duplicates)."""
+    and test images, and with --folds on the training images), with the class it suggests; and images that
+    sit in two splits (near-duplicates)."""
+    if folds == 1:
+        raise fail("--folds: 2 or more (each fold's run judges the images it did not train on), or 0: off")
     from cnnlab.inspect.label_issues import find_label_issues
 
     loaded = load(run, data_dir)
-    found = find_label_issues(loaded)
+    found = find_label_issues(loaded, folds=folds)
     issues = found.issues[:limit or None]
     duplicates = found.duplicates[:limit or None]
     if json_:
@@ -137,8 +144,10 @@ def show_label_issues(run: Run,
         return
     checked = " and ".join(f"{count:,} {'validation' if split == 'val' else split}" for split, count in
                            found.checked.items())
-    print(f"{len(found.issues)} possible label issue(s) among the {checked} images (held out from training; "
-          "training images are not checked: the model learned their labels, right or wrong)")
+    how = (f"each judged by a model that did not train on it: the training images by {folds} runs of its folds"
+           if "train" in found.checked else "held out from training; training images are not checked: the model "
+           "learned their labels, right or wrong (--folds 5 checks them)")
+    print(f"{len(found.issues)} possible label issue(s) among the {checked} images ({how})")
     if issues:
         width = max(len(i.file) for i in issues)
         print(f"  {'score':>6}  {'file':<{width}}  given -> suggested")

@@ -7,7 +7,10 @@ on the images labelled with it (its self-confidence); an image is flagged when i
 reaches that class's threshold, or the model predicts another class outright; the suggested class is the most
 probable such class, and images are ranked by the margin p(suggested) - p(given), worst first. The probabilities
 must be out-of-sample: a model repeats the labels it trained on, right or wrong, so only the held-out splits
-(validation and test) are checked.
+(validation and test) are checked, unless `folds` K is given: the training split is then dealt into K folds
+(stratified by class, seeded by the run's seed) and K runs are trained as the run was, each on the other
+folds, each predicting the fold it never saw (cross-validation, as cleanlab does): every file is checked, for
+K trainings' time.
 
 Duplicates: every image of every split, as the run reads it, shrunk to a 16x16 grey thumbnail; images whose
 8x8 average hashes agree are compared thumbnail to thumbnail, and pairs in different splits that differ by less
@@ -15,7 +18,11 @@ than DUPLICATE_LEVELS grey levels on average are reported (re-saved, resized or 
 """
 from __future__ import annotations
 
+import dataclasses
+import sys
+import tempfile
 from collections import defaultdict
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -172,26 +179,88 @@ def held_out_splits(config_dataset: str) -> tuple[str, ...]:
     return ("val", "test") if is_image_folder(config_dataset) else ("test",)
 
 
-def find_label_issues(loaded: LoadedRun, data: Data | None = None) -> Findings:
-    """Label issues in the held-out splits and duplicates across all splits of a run's dataset."""
+# ------------------------------------------------------------------------------ the training split, by folds
+class Subset:
+    """The images of `source` at `indices` (N,), read through it: one fold of a split, as a Source."""
+
+    def __init__(self, source: Source, indices: torch.Tensor):
+        self.source, self.indices = source, indices
+        self.labels = source.labels[indices]
+        self.skipped = source.skipped
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.source.batches([self.indices[b] for b in index_batches])
+
+
+def deal_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.Tensor]:
+    """`folds` disjoint position sets covering labels (N,): each class's positions shuffled (seeded) and dealt
+    in turn, so every fold holds about 1/folds of every class."""
+    generator = torch.Generator().manual_seed(seed)
+    dealt: list[list[torch.Tensor]] = [[] for _ in range(folds)]
+    for k in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == k).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        for fold in range(folds):
+            dealt[fold].append(members[fold::folds])
+    return [torch.sort(torch.cat(parts)).values for parts in dealt]
+
+
+def fold_probabilities(loaded: LoadedRun, data: Data, folds: int) -> dict[int, np.ndarray]:
+    """Out-of-sample probabilities (K,) of each readable training image, keyed by its position in the training
+    split: `folds` runs trained as `loaded` was (its config), each on the other folds, in a temporary folder."""
+    from cnnlab.pipeline import train  # the whole engine, only when folds are asked for
+
+    dealt = deal_folds(data.train.labels, folds, loaded.config.train.seed)
+    found: dict[int, np.ndarray] = {}
+    with tempfile.TemporaryDirectory(prefix="cnnlab-folds-") as scratch:
+        for number, held in enumerate(dealt):
+            others = torch.sort(torch.cat([f for k, f in enumerate(dealt) if k != number])).values
+            unseen = Subset(data.train, held)
+            fold_data = dataclasses.replace(data, train=Subset(data.train, others), test=unseen)
+            print(f"fold {number + 1}/{folds}: training on {len(others):,} images, to judge {len(held):,}",
+                  file=sys.stderr, flush=True)
+            result = train(loaded.config, dataset=fold_data, root=scratch, name=f"fold-{number + 1}",
+                           progress=False)
+            positions, _, _, probabilities = read_split(LoadedRun(result.run), unseen, predict=True)
+            assert probabilities is not None
+            for position, row in zip(held[positions].tolist(), probabilities):
+                found[position] = row
+    return found
+
+
+def find_label_issues(loaded: LoadedRun, data: Data | None = None, folds: int = 0) -> Findings:
+    """Label issues in the held-out splits (and, with `folds` of 2 or more, in the training split by
+    cross-validation) and duplicates across all splits of a run's dataset."""
     data = data if data is not None else load_data(loaded.config, progress=False)
     checked = held_out_splits(loaded.config.data.dataset)
+    by_folds = fold_probabilities(loaded, data, folds) if folds >= 2 else {}
+    if folds >= 2:
+        checked = ("train", *checked)
     names, split_of, labels_all, thumbs_all = [], [], [], []
     pooled_p, pooled_labels, pooled_names, pooled_splits = [], [], [], []
     for number, split in enumerate(SPLITS):
         source: Source = getattr(data, split)
-        positions, labels, thumbs, probabilities = read_split(loaded, source, split in checked)
+        positions, labels, thumbs, probabilities = read_split(loaded, source, split in checked and split != "train")
         split_names = file_names(source)
         named = [split_names[p] for p in positions.tolist()]
         names += named
         split_of.append(np.full(len(positions), number))
         labels_all.append(labels)
         thumbs_all.append(thumbs)
+        pooled = named, labels
+        if split == "train" and by_folds:  # judged by the fold runs: the images they could read
+            kept = [k for k, position in enumerate(positions.tolist()) if position in by_folds]
+            probabilities = np.array([by_folds[p] for p in positions[kept].tolist()], dtype=np.float64).reshape(
+                len(kept), len(loaded.classes))
+            pooled = [named[k] for k in kept], labels[kept]
         if probabilities is not None:
             pooled_p.append(probabilities)
-            pooled_labels.append(labels)
-            pooled_names += named
-            pooled_splits += [split] * len(named)
+            pooled_labels.append(pooled[1])
+            pooled_names += pooled[0]
+            pooled_splits += [split] * len(pooled[0])
     classes = loaded.classes
     probabilities, labels = np.concatenate(pooled_p), np.concatenate(pooled_labels)
     indices, suggested, scores = confident_issues(probabilities, labels)
