@@ -29,6 +29,7 @@ def on_files(files: Files, config) -> Files:
     pictures: set[str] = set()
     for source, page in ROOT_PAGES.items():
         pages[page] = site_links((ROOT / source).read_text(), pictures)
+    pages["index.md"] = wrapped_opening(pages["index.md"])
     for path, content in pages.items():
         files.append(File.generated(config, path, content=content))
     for picture in sorted(pictures):  # the root pages' pictures (bench/*.png) travel with them
@@ -44,6 +45,13 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
 
 
 # ------------------------------------------------------------------------------------ root pages
+def wrapped_opening(text: str) -> str:
+    """The README's opening commands (one long line each, to paste as one) marked `.wrap`, so the home page
+    wraps them inside their block (stylesheets/extra.css) instead of hiding their end behind a scrollbar."""
+    opening, heading, rest = text.partition("\n## ")
+    return opening.replace("```bash\n", "```{.bash .wrap}\n") + heading + rest
+
+
 LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import html
 import os
 import time
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from cnnlab.runs.recorder import RunRecorder
 from cnnlab.runs.transfer import start_from
 from cnnlab.runs.weights import load_model, save_weights, weights_problem
 from cnnlab.text import command
+from cnnlab.training.busy import busy_note
 from cnnlab.training.callbacks import Callback, in_notebook, progress_display
 from cnnlab.training.distributed import SINGLE, Context, first_on_main, on_main
 from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted, stop_on_signals
@@ -62,11 +64,16 @@ class RunResult(Run):
     lr_finding: Finding | None = None  # train.lr auto: what the finder saw and suggested
     compile_seconds: float = 0.0  # train.compile: the steps that compiled, not counted in train_seconds
     stop_requested: bool = False  # Ctrl-C or SIGTERM came after the last step: the run finished, then should stop
+    busy: str | None = None  # other work shared the cores as training ended (training.busy's note), else None
 
     def __repr__(self) -> str:  # the dataclass's own would print every test prediction
         accuracy = f"{self.test.accuracy:.4f}" if self.test is not None else "None"
         return (f"RunResult(run={str(self.run)!r}, epochs={len(self.history)}, test_accuracy={accuracy}, "
                 f"train_seconds={self.train_seconds:.1f})")
+
+    def _repr_html_(self) -> str:
+        note = f"<p>note: {html.escape(self.busy)}</p>" if self.busy else ""
+        return super()._repr_html_() + note
 
     @property
     def kept(self) -> dict:
@@ -319,6 +326,7 @@ def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SIN
             exc.run = run
             raise
         seconds = time.perf_counter() - started - trainer.compile_total
+        busy = busy_note(torch.get_num_threads())  # the load of training's last minute, before testing adds its own
         trained = (trainer.state.epoch * trainer.steps_per_epoch - steps_before) * trainer.config.batch_size
         skipped = merge_skipped(context, data)
         test = None
@@ -331,7 +339,7 @@ def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SIN
     images = min(trained, len(trainer.data.train) * trainer.config.epochs)
     return RunResult(run, history, test, seconds, images / seconds if seconds > 0 else 0.0, skipped,
                      trainer.kept_epoch, trainer.state.stopped, compile_seconds=trainer.compile_total,
-                     stop_requested=trainer.stop_requested)
+                     stop_requested=trainer.stop_requested, busy=busy)
 
 
 def merge_skipped(context: Context, data: Data) -> dict[str, str]:

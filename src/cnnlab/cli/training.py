@@ -382,6 +382,8 @@ def print_result(result: RunResult) -> None:
     if result.images_per_second:
         compiling = f", plus {result.compile_seconds:.1f}s compiling" if result.compile_seconds else ""
         print(f"trained in {result.train_seconds:.1f}s  ({result.images_per_second:,.0f} images/s{compiling})")
+        if result.busy:
+            print(f"note: {result.busy}")
     else:
         print("training had already finished; the test set was evaluated again")
     print(f"results in {result.run}/: test.json, predictions.csv, confusion.png, metrics.jsonl, model.safetensors")
