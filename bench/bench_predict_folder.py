@@ -13,8 +13,10 @@ depend on what was learned. Measured in this process, each repeat running every 
   batched, 1 process    iter_predictions(workers=0): the files prepared here, 256 per forward pass
   batched, N processes  iter_predictions(): prepared in min(4, CPUs) decoding processes, what `cnnlab predict` runs
 and, once, `cnnlab predict RUN DIR --out rows.csv` as a command (start-up and model loading included).
-Prints a Markdown table (median seconds and files/s over --repeats, the speed-up against the plain loop) and
-`uptime` before and after.
+Prints a Markdown table (median seconds and files/s over --repeats, the speed-up against the plain loop, and the
+CPU seconds each way used, decoding processes included) and `uptime` before and after. On a shared machine the
+kernel gives each session its share of the cores (autogroup scheduling): more processes do not get more of them,
+so there the CPU columns say what the wall-clock ones cannot.
 """
 from __future__ import annotations
 
@@ -101,10 +103,17 @@ def predicted(predictor, files: list[Path], workers: int | None) -> int:
     return sum(not isinstance(item, FileError) for item in iter_predictions(predictor, files, workers=workers))
 
 
-def timed(how: Callable[[], int]) -> tuple[float, int]:
-    start = time.perf_counter()
+def cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its ended (waited-for) children: the decoding processes."""
+    times = os.times()
+    return times.user + times.system + times.children_user + times.children_system
+
+
+def timed(how: Callable[[], int]) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds (decoding processes included) and the files predicted."""
+    start, cpu = time.perf_counter(), cpu_seconds()
     count = how()
-    return time.perf_counter() - start, count
+    return time.perf_counter() - start, cpu_seconds() - cpu, count
 
 
 def uptime() -> str:
@@ -145,11 +154,13 @@ def main() -> None:
                 lambda: predicted(predictor, files, None),
         }
         seconds: dict[str, list[float]] = {name: [] for name in ways}
+        cpu: dict[str, list[float]] = {name: [] for name in ways}
         counts: dict[str, int] = {}
         for _ in range(args.repeats):
             for name, how in ways.items():
-                elapsed, counts[name] = timed(how)
+                elapsed, used, counts[name] = timed(how)
                 seconds[name].append(elapsed)
+                cpu[name].append(used)
         command = [sys.executable, "-m", "cnnlab", "predict", str(run), str(folder), "--out", f"{tmp}/rows.csv"]
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True,
@@ -162,14 +173,16 @@ def main() -> None:
           f"{args.bad} unreadable files; medians of {args.repeats} repeats\n")
     print(f"`uptime` before: `{before}`; after: `{after}`\n")
     reference = statistics.median(seconds[next(iter(ways))])
-    print("| way | files predicted | seconds | files/s | vs plain loop |")
-    print("|---|---:|---:|---:|---:|")
+    reference_cpu = statistics.median(cpu[next(iter(ways))])
+    print("| way | files predicted | seconds | files/s | vs plain loop | CPU seconds | CPU: plain loop / this |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name in ways:
-        median = statistics.median(seconds[name])
-        print(f"| {name} | {counts[name]} | {median:.2f} | {counts[name] / median:,.0f} | {reference / median:.2f}x |")
+        median, used = statistics.median(seconds[name]), statistics.median(cpu[name])
+        print(f"| {name} | {counts[name]} | {median:.2f} | {counts[name] / median:,.0f} | {reference / median:.2f}x | "
+              f"{used:.2f} | {reference_cpu / used:.2f}x |")
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-300:]
     print(f"| `cnnlab predict RUN DIR --out rows.csv` (a command: start-up and model loading included, once) | "
-          f"| {command_seconds:.2f} | | {reference / command_seconds:.2f}x |")
+          f"| {command_seconds:.2f} | | {reference / command_seconds:.2f}x | | |")
     print(f"\nthe command said: {summary} (exit {done.returncode})")
 
 

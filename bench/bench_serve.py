@@ -12,11 +12,12 @@
    body (Content-Type: image/png), which trees before issue 31 do not accept. Each repeat measures every
    (clients, server) pair, servers alternating, so that machine noise hits all alike; the table gives the median
    over --repeats of each measurement's p50, p99 and requests/s, and the requests that failed (HTTP errors,
-   connections closed or reset) summed over the repeats.
+   connections closed or reset) summed over the repeats, and the server process's CPU time per request (all its
+   threads, from /proc), which a loaded machine stretches far less than wall times.
 2. The client (--client): `raw` (default) writes prepared HTTP/1.1 requests on asyncio streams, so that its own
    cost (~0.1 ms a request) does not hide the servers'; `httpx` is the client of issue 17's table (httpx's pool,
    ~1-2 ms of CPU a request), kept to compare with it.
-3. The recipe: milliseconds to read and prepare the drawing in process (median; this tree only).
+3. The recipe: milliseconds to read and prepare the drawing, with each tree's recipes, in a process of its own.
 Loopback only (127.0.0.1); nothing is downloaded. Prints Markdown tables and `uptime` before and after.
 """
 from __future__ import annotations
@@ -92,8 +93,8 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(server: Server, run: Path) -> Iterator[str]:
-    """`python -m cnnlab serve RUN` of the server's tree, in a process of its own; yields its URL."""
+def running(server: Server, run: Path) -> Iterator[tuple[str, int]]:
+    """`python -m cnnlab serve RUN` of the server's tree, in a process of its own; yields its URL and process id."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(server.tree / "src")}
     url = f"http://127.0.0.1:{port}"
@@ -102,7 +103,7 @@ def running(server: Server, run: Path) -> Iterator[str]:
                                     *server.options], cwd=server.tree, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_until_up(url, process, log)
-            yield url
+            yield url, process.pid
         finally:
             process.terminate()
             try:
@@ -147,6 +148,7 @@ class Measured:
     times: list[float] = field(default_factory=list)
     wall: float = 0.0
     errors: list[str] = field(default_factory=list)
+    server_cpu: float = float("nan")  # the server process's CPU seconds per request (all its threads)
 
 
 def measure(url: str, clients: int, per_client: int, raw_body: bool, client: str) -> Measured:
@@ -243,6 +245,20 @@ async def httpx_clients(url: str, picture: bytes, clients: int, per_client: int,
 
 
 # ----------------------------------------------------------------------------------------- the run
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, all its threads (Linux /proc; NaN elsewhere).
+
+    A loaded machine stretches wall times by how many processes share the cores; the CPU a request costs the
+    server is stretched far less, so it says what the server would do on a quiet machine (cores / CPU a request).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
@@ -258,8 +274,12 @@ def latency_rows(run: Path, servers: list[Server], client_counts: list[int], req
             for clients in client_counts:
                 for server, raw in cases:
                     per_client = max(1, requests // clients)
-                    measured = clients_process.submit(measure, urls[server], clients, per_client, raw,
+                    url, pid = urls[server]
+                    cpu_before = cpu_seconds(pid)
+                    measured = clients_process.submit(measure, url, clients, per_client, raw,
                                                       client).result()
+                    # the server's CPU time per request, warm-up round included (as many requests as measured)
+                    measured.server_cpu = (cpu_seconds(pid) - cpu_before) / max(2 * len(measured.times), 1)
                     samples.setdefault((clients, server, raw), []).append(measured)
     rows = []
     for (clients, server, raw), runs in samples.items():
@@ -268,12 +288,13 @@ def latency_rows(run: Path, servers: list[Server], client_counts: list[int], req
                          p50=statistics.median(percentile(m.times, 50) for m in runs),
                          p99=statistics.median(percentile(m.times, 99) for m in runs),
                          rate=statistics.median(len(m.times) / m.wall if m.wall else 0.0 for m in runs),
+                         cpu=statistics.median(m.server_cpu for m in runs),
                          errors=[e for m in runs for e in m.errors]))
     return rows
 
 
 @contextmanager
-def multiple_running(servers: list[Server], run: Path) -> Iterator[dict[Server, str]]:
+def multiple_running(servers: list[Server], run: Path) -> Iterator[dict[Server, tuple[str, int]]]:
     """Every server started (one after another, so their start-up does not overlap), all stopped at the end."""
     from contextlib import ExitStack
 
@@ -281,19 +302,33 @@ def multiple_running(servers: list[Server], run: Path) -> Iterator[dict[Server, 
         yield {server: stack.enter_context(running(server, run)) for server in servers}
 
 
-def preprocess_ms(repeats: int = 200) -> float:
-    """Median milliseconds to read and prepare one 280x280 PNG drawing (digits recipe), in this process."""
-    from cnnlab.use.recipes import prepare
+PREPARE_TIMING = """
+import io, statistics, sys, time
+from PIL import Image, ImageDraw
+from cnnlab.use.recipes import prepare
+image = Image.new("RGB", (280, 280), "white")
+ImageDraw.Draw(image).line([(80, 60), (200, 60), (120, 230)], fill="black", width=20)
+buffer = io.BytesIO()
+image.save(buffer, format="PNG")
+body = buffer.getvalue()
+for _ in range(20):
+    prepare(body, "digits")
+times = []
+for _ in range(int(sys.argv[1])):
+    start = time.perf_counter()
+    prepare(body, "digits")
+    times.append(time.perf_counter() - start)
+print(1000 * statistics.median(times), 1000 * min(times))
+"""
 
-    body = drawing_png()
-    for _ in range(10):
-        prepare(body, "digits")
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        prepare(body, "digits")
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+
+def preprocess_ms(tree: Path, repeats: int = 300) -> tuple[float, float]:
+    """Median and fastest milliseconds to read and prepare the 280x280 PNG drawing (digits recipe) with `tree`'s
+    recipes, in a process of its own (the drawing as drawing_png makes it)."""
+    done = subprocess.run([sys.executable, "-c", PREPARE_TIMING, str(repeats)], capture_output=True, text=True,
+                          check=True, env={**os.environ, "PYTHONPATH": str(tree / "src")})
+    median, fastest = done.stdout.split()
+    return float(median), float(fastest)
 
 
 def uptime() -> str:
@@ -333,24 +368,33 @@ def print_tables(rows: list[dict], args: argparse.Namespace, before: str, after:
     for server in dict.fromkeys(row["server"] for row in rows):
         options = " ".join(server.options)
         print(f"- {server.label}: `cnnlab serve RUN{' ' + options if options else ''}` from {server.tree}")
-    print("\n| POST /api/predict (seed) | clients | server | requests | p50 | p99 | requests/s | failed |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    print("\n| POST /api/predict (seed) | clients | server | requests | p50 | p99 | requests/s | server CPU a request "
+          "| failed |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for row in sorted(rows, key=lambda r: (r["clients"], r["raw"], r["server"].label != "before")):
         body = "PNG as the body" if row["raw"] else "multipart form"
         print(f"| {body} | {row['clients']} | {row['server'].label} | {row['requests']:.0f} | "
-              f"{1000 * row['p50']:.1f} ms | {1000 * row['p99']:.1f} ms | {row['rate']:.0f} | {len(row['errors'])} |")
+              f"{1000 * row['p50']:.1f} ms | {1000 * row['p99']:.1f} ms | {row['rate']:.0f} | "
+              f"{1000 * row['cpu']:.2f} ms | {len(row['errors'])} |")
     rates = {(r["clients"], r["server"].label, r["raw"]): r["rate"] for r in rows}
+    cpus = {(r["clients"], r["server"].label, r["raw"]): r["cpu"] for r in rows}
     if args.before is not None:
-        print("\n| clients | requests/s, this tree / before (form) | (PNG as the body) / before (form) |")
-        print("|---:|---:|---:|")
+        print("\n| clients | requests/s: this tree / before (form) | (PNG as the body) / before (form) "
+              "| server CPU a request: before (form) / this tree (form) | before (form) / this tree (PNG body) |")
+        print("|---:|---:|---:|---:|---:|")
         for clients in args.clients:
-            base = rates.get((clients, "before", False)) or float("nan")
-            print(f"| {clients} | {rates[(clients, 'this tree', False)] / base:.2f}x | "
-                  f"{rates[(clients, 'this tree', True)] / base:.2f}x |")
+            base, cpu = rates.get((clients, "before", False)) or float("nan"), cpus[(clients, "before", False)]
+            mine = (clients, "this tree")
+            print(f"| {clients} | {rates[(*mine, False)] / base:.2f}x | {rates[(*mine, True)] / base:.2f}x | "
+                  f"{cpu / cpus[(*mine, False)]:.2f}x | {cpu / cpus[(*mine, True)]:.2f}x |")
     failures = [e for row in rows for e in row["errors"]]
     if failures:
         print(f"\n{len(failures)} failed requests, e.g.: " + "; ".join(dict.fromkeys(failures[:20])))
-    print(f"\nprepare one 280x280 PNG drawing in process (this tree, median of 200): {preprocess_ms():.2f} ms")
+    print("\n| read and prepare one 280x280 PNG drawing (digits recipe), 300 times | median | fastest |")
+    print("|---|---:|---:|")
+    for server in dict.fromkeys(row["server"] for row in rows):
+        median, fastest = preprocess_ms(server.tree)
+        print(f"| {server.label} | {median:.2f} ms | {fastest:.2f} ms |")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,23 @@ def test_the_picture_as_the_body_gets_the_forms_answer(server, digit_png):
     assert details["input_image"].startswith("data:image/png;base64,") and details["feature_maps"]
 
 
+def test_64_clients_at_once_are_all_answered(server, digit_png):
+    """64 connections, 3 requests each, at once: every request answered, no connection dropped (the
+    benchmark's 64-client run once ended in a ReadError: BENCHMARKS.md, "Serving")."""
+    import asyncio
+
+    async def clients() -> list[int]:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=server.base_url, limits=limits, timeout=120) as client:
+            async def one() -> list[int]:
+                return [(await client.post("/api/predict", content=digit_png, headers={"Content-Type": "image/png"},
+                                           params={"model": ("mnist", "fashion-mnist")[i % 2]})).status_code
+                        for i in range(3)]
+            return [status for statuses in await asyncio.gather(*(one() for _ in range(64))) for status in statuses]
+
+    assert asyncio.run(clients()) == [200] * 64 * 3
+
+
 def test_a_raw_body_of_another_format_is_refused_by_its_bytes(server):
     pdf = post_raw(server, b"%PDF-1.7\n%...", "image/png")
     assert pdf.status_code == 415 and pdf.json()["error"] == (

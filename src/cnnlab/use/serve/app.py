@@ -27,7 +27,7 @@ from typing import IO, Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.datastructures import FormData
@@ -140,7 +140,7 @@ def create_app(models: Sequence[str | Path | Predictor], max_upload_bytes: int =
                 "max_upload_bytes": max_upload_bytes, "accepted_formats": ACCEPTED.split(", ")}
 
     @app.post("/api/predict")
-    async def predict(request: Request) -> dict:
+    async def predict(request: Request) -> JSONResponse:
         raw = is_raw_picture(request)  # the picture is the body: no form to parse (what scripts and apps send)
         form = None if raw else await read_form(request)
         field = None if form is None else picture_field(form)
@@ -153,7 +153,8 @@ def create_app(models: Sequence[str | Path | Predictor], max_upload_bytes: int =
             raise busy(batcher)
         # a raw body is read only now, after the cheap checks (at most max_upload_bytes: UploadLimit sees to it)
         upload = await request.body() if field is None else field.file
-        return await answer(predictor, batcher, upload, name, details, max_pixels)
+        # a JSONResponse of our own: FastAPI would validate and re-encode a returned dict field by field first
+        return JSONResponse(await answer(predictor, batcher, upload, name, details, max_pixels))
 
     return app
 
