@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 from pathlib import Path
@@ -178,7 +179,7 @@ def stop_on_sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def stop(processes: list[multiprocessing.process.BaseProcess]) -> None:
+def stop(processes: Sequence[multiprocessing.process.BaseProcess]) -> None:
     """Ask every live worker to stop (SIGTERM: uvicorn finishes the requests in hand), then kill stragglers."""
     for process in processes:
         if process.is_alive():
