@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import signal
 import socket
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -17,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from cnnlab.errors import UserError
 from cnnlab.use.serve.batching import BatchSettings
 from cnnlab.use.serve.guards import LOOPBACK_NAMES
 
@@ -96,6 +96,10 @@ def server_config(application: FastAPI, host: str = "127.0.0.1", port: int = 800
 
 
 # ------------------------------------------------------------------------------------------ worker processes
+class ServerError(UserError, RuntimeError):
+    """The server cannot listen on its address, or one of its worker processes stopped on its own."""
+
+
 @dataclass(frozen=True)
 class ServedApp:
     """What a worker process needs to build the app `cnnlab serve` serves; picklable, as it crosses to workers."""
@@ -148,10 +152,8 @@ def serve(served: ServedApp, host: str = "127.0.0.1", port: int = 8000, workers:
         for process in processes:
             process.start()
         wait([process.sentinel for process in processes])  # until Ctrl+C, SIGTERM or a worker ends
-        ended = [p for p in processes if p.exitcode is not None]
-        for process in ended:
-            print(f"error: worker {process.name} stopped (exit code {process.exitcode}); stopping the server",
-                  file=sys.stderr)
+        ended = ", ".join(f"{p.name} (exit code {p.exitcode})" for p in processes if p.exitcode is not None)
+        raise ServerError(f"worker {ended} stopped on its own; the server stopped too (its log is above)")
     except KeyboardInterrupt:
         pass  # Ctrl+C reaches the workers as well: each finishes what it is answering, then stops
     finally:
@@ -163,7 +165,10 @@ def serve(served: ServedApp, host: str = "127.0.0.1", port: int = 8000, workers:
 def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port and listening (IPv6 for an address with a colon)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=BACKLOG)
+    try:
+        return socket.create_server((host, port), family=family, backlog=BACKLOG)
+    except OSError as exc:  # the port taken, an address not of this machine: before any worker starts
+        raise ServerError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
 
 
 def run_worker(served: ServedApp, listening: socket.socket, host: str, port: int, threads: int) -> None:
