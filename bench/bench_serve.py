@@ -1,20 +1,24 @@
-"""Serving speed: `POST /api/predict` latency and requests/s over loopback, batched against one pass per request,
-and the models' batch inference throughput.
+"""Serving speed: `POST /api/predict` latency and requests/s over loopback, `cnnlab serve` of this tree against
+`cnnlab serve` of another tree (the tree before a change) measured in the same run.
 
-    python bench/bench_serve.py --requests 320 --repeats 5 --threads 2
+    python bench/bench_serve.py --before ../cnnlab-before --requests 320 --repeats 3 --clients 1 16 64
 
-1. Latency: two servers, each one uvicorn process configured as `cnnlab serve` runs it, serve the `seed` preset
-   (random weights: speed does not depend on what was learned): "one at a time" (`--max-batch 1`: a forward pass
-   per request, the server before dynamic batching) and "batched" (`cnnlab serve`'s defaults, or --max-batch /
-   --max-wait-ms here). The clients run in a process of their own: 1, 16 and 64 of them at once (--clients), each
-   uploading a 280x280 PNG drawing (as the demo page's canvas does) --requests / clients times in a row over a
-   kept-alive connection, timing each request. Each repeat measures every (clients, server) pair, servers
-   alternating, so that machine noise hits both alike; the table gives the median over --repeats of each
-   measurement's p50, p99 and requests/s, and the batched server's mean images per forward pass.
-2. `?details=true` (+ feature maps, what the demo page asks for), 1 client, batched server.
-3. Throughput: `seed` and `deep` (built from their presets) run inference on batches of 256 random 28x28 images,
-   channels-last, as `cnnlab evaluate` does; reported in images/s (best of --repeats).
-Loopback only (127.0.0.1); nothing is downloaded. Prints Markdown tables.
+1. Latency: each tree's `cnnlab serve` (its own CLI, its defaults, as a user starts it; --serve-args adds options
+   to this tree's) serves the `seed` preset (random weights: speed does not depend on what was learned). The
+   clients run in a process of their own: 1, 16 and 64 of them at once (--clients), each on its own kept-alive
+   connection, sending a 280x280 PNG drawing (as the demo page's canvas does) --requests / clients times in a row
+   and timing each request, after a warm-up round on the same connections. Every tree gets the same multipart
+   form (field `file`, as the page and `curl -F` send it); this tree is also measured with the PNG as the raw
+   body (Content-Type: image/png), which trees before issue 31 do not accept. Each repeat measures every
+   (clients, server) pair, servers alternating, so that machine noise hits all alike; the table gives the median
+   over --repeats of each measurement's p50, p99 and requests/s, and the requests that failed (HTTP errors,
+   connections closed or reset) summed over the repeats, and the server process's CPU time per request (all its
+   threads, from /proc), which a loaded machine stretches far less than wall times.
+2. The client (--client): `raw` (default) writes prepared HTTP/1.1 requests on asyncio streams, so that its own
+   cost (~0.1 ms a request) does not hide the servers'; `httpx` is the client of issue 17's table (httpx's pool,
+   ~1-2 ms of CPU a request), kept to compare with it.
+3. The recipe: milliseconds to read and prepare the drawing, with each tree's recipes, in a process of its own.
+Loopback only (127.0.0.1); nothing is downloaded. Prints Markdown tables and `uptime` before and after.
 """
 from __future__ import annotations
 
@@ -26,14 +30,22 @@ import os
 import platform
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
+
+HERE = Path(__file__).resolve().parent.parent  # this tree
+BOUNDARY = b"cnnlab-bench-7a1c"
 
 
 def make_run(preset: str, root: Path) -> Path:
@@ -52,38 +64,6 @@ def make_run(preset: str, root: Path) -> Path:
     return run
 
 
-@dataclass(frozen=True)
-class Server:
-    """One server under test: its label in the table and its batching options (those of `cnnlab serve`)."""
-
-    label: str
-    max_batch: int
-    max_wait_ms: float
-
-
-def serve(run: Path, port: int, threads: int, max_batch: int, max_wait_ms: float) -> None:
-    """The server process: the app and uvicorn configuration `cnnlab serve --max-batch ... --max-wait-ms ...` runs,
-    plus GET /bench/passes (forward passes run so far)."""
-    import torch
-    import uvicorn
-
-    from cnnlab.use.serve import create_app
-    from cnnlab.use.serve.batching import BatchSettings
-    from cnnlab.use.serve.server import server_config
-
-    torch.set_num_threads(threads)
-    application = create_app([run], batching=BatchSettings(max_batch=max_batch, max_wait_ms=max_wait_ms))
-    batchers = application.state.batchers
-    application.get("/bench/passes")(lambda: {"passes": sum(b.passes for b in batchers.values())})
-    uvicorn.Server(server_config(application, "127.0.0.1", port)).run()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def drawing_png() -> bytes:
     """A 280x280 canvas-like PNG: a black '7' on white."""
     from PIL import Image, ImageDraw
@@ -95,183 +75,326 @@ def drawing_png() -> bytes:
     return buffer.getvalue()
 
 
-# ----------------------------------------------------------------------- the clients' process
-def measure(url: str, clients: int, per_client: int, details: bool) -> tuple[list[float], float]:
-    """In the clients' process: every request's latency (seconds) and the wall time of the whole run."""
-    return asyncio.run(client_latencies(url, drawing_png(), clients, per_client, details))
+# ----------------------------------------------------------------------------------------- servers
+@dataclass(frozen=True)
+class Server:
+    """One `cnnlab serve` under test: the tree it runs from and the options it gets."""
+
+    label: str
+    tree: Path
+    options: tuple[str, ...] = ()
+    raw_body: bool = True  # whether it takes the picture as the body (this tree) or only a form
 
 
-async def client_latencies(url: str, body: bytes, clients: int, per_client: int,
-                           details: bool) -> tuple[list[float], float]:
-    """`clients` concurrent clients (one kept-alive connection each), `per_client` requests each, one after another."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def running(server: Server, run: Path) -> Iterator[tuple[str, int]]:
+    """`python -m cnnlab serve RUN` of the server's tree, in a process of its own; yields its URL and process id."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(server.tree / "src")}
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen([sys.executable, "-m", "cnnlab", "serve", str(run), "--port", str(port),
+                                    *server.options], cwd=server.tree, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until_up(url, process, log)
+            yield url, process.pid
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: IO[bytes], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"the server stopped (exit {process.returncode}): {log.read().decode()[-2000:]}")
+        try:
+            with urllib.request.urlopen(url + "/api/model", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"{url}: the server did not start within {timeout:g} s")
+
+
+# ----------------------------------------------------------------------------------------- clients
+def request_bytes(port: int, picture: bytes, raw_body: bool) -> bytes:
+    """One whole HTTP/1.1 request for POST /api/predict: the picture as the body, or as the form field `file`."""
+    if raw_body:
+        kind, body = b"image/png", picture
+    else:
+        kind = b"multipart/form-data; boundary=" + BOUNDARY
+        body = (b"--" + BOUNDARY + b'\r\nContent-Disposition: form-data; name="file"; filename="drawing.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n" + picture + b"\r\n--" + BOUNDARY + b"--\r\n")
+    head = (f"POST /api/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {kind.decode()}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    return head + body
+
+
+@dataclass
+class Measured:
+    """One measurement: every answered request's latency (seconds), the wall time, and what failed."""
+
+    times: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    errors: list[str] = field(default_factory=list)
+    server_cpu: float = float("nan")  # the server process's CPU seconds per request (all its threads)
+
+
+def measure(url: str, clients: int, per_client: int, raw_body: bool, client: str) -> Measured:
+    """In the clients' process: a warm-up round, then the measured one, on `clients` kept-alive connections."""
+    picture = drawing_png()
+    if client == "httpx":
+        return asyncio.run(httpx_clients(url, picture, clients, per_client, raw_body))
+    port = int(url.rsplit(":", 1)[1])
+    return asyncio.run(raw_clients(port, request_bytes(port, picture, raw_body), clients, per_client))
+
+
+async def raw_clients(port: int, request: bytes, clients: int, per_client: int) -> Measured:
+    await raw_round(port, request, clients, per_client, Measured())  # warm-up: the server's first passes
+    measured = Measured()
+    start = time.perf_counter()
+    await raw_round(port, request, clients, per_client, measured)
+    measured.wall = time.perf_counter() - start
+    return measured
+
+
+async def raw_round(port: int, request: bytes, clients: int, per_client: int, measured: Measured) -> None:
+    """One round on fresh connections: a connection kept from the warm-up would sit idle while the warm-up's
+    slowest client finished, and the server closes one idle for its keep-alive timeout (5 s), which a loaded
+    machine reaches at 64 clients (see BENCHMARKS.md, "Serving")."""
+    async def client() -> None:
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError as exc:
+            measured.errors.append(f"connect: {type(exc).__name__}: {exc}"[:120])
+            return
+        try:
+            await one_client(reader, writer, request, per_client, measured)
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+
+
+async def one_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, count: int,
+                     measured: Measured) -> None:
+    """`count` requests one after another on one connection; a failed connection ends this client."""
+    for _ in range(count):
+        start = time.perf_counter()
+        try:
+            writer.write(request)
+            status, body = await read_response(reader)
+        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+            measured.errors.append(f"{type(exc).__name__}: {exc}"[:120])
+            return
+        measured.times.append(time.perf_counter() - start)
+        if status != 200:
+            measured.errors.append(f"HTTP {status}: {body[:100]!r}")
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """The status and body of one HTTP/1.1 response with a Content-Length (as uvicorn sends JSON)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = next(int(line.split(b":", 1)[1]) for line in lines[1:] if line.lower().startswith(b"content-length:"))
+    return status, await reader.readexactly(length)
+
+
+async def httpx_clients(url: str, picture: bytes, clients: int, per_client: int, raw_body: bool) -> Measured:
+    """Issue 17's client: one httpx.AsyncClient whose pool holds a connection per client."""
     import httpx
 
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    params = {"details": "true"} if details else {}
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-        async def one_client() -> list[float]:
-            times = []
-            for _ in range(per_client):
-                start = time.perf_counter()
-                response = await client.post("/api/predict", files={"file": ("drawing.png", body, "image/png")},
-                                             params=params)
-                times.append(time.perf_counter() - start)
-                response.raise_for_status()  # a 503 or 504 would be a fast wrong answer: stop the benchmark
-            return times
+    async def one(client: httpx.AsyncClient, measured: Measured) -> None:
+        for _ in range(per_client):
+            start = time.perf_counter()
+            try:
+                if raw_body:
+                    response = await client.post("/api/predict", content=picture, headers={"Content-Type": "image/png"})
+                else:
+                    response = await client.post("/api/predict", files={"file": ("drawing.png", picture, "image/png")})
+            except httpx.HTTPError as exc:
+                measured.errors.append(f"{type(exc).__name__}: {exc!r}"[:120])
+                return
+            measured.times.append(time.perf_counter() - start)
+            if response.status_code != 200:
+                measured.errors.append(f"HTTP {response.status_code}: {response.text[:100]}")
 
-        await asyncio.gather(*(one_client() for _ in range(clients)))  # warm-up: connections, first passes
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one_client() for _ in range(clients)))
-        return [t for times in results for t in times], time.perf_counter() - start
+    async def round_(measured: Measured) -> None:  # a client (and pool) per round: see raw_round
+        limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
+            await asyncio.gather(*(one(client, measured) for _ in range(clients)))
+
+    await round_(Measured())
+    measured = Measured()
+    start = time.perf_counter()
+    await round_(measured)
+    measured.wall = time.perf_counter() - start
+    return measured
+
+
+# ----------------------------------------------------------------------------------------- the run
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, all its threads (Linux /proc; NaN elsewhere).
+
+    A loaded machine stretches wall times by how many processes share the cores; the CPU a request costs the
+    server is stretched far less, so it says what the server would do on a quiet machine (cores / CPU a request).
+    """
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+    except (OSError, ValueError, IndexError):
+        return float("nan")
 
 
 def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
-
-
-def wait_until_up(url: str, timeout: float = 60) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/api/model", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise RuntimeError("the server did not start")
-
-
-def passes_so_far(url: str) -> int:
-    import httpx
-
-    return int(httpx.get(url + "/bench/passes", timeout=10).json()["passes"])
+    return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
 def latency_rows(run: Path, servers: list[Server], client_counts: list[int], requests: int, repeats: int,
-                 threads: int) -> list[dict]:
-    """Median p50, p99 and requests/s over `repeats` for every (clients, server); then ?details=true, 1 client."""
+                 client: str) -> list[dict]:
+    """Median p50, p99 and requests/s over `repeats` for every (clients, server, body); failures summed."""
     context = multiprocessing.get_context("spawn")
-    urls, processes = {}, []
-    for server in servers:
-        port = free_port()
-        urls[server] = f"http://127.0.0.1:{port}"
-        processes.append(context.Process(target=serve, daemon=True,
-                                         args=(run, port, threads, server.max_batch, server.max_wait_ms)))
-        processes[-1].start()
+    cases = [(server, raw) for server in servers for raw in ((False, True) if server.raw_body else (False,))]
+    samples: dict[tuple[int, Server, bool], list[Measured]] = {}
+    with ProcessPoolExecutor(1, mp_context=context) as clients_process, multiple_running(servers, run) as urls:
+        for _ in range(repeats):
+            for clients in client_counts:
+                for server, raw in cases:
+                    per_client = max(1, requests // clients)
+                    url, pid = urls[server]
+                    cpu_before = cpu_seconds(pid)
+                    measured = clients_process.submit(measure, url, clients, per_client, raw,
+                                                      client).result()
+                    # the server's CPU time per request, warm-up round included (as many requests as measured)
+                    measured.server_cpu = (cpu_seconds(pid) - cpu_before) / max(2 * len(measured.times), 1)
+                    samples.setdefault((clients, server, raw), []).append(measured)
+    rows = []
+    for (clients, server, raw), runs in samples.items():
+        rows.append(dict(clients=clients, server=server, raw=raw,
+                         requests=statistics.median(len(m.times) for m in runs),
+                         p50=statistics.median(percentile(m.times, 50) for m in runs),
+                         p99=statistics.median(percentile(m.times, 99) for m in runs),
+                         rate=statistics.median(len(m.times) / m.wall if m.wall else 0.0 for m in runs),
+                         cpu=statistics.median(m.server_cpu for m in runs),
+                         errors=[e for m in runs for e in m.errors]))
+    return rows
+
+
+@contextmanager
+def multiple_running(servers: list[Server], run: Path) -> Iterator[dict[Server, tuple[str, int]]]:
+    """Every server started (one after another, so their start-up does not overlap), all stopped at the end."""
+    from contextlib import ExitStack
+
+    with ExitStack() as stack:
+        yield {server: stack.enter_context(running(server, run)) for server in servers}
+
+
+PREPARE_TIMING = """
+import io, statistics, sys, time
+from PIL import Image, ImageDraw
+from cnnlab.use.recipes import prepare
+image = Image.new("RGB", (280, 280), "white")
+ImageDraw.Draw(image).line([(80, 60), (200, 60), (120, 230)], fill="black", width=20)
+buffer = io.BytesIO()
+image.save(buffer, format="PNG")
+body = buffer.getvalue()
+for _ in range(20):
+    prepare(body, "digits")
+times = []
+for _ in range(int(sys.argv[1])):
+    start = time.perf_counter()
+    prepare(body, "digits")
+    times.append(time.perf_counter() - start)
+print(1000 * statistics.median(times), 1000 * min(times))
+"""
+
+
+def preprocess_ms(tree: Path, repeats: int = 300) -> tuple[float, float]:
+    """Median and fastest milliseconds to read and prepare the 280x280 PNG drawing (digits recipe) with `tree`'s
+    recipes, in a process of its own (the drawing as drawing_png makes it)."""
+    done = subprocess.run([sys.executable, "-c", PREPARE_TIMING, str(repeats)], capture_output=True, text=True,
+                          check=True, env={**os.environ, "PYTHONPATH": str(tree / "src")})
+    median, fastest = done.stdout.split()
+    return float(median), float(fastest)
+
+
+def uptime() -> str:
     try:
-        for url in urls.values():
-            wait_until_up(url)
-        samples: dict[tuple[int, Server], list[dict]] = {}
-        with ProcessPoolExecutor(1, mp_context=context) as clients_process:
-            for _ in range(repeats):
-                for clients in client_counts:
-                    for server in servers:
-                        per_client = max(1, requests // clients)
-                        passes_before = passes_so_far(urls[server])
-                        times, wall = clients_process.submit(measure, urls[server], clients, per_client, False).result()
-                        passes = passes_so_far(urls[server]) - passes_before  # warm-up's included: 2x the requests
-                        samples.setdefault((clients, server), []).append(dict(
-                            p50=percentile(times, 50), p99=percentile(times, 99), rate=len(times) / wall,
-                            per_pass=2 * len(times) / max(passes, 1), requests=len(times)))
-            batched = servers[-1]
-            details, wall = clients_process.submit(measure, urls[batched], 1, requests, True).result()
-        rows = [dict(clients=clients, server=server, **{key: statistics.median(s[key] for s in runs)
-                                                       for key in runs[0]})
-                for (clients, server), runs in samples.items()]
-        rows.append(dict(clients=1, server=batched, details=True, p50=percentile(details, 50),
-                         p99=percentile(details, 99), rate=len(details) / wall, requests=len(details), per_pass=None))
-        return rows
-    finally:
-        for process in processes:
-            process.terminate()
-            process.join(10)
-
-
-def throughput(preset: str, batch: int, total: int, repeats: int) -> float:
-    """Best images/s of `evaluate.infer` over `total` random images in batches of `batch`."""
-    import torch
-
-    from cnnlab.config import load_config
-    from cnnlab.models.cnn import build_model
-    from cnnlab.training.evaluate import infer
-
-    model = build_model(load_config(preset).model, seed=0).eval()
-    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (total, 28, 28), dtype=np.uint8))
-    infer(model, images[:batch], batch, channels_last=True)  # warm-up: first calls allocate
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        infer(model, images, batch, channels_last=True)
-        best = max(best, total / (time.perf_counter() - start))
-    return best
-
-
-def preprocess_ms(repeats: int = 50) -> float:
-    """Median milliseconds to read and prepare one 280x280 PNG drawing (digits recipe)."""
-    from cnnlab.use.recipes import prepare
-
-    body = drawing_png()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        prepare(body, "digits")
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", type=Path, default=None,
+                        help="another tree (a git worktree) whose `cnnlab serve` to measure in the same run")
+    parser.add_argument("--serve-args", default="", help="options for this tree's `cnnlab serve` (e.g. '--workers 2')")
     parser.add_argument("--requests", type=int, default=320, help="requests per latency measurement")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 16, 64], help="concurrent clients to measure")
-    parser.add_argument("--max-batch", type=int, default=None, help="the batched server's (default: cnnlab serve's)")
-    parser.add_argument("--max-wait-ms", type=float, default=None,
-                        help="the batched server's (default: cnnlab serve's)")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (servers and throughput)")
-    parser.add_argument("--batch", type=int, default=256)
-    parser.add_argument("--images", type=int, default=4096, help="images per throughput measurement")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--client", choices=("raw", "httpx"), default="raw", help="the clients' HTTP library")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 
-    import torch
-
-    from cnnlab.use.serve.batching import BatchSettings
-
-    defaults = BatchSettings()
-    batched = Server("batched", args.max_batch or defaults.max_batch,
-                     defaults.max_wait_ms if args.max_wait_ms is None else args.max_wait_ms)
-    servers = [Server("one at a time", 1, 0.0), batched]
-    load_before = os.getloadavg()
-    torch.set_num_threads(args.threads)
+    servers = ([Server("before", args.before.resolve(), raw_body=False)] if args.before else [])
+    servers.append(Server("this tree", HERE, tuple(args.serve_args.split())))
+    before = uptime()
     with tempfile.TemporaryDirectory() as tmp:
         run = make_run("seed", Path(tmp))
-        latencies = latency_rows(run, servers, args.clients, args.requests, args.repeats, args.threads)
-    speeds = {preset: throughput(preset, args.batch, args.images, args.repeats) for preset in ("seed", "deep")}
-    print_tables(latencies, speeds, args, batched, load_before)
+        rows = latency_rows(run, servers, args.clients, args.requests, args.repeats, args.client)
+    print_tables(rows, args, before, uptime())
 
 
-def print_tables(latencies: list[dict], speeds: dict[str, float], args: argparse.Namespace, batched: Server,
-                 load_before: tuple[float, float, float]) -> None:
+def print_tables(rows: list[dict], args: argparse.Namespace, before: str, after: str) -> None:
     import torch
 
-    load = ", ".join(f"{x:.1f}" for x in load_before)
-    print(f"cnnlab serve benchmark: torch {torch.__version__}, {args.threads} threads, Python "
-          f"{platform.python_version()}, {platform.machine()}, {multiprocessing.cpu_count()} CPUs "
-          f"(load average before: {load}); clients in their own process, on the same CPUs as the servers\n")
-    print(f"Batched: --max-batch {batched.max_batch} --max-wait-ms {batched.max_wait_ms:g}; one at a time: "
-          f"--max-batch 1. Medians of {args.repeats} repeats.\n")
-    print("| POST /api/predict (seed) | clients | server | requests | p50 | p99 | requests/s | images/pass |")
-    print("|---|---:|---|---:|---:|---:|---:|---:|")
-    for row in sorted(latencies, key=lambda r: (r.get("details", False), r["clients"])):
-        what = "?details=true (+ feature maps)" if row.get("details") else "plain"
-        per_pass = "" if row["per_pass"] is None else f"{row['per_pass']:.1f}"
-        print(f"| {what} | {row['clients']} | {row['server'].label} | {row['requests']:.0f} | "
-              f"{1000 * row['p50']:.1f} ms | {1000 * row['p99']:.1f} ms | {row['rate']:.0f} | {per_pass} |")
-    print("\n| measurement | images | time | throughput |")
-    print("|---|---:|---:|---:|")
-    print(f"| prepare one 280x280 PNG drawing (in process) | 50 | {preprocess_ms():.1f} ms | |")
-    for preset, speed in speeds.items():
-        print(f"| batch inference `{preset}`, batches of {args.batch} | {args.images} | | {speed:,.0f} images/s |")
+    print(f"cnnlab serve benchmark: torch {torch.__version__}, Python {platform.python_version()}, "
+          f"{platform.machine()}, {multiprocessing.cpu_count()} CPUs; {args.client} clients in their own process, "
+          f"on the same CPUs as the servers. Medians of {args.repeats} repeats.\n")
+    print(f"`uptime` before: `{before}`; after: `{after}`\n")
+    for server in dict.fromkeys(row["server"] for row in rows):
+        options = " ".join(server.options)
+        print(f"- {server.label}: `cnnlab serve RUN{' ' + options if options else ''}` from {server.tree}")
+    print("\n| POST /api/predict (seed) | clients | server | requests | p50 | p99 | requests/s | server CPU a request "
+          "| failed |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    for row in sorted(rows, key=lambda r: (r["clients"], r["raw"], r["server"].label != "before")):
+        body = "PNG as the body" if row["raw"] else "multipart form"
+        print(f"| {body} | {row['clients']} | {row['server'].label} | {row['requests']:.0f} | "
+              f"{1000 * row['p50']:.1f} ms | {1000 * row['p99']:.1f} ms | {row['rate']:.0f} | "
+              f"{1000 * row['cpu']:.2f} ms | {len(row['errors'])} |")
+    rates = {(r["clients"], r["server"].label, r["raw"]): r["rate"] for r in rows}
+    cpus = {(r["clients"], r["server"].label, r["raw"]): r["cpu"] for r in rows}
+    if args.before is not None:
+        print("\n| clients | requests/s: this tree / before (form) | (PNG as the body) / before (form) "
+              "| server CPU a request: before (form) / this tree (form) | before (form) / this tree (PNG body) |")
+        print("|---:|---:|---:|---:|---:|")
+        for clients in args.clients:
+            base, cpu = rates.get((clients, "before", False)) or float("nan"), cpus[(clients, "before", False)]
+            mine = (clients, "this tree")
+            print(f"| {clients} | {rates[(*mine, False)] / base:.2f}x | {rates[(*mine, True)] / base:.2f}x | "
+                  f"{cpu / cpus[(*mine, False)]:.2f}x | {cpu / cpus[(*mine, True)]:.2f}x |")
+    failures = [e for row in rows for e in row["errors"]]
+    if failures:
+        print(f"\n{len(failures)} failed requests, e.g.: " + "; ".join(dict.fromkeys(failures[:20])))
+    print("\n| read and prepare one 280x280 PNG drawing (digits recipe), 300 times | median | fastest |")
+    print("|---|---:|---:|")
+    for server in dict.fromkeys(row["server"] for row in rows):
+        median, fastest = preprocess_ms(server.tree)
+        print(f"| {server.label} | {median:.2f} ms | {fastest:.2f} ms |")
 
 
 if __name__ == "__main__":

@@ -136,7 +136,7 @@ EXPECTED_WORDS = {
     "cut-off multipart": "without its closing boundary: it was cut off",
     "malformed multipart": "the multipart/form-data body is malformed",
     "no boundary": "has no boundary",
-    "json body": "expected a multipart/form-data body with the picture in field 'file', found application/json",
+    "json body": "or a multipart/form-data body with it in field 'file', found application/json",
     "no file field": "no picture in the request: send it as the multipart/form-data file field 'file'",
     "details=maybe": "?details='maybe': expected true or false",
     "unknown model": "no model named 'x'; serving: mnist",

@@ -148,25 +148,32 @@ def serve(
         "Another host name requests may use to reach the server (repeat for more). It always answers to "
         "localhost, 127.0.0.1 and ::1, and to --host unless that is 0.0.0.0 or ::; any other Host gets 421 "
         "(a web page elsewhere cannot reach it through DNS rebinding)."))] = None,
+    workers: Annotated[int | None, typer.Option(min=1, max=64, help=(
+        "Server processes sharing the port, each with its own copy of the models and a share of the cores "
+        "(default: one per 2 cores, at most 8)."))] = None,
 ) -> None:
     """A web page to draw or upload pictures and see the prediction, the model's input and its feature maps."""
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (only to say what is missing before any model is loaded)
 
-        from cnnlab.use.serve import create_app
         from cnnlab.use.serve.batching import BatchSettings
         from cnnlab.use.serve.guards import served_hosts
-        from cnnlab.use.serve.server import server_config
+        from cnnlab.use.serve.server import ServedApp, default_workers
+        from cnnlab.use.serve.server import serve as run_server
     except ImportError as exc:
         raise fail(f"serve needs the web packages ({exc.name} is missing): pip install 'cnnlab[serve]'") from None
     batching = BatchSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size, timeout_s=timeout)
-    hosts = served_hosts(host, allowed_host or [])
-    application = create_app(runs, batching=batching, allowed_hosts=hosts)
+    served = ServedApp(tuple(runs), batching, served_hosts(host, allowed_host or []))
+    application = served.build()  # here, not only in the workers: a bad run stops the command with one line
+    workers = workers or default_workers()
     if not is_loopback(host):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the demo (as host "
-              f"{', '.join(hosts)}; add names with --allowed-host)", file=sys.stderr)
-    print(f"serving {', '.join(application.state.batchers)} on http://{host}:{port}/  (Ctrl+C stops)")
-    uvicorn.Server(server_config(application, host, port)).run()
+              f"{', '.join(served.allowed_hosts)}; add names with --allowed-host)", file=sys.stderr)
+    processes = f" ({workers} worker processes)" if workers > 1 else ""
+    print(f"serving {', '.join(application.state.batchers)} on http://{host}:{port}/{processes}  (Ctrl+C stops)")
+    in_process = application if workers == 1 else None  # with workers, each loads its own copy: drop this one
+    del application
+    run_server(served, host, port, workers, in_process)
 
 
 def is_loopback(host: str) -> bool:

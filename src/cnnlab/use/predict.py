@@ -4,8 +4,9 @@ Library functions return data (dicts shaped like `cnnlab predict --json`); the C
 """
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,12 +50,17 @@ class Predictor:
         height, width, _ = self.model.input_shape
         return height, width
 
-    def prepare(self, source: ImageFile, name: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-        """uint8 (H, W), or (H, W, 3) for a colour recipe: the picture as the model must see it."""
+    @property
+    def side(self) -> int:
+        """The side of the model's square input, which the recipes make; ValueError for a model that is not square."""
         height, width = self.input_size
         if height != width:
             raise ValueError(f"{self.name}: preprocessing needs a square input, the model takes {height}x{width}")
-        return prepare(source, self.recipe, height, name, max_pixels, self.resize)
+        return height
+
+    def prepare(self, source: ImageFile, name: str | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+        """uint8 (H, W), or (H, W, 3) for a colour recipe: the picture as the model must see it."""
+        return prepare(source, self.recipe, self.side, name, max_pixels, self.resize)
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """float (N, classes) for prepared uint8 images, grey (N, H, W) or colour (N, H, W, C)."""
@@ -138,10 +144,20 @@ def predict_image(predictor: Predictor, source: ImageFile, name: str = "image", 
     return Prediction(name, image, predictor.probabilities(image[None])[0], predictor.classes)
 
 
-def iter_predictions(predictor: Predictor, files: Iterable[str | Path], batch_size: int = 256
-                     ) -> Iterator[Prediction | FileError]:
+FILES_PER_TASK = 64  # files a decoding worker prepares per task: enough to make the hand-over cheap
+SMALL_SET = 256  # files prepared in this process whatever `workers` says: starting workers would cost more
+
+
+def default_workers() -> int:
+    """Decoding processes for a folder: as for an image folder's data.workers, min(4, CPUs)."""
+    return min(4, os.cpu_count() or 1)
+
+
+def iter_predictions(predictor: Predictor, files: Sequence[str | Path], batch_size: int = 256,
+                     workers: int | None = None) -> Iterator[Prediction | FileError]:
     """A Prediction (or a FileError, for an unreadable file) per file, in order, `batch_size` files per forward
-    pass: memory holds one batch of prepared images, however many files there are."""
+    pass. `workers` processes (default min(4, CPUs); 0: this one) prepare the files while this one runs the model:
+    memory holds a few batches of prepared images, however many files there are."""
     pending: list[tuple[str, np.ndarray] | FileError] = []
 
     def flush() -> Iterator[Prediction | FileError]:
@@ -152,14 +168,47 @@ def iter_predictions(predictor: Predictor, files: Iterable[str | Path], batch_si
                 Prediction(item[0], item[1], next(probabilities), predictor.classes)
         pending.clear()
 
-    for file in files:
-        try:
-            pending.append((str(file), predictor.prepare(file, str(file))))
-        except PER_FILE_ERRORS as exc:
-            pending.append(FileError(str(file), file_error_message(file, exc)))
+    for item in prepared_files(predictor, files, default_workers() if workers is None else workers):
+        pending.append(item)
         if len(pending) >= batch_size:
             yield from flush()
     yield from flush()
+
+
+def prepared_files(predictor: Predictor, files: Sequence[str | Path], workers: int
+                   ) -> Iterator[tuple[str, np.ndarray] | FileError]:
+    """Each file prepared by the predictor's recipe ((name, uint8 image) or a FileError), in order; in `workers`
+    decoding processes (cnnlab's one DataLoader, `WorkerLoader`) when there are enough files to be worth it."""
+    preparing = PreparedFiles([str(file) for file in files], predictor.recipe, predictor.side, predictor.resize)
+    if workers == 0 or len(files) <= SMALL_SET:
+        yield from (preparing[i] for i in range(len(preparing)))
+        return
+    from cnnlab.data.workers import WorkerLoader
+
+    tasks = [range(start, min(start + FILES_PER_TASK, len(files))) for start in range(0, len(files), FILES_PER_TASK)]
+    loader = WorkerLoader(preparing, batch_sampler=tasks, num_workers=workers, collate_fn=list, prefetch_factor=2)
+    for task in loader:
+        yield from task
+
+
+@dataclass(frozen=True)
+class PreparedFiles:
+    """Files as a dataset of prepared images: item i is (name, uint8 image) or the FileError saying why not."""
+
+    files: list[str]
+    recipe: str  # and its arguments, as Predictor.prepare passes them: not the Predictor, whose model
+    side: int  # workers need not hold
+    resize: str
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[str, np.ndarray] | FileError:
+        file = self.files[i]
+        try:
+            return file, prepare(file, self.recipe, self.side, file, MAX_PIXELS, self.resize)
+        except PER_FILE_ERRORS as exc:
+            return FileError(file, file_error_message(file, exc))
 
 
 def predict_files(predictor: Predictor, files: Sequence[str | Path], batch_size: int = 256) -> Results:

@@ -40,31 +40,40 @@ def prepare_digit(image: Image.Image, size: int = 28, box: int = 20) -> np.ndarr
     if float(np.median(border(grey))) > 127.5:  # dark ink on light paper: MNIST's ink is light
         grey = 255 - grey
     grey = max_pool_to(grey, MAX_SIDE)  # a huge photo: shrink first, keeping thin strokes
-    ink = ink_on_black(grey.astype(np.float32))
+    ink = ink_on_black(grey)
     ink = max_pool_to(crop(ink, ink_box(ink)), WORK_SIDE)
     fitted = fit_within(thicken_thin_strokes(ink, box), box)
     return place_by_centre_of_mass(fitted, size)
 
 
 def ink_on_black(grey: np.ndarray) -> np.ndarray:
-    """float (H, W) 0..1 from light-on-dark grey 0..255: ink bright, background exactly 0, paper noise removed.
+    """float32 (H, W) 0..1 from light-on-dark uint8 grey (H, W): ink bright, background exactly 0, paper noise removed.
 
     Otsu's threshold splits ink from background; values below the background's mean + 3 standard
-    deviations count as paper.
+    deviations count as paper. Every statistic comes from the 256-level histogram, and the pixels are mapped
+    through a 256-entry table: two passes over the pixels (count, map) instead of a dozen, 0.15 ms instead of
+    0.5 ms for a 280x280 drawing. (The statistics are float64 sums over the histogram, where they were float32
+    sums over the pixels: the same to ~1e-6, see tests/test_recipe_histogram.py.)
     """
-    if float(grey.max() - grey.min()) < 24:  # under 10% contrast: nothing drawn
+    counts = np.bincount(grey.ravel(), minlength=256).astype(np.float64)  # (256,) pixels per grey level
+    present = np.flatnonzero(counts)
+    if present[-1] - present[0] < 24:  # under 10% contrast: nothing drawn
         raise BlankImage("no ink found: the picture is blank or too faint")
-    threshold = otsu_threshold(grey)
-    background = grey[grey <= threshold + 0.5]  # +0.5: the histogram bins levels to whole numbers
-    floor = min(float(background.mean() + 3 * background.std()), threshold)
-    above = grey[grey > threshold]
-    ink_level = float(np.percentile(above, 95)) if above.size else float(grey.max())
-    return np.clip((grey - floor) / max(ink_level - floor, 1.0), 0.0, 1.0)
+    threshold = otsu_threshold(counts)
+    levels = np.arange(256, dtype=np.float64)
+    background = np.where(levels <= threshold + 0.5, counts, 0.0)  # +0.5: the histogram bins levels to whole numbers
+    mean = float(background @ levels) / background.sum()
+    std = np.sqrt(float(background @ (levels - mean) ** 2) / background.sum())
+    floor = min(mean + 3 * std, threshold)
+    above = np.where(levels > threshold, counts, 0.0)
+    ink_level = level_percentile(above, 95) if above.any() else float(present[-1])
+    # float32 table, as the pixels were: (level - floor) / range, clipped to 0..1
+    table = np.clip((levels.astype(np.float32) - floor) / max(ink_level - floor, 1.0), 0.0, 1.0)
+    return table[grey]
 
 
-def otsu_threshold(grey: np.ndarray) -> float:
-    """The grey level (0..255) that best splits the pixels into two classes (Otsu 1979)."""
-    counts = np.bincount(np.clip(grey, 0, 255).astype(np.uint8).ravel(), minlength=256).astype(np.float64)
+def otsu_threshold(counts: np.ndarray) -> float:
+    """The grey level (0..255) that best splits pixels into two classes (Otsu 1979), from counts (256,) per level."""
     levels = np.arange(256, dtype=np.float64)
     weight_low = np.cumsum(counts)
     weight_high = weight_low[-1] - weight_low
@@ -74,6 +83,16 @@ def otsu_threshold(grey: np.ndarray) -> float:
     between = weight_low * weight_high * (mean_low - mean_high) ** 2
     best = np.flatnonzero(between >= between.max() * (1 - 1e-9))
     return float(best[0] + best[-1]) / 2  # the middle of a tie: two clean levels split half-way, not at the lower
+
+
+def level_percentile(counts: np.ndarray, q: float) -> float:
+    """np.percentile(pixels, q) (linear interpolation) of the pixels whose grey levels have these counts (256,)."""
+    total = int(counts.sum())
+    position = (total - 1) * q / 100  # index into the sorted pixels
+    below = int(np.floor(position))
+    ends = np.cumsum(counts)  # sorted pixel i has the first level whose running count exceeds i
+    low, high = np.searchsorted(ends, [below + 1, min(below + 2, total)])
+    return float(low + (high - low) * (position - below))
 
 
 def ink_box(ink: np.ndarray, mass_trim: float = 0.002) -> tuple[int, int, int, int]:

@@ -1,8 +1,9 @@
 """The web demo: a page to draw or upload a picture, and a JSON API, for one or more trained runs.
 
-    POST /api/predict   multipart `file` (+ optional `model`): the JSON of `cnnlab predict --json`;
-                        ?details=true adds the prepared input (28x28 grey, 32x32 colour, ...) and each conv
-                        layer's feature maps (PNG data URLs)
+    POST /api/predict   the picture as the body (Content-Type image/png, image/jpeg, ...; ?model= picks the
+                        model), or a multipart form with it in field `file` (+ optional `model`): the JSON of
+                        `cnnlab predict --json`; ?details=true adds the prepared input (28x28 grey, 32x32
+                        colour, ...) and each conv layer's feature maps (PNG data URLs)
     GET  /api/model     the models served: dataset, classes, parameters, test accuracy
 
 Concurrent requests for one model share a forward pass (`batching.Batcher`): up to `max_batch` images, gathered
@@ -26,7 +27,7 @@ from typing import IO, Any
 
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from starlette.datastructures import FormData
@@ -63,6 +64,7 @@ ACCEPTED = ", ".join(dict.fromkeys(ACCEPTED_FORMATS.values()))  # "PNG, JPEG, GI
 MAX_FORM_FILES, MAX_FORM_FIELDS = 4, 16  # the page sends one file and one field; a form of thousands is not a client's
 FLAGS = {"true": True, "1": True, "yes": True, "on": True, "false": False, "0": False, "no": False, "off": False}
 MAX_NAME_CHARS = 255  # a file name longer than any file system allows is not a browser's
+RAW_BODY_NAME = "upload"  # what the answer's "file" says for a picture sent as the body, which has no file name
 RETRY_AFTER_SECONDS = 1  # what a 503 for a full queue tells the client: a full queue drains in well under a second
 log = logging.getLogger("cnnlab.use.serve")
 
@@ -138,18 +140,30 @@ def create_app(models: Sequence[str | Path | Predictor], max_upload_bytes: int =
                 "max_upload_bytes": max_upload_bytes, "accepted_formats": ACCEPTED.split(", ")}
 
     @app.post("/api/predict")
-    async def predict(request: Request) -> dict:
-        form = await read_form(request)
-        upload = picture_field(form)
-        predictor = choose_model(by_name, request.query_params.get("model") or form.get("model"), predictors[0])
+    async def predict(request: Request) -> JSONResponse:
+        raw = is_raw_picture(request)  # the picture is the body: no form to parse (what scripts and apps send)
+        form = None if raw else await read_form(request)
+        field = None if form is None else picture_field(form)
+        chosen = request.query_params.get("model") or (None if form is None else form.get("model"))
+        predictor = choose_model(by_name, chosen, predictors[0])
         details = query_flag(request, "details")
-        name = plain_name(upload.filename)
+        name = RAW_BODY_NAME if field is None else plain_name(field.filename)
         batcher = batchers[predictor.name]
         if not batcher.has_room():  # refuse before decoding: an overloaded server should not take on more work
             raise busy(batcher)
-        return await answer(predictor, batcher, upload.file, name, details, max_pixels)
+        # a raw body is read only now, after the cheap checks (at most max_upload_bytes: UploadLimit sees to it)
+        upload = await request.body() if field is None else field.file
+        # a JSONResponse of our own: FastAPI would validate and re-encode a returned dict field by field first
+        return JSONResponse(await answer(predictor, batcher, upload, name, details, max_pixels))
 
     return app
+
+
+def is_raw_picture(request: Request) -> bool:
+    """Whether the body is the picture itself (Content-Type image/..., e.g. `curl --data-binary @x.png -H
+    'Content-Type: image/png'`) rather than a form; the format is judged from the bytes, not from this type."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    return kind.startswith("image/")
 
 
 async def read_form(request: Request) -> FormData:
@@ -162,8 +176,8 @@ async def read_form(request: Request) -> FormData:
     kind, options = parse_options_header(request.headers.get("content-type", ""))
     if kind != b"multipart/form-data":
         found = kind.decode("latin-1")[:60] or "no content type"
-        raise HTTPException(400, f"expected a multipart/form-data body with the picture in field 'file', found "
-                                 f"{found}")
+        raise HTTPException(400, f"expected the picture as the body (Content-Type image/png, image/jpeg, ...) or "
+                                 f"a multipart/form-data body with it in field 'file', found {found}")
     boundary = options.get(b"boundary", b"")
     if not boundary:
         raise HTTPException(400, "the multipart/form-data body has no boundary in its Content-Type; send the "
@@ -233,7 +247,7 @@ def plain_name(filename: str | None) -> str:
     return filename
 
 
-async def answer(predictor: Predictor, batcher: Batcher, upload: IO[bytes], name: str, details: bool,
+async def answer(predictor: Predictor, batcher: Batcher, upload: bytes | IO[bytes], name: str, details: bool,
                  max_pixels: int) -> dict:
     """Prepare one upload (in a DECODING thread), predict it in a shared forward pass, and say what it is.
 
@@ -278,9 +292,10 @@ def busy(batcher: Batcher) -> HTTPException:
                          headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
-def prepared_upload(predictor: Predictor, upload: IO[bytes], name: str, max_pixels: int) -> np.ndarray:
-    """The upload as the model must see it (uint8 (H, W[, C])); image errors become 4xx HTTPExceptions."""
-    data = upload.read()
+def prepared_upload(predictor: Predictor, upload: bytes | IO[bytes], name: str, max_pixels: int) -> np.ndarray:
+    """The upload (its bytes, or the form's spooled file) as the model must see it (uint8 (H, W[, C])); image
+    errors become 4xx HTTPExceptions."""
+    data = upload if isinstance(upload, bytes) else upload.read()
     check_format(data, name)
     try:
         return predictor.prepare(data, name, max_pixels)
