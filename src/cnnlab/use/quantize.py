@@ -8,6 +8,8 @@ image at a time; the file is written atomically, after the check, or not at all.
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import statistics
 import tempfile
@@ -149,12 +151,26 @@ def quantize_static(float_file: Path, calibration: np.ndarray, out: Path) -> Non
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     prepared = out.with_name("prepared.onnx")
-    quant_pre_process(str(float_file), str(prepared))
     reader = calibration_reader(quantization.CalibrationDataReader, input_name(float_file), calibration)
-    quantization.quantize_static(str(prepared), str(out), reader, quant_format=quantization.QuantFormat.QDQ,
-                                 per_channel=True, activation_type=quantization.QuantType.QUInt8,
-                                 weight_type=quantization.QuantType.QInt8)
+    with quiet_quantizer():
+        quant_pre_process(str(float_file), str(prepared))
+        quantization.quantize_static(str(prepared), str(out), reader, quant_format=quantization.QuantFormat.QDQ,
+                                     per_channel=True, activation_type=quantization.QuantType.QUInt8,
+                                     weight_type=quantization.QuantType.QInt8)
     copy_metadata(float_file, out)
+
+
+@contextlib.contextmanager
+def quiet_quantizer() -> Iterator[None]:
+    """The quantizer logs warnings through the root logger about what it quantizes per tensor instead of per
+    channel (batch norm's 1-D scales, in `fast`): its own choices, not the user's business; errors still show."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def calibration_reader(base: type, name: str, calibration: np.ndarray, batch: int = 64) -> Any:
