@@ -11,7 +11,9 @@ per preset, at batch 1 and 256; and, given a trained run, int8's test accuracy a
    (N, C, H, W) as every backend receives them. Each repeat times every backend in turn (noise from other jobs
    hits all alike); a measurement is the median of its passes, the table the median over repeats, and the
    ratios are against torch eager in the same repeat. Also: the time a start takes to check a cached ONNX file.
-2. Accuracy (--run): `cnnlab.use.quantize.quantize_run` on the run (its cached float32 ONNX, static int8
+2. Start-up (--startup RUN): the whole `cnnlab predict RUN picture.png --backend B` process, torch and onnx (its
+   ONNX file made before the first timing, so every timed onnx start checks the cache) taking turns, medians.
+3. Accuracy (--run): `cnnlab.use.quantize.quantize_run` on the run (its cached float32 ONNX, static int8
    calibrated on 512 of its training images), written to a temporary folder: sizes, test accuracy, batch-1
    latency.
 Prints Markdown tables; --out writes the numbers as JSON.
@@ -125,6 +127,33 @@ def speed_table(results: dict) -> str:
     return "\n".join(rows) + f"\n\nChecking a cached ONNX file at start (digests + answers on 8 inputs): {checks}"
 
 
+def startup(run: Path, repeats: int) -> dict[str, float]:
+    """Median seconds of whole `cnnlab predict` processes per backend, the backends taking turns."""
+    import subprocess
+
+    from PIL import Image
+
+    from cnnlab.use.export import random_ink
+    from cnnlab.use.predict import Predictor
+
+    predictor = Predictor.from_run(run)
+    predictor.use_backend("onnx")  # the cache is made here, not in a timed start
+    with tempfile.TemporaryDirectory() as folder:
+        picture = Path(folder) / "picture.png"
+        Image.fromarray(random_ink(predictor.model.input_shape, 1)[0]).save(picture)
+        times: dict[str, list[float]] = {"torch": [], "onnx": []}
+        for _ in range(repeats):
+            for backend in times:
+                start = time.perf_counter()
+                subprocess.run([sys.executable, "-m", "cnnlab", "predict", str(run), str(picture), "--backend",
+                                backend], check=True, capture_output=True)
+                times[backend].append(time.perf_counter() - start)
+    found = {backend: statistics.median(t) for backend, t in times.items()}
+    print(f"\n`cnnlab predict RUN picture.png` start to end, median of {repeats}: "
+          + ", ".join(f"{b} {s:.2f} s" for b, s in found.items()))
+    return found
+
+
 def accuracy(run: Path) -> dict:
     from cnnlab.use.quantize import quantize_run
 
@@ -140,6 +169,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--run", type=Path, help="a trained run: int8 test accuracy against float32")
+    parser.add_argument("--startup", type=Path, metavar="RUN", help="time whole `cnnlab predict` runs on this run")
     parser.add_argument("--out", type=Path, help="write the numbers as JSON here")
     args = parser.parse_args()
     import onnxruntime
@@ -153,6 +183,8 @@ def main() -> None:
     if args.presets:
         report["speed"] = speed(args.presets, args.threads, args.repeats)
         print(speed_table(report["speed"]))
+    if args.startup is not None:
+        report["startup_s"] = startup(args.startup, args.repeats)
     if args.run is not None:
         report["accuracy"] = dict(run=args.run.name, **accuracy(args.run))
     print(f"\nload average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
