@@ -78,8 +78,9 @@ def test_bad_files_are_reported_and_the_rest_still_predicted(digits, pictures, t
                  tmp_path / "missing.png", "--json")
     assert result.exit_code == 1
     assert [json.loads(line)["file"] for line in result.stdout.splitlines()] == [str(pictures / "zero.png")]
-    errors = result.stderr.splitlines()
+    backend, *errors = result.stderr.splitlines()
     notes, empty = pictures / "notes.txt", pictures / "empty.png"
+    assert backend.startswith("backend: ")
     assert errors == [
         f"error: {notes}: not a readable image (cannot identify image file '{notes}')",
         f"error: {empty}: not a readable image (cannot identify image file '{empty}')",
