@@ -138,6 +138,26 @@ def test_a_retrained_run_gets_its_onnx_file_made_again(fresh):
     assert isinstance(cached_backend(predictor.model, fresh), OnnxBackend)  # the new file is the cache now
 
 
+def test_a_run_folder_that_cannot_hold_the_file_gets_one_for_the_session(fresh, monkeypatch):
+    from cnnlab.use import backends
+
+    for key in ("inference_onnx", "inference_onnx_record"):
+        path(fresh, key).unlink()
+
+    def read_only(predictor, run):
+        raise PermissionError(13, "Permission denied", str(path(run, "inference_onnx")))
+
+    monkeypatch.setattr(backends, "build_cache", read_only)
+    predictor = Predictor.from_run(fresh)
+    choice = predictor.use_backend("onnx")
+    assert choice.backend.name == "onnx" and "made for this session only: could not cache it" in choice.line()
+    assert not path(fresh, "inference_onnx").exists()
+    images = sample_images()
+    expected = TorchBackend(predictor.model)
+    assert np.abs(predictor.probabilities(images) - expected.probabilities(images[:, None] / np.float32(255))
+                  ).max() <= TOLERANCE
+
+
 def test_without_onnxruntime_auto_falls_back_to_torch_and_onnx_refuses(cached, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
     choice = Predictor.from_run(cached).use_backend("auto")
