@@ -161,6 +161,8 @@ def sources_digests(run: Path) -> dict[str, str]:
 def cached_backend(model: CNN, run: Path) -> OnnxBackend | str:
     """The run's cached ONNX file under onnxruntime when its record matches the weights, config and file and
     its answers match `model`'s on CHECK_COUNT inputs; else why not ('missing', 'the run's weights changed...')."""
+    from cnnlab.use.export import TOLERANCE  # (cnnlab.use.export imports this module's users: imported late)
+
     file, record_file = path(run, "inference_onnx"), path(run, "inference_onnx_record")
     if not file.is_file() or not record_file.is_file():
         return "missing"
@@ -177,7 +179,7 @@ def cached_backend(model: CNN, run: Path) -> OnnxBackend | str:
         difference = answers_difference(model, backend)
     except Exception as exc:  # noqa: BLE001 -- unreadable record or file, a session that fails: made again
         return f"unreadable ({type(exc).__name__}: {first_line(exc)})"
-    if not difference <= tolerance():
+    if not difference <= TOLERANCE:
         return f"its answers differ from the model's by {difference:.1e}"
     return backend
 
@@ -208,12 +210,6 @@ def answers_difference(model: CNN, backend: Backend, count: int = CHECK_COUNT) -
 
     x = example_inputs_of(model, random_ink(model.input_shape, count, seed=1)).numpy()
     return float(np.abs(backend.probabilities(x) - TorchBackend(model).probabilities(x)).max())
-
-
-def tolerance() -> float:
-    from cnnlab.use.export import TOLERANCE
-
-    return TOLERANCE
 
 
 def first_line(exc: BaseException) -> str:
