@@ -45,10 +45,11 @@ def pictures(tmp_path_factory):
 def test_predict_prints_the_top_classes(digits, pictures):
     result = run("predict", digits, pictures / "zero.png", pictures / "one.jpg", "--top-k", "2")
     assert result.exit_code == 0, result.output
-    lines = result.output.splitlines()
+    lines = result.stdout.splitlines()
     assert lines[0] == f"{pictures / 'zero.png'}: {lines[1].split()[0]}"  # the best class is listed first
     assert len(lines) == 2 * 3 + 1 and all(line.strip().endswith(("%", "█")) for line in lines[1:3])
     assert lines[-1].startswith("predicted 2 files: ")
+    assert result.stderr.startswith("backend: ")  # which backend ran the model (cnnlab.use.backends), said once
 
 
 def test_predict_json_is_one_object_per_image(digits, pictures):
@@ -77,8 +78,9 @@ def test_bad_files_are_reported_and_the_rest_still_predicted(digits, pictures, t
                  tmp_path / "missing.png", "--json")
     assert result.exit_code == 1
     assert [json.loads(line)["file"] for line in result.stdout.splitlines()] == [str(pictures / "zero.png")]
-    errors = result.stderr.splitlines()
+    backend, *errors = result.stderr.splitlines()
     notes, empty = pictures / "notes.txt", pictures / "empty.png"
+    assert backend.startswith("backend: ")
     assert errors == [
         f"error: {notes}: not a readable image (cannot identify image file '{notes}')",
         f"error: {empty}: not a readable image (cannot identify image file '{empty}')",

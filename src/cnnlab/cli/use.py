@@ -18,6 +18,19 @@ if TYPE_CHECKING:
     from cnnlab.use.predict import Prediction
 
 
+class BackendName(str, Enum):
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+
+
+# the names are cnnlab.use.backends.BACKENDS (not imported here: that module brings torch into `--help`)
+BackendOption = Annotated[BackendName, typer.Option(
+    "--backend", help="What runs the model: onnx (onnxruntime, needs cnnlab\\[export]; the run's ONNX file is made "
+    "once and cached in the run folder), torch, or auto: onnx when it is installed and the export checks, else "
+    "torch. The choice is printed.")]
+
+
 @app.command(rich_help_panel=USE)
 @friendly_errors
 def predict(
@@ -35,6 +48,7 @@ def predict(
     preview: Annotated[Path | None, typer.Option(
         "--preview", help="Write the images the model saw (28x28 grey, 32x32 colour, ...) side by side to this PNG.")]
     = None,
+    backend: BackendOption = BackendName.auto,
 ) -> None:
     """Classify your own pictures, prepared the way the run's dataset was made (crop, scale, centre, invert).
 
@@ -50,6 +64,7 @@ def predict(
     if preview is not None:
         output_file(preview, (".png",), "--preview")
     predictor = Predictor.from_run(run)
+    print(predictor.use_backend(backend.value).line(), file=sys.stderr)  # stderr: stdout may hold the rows
     named = {str(path) for path in images if not path.is_dir()}
     walked = len(named) < len(images)
     tally, seen = Tally(), []
@@ -106,6 +121,10 @@ class Format(str, Enum):
     torchscript = "torchscript"
 
 
+class Quantize(str, Enum):
+    int8 = "int8"
+
+
 @app.command(rich_help_panel=USE)
 @friendly_errors
 def export(
@@ -113,17 +132,37 @@ def export(
     format: Annotated[Format, typer.Option("--format", "-f", help="onnx (needs cnnlab\\[export]) or torchscript.")]
     = Format.onnx,
     out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="File to write (default <run>/model.onnx or .pt).")]
+        "--out", "-o", help="File to write (default <run>/model.onnx or .pt; <run>/model.int8.onnx with --quantize).")]
     = None,
+    quantize: Annotated[Quantize | None, typer.Option(
+        "--quantize", help="int8: onnxruntime's static quantization, calibrated on the run's training images; "
+        "reports size, test accuracy and batch-1 latency against float32.")] = None,
+    max_drop: Annotated[float, typer.Option(
+        "--max-drop", min=0.0, max=100.0, help="With --quantize: refuse to write a model whose test accuracy is more "
+        "than this many points below float32's.")] = 0.5,
 ) -> None:
     """Export the run's model (probabilities out), then run the file and compare it with the original."""
     from cnnlab.use.export import export_run
 
+    if quantize is not None:
+        quantized(run, format, out, max_drop)
+        return
     result = export_run(run, format.value, out)
     runtime = "onnxruntime" if result.format == "onnx" else "torch.jit.load"
     print(f"saved {result.file}")
     print(f"checked with {runtime} on {result.images_checked} images: max abs difference "
           f"{result.max_abs_difference:.2e} in probability")
+
+
+def quantized(run: Path, format: Format, out: Path | None, max_drop: float) -> None:
+    """`export --quantize int8`: the int8 ONNX file and its report, or the refusal."""
+    from cnnlab.use.quantize import quantize_run
+
+    if format is not Format.onnx:
+        raise fail(f"--quantize needs --format onnx, not {format.value}")
+    result = quantize_run(run, out, max_drop)
+    print(f"saved {result.file}")
+    print("\n".join(result.lines()))
 
 
 @app.command(rich_help_panel=USE)
@@ -151,6 +190,7 @@ def serve(
     workers: Annotated[int | None, typer.Option(min=1, max=64, help=(
         "Server processes sharing the port, each with its own copy of the models and a share of the cores "
         "(default: one per 2 cores, at most 8)."))] = None,
+    backend: BackendOption = BackendName.auto,
 ) -> None:
     """A web page to draw or upload pictures and see the prediction, the model's input and its feature maps."""
     try:
@@ -163,8 +203,12 @@ def serve(
     except ImportError as exc:
         raise fail(f"serve needs the web packages ({exc.name} is missing): pip install 'cnnlab[serve]'") from None
     batching = BatchSettings(max_batch=max_batch, max_wait_ms=max_wait_ms, queue_size=queue_size, timeout_s=timeout)
-    served = ServedApp(tuple(runs), batching, served_hosts(host, allowed_host or []))
-    application = served.build()  # here, not only in the workers: a bad run stops the command with one line
+    served = ServedApp(tuple(runs), batching, served_hosts(host, allowed_host or []), backend.value)
+    # Built here, not only in the workers: a bad run stops the command with one line, and the ONNX file each
+    # run's backend needs is made (and checked) once, before the workers load it.
+    application = served.build()
+    for name, line in application.state.backend_lines.items():
+        print(f"{name}: {line}")
     workers = workers or default_workers()
     if not is_loopback(host):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the demo (as host "

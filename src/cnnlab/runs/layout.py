@@ -13,6 +13,8 @@ A run is a folder (default runs/<dataset>-<model>-<timestamp>) holding:
   skipped.json        unreadable images met while training on an image folder (path -> reason), if any
   early_stopping.json with train.early_stopping: the epoch kept, its metric, and why training stopped
   lr_find.json, lr_find.png  with train.lr auto: the learning-rate finder's sweep and its suggestion
+  inference.onnx      the model exported for onnxruntime, made by the first predict/serve that runs it (a cache)
+  inference.onnx.json what inference.onnx was made from: digests of the weights, config and the ONNX file
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ FILES = dict(config="config.yaml", summary="summary.txt", manifest="manifest.jso
              previous_checkpoint="checkpoint.prev.safetensors", test="test.json", confusion="confusion.png",
              predictions="predictions.csv",
              report="report.html", skipped="skipped.json", early_stopping="early_stopping.json",
-             lr_find="lr_find.json", lr_find_plot="lr_find.png", lock=".lock")
+             lr_find="lr_find.json", lr_find_plot="lr_find.png", inference_onnx="inference.onnx",
+             inference_onnx_record="inference.onnx.json", lock=".lock")
 
 
 class RunError(UserError, ValueError):

@@ -23,6 +23,7 @@ from torch import nn
 from cnnlab.data.pixels import images_tensor, to_inputs
 from cnnlab.errors import UserError
 from cnnlab.files import output_target, remove_stale_temps, write_atomic
+from cnnlab.models.cnn import CNN
 from cnnlab.use.predict import Predictor
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -68,8 +69,13 @@ def export_run(run: str | Path, format: str = "onnx", out: str | Path | None = N
     if format not in FORMATS:
         raise ExportError(f"unknown export format {format!r} (known: {', '.join(FORMATS)})")
     out = output_target(Path(out) if out is not None else Path(run) / f"model{FORMATS[format]}")  # before the work
+    return export_predictor(Predictor.from_run(run), format, out, check_images)
+
+
+def export_predictor(predictor: Predictor, format: str, out: Path, check_images: np.ndarray | None = None
+                     ) -> ExportResult:
+    """Export a loaded model to `out` and check the file's outputs against it (see `export_run`)."""
     remove_stale_temps(out.parent, [out.name])  # left by an export that was killed (its process is gone)
-    predictor = Predictor.from_run(run)
     inputs = example_inputs(predictor, check_images if check_images is not None else dataset_images(predictor))
     wrapped = WithSoftmax(predictor.model).eval()
     with torch.no_grad():
@@ -97,13 +103,23 @@ def export_run(run: str | Path, format: str = "onnx", out: str | Path | None = N
 def example_inputs(predictor: Predictor, images: np.ndarray | None = None, count: int = 64) -> torch.Tensor:
     """float (N, C, H, W) in [0, 1]: the given uint8 images, grey (N, H, W) or colour (N, H, W, C), or sparse
     random ink (closer to real inputs than noise)."""
-    height, width, channels = predictor.model.input_shape
-    if images is None:
-        rng = np.random.default_rng(0)
-        shape = (count, height, width) if channels == 1 else (count, height, width, channels)
-        images = (rng.random(shape) < 0.2) * rng.integers(64, 256, shape)
+    model = predictor.model
+    return example_inputs_of(model, random_ink(model.input_shape, count) if images is None else images)
+
+
+def example_inputs_of(model: CNN, images: np.ndarray) -> torch.Tensor:
+    """float (N, C, H, W) in [0, 1] for `model` from uint8 images, grey (N, H, W) or colour (N, H, W, C)."""
+    channels = model.input_shape[2]
     x = to_inputs(images_tensor(np.asarray(images, dtype=np.uint8)))  # (N, C, H, W)
     return x.expand(-1, channels, -1, -1).contiguous()
+
+
+def random_ink(input_shape: tuple[int, ...], count: int = 64, seed: int = 0) -> np.ndarray:
+    """uint8 (N, H, W) or (N, H, W, C): sparse random strokes for a model taking (H, W, C) inputs."""
+    height, width, channels = input_shape
+    rng = np.random.default_rng(seed)
+    shape = (count, height, width) if channels == 1 else (count, height, width, channels)
+    return ((rng.random(shape) < 0.2) * rng.integers(64, 256, shape)).astype(np.uint8)
 
 
 def dataset_images(predictor: Predictor, count: int = 64) -> np.ndarray | None:

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cnnlab.data.pixels import images_tensor, to_inputs
 from cnnlab.data.registry import dataset_recipe, is_image_folder
@@ -20,6 +19,7 @@ from cnnlab.images import MAX_PIXELS, ImageFile, ImageReadError
 from cnnlab.models.cnn import CNN, count_parameters
 from cnnlab.runs.records import read_test_accuracy
 from cnnlab.runs.weights import load_model
+from cnnlab.use.backends import Backend, Choice, TorchBackend, choose_backend
 from cnnlab.use.recipes import BlankImage, prepare
 
 
@@ -36,13 +36,26 @@ class Predictor:
     name: str = "model"
     resize: str = "crop"  # how a photo meets the model's square input: its folder's data.resize
     inference_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    backend: Backend | None = field(default=None, repr=False, compare=False)  # None: torch eager (`use_backend`)
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = TorchBackend(self.model)
 
     @classmethod
     def from_run(cls, run: str | Path) -> Predictor:
-        """Load a run's weights (safetensors, no pickle) and look up its dataset's recipe."""
+        """Load a run's weights (safetensors, no pickle) and look up its dataset's recipe; torch runs the model
+        until `use_backend` picks another backend."""
         model, classes, config = load_model(run)
         return cls(model, classes, config.data.dataset, dataset_recipe(config.data), Path(run),
                    read_test_accuracy(run), Path(run).name, resize=config.data.resize)
+
+    def use_backend(self, requested: str = "auto") -> Choice:
+        """Run forward passes on `requested` ('torch', 'onnx' or 'auto', see `cnnlab.use.backends`); returns
+        the choice made, whose `line()` says which and why."""
+        choice = choose_backend(self, requested)
+        self.backend = choice.backend
+        return choice
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -70,10 +83,11 @@ class Predictor:
             if x.shape[1] != 1:
                 raise ValueError(f"{self.name}: the model takes {channels} channel(s), the images have {x.shape[1]}")
             x = x.expand(-1, channels, -1, -1)  # a grey picture for a colour model: same value in every channel
-        # One forward pass at a time: torch already spreads each over all its threads; a web server's concurrent
-        # requests running passes side by side would oversubscribe the cores and stretch the slowest answers.
-        with self.inference_lock, torch.inference_mode():
-            return self.model.predict_proba(x).numpy()
+        assert self.backend is not None  # (set in __post_init__)
+        # One forward pass at a time: each backend already spreads a pass over all its threads; a web server's
+        # concurrent requests running passes side by side would oversubscribe the cores and stretch the slowest.
+        with self.inference_lock:
+            return self.backend.probabilities(x.contiguous().numpy())
 
     def describe(self) -> dict:
         """What `GET /api/model` says about this model: never where it lives on disk (the server's callers

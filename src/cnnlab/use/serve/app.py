@@ -105,15 +105,18 @@ def unique_names(predictors: list[Predictor]) -> list[Predictor]:
 
 def create_app(models: Sequence[str | Path | Predictor], max_upload_bytes: int = MAX_UPLOAD_BYTES,
                max_pixels: int = MAX_PIXELS, batching: BatchSettings | None = None,
-               allowed_hosts: Sequence[str] = LOOPBACK_NAMES) -> FastAPI:
+               allowed_hosts: Sequence[str] = LOOPBACK_NAMES, backend: str = "torch") -> FastAPI:
     """The web app serving these runs (paths or loaded Predictors); the first is the default model.
 
     It answers only requests whose Host is one of `allowed_hosts` (`guards.served_hosts` for a bound address).
+    Runs given as paths run on `backend` (`cnnlab.use.backends`); a loaded Predictor keeps its own.
     """
     if not models:
         raise ValueError("serve needs at least one run")
     settings = batching or BatchSettings()
-    predictors = unique_names([m if isinstance(m, Predictor) else Predictor.from_run(m) for m in models])
+    loaded = [(m, None) if isinstance(m, Predictor) else with_backend(Predictor.from_run(m), backend) for m in models]
+    predictors = unique_names([predictor for predictor, _ in loaded])
+    backend_lines = {predictor.name: line for predictor, line in loaded if line is not None}
     by_name = {p.name: p for p in predictors}
     batchers = {p.name: Batcher(forward_of(p), settings, p.name) for p in predictors}  # a queue and worker per model
 
@@ -125,6 +128,7 @@ def create_app(models: Sequence[str | Path | Predictor], max_upload_bytes: int =
 
     app = FastAPI(title="cnnlab", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.batchers = batchers  # for tests and benchmarks: queue lengths and passes run
+    app.state.backend_lines = backend_lines  # what runs each model loaded here, and why: `cnnlab serve` prints them
     app.add_middleware(UploadLimit, limit=max_upload_bytes)
     app.add_middleware(HostCheck, allowed=allowed_hosts)  # added last: runs first, before any body is read
     add_error_handlers(app, log)
@@ -164,6 +168,11 @@ def is_raw_picture(request: Request) -> bool:
     'Content-Type: image/png'`) rather than a form; the format is judged from the bytes, not from this type."""
     kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     return kind.startswith("image/")
+
+
+def with_backend(predictor: Predictor, backend: str) -> tuple[Predictor, str]:
+    """The predictor running on `backend`, and the line saying which backend it got and why."""
+    return predictor, predictor.use_backend(backend).line()
 
 
 async def read_form(request: Request) -> FormData:

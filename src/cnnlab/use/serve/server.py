@@ -107,11 +107,13 @@ class ServedApp:
     runs: tuple[Path, ...]
     batching: BatchSettings = BatchSettings()
     allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
+    backend: str = "torch"  # cnnlab.use.backends: torch, onnx or auto
 
     def build(self) -> FastAPI:
         from cnnlab.use.serve.app import create_app
 
-        return create_app(list(self.runs), batching=self.batching, allowed_hosts=self.allowed_hosts)
+        return create_app(list(self.runs), batching=self.batching, allowed_hosts=self.allowed_hosts,
+                          backend=self.backend)
 
 
 def usable_cores() -> int:
