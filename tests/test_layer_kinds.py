@@ -164,3 +164,22 @@ def test_run_order_moves_a_max_pool_before_a_never_decreasing_activation_only():
         plan = build_model(ModelConfig(conv=[ConvBlock(2, 3, activation=activation, pool=pool)])).plan
         names = [layer.name for layer in run_order(plan.layers())][:3]
         assert names == (["conv1", "pool1", f"{activation}1"] if moved else ["conv1", f"{activation}1", "pool1"])
+
+
+def test_show_features_follows_a_config_that_pools_first_as_the_summary_and_explorer_do():
+    config = ModelConfig(conv=[ConvBlock(4, 3, batch_norm=True, pool="max", pool_first=True, dropout=0.2)])
+    model = build_model(config, (10, 10, 1), 3, seed=0).eval()
+    with torch.no_grad():  # batch-norm scales of both signs: a norm drawn before the pool would differ
+        model.features.bn1.weight.copy_(torch.tensor([1.5, -1.0, 0.5, -2.0]))
+        model.features.bn1.running_mean.copy_(torch.tensor([0.1, -0.2, 0.3, 0.0]))
+    x = torch.rand(2, 1, 10, 10)
+    (row,) = model.feature_maps(x)
+    assert row.title == "conv1 → MaxPool 2x2 → batch norm → relu"
+    with torch.no_grad():
+        network = model.features.relu1(model.features.bn1(model.features.pool1(model.features.conv1(x))))
+    assert torch.equal(row.maps, network)
+    lines = str(format_summary(model.plan)).splitlines()
+    assert [line.split(" (")[0] for line in lines if line.startswith(("conv1", "pool1", "bn1"))] == \
+        ["conv1", "pool1", "bn1"]
+    stages = explore_stages(model)
+    assert [(s.name, s.activation) for s in stages[1:4]] == [("conv1", None), ("pool1", None), ("bn1", "relu")]

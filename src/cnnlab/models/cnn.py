@@ -192,9 +192,10 @@ class CNN(nn.Module):
     def feature_maps(self, x: torch.Tensor) -> list[FeatureMap]:
         """What each conv layer of the stem, and each residual block, computes for images x (N, C, H, W).
 
-        A conv layer's maps are shown at its own resolution after its batch norm and activation, as the
-        lesson draws them (conv -> ReLU -> pool), whatever order the network runs its pool in (`run_order`
-        may pool before the activation: the same values, pooled). A residual block's maps are its output,
+        A conv layer's maps are shown after its batch norm and activation, in the plan's order: at the conv's
+        own resolution as the lesson draws them (conv -> ReLU -> pool), whatever order the network runs its
+        pool in (`run_order` may pool before the activation: the same values, pooled); pooled when the
+        config pools first (pool_first: conv -> pool -> BN -> ReLU). A residual block's maps are its output,
         after the add.
         """
         was_training = self.training
@@ -227,12 +228,15 @@ class CNN(nn.Module):
                 continue
             if not isinstance(node.spec, Conv):
                 continue
-            then: list[Layer] = []
+            block: list[Layer] = []  # the layers up to the next conv, in the plan's (the lesson's) order
             for later in nodes[i + 1:]:
                 if isinstance(later, Block) or isinstance(later.spec, Conv):
                     break
-                if isinstance(later.spec, (BatchNorm, Activation)):
-                    then.append(later)
+                block.append(later)
+            # through its last batch norm or activation: conv -> bn -> relu (the pool after it not drawn), or
+            # with pool_first conv -> pool -> bn -> relu, the pool too; dropout is the identity when drawing
+            ends = [j for j, later in enumerate(block) if isinstance(later.spec, (BatchNorm, Activation))]
+            then = [later for later in block[:ends[-1] + 1] if not isinstance(later.spec, Dropout)] if ends else []
             steps = [node.name] + ["batch norm" if isinstance(t.spec, BatchNorm) else t.title for t in then]
             stages.append((node.name, tuple(t.name for t in then), " → ".join(steps)))
         return stages
