@@ -13,7 +13,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "src" / "cnnlab"
 
 # Rank of each top-level part of the package: a module may import its own rank or lower ones.
 RANKS = {
-    "cnnlab": 0, "errors": 0, "suggest": 0, "files": 0, "heap": 0, "text": 0,
+    "cnnlab": 0, "errors": 0, "suggest": 0, "files": 0, "heap": 0, "text": 0, "inline": 0,
     "images": 1, "config": 1, "playground": 1,
     "data": 2,
     "models": 3,

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from cnnlab.config import ConvBlock, DenseLayer, ModelConfig, list_presets, load_config
-from cnnlab.models.cnn import build_model, count_parameters
-from cnnlab.models.plan import count_params, plan
+from cnnlab.models.cnn import build_model, count_parameters, run_order
+from cnnlab.models.plan import Activation, Pool, count_params, plan
 from cnnlab.models.summary import format_summary
 
 DOCUMENTED_PARAMS = {"perceptron": 7_850, "mlp": 101_770, "seed": 693_962, "seed-dropout": 693_962,
@@ -70,8 +70,15 @@ def test_same_seed_same_initial_weights():
 
 
 def planned_shapes(model) -> dict[str, tuple[int, ...]]:
-    """Plan layer name -> output shape, for the layers that are torch modules (not the adds)."""
-    return {layer.name: layer.output_shape for layer in model.plan.layers() if layer.title != "Add"}
+    """Plan layer name -> output shape, for the layers that are torch modules (not the adds); an activation the
+    network runs after its max pool (`run_order`) outputs the pooled shape."""
+    shapes, previous = {}, None
+    for layer in run_order(model.plan.layers()):
+        moved = isinstance(layer.spec, Activation) and previous is not None and isinstance(previous.spec, Pool)
+        if layer.title != "Add":
+            shapes[layer.name] = previous.output_shape if moved else layer.output_shape
+        previous = layer
+    return shapes
 
 
 def torch_shapes(model, x: torch.Tensor) -> dict[str, tuple[int, ...]]:

@@ -13,10 +13,10 @@ from typing import Any
 
 import yaml
 
+from cnnlab.config.activations import ACTIVATIONS
 from cnnlab.errors import UserError
 from cnnlab.suggest import did_you_mean
 
-ACTIVATIONS = ("relu", "gelu", "elu", "leaky_relu", "tanh", "sigmoid", "none")
 POOLS = (None, "max", "avg")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "onecycle", "cosine")

@@ -28,7 +28,7 @@ from cnnlab.use.predict import Prediction, Predictor, predict_image
 from cnnlab.use.recipes import prepare
 
 if TYPE_CHECKING:  # matplotlib is imported when a picture is drawn, not by `cnnlab train`'s import
-    from cnnlab.playground.explain import InlineFigure
+    from cnnlab.inline import InlineFigure
 
 Image = ImageFile | int | np.ndarray  # a file, a PIL image or pixels (prepared by the run's recipe), or a test index
 
@@ -37,7 +37,7 @@ def png_figure(draw: Callable[[io.BytesIO], object]) -> InlineFigure:
     """Run a `plot_*`/`show_*` function into memory and hold its PNG in a Figure, pixel for pixel."""
     from PIL import Image as PILImage
 
-    from cnnlab.playground.explain import InlineFigure
+    from cnnlab.inline import InlineFigure
 
     buffer = io.BytesIO()
     draw(buffer)

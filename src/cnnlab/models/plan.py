@@ -1,109 +1,40 @@
-"""The layer plan of a model config: every layer the network runs, in the order it runs them, with
-its output shape, parameters and multiply-adds (no torch).
+"""The layer plan of a model config: every layer of the network in the lesson's order, with its output
+shape, parameters and multiply-adds (no torch).
 
-A plan is typed: each layer's `spec` is one small frozen dataclass per kind (Conv, BatchNorm,
-Activation, Pool, GlobalPool, Dropout, Flatten, Dense, Add), and a residual block is a `Block`
-holding its body, its shortcut and the add that joins them. `cnnlab.models.cnn` builds torch modules
-from exactly these specs, named as the plan names them, so the table `cnnlab summary` prints is the
-network that trains. Shapes are channels-last, as the lesson writes them: (H, W, C) for feature
-maps, (n,) after Flatten or global pooling.
+A plan is typed: each layer's `spec` is one small frozen dataclass per kind (`cnnlab.models.layers`:
+Conv, BatchNorm, Activation, Pool, GlobalPool, Dropout, Flatten, Dense, Add), which computes the
+layer's numbers; a residual block is a `Block` holding its body, its shortcut and the add that joins
+them. `cnnlab.models.cnn` builds torch modules from exactly these specs, named as the plan names them,
+so the table `cnnlab summary` prints is the network that trains. Shapes are channels-last, as the
+lesson writes them: (H, W, C) for feature maps, (n,) after Flatten or global pooling.
 
-The plan also decides one speed-up in the open: a ReLU-like activation followed by a max pool runs
-after the pool instead (act(max(a, b)) == max(act(a), act(b)) for any non-decreasing act, gradients
-included), on a quarter of the values for a 2x2 pool.
+The plan is the lesson's order (conv -> ReLU -> pool) everywhere a learner looks; the one speed-up that
+runs a max pool before a ReLU-like activation (the same values, on a quarter of them) is made where the
+modules are built (`cnnlab.models.layers.runs_after_pool`, applied by `cnnlab.models.cnn`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from cnnlab.config import ConfigError, ConvBlock, ModelConfig, ResidualStage
-from cnnlab.playground.conv import output_size
+from cnnlab.models.layers import (
+    Activation,
+    Add,
+    BatchNorm,
+    Conv,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalPool,
+    LayerDoesNotFit,
+    Pool,
+    Shape,
+    Spec,
+    runs_after_pool,
+)
 
-Shape = tuple[int, ...]
-
-# Activations that never decrease commute with max pooling, so the plan pools first.
-POOL_FIRST = frozenset({"relu", "leaky_relu", "elu", "tanh", "sigmoid"})
-
-
-# ---------------------------------------------------------------------------- what a layer is
-@dataclass(frozen=True)
-class Conv:
-    in_channels: int
-    out_channels: int
-    kernel_size: tuple[int, int]  # (height, width), pixels
-    stride: int = 1
-    padding: str | int = "valid"  # "valid", "same" or zeros on each side
-    bias: bool = True  # False when batch norm follows: its shift replaces the bias
-    whiten: bool = False  # the kernels are fitted to the training images' patches and frozen (models.whitening)
-
-    @property
-    def title(self) -> str:
-        kh, kw = self.kernel_size
-        return (f"Conv2D {kh}x{kw}" + (f", stride {self.stride}" if self.stride != 1 else "")
-                + (", whitening" if self.whiten else ""))
-
-
-@dataclass(frozen=True)
-class BatchNorm:
-    channels: int
-    title = "BatchNorm"
-
-
-@dataclass(frozen=True)
-class Activation:
-    function: str  # a name from config.ACTIVATIONS other than "none"
-
-    @property
-    def title(self) -> str:
-        return self.function
-
-
-@dataclass(frozen=True)
-class Pool:
-    mode: str  # "max" or "avg"
-    size: int  # window side and stride, pixels
-
-    @property
-    def title(self) -> str:
-        return f"{self.mode.capitalize()}Pool {self.size}x{self.size}"
-
-
-@dataclass(frozen=True)
-class GlobalPool:
-    mode: str  # "avg" or "max": one value per feature map
-
-    @property
-    def title(self) -> str:
-        return f"Global{self.mode.capitalize()}Pool"
-
-
-@dataclass(frozen=True)
-class Dropout:
-    p: float
-
-    @property
-    def title(self) -> str:
-        return f"Dropout {self.p:g}"
-
-
-@dataclass(frozen=True)
-class Flatten:
-    title = "Flatten"
-
-
-@dataclass(frozen=True)
-class Dense:
-    in_features: int
-    units: int
-    title = "Dense"
-
-
-@dataclass(frozen=True)
-class Add:
-    title = "Add"
-
-
-Spec = Conv | BatchNorm | Activation | Pool | GlobalPool | Dropout | Flatten | Dense | Add
+__all__ = ["Activation", "Add", "BatchNorm", "Block", "Conv", "Dense", "Dropout", "Flatten", "GlobalPool", "Layer",
+           "Node", "Plan", "Pool", "Shape", "Spec", "count_macs", "count_params", "kernel_pair", "plan"]
 
 
 @dataclass(frozen=True)
@@ -156,7 +87,8 @@ class Plan:
     head: tuple[Layer, ...]
 
     def layers(self) -> list[Layer]:
-        """Every layer in the order the network runs them (residual blocks expanded)."""
+        """Every layer in the lesson's order (residual blocks expanded); the network may run a max pool before
+        the activation it follows (`cnnlab.models.cnn.run_order`)."""
         out: list[Layer] = []
         for node in self.features:
             out.extend(node.layers if isinstance(node, Block) else (node,))
@@ -203,55 +135,36 @@ class _Builder:
         self.shape, self.last = shape, last
         self.layers: list[Layer] = []
 
-    def add(self, name: str, spec: Spec, shape: Shape, params: int = 0, macs: int = 0, formula: str = "",
-            inputs: tuple[str, ...] | None = None, frozen: int = 0) -> Layer:
-        layer = Layer(name, spec, shape, params, macs, formula, inputs or (self.last,), frozen)
+    def add(self, name: str, spec: Spec, where: str = "", formula: str | None = None,
+            inputs: tuple[str, ...] | None = None) -> Layer:
+        """The layer `spec` makes of the current shape, its numbers asked of the spec; `where` is the config key
+        a layer that does not fit is blamed on."""
+        try:
+            shape = spec.output_shape(self.shape)
+        except LayerDoesNotFit as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        layer = Layer(name, spec, shape, spec.params, spec.macs(self.shape),
+                      spec.formula(self.shape) if formula is None else formula, inputs or (self.last,), spec.frozen)
         self.layers.append(layer)
         self.shape, self.last = shape, name
         return layer
 
     def conv(self, name: str, conv: Conv, where: str) -> Layer:
-        h, w, c = self.shape
-        kh, kw = conv.kernel_size
-        try:
-            oh = output_size(h, kh, conv.stride, conv.padding)
-            ow = output_size(w, kw, conv.stride, conv.padding)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: a {kh}x{kw} kernel does not fit the ({h}, {w}, {c}) input of this "
-                              f"layer: {exc}") from None
-        weights = kh * kw * c * conv.out_channels
-        if conv.bias:
-            params, formula = weights + conv.out_channels, f"({kh}·{kw}·{c}+1)·{conv.out_channels} = " \
-                                                            f"{weights + conv.out_channels:,}"
-        else:
-            params, formula = weights, f"{kh}·{kw}·{c}·{conv.out_channels} = {weights:,} (no bias: BN shifts)"
+        layer = self.add(name, conv, where)
         if conv.whiten:
-            check_whitening(conv, c, where)
-            formula += (f"; the {weights:,} kernel weights are the {conv.out_channels // 2} main directions of the "
-                        f"images' {kh}x{kw} patches (and their negatives), fitted to the data, not trained")
-        return self.add(name, conv, (oh, ow, conv.out_channels), params, oh * ow * weights, formula,
-                        frozen=weights if conv.whiten else 0)
+            check_whitening(conv, conv.in_channels, where)
+        return layer
 
     def norm(self, name: str) -> Layer:
-        c = self.shape[-1]
-        return self.add(name, BatchNorm(c), self.shape, 2 * c, formula=f"2·{c} = {2 * c} (scale and shift per channel)")
+        return self.add(name, BatchNorm(self.shape[-1]))
 
-    def activation(self, name: str, function: str, note: str = "no parameters") -> Layer | None:
+    def activation(self, name: str, function: str, note: str | None = None) -> Layer | None:
         if function == "none":
             return None
-        return self.add(name, Activation(function), self.shape, formula=note)
-
-    def pool(self, name: str, mode: str, size: int, where: str) -> Layer:
-        h, w, c = self.shape
-        try:
-            shape = (output_size(h, size, size), output_size(w, size, size), c)
-        except ValueError:
-            raise ConfigError(f"{where}: a {size}x{size} pool does not fit its ({h}, {w}, {c}) input") from None
-        return self.add(name, Pool(mode, size), shape,
-                        formula=f"no parameters: the {mode} of each {size}x{size} window")
+        return self.add(name, Activation(function), formula=note)
 
     def dropout(self, name: str, p: float) -> Layer | None:
-        return self.add(name, Dropout(p), self.shape, formula="no parameters") if p else None
+        return self.add(name, Dropout(p)) if p else None
 
 
 def check_whitening(conv: Conv, channels: int, where: str) -> None:
@@ -266,7 +179,7 @@ def check_whitening(conv: Conv, channels: int, where: str) -> None:
 
 
 def plan(config: ModelConfig, input_shape: Shape = (28, 28, 1), num_classes: int = 10) -> Plan:
-    """The layers of `config` applied to images of `input_shape` (H, W, C), in the order they run."""
+    """The layers of `config` applied to images of `input_shape` (H, W, C), in the lesson's order."""
     builder = _Builder(tuple(input_shape))
     features: list[Node] = []
     for i, block in enumerate(config.conv, start=1):
@@ -281,40 +194,35 @@ def plan(config: ModelConfig, input_shape: Shape = (28, 28, 1), num_classes: int
                                            stage.stride if b == 0 else 1, f"model.stages[{s}]"))
     feature_shape = builder.shape
     head = _Builder(feature_shape, builder.last)
-    pooling(head, config.pooling, feature_shape, bool(features))
+    pooling(head, config.pooling, bool(features))
     dense = [(f"fc{j}", d.units, d.activation, d.dropout) for j, d in enumerate(config.dense, start=1)]
     dense.append(("classifier", num_classes, "none", config.classifier_dropout))
     for name, units, activation, dropout in dense:
         n = head.shape[0]
         head.dropout(f"drop_{name}", dropout)
-        params = (n + 1) * units
-        head.add(name, Dense(n, units), (units,), params, n * units, f"({n:,}+1)·{units} = {params:,}")
+        head.add(name, Dense(n, units))
         head.activation(f"{activation}_{name}", activation)
     return Plan(tuple(input_shape), num_classes, tuple(features), tuple(head.layers))
 
 
 def conv_block(builder: _Builder, i: int, block: ConvBlock) -> None:
-    """conv -> [bn] -> act -> [pool] -> [dropout], as the lesson writes it; pool_first: conv -> pool -> [bn] -> act.
-
-    A max pool after a non-decreasing activation is moved before it (same values, less work).
-    """
+    """conv -> [bn] -> act -> [pool] -> [dropout], as the lesson writes it; pool_first: conv -> pool -> [bn] -> act."""
     where = f"model.conv[{i - 1}]"
     kh, kw = kernel_pair(block.kernel_size)
     builder.conv(f"conv{i}", Conv(builder.shape[-1], block.filters, (kh, kw), block.stride, block.padding,
                                   bias=not block.batch_norm, whiten=block.whiten), where)
-    swap = block.pool == "max" and block.activation in POOL_FIRST and not block.pool_first
-    if block.pool and block.pool_first:
-        builder.pool(f"pool{i}", block.pool, block.pool_size, where)
+    pool = Pool(block.pool, block.pool_size) if block.pool else None
+    if pool and block.pool_first:
+        builder.add(f"pool{i}", pool, where)
     if block.batch_norm:
         builder.norm(f"bn{i}")
-    if swap:
-        builder.pool(f"pool{i}", "max", block.pool_size, where)  # swap: block.pool is "max"
-        builder.activation(f"{block.activation}{i}", block.activation,
-                           f"{block.activation} after the pool: they commute, same values for a quarter of the work")
-    else:
-        builder.activation(f"{block.activation}{i}", block.activation)
-        if block.pool and not block.pool_first:
-            builder.pool(f"pool{i}", block.pool, block.pool_size, where)
+    note = None
+    if pool and not block.pool_first and runs_after_pool(Activation(block.activation), pool):
+        note = (f"{block.activation} runs after pool{i} in the network: the same values (max pooling and "
+                f"{block.activation} commute), on 1/{pool.size ** 2} of them")
+    builder.activation(f"{block.activation}{i}", block.activation, note)
+    if pool and not block.pool_first:
+        builder.add(f"pool{i}", pool, where)
     builder.dropout(f"drop{i}", block.dropout)
 
 
@@ -341,27 +249,22 @@ def residual_block(builder: _Builder, name: str, stage: ResidualStage, widen: in
         shortcut = tuple(side.layers)
         builder.layers.extend(shortcut)
     joined = shortcut[-1].name if shortcut else entry
-    add = builder.add(f"{name}.add", Add(), body_shape, formula=f"no parameters: {body_end} + {joined}, "
+    add = builder.add(f"{name}.add", Add(), formula=f"no parameters: {body_end} + {joined}, "
                       "element by element (the skip connection)", inputs=(body_end, joined))
     start = len(builder.layers)
     builder.activation(f"{name}.{stage.activation}", stage.activation)
     return Block(name, body, shortcut, add, tuple(builder.layers[start:]))
 
 
-def pooling(head: _Builder, mode: str, shape: Shape, has_features: bool) -> None:
+def pooling(head: _Builder, mode: str, has_features: bool) -> None:
     """How the feature maps (H, W, C) become the head's input: Flatten (H·W·C values) or a global pool (C)."""
     if mode == "flatten":
-        n = 1
-        for d in shape:
-            n *= d
-        head.add("flatten", Flatten(), (n,), formula=f"{'·'.join(str(d) for d in shape)} = {n:,} values, no parameters")
+        head.add("flatten", Flatten())
         return
     if not has_features:
         raise ConfigError(f"model.pooling: {mode} pools feature maps, but this model has no conv layers; use flatten")
     kind = mode.removeprefix("global_")
-    h, w, c = shape
-    head.add(f"global_{kind}_pool", GlobalPool(kind), (c,),
-             formula=f"no parameters: the {'mean' if kind == 'avg' else 'max'} of each {h}x{w} map -> {c} values")
+    head.add(f"global_{kind}_pool", GlobalPool(kind))
 
 
 def count_params(plan: Plan) -> int:

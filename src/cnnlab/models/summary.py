@@ -1,8 +1,9 @@
 """`model.summary()` for a layer plan: a text table in the style of Keras, with optional formulas.
 
-An activation is shown in the title of the layer it follows ("conv1 (Conv2D 3x3, relu)"), as Keras
-writes it; a model with skip connections gets Keras' "Connected to" column, naming the layers each
-one reads.
+Rows are the plan's layers in the lesson's order (conv -> relu -> pool, as the explorer and `show
+features` show them too; the network may run the pool first, which `--explain` notes). An activation is
+shown in the title of the layer it follows ("conv1 (Conv2D 3x3, relu)"), as Keras writes it; a model
+with skip connections gets Keras' "Connected to" column, naming the layers each one reads.
 """
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ is needed. No torch here.
 from __future__ import annotations
 
 import html
-import io
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +23,9 @@ from PIL import Image
 
 from cnnlab.files import write_atomic, write_text
 from cnnlab.images import png_data_url
+from cnnlab.inline import InlineFigure
 from cnnlab.playground.conv import Padding, avg_pool2d, conv2d, max_pool2d, padding_amounts
 from cnnlab.playground.display import FRAME_MS, MAX_FRAMES
-
-
-class InlineFigure(Figure):
-    """A matplotlib Figure that shows itself in a notebook (as PNG), with no pyplot and no backend set up:
-    the playground's pictures and those of `cnnlab.inspect.notebook`."""
-
-    def _repr_png_(self) -> bytes:
-        buffer = io.BytesIO()
-        self.savefig(buffer, format="png")
-        return buffer.getvalue()
 
 
 class Stepper(list):  # list[Image.Image]: a plain list to save_animation and the CLI

@@ -9,9 +9,10 @@ weights would make the page too large are refused with a message saying so.
 from __future__ import annotations
 
 import base64
+from collections.abc import Callable
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -74,20 +75,38 @@ def stage_json(model: CNN, stage: Stage) -> dict[str, Any]:
             raise ValueError(f"{stage.norm}: batch norm without running statistics cannot be explained")
         out["norm"] = {"mean": floats(norm.running_mean), "var": floats(norm.running_var), "eps": norm.eps,
                        "gamma": floats(norm.weight), "beta": floats(norm.bias)}
-    spec = stage.spec
-    if isinstance(spec, Conv):
-        conv = submodule(model, stage.modules[0], torch.nn.Conv2d)
-        out.update(weight=floats(conv.weight), weight_shape=list(conv.weight.shape),
-                   bias=None if conv.bias is None else floats(conv.bias), stride=spec.stride,
-                   padding=list(padding_before(spec)))
-    elif isinstance(spec, Pool):
-        out.update(mode=spec.mode, size=spec.size)
-    elif isinstance(spec, GlobalPool):
-        out.update(mode=spec.mode)
-    elif stage.kind == "dense":
-        dense = submodule(model, stage.modules[0], torch.nn.Linear)
-        out.update(weight=floats(dense.weight), weight_shape=list(dense.weight.shape), bias=floats(dense.bias))
+    extra = STAGE_DATA.get(stage.kind)
+    if extra is not None:
+        out.update(extra(model, stage))
     return out
+
+
+def conv_data(model: CNN, stage: Stage) -> dict[str, Any]:
+    spec = cast(Conv, stage.spec)  # explore_stages gives a conv stage its Conv
+    conv = submodule(model, stage.modules[0], torch.nn.Conv2d)
+    return {"weight": floats(conv.weight), "weight_shape": list(conv.weight.shape),
+            "bias": None if conv.bias is None else floats(conv.bias), "stride": spec.stride,
+            "padding": list(padding_before(spec))}
+
+
+def pool_data(model: CNN, stage: Stage) -> dict[str, Any]:
+    spec = cast(Pool, stage.spec)
+    return {"mode": spec.mode, "size": spec.size}
+
+
+def global_pool_data(model: CNN, stage: Stage) -> dict[str, Any]:
+    return {"mode": cast(GlobalPool, stage.spec).mode}
+
+
+def dense_data(model: CNN, stage: Stage) -> dict[str, Any]:
+    dense = submodule(model, stage.modules[0], torch.nn.Linear)
+    return {"weight": floats(dense.weight), "weight_shape": list(dense.weight.shape), "bias": floats(dense.bias)}
+
+
+# What the page reads of a stage beyond its kind, shape, inputs, batch norm and activation, by stage kind.
+STAGE_DATA: dict[str, Callable[[CNN, Stage], dict[str, Any]]] = {
+    "conv": conv_data, "pool": pool_data, "global_pool": global_pool_data, "dense": dense_data,
+}
 
 
 def weight_bytes(model: CNN) -> int:

@@ -5,11 +5,12 @@ a leftover batch norm or activation, a residual add, a global pool, a flatten, a
 activation, or the softmax. Stages read earlier stages by index (a residual block's convs and its add
 read the block's input), so any network cnnlab builds becomes one flat list the page runs in order.
 
-The plan may run a max pool before a ReLU-like activation (they commute, `cnnlab.models.plan`); here the
-activation is put back with its conv, so a conv's maps are its activated output at its own resolution,
-as `CNN.feature_maps` draws them, with the same numbers the network computes. Dropout is left out: it is
-the identity in evaluation. `replay` runs the stages with the model's own torch modules, so tests can
-check that the list computes exactly what the network does.
+The stages follow the plan, which is the lesson's order (conv -> ReLU -> pool): a conv's maps are its
+activated output at its own resolution, as `CNN.feature_maps` and `cnnlab summary` show them, with the
+numbers the network computes (it may pool first: the same values). Dropout is left out: it is the
+identity in evaluation. `STAGE_KINDS` says which stage each layer kind becomes, and `PAGE_KINDS` the kinds
+explore.html must compute (a test reads the page for them). `replay` runs the stages with the model's own
+torch modules, so tests can check that the list computes exactly what the network does.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from torch import nn
 
 from cnnlab.models.cnn import CNN
 from cnnlab.models.plan import (
-    POOL_FIRST,
     Activation,
+    Add,
     BatchNorm,
     Block,
     Conv,
@@ -69,6 +70,16 @@ def module_path(prefix: str, layer: Layer) -> str:
     return f"{prefix}.{layer.name.rpartition('.')[2]}"
 
 
+# The stage each layer kind becomes (None: left out). A conv takes the batch norm and activation after it, a
+# dense layer its activation, a batch norm its activation; an add joins a residual block's two branches.
+STAGE_KINDS: dict[type, str | None] = {
+    Conv: "conv", BatchNorm: "elementwise", Activation: "elementwise", Pool: "pool", GlobalPool: "global_pool",
+    Dropout: None, Flatten: "flatten", Dense: "dense", Add: "add",
+}
+# every kind of stage the page computes, in the order a network meets them
+PAGE_KINDS = ("input", "conv", "elementwise", "pool", "add", "global_pool", "flatten", "dense", "softmax")
+
+
 class _Stages:
     """Appends stages while walking the plan, remembering which stage holds each plan layer's output."""
 
@@ -86,78 +97,32 @@ class _Stages:
         i = 0
         while i < len(layers):
             layer = layers[i]
-            spec = layer.spec
-            path = module_path(prefix, layer)
-            if isinstance(spec, Dropout):
+            kind = STAGE_KINDS[type(layer.spec)]
+            if kind is None:
                 i += 1
                 continue
-            if isinstance(spec, Conv):
-                i, source = self.conv(layers, i, source, prefix)
-                continue
-            if isinstance(spec, Pool):
-                source = self.add(Stage(layer.name, "pool", f"{layer.name}: {spec.title}",
-                                        channels_first(layer.output_shape), (source,), (path,), spec))
-            elif isinstance(spec, (BatchNorm, Activation)):
-                i, source = self.elementwise(layers, i, source, prefix)
-                continue
-            else:
-                raise TypeError(f"{layer.name}: {type(spec).__name__} cannot come among the feature layers")
+            norm = activation = None
+            modules, steps = [module_path(prefix, layer)], [layer.spec.title]
+            if isinstance(layer.spec, BatchNorm):
+                norm, steps = modules[0], ["BatchNorm"]
             i += 1
+            if isinstance(layer.spec, Conv) and i < len(layers) and isinstance(layers[i].spec, BatchNorm):
+                norm = module_path(prefix, layers[i])
+                modules.append(norm)
+                steps.append("BatchNorm")
+                i += 1
+            if (isinstance(layer.spec, (Conv, BatchNorm, Dense)) and i < len(layers)
+                    and (activation := activation_of(layers[i])) is not None):
+                modules.append(module_path(prefix, layers[i]))
+                steps.append(activation)
+                i += 1
+            if kind == "elementwise" and activation is None and norm is None:  # an activation alone
+                activation = activation_of(layer)
+            source = self.add(Stage(layer.name, kind, stage_title(layer, steps, activation),
+                                    channels_first(layer.output_shape), (source,), tuple(modules),
+                                    layer.spec if kind in ("conv", "pool", "global_pool", "dense") else None,
+                                    norm, activation))
         return source
-
-    def conv(self, layers: list[Layer], i: int, source: int, prefix: str) -> tuple[int, int]:
-        """A conv with the batch norm and activation right after it (and an activation the plan moved past a
-        max pool, put back); returns (index of the next plan layer to read, the stage added)."""
-        layer = layers[i]
-        modules, steps, norm = [module_path(prefix, layer)], [layer.spec.title], None
-        j = i + 1
-        pooled: Layer | None = None
-        if j < len(layers) and isinstance(layers[j].spec, BatchNorm):
-            norm = module_path(prefix, layers[j])
-            modules.append(norm)
-            steps.append("BatchNorm")
-            j += 1
-        after = layers[j] if j < len(layers) else None
-        following = layers[j + 1] if j + 1 < len(layers) else None
-        if (after is not None and isinstance(after.spec, Pool) and after.spec.mode == "max"
-                and activation_of(following) in POOL_FIRST):
-            pooled, after = after, following  # max then act == act then max: show act with its conv
-            j += 1
-        activation = activation_of(after)
-        if after is not None and activation is not None:
-            modules.append(module_path(prefix, after))
-            steps.append(activation)
-            j += 1
-        shape = channels_first(layer.output_shape)
-        stage = self.add(Stage(layer.name, "conv", f"{layer.name}: {' → '.join(steps)}", shape, (source,),
-                               tuple(modules), layer.spec, norm, activation))
-        if pooled is not None:
-            if not isinstance(pooled.spec, Pool):
-                raise TypeError(f"{pooled.name}: expected a pool after the conv, found {type(pooled.spec).__name__}")
-            stage = self.add(Stage(pooled.name, "pool", f"{pooled.name}: {pooled.spec.title}",
-                                   channels_first(pooled.output_shape), (stage,), (module_path(prefix, pooled),),
-                                   pooled.spec))
-        return j, stage
-
-    def elementwise(self, layers: list[Layer], i: int, source: int, prefix: str) -> tuple[int, int]:
-        """A batch norm and/or activation not joined to a conv (e.g. after a pool that comes first)."""
-        modules: list[str] = []
-        steps: list[str] = []
-        norm = None
-        first = layers[i]
-        if isinstance(first.spec, BatchNorm):
-            norm = module_path(prefix, first)
-            modules.append(norm)
-            steps.append("BatchNorm")
-            i += 1
-        activation = activation_of(layers[i]) if i < len(layers) else None
-        if activation is not None:
-            modules.append(module_path(prefix, layers[i]))
-            steps.append(activation)
-            i += 1
-        shape = channels_first(first.output_shape)
-        return i, self.add(Stage(first.name, "elementwise", f"{first.name}: {' → '.join(steps)}", shape, (source,),
-                                 tuple(modules), None, norm, activation))
 
     def block(self, block: Block, source: int) -> int:
         """A residual block: its body and shortcut read the block's input; the add joins them, then the activation."""
@@ -172,37 +137,24 @@ class _Stages:
         return self.add(Stage(block.add.name, "add", title, channels_first(block.add.output_shape), (body, skip),
                               modules, None, None, activation, {"block": block.name}))
 
-    def head(self, layers: list[Layer], source: int, num_classes: int) -> int:
-        i = 0
-        while i < len(layers):
-            layer, path = layers[i], f"head.{layers[i].name}"
-            spec = layer.spec
-            if isinstance(spec, GlobalPool):
-                source = self.add(Stage(layer.name, "global_pool", f"{layer.name}: {spec.title}",
-                                        layer.output_shape, (source,), (path,), spec))
-            elif isinstance(spec, Flatten):
-                source = self.add(Stage(layer.name, "flatten", f"{layer.name}: {layer.formula}", layer.output_shape,
-                                        (source,), (path,)))
-            elif isinstance(spec, Dense):
-                modules, activation = [path], None
-                nxt = layers[i + 1] if i + 1 < len(layers) else None
-                activation = activation_of(nxt)
-                if nxt is not None and activation is not None:
-                    modules.append(f"head.{nxt.name}")
-                    i += 1
-                title = f"{layer.name}: Dense {spec.in_features} → {spec.units}" + (
-                    f" → {activation}" if activation else " (logits)" if layer.name == "classifier" else "")
-                source = self.add(Stage(layer.name, "dense", title, layer.output_shape, (source,), tuple(modules),
-                                        spec, None, activation))
-            elif not isinstance(spec, Dropout):
-                raise TypeError(f"{layer.name}: {type(spec).__name__} cannot come in the head")
-            i += 1
+    def softmax(self, source: int, num_classes: int) -> int:
         return self.add(Stage("softmax", "softmax", f"softmax: the probability of each of the {num_classes} classes",
                               (num_classes,), (source,)))
 
 
+def stage_title(layer: Layer, steps: list[str], activation: str | None) -> str:
+    """What a stage computes: "conv1: Conv2D 3x3 → BatchNorm → relu", "fc1: Dense 5408 → 128 → relu"."""
+    spec = layer.spec
+    if isinstance(spec, Flatten):
+        return f"{layer.name}: {layer.formula}"
+    if isinstance(spec, Dense):
+        return f"{layer.name}: Dense {spec.in_features} → {spec.units}" + (
+            f" → {activation}" if activation else " (logits)" if layer.name == "classifier" else "")
+    return f"{layer.name}: {' → '.join(steps)}"
+
+
 def explore_stages(model: CNN) -> list[Stage]:
-    """The page's stages for a model, in the order they run: input first, softmax last."""
+    """The page's stages for a model, in the lesson's order: input first, softmax last."""
     builder = _Stages(model)
     source = 0  # the stage the next layers read: the input image
     run: list[Layer] = []  # plain layers since the last residual block
@@ -214,7 +166,8 @@ def explore_stages(model: CNN) -> list[Stage]:
         else:
             run.append(node)
     source = builder.chain(run, source, "features")
-    builder.head(list(model.plan.head), source, model.num_classes)
+    source = builder.chain(list(model.plan.head), source, "head")
+    builder.softmax(source, model.num_classes)
     return builder.stages
 
 
