@@ -41,7 +41,7 @@ from cnnlab.runs.weights import load_model, save_weights, weights_problem
 from cnnlab.text import command
 from cnnlab.training.callbacks import Callback, in_notebook, progress_display
 from cnnlab.training.distributed import SINGLE, Context, first_on_main, on_main
-from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted, stop_on_signals
+from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted, prepare_process, stop_on_signals
 from cnnlab.training.evaluate import Evaluation, PerImage, evaluation_of, predict_per_image
 from cnnlab.training.lr_find import Finding, find_lr
 
@@ -268,7 +268,7 @@ def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool =
         records.rewrite_metrics(run, trainer.history)
         if trainer.finished:
             # the network build_model made (or its averaged copy), as the checkpoint left it
-            restore_weights(run, cast(CNN, trainer.evaluation_model), data.classes)
+            restore_weights(run, cast(CNN, trainer.evaluated), data.classes)
     return fit_and_test(run, trainer, data, context)
 
 
@@ -307,6 +307,9 @@ def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SIN
     # process: training stops at the next sync point (TrainingInterrupted, resumable); after the last step, the
     # few seconds that keep the best weights, test the run and write its files finish, and the result says a stop
     # was asked (cut short, they would leave a trained run without its test). A second Ctrl-C stops at once.
+    for callback in trainer.callbacks:
+        callback.on_run_start(run)  # the trainer knows no paths: its callbacks learn the run's here
+    prepare_process(trainer.config, context.device)
     with layout.locked(run) if context.is_main else contextlib.nullcontext(), stop_on_signals(trainer):
         steps_before = trainer.state.epoch * trainer.steps_per_epoch + trainer.state.step
         started = time.perf_counter()
@@ -315,19 +318,19 @@ def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SIN
         except TrainingInterrupted as exc:
             exc.run = run
             raise
-        seconds = time.perf_counter() - started - trainer.compile_total
+        seconds = time.perf_counter() - started - trainer.forward.total_seconds
         trained = (trainer.state.epoch * trainer.steps_per_epoch - steps_before) * trainer.config.batch_size
         skipped = merge_skipped(context, data)
         test = None
         if context.is_main:
-            test = test_run(run, trainer.evaluation_model, data, trainer.config)
+            test = test_run(run, trainer.evaluated, data, trainer.config)
             skipped.update(data.test.skipped)
             if skipped:
                 write_json(layout.path(run, "skipped"), skipped)
         context.barrier()  # the other ranks return once rank 0's files are complete
     images = min(trained, len(trainer.data.train) * trainer.config.epochs)
     return RunResult(run, history, test, seconds, images / seconds if seconds > 0 else 0.0, skipped,
-                     trainer.kept_epoch, trainer.state.stopped, compile_seconds=trainer.compile_total,
+                     trainer.kept_epoch, trainer.early_stopping.stopped, compile_seconds=trainer.forward.total_seconds,
                      stop_requested=trainer.stop_requested)
 
 

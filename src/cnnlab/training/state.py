@@ -1,6 +1,7 @@
 """Where training stands, as one dataclass, and the checkpoint schema defined once beside it.
 
-A checkpoint is the model's, the optimizer's and the schedule's own state dicts plus a `TrainState`;
+A checkpoint is the model's, the optimizer's and the schedule's own state dicts plus a `TrainState` (and the
+parts early stopping and the averagers keep: `Trainer.state_dict`);
 `check_checkpoint` is the one description of what a checkpoint must hold, used when reading one
 back from a file (`cnnlab.runs.checkpoints`) before the trainer is given it.
 """
@@ -45,28 +46,22 @@ class TrainState:
     epoch_seconds: float = 0.0  # time spent in the current epoch so far (survives resume)
     history: list[dict] = field(default_factory=list)  # one metrics dict per completed epoch
     rng_states: torch.Tensor = field(default_factory=lambda: torch.zeros((1, 0), dtype=torch.uint8))  # (world, n)
-    best: dict | None = None  # early stopping: {epoch, value, metric} of the best epoch so far
-    stopped: str | None = None  # why early stopping ended the run, once it has
 
     def to_dict(self) -> dict[str, Any]:
-        """The checkpoint's keys for this state (the layout files have always had, and early stopping's)."""
+        """The checkpoint's keys for this state (the layout files have always had; early stopping, the
+        averagers and the model add their own: `Trainer.state_dict`)."""
         r = self.running
-        data = dict(epoch=self.epoch, step=self.step, running=[r.loss_sum, r.correct, r.seen],
+        return dict(epoch=self.epoch, step=self.step, running=[r.loss_sum, r.correct, r.seen],
                     epoch_seconds=self.epoch_seconds, history=list(self.history), rng_state=self.rng_states)
-        if self.best is not None:
-            data["early_stopping"] = dict(best=self.best, stopped=self.stopped)
-        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
         """The state of a checked checkpoint (`check_checkpoint`)."""
         loss_sum, correct, seen = data["running"]
         states = data["rng_state"]
-        stopping = data.get("early_stopping") or {}
         return cls(int(data["epoch"]), int(data["step"]), Running(float(loss_sum), int(correct), int(seen)),
                    float(data["epoch_seconds"]), list(data["history"]),
-                   states.unsqueeze(0) if states.dim() == 1 else states,  # one row before data-parallel runs
-                   stopping.get("best"), stopping.get("stopped"))
+                   states.unsqueeze(0) if states.dim() == 1 else states)  # one row before data-parallel runs
 
 
 # ------------------------------------------------------------------------------ the schema
