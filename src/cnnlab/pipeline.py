@@ -36,11 +36,12 @@ from cnnlab.runs import layout, records
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.predictions import rows_of, write_predictions
 from cnnlab.runs.recorder import RunRecorder
+from cnnlab.runs.restart import restart_decision
 from cnnlab.runs.transfer import start_from
 from cnnlab.runs.weights import load_model, save_weights, weights_problem
 from cnnlab.text import command
 from cnnlab.training.callbacks import Callback, in_notebook, progress_display
-from cnnlab.training.distributed import SINGLE, Context, first_on_main, on_main
+from cnnlab.training.distributed import SINGLE, Context, first_on_main, launched_by_torchrun, on_main
 from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted, prepare_process, stop_on_signals
 from cnnlab.training.evaluate import Evaluation, PerImage, evaluation_of, predict_per_image
 from cnnlab.training.lr_find import Finding, find_lr
@@ -232,6 +233,31 @@ def train(config: Config | str | Path | None = None, root: str | Path = layout.D
     result = fit_and_test(run, trainer, data, context)
     result.lr_finding = finding
     return result
+
+
+def train_or_restart(config: Config, root: str | Path, name: str | None, callbacks: Sequence[Callback],
+                     context: Context) -> RunResult:
+    """`train`; or, in a data-parallel job that torchrun restarted after a failure, the run it had started.
+
+    A restarted job finds its run by name (`--nproc` always passes one; under a bare torchrun the
+    name comes from the rendezvous id), resumes from its checkpoint, or starts over in it when the
+    failure came before the first checkpoint (`runs.restart`). Rank 0 decides, from the run directory,
+    and tells the others: their restart counts need not agree (a node that rejoins resets the others
+    uncounted).
+    """
+    if launched_by_torchrun() and name is None:
+        job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        name = f"{layout.default_name(config).rsplit('-', 2)[0]}-job-{job}" if job != "none" else None
+    if name is None or not launched_by_torchrun():
+        return train(config, root, name, callbacks, context=context)
+    run = Path(root) / name
+    decision = on_main(context, lambda: restart_decision(config, run, context.restarts))
+    if decision != "new" and context.is_main:
+        print(f"restart {context.restarts}: " + (f"resuming {run} from its checkpoint" if decision == "resume"
+                                                 else f"starting {run} over"))
+    if decision == "resume":
+        return resume(run, callbacks, context=context)
+    return train(config, root, name, callbacks, context=context, reuse=decision == "again")
 
 
 def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool = True,

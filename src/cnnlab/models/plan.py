@@ -364,10 +364,6 @@ def pooling(head: _Builder, mode: str, shape: Shape, has_features: bool) -> None
              formula=f"no parameters: the {'mean' if kind == 'avg' else 'max'} of each {h}x{w} map -> {c} values")
 
 
-def count_params(plan: Plan) -> int:
-    return plan.params
-
-
 def count_macs(plan: Plan) -> int:
     """Multiply-adds of one forward pass of one image (conv and dense layers)."""
     return plan.macs

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -54,7 +54,7 @@ class PruningReporter(Callback):
         self.trial, self.metric = trial, metric
 
     def on_epoch_end(self, progress: Progress, metrics: EpochMetrics) -> None:
-        value = metrics.get(self.metric, math.nan)
+        value = cast(float, metrics.get(self.metric, math.nan))  # a key of EpochMetrics, by name
         if math.isnan(value):
             return  # no validation split: nothing to judge the trial by
         self.trial.report(value, step=metrics["epoch"])

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NotRequired, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -21,10 +21,7 @@ if TYPE_CHECKING:
     from cnnlab.training.state import Running
 
 
-class EpochMetrics(TypedDict):
-    """One completed epoch, as metrics.jsonl holds it. The validation numbers are NaN for an epoch not
-    validated (train.val_every) or a run without a validation split."""
-
+class _Metrics(TypedDict):
     epoch: int  # 1-based
     train_loss: float  # the mean over the epoch's training images
     train_accuracy: float
@@ -32,7 +29,13 @@ class EpochMetrics(TypedDict):
     val_accuracy: float
     seconds: float  # the epoch's wall time, validation included, compiling not
     lr: float  # the first parameter group's rate after the epoch's last step
-    compile_seconds: NotRequired[float]  # with train.compile: this epoch's steps that compiled
+
+
+class EpochMetrics(_Metrics, total=False):
+    """One completed epoch, as metrics.jsonl holds it. The validation numbers are NaN for an epoch not
+    validated (train.val_every) or a run without a validation split."""
+
+    compile_seconds: float  # with train.compile only: this epoch's steps that compiled
 
 
 @dataclass(frozen=True)

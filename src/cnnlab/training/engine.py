@@ -10,7 +10,7 @@ equals the gradient of the global batch's mean loss, as one process would comput
 
 What a step adds beyond forward, backward and update lives in objects the trainer holds: the compiled
 forward (`compiling.TrainingForward`), the averagers (`averaging`: EMA, lookahead), early stopping
-(`early_stopping`), the device-side totals read back at sync points (`StepTotals`). Callbacks see a
+(`early_stopping`), the device-side totals read back at sync points (`state.StepTotals`). Callbacks see a
 `callbacks.Progress`, never the trainer.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, NamedTuple, NoReturn, cast
+from typing import Any, NoReturn, cast
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ from cnnlab.training.evaluate import predict_batches
 from cnnlab.training.optim import make_optimizer, make_scheduler
 from cnnlab.training.precision import autocast, slow_notice
 from cnnlab.training.sampling import Sampler, class_weights, initial_rng_state
-from cnnlab.training.state import Running, TrainState
+from cnnlab.training.state import Running, StepTotals, Synced, TrainState
 
 # Steps between reading the running loss back on a GPU (the progress bar's redraw cadence). On the CPU every
 # step is read: the kernels have already run when .item() asks, so a sync there costs nothing.
@@ -98,43 +98,6 @@ def data_parallel(model: nn.Module, context: Context) -> nn.Module:
 
     ids = [context.device.index] if context.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids)
-
-
-class Synced(NamedTuple):
-    """What a sync point reads back: totals of the global batches since the last one, over all ranks."""
-
-    loss_sum: float  # summed cross-entropy
-    correct: int
-    seen: int
-    stop: bool  # whether any rank was asked to stop
-    step_seen: float  # images in this step's global batch alone
-
-
-class StepTotals:
-    """The steps' loss sum, correct and seen, added up on the device between sync points (a host sync per step
-    is what keeps a GPU waiting), with the stop flag all-reduced beside them."""
-
-    def __init__(self, context: Context):
-        self.context = context
-        self.pending = torch.zeros(3, dtype=torch.float64, device=context.device)  # loss, correct, seen since a sync
-
-    def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, stop: bool) -> torch.Tensor:
-        """This step's (loss sum, correct, seen, stop asked) over all ranks, as a float64 tensor (4,) on the device;
-        the host's numbers go in as fills (a kernel argument), not copies, which would wait for the device."""
-        device = self.pending.device
-        counts = torch.stack([loss_sum.detach().double(), (logits.argmax(dim=1) == labels).sum().double(),
-                              torch.full((), float(len(labels)), dtype=torch.float64, device=device),
-                              torch.full((), float(stop), dtype=torch.float64, device=device)])
-        self.context.all_reduce_tensor(counts)
-        self.pending += counts[:3]
-        return counts
-
-    def read(self, counts: torch.Tensor) -> Synced:
-        """The totals since the last sync point, and this step's `counts`: a CPU-GPU sync point."""
-        total, hits, seen_since = self.pending.tolist()
-        seen, stops = counts[2].item(), counts[3].item()
-        self.pending.zero_()
-        return Synced(total, int(hits), int(seen_since), stops > 0, seen)
 
 
 class Trainer:

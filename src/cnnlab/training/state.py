@@ -1,4 +1,5 @@
-"""Where training stands, as one dataclass, and the checkpoint schema defined once beside it.
+"""Where training stands, as one dataclass, and the checkpoint schema defined once beside it; the step totals
+kept on the device between sync points (`StepTotals`).
 
 A checkpoint is the model's, the optimizer's and the schedule's own state dicts plus a `TrainState` (and the
 parts early stopping and the averagers keep: `Trainer.state_dict`);
@@ -9,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from cnnlab.training.distributed import Context
 
 
 @dataclass
@@ -34,6 +37,43 @@ class Running:
         self.loss_sum += loss_sum
         self.correct += correct
         self.seen += seen
+
+
+class Synced(NamedTuple):
+    """What a sync point reads back: totals of the global batches since the last one, over all ranks."""
+
+    loss_sum: float  # summed cross-entropy
+    correct: int
+    seen: int
+    stop: bool  # whether any rank was asked to stop
+    step_seen: float  # images in this step's global batch alone
+
+
+class StepTotals:
+    """The steps' loss sum, correct and seen, added up on the device between sync points (a host sync per step
+    is what keeps a GPU waiting), with the stop flag all-reduced beside them."""
+
+    def __init__(self, context: Context):
+        self.context = context
+        self.pending = torch.zeros(3, dtype=torch.float64, device=context.device)  # loss, correct, seen since a sync
+
+    def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, stop: bool) -> torch.Tensor:
+        """This step's (loss sum, correct, seen, stop asked) over all ranks, as a float64 tensor (4,) on the device;
+        the host's numbers go in as fills (a kernel argument), not copies, which would wait for the device."""
+        device = self.pending.device
+        counts = torch.stack([loss_sum.detach().double(), (logits.argmax(dim=1) == labels).sum().double(),
+                              torch.full((), float(len(labels)), dtype=torch.float64, device=device),
+                              torch.full((), float(stop), dtype=torch.float64, device=device)])
+        self.context.all_reduce_tensor(counts)
+        self.pending += counts[:3]
+        return counts
+
+    def read(self, counts: torch.Tensor) -> Synced:
+        """The totals since the last sync point, and this step's `counts`: a CPU-GPU sync point."""
+        total, hits, seen_since = self.pending.tolist()
+        seen, stops = counts[2].item(), counts[3].item()
+        self.pending.zero_()
+        return Synced(total, int(hits), int(seen_since), stops > 0, seen)
 
 
 @dataclass
