@@ -189,7 +189,7 @@ class Trainer:
         self.network.train()
         for images, labels in self.sampler.batches(state.epoch, state.step):
             images = augment_as(images, self.config)
-            synced = self.train_step(images, labels, sync=self.sync_due(state.step + 1))
+            synced = self.train_step(images, labels, self.sync_due(state.step + 1))
             state.step += 1
             if synced is None:  # totals stay on the device until the next sync point
                 continue
