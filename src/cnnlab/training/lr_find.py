@@ -103,7 +103,7 @@ def find_lr(model: nn.Module, data: TrainData, config: TrainConfig, steps: int =
                 group["lr"] = lr * group["lr_scale"]  # the constant schedule resets it after each step
             images = augment_as(images, config)
             try:
-                synced = cast(Synced, trainer.train_step(images, labels))  # sync by default: every step's loss read back
+                synced = cast(Synced, trainer.train_step(images, labels))  # synced by default: every step's loss
             except TrainingDiverged:
                 ended = f"the loss became non-finite at {lr:.3g}"
                 break
