@@ -60,9 +60,9 @@ class StopAt(Callback):
     def __init__(self, epoch: int, step: int):
         self.epoch, self.step = epoch, step
 
-    def on_batch_end(self, trainer, loss, accuracy):
-        if trainer.state.epoch + 1 == self.epoch and trainer.state.step == self.step:
-            trainer.stop_requested = True
+    def on_batch_end(self, progress, loss, accuracy):
+        if progress.epoch + 1 == self.epoch and progress.step == self.step:
+            progress.request_stop()
 
 
 def whole_and_resumed(config, tmp_path, stop: StopAt):

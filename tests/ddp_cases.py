@@ -23,7 +23,8 @@ from cnnlab.data.sources import TensorSource
 from cnnlab.models.cnn import build_model
 from cnnlab.training import distributed
 from cnnlab.training.callbacks import Callback
-from cnnlab.training.engine import TrainData, Trainer, TrainingDiverged, epoch_order
+from cnnlab.training.engine import TrainData, Trainer, TrainingDiverged
+from cnnlab.training.sampling import epoch_order
 
 CONFIG = load_config("seed", None, ["model.conv.0.filters=4", "dense_layer_size=8", "batch_size=16", "epochs=2",
                                     "channels_last=false"])
@@ -39,14 +40,13 @@ def random_data(n: int = 200, seed: int = 0) -> TrainData:
 class PoisonOnRank(Callback):
     """Turns one rank's classifier bias into NaN after a given step: only that rank's loss goes NaN."""
 
-    def __init__(self, rank: int, epoch: int, step: int):
-        self.rank, self.epoch, self.step = rank, epoch, step
+    def __init__(self, context, rank: int, epoch: int, step: int):
+        self.poisons, self.epoch, self.step = context.rank == rank, epoch, step
 
-    def on_batch_end(self, trainer, loss, accuracy):
-        at = (trainer.state.epoch + 1, trainer.state.step)
-        if trainer.context.rank == self.rank and at == (self.epoch, self.step):
+    def on_batch_end(self, progress, loss, accuracy):
+        if self.poisons and (progress.epoch + 1, progress.step) == (self.epoch, self.step):
             with torch.no_grad():
-                trainer.model.head.classifier.bias.fill_(math.nan)
+                progress.model.head.classifier.bias.fill_(math.nan)
 
 
 class RecordingSource(TensorSource):
@@ -68,7 +68,7 @@ def trainer(context, data, callbacks=(), **train) -> Trainer:
 
 
 def nan_on_one_rank(context) -> dict:
-    run = trainer(context, random_data(), [PoisonOnRank(rank=1, epoch=1, step=3)])
+    run = trainer(context, random_data(), [PoisonOnRank(context, rank=1, epoch=1, step=3)])
     try:
         run.fit()
     except TrainingDiverged as exc:
@@ -78,7 +78,7 @@ def nan_on_one_rank(context) -> dict:
 
 def nan_between_sync_points(context) -> dict:
     """Read back every 4 steps: rank 1 turns NaN after step 4 (a sync point); the loss is read at step 8."""
-    run = trainer(context, random_data(), [PoisonOnRank(rank=1, epoch=1, step=4)], sync_every=4)
+    run = trainer(context, random_data(), [PoisonOnRank(context, rank=1, epoch=1, step=4)], sync_every=4)
     try:
         run.fit()
     except TrainingDiverged as exc:
@@ -119,8 +119,8 @@ def early_stopping(context) -> dict:
     model = build_model(config.model, (28, 28, 1), 10, seed=0)
     run = Trainer(model, random_data(), config.train, [], context)
     run.fit()
-    return dict(epochs=run.state.epoch, kept=run.kept_epoch, stopped=run.state.stopped,
-                weights=float(sum(p.double().sum() for p in run.evaluation_model.state_dict().values())))
+    return dict(epochs=run.state.epoch, kept=run.kept_epoch, stopped=run.early_stopping.stopped,
+                weights=float(sum(p.double().sum() for p in run.evaluated.state_dict().values())))
 
 
 def bf16_validated_every_2(context) -> dict:
@@ -129,8 +129,8 @@ def bf16_validated_every_2(context) -> dict:
     run = trainer(context, random_data(), precision="bf16-mixed", val_every=2, epochs=3)
     run.fit()
     return dict(validated=[m["epoch"] for m in run.history if not math.isnan(m["val_loss"])],
-                weights=float(sum(p.double().sum() for p in run.model.state_dict().values())),
-                dtypes=sorted({str(p.dtype) for p in run.model.parameters()}))
+                weights=float(sum(p.double().sum() for p in run.network.state_dict().values())),
+                dtypes=sorted({str(p.dtype) for p in run.network.parameters()}))
 
 
 CASES = dict(nan_on_one_rank=nan_on_one_rank, nan_between_sync_points=nan_between_sync_points, shards=shards,

@@ -43,8 +43,8 @@ def install_hooks() -> None:
     if hold:
         original_epoch_end = runner.PruningReporter.on_epoch_end
 
-        def on_epoch_end(self: Any, trainer: Any, metrics: dict) -> None:
-            original_epoch_end(self, trainer, metrics)
+        def on_epoch_end(self: Any, progress: Any, metrics: Any) -> None:
+            original_epoch_end(self, progress, metrics)
             Path(hold).touch()
             while True:  # until the test kills this process
                 time.sleep(1)

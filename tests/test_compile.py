@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from cnnlab import pipeline
 from cnnlab.config import load_config
 from cnnlab.runs import layout, records
-from cnnlab.training import engine
+from cnnlab.training import compiling
 from cnnlab.training.engine import TrainingInterrupted
 from conftest import StopAt
 
@@ -97,7 +97,7 @@ def test_a_failed_compile_trains_eagerly_after_one_line(eager_run, tmp_path, mon
         def forward(self, inputs):
             raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found\n(the rest of a long report)")
 
-    monkeypatch.setattr(engine, "compiled", Uncompilable)
+    monkeypatch.setattr(compiling, "compiled", Uncompilable)
     result = pipeline.train(config("train.compile=true"), tmp_path, name="fallback", progress=False)
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == ["train.compile: compiling failed (RuntimeError: InvalidCxxCompiler: No working C++ compiler "

@@ -330,10 +330,10 @@ class Poison(Callback):
     def __init__(self, epoch: int, value: float = float("inf")):
         self.epoch, self.value = epoch, value
 
-    def on_batch_end(self, trainer, loss, accuracy):
-        if trainer.state.epoch + 1 == self.epoch and trainer.state.step == trainer.steps_per_epoch:
+    def on_batch_end(self, progress, loss, accuracy):
+        if progress.epoch + 1 == self.epoch and progress.step == progress.steps:
             with torch.no_grad():
-                trainer.model.head.classifier.weight[0, 0] = self.value
+                progress.model.head.classifier.weight[0, 0] = self.value
 
 
 def test_weights_that_turn_non_finite_are_never_saved(tmp_path):

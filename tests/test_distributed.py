@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from cnnlab.cli import app
 from cnnlab.config import ConfigError, load_config
 from cnnlab.training.distributed import DeviceError, resolve_device
-from cnnlab.training.engine import steps_in_epoch
+from cnnlab.training.sampling import steps_in_epoch
 
 QUICK = ["--model", "seed", "--epochs", "1", "--quiet", "--set", "data.val_size=200"]
 

@@ -37,8 +37,8 @@ class WeightsPerEpoch(Callback):
     def __init__(self):
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
 
-    def on_epoch_end(self, trainer, metrics):
-        self.weights[trainer.state.epoch] = {k: v.clone() for k, v in trainer.evaluation_model.state_dict().items()}
+    def on_epoch_end(self, progress, metrics):
+        self.weights[progress.epoch] = {k: v.clone() for k, v in progress.model.state_dict().items()}
 
 
 def test_training_stops_after_patience_and_keeps_the_best_epochs_weights(tmp_path, scripted_validation):

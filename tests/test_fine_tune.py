@@ -18,8 +18,8 @@ from cnnlab.runs.layout import RunError
 from cnnlab.runs.transfer import adapt_input_conv, start_from
 from cnnlab.runs.weights import load_model
 from cnnlab.training.callbacks import Callback
-from cnnlab.training.engine import class_weights, epoch_order, sampling_weights
 from cnnlab.training.optim import parameter_groups
+from cnnlab.training.sampling import class_weights, epoch_order, sampling_weights
 from use_runs import tiny_run
 
 QUICK = ["epochs=1", "batch_size=64", "data.val_size=500", "train.threads=1"]
@@ -28,12 +28,12 @@ QUICK = ["epochs=1", "batch_size=64", "data.val_size=500", "train.threads=1"]
 class FirstWeights(Callback):
     """The model's weights when training begins, and after the first epoch."""
 
-    def on_train_begin(self, trainer):
-        self.begin = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    def on_train_begin(self, progress):
+        self.begin = {k: v.clone() for k, v in progress.model.state_dict().items()}
 
-    def on_epoch_end(self, trainer, metrics):
-        if trainer.state.epoch == 1:
-            self.after_one = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    def on_epoch_end(self, progress, metrics):
+        if progress.epoch == 1:
+            self.after_one = {k: v.clone() for k, v in progress.model.state_dict().items()}
 
 
 def fine_tune_config(source, *overrides: str):

@@ -84,7 +84,7 @@ def test_ece_matches_a_loop_over_the_bins():
 def test_the_count_axis_reads_in_plain_numbers(spread):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from cnnlab.inspect.calibration import reliability_figure
+    from cnnlab.inspect.reliability_diagram import reliability_figure
 
     few, some, many = spread  # 4 images in a bin read "4" on a few-image run, not "4×10⁰"
     probabilities = np.concatenate([np.tile([p, 1 - p], (n, 1)) for p, n in ((0.55, few), (0.7, some), (0.95, many))])

@@ -3,7 +3,7 @@ import torch
 
 from cnnlab.config import ConvBlock, DenseLayer, ModelConfig, list_presets, load_config
 from cnnlab.models.cnn import build_model, count_parameters, run_order
-from cnnlab.models.plan import Activation, Pool, count_params, plan
+from cnnlab.models.plan import Activation, Pool, plan
 from cnnlab.models.summary import format_summary
 
 DOCUMENTED_PARAMS = {"perceptron": 7_850, "mlp": 101_770, "seed": 693_962, "seed-dropout": 693_962,
@@ -24,7 +24,7 @@ def test_every_preset_builds_and_runs_a_batch(name, shape):
 @pytest.mark.parametrize("name", list_presets())
 def test_planned_parameters_equal_torch_count(name):
     model = build_model(load_config(name).model)
-    assert count_params(model.plan) == count_parameters(model)
+    assert model.plan.params == count_parameters(model)
     if name in DOCUMENTED_PARAMS:
         assert count_parameters(model) == DOCUMENTED_PARAMS[name]
 
@@ -37,7 +37,7 @@ def test_planned_parameters_equal_torch_count(name):
 ])
 def test_planned_shapes_match_torch_for_other_configs(config, shape, classes):
     model = build_model(config, shape, classes)
-    assert count_params(model.plan) == count_parameters(model)
+    assert model.plan.params == count_parameters(model)
     x = torch.rand(2, shape[2], shape[0], shape[1])
     features = model.forward_features(x)
     h, w, c = model.plan.feature_shape

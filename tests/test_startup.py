@@ -133,12 +133,13 @@ PAGE_FAULTS = textwrap.dedent("""
     from cnnlab.config import load_config
     from cnnlab.data.sources import TensorSource
     from cnnlab.models.cnn import build_model
-    from cnnlab.training.engine import TrainData, Trainer
+    from cnnlab.training.engine import TrainData, Trainer, prepare_process
     config = load_config("seed")  # the lesson's model: a 2.8 MB gradient for its dense layer every step
     images = torch.randint(0, 256, (32 * 40, 1, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (32 * 40,))
     data = TrainData(TensorSource(images, labels), TensorSource(images[:32], labels[:32]))
     trainer = Trainer(build_model(config.model, seed=0), data, config.train)
+    prepare_process(config.train, trainer.device)
     batches = [(images[i * 32:(i + 1) * 32], labels[i * 32:(i + 1) * 32]) for i in range(40)]
     for batch in batches[:10]:
         trainer.train_step(*batch)

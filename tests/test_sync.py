@@ -14,7 +14,8 @@ from cnnlab import pipeline
 from cnnlab.config import load_config
 from cnnlab.runs import layout, records
 from cnnlab.training.callbacks import Callback
-from cnnlab.training.engine import Trainer, TrainingDiverged, TrainingInterrupted, steps_in_epoch
+from cnnlab.training.engine import Trainer, TrainingDiverged, TrainingInterrupted
+from cnnlab.training.sampling import steps_in_epoch
 
 pytestmark = pytest.mark.slow
 
@@ -55,8 +56,8 @@ class Seen(Callback):
     def __init__(self):
         self.steps: list[tuple[int, int]] = []
 
-    def on_batch_end(self, trainer, loss, accuracy):
-        self.steps.append((trainer.state.epoch + 1, trainer.state.step))
+    def on_batch_end(self, progress, loss, accuracy):
+        self.steps.append((progress.epoch + 1, progress.step))
 
 
 class StopAfter(Callback):
@@ -65,9 +66,9 @@ class StopAfter(Callback):
     def __init__(self, step: int):
         self.step = step
 
-    def on_batch_end(self, trainer, loss, accuracy):
-        if trainer.state.epoch == 0 and trainer.state.step == self.step:
-            trainer.stop_requested = True
+    def on_batch_end(self, progress, loss, accuracy):
+        if progress.epoch == 0 and progress.step == self.step:
+            progress.request_stop()
 
 
 class PoisonAfter(Callback):
@@ -76,10 +77,10 @@ class PoisonAfter(Callback):
     def __init__(self, step: int):
         self.step = step
 
-    def on_batch_end(self, trainer, loss, accuracy):
-        if trainer.state.epoch == 0 and trainer.state.step == self.step:
+    def on_batch_end(self, progress, loss, accuracy):
+        if progress.epoch == 0 and progress.step == self.step:
             with torch.no_grad():
-                trainer.model.head.classifier.weight[0, 0] = float("nan")
+                progress.model.head.classifier.weight[0, 0] = float("nan")
 
 
 def test_the_cpu_reads_back_every_step_by_default(every_step, tmp_path):

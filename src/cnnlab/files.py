@@ -182,6 +182,7 @@ def temp_pid(path: Path) -> int | None:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine (signal 0 checks without sending anything)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

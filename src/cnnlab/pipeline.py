@@ -37,13 +37,14 @@ from cnnlab.runs import layout, records
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.predictions import rows_of, write_predictions
 from cnnlab.runs.recorder import RunRecorder
+from cnnlab.runs.restart import restart_decision
 from cnnlab.runs.transfer import start_from
 from cnnlab.runs.weights import load_model, save_weights, weights_problem
 from cnnlab.text import command
 from cnnlab.training.busy import busy_note
 from cnnlab.training.callbacks import Callback, in_notebook, progress_display
-from cnnlab.training.distributed import SINGLE, Context, first_on_main, on_main
-from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted, stop_on_signals
+from cnnlab.training.distributed import SINGLE, Context, first_on_main, launched_by_torchrun, on_main
+from cnnlab.training.engine import TrainData, Trainer, TrainingInterrupted, prepare_process, stop_on_signals
 from cnnlab.training.evaluate import Evaluation, PerImage, evaluation_of, predict_per_image
 from cnnlab.training.lr_find import Finding, find_lr
 
@@ -244,6 +245,31 @@ def train(config: Config | str | Path | None = None, root: str | Path = layout.D
     return result
 
 
+def train_or_restart(config: Config, root: str | Path, name: str | None, callbacks: Sequence[Callback],
+                     context: Context) -> RunResult:
+    """`train`; or, in a data-parallel job that torchrun restarted after a failure, the run it had started.
+
+    A restarted job finds its run by name (`--nproc` always passes one; under a bare torchrun the
+    name comes from the rendezvous id), resumes from its checkpoint, or starts over in it when the
+    failure came before the first checkpoint (`runs.restart`). Rank 0 decides, from the run directory,
+    and tells the others: their restart counts need not agree (a node that rejoins resets the others
+    uncounted).
+    """
+    if launched_by_torchrun() and name is None:
+        job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+        name = f"{layout.default_name(config).rsplit('-', 2)[0]}-job-{job}" if job != "none" else None
+    if name is None or not launched_by_torchrun():
+        return train(config, root, name, callbacks, context=context)
+    run = Path(root) / name
+    decision = on_main(context, lambda: restart_decision(config, run, context.restarts))
+    if decision != "new" and context.is_main:
+        print(f"restart {context.restarts}: " + (f"resuming {run} from its checkpoint" if decision == "resume"
+                                                 else f"starting {run} over"))
+    if decision == "resume":
+        return resume(run, callbacks, context=context)
+    return train(config, root, name, callbacks, context=context, reuse=decision == "again")
+
+
 def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool = True,
            context: Context = SINGLE) -> RunResult:
     """Continue an interrupted run from its newest readable checkpoint, to the same end result.
@@ -278,7 +304,7 @@ def resume(run: str | Path, callbacks: Sequence[Callback] = (), progress: bool =
         records.rewrite_metrics(run, trainer.history)
         if trainer.finished:
             # the network build_model made (or its averaged copy), as the checkpoint left it
-            restore_weights(run, cast(CNN, trainer.evaluation_model), data.classes)
+            restore_weights(run, cast(CNN, trainer.evaluated), data.classes)
     return fit_and_test(run, trainer, data, context)
 
 
@@ -317,6 +343,9 @@ def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SIN
     # process: training stops at the next sync point (TrainingInterrupted, resumable); after the last step, the
     # few seconds that keep the best weights, test the run and write its files finish, and the result says a stop
     # was asked (cut short, they would leave a trained run without its test). A second Ctrl-C stops at once.
+    for callback in trainer.callbacks:
+        callback.on_run_start(run)  # the trainer knows no paths: its callbacks learn the run's here
+    prepare_process(trainer.config, context.device)
     with layout.locked(run) if context.is_main else contextlib.nullcontext(), stop_on_signals(trainer):
         steps_before = trainer.state.epoch * trainer.steps_per_epoch + trainer.state.step
         started = time.perf_counter()
@@ -325,20 +354,20 @@ def fit_and_test(run: Path, trainer: Trainer, data: Data, context: Context = SIN
         except TrainingInterrupted as exc:
             exc.run = run
             raise
-        seconds = time.perf_counter() - started - trainer.compile_total
+        seconds = time.perf_counter() - started - trainer.forward.total_seconds
         busy = busy_note(torch.get_num_threads())  # the load of training's last minute, before testing adds its own
         trained = (trainer.state.epoch * trainer.steps_per_epoch - steps_before) * trainer.config.batch_size
         skipped = merge_skipped(context, data)
         test = None
         if context.is_main:
-            test = test_run(run, trainer.evaluation_model, data, trainer.config)
+            test = test_run(run, trainer.evaluated, data, trainer.config)
             skipped.update(data.test.skipped)
             if skipped:
                 write_json(layout.path(run, "skipped"), skipped)
         context.barrier()  # the other ranks return once rank 0's files are complete
     images = min(trained, len(trainer.data.train) * trainer.config.epochs)
     return RunResult(run, history, test, seconds, images / seconds if seconds > 0 else 0.0, skipped,
-                     trainer.kept_epoch, trainer.state.stopped, compile_seconds=trainer.compile_total,
+                     trainer.kept_epoch, trainer.early_stopping.stopped, compile_seconds=trainer.forward.total_seconds,
                      stop_requested=trainer.stop_requested, busy=busy)
 
 

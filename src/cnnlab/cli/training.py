@@ -171,7 +171,7 @@ def train(
                 say(context, fine_tuning_line(init_from, cfg))
             callbacks, trackers = training_callbacks(context, quiet, cfg, wandb_project if wandb else None,
                                                      tensorboard, tensorboard_dir)
-            result = train_or_continue(cfg, runs_dir, name, callbacks, context)
+            result = pipeline.train_or_restart(cfg, runs_dir, name, callbacks, context)
     except TrainingInterrupted as exc:
         if distributed.launched_by_torchrun() and os.environ.get("RANK") != "0":
             raise typer.Exit(130) from None  # rank 0 says it once
@@ -251,54 +251,6 @@ def training_callbacks(context: Context, quiet: bool, cfg: Config, wandb_project
         trackers.append(TensorBoardTracker(cfg, tensorboard_dir))
     callbacks: list[Callback] = [] if quiet else [ProgressBar()]
     return [*callbacks, *trackers], trackers
-
-
-def train_or_continue(cfg: Config, runs_dir: Path, name: str | None, callbacks: Sequence[Callback],
-                      context: Context) -> RunResult:
-    """A new run; or, in a job that torchrun restarted after a failure, the run it had started.
-
-    A restarted job finds its run by name (`--nproc` always passes one; under a bare torchrun the
-    name comes from the rendezvous id), resumes from its checkpoint, or starts over in it when the
-    failure came before the first checkpoint. Rank 0 decides, from the run directory, and tells the
-    others: their restart counts need not agree (a node that rejoins resets the others uncounted).
-    """
-    from cnnlab import pipeline
-    from cnnlab.runs import layout
-    from cnnlab.training import distributed
-
-    if distributed.launched_by_torchrun() and name is None:
-        job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-        name = f"{layout.default_name(cfg).rsplit('-', 2)[0]}-job-{job}" if job != "none" else None
-    if name is None or not distributed.launched_by_torchrun():
-        return pipeline.train(cfg, runs_dir, name, callbacks, context=context)
-    run = Path(runs_dir) / name
-    decision = distributed.on_main(context, lambda: restart_decision(cfg, run, context.restarts))
-    if decision != "new":
-        say(context, f"restart {context.restarts}: " + (f"resuming {run} from its checkpoint" if decision == "resume"
-                                                        else f"starting {run} over"))
-    if decision == "resume":
-        return pipeline.resume(run, callbacks, context=context)
-    return pipeline.train(cfg, runs_dir, name, callbacks, context=context, reuse=decision == "again")
-
-
-def restart_decision(cfg: Config, run: Path, restarts: int) -> str:
-    """'new' (no run yet, or a first attempt: an existing name is then an error), 'resume' (this job's
-    run has a checkpoint) or 'again' (it failed before its first checkpoint)."""
-    from cnnlab.runs import layout, records
-
-    if restarts == 0 or not run.is_dir():
-        return "new"
-    if layout.path(run, "test").is_file():
-        raise layout.RunError(f"{run} has already finished; this job (same name or rendezvous id) will not retrain it: "
-                            "pick another --name or --rdzv-id")
-    saved = records.load_config(run).to_dict() if layout.path(run, "config").is_file() else None
-    wanted = cfg.to_dict()
-    if saved is not None and wanted["train"]["lr"] == "auto":
-        wanted["train"]["lr"] = saved["train"]["lr"]  # the finder's suggestion, recorded by the first attempt
-    if saved is not None and saved != wanted:
-        raise layout.RunError(f"{run} holds another configuration than this job's: pick another --name or --rdzv-id")
-    has_checkpoint = layout.path(run, "checkpoint").is_file() or layout.path(run, "previous_checkpoint").is_file()
-    return "resume" if has_checkpoint else "again"
 
 
 def launch_processes(ctx: typer.Context, nproc: int, max_restarts: int, name: str | None, resume: Path | None,

@@ -1,8 +1,8 @@
 """`cnnlab show batch`: the first training batch as the network sees it, augmentation included.
 
-The batch is drawn the way the trainer draws it, not imitated: the same epoch order (`epoch_order`,
-with `train.sampling`'s weights), the same images read from the same Source, and `augment` under the
-random state the trainer starts from (`Trainer.initial_rng_state`). So the picture is bitwise the
+The batch is drawn by the trainer's own rule, not an imitation of it: `training.sampling`'s Sampler (the
+epoch order with `train.sampling`'s weights, the same images read from the same Source), and `augment`
+under the random state the trainer starts from (`sampling.initial_rng_state`). So the picture is bitwise the
 first step's input of `cnnlab train` with this config (a single process; a data-parallel job splits
 the same global batch between its ranks).
 """
@@ -19,7 +19,7 @@ from cnnlab.data.pixels import to_pixels
 from cnnlab.data.sources import Data
 from cnnlab.inspect.figures import Output, new_figure, save_figure
 from cnnlab.training.augment import augment_as
-from cnnlab.training.engine import Trainer, epoch_order, sampling_weights
+from cnnlab.training.sampling import Sampler, initial_rng_state
 
 
 @dataclass
@@ -52,11 +52,10 @@ def describe_augmentation(config: Config) -> str:
 def first_batch(config: Config, data: Data) -> Batch:
     """The first global batch of epoch 1 of training `config` on `data`, before and after augmentation."""
     t = config.train
-    weights = sampling_weights(t, data.train.labels, data.num_classes)
-    positions = epoch_order(len(data.train), t.seed, 0, weights)[:t.batch_size]
+    positions = Sampler(data.train, t, data.num_classes).global_batches(epoch=0)[0]
     read, labels = next(iter(data.train.batches([positions])))
     with torch.random.fork_rng(devices=[]):  # the trainer's generator, as `Trainer.fit` sets it
-        torch.set_rng_state(Trainer.initial_rng_state(t.seed))
+        torch.set_rng_state(initial_rng_state(t.seed))
         seen = augment_as(read, t)
     return Batch(read, seen, labels, positions, describe_augmentation(config))
 

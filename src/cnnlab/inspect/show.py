@@ -22,9 +22,9 @@ from cnnlab.inspect.activations import (
     plot_feature_maps,
     plot_kernels,
 )
-from cnnlab.inspect.calibration import plot_reliability
 from cnnlab.inspect.embedding import Embedding, embed, plot_embedding
 from cnnlab.inspect.figures import Mistake, Output, find_mistakes, plot_curves, plot_mistakes
+from cnnlab.inspect.reliability_diagram import plot_reliability
 from cnnlab.inspect.saliency import Saliency, plot_saliency, saliency
 from cnnlab.runs import layout, records
 from cnnlab.runs.predictions import file_names

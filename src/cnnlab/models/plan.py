@@ -34,7 +34,7 @@ from cnnlab.models.layers import (
 )
 
 __all__ = ["Activation", "Add", "BatchNorm", "Block", "Conv", "Dense", "Dropout", "Flatten", "GlobalPool", "Layer",
-           "Node", "Plan", "Pool", "Shape", "Spec", "count_macs", "count_params", "kernel_pair", "plan"]
+           "Node", "Plan", "Pool", "Shape", "Spec", "count_macs", "kernel_pair", "plan"]
 
 
 @dataclass(frozen=True)
@@ -265,10 +265,6 @@ def pooling(head: _Builder, mode: str, has_features: bool) -> None:
         raise ConfigError(f"model.pooling: {mode} pools feature maps, but this model has no conv layers; use flatten")
     kind = mode.removeprefix("global_")
     head.add(f"global_{kind}_pool", GlobalPool(kind))
-
-
-def count_params(plan: Plan) -> int:
-    return plan.params
 
 
 def count_macs(plan: Plan) -> int:

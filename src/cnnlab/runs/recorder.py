@@ -14,8 +14,7 @@ from cnnlab.runs.layout import FILES, RunError, path, remove_stale_files
 from cnnlab.runs.records import rewrite_metrics
 from cnnlab.runs.weights import save_weights
 from cnnlab.text import command
-from cnnlab.training.callbacks import Callback
-from cnnlab.training.engine import Trainer
+from cnnlab.training.callbacks import Callback, EpochMetrics, Progress
 
 
 class RunRecorder(Callback):
@@ -30,41 +29,38 @@ class RunRecorder(Callback):
         self.config = config.to_dict()  # stored in every checkpoint: resume refuses a config edited since
         self.keep_checkpoints = config.train.keep_checkpoints
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, progress: Progress) -> None:
         remove_stale_files(self.run)  # left by a killed trainer; the run's lock is held now
 
-    def on_epoch_end(self, trainer: Trainer, metrics: dict) -> None:
-        where = f"epoch {trainer.state.epoch}"
+    def on_epoch_end(self, progress: Progress, metrics: EpochMetrics) -> None:
+        where = f"epoch {progress.epoch}"
         # weights before the checkpoint: a checkpoint of the last epoch means its weights are saved too
         # (resuming a finished run does not write them again)
-        self.save("weights", where, save_weights, self.run, trainer.evaluation_model, self.classes)
-        self.save("checkpoint", where, save_checkpoint, self.run, self.checkpoint(trainer))
+        self.save("weights", where, save_weights, self.run, progress.model, self.classes)
+        self.save("checkpoint", where, save_checkpoint, self.run, self.checkpoint(progress))
         # the whole file, atomically (never a half-written line); resume rewrites it from the checkpoint
-        self.save("metrics", where, rewrite_metrics, self.run, trainer.history)
+        self.save("metrics", where, rewrite_metrics, self.run, progress.history)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, progress: Progress) -> None:
         """The finished run's files: with early stopping, the kept epoch's weights (the trainer restored them)
         and why it stopped; then the previous checkpoint goes (unless train.keep_checkpoints)."""
-        self.save_early_stopping(trainer)
+        self.save_early_stopping(progress)
         if not self.keep_checkpoints:
             # after the weights: a run killed here still resumes, from its last checkpoint
             prune_finished(self.run)
 
-    def save_early_stopping(self, trainer: Trainer) -> None:
-        if trainer.kept_epoch is None or trainer.state.best is None:
+    def save_early_stopping(self, progress: Progress) -> None:
+        if progress.early_stopping is None:
             return
-        self.save("weights", "training", save_weights, self.run, trainer.evaluation_model, self.classes)
-        record = dict(kept_epoch=trainer.kept_epoch, metric=trainer.state.best["metric"],
-                      value=trainer.state.best["value"], epochs_trained=trainer.state.epoch,
-                      stopped=trainer.state.stopped)
-        self.save("early_stopping", "training", write_json, path(self.run, "early_stopping"), record)
+        self.save("weights", "training", save_weights, self.run, progress.model, self.classes)
+        self.save("early_stopping", "training", write_json, path(self.run, "early_stopping"), progress.early_stopping)
 
-    def on_interrupt(self, trainer: Trainer) -> None:
-        self.save("checkpoint", f"epoch {trainer.state.epoch + 1}, step {trainer.state.step}", save_checkpoint,
-                  self.run, self.checkpoint(trainer))
+    def on_interrupt(self, progress: Progress) -> None:
+        self.save("checkpoint", f"epoch {progress.epoch + 1}, step {progress.step}", save_checkpoint,
+                  self.run, self.checkpoint(progress))
 
-    def checkpoint(self, trainer: Trainer) -> dict[str, Any]:
-        return {**trainer.state_dict(), "config": self.config}
+    def checkpoint(self, progress: Progress) -> dict[str, Any]:
+        return {**progress.checkpoint(), "config": self.config}
 
     def save(self, key: str, where: str, save: Callable[..., object], *args: Any) -> None:
         """Call save(*args); a write that fails (disk full, read-only) becomes a RunError saying so."""

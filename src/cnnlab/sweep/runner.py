@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
@@ -42,8 +42,8 @@ from cnnlab.sweep.study import (
 )
 from cnnlab.sweep.trial_data import TrialData, check_dataset, resolve_dataset
 from cnnlab.text import command
-from cnnlab.training.callbacks import Callback
-from cnnlab.training.engine import Trainer, TrainingInterrupted
+from cnnlab.training.callbacks import Callback, EpochMetrics, Progress
+from cnnlab.training.engine import TrainingInterrupted
 
 
 # ---------------------------------------------------------------------------------- running trials
@@ -53,12 +53,12 @@ class PruningReporter(Callback):
     def __init__(self, trial: Trial, metric: str):
         self.trial, self.metric = trial, metric
 
-    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
-        value = metrics.get(self.metric, math.nan)
+    def on_epoch_end(self, progress: Progress, metrics: EpochMetrics) -> None:
+        value = cast(float, metrics.get(self.metric, math.nan))  # a key of EpochMetrics, by name
         if math.isnan(value):
             return  # no validation split: nothing to judge the trial by
         self.trial.report(value, step=metrics["epoch"])
-        last = metrics["epoch"] >= trainer.config.epochs  # a finished trial is worth keeping
+        last = metrics["epoch"] >= progress.epochs  # a finished trial is worth keeping
         if not last and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned after epoch {metrics['epoch']}: {self.metric} {value:.4f}")
 

@@ -26,7 +26,7 @@ from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.storages.journal._file import get_lock_file
 from optuna.trial import FrozenTrial, Trial, TrialState
 
-from cnnlab.files import GiB, MissingFile, check_regular, kind_of, reason, write_bytes
+from cnnlab.files import GiB, MissingFile, check_regular, kind_of, process_alive, reason, write_bytes
 from cnnlab.sweep.spec import SweepError, SweepSpec
 from cnnlab.sweep.storage import Storage, parse_storage, scrub
 
@@ -416,16 +416,6 @@ def owner_gone(trial: FrozenTrial, host: str) -> bool:
     if int(pid) == os.getpid():
         return trial.user_attrs.get("session") not in (None, SESSION)
     return not process_alive(int(pid))
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def fail_dead_trials(study: optuna.Study, storage: str) -> list[int]:

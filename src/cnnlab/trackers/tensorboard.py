@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -20,16 +20,14 @@ from cnnlab.config import Config, dotted_keys
 from cnnlab.data.pixels import to_pixels
 from cnnlab.inspect.figures import Output, draw_image, grid_shape, new_figure, plot_confusion, save_figure
 from cnnlab.runs import layout
-from cnnlab.runs.recorder import RunRecorder
 from cnnlab.text import to_json
-from cnnlab.training.callbacks import Callback
+from cnnlab.training.callbacks import Callback, EpochMetrics, Progress
 
 if TYPE_CHECKING:
     import torch
     from torch.utils.tensorboard import FileWriter, SummaryWriter
 
     from cnnlab.trackers.wandb import FinishedRun
-    from cnnlab.training.engine import Trainer
     from cnnlab.training.evaluate import Evaluation
 
 LOG_FOLDER = "tensorboard"  # inside the run directory: `tensorboard --logdir runs` finds every run's
@@ -49,15 +47,6 @@ def tensorboard_available() -> bool:
 def scalar_tag(key: str) -> str:
     """The TensorBoard tag of a metrics.jsonl key (a key cnnlab does not know keeps its name)."""
     return TAGS.get(key, key)
-
-
-def run_directory(trainer: Trainer) -> Path:
-    """The run a trainer records into: the RunRecorder's, which `cnnlab.pipeline` adds to every run."""
-    for callback in trainer.callbacks:
-        if isinstance(callback, RunRecorder):
-            return callback.run
-    raise ValueError("TensorBoardTracker logs into the run directory: train through cnnlab.pipeline "
-                     "(train or resume), which records the run")
 
 
 def hparams(config: Config) -> dict[str, bool | int | float | str]:
@@ -111,30 +100,38 @@ class TensorBoardTracker(Callback):
     """Logs a training run as TensorBoard events: config and layer table (text), hparams, per-epoch
     metrics; `finish` adds the test accuracy and loss, the confusion matrix and sample predictions.
 
-    `root`: write to root/<run name>/ instead of RUN/tensorboard/ (one folder for many runs' logs).
+    `root`: write to root/<run name>/ instead of RUN/tensorboard/ (one folder for many runs' logs). The run
+    directory is given by `on_run_start` (`cnnlab.pipeline` calls it once the run exists), or as `run`.
     """
 
-    def __init__(self, config: Config, root: Path | None = None, samples: int = SAMPLE_PREDICTIONS):
-        self.config, self.root, self.samples = config, root, samples
+    def __init__(self, config: Config, root: Path | None = None, samples: int = SAMPLE_PREDICTIONS,
+                 run: Path | None = None):
+        self.config, self.root, self.samples, self.run = config, root, samples, run
         self.writer: SummaryWriter | None = None  # from on_train_begin until finish or on_interrupt
         self.epoch = 0  # the last epoch logged: the step of the test results
+
+    def on_run_start(self, run: Path) -> None:
+        self.run = run
 
     def log_dir(self, run: Path) -> Path:
         return run / LOG_FOLDER if self.root is None else Path(self.root) / run.name
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, progress: Progress) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-        run = run_directory(trainer)
+        run = self.run
+        if run is None:
+            raise ValueError("TensorBoardTracker logs into the run directory: train through cnnlab.pipeline "
+                             "(train or resume), which gives it the run, or pass run=")
         log_dir = self.log_dir(run)
         fresh = not any(log_dir.glob("events.out.tfevents.*"))
-        history = trainer.history
+        history = progress.history
         # Resuming a logged run: the events an earlier session wrote from the checkpoint's last epoch
         # on are hidden (purge_step) and that epoch logged again, in case the session died between its
         # checkpoint and its log line. A run logged for the first time gets its whole history.
         again = history if fresh else history[-1:]
-        writer = SummaryWriter(str(log_dir), purge_step=None if fresh else max(trainer.state.epoch, 1))
+        writer = SummaryWriter(str(log_dir), purge_step=None if fresh else max(progress.epoch, 1))
         self.writer = writer
         if fresh:
             writer.add_text("config", as_text(self.config.to_yaml()), 0)
@@ -145,8 +142,8 @@ class TensorBoardTracker(Callback):
             add_hparams_summary(writer, experiment)
             add_hparams_summary(writer, session_start)
         for metrics in again:
-            self.on_epoch_end(trainer, metrics)
-        self.epoch = trainer.state.epoch
+            self.log_epoch(metrics)
+        self.epoch = progress.epoch
 
     def active_writer(self) -> SummaryWriter:
         """The writer on_train_begin opened."""
@@ -155,7 +152,11 @@ class TensorBoardTracker(Callback):
                                "close it")
         return self.writer
 
-    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_epoch_end(self, progress: Progress, metrics: EpochMetrics) -> None:
+        self.log_epoch(metrics)
+
+    def log_epoch(self, metrics: Mapping[str, Any]) -> None:
+        """One epoch's metrics as scalars at the epoch's step."""
         writer = self.active_writer()
         step = int(metrics["epoch"])
         for key, value in metrics.items():
@@ -166,7 +167,7 @@ class TensorBoardTracker(Callback):
         writer.flush()  # a killed run keeps the epochs it logged
         self.epoch = step
 
-    def on_interrupt(self, trainer: Trainer) -> None:
+    def on_interrupt(self, progress: Progress) -> None:
         if self.writer is not None:
             self.writer.close()  # a resumed run appends to the same folder
             self.writer = None

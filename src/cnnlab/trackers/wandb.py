@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from cnnlab.config import Config
 from cnnlab.data.pixels import to_pixels
-from cnnlab.training.callbacks import Callback
+from cnnlab.training.callbacks import Callback, EpochMetrics, Progress
 
 if TYPE_CHECKING:
     import numpy as np
@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     from wandb import Run
 
     from cnnlab.models.plan import Plan
-    from cnnlab.training.engine import Trainer
     from cnnlab.training.evaluate import Evaluation
 
 DEFAULT_PROJECT = "cnnlab"
@@ -67,12 +66,12 @@ class WandbTracker(Callback):
         self.config, self.project, self.samples = config, project, samples
         self.run: Run | None = None  # the wandb Run, from on_train_begin until finish
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, progress: Progress) -> None:
         import wandb
 
         from cnnlab.models.cnn import CNN
 
-        model = trainer.model
+        model = progress.model
         if not isinstance(model, CNN):
             raise TypeError(f"WandbTracker logs a cnnlab CNN's layers; the trainer holds a {type(model).__name__}")
         run = wandb.init(project=self.project, config=self.config.to_dict(), job_type="train",
@@ -97,14 +96,14 @@ class WandbTracker(Callback):
         rows = [[layer.name, layer.title, str(layer.output_shape), layer.params] for layer in plan.layers()]
         self.active_run().log({"layers": wandb.Table(columns=["layer", "type", "output shape", "params"], data=rows)})
 
-    def on_epoch_end(self, trainer: Trainer, metrics: dict[str, Any]) -> None:
+    def on_epoch_end(self, progress: Progress, metrics: EpochMetrics) -> None:
         # NaN: an epoch not validated (train.val_every) or no validation split; W&B would chart it as a point
         self.active_run().log({key: value for key, value in metrics.items()
                                if not (isinstance(value, float) and math.isnan(value))})
 
-    def on_interrupt(self, trainer: Trainer) -> None:
+    def on_interrupt(self, progress: Progress) -> None:
         if self.run is not None:
-            self.run.summary["interrupted_after_epoch"] = trainer.state.epoch
+            self.run.summary["interrupted_after_epoch"] = progress.epoch
             self.run.finish(exit_code=130)  # shown as failed; a resumed run logs as a new W&B run
             self.run = None
 

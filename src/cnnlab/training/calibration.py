@@ -5,7 +5,8 @@ put in equal-width bins of confidence (the top class's probability), and each bi
 against its mean confidence: the reliability diagram draws them, and the expected calibration error
 (ECE, Guo et al. 2017, "On Calibration of Modern Neural Networks") is their gap averaged over the
 images, `sum_b (n_b / N) |accuracy_b - confidence_b|`: 0 for honest probabilities, in [0, 1].
-NumPy only: it is a few lines, and cnnlab does not depend on scikit-learn.
+NumPy only: it is a few lines, and cnnlab does not depend on scikit-learn. Computing only: the reliability
+diagram is drawn by `inspect.reliability_diagram`.
 """
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ from torch import nn
 class EMA:
     """The average of `model`'s weights; batch-norm statistics are copied, they are averages already."""
 
+    key = "ema"  # its checkpoint key (cnnlab.training.averaging's protocol)
+    held = "the averaged weights train.ema asks for"
+
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.model = copy.deepcopy(model).eval().requires_grad_(False)  # same layout (channels-last) as model
@@ -30,6 +33,12 @@ class EMA:
         current = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(averaged, current, 1.0 - decay)  # avg += (1 - decay) * (current - avg), fused
         self.copy_buffers(model)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        self.update(model)
+
+    def before_evaluation(self, model: nn.Module) -> None:
+        self.copy_buffers(model)  # the statistics validation uses: rank 0's, once broadcast
 
     @torch.no_grad()
     def copy_buffers(self, model: nn.Module) -> None:

@@ -33,6 +33,9 @@ def decay_at(step: int, total: int) -> float:
 class Lookahead:
     """The slow weights of `model` and the pull toward them."""
 
+    key = "lookahead"  # its checkpoint key (cnnlab.training.averaging's protocol)
+    held = "the slow weights train.lookahead keeps"
+
     def __init__(self, model: nn.Module, total_steps: int):
         self.total_steps = total_steps
         self.slow = {name: tensor.detach().clone() for name, tensor in float_tensors(model).items()}
@@ -46,6 +49,9 @@ class Lookahead:
         slow = list(self.slow.values())
         torch._foreach_lerp_(slow, current, 1.0 - decay_at(step, self.total_steps))  # fused over all tensors
         torch._foreach_copy_(current, slow)
+
+    def before_evaluation(self, model: nn.Module) -> None:
+        pass  # the slow weights are copied into the model at each pull: nothing of their own to evaluate
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.slow)

@@ -14,8 +14,9 @@ import copy
 import dataclasses
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -24,7 +25,8 @@ from cnnlab.config import TrainConfig
 from cnnlab.errors import UserError
 from cnnlab.training.augment import augment_as
 from cnnlab.training.distributed import SINGLE, Context
-from cnnlab.training.engine import TrainData, Trainer, TrainingDiverged
+from cnnlab.training.engine import Synced, TrainData, Trainer, TrainingDiverged, prepare_process
+from cnnlab.training.sampling import Sampler
 
 START_LR = 1e-6  # the sweep's first rate
 END_LR = 10.0  # its last; few networks train above 1, so the loss has exploded before this
@@ -86,6 +88,7 @@ def find_lr(model: nn.Module, data: TrainData, config: TrainConfig, steps: int =
         raise FinderFailed(f"lr-find: expected 0 < start < end and at least 8 steps, found start {start:g}, "
                            f"end {end:g}, {steps} steps")
     started = time.perf_counter()
+    prepare_process(config, context.device)
     trainer = Trainer(copy.deepcopy(model), data, finder_config(config), context=context)
     rates = [start * (end / start) ** (i / (steps - 1)) for i in range(steps)]
     lrs: list[float] = []
@@ -94,19 +97,17 @@ def find_lr(model: nn.Module, data: TrainData, config: TrainConfig, steps: int =
     ended = f"reached {end:g}"
     with torch.random.fork_rng(devices=[]):
         torch.set_rng_state(trainer.rng_state)  # the run's own draws: the same sweep on every call
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        trainer.model.train()
-        for lr, (images, labels) in zip(rates, batches(trainer, steps)):
+        trainer.network.train()
+        for lr, (images, labels) in zip(rates, first_batches(trainer.sampler, steps)):
             for group in trainer.optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]  # the constant schedule resets it after each step
             images = augment_as(images, config)
             try:
-                loss_sum, _, seen, _ = trainer.train_step(images, labels)  # every step's loss, read back
+                synced = cast(Synced, trainer.train_step(images, labels))  # synced by default: every step's loss
             except TrainingDiverged:
                 ended = f"the loss became non-finite at {lr:.3g}"
                 break
-            loss = loss_sum / max(seen, 1)
+            loss = synced.loss_sum / max(synced.seen, 1)
             lrs.append(lr)
             losses.append(loss)
             running.append(smooth(running, loss, len(losses)))
@@ -118,14 +119,14 @@ def find_lr(model: nn.Module, data: TrainData, config: TrainConfig, steps: int =
     return Finding(lrs, losses, smoothed, suggestion, rule, why, ended, time.perf_counter() - started)
 
 
-def batches(trainer: Trainer, steps: int) -> Any:
+def first_batches(sampler: Sampler, steps: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The run's first `steps` training batches, in its own epoch order (epoch after epoch if needed)."""
-    rank, world, taken = trainer.context.rank, trainer.context.world, 0
+    taken, epoch = 0, 0
     while taken < steps:
-        shards = [index[rank::world] for index in trainer.global_batches()][:steps - taken]
-        yield from trainer.data.train.batches(shards)
-        taken += len(shards)
-        trainer.state.epoch += 1  # the next epoch's order, should the sweep outlast one
+        slices = sampler.slices(epoch)[:steps - taken]
+        yield from sampler.train.batches(slices)
+        taken += len(slices)
+        epoch += 1  # the next epoch's order, should the sweep outlast one
 
 
 def smooth(previous: list[float], loss: float, n: int) -> float:

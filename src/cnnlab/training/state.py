@@ -1,6 +1,8 @@
-"""Where training stands, as one dataclass, and the checkpoint schema defined once beside it.
+"""Where training stands, as one dataclass, and the checkpoint schema defined once beside it; the step totals
+kept on the device between sync points (`StepTotals`).
 
-A checkpoint is the model's, the optimizer's and the schedule's own state dicts plus a `TrainState`;
+A checkpoint is the model's, the optimizer's and the schedule's own state dicts plus a `TrainState` (and the
+parts early stopping and the averagers keep: `Trainer.state_dict`);
 `check_checkpoint` is the one description of what a checkpoint must hold, used when reading one
 back from a file (`cnnlab.runs.checkpoints`) before the trainer is given it.
 """
@@ -8,9 +10,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+
+from cnnlab.training.distributed import Context
 
 
 @dataclass
@@ -35,6 +39,43 @@ class Running:
         self.seen += seen
 
 
+class Synced(NamedTuple):
+    """What a sync point reads back: totals of the global batches since the last one, over all ranks."""
+
+    loss_sum: float  # summed cross-entropy
+    correct: int
+    seen: int
+    stop: bool  # whether any rank was asked to stop
+    step_seen: float  # images in this step's global batch alone
+
+
+class StepTotals:
+    """The steps' loss sum, correct and seen, added up on the device between sync points (a host sync per step
+    is what keeps a GPU waiting), with the stop flag all-reduced beside them."""
+
+    def __init__(self, context: Context):
+        self.context = context
+        self.pending = torch.zeros(3, dtype=torch.float64, device=context.device)  # loss, correct, seen since a sync
+
+    def add(self, loss_sum: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, stop: bool) -> torch.Tensor:
+        """This step's (loss sum, correct, seen, stop asked) over all ranks, as a float64 tensor (4,) on the device;
+        the host's numbers go in as fills (a kernel argument), not copies, which would wait for the device."""
+        device = self.pending.device
+        counts = torch.stack([loss_sum.detach().double(), (logits.argmax(dim=1) == labels).sum().double(),
+                              torch.full((), float(len(labels)), dtype=torch.float64, device=device),
+                              torch.full((), float(stop), dtype=torch.float64, device=device)])
+        self.context.all_reduce_tensor(counts)
+        self.pending += counts[:3]
+        return counts
+
+    def read(self, counts: torch.Tensor) -> Synced:
+        """The totals since the last sync point, and this step's `counts`: a CPU-GPU sync point."""
+        total, hits, seen_since = self.pending.tolist()
+        seen, stops = counts[2].item(), counts[3].item()
+        self.pending.zero_()
+        return Synced(total, int(hits), int(seen_since), stops > 0, seen)
+
+
 @dataclass
 class TrainState:
     """Everything about a run's progress that the model, optimizer and schedule do not hold themselves."""
@@ -45,28 +86,22 @@ class TrainState:
     epoch_seconds: float = 0.0  # time spent in the current epoch so far (survives resume)
     history: list[dict] = field(default_factory=list)  # one metrics dict per completed epoch
     rng_states: torch.Tensor = field(default_factory=lambda: torch.zeros((1, 0), dtype=torch.uint8))  # (world, n)
-    best: dict | None = None  # early stopping: {epoch, value, metric} of the best epoch so far
-    stopped: str | None = None  # why early stopping ended the run, once it has
 
     def to_dict(self) -> dict[str, Any]:
-        """The checkpoint's keys for this state (the layout files have always had, and early stopping's)."""
+        """The checkpoint's keys for this state (the layout files have always had; early stopping, the
+        averagers and the model add their own: `Trainer.state_dict`)."""
         r = self.running
-        data = dict(epoch=self.epoch, step=self.step, running=[r.loss_sum, r.correct, r.seen],
+        return dict(epoch=self.epoch, step=self.step, running=[r.loss_sum, r.correct, r.seen],
                     epoch_seconds=self.epoch_seconds, history=list(self.history), rng_state=self.rng_states)
-        if self.best is not None:
-            data["early_stopping"] = dict(best=self.best, stopped=self.stopped)
-        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainState:
         """The state of a checked checkpoint (`check_checkpoint`)."""
         loss_sum, correct, seen = data["running"]
         states = data["rng_state"]
-        stopping = data.get("early_stopping") or {}
         return cls(int(data["epoch"]), int(data["step"]), Running(float(loss_sum), int(correct), int(seen)),
                    float(data["epoch_seconds"]), list(data["history"]),
-                   states.unsqueeze(0) if states.dim() == 1 else states,  # one row before data-parallel runs
-                   stopping.get("best"), stopping.get("stopped"))
+                   states.unsqueeze(0) if states.dim() == 1 else states)  # one row before data-parallel runs
 
 
 # ------------------------------------------------------------------------------ the schema

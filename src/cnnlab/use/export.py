@@ -190,12 +190,6 @@ def run_onnx(file: Path, inputs: np.ndarray) -> np.ndarray:
     return session.run(None, {session.get_inputs()[0].name: inputs})[0]
 
 
-def onnx_metadata(file: str | Path) -> dict[str, str]:
-    """The metadata cnnlab stored in an ONNX file (classes, input_shape, recipe, ...)."""
-    ort = require("onnxruntime")
-    return dict(ort.InferenceSession(str(file), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map)
-
-
 # ------------------------------------------------------------------------------------ TorchScript
 def write_torchscript(model: nn.Module, inputs: torch.Tensor, file: Path, metadata: dict[str, str]) -> None:
     """Traced TorchScript; metadata.json travels inside the archive (torch.jit.load(_extra_files=...)).

@@ -1,5 +1,6 @@
 """The reliability diagram: each confidence bin's accuracy against the diagonal of honest probabilities,
-with how many test images fell in each bin below (`cnnlab show calibration`, the report)."""
+with how many test images fell in each bin below (`cnnlab show calibration`, the report). Drawing only: the
+numbers are computed in `training.calibration`, with the evaluation."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
