@@ -31,7 +31,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 @pytest.fixture(scope="module")
 def keyword_run(tmp_path_factory):
-    return cnnlab.train(model="seed", dataset="mnist-sample", epochs=1, dropout=0.4, threads=2,
+    return cnnlab.train(model="seed", dataset="mnist-sample", epochs=1, dropout=0.4, threads=1,
                         root=tmp_path_factory.mktemp("runs"), name="kw", progress=False)
 
 
@@ -84,7 +84,7 @@ def test_a_fake_kernel_gets_the_notebook_progress_updated_each_epoch(tmp_path, m
     assert callbacks.in_notebook()
     chosen = callbacks.progress_display(lambda history: len(history))
     assert isinstance(chosen, callbacks.NotebookProgress)
-    cnnlab.train(model="perceptron", dataset="mnist-sample", epochs=2, root=tmp_path, callbacks=[chosen],
+    cnnlab.train(model="perceptron", dataset="mnist-sample", epochs=2, threads=1, root=tmp_path, callbacks=[chosen],
                  progress=False)
     assert [obj for obj in shown if isinstance(obj, int)] == [1, 2]  # the curves, redrawn after each epoch
     assert "epoch 2/2" in shown[-2]["text/plain"]

@@ -8,20 +8,18 @@ import pytest
 import torch
 
 from cnnlab import pipeline
-from cnnlab.config import ConfigError, load_config
+from cnnlab.config import ConfigError
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.weights import load_model
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.engine import Trainer
-from conftest import StopAt
+from conftest import StopAt, tiny_config
 
-QUICK = ["epochs=6", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
-         "train.threads=1"]
 VAL_LOSSES = [1.0, 0.8, 0.9, 0.95, 0.7, 0.6]  # epoch 2 is best until epoch 5; patience 2 stops after epoch 4
 
 
 def quick(*overrides: str):
-    return load_config("seed", overrides=[*QUICK, *overrides])
+    return tiny_config("epochs=6", *overrides)
 
 
 @pytest.fixture

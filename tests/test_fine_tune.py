@@ -20,9 +20,8 @@ from cnnlab.runs.weights import load_model
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.engine import class_weights, epoch_order, sampling_weights
 from cnnlab.training.optim import parameter_groups
+from conftest import tiny_config, tiny_overrides
 from use_runs import tiny_run
-
-QUICK = ["epochs=1", "batch_size=64", "data.val_size=500", "train.threads=1"]
 
 
 class FirstWeights(Callback):
@@ -40,7 +39,7 @@ def fine_tune_config(source, *overrides: str):
     """What `--init-from` resolves to: the source run's config as the base."""
     base = load_model(source)[2].to_dict()
     base["train"]["init_from"] = str(source)
-    return load_config(None, overrides=[*QUICK, *overrides], base=base)
+    return load_config(None, overrides=tiny_overrides("epochs=1", *overrides, shrink_model=False), base=base)
 
 
 # ---------------------------------------------------------------------------------- --init-from
@@ -170,7 +169,7 @@ def test_fine_tuning_on_a_registered_dataset_of_the_same_kind_says_only_where_it
 
 # ---------------------------------------------------------------------------------- freezing, slower features
 def test_frozen_epochs_keep_the_kernels_and_train_the_head_and_batch_norm(tmp_path):
-    config = load_config("fast", overrides=[*QUICK, "epochs=2", "train.freeze_epochs=1"])
+    config = tiny_config("train.freeze_epochs=1", model="fast", shrink_model=False)
     seen = FirstWeights()
     pipeline.train(config, tmp_path, name="frozen", callbacks=[seen], progress=False)
     begin, after = seen.begin, seen.after_one
@@ -205,10 +204,10 @@ def test_balanced_class_weights_follow_the_n_over_classes_times_count_rule():
 
 
 def test_class_weights_change_the_loss_the_model_learns_from(tmp_path):
-    plain = pipeline.train(load_config("seed", overrides=[*QUICK, "first_layer_convs=4"]), tmp_path, name="a",
+    plain = pipeline.train(tiny_config("epochs=1", "first_layer_convs=4", shrink_model=False), tmp_path, name="a",
                            progress=False)
-    weighted = pipeline.train(load_config("seed", overrides=[*QUICK, "first_layer_convs=4",
-                                                            "train.class_weights=[1, 1, 1, 1, 1, 1, 1, 1, 1, 20]"]),
+    weighted = pipeline.train(tiny_config("epochs=1", "first_layer_convs=4",
+                                          "train.class_weights=[1, 1, 1, 1, 1, 1, 1, 1, 1, 20]", shrink_model=False),
                               tmp_path, name="b", progress=False)
     # class 9 counts twenty times: the network predicts it more often, its recall rises
     recall = {r.run.name: r.test.per_class[9]["recall"] for r in (plain, weighted)}
@@ -218,7 +217,7 @@ def test_class_weights_change_the_loss_the_model_learns_from(tmp_path):
 
 def test_a_wrong_number_of_class_weights_is_refused_before_a_run_exists(tmp_path):
     with pytest.raises(ConfigError, match="train.class_weights: expected 10 weights"):
-        pipeline.train(load_config("seed", overrides=[*QUICK, "train.class_weights=[1, 2]"]), tmp_path, name="x",
+        pipeline.train(tiny_config("epochs=1", "train.class_weights=[1, 2]", shrink_model=False), tmp_path, name="x",
                        progress=False)
     assert not (tmp_path / "x").exists()
 

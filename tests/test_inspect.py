@@ -21,9 +21,9 @@ from cnnlab.inspect.show import LoadedRun, choose_input, show_features, show_ker
 from cnnlab.runs import layout
 from cnnlab.training.evaluate import infer
 from cnnlab.use.recipes import prepare
+from conftest import tiny_train_args
 
 runner = CliRunner()
-TINY = ["--model", "seed", "--epochs", "1", "--set", "dense_layer_size=8", "--quiet"]
 
 
 def run(*args: str):
@@ -37,7 +37,8 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         for name, filters in (("a", 4), ("b", 6)):
-            result = run("train", *TINY, "--set", f"first_layer_convs={filters}", "--runs-dir", root, "--name", name)
+            result = run("train", *tiny_train_args("--epochs", "1", "--set", "dense_layer_size=8", "--set",
+                                                  f"first_layer_convs={filters}"), "--runs-dir", root, "--name", name)
             assert result.exit_code == 0, result.output
     return root
 

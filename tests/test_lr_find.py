@@ -16,13 +16,12 @@ from cnnlab.models.cnn import build_model
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.training.engine import TrainData
 from cnnlab.training.lr_find import FinderFailed, centred_average, find_lr, rule_for, suggest
-
-QUICK = ["batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32", "train.threads=1"]
+from conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
 def setup():
-    config = load_config("seed", overrides=QUICK)
+    config = tiny_config()
     data = load_data(config, progress=False)
     return config, TrainData(data.train, data.val), data
 
@@ -51,7 +50,7 @@ def test_every_call_gives_the_same_sweep_and_suggestion(setup):
 
 def test_a_diverging_loss_ends_the_sweep_and_leaves_no_bad_points(setup):
     config, data, _ = setup
-    sgd = load_config("seed", overrides=[*QUICK, "train.optimizer=sgd", "train.momentum=0.9"]).train
+    sgd = tiny_config("train.optimizer=sgd", "train.momentum=0.9").train
     finding = find_lr(fresh(config), data, sgd, steps=40, start=1e-4, end=1e8)
     assert finding.lrs[-1] < 1e8 and ("non-finite" in finding.ended or "exploded" in finding.ended)
     assert all(math.isfinite(x) for x in finding.losses)
@@ -91,12 +90,12 @@ def test_the_centred_average_has_no_lag():
 
 
 def test_lr_auto_trains_at_the_suggestion_exactly_as_if_it_had_been_given(tmp_path):
-    auto = pipeline.train(load_config("seed", overrides=[*QUICK, "epochs=1", "train.lr=auto"]), tmp_path,
+    auto = pipeline.train(tiny_config("epochs=1", "train.lr=auto"), tmp_path,
                           name="auto", progress=False)
     found = json.loads((auto.run / "lr_find.json").read_text())
     lr = yaml.safe_load((auto.run / "config.yaml").read_text())["train"]["lr"]
     assert lr == float(f"{found['suggestion']:.2g}") and (auto.run / "lr_find.png").stat().st_size > 5000
-    given = pipeline.train(load_config("seed", overrides=[*QUICK, "epochs=1", f"train.lr={lr}"]), tmp_path,
+    given = pipeline.train(tiny_config("epochs=1", f"train.lr={lr}"), tmp_path,
                            name="given", progress=False)
     a, b = load_checkpoint(auto.run)[0]["model"], load_checkpoint(given.run)[0]["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # the sweep left no trace: same weights, same draws

@@ -33,8 +33,7 @@ from cnnlab.inspect.activations import learned_kernel
 from cnnlab.runs import layout, records
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.weights import load_model
-
-TINY = ["epochs=1", "batch_size=64", "data.val_size=500", "model.conv.0.filters=4", "dense_layer_size=16"]
+from conftest import tiny_config
 
 
 class Touch:
@@ -64,7 +63,8 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 def trained(tmp_path_factory) -> Path:
     """One tiny one-epoch run (a single checkpoint, no previous one to fall back to)."""
     root = tmp_path_factory.mktemp("trained")
-    return pipeline.train(load_config("seed", overrides=TINY), root, name="good", progress=False).run
+    config = tiny_config("epochs=1", "model.conv.0.filters=4", "dense_layer_size=16")
+    return pipeline.train(config, root, name="good", progress=False).run
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from use_runs import TINY, tiny_run
+from conftest import tiny_train_args
+from use_runs import tiny_run
 
 runner = CliRunner()
 IMAGES = Path(__file__).resolve().parents[1] / "docs" / "img"
@@ -98,7 +99,8 @@ def test_written_files_get_the_mode_a_plain_open_would_give(tmp_path, umask_022)
 
 def test_a_run_directory_is_readable_by_others_under_the_usual_umask(tmp_path, umask_022):
     """Every file of a run, the safetensors ones too (their writer replaces the file it is handed)."""
-    result = runner.invoke(app, ["train", *TINY, "--epochs", "1", "--runs-dir", str(tmp_path), "--name", "r"])
+    result = runner.invoke(app, ["train", *tiny_train_args("--epochs", "1"), "--runs-dir", str(tmp_path),
+                                 "--name", "r"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "r"
     modes = {p.name: p.stat().st_mode & 0o777 for p in run.iterdir() if p.is_file() and p.name != ".lock"}
@@ -157,7 +159,7 @@ def strict_json(text: str):
 def test_an_epoch_without_validation_is_null_in_every_json_and_read_back_as_missing(tmp_path):
     """`train.val_every: 2` leaves epoch 1 unvalidated: its val_loss was a bare NaN in metrics.jsonl."""
     runner = CliRunner()
-    done = runner.invoke(app, ["train", "--dataset", "mnist-sample", *TINY, "--set", "train.val_every=2",
+    done = runner.invoke(app, ["train", "--dataset", "mnist-sample", *tiny_train_args(), "--set", "train.val_every=2",
                                "--runs-dir", str(tmp_path), "--name", "gaps"])
     assert done.exit_code == 0, done.output
     run = tmp_path / "gaps"

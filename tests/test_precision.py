@@ -9,18 +9,15 @@ import torch
 from torch import nn
 
 from cnnlab import pipeline
-from cnnlab.config import ConfigError, load_config
+from cnnlab.config import ConfigError
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.weights import load_model
 from cnnlab.training import precision
-from conftest import StopAt, whole_and_resumed
-
-QUICK = ["epochs=1", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
-         "train.threads=1"]
+from conftest import StopAt, tiny_config, whole_and_resumed
 
 
 def quick(*overrides: str):
-    return load_config("seed", overrides=[*QUICK, *overrides])
+    return tiny_config("epochs=1", *overrides)
 
 
 class ConvOutputs:

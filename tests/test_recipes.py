@@ -13,14 +13,11 @@ from cnnlab.training.augment import augment, random_erase
 from cnnlab.training.evaluate import shifted, views
 from cnnlab.training.lookahead import EVERY, PEAK_DECAY, Lookahead, decay_at
 from cnnlab.training.optim import make_optimizer, make_scheduler
-from conftest import StopAt, whole_and_resumed
-
-QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
-         "train.threads=1"]
+from conftest import StopAt, tiny_config, whole_and_resumed
 
 
 def quick(*overrides: str):
-    return load_config("seed", overrides=[*QUICK, *overrides])
+    return tiny_config(*overrides)
 
 
 # ---------------------------------------------------------------------------------- random erasing
@@ -182,7 +179,8 @@ def test_every_recipe_key_trains_on_a_shipped_sample(tmp_path, override):
 
 
 def test_faster_batch_norm_biases_train_a_batch_norm_network_on_a_shipped_sample(tmp_path):
-    config = load_config("deep", overrides=[*QUICK, "epochs=1", "train.norm_bias_lr_scale=8"])
+    config = tiny_config("epochs=1", "model.conv.0.filters=8", "dense_layer_size=32", "train.norm_bias_lr_scale=8",
+                         model="deep", shrink_model=False)
     result = pipeline.train(config, tmp_path, name="r", progress=False)
     assert result.test is not None and torch.isfinite(torch.tensor(result.history[-1]["train_loss"]))
     checkpoint, _ = load_checkpoint(result.run)
