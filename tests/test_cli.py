@@ -10,6 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
+from use_runs import tiny_run
 
 runner = CliRunner()
 
@@ -61,7 +62,7 @@ def test_datasets_list_where_verify():
 
 
 def test_train_then_evaluate(tmp_path):
-    result = run("train", "--dataset", "fashion-mnist-sample", "--model", "seed", "--epochs", "1",
+    result = run("train", "--dataset", "fashion-mnist-sample", "--model", "seed", "--epochs", "1", "--threads", "1",
                  "--set", "dropout=0.4", "--set", "first_layer_convs=8", "--runs-dir", str(tmp_path), "--name", "f")
     assert result.exit_code == 0, result.output
     assert "test accuracy" in result.output and f"results in {tmp_path / 'f'}" in result.output
@@ -100,14 +101,13 @@ def test_convolve_with_a_kernel_the_model_learned(tmp_path):
     import numpy as np
     from PIL import Image
 
-    run("train", "--model", "seed", "--epochs", "1", "--set", "first_layer_convs=4", "--set", "dense_layer_size=8",
-        "--runs-dir", str(tmp_path), "--name", "r", "--quiet")
+    trained = tiny_run()  # the shared tiny run: this test only reads its kernels
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 20), dtype=np.uint8)).save(tmp_path / "in.png")
-    result = run("convolve", str(tmp_path / "in.png"), "--kernel", f"{tmp_path / 'r'}:conv1:3",
+    result = run("convolve", str(tmp_path / "in.png"), "--kernel", f"{trained}:conv1:3",
                  "--out", str(tmp_path / "out.png"))
     assert result.exit_code == 0, result.output
     assert "kernel 3 x 3" in result.output and Image.open(tmp_path / "out.png").size == (18, 18)
-    bad = runner.invoke(app, ["convolve", str(tmp_path / "in.png"), "--kernel", f"{tmp_path / 'r'}:conv9:0",
+    bad = runner.invoke(app, ["convolve", str(tmp_path / "in.png"), "--kernel", f"{trained}:conv9:0",
                               "--out", str(tmp_path / "x.png")])
     flat = " ".join(bad.output.replace("│", " ").split())  # rich wraps the message in a box
     assert bad.exit_code == 2 and "no conv layer 'conv9'; did you mean 'conv1'? (this model has: conv1)" in flat

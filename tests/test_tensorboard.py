@@ -22,7 +22,8 @@ from cnnlab.trackers.tensorboard import HPARAM_METRICS, TAGS, TensorBoardTracker
 from cnnlab.training.engine import TrainingInterrupted
 from conftest import StopAt, tiny_config, tiny_train_args
 
-TINY = ["train", *tiny_train_args()]
+TINY_SET = ["first_layer_convs=4", "dense_layer_size=8"]  # the 4 filters the logged hyperparameters are checked for
+TINY = ["train", *tiny_train_args("--set", TINY_SET[0], "--set", TINY_SET[1])]
 
 
 def events(log_dir: Path):
@@ -106,7 +107,7 @@ def test_epochs_not_validated_log_no_validation_points(tmp_path):
 @pytest.mark.parametrize("logged_before", [True, False], ids=["logged-before", "first-logged-on-resume"])
 def test_resume_appends_and_continues_by_epoch(tmp_path, logged_before):
     """Stopped in epoch 2 of 3, resumed from the command line: every epoch once, at its own step."""
-    config = tiny_config("epochs=3")
+    config = tiny_config(*TINY_SET, "epochs=3")
     first = [StopAt(2, 5), *([TensorBoardTracker(config)] if logged_before else [])]
     with pytest.raises(TrainingInterrupted):
         pipeline.train(config, tmp_path, name="cut", callbacks=first, progress=False)

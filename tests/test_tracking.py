@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from cnnlab.cli import app
 from conftest import tiny_train_args
 
-TINY = ["train", *tiny_train_args()]
+# 4 filters and 8 dense units: the 5,546 parameters the summary is checked against
+TINY = ["train", *tiny_train_args("--set", "first_layer_convs=4", "--set", "dense_layer_size=8")]
 
 
 def wandb_records(file: Path) -> list:
