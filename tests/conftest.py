@@ -24,10 +24,11 @@ from cnnlab.runs import layout
 from cnnlab.training.callbacks import Callback
 
 # The suite's one tiny training: the seed network cut to 8 first-layer filters and 32 dense units, 2 epochs of
-# batches of 64 on the shipped MNIST sample (4,000 digits, 500 of them kept for validation): ~85% test accuracy in
-# a few seconds. One thread: under load from other processes torch's pool of one thread per core spins, and the
-# same training takes 30 s instead of 2. A test changes what it is about with `extra` overrides ("epochs=1").
-TINY_TRAINING = {"epochs": 2, "batch_size": 64, "train.threads": 1, "data.val_size": 500}
+# batches of 64 on the shipped MNIST sample (4,000 digits, the sample's 500 of them kept for validation): ~85% test
+# accuracy in a few seconds. One thread: under load from other processes torch's pool of one thread per core spins,
+# and the same training takes 30 s instead of 2. A test changes what it is about with `extra` overrides ("epochs=1").
+# No data settings: a run fine-tuned from the shared tiny run on an image folder inherits them.
+TINY_TRAINING = {"epochs": 2, "batch_size": 64, "train.threads": 1}
 TINY_MODEL = {"first_layer_convs": 8, "dense_layer_size": 32}  # the seed family's knobs: a test may set them again
 # Settings `cnnlab train` has a flag for: a test that passes the flag (`--epochs 1`) overrides the tiny value, which
 # a `--set` would not (--set is applied after the flags).

@@ -246,7 +246,7 @@ def test_a_signal_after_the_last_step_lets_the_run_finish_its_test_and_files(tmp
     run = tmp_path / "runs" / "late"
     done = subprocess.run([sys.executable, "-c", SIGNAL_IN_THE_TEST_PASS, name, "train", "--set", "epochs=1",
                            "--set", "model.conv.0.filters=4", "--set", "dense_layer_size=16",
-                           "--runs-dir", str(tmp_path / "runs"), "--name", "late", "-q"],
+                           "--set", "train.threads=1", "--runs-dir", str(tmp_path / "runs"), "--name", "late", "-q"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 130, done.stderr  # the stop still reaches the caller (a shell loop, a scheduler)
     assert "test accuracy" in done.stdout

@@ -63,7 +63,7 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 def trained(tmp_path_factory) -> Path:
     """One tiny one-epoch run (a single checkpoint, no previous one to fall back to)."""
     root = tmp_path_factory.mktemp("trained")
-    config = tiny_config("epochs=1", "model.conv.0.filters=4", "dense_layer_size=16")
+    config = tiny_config("epochs=1", "first_layer_convs=4", "dense_layer_size=16")
     return pipeline.train(config, root, name="good", progress=False).run
 
 

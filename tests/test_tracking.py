@@ -113,7 +113,6 @@ def test_without_the_flag_wandb_is_never_imported(tmp_path):
 import sys
 from typer.testing import CliRunner
 from cnnlab.cli import app
-from conftest import tiny_train_args
 result = CliRunner().invoke(app, {[*TINY, "--epochs", "1", "--runs-dir", str(tmp_path), "--name", "n"]!r})
 assert result.exit_code == 0, result.output
 print("wandb loaded:", "wandb" in sys.modules)
