@@ -1,9 +1,12 @@
 import subprocess
 import sys
 
+import pytest
+
 import cnnlab
 
 
+@pytest.mark.unit
 def test_public_api_names_resolve():
     for name in cnnlab.__all__:
         assert getattr(cnnlab, name) is not None
@@ -25,7 +28,6 @@ def test_python_api_trains_and_reloads(tmp_path):
 # ------------------------------------------------------------------------------ the notebook form
 import types  # noqa: E402
 
-import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
@@ -59,6 +61,7 @@ def test_a_reopened_run_evaluates_as_its_test_did(keyword_run):
     assert again.test is None and again.evaluate().accuracy == pytest.approx(keyword_run.test.accuracy)
 
 
+@pytest.mark.unit
 def test_an_unknown_keyword_is_named_with_a_suggestion(tmp_path):
     with pytest.raises(cnnlab.UserError, match="'dropuot'; did you mean 'dropout'") as caught:
         cnnlab.train(model="seed", dataset="mnist-sample", dropuot=0.4, root=tmp_path)

@@ -19,23 +19,27 @@ def run(*args: str):
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
+@pytest.mark.unit
 def test_summary_prints_the_lessons_table():
     result = run("summary", "--model", "seed")
     assert result.exit_code == 0
     assert "(26, 26, 32)" in result.output and "Total params: 693,962" in result.output
 
 
+@pytest.mark.unit
 def test_summary_explain_and_overrides():
     result = run("summary", "--model", "seed", "--set", "first_layer_convs=16", "--explain")
     assert result.exit_code == 0
     assert "(3·3·1+1)·16 = 160" in result.output and "(26, 26, 16)" in result.output
 
 
+@pytest.mark.unit
 def test_presets_lists_and_prints_yaml():
     assert "seed-dropout" in run("presets").output
     assert "first_layer_conv_width" in run("presets", "seed").output
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("args, message", [
     (["summary", "--set", "dropotu=0.4"], "unknown config key 'dropotu'; did you mean 'dropout'"),
     (["summary", "--model", "sed"], "unknown model preset 'sed'"),
@@ -53,6 +57,7 @@ def test_errors_are_one_clear_line_with_status_2(args, message):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.unit
 def test_datasets_list_where_verify():
     listing = run("datasets", "list")
     assert "fashion-mnist-sample" in listing.output and "package" in listing.output
@@ -79,11 +84,13 @@ def test_python_m_cnnlab_runs():
     assert "seed" in out.stdout
 
 
+@pytest.mark.unit
 def test_resume_refuses_options_that_would_change_the_run(tmp_path):
     result = runner.invoke(app, ["train", "--resume", str(tmp_path), "--epochs", "3"])
     assert result.exit_code == 2 and "drop --epochs" in result.output
 
 
+@pytest.mark.unit
 def test_data_dir_pointing_at_the_files_themselves_gets_a_hint(tmp_path):
     import shutil
 
@@ -113,6 +120,7 @@ def test_convolve_with_a_kernel_the_model_learned(tmp_path):
     assert bad.exit_code == 2 and "no conv layer 'conv9'; did you mean 'conv1'? (this model has: conv1)" in flat
 
 
+@pytest.mark.unit
 def test_help_texts_keep_their_brackets_and_placeholders():
     """Rich markup once swallowed '[wandb]' from "pip install 'cnnlab[wandb]'"."""
     train, export = (help_text(command) for command in ("train", "export"))
@@ -120,6 +128,7 @@ def test_help_texts_keep_their_brackets_and_placeholders():
     assert "onnx (needs cnnlab[export])" in export and "<run>/model.onnx" in export
 
 
+@pytest.mark.unit
 def test_help_groups_the_commands_by_what_a_user_is_doing():
     text = help_text()
     panels = [text.index(title) for title in ("Learn", "Train", "Look inside", "Use a trained run", "Scale out")]

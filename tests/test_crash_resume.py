@@ -194,6 +194,7 @@ def test_a_signal_to_the_whole_process_group_stops_a_folder_run_as_documented(si
     assert f"Continue with: cnnlab train --resume {Path('runs/group')}" in stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.unit
 def test_every_dataloader_in_cnnlab_is_the_one_whose_workers_ignore_stop_signals():
     """The rule behind the test above: no other DataLoader can start workers that die of a group's signal."""
     source = Path(__file__).resolve().parents[1] / "src" / "cnnlab"

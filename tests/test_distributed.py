@@ -108,6 +108,7 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+@pytest.mark.unit
 def test_nproc_refuses_an_existing_run_name_before_launching(tmp_path):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     result = CliRunner().invoke(app, ["train", "--nproc", "2", "--runs-dir", str(tmp_path / "runs"), "--name", "taken"])
@@ -115,6 +116,7 @@ def test_nproc_refuses_an_existing_run_name_before_launching(tmp_path):
 
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n, batch, steps", [(100, 32, 4), (97, 32, 4), (96, 32, 3), (1, 32, 1)])
 def test_steps_per_epoch_do_not_depend_on_the_number_of_processes(n, batch, steps):
     # A rank whose slice of the short last batch is empty still takes the step (zero loss, zero
@@ -122,6 +124,7 @@ def test_steps_per_epoch_do_not_depend_on_the_number_of_processes(n, batch, step
     assert steps_in_epoch(n, batch) == steps
 
 
+@pytest.mark.unit
 def test_devices():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,6 +135,7 @@ def test_devices():
         load_config("seed", None, ["train.device=gpu"])
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
 def test_train_on_cuda_without_a_gpu_says_so(tmp_path):
     result = CliRunner().invoke(app, ["train", "--device", "cuda", "--runs-dir", str(tmp_path / "runs")])

@@ -94,6 +94,7 @@ def test_an_early_stopped_run_resumes_bitwise_equal(tmp_path, scripted_validatio
     assert all(torch.equal(saved[k], kept[k]) for k in saved)
 
 
+@pytest.mark.unit
 def test_early_stopping_without_a_validation_split_is_refused_before_a_run_exists(tmp_path):
     with pytest.raises(ConfigError, match="train.early_stopping.*validation split"):
         pipeline.train(quick("data.val_size=0", "train.early_stopping.patience=2"), tmp_path, name="x",
@@ -101,6 +102,7 @@ def test_early_stopping_without_a_validation_split_is_refused_before_a_run_exist
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("override, message", [
     ("train.early_stopping.metric=val_acc", "train.early_stopping.metric"),
     ("train.early_stopping.patience=-1", "train.early_stopping.patience"),

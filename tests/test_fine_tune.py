@@ -65,6 +65,7 @@ def test_the_same_classes_keep_the_whole_head(tmp_path):
     assert record["head"] == "copied" and all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
 
 
+@pytest.mark.unit
 def test_a_grey_kernel_adapted_to_colour_gives_the_same_output_on_a_grey_picture():
     torch.manual_seed(0)
     grey_kernel, grey = torch.randn(4, 1, 3, 3), torch.rand(2, 1, 8, 8)
@@ -180,6 +181,7 @@ def test_frozen_epochs_keep_the_kernels_and_train_the_head_and_batch_norm(tmp_pa
     assert not torch.equal(begin["features.conv1.weight"], final["features.conv1.weight"])  # epoch 2 trains them
 
 
+@pytest.mark.unit
 def test_the_features_can_learn_at_a_multiple_of_the_learning_rate():
     config = load_config("fast", overrides=["train.features_lr_scale=0.1"])
     model = build_model(config.model)
@@ -193,6 +195,7 @@ def test_the_features_can_learn_at_a_multiple_of_the_learning_rate():
 LABELS = torch.tensor([0] * 80 + [1] * 15 + [2] * 5)
 
 
+@pytest.mark.unit
 def test_balanced_class_weights_follow_the_n_over_classes_times_count_rule():
     config = load_config("seed", overrides=["train.class_weights=balanced"]).train
     weights = class_weights(config, LABELS, 3)
@@ -215,6 +218,7 @@ def test_class_weights_change_the_loss_the_model_learns_from(tmp_path):
     assert predicted_nine["b"] > predicted_nine["a"] and recall["b"] >= recall["a"]
 
 
+@pytest.mark.unit
 def test_a_wrong_number_of_class_weights_is_refused_before_a_run_exists(tmp_path):
     with pytest.raises(ConfigError, match="train.class_weights: expected 10 weights"):
         pipeline.train(tiny_config("epochs=1", "train.class_weights=[1, 2]", shrink_model=False), tmp_path, name="x",
@@ -222,6 +226,7 @@ def test_a_wrong_number_of_class_weights_is_refused_before_a_run_exists(tmp_path
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.unit
 def test_balanced_sampling_draws_every_class_about_as_often():
     config = load_config("seed", overrides=["train.sampling=balanced"]).train
     order = epoch_order(len(LABELS), 0, 0, sampling_weights(config, LABELS, 3))
@@ -230,6 +235,7 @@ def test_balanced_sampling_draws_every_class_about_as_often():
     assert torch.equal(order, epoch_order(len(LABELS), 0, 0, sampling_weights(config, LABELS, 3)))
 
 
+@pytest.mark.unit
 def test_the_per_class_table_flags_classes_with_far_fewer_examples():
     from cnnlab.cli.training import few_examples, format_evaluation
     from cnnlab.training.evaluate import Evaluation

@@ -96,6 +96,7 @@ def test_show_and_predict_work_on_a_folder_run(tmp_path):
         assert Image.open(out).mode in ("RGB", "RGBA")
 
 
+@pytest.mark.unit
 def test_a_folder_that_is_not_one_says_what_is_expected(tmp_path):
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")

@@ -30,6 +30,7 @@ def fresh(config):
     return build_model(config.model, (28, 28, 1), 10, seed=config.train.seed)
 
 
+@pytest.mark.unit
 def test_the_model_and_the_global_random_state_are_left_exactly_as_they_were(setup):
     config, data, _ = setup
     model = fresh(config)
@@ -42,12 +43,14 @@ def test_the_model_and_the_global_random_state_are_left_exactly_as_they_were(set
     assert torch.equal(rng, torch.get_rng_state())
 
 
+@pytest.mark.unit
 def test_every_call_gives_the_same_sweep_and_suggestion(setup):
     config, data, _ = setup
     a, b = (find_lr(fresh(config), data, config.train, steps=30) for _ in range(2))
     assert a.losses == b.losses and a.suggestion == b.suggestion
 
 
+@pytest.mark.unit
 def test_a_diverging_loss_ends_the_sweep_and_leaves_no_bad_points(setup):
     config, data, _ = setup
     sgd = tiny_config("train.optimizer=sgd", "train.momentum=0.9").train
@@ -57,6 +60,7 @@ def test_a_diverging_loss_ends_the_sweep_and_leaves_no_bad_points(setup):
     assert finding.suggestion < finding.lrs[-1]
 
 
+@pytest.mark.unit
 def test_steepest_reads_the_fastest_fall_before_the_lowest_point():
     lrs = [10 ** (-6 + i * 0.25) for i in range(25)]  # 1e-6 .. 1
     # flat, a fall that is fastest around point 10 (from 1.7 to 0.7 between its neighbours), the lowest at 16
@@ -69,12 +73,14 @@ def test_steepest_reads_the_fastest_fall_before_the_lowest_point():
     assert lr == lrs[16] and "one-cycle" in why
 
 
+@pytest.mark.unit
 def test_auto_picks_the_peak_for_one_cycle_and_the_steepest_fall_otherwise():
     assert rule_for(load_config("fast").train) == "peak"  # fast trains one-cycle
     assert rule_for(load_config("seed").train) == "steepest"
     assert rule_for(load_config("fast").train, "minimum") == "minimum"
 
 
+@pytest.mark.unit
 def test_a_loss_that_never_falls_has_no_suggestion():
     lrs = [10 ** (-6 + i * 0.5) for i in range(12)]
     with pytest.raises(FinderFailed, match="never fell"):
@@ -83,6 +89,7 @@ def test_a_loss_that_never_falls_has_no_suggestion():
         suggest(lrs[:3], [1.0, 5.0, 50.0], "steepest")
 
 
+@pytest.mark.unit
 def test_the_centred_average_has_no_lag():
     assert centred_average([0, 0, 0, 7, 0, 0, 0], window=7)[3] == 1.0
     step = centred_average([1.0] * 10 + [0.0] * 10, window=3)
@@ -109,6 +116,7 @@ def test_one_cycle_takes_the_suggestion_as_its_peak(tmp_path):
     assert lr == float(f"{result.lr_finding.suggestion:.2g}") and peaks == [lr]
 
 
+@pytest.mark.unit
 def test_bad_rules_and_ranges_are_refused(setup):
     config, data, _ = setup
     with pytest.raises(FinderFailed, match="rule"):

@@ -125,6 +125,7 @@ def test_label_issues_find_the_planted_label_and_the_copy_across_splits(folder_r
     assert "test: test/green/copy.png (green) = train: train/green/3.png (green)" in text.output
 
 
+@pytest.mark.unit
 def test_confident_learning_against_a_hand_worked_example():
     probabilities = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
     labels = np.array([0, 0, 1, 1, 0])

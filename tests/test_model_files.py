@@ -83,6 +83,7 @@ def picture(tmp_path) -> Path:
     return file
 
 
+@pytest.mark.unit
 def test_the_bait_works(tmp_path):
     """The payloads do run code when unpickled the unsafe way: so their silence below means something."""
     marker = tmp_path / "MARKER"
@@ -390,6 +391,7 @@ def test_python_tags_in_config_yaml_never_run(copy_run, tmp_path, text):
     assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_a_pickle_as_config_file_is_a_config_error(tmp_path):
     file = tmp_path / "config.pt"
     file.write_bytes(payloads(tmp_path / "MARKER")["torch.save"])
@@ -476,6 +478,7 @@ def test_resume_of_a_checkpoint_that_does_not_fit_is_one_line(copy_run):
     assert code == 2 and "Traceback" not in output and "checkpoint.safetensors" in output
 
 
+@pytest.mark.unit
 def test_a_valid_file_whose_header_length_starts_like_a_pickle_still_loads(tmp_path):
     """A safetensors file starts with its header length: one in 256 begins with byte 0x80, as pickles do."""
     from safetensors.torch import save_file

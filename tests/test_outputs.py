@@ -85,6 +85,7 @@ def umask_022():
     os.umask(previous)
 
 
+@pytest.mark.unit
 def test_written_files_get_the_mode_a_plain_open_would_give(tmp_path, umask_022):
     from cnnlab.files import write_text
 
@@ -188,6 +189,7 @@ JSON_WRITERS_ALLOWED = {  # json.dumps outside cnnlab.text: internal formats rea
 }
 
 
+@pytest.mark.unit
 def test_every_json_for_other_programs_goes_through_one_strict_writer():
     """The rule behind the test above: cnnlab.text.to_json (non-finite floats as null, allow_nan=False)."""
     source = Path(__file__).resolve().parents[1] / "src" / "cnnlab"
@@ -204,6 +206,7 @@ def test_every_json_for_other_programs_goes_through_one_strict_writer():
 COMMAND_IN_TEXT = re.compile(r"cnnlab(?: [-\w]+)+ $")
 
 
+@pytest.mark.unit
 def test_every_printed_command_is_quoted_for_the_shell():
     """An f-string that puts a value right after `cnnlab <command> ...` prints an unquoted argument: a run named
     `my run` pasted back became two. The rule: cnnlab.text.command, which quotes each word."""

@@ -172,6 +172,7 @@ def test_a_disk_full_before_the_first_checkpoint_does_not_promise_a_resume(tmp_p
 
 
 # ---------------------------------------------------------------- run names
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["../escaped", "/tmp/absolute", "a/b", ".hidden", "..", " "])
 def test_names_that_leave_the_runs_folder_are_refused(tmp_path, name):
     result = runner.invoke(app, ["train", *SHORT, "--runs-dir", str(tmp_path / "runs"), "--name", name])

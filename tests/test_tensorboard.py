@@ -125,6 +125,7 @@ def test_resume_appends_and_continues_by_epoch(tmp_path, logged_before):
     assert len(logged.Tensors("config/text_summary")) == 1  # the config is logged once, not per session
 
 
+@pytest.mark.unit
 def test_only_the_main_process_gets_trackers():
     """Under data-parallel training the other ranks log nothing (and print nothing)."""
     config = load_config("seed")
@@ -164,6 +165,7 @@ print("loaded:", sorted(m for m in sys.modules if m.startswith(("tensorboard", "
     assert (tmp_path / "n" / "test.json").is_file() and not (tmp_path / "n" / "tensorboard").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("extra", [[], ["--nproc", "2"], ["--tensorboard-dir", "logs"]])
 def test_without_the_package_one_line_says_how_to_install_it_before_any_run_exists(tmp_path, monkeypatch, extra):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: find_spec and import fail

@@ -102,6 +102,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
         pipeline.train(config, tmp_path, name="nan", progress=False)
 
 
+@pytest.mark.unit
 def test_bad_input_leaves_no_run_directory(tmp_path):
     config = tiny_config("data.dataset=mnist")  # not available offline in the test sandbox
     with pytest.raises(DatasetUnavailable):
@@ -109,6 +110,7 @@ def test_bad_input_leaves_no_run_directory(tmp_path):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.unit
 def test_run_names_never_collide(tmp_path):
     config = tiny_config()
     first, second = layout.new_run(config, tmp_path, None), layout.new_run(config, tmp_path, None)
