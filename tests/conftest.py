@@ -60,38 +60,33 @@ def tiny_train_args(*extra: str, shrink_model: bool = True) -> list[str]:
 
 
 _trained_root: Path | None = None
-_trained: dict[str, RunResult] = {}
+_trained: dict[tuple[str, ...], RunResult] = {}
 
 
-def tiny_trained(dataset: str = "mnist-sample") -> RunResult:
-    """The tiny training on a shipped sample, trained once per test process and shared by every test that only
-    reads the run (show, report, evaluate, predict, serve, explore...). A test that writes into a run copies it
-    first: the `tiny_run_copy` fixture."""
+def tiny_trained(dataset: str = "mnist-sample", *extra: str) -> RunResult:
+    """The tiny training (with `extra` overrides) on a shipped sample, trained once per test process and shared
+    by every test that only reads the run (show, report, evaluate, predict, serve, explore...). A test that
+    writes into a run copies it first (shutil.copytree into its tmp_path)."""
     global _trained_root
-    if dataset not in _trained:
+    key = (dataset, *extra)
+    if key not in _trained:
         if _trained_root is None:
             _trained_root = Path(tempfile.mkdtemp(prefix="cnnlab-tiny-runs-"))
             atexit.register(shutil.rmtree, _trained_root, ignore_errors=True)
         threads = torch.get_num_threads()
         with pytest.MonkeyPatch.context() as patch:  # its dataset cache outlives the test that trained it
             patch.setenv("XDG_CACHE_HOME", str(_trained_root / "cache"))
-            config = tiny_config(data={"dataset": dataset})
-            _trained[dataset] = pipeline.train(config, _trained_root, name=dataset.removesuffix("-sample"),
-                                               progress=False)
+            config = tiny_config(*extra, data={"dataset": dataset})
+            name = "-".join([dataset.removesuffix("-sample"), *extra]).replace("=", "-")
+            _trained[key] = pipeline.train(config, _trained_root, name=name, progress=False)
         torch.set_num_threads(threads)  # train.threads sets it for the whole process; later tests get theirs back
-    return _trained[dataset]
+    return _trained[key]
 
 
 @pytest.fixture(scope="session")
 def tiny_result() -> RunResult:
     """The shared tiny run on the MNIST sample, as `pipeline.train` returned it (read only)."""
     return tiny_trained()
-
-
-@pytest.fixture
-def tiny_run_copy(tmp_path) -> Path:
-    """A copy of the shared tiny MNIST run in this test's folder, for a test that writes into its run."""
-    return Path(shutil.copytree(tiny_trained().run, tmp_path / "tiny"))
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:

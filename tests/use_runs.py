@@ -13,10 +13,13 @@ from pathlib import Path
 import cnnlab.cli.use  # noqa: F401  (registers predict/export/serve until cli/__init__ imports it)
 from conftest import tiny_trained
 
+# 4 filters, batches of 32: the serve and browser tests count conv1's four feature maps
+USE_RUN = ("first_layer_convs=4", "batch_size=32")
+
 
 def tiny_run(dataset: str = "mnist-sample") -> Path:
     """The shared tiny run on a shipped sample (conftest.tiny_trained), trained once per test process."""
-    return tiny_trained(dataset).run
+    return tiny_trained(dataset, *USE_RUN).run
 
 
 @contextmanager
