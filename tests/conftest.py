@@ -77,8 +77,9 @@ def tiny_trained(dataset: str = "mnist-sample", *extra: str) -> RunResult:
         with pytest.MonkeyPatch.context() as patch:  # its dataset cache outlives the test that trained it
             patch.setenv("XDG_CACHE_HOME", str(_trained_root / "cache"))
             config = tiny_config(*extra, data={"dataset": dataset})
-            name = "-".join([dataset.removesuffix("-sample"), *extra]).replace("=", "-")
-            _trained[key] = pipeline.train(config, _trained_root, name=name, progress=False)
+            # named after its dataset ("mnist", what the web app lists), in a folder of its own per key
+            root = _trained_root / f"runs-{len(_trained)}"
+            _trained[key] = pipeline.train(config, root, name=dataset.removesuffix("-sample"), progress=False)
         torch.set_num_threads(threads)  # train.threads sets it for the whole process; later tests get theirs back
     return _trained[key]
 
