@@ -33,7 +33,7 @@ from cnnlab.inspect.activations import learned_kernel
 from cnnlab.runs import layout, records
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.weights import load_model
-from conftest import tiny_config
+from conftest import tiny_config, weights
 
 
 class Touch:
@@ -170,7 +170,7 @@ def test_no_command_unpickles_a_planted_model(copy_run, trained, picture, tmp_pa
     code, output = invoke(["train", "--resume", str(run), "-q"])
     assert code == 0 and not marker.exists()
     assert "model.safetensors was" in output and "rewritten from the checkpoint" in output
-    repaired, original = (load_file(str(r / "model.safetensors")) for r in (run, trained))
+    repaired, original = weights(run), weights(trained)
     assert repaired.keys() == original.keys() and all(torch.equal(repaired[k], original[k]) for k in original)
 
 

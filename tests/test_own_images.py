@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cnnlab import pipeline
@@ -18,18 +16,16 @@ from cnnlab.cli import app
 from cnnlab.config import load_config
 from cnnlab.images import fitted
 from cnnlab.training.augment import random_colour, random_zoom
+from conftest import tiny_train_args, weights
 from test_folder_training import with_bad_files, write_colour_folder
 
-QUICK = ["--model", "seed", "--epochs", "1", "--quiet", "--set", "data.image_size=12", "--set", "data.workers=0",
-         "--set", "batch_size=16", "--set", "train.threads=1"]
+# the tiny training's options for a 12x12 folder read in the main process: one epoch of batches of 16
+QUICK = tiny_train_args("--epochs", "1", "--set", "data.image_size=12", "--set", "data.workers=0", "--set",
+                        "batch_size=16", shrink_model=False)
 
 
 def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "model.safetensors")
 
 
 # ------------------------------------------------------------------------------------------- held in memory
