@@ -1,16 +1,104 @@
-"""Shared fixtures: an isolated cache and system folder, and a tiny dataset written in the test."""
+"""Shared fixtures and helpers: an isolated cache and system folder, a tiny dataset written in the test, the
+suite's one tiny training config, and a run's weights."""
 from __future__ import annotations
 
+import atexit
 import gzip
 import hashlib
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
+from cnnlab import pipeline
+from cnnlab.config import Config, load_config
 from cnnlab.data import store
 from cnnlab.data.idx import encode_idx, write_idx
 from cnnlab.data.registry import DatasetSpec, _idx_files
+from cnnlab.pipeline import RunResult
+from cnnlab.runs import layout
 from cnnlab.training.callbacks import Callback
+
+# The suite's one tiny training: the seed network cut to 8 first-layer filters and 32 dense units, 2 epochs of
+# batches of 64 on the shipped MNIST sample (4,000 digits, the sample's 500 of them kept for validation): ~85% test
+# accuracy in a few seconds. One thread: under load from other processes torch's pool of one thread per core spins,
+# and the same training takes 30 s instead of 2. A test changes what it is about with `extra` overrides ("epochs=1").
+# No data settings: a run fine-tuned from the shared tiny run on an image folder inherits them.
+TINY_TRAINING = {"epochs": 2, "batch_size": 64, "train.threads": 1}
+TINY_MODEL = {"first_layer_convs": 8, "dense_layer_size": 32}  # the seed family's knobs: a test may set them again
+# Settings `cnnlab train` has a flag for: a test that passes the flag (`--epochs 1`) overrides the tiny value, which
+# a `--set` would not (--set is applied after the flags).
+TINY_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "train.threads": "--threads"}
+
+
+def tiny_settings(shrink_model: bool = True) -> dict[str, object]:
+    """The tiny training's settings; without shrink_model, the training's alone (for a preset without the seed
+    family's knobs, or a run to fine-tune, whose model is given)."""
+    return {**TINY_TRAINING, **(TINY_MODEL if shrink_model else {})}
+
+
+def tiny_overrides(*extra: str, shrink_model: bool = True) -> list[str]:
+    """The tiny training as `key=value` overrides, then `extra` (which win)."""
+    return [*(f"{key}={value}" for key, value in tiny_settings(shrink_model).items()), *extra]
+
+
+def tiny_config(*extra: str, model: str = "seed", shrink_model: bool = True, **sections: dict) -> Config:
+    """The tiny training of preset `model`, with `extra` overrides and `sections` (data={"dataset": ...})."""
+    return load_config(model, overrides=tiny_overrides(*extra, shrink_model=shrink_model), **sections)
+
+
+def tiny_train_args(*extra: str, shrink_model: bool = True) -> list[str]:
+    """`cnnlab train` options for the tiny training of the seed model, quiet, then `extra` (which win)."""
+    args = ["--model", "seed"]
+    for key, value in tiny_settings(shrink_model).items():
+        args += [TINY_FLAGS[key], str(value)] if key in TINY_FLAGS else ["--set", f"{key}={value}"]
+    return [*args, "--quiet", *extra]
+
+
+_trained_root: Path | None = None
+_trained: dict[tuple[str, ...], RunResult] = {}
+
+
+def tiny_trained(dataset: str = "mnist-sample", *extra: str) -> RunResult:
+    """The tiny training (with `extra` overrides) on a shipped sample, trained once per test process and shared
+    by every test that only reads the run (show, report, evaluate, predict, serve, explore...). A test that
+    writes into a run copies it first (shutil.copytree into its tmp_path)."""
+    global _trained_root
+    key = (dataset, *extra)
+    if key not in _trained:
+        if _trained_root is None:
+            _trained_root = Path(tempfile.mkdtemp(prefix="cnnlab-tiny-runs-"))
+            atexit.register(shutil.rmtree, _trained_root, ignore_errors=True)
+        threads = torch.get_num_threads()
+        with pytest.MonkeyPatch.context() as patch:  # its dataset cache outlives the test that trained it
+            patch.setenv("XDG_CACHE_HOME", str(_trained_root / "cache"))
+            config = tiny_config(*extra, data={"dataset": dataset})
+            # named after its dataset ("mnist", what the web app lists), in a folder of its own per key
+            root = _trained_root / f"runs-{len(_trained)}"
+            _trained[key] = pipeline.train(config, root, name=dataset.removesuffix("-sample"), progress=False)
+        torch.set_num_threads(threads)  # train.threads sets it for the whole process; later tests get theirs back
+    return _trained[key]
+
+
+@pytest.fixture(scope="session")
+def tiny_result() -> RunResult:
+    """The shared tiny run on the MNIST sample, as `pipeline.train` returned it (read only)."""
+    return tiny_trained()
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    """A run's saved weights (model.safetensors), by parameter name."""
+    return load_file(str(layout.path(run, "weights")))
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two runs saved bitwise-equal weights under the same names."""
+    wa, wb = weights(a), weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 @pytest.fixture(autouse=True)

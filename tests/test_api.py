@@ -1,9 +1,12 @@
 import subprocess
 import sys
 
+import pytest
+
 import cnnlab
 
 
+@pytest.mark.unit
 def test_public_api_names_resolve():
     for name in cnnlab.__all__:
         assert getattr(cnnlab, name) is not None
@@ -25,13 +28,12 @@ def test_python_api_trains_and_reloads(tmp_path):
 # ------------------------------------------------------------------------------ the notebook form
 import types  # noqa: E402
 
-import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def keyword_run(tmp_path_factory):
-    return cnnlab.train(model="seed", dataset="mnist-sample", epochs=1, dropout=0.4, threads=2,
+    return cnnlab.train(model="seed", dataset="mnist-sample", epochs=1, dropout=0.4, threads=1,
                         root=tmp_path_factory.mktemp("runs"), name="kw", progress=False)
 
 
@@ -59,6 +61,7 @@ def test_a_reopened_run_evaluates_as_its_test_did(keyword_run):
     assert again.test is None and again.evaluate().accuracy == pytest.approx(keyword_run.test.accuracy)
 
 
+@pytest.mark.unit
 def test_an_unknown_keyword_is_named_with_a_suggestion(tmp_path):
     with pytest.raises(cnnlab.UserError, match="'dropuot'; did you mean 'dropout'") as caught:
         cnnlab.train(model="seed", dataset="mnist-sample", dropuot=0.4, root=tmp_path)
@@ -84,7 +87,7 @@ def test_a_fake_kernel_gets_the_notebook_progress_updated_each_epoch(tmp_path, m
     assert callbacks.in_notebook()
     chosen = callbacks.progress_display(lambda history: len(history))
     assert isinstance(chosen, callbacks.NotebookProgress)
-    cnnlab.train(model="perceptron", dataset="mnist-sample", epochs=2, root=tmp_path, callbacks=[chosen],
+    cnnlab.train(model="perceptron", dataset="mnist-sample", epochs=2, threads=1, root=tmp_path, callbacks=[chosen],
                  progress=False)
     assert [obj for obj in shown if isinstance(obj, int)] == [1, 2]  # the curves, redrawn after each epoch
     assert "epoch 2/2" in shown[-2]["text/plain"]

@@ -63,6 +63,7 @@ def known(name: str) -> str | None:
     return name or None
 
 
+@pytest.mark.unit
 def test_no_module_imports_a_higher_layer():
     offenders = []
     for module, path in MODULES.items():
@@ -77,6 +78,7 @@ def test_no_module_imports_a_higher_layer():
     assert offenders == []
 
 
+@pytest.mark.unit
 def test_module_level_imports_have_no_cycles():
     graph = {module: {known(name) for name, top in imports(path) if top and known(name) not in (None, module)}
              for module, path in MODULES.items()}

@@ -1,8 +1,11 @@
 import math
 
+import pytest
 import torch
 
 from cnnlab.training.augment import augment, random_flip, random_rotate, random_shift, rotate
+
+pytestmark = pytest.mark.unit  # every test here is in-process and quick
 
 
 def test_shift_moves_each_image_within_bounds_and_keeps_its_pixels():

@@ -87,6 +87,7 @@ def tiny_cifar(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- reading
+@pytest.mark.unit
 def test_records_land_channels_last_with_their_labels(tiny_cifar):
     spec, batches, _, data_dir = tiny_cifar
     dataset = load_dataset(spec, data_dir, download=False)
@@ -100,6 +101,7 @@ def test_records_land_channels_last_with_their_labels(tiny_cifar):
                               "sha256": spec.archive.file.gz_sha256, "verified": True}]
 
 
+@pytest.mark.unit
 def test_the_red_green_and_blue_planes_are_channels_0_1_2(tmp_path):
     """One hand-made record: label 7, then a red plane of 10s, a green one of 20s, a blue one counting 0..255."""
     blue = np.arange(1024) % 256
@@ -118,6 +120,7 @@ def test_the_red_green_and_blue_planes_are_channels_0_1_2(tmp_path):
     assert image[0, 5, 2] == 5 and image[1, 0, 2] == 32
 
 
+@pytest.mark.unit
 def test_cifar10_is_registered_with_its_archive():
     spec = get_dataset("cifar10")
     assert spec.image_shape == (32, 32, 3) and spec.num_classes == 10 and spec.recipe == "photos"
@@ -148,11 +151,13 @@ def without(members, suffix):
     return [m for m in members if not m[0].name.endswith(suffix)]
 
 
+@pytest.mark.unit
 def test_a_missing_member_is_named(tmp_path):
     message = broken(tmp_path, without(real_layout(tiny_batches()), "data_batch_4.bin"))
     assert f"member(s) missing: {FOLDER}/data_batch_4.bin" in message
 
 
+@pytest.mark.unit
 def test_a_bad_archive_is_one_line_from_the_cli(tmp_path, monkeypatch):
     archive = archive_bytes(without(real_layout(tiny_batches()), "test_batch.bin"))
     spec = tiny_spec(archive)
@@ -167,6 +172,7 @@ def test_a_bad_archive_is_one_line_from_the_cli(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.unit
 def test_a_member_of_the_wrong_size_is_named_with_its_size(tmp_path):
     members = real_layout(tiny_batches())
     members = [regular(i.name, d[:-5]) if i.name.endswith("data_batch_2.bin") else (i, d) for i, d in members]
@@ -175,11 +181,13 @@ def test_a_member_of_the_wrong_size_is_named_with_its_size(tmp_path):
            f"found 61,455 bytes (19 records and 3068 bytes over)" in message
 
 
+@pytest.mark.unit
 def test_a_wrong_record_count_names_the_split_and_both_counts(tmp_path):
     message = broken(tmp_path, real_layout(tiny_batches()), counts={"train": 50_000, "test": 20})
     assert "the train members" in message and "hold 100 records; expected 50,000" in message
 
 
+@pytest.mark.unit
 def test_label_10_is_refused_with_its_record(tmp_path):
     batches = tiny_batches()
     images, labels = batches[f"{FOLDER}/test_batch.bin"]
@@ -190,6 +198,7 @@ def test_label_10_is_refused_with_its_record(tmp_path):
     assert f"member {FOLDER}/test_batch.bin: record 4 has label 10; expected 0..9" in message
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["../evil", "/etc/evil", f"{FOLDER}/data_batch_6.bin", f"{FOLDER}/../x"])
 def test_an_unexpected_member_is_refused(tmp_path, name):
     members = real_layout(tiny_batches())
@@ -197,6 +206,7 @@ def test_an_unexpected_member_is_refused(tmp_path, name):
     assert f"unexpected member {name!r} (regular file)" in message
 
 
+@pytest.mark.unit
 def test_a_symlink_in_place_of_a_batch_is_refused(tmp_path):
     link = tarfile.TarInfo(f"{FOLDER}/data_batch_3.bin")
     link.type, link.linkname = tarfile.SYMTYPE, "/dev/zero"
@@ -205,6 +215,7 @@ def test_a_symlink_in_place_of_a_batch_is_refused(tmp_path):
     assert f"member {FOLDER}/data_batch_3.bin: expected a regular file, found a symbolic link to '/dev/zero'" in message
 
 
+@pytest.mark.unit
 def test_a_symlink_elsewhere_is_refused(tmp_path):
     link = tarfile.TarInfo("evil-link")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
@@ -212,6 +223,7 @@ def test_a_symlink_elsewhere_is_refused(tmp_path):
     assert "unexpected member 'evil-link' (symbolic link to '/etc/passwd')" in message
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("body, why", [(b"<html>not here</html>", "not a gzip file"),
                                        (b"\x1f\x8b" + b"\x00" * 50, "not a readable tar.gz archive"),
                                        ("truncated", "not a readable tar.gz archive")])  # truncated: half the file
@@ -223,6 +235,7 @@ def test_not_a_tar_gz_is_refused(tmp_path, body, why):
     assert "not a readable tar.gz archive" in message and why in message
 
 
+@pytest.mark.unit
 def test_wrong_class_names_in_the_meta_member(tmp_path):
     members = real_layout(tiny_batches())
     members = [regular(i.name, b"cat\ndog\n") if i.name.endswith("meta.txt") else (i, d) for i, d in members]
@@ -231,6 +244,7 @@ def test_wrong_class_names_in_the_meta_member(tmp_path):
     assert "found cat, dog" in message
 
 
+@pytest.mark.unit
 def test_a_changed_archive_needs_the_explicit_flag(tiny_cifar):
     spec, _, _, data_dir = tiny_cifar
     spec = replace(spec, archive=replace(spec.archive, file=replace(spec.archive.file, gz_sha256="0" * 64)))
@@ -241,6 +255,7 @@ def test_a_changed_archive_needs_the_explicit_flag(tiny_cifar):
 
 
 # -------------------------------------------------------------------------------------- downloads
+@pytest.mark.unit
 def test_lookup_finds_the_one_archive(tiny_cifar, monkeypatch):
     spec, _, _, data_dir = tiny_cifar
     assert locate(spec, data_dir).origin == "data-dir"
@@ -249,6 +264,7 @@ def test_lookup_finds_the_one_archive(tiny_cifar, monkeypatch):
     assert locate(spec).origin == "CNNLAB_DATA"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode", ["flip", "html", "html-as-gzip", "truncate", "404"])
 def test_a_bad_mirror_moves_on_to_the_next(tiny_cifar, mode):
     spec, _, archive, _ = tiny_cifar
@@ -260,6 +276,7 @@ def test_a_bad_mirror_moves_on_to_the_next(tiny_cifar, mode):
     assert sorted(p.name for p in location.directory.iterdir()) == [ARCHIVE]  # no .part left
 
 
+@pytest.mark.unit
 def test_a_flipped_byte_is_a_checksum_error(tiny_cifar):
     spec, _, archive, _ = tiny_cifar
     with serve({ARCHIVE: archive}, {"a": "flip", "b": "html-as-gzip"}) as url, \
@@ -273,6 +290,7 @@ def test_a_flipped_byte_is_a_checksum_error(tiny_cifar):
     assert not folder.exists() or list(folder.iterdir()) == []
 
 
+@pytest.mark.unit
 def test_datasets_fetch_where_and_verify_commands(tiny_cifar, monkeypatch):
     spec, _, archive, _ = tiny_cifar
     with serve({ARCHIVE: archive}, {}) as url:
@@ -360,6 +378,7 @@ def test_a_colour_run_through_show_report_predict_and_export(colour_run, tmp_pat
     assert page.count("data:image/png;base64,") >= 8 and "airplane" in page
 
 
+@pytest.mark.unit
 def test_colour_images_are_drawn_in_colour(tmp_path):
     """A pure red test image shows as pure red pixels in the mistakes grid; a grey one stays grey."""
     from cnnlab.inspect.figures import Mistake, plot_mistakes
@@ -374,6 +393,7 @@ def test_colour_images_are_drawn_in_colour(tmp_path):
     assert ((pixels == (200, 200, 200)).all(axis=1)).sum() > 500
 
 
+@pytest.mark.unit
 def test_the_photos_recipe_keeps_colour_and_crops_the_centre_square():
     from PIL import Image
 

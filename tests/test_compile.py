@@ -11,23 +11,18 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cnnlab import pipeline
-from cnnlab.config import load_config
-from cnnlab.runs import layout, records
+from cnnlab.runs import records
 from cnnlab.training import compiling
 from cnnlab.training.engine import TrainingInterrupted
-from conftest import StopAt
+from conftest import StopAt, tiny_config, weights
 
 pytestmark = pytest.mark.slow
 
 # Dropout on, so that random ops are part of what must match; 1,000 images: 16 steps an epoch, the last short.
-QUICK = ["epochs=2", "batch_size=64", "data.val_size=200", "model.conv.0.filters=8", "dense_layer_size=32"]
-
-
 def config(*extra: str):
-    return load_config("seed-dropout", overrides=[*QUICK, *extra])
+    return tiny_config("data.val_size=200", *extra, model="seed-dropout")
 
 
 @pytest.fixture(autouse=True)
@@ -53,10 +48,6 @@ def compiled_run(tmp_path_factory):
     assert said.getvalue() == ""  # no fallback to eager
     assert counters["stats"]["unique_graphs"] >= 1  # the forward really went through the compiler
     return result
-
-
-def weights(run):
-    return load_file(str(layout.path(run, "weights")))
 
 
 def test_compiled_steps_give_the_eager_losses(eager_run, compiled_run):

@@ -3,6 +3,8 @@ import yaml
 
 from cnnlab.config import Config, ConfigError, config_from_dict, list_presets, load_config
 
+pytestmark = pytest.mark.unit  # every test here is in-process and quick
+
 
 def test_every_preset_resolves():
     assert {"perceptron", "mlp", "seed", "seed-dropout", "deep"} <= set(list_presets())

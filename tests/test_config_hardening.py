@@ -22,12 +22,14 @@ def one_line_error(result) -> str:
 
 
 # ------------------------------------------------------------------------------------ YAML files
+@pytest.mark.unit
 def test_a_key_given_twice_is_refused_not_silently_overwritten(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n")
     with pytest.raises(ConfigError, match=r"c.yaml: key 'lr' appears twice in one mapping \(line 4"):
         load_config("seed", tmp_path / "c.yaml")
 
 
+@pytest.mark.unit
 def test_an_alias_bomb_is_refused_quickly(tmp_path):
     """Nine levels of ten aliases each would expand to 10**9 values ("billion laughs")."""
     lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
@@ -37,11 +39,13 @@ def test_an_alias_bomb_is_refused_quickly(tmp_path):
         load_config("seed", tmp_path / "bomb.yaml")
 
 
+@pytest.mark.unit
 def test_anchors_and_aliases_that_share_a_block_still_work(tmp_path):
     (tmp_path / "c.yaml").write_text("model:\n  dense:\n    - &layer {units: 64, dropout: 0.1}\n    - *layer\n")
     assert [d.units for d in load_config("seed", tmp_path / "c.yaml").model.dense] == [64, 64]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("depth", [40, 5000])
 def test_nesting_too_deep_is_refused(tmp_path, depth):
     (tmp_path / "deep.yaml").write_text("train: " + "[" * depth + "]" * depth + "\n")
@@ -49,6 +53,7 @@ def test_nesting_too_deep_is_refused(tmp_path, depth):
         load_config("seed", tmp_path / "deep.yaml")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind, content, message", [
     ("list", "- 1\n- 2\n", "expected a mapping of sections"),
     ("binary", b"\x80\x81\x82", "not a UTF-8 text config file"),
@@ -73,6 +78,7 @@ def test_a_fifo_as_config_file_is_refused_without_waiting_for_a_writer(tmp_path)
 
 
 # ------------------------------------------------------------------------------------ values
+@pytest.mark.unit
 @pytest.mark.parametrize("override, message", [
     ("lr=nan", "train.lr: expected a learning rate, a finite number > 0, found nan"),
     ("lr=.inf", "train.lr: expected a learning rate, a finite number > 0, found inf"),
@@ -108,6 +114,7 @@ def test_an_override_nested_too_deep_is_just_a_string_that_fails_its_type_check(
     assert "train.lr: expected a learning rate (a number > 0) or auto" in line
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("args", [["train", "--dataset", ""], ["summary", "--dataset", ""],
                                   ["train", "--set", "data.dataset="], ["train", "--dataset", " "]],
                          ids=["train", "summary", "set", "blank"])
@@ -118,6 +125,7 @@ def test_an_empty_dataset_name_is_one_line_not_the_default(args, tmp_path):
     assert len(done.output.strip().splitlines()) == 1 and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("keywords, message", [
     (dict(dataset=123), "dataset: expected a dataset name or an image folder's path (text), found int 123"),
     (dict(dataset=""), "dataset: expected a dataset name or an image folder's path, found ''"),

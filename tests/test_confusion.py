@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -46,6 +47,7 @@ def test_a_1000_class_picture_is_bounded_and_keeps_the_most_confused(tmp_path):
     assert width <= 2200 and height <= 2200  # 30 cells of 0.6 inch at 100 dpi, not 1000 of them (600 inches)
 
 
+@pytest.mark.unit
 def test_evaluate_text_of_1000_classes_shows_30_rows_and_says_so():
     confusion, classes = many_classes()
     text = format_evaluation(evaluation(confusion, classes))
@@ -60,6 +62,7 @@ def test_evaluate_text_of_1000_classes_shows_30_rows_and_says_so():
     assert all(len(row.split()) <= 60 for row in rows)
 
 
+@pytest.mark.unit
 def test_a_few_classes_show_whole_with_readable_names():
     confusion = np.diag(np.full(10, 90))
     confusion[6, 0] = 12  # Shirt taken for T-shirt/top
@@ -73,6 +76,7 @@ def test_a_few_classes_show_whole_with_readable_names():
     assert "confusion matrix (rows: true class, columns: predicted)\n" in digits  # short names head the columns
 
 
+@pytest.mark.unit
 def test_the_notebook_table_of_1000_classes_is_bounded():
     confusion, classes = many_classes()
     page = evaluation(confusion, classes)._repr_html_()
@@ -80,6 +84,7 @@ def test_the_notebook_table_of_1000_classes_is_bounded():
     assert page.count("<tr>") < 1000 + 40  # the per-class table has a row per class; the matrix 31, not 1001
 
 
+@pytest.mark.unit
 def test_test_json_of_1000_classes_is_within_the_record_limit(tmp_path):
     rng = np.random.default_rng(0)
     confusion = rng.integers(0, 1000, (1000, 1000))  # wide counts everywhere: a worst case for the JSON's size

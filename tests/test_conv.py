@@ -93,6 +93,7 @@ def test_conv2d_matches_torch(h, w, c, f, kh, kw, stride, dilation, padding, ker
         assert ours.shape[:2] == (math.ceil(h / as_pair(stride)[0]), math.ceil(w / as_pair(stride)[1]))
 
 
+@pytest.mark.unit
 def test_int_padding_matches_torch_builtin_padding():
     rng = np.random.default_rng(0)
     image, bank = rng.standard_normal((9, 7, 2)), rng.standard_normal((3, 3, 2, 4))
@@ -102,12 +103,14 @@ def test_int_padding_matches_torch_builtin_padding():
                                expected[0].permute(1, 2, 0).numpy(), atol=1e-10)
 
 
+@pytest.mark.unit
 def test_float32_stays_float32_and_ints_become_float64():
     image = np.ones((5, 5), dtype=np.float32)
     assert conv2d(image, np.ones((3, 3), dtype=np.float32)).dtype == np.float32
     assert conv2d(np.ones((5, 5), dtype=np.uint8), np.ones((3, 3), dtype=int)).dtype == np.float64
 
 
+@pytest.mark.unit
 def test_per_channel_keeps_colour_and_equals_each_channel_alone():
     rng = np.random.default_rng(1)
     image, kernel = rng.random((8, 9, 3)), rng.standard_normal((3, 3))
@@ -120,6 +123,7 @@ def test_per_channel_keeps_colour_and_equals_each_channel_alone():
 
 # ---------------------------------------------------------------- flip=True is textbook convolution
 
+@pytest.mark.unit
 @SETTINGS
 @given(h=st.integers(4, 12), w=st.integers(4, 12), kh=small, kw=small, seed=st.integers(0, 2**16))
 def test_flip_is_scipy_convolve2d_valid(h, w, kh, kw, seed):
@@ -129,6 +133,7 @@ def test_flip_is_scipy_convolve2d_valid(h, w, kh, kw, seed):
                                convolve2d(image, kernel, mode="valid"), atol=1e-10)
 
 
+@pytest.mark.unit
 @SETTINGS
 @given(h=sides, w=sides, k=st.sampled_from([1, 3, 5]), seed=st.integers(0, 2**16))
 def test_flip_with_same_padding_is_scipy_same_for_odd_kernels(h, w, k, seed):
@@ -181,6 +186,7 @@ def test_pooling_matches_torch(h, w, c, size, stride, padding, mode, grey, seed)
     np.testing.assert_allclose(ours, expected, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_int_pool_padding_matches_torch_builtins():
     image = np.random.default_rng(2).standard_normal((7, 9, 2))
     x = torch.from_numpy(image).permute(2, 0, 1)[None]
@@ -192,6 +198,7 @@ def test_int_pool_padding_matches_torch_builtins():
 
 # ---------------------------------------------------------------- the lesson's facts
 
+@pytest.mark.unit
 def test_lesson_blur_kernel_is_nine_tenths_of_the_local_mean():
     image = np.random.default_rng(3).random((10, 10))
     blurred = conv2d(image, np.full((3, 3), 0.1))
@@ -199,12 +206,14 @@ def test_lesson_blur_kernel_is_nine_tenths_of_the_local_mean():
     np.testing.assert_allclose(blurred, 0.9 * local_mean)
 
 
+@pytest.mark.unit
 def test_lesson_blur_keeps_a_constant_image_at_nine_tenths_inside():
     out = conv2d(np.full((28, 28), 0.5), np.full((3, 3), 0.1), padding="same")
     np.testing.assert_allclose(out[1:-1, 1:-1], 0.45)
     assert out[0, 0] < 0.45  # the border sees zero padding, so it is darker
 
 
+@pytest.mark.unit
 def test_lesson_output_sizes():
     image, kernel = np.zeros((28, 28)), np.zeros((3, 3))
     assert conv2d(image, kernel).shape == (26, 26)                         # valid: 28 -> 26
@@ -216,6 +225,7 @@ def test_lesson_output_sizes():
     assert conv2d(np.zeros((28, 28, 3)), np.zeros((3, 3, 3, 8))).shape == (26, 26, 8)
 
 
+@pytest.mark.unit
 def test_lesson_max_pool_takes_the_largest_of_each_block():
     image = np.array([[1, 2, 5, 6], [3, 4, 7, 8], [0, 0, 1, 1], [0, 9, 1, 1]], dtype=float)
     np.testing.assert_array_equal(max_pool2d(image), [[4, 8], [9, 1]])
@@ -224,18 +234,21 @@ def test_lesson_max_pool_takes_the_largest_of_each_block():
 
 # ---------------------------------------------------------------- output_size and its explanation
 
+@pytest.mark.unit
 @pytest.mark.parametrize("args, expected", [((28, 3), 26), ((28, 3, 1, "same"), 28), ((28, 3, 2, "same"), 14),
                                             ((28, 3, 1, 1), 28), ((28, 3, 2, 0, 2), 12), ((5, 5), 1)])
 def test_output_size(args, expected):
     assert output_size(*args) == expected
 
 
+@pytest.mark.unit
 def test_same_padding_puts_the_odd_pixel_after():
     assert same_padding(28, 3, 2) == (0, 1)
     assert same_padding(28, 4, 1) == (1, 2)
     assert same_padding(5, 1, 1) == (0, 0)
 
 
+@pytest.mark.unit
 def test_explain_output_size_writes_the_formula():
     assert explain_output_size(28, 3) == "out = floor((28 + 2*0 - 3) / 1) + 1 = 26"
     assert explain_output_size(28, 3, 2, "same").startswith("out = ceil(28 / 2) = 14")
@@ -244,6 +257,7 @@ def test_explain_output_size_writes_the_formula():
 
 # ---------------------------------------------------------------- errors say what was expected and got
 
+@pytest.mark.unit
 @pytest.mark.parametrize("call, message", [
     (lambda: conv2d(np.zeros((2, 2)), np.ones((3, 3))),
      r"kernel 3x3 spans 3x3 pixels but the padded image is only 2x2"),

@@ -26,27 +26,16 @@ import cnnlab.files as files_module
 import cnnlab.runs.checkpoints as checkpoints_module
 import cnnlab.runs.weights as weights_module
 from cnnlab import pipeline
-from cnnlab.config import load_config
 from cnnlab.runs import layout, records
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.layout import RunError
 from cnnlab.runs.weights import load_model
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.engine import TrainingDiverged
+from conftest import same_weights, tiny_config, tiny_overrides
 
 # about 0.25 s an epoch on one thread: kills land in training, not only in start-up
-CLI_SETTINGS = ["epochs=5", "batch_size=32", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
-                "train.threads=1"]
-QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32"]
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(layout.path(run, "weights")))
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = weights(a), weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+CLI_SETTINGS = tiny_overrides("epochs=5", "batch_size=32")
 
 
 def comparable(run: Path) -> list[dict]:
@@ -205,6 +194,7 @@ def test_a_signal_to_the_whole_process_group_stops_a_folder_run_as_documented(si
     assert f"Continue with: cnnlab train --resume {Path('runs/group')}" in stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.unit
 def test_every_dataloader_in_cnnlab_is_the_one_whose_workers_ignore_stop_signals():
     """The rule behind the test above: no other DataLoader can start workers that die of a group's signal."""
     source = Path(__file__).resolve().parents[1] / "src" / "cnnlab"
@@ -257,7 +247,7 @@ def test_a_signal_after_the_last_step_lets_the_run_finish_its_test_and_files(tmp
     run = tmp_path / "runs" / "late"
     done = subprocess.run([sys.executable, "-c", SIGNAL_IN_THE_TEST_PASS, name, "train", "--set", "epochs=1",
                            "--set", "model.conv.0.filters=4", "--set", "dense_layer_size=16",
-                           "--runs-dir", str(tmp_path / "runs"), "--name", "late", "-q"],
+                           "--set", "train.threads=1", "--runs-dir", str(tmp_path / "runs"), "--name", "late", "-q"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 130, done.stderr  # the stop still reaches the caller (a shell loop, a scheduler)
     assert "test accuracy" in done.stdout
@@ -269,9 +259,8 @@ def test_a_signal_after_the_last_step_lets_the_run_finish_its_test_and_files(tmp
 
 # ---------------------------------------------------------------------------- full or read-only disk
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    return pipeline.train(load_config("seed", overrides=QUICK), tmp_path_factory.mktemp("ref"), name="ref",
-                          progress=False).run
+def reference(tiny_result) -> Path:
+    return tiny_result.run  # the suite's shared tiny run: the same config, trained without a fault
 
 
 def fail_on(monkeypatch, what: str, error: int, at: int) -> None:
@@ -310,7 +299,7 @@ def test_a_failed_save_stops_loudly_and_keeps_the_last_checkpoint(reference, tmp
     with monkeypatch.context() as patch:
         fail_on(patch, what, error, at=2)  # the end of epoch 2
         with pytest.raises(RunError) as failure:
-            pipeline.train(load_config("seed", overrides=QUICK), tmp_path, name="full", progress=False)
+            pipeline.train(tiny_config(), tmp_path, name="full", progress=False)
     run = tmp_path / "full"
     message = str(failure.value)
     assert str(run) in message and os.strerror(error) in message and errno.errorcode[error] in message
@@ -337,7 +326,7 @@ class Poison(Callback):
 
 
 def test_weights_that_turn_non_finite_are_never_saved(tmp_path):
-    config = load_config("seed", overrides=QUICK)
+    config = tiny_config()
     with pytest.raises(RunError, match=r"model.safetensors not saved: tensor .* holds inf values"):
         pipeline.train(config, tmp_path, name="first", callbacks=[Poison(1)], progress=False)
     first = tmp_path / "first"
@@ -354,7 +343,7 @@ def test_weights_that_turn_non_finite_are_never_saved(tmp_path):
 
 
 def test_a_huge_learning_rate_leaves_only_finite_files(tmp_path):
-    config = load_config("seed", overrides=[*QUICK, "epochs=1", "train.optimizer=sgd", "train.lr=1e6"])
+    config = tiny_config("epochs=1", "train.optimizer=sgd", "train.lr=1e6")
     # diverges as a NaN loss, or as weights that are refused, or not at all: files stay finite
     with contextlib.suppress(TrainingDiverged, RunError):
         pipeline.train(config, tmp_path, name="lr", progress=False)

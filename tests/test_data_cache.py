@@ -73,6 +73,7 @@ def same(a: loading.Dataset, b: loading.Dataset) -> None:
 
 
 # ------------------------------------------------------------------------------ 1. it does its job
+@pytest.mark.unit
 def test_the_second_load_reads_the_cache_and_equals_decoding(tiny, tmp_path, monkeypatch):
     spec, arrays, _ = tiny
     write_dataset(tmp_path / "tiny", arrays)
@@ -87,6 +88,7 @@ def test_the_second_load_reads_the_cache_and_equals_decoding(tiny, tmp_path, mon
     assert second.train_images.flags.writeable  # torch.from_numpy wants a writable array
 
 
+@pytest.mark.unit
 def test_entries_live_in_the_user_cache_folder(tiny, tmp_path, monkeypatch):
     """$XDG_CACHE_HOME/cnnlab/decoded, beside the downloaded datasets; the source's own folder is left alone."""
     spec, arrays, _ = tiny
@@ -97,6 +99,7 @@ def test_entries_live_in_the_user_cache_folder(tiny, tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "tiny").iterdir()) == sorted(arrays)
 
 
+@pytest.mark.unit
 def test_a_source_that_changes_while_read_is_not_cached(tiny, tmp_path, monkeypatch):
     """Its identity after the read differs from before: the entry could describe neither version."""
     spec, arrays, _ = tiny
@@ -116,6 +119,7 @@ def test_a_source_that_changes_while_read_is_not_cached(tiny, tmp_path, monkeypa
     assert TEST_IMAGES.split(".")[0] not in [p.name.split(".")[0] for p in entries()] and len(entries()) == 3
 
 
+@pytest.mark.unit
 def test_the_cache_can_be_turned_off(tiny, tmp_path, monkeypatch, gunzips):
     spec, arrays, _ = tiny
     write_dataset(tmp_path / "tiny", arrays)
@@ -125,6 +129,7 @@ def test_the_cache_can_be_turned_off(tiny, tmp_path, monkeypatch, gunzips):
     assert entries() == [] and len(gunzips) == 8
 
 
+@pytest.mark.unit
 def test_small_and_uncompressed_files_are_not_cached(tiny, tmp_path, monkeypatch):
     spec, arrays, _ = tiny
     folder = tmp_path / "tiny"
@@ -139,6 +144,7 @@ def test_small_and_uncompressed_files_are_not_cached(tiny, tmp_path, monkeypatch
     assert entries() == []
 
 
+@pytest.mark.unit
 def test_the_shipped_sample_trains_the_same_from_the_cache(tmp_path, monkeypatch):
     """The real threshold: the sample's training images (3.1 MB) are cached, its test images (0.8 MB) are not."""
     monkeypatch.setattr(decoded, "MIN_PAYLOAD_BYTES", 1 << 20)
@@ -153,6 +159,7 @@ def test_the_shipped_sample_trains_the_same_from_the_cache(tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------------------ 2. when not to trust it
+@pytest.mark.unit
 def test_a_changed_source_invalidates_its_entry(tiny, tmp_path, gunzips):
     spec, arrays, _ = tiny
     write_dataset(tmp_path / "tiny", arrays)
@@ -168,6 +175,7 @@ def test_a_changed_source_invalidates_its_entry(tiny, tmp_path, gunzips):
     assert gunzips == [TEST_IMAGES, TEST_IMAGES]  # the other three still came from the cache
 
 
+@pytest.mark.unit
 def test_a_source_rewritten_in_place_with_its_old_mtime_is_not_served_from_the_cache(tiny, tmp_path):
     """Same size, same modification time (set back): the change time still tells, and the file is read."""
     spec, arrays, _ = tiny
@@ -236,6 +244,7 @@ def a_folder(path: Path) -> None:
     path.mkdir()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("damage", [corrupt_payload, truncate, pad, bad_magic, bad_header, header_of_wrong_types,
                                     huge_header_length, empty, a_folder])
 def test_a_damaged_entry_is_detected_decoded_again_and_rebuilt(tiny, tmp_path, capsys, gunzips, damage):
@@ -257,6 +266,7 @@ def test_a_damaged_entry_is_detected_decoded_again_and_rebuilt(tiny, tmp_path, c
         assert gunzips == [] and capsys.readouterr().err == ""
 
 
+@pytest.mark.unit
 def test_a_forged_entry_cannot_pass_for_verified_data(tiny, tmp_path, monkeypatch):
     """An entry whose header agrees with its (other) payload is refused by the registry's digest, as the
     source would be: the cache saves gunzip, never the check."""
@@ -299,6 +309,7 @@ def mismatching(tiny) -> tuple:
     return replace(spec, files=files), arrays
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("allow", [False, True])
 def test_a_mismatching_source_is_treated_exactly_as_without_the_cache(tiny, tmp_path, monkeypatch, allow):
     spec, arrays = mismatching(tiny)
@@ -318,6 +329,7 @@ def test_a_mismatching_source_is_treated_exactly_as_without_the_cache(tiny, tmp_
         assert "checksum mismatch" in without[0] and "--allow-checksum-mismatch" in without[0]
 
 
+@pytest.mark.unit
 def test_a_refused_copy_leaves_no_entry(tiny, tmp_path):
     spec, arrays = mismatching(tiny)
     write_dataset(tmp_path / "tiny", arrays)
@@ -326,6 +338,7 @@ def test_a_refused_copy_leaves_no_entry(tiny, tmp_path):
     assert TEST_IMAGES.split(".")[0] not in [p.name.split(".")[0] for p in entries()]
 
 
+@pytest.mark.unit
 def test_a_gz_digest_is_checked_on_the_gz_read_again(tiny, tmp_path, monkeypatch):
     """A file known by its .gz digest alone: a cache hit hashes the .gz it did not decompress."""
     spec, arrays = mismatching(tiny)
@@ -339,6 +352,7 @@ def test_a_gz_digest_is_checked_on_the_gz_read_again(tiny, tmp_path, monkeypatch
 
 
 # ------------------------------------------------------------------------------ 4. a cache that cannot be written
+@pytest.mark.unit
 def test_a_cache_folder_that_cannot_be_made_costs_one_line(tiny, tmp_path, capsys):
     spec, arrays, _ = tiny
     write_dataset(tmp_path / "tiny", arrays)
@@ -350,6 +364,7 @@ def test_a_cache_folder_that_cannot_be_made_costs_one_line(tiny, tmp_path, capsy
     assert err.count("\n") == 1 and "cannot write" in err and "(and 3 more)" in err, err
 
 
+@pytest.mark.unit
 def test_a_full_disk_leaves_nothing_half_written(tiny, tmp_path, monkeypatch, capsys):
     spec, arrays, _ = tiny
     write_dataset(tmp_path / "tiny", arrays)
@@ -380,6 +395,7 @@ def test_training_still_works_when_the_cache_cannot_be_written(tmp_path, monkeyp
 
 
 # ------------------------------------------------------------------------------ 5. runs at the same time
+@pytest.mark.unit
 def test_concurrent_loads_leave_whole_entries(tiny, tmp_path, monkeypatch):
     spec, arrays, _ = tiny
     write_dataset(tmp_path / "tiny", arrays)
@@ -404,6 +420,7 @@ def test_concurrent_loads_leave_whole_entries(tiny, tmp_path, monkeypatch):
         same(result, loading.load_dataset(spec, tmp_path, download=False, progress=False))
 
 
+@pytest.mark.unit
 def test_a_dead_writers_temporary_file_is_cleared(tiny, tmp_path):
     spec, arrays, _ = tiny
     write_dataset(tmp_path / "tiny", arrays)
@@ -415,6 +432,7 @@ def test_a_dead_writers_temporary_file_is_cleared(tiny, tmp_path):
     assert not leftover.exists() and entry.is_file()
 
 
+@pytest.mark.unit
 def test_identity_sees_a_rewrite_with_the_same_size_and_mtime(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"abc")
@@ -427,6 +445,7 @@ def test_identity_sees_a_rewrite_with_the_same_size_and_mtime(tmp_path):
     assert decoded.identity(tmp_path / "missing") is None
 
 
+@pytest.mark.unit
 def test_an_entry_of_the_real_arrays_is_just_their_idx_bytes(tiny, tmp_path):
     """The format: magic, header length, JSON header, then the IDX payload exactly as gunzip gives it."""
     spec, arrays, _ = tiny

@@ -33,6 +33,8 @@ from conftest import gz_bytes, write_dataset
 from test_fuzz import TINY_CIFAR
 from test_store import Mirror, serve
 
+pytestmark = pytest.mark.unit  # every test here is in-process and quick
+
 runner = CliRunner()
 TEST_IMAGES = "t10k-images-idx3-ubyte.gz"
 BOUND_S = 30  # far longer than any of these calls takes; reaching it means the call blocked

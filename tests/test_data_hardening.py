@@ -69,6 +69,7 @@ CASES = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_broken_dataset_file_is_named_with_what_was_expected_and_found(tiny, tmp_path, case):
     spec, arrays, _ = tiny
@@ -106,6 +107,7 @@ def deflated(*parts: tuple[bytes, int]) -> bytes:
     return b"".join(out) + compressor.flush()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("shape", [(2**32 - 1, 28, 28), (10**6, 10**6, 28, 28), (0, 2**32 - 1, 2**32 - 1)],
                          ids=["4-billion-images", "10**12-images", "zero-by-huge"])
 @pytest.mark.parametrize("compressed", [False, True], ids=["raw", "gz"])
@@ -120,6 +122,7 @@ def test_a_header_declaring_absurdly_many_images_is_refused_before_allocating(tm
     assert peak < MiB, f"peak {peak:,} bytes"
 
 
+@pytest.mark.unit
 def test_a_header_declaring_more_than_the_gzip_can_hold_is_refused_before_inflating(tmp_path):
     """784,000 bytes declared in a 40-byte .gz: deflate tops out at 1032:1, so the header is forged."""
     path = tmp_path / "forged.gz"
@@ -141,6 +144,7 @@ def bomb() -> bytes:
     return deflated((header, 1), (bytes(MiB), 100))
 
 
+@pytest.mark.unit
 def test_a_gzip_bomb_is_cut_off_one_byte_past_its_declared_size(tmp_path, bomb, monkeypatch):
     assert len(bomb) < 110_000
     path = tmp_path / TRAIN_IMAGES
@@ -156,6 +160,7 @@ def test_a_gzip_bomb_is_cut_off_one_byte_past_its_declared_size(tmp_path, bomb, 
     assert sum(map(len, inflated)) == 16 + 784_000 + 1  # header, payload, one byte more: the 99 MB beyond never
 
 
+@pytest.mark.unit
 def test_a_gzip_bomb_downloaded_from_a_mirror_is_refused_and_not_cached(tiny, bomb):
     spec, arrays, blobs = tiny
     with serve({**blobs, TRAIN_IMAGES: bomb}) as url:
@@ -166,6 +171,7 @@ def test_a_gzip_bomb_downloaded_from_a_mirror_is_refused_and_not_cached(tiny, bo
     assert not (store.cache_root() / spec.name / TRAIN_IMAGES).exists()
 
 
+@pytest.mark.unit
 def test_a_file_of_a_hundred_thousand_gzip_members_reads_in_linear_time(tmp_path, monkeypatch):
     """`cat a.gz b.gz` is valid gzip; 100,000 empty members between two halves took gzip.decompress 29 s,
     because it handed each member the whole rest of the file. Linear: each compressed byte is given to a
@@ -227,6 +233,7 @@ CIFAR_BOMBS = {
 }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("case", list(CIFAR_BOMBS))
 def test_a_cifar_archive_is_never_inflated_past_its_expected_size(tmp_path, case):
     info, data, repeat, says = CIFAR_BOMBS[case]
@@ -238,6 +245,7 @@ def test_a_cifar_archive_is_never_inflated_past_its_expected_size(tmp_path, case
     assert peak < 40 * MiB, f"peak {peak:,} bytes"  # the stream cap: 16 MiB of slack over 6 records
 
 
+@pytest.mark.unit
 def test_the_tiny_archive_reads(tmp_path):
     """The bombs above are refused for their size, not because the tiny spec reads nothing."""
     path = tmp_path / "ok.tar.gz"
@@ -246,6 +254,7 @@ def test_the_tiny_archive_reads(tmp_path):
     assert splits["train"][0].shape == (5, 32, 32, 3)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("recipe", ["digits", "objects", "photos", "photos-grey"])
 def test_a_two_million_pixel_tall_sliver_is_prepared_in_bounded_memory(recipe):
     """8 x 2,000,000 px (16 MP, under MAX_PIXELS): max-pooling used to pad the width to the factor, 2.1 GB."""
@@ -330,6 +339,7 @@ def test_data_validation_holds_under_python_dash_o(tmp_path):
         assert found_kind == kind and names in message and says in message, (name, found_kind, message)
 
 
+@pytest.mark.unit
 def test_no_assert_statement_in_the_package():
     source = Path(__file__).parents[1] / "src" / "cnnlab"
     offenders = [f"{path}:{number}" for path in source.rglob("*.py")
@@ -421,6 +431,7 @@ def test_two_processes_and_a_thread_fetching_the_same_dataset_at_once_all_succee
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
 
 
+@pytest.mark.unit
 def test_eps_is_never_handed_to_ghostscript_whatever_its_name(tmp_path):
     """Pillow decodes EPS by running Ghostscript on it; cnnlab refuses the format from its header."""
     from cnnlab.data.folder import decode_image

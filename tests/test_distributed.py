@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
 from cnnlab.config import ConfigError, load_config
 from cnnlab.training.distributed import DeviceError, resolve_device
 from cnnlab.training.sampling import steps_in_epoch
+from conftest import tiny_config, tiny_train_args, weights
 
-QUICK = ["--model", "seed", "--epochs", "1", "--quiet", "--set", "data.val_size=200"]
+ONE_EPOCH = tiny_train_args("--epochs", "1", "--set", "data.val_size=200")
 
 
 def cnnlab(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -29,10 +29,6 @@ def cnnlab(cwd: Path, *args: str, timeout: float = 300) -> subprocess.CompletedP
                           timeout=timeout, env=env)
 
 
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / "model.safetensors"))
-
-
 def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
@@ -40,14 +36,14 @@ def metrics(run: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> Path:
     cwd = tmp_path_factory.mktemp("ddp")
-    done = cnnlab(cwd, "train", *QUICK, "--nproc", "2", "--name", "ddp")
+    done = cnnlab(cwd, "train", *ONE_EPOCH, "--nproc", "2", "--name", "ddp")
     assert done.returncode == 0, done.stdout + done.stderr
     return cwd / "runs" / "ddp"
 
 
 @pytest.mark.slow  # a torchrun job: 3 Python processes that import torch
 def test_two_processes_train_to_the_weights_of_one_with_the_same_global_batch(two_process_run, tmp_path):
-    single = cnnlab(tmp_path, "train", *QUICK, "--name", "single")
+    single = cnnlab(tmp_path, "train", *ONE_EPOCH, "--name", "single")
     assert single.returncode == 0, single.stderr
     one, two = weights(tmp_path / "runs" / "single"), weights(two_process_run)
     assert one.keys() == two.keys()
@@ -64,7 +60,7 @@ def test_two_processes_train_to_the_weights_of_one_with_the_same_global_batch(tw
 def load_initial_conv1() -> torch.Tensor:
     from cnnlab.models.cnn import build_model
 
-    config = load_config("seed")
+    config = tiny_config()
     return build_model(config.model, (28, 28, 1), 10, seed=0).features.conv1.weight.detach()
 
 
@@ -112,6 +108,7 @@ def children(pid: int) -> list[int]:
     return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
+@pytest.mark.unit
 def test_nproc_refuses_an_existing_run_name_before_launching(tmp_path):
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     result = CliRunner().invoke(app, ["train", "--nproc", "2", "--runs-dir", str(tmp_path / "runs"), "--name", "taken"])
@@ -119,6 +116,7 @@ def test_nproc_refuses_an_existing_run_name_before_launching(tmp_path):
 
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n, batch, steps", [(100, 32, 4), (97, 32, 4), (96, 32, 3), (1, 32, 1)])
 def test_steps_per_epoch_do_not_depend_on_the_number_of_processes(n, batch, steps):
     # A rank whose slice of the short last batch is empty still takes the step (zero loss, zero
@@ -126,6 +124,7 @@ def test_steps_per_epoch_do_not_depend_on_the_number_of_processes(n, batch, step
     assert steps_in_epoch(n, batch) == steps
 
 
+@pytest.mark.unit
 def test_devices():
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -136,6 +135,7 @@ def test_devices():
         load_config("seed", None, ["train.device=gpu"])
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on machines without a GPU")
 def test_train_on_cuda_without_a_gpu_says_so(tmp_path):
     result = CliRunner().invoke(app, ["train", "--device", "cuda", "--runs-dir", str(tmp_path / "runs")])

@@ -8,20 +8,18 @@ import pytest
 import torch
 
 from cnnlab import pipeline
-from cnnlab.config import ConfigError, load_config
+from cnnlab.config import ConfigError
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.weights import load_model
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.engine import Trainer
-from conftest import StopAt
+from conftest import StopAt, tiny_config
 
-QUICK = ["epochs=6", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
-         "train.threads=1"]
 VAL_LOSSES = [1.0, 0.8, 0.9, 0.95, 0.7, 0.6]  # epoch 2 is best until epoch 5; patience 2 stops after epoch 4
 
 
 def quick(*overrides: str):
-    return load_config("seed", overrides=[*QUICK, *overrides])
+    return tiny_config("epochs=6", *overrides)
 
 
 @pytest.fixture
@@ -96,6 +94,7 @@ def test_an_early_stopped_run_resumes_bitwise_equal(tmp_path, scripted_validatio
     assert all(torch.equal(saved[k], kept[k]) for k in saved)
 
 
+@pytest.mark.unit
 def test_early_stopping_without_a_validation_split_is_refused_before_a_run_exists(tmp_path):
     with pytest.raises(ConfigError, match="train.early_stopping.*validation split"):
         pipeline.train(quick("data.val_size=0", "train.early_stopping.patience=2"), tmp_path, name="x",
@@ -103,6 +102,7 @@ def test_early_stopping_without_a_validation_split_is_refused_before_a_run_exist
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("override, message", [
     ("train.early_stopping.metric=val_acc", "train.early_stopping.metric"),
     ("train.early_stopping.patience=-1", "train.early_stopping.patience"),

@@ -51,6 +51,7 @@ ODD_LAYERS = ["model.conv.0.pool_first=true", "model.conv.0.batch_norm=true", "m
               "model.conv.0.activation=gelu"]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", [*list_presets(), "pool-first", "fast-fashion"])
 def test_the_stages_compute_what_the_network_computes(name):
     config = (load_config("seed", overrides=ODD_LAYERS) if name == "pool-first" else
@@ -213,6 +214,7 @@ def test_explore_writes_into_the_run_unless_told_where(tmp_path, monkeypatch):
     assert result.exit_code == 2 and "runs/nothing" in result.output and len(result.output.splitlines()) == 1
 
 
+@pytest.mark.unit
 def test_a_class_name_cannot_close_the_script_it_sits_in():
     page = explore_page.render({"classes": ["</script><script>alert(1)</script>"], "stages": [], "images": []})
     assert page.count("</script>") == 3  # the recipes', the data's and the code's own

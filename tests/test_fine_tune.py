@@ -20,9 +20,8 @@ from cnnlab.runs.weights import load_model
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.optim import parameter_groups
 from cnnlab.training.sampling import class_weights, epoch_order, sampling_weights
+from conftest import tiny_config, tiny_overrides
 from use_runs import tiny_run
-
-QUICK = ["epochs=1", "batch_size=64", "data.val_size=500", "train.threads=1"]
 
 
 class FirstWeights(Callback):
@@ -40,7 +39,7 @@ def fine_tune_config(source, *overrides: str):
     """What `--init-from` resolves to: the source run's config as the base."""
     base = load_model(source)[2].to_dict()
     base["train"]["init_from"] = str(source)
-    return load_config(None, overrides=[*QUICK, *overrides], base=base)
+    return load_config(None, overrides=tiny_overrides("epochs=1", *overrides, shrink_model=False), base=base)
 
 
 # ---------------------------------------------------------------------------------- --init-from
@@ -66,6 +65,7 @@ def test_the_same_classes_keep_the_whole_head(tmp_path):
     assert record["head"] == "copied" and all(torch.equal(model.state_dict()[k], trained[k]) for k in trained)
 
 
+@pytest.mark.unit
 def test_a_grey_kernel_adapted_to_colour_gives_the_same_output_on_a_grey_picture():
     torch.manual_seed(0)
     grey_kernel, grey = torch.randn(4, 1, 3, 3), torch.rand(2, 1, 8, 8)
@@ -170,7 +170,7 @@ def test_fine_tuning_on_a_registered_dataset_of_the_same_kind_says_only_where_it
 
 # ---------------------------------------------------------------------------------- freezing, slower features
 def test_frozen_epochs_keep_the_kernels_and_train_the_head_and_batch_norm(tmp_path):
-    config = load_config("fast", overrides=[*QUICK, "epochs=2", "train.freeze_epochs=1"])
+    config = tiny_config("train.freeze_epochs=1", model="fast", shrink_model=False)
     seen = FirstWeights()
     pipeline.train(config, tmp_path, name="frozen", callbacks=[seen], progress=False)
     begin, after = seen.begin, seen.after_one
@@ -181,6 +181,7 @@ def test_frozen_epochs_keep_the_kernels_and_train_the_head_and_batch_norm(tmp_pa
     assert not torch.equal(begin["features.conv1.weight"], final["features.conv1.weight"])  # epoch 2 trains them
 
 
+@pytest.mark.unit
 def test_the_features_can_learn_at_a_multiple_of_the_learning_rate():
     config = load_config("fast", overrides=["train.features_lr_scale=0.1"])
     model = build_model(config.model)
@@ -194,6 +195,7 @@ def test_the_features_can_learn_at_a_multiple_of_the_learning_rate():
 LABELS = torch.tensor([0] * 80 + [1] * 15 + [2] * 5)
 
 
+@pytest.mark.unit
 def test_balanced_class_weights_follow_the_n_over_classes_times_count_rule():
     config = load_config("seed", overrides=["train.class_weights=balanced"]).train
     weights = class_weights(config, LABELS, 3)
@@ -205,10 +207,10 @@ def test_balanced_class_weights_follow_the_n_over_classes_times_count_rule():
 
 
 def test_class_weights_change_the_loss_the_model_learns_from(tmp_path):
-    plain = pipeline.train(load_config("seed", overrides=[*QUICK, "first_layer_convs=4"]), tmp_path, name="a",
+    plain = pipeline.train(tiny_config("epochs=1", "first_layer_convs=4", shrink_model=False), tmp_path, name="a",
                            progress=False)
-    weighted = pipeline.train(load_config("seed", overrides=[*QUICK, "first_layer_convs=4",
-                                                            "train.class_weights=[1, 1, 1, 1, 1, 1, 1, 1, 1, 20]"]),
+    weighted = pipeline.train(tiny_config("epochs=1", "first_layer_convs=4",
+                                          "train.class_weights=[1, 1, 1, 1, 1, 1, 1, 1, 1, 20]", shrink_model=False),
                               tmp_path, name="b", progress=False)
     # class 9 counts twenty times: the network predicts it more often, its recall rises
     recall = {r.run.name: r.test.per_class[9]["recall"] for r in (plain, weighted)}
@@ -216,13 +218,15 @@ def test_class_weights_change_the_loss_the_model_learns_from(tmp_path):
     assert predicted_nine["b"] > predicted_nine["a"] and recall["b"] >= recall["a"]
 
 
+@pytest.mark.unit
 def test_a_wrong_number_of_class_weights_is_refused_before_a_run_exists(tmp_path):
     with pytest.raises(ConfigError, match="train.class_weights: expected 10 weights"):
-        pipeline.train(load_config("seed", overrides=[*QUICK, "train.class_weights=[1, 2]"]), tmp_path, name="x",
+        pipeline.train(tiny_config("epochs=1", "train.class_weights=[1, 2]", shrink_model=False), tmp_path, name="x",
                        progress=False)
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.unit
 def test_balanced_sampling_draws_every_class_about_as_often():
     config = load_config("seed", overrides=["train.sampling=balanced"]).train
     order = epoch_order(len(LABELS), 0, 0, sampling_weights(config, LABELS, 3))
@@ -231,6 +235,7 @@ def test_balanced_sampling_draws_every_class_about_as_often():
     assert torch.equal(order, epoch_order(len(LABELS), 0, 0, sampling_weights(config, LABELS, 3)))
 
 
+@pytest.mark.unit
 def test_the_per_class_table_flags_classes_with_far_fewer_examples():
     from cnnlab.cli.training import few_examples, format_evaluation
     from cnnlab.training.evaluate import Evaluation

@@ -14,6 +14,8 @@ from cnnlab.data.folder import FolderError, FolderSource, PathTable, decode_imag
 from cnnlab.data.sources import load_all
 from cnnlab.images import ImageTooLarge
 
+pytestmark = pytest.mark.unit  # every test here is in-process and quick
+
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 200, 0)
 
 

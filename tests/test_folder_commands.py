@@ -92,6 +92,7 @@ def test_a_sweep_searches_over_folders_given_as_parameter_values(tmp_path):
     assert classes == {"two": ["green", "red"], "data/three": ["blue", "green", "red"]}  # the study keeps the text
 
 
+@pytest.mark.unit
 def test_a_sweep_over_a_missing_folder_stops_before_any_trial(tmp_path):
     colour_folder(tmp_path / "shapes")
     file = write_sweep(tmp_path / "sweeps" / "sweep.yaml", "shapes/", {"dropout": {"values": [0.0, 0.3]}})
@@ -118,6 +119,7 @@ def test_summary_of_a_folder_sizes_the_model_without_importing_torch(tmp_path):
     assert len(empty.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.unit
 def test_lr_find_and_show_batch_take_a_folder(tmp_path):
     folder = colour_folder(tmp_path / "shapes")
     small = ["--dataset", str(folder), "--set", "data.image_size=12", "--set", "data.workers=0", "--set",
@@ -153,6 +155,7 @@ def test_the_notebook_api_trains_evaluates_and_draws_a_folder(tmp_path):
     assert count_run_params(run.run, config) == plan(config.model, (12, 12, 3), 2).params
 
 
+@pytest.mark.unit
 def test_datasets_where_fetch_and_verify_take_a_folder(tmp_path):
     folder = colour_folder(tmp_path / "shapes")
     where = runner.invoke(app, ["datasets", "where", str(folder)])
@@ -169,12 +172,14 @@ def test_datasets_where_fetch_and_verify_take_a_folder(tmp_path):
     assert missing.exit_code == 2 and "no such folder" in missing.output
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("command", ["where", "verify"])
 def test_a_misspelt_dataset_name_is_still_an_unknown_dataset(command):
     result = runner.invoke(app, ["datasets", command, "mnist-sampel"])
     assert result.exit_code == 2 and "unknown dataset 'mnist-sampel'" in result.output
 
 
+@pytest.mark.unit
 def test_a_relative_folder_opened_from_elsewhere_says_where_it_was_looked_for(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["summary", "--dataset", "holiday"])  # no folder of that name here

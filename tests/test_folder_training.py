@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cnnlab import pipeline
 from cnnlab.cli import app
 from cnnlab.config import load_config
-from cnnlab.runs import layout
 from cnnlab.training.engine import TrainingInterrupted
-from conftest import StopAt
+from conftest import StopAt, weights
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": 0, "green": 1, "blue": 2}
@@ -96,6 +94,7 @@ def test_show_and_predict_work_on_a_folder_run(tmp_path):
         assert Image.open(out).mode in ("RGB", "RGBA")
 
 
+@pytest.mark.unit
 def test_a_folder_that_is_not_one_says_what_is_expected(tmp_path):
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.png")
@@ -116,7 +115,7 @@ def test_a_folder_run_resumes_mid_epoch_to_the_same_weights(tmp_path, workers):
     with pytest.raises(TrainingInterrupted):
         pipeline.train(config, tmp_path / "runs", name="cut", callbacks=[StopAt(2, 2)], progress=False)
     resumed = pipeline.resume(tmp_path / "runs" / "cut", progress=False)
-    a, b = load_file(str(layout.path(whole.run, "weights"))), load_file(str(layout.path(resumed.run, "weights")))
+    a, b = weights(whole.run), weights(resumed.run)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

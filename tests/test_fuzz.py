@@ -187,6 +187,7 @@ def bounded(target: str, data: bytes) -> None:
         assert peak <= 4 * len(data) * GZIP_MAX_RATIO + (32 << 20), f"{target}: peak {peak:,} bytes"
 
 
+@pytest.mark.unit
 def test_the_seeds_are_valid_inputs_and_pass(tmp_path):
     """The seeds reach the deep paths: each is read successfully (a seed that fails early seeds nothing)."""
     for raw in idx_seeds():
@@ -201,6 +202,7 @@ def test_the_seeds_are_valid_inputs_and_pass(tmp_path):
         image_target(seed)
 
 
+@pytest.mark.unit
 def test_every_input_that_ever_crashed_a_target_is_handled():
     replayed = 0
     for target in TARGETS:
@@ -235,24 +237,28 @@ def mutated(draw, seeds):
     return bytes(data)
 
 
+@pytest.mark.unit
 @FAST
 @given(st.binary(max_size=256) | mutated(idx_seeds()))
 def test_idx_reader_raises_only_idx_errors(data):
     bounded("idx", data)
 
 
+@pytest.mark.unit
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=128) | mutated(image_seeds()))
 def test_upload_preprocessing_raises_only_its_own_errors(data):
     image_target(data)
 
 
+@pytest.mark.unit
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=128) | mutated(cifar_seeds()))
 def test_cifar_reader_raises_only_cifar_errors(data):
     bounded("cifar", data)
 
 
+@pytest.mark.unit
 @FAST
 @given(st.lists(st.integers(0, 4), min_size=1, max_size=4), st.integers(0, 255),
        st.sampled_from([np.uint8, np.int8, np.int16, np.int32, np.float32, np.float64]), st.data())

@@ -6,6 +6,8 @@ import pytest
 
 from cnnlab.data.idx import IDXError, encode_idx, parse_idx, read_idx, write_idx
 
+pytestmark = pytest.mark.unit  # every test here is in-process and quick
+
 
 @pytest.mark.parametrize("dtype", ["uint8", "int8", "int16", "int32", "float32", "float64"])
 @pytest.mark.parametrize("suffix", ["", ".gz"])

@@ -58,12 +58,14 @@ MAKERS = {"transparent.png": transparent_png, "sixteen-bit.png": sixteen_bit_png
 
 
 # ------------------------------------------------------------------------------------ the policy
+@pytest.mark.unit
 def test_sixteen_bit_grey_is_scaled_exactly():
     values = np.array([[0, 257, 257 * 128], [65535, 65534, 128]], dtype=np.uint16)
     out = np.asarray(images.normalized(Image.fromarray(values)))
     assert out.tolist() == [[0, 1, 128], [255, 255, 0]]  # round(v * 255 / 65535)
 
 
+@pytest.mark.unit
 def test_transparency_gets_a_background_that_contrasts_with_the_drawing():
     dark_ink = np.zeros((20, 20, 4), np.uint8)
     dark_ink[5:15, 9:11] = (0, 0, 0, 255)  # a black stroke, the rest transparent
@@ -74,23 +76,27 @@ def test_transparency_gets_a_background_that_contrasts_with_the_drawing():
     assert (on_light[0, 0] == 0).all() and (on_light[10, 10] == 255).all()  # white on black
 
 
+@pytest.mark.unit
 def test_grey_with_alpha_stays_grey_and_cmyk_becomes_rgb():
     assert images.normalized(Image.new("LA", (4, 4), (100, 255))).mode == "L"
     assert images.normalized(Image.new("CMYK", (4, 4))).mode == "RGB"
     assert images.normalized(Image.new("1", (4, 4))).mode == "L"
 
 
+@pytest.mark.unit
 def test_an_animation_gives_its_first_frame(tmp_path):
     frames = [Image.new("L", (8, 8), level) for level in (10, 200)]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
     assert np.asarray(images.read_pixels(tmp_path / "anim.gif", (8, 8), 1)).max() < 50
 
 
+@pytest.mark.unit
 def test_exif_rotation_is_applied(tmp_path):
     upright = images.open_image(exif_rotated_jpeg(tmp_path / "r.jpg"))
     assert upright.size == (30, 40)  # (width, height) of the drawing, not of the stored sideways pixels
 
 
+@pytest.mark.unit
 def test_read_pixels_crops_the_centre_to_the_target_aspect():
     wide = np.zeros((10, 30), np.uint8)
     wide[:, 10:20] = 255  # only the centre third is white

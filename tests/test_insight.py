@@ -49,6 +49,7 @@ def two_class(confidence: float, right: int, n: int) -> tuple[np.ndarray, np.nda
     return probabilities, labels
 
 
+@pytest.mark.unit
 def test_honest_probabilities_have_no_calibration_error():
     cal = calibration(*two_class(0.8, 800, 1000))
     assert cal.ece == pytest.approx(0.0, abs=1e-12) and cal.mce == pytest.approx(0.0, abs=1e-12)
@@ -56,6 +57,7 @@ def test_honest_probabilities_have_no_calibration_error():
     assert sum(cal.counts) == 1000 and cal.counts[11] == 1000  # 0.8 is in (11/15, 12/15]
 
 
+@pytest.mark.unit
 def test_an_overconfident_model_is_measured_and_named():
     cal = calibration(*two_class(0.9, 600, 1000))
     assert cal.ece == pytest.approx(0.3) and cal.mce == pytest.approx(0.3)
@@ -64,6 +66,7 @@ def test_an_overconfident_model_is_measured_and_named():
     assert under.verdict == "underconfident by 30.0% on average"
 
 
+@pytest.mark.unit
 def test_ece_matches_a_loop_over_the_bins():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(500, 4)) * 3
@@ -80,6 +83,7 @@ def test_ece_matches_a_loop_over_the_bins():
     assert cal.to_dict()["confidence"][0] is None  # no confidence under 0.25 with 4 classes: an empty bin, null
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("spread", [(3, 4, 1), (1, 40, 900)])
 def test_the_count_axis_reads_in_plain_numbers(spread):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -100,6 +104,7 @@ def test_the_count_axis_reads_in_plain_numbers(spread):
     assert int(labels_shown[-1].replace(",", "")) >= max(spread) / 5  # the ticks reach up to the fullest bin
 
 
+@pytest.mark.unit
 def test_calibration_refuses_mismatched_inputs():
     with pytest.raises(ValueError, match="as many labels as predictions"):
         calibration(np.ones((3, 2)) / 2, np.zeros(2, dtype=int))
@@ -128,6 +133,7 @@ def test_show_calibration_draws_the_run_s_test_predictions(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ the feature map
+@pytest.mark.unit
 def test_the_penultimate_features_are_what_the_classifier_reads():
     model = build_model(load_config("seed", overrides=["first_layer_convs=4", "dense_layer_size=16"]).model,
                         seed=0)
@@ -140,6 +146,7 @@ def test_the_penultimate_features_are_what_the_classifier_reads():
     assert torch.allclose(recomputed, logits, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_pca_finds_the_direction_of_most_variance():
     rng = np.random.default_rng(1)
     data = rng.normal(size=(300, 5)) * np.array([10.0, 3.0, 0.1, 0.1, 0.1])
@@ -148,6 +155,7 @@ def test_pca_finds_the_direction_of_most_variance():
     assert abs(np.corrcoef(coords[:, 0], data[:, 0])[0, 1]) > 0.99
 
 
+@pytest.mark.unit
 def test_neighbour_agreement_tells_separated_classes_from_mixed_ones():
     rng = np.random.default_rng(2)
     apart = np.concatenate([rng.normal(size=(50, 2)), rng.normal(size=(50, 2)) + 100])
@@ -236,6 +244,7 @@ def test_show_batch_from_a_run_or_options_and_refuses_both(tmp_path):
     assert missing.exit_code == 2 and "no-run" in missing.output and "Traceback" not in missing.output
 
 
+@pytest.mark.unit
 def test_a_colour_batch_is_tiled_in_colour(tmp_path):
     for name, colour in (("red", (220, 30, 30)), ("blue", (30, 30, 220))):
         folder = tmp_path / "photos" / name
@@ -251,6 +260,7 @@ def test_a_colour_batch_is_tiled_in_colour(tmp_path):
     assert (tiles[:4, :4] == 200).all() and (tiles[4:6, :4] == 255).all()  # the image, then its label band
 
 
+@pytest.mark.unit
 def test_show_batch_keeps_the_lesson_s_paths_out_of_the_run_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli("show", "batch", "--out", "batch.png").exit_code == 0

@@ -21,9 +21,9 @@ from cnnlab.inspect.show import LoadedRun, choose_input, show_features, show_ker
 from cnnlab.runs import layout
 from cnnlab.training.evaluate import infer
 from cnnlab.use.recipes import prepare
+from conftest import tiny_train_args
 
 runner = CliRunner()
-TINY = ["--model", "seed", "--epochs", "1", "--set", "dense_layer_size=8", "--quiet"]
 
 
 def run(*args: str):
@@ -37,7 +37,8 @@ def trained(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
         for name, filters in (("a", 4), ("b", 6)):
-            result = run("train", *TINY, "--set", f"first_layer_convs={filters}", "--runs-dir", root, "--name", name)
+            result = run("train", *tiny_train_args("--epochs", "1", "--set", "dense_layer_size=8", "--set",
+                                                  f"first_layer_convs={filters}"), "--runs-dir", root, "--name", name)
             assert result.exit_code == 0, result.output
     return root
 
@@ -61,6 +62,7 @@ def test_show_kernels_draws_one_panel_per_filter(trained, tmp_path, loaded):
     assert (grid.filters, grid.channels, grid.rows, grid.columns) == (4, 1, 1, 4)
 
 
+@pytest.mark.unit
 def test_colour_kernels_get_a_column_per_input_channel(tmp_path):
     grid = plot_kernels(np.random.default_rng(0).normal(size=(5, 3, 3, 3)), tmp_path / "k.png")
     assert (grid.rows, grid.columns) == (5, 3)
@@ -148,6 +150,7 @@ def test_saliency_heat_map(trained, tmp_path, loaded, method):
 
 
 # ------------------------------------------------------------------------------------- curves
+@pytest.mark.unit
 @pytest.mark.parametrize("classes", [2, 3, 10])
 def test_the_confusion_matrix_title_is_never_cut_off(classes):
     from cnnlab.inspect.figures import plot_confusion
@@ -207,6 +210,7 @@ def test_runs_json_rows_and_sorting(trained):
     assert table.exit_code == 0 and "mnist-sample" in table.output and "1/1" in table.output
 
 
+@pytest.mark.unit
 def test_runs_on_an_empty_folder(tmp_path):
     assert "no runs under" in run("runs", "--runs-dir", tmp_path).output
     assert json.loads(run("runs", "--runs-dir", tmp_path, "--json").output) == []
@@ -219,6 +223,7 @@ def test_compare_shows_only_the_keys_that_differ(trained):
     assert "test_accuracy" in output
 
 
+@pytest.mark.unit
 def test_dotted_keys_are_the_keys_set_takes():
     assert dotted_keys({"model": {"conv": [{"filters": 4, "kernel_size": [3, 3]}]}, "train": {"lr": 0.1}}) == {
         "model.conv.0.filters": 4, "model.conv.0.kernel_size": [3, 3], "train.lr": 0.1}

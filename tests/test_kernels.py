@@ -5,6 +5,8 @@ import pytest
 from cnnlab.playground.conv import conv2d
 from cnnlab.playground.kernels import box, gaussian, get_kernel, list_kernels, parse_kernel
 
+pytestmark = pytest.mark.unit  # every test here is in-process and quick
+
 NAMES = ["identity", "blur", "box", "gaussian", "sharpen", "sobel-x", "sobel-y", "laplacian", "outline", "emboss"]
 
 

@@ -149,6 +149,7 @@ def test_folds_check_the_training_images_too(folder_run, tmp_path):
     assert refused.exit_code == 2 and "--folds: 2 or more" in refused.output
 
 
+@pytest.mark.unit
 def test_confident_learning_against_a_hand_worked_example():
     probabilities = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.6, 0.4], [0.1, 0.9]])
     labels = np.array([0, 0, 1, 1, 0])

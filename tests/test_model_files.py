@@ -33,8 +33,7 @@ from cnnlab.inspect.activations import learned_kernel
 from cnnlab.runs import layout, records
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.weights import load_model
-
-TINY = ["epochs=1", "batch_size=64", "data.val_size=500", "model.conv.0.filters=4", "dense_layer_size=16"]
+from conftest import tiny_config, weights
 
 
 class Touch:
@@ -64,7 +63,8 @@ def tree_hashes(folder: Path) -> dict[str, str]:
 def trained(tmp_path_factory) -> Path:
     """One tiny one-epoch run (a single checkpoint, no previous one to fall back to)."""
     root = tmp_path_factory.mktemp("trained")
-    return pipeline.train(load_config("seed", overrides=TINY), root, name="good", progress=False).run
+    config = tiny_config("epochs=1", "first_layer_convs=4", "dense_layer_size=16")
+    return pipeline.train(config, root, name="good", progress=False).run
 
 
 @pytest.fixture
@@ -83,6 +83,7 @@ def picture(tmp_path) -> Path:
     return file
 
 
+@pytest.mark.unit
 def test_the_bait_works(tmp_path):
     """The payloads do run code when unpickled the unsafe way: so their silence below means something."""
     marker = tmp_path / "MARKER"
@@ -169,7 +170,7 @@ def test_no_command_unpickles_a_planted_model(copy_run, trained, picture, tmp_pa
     code, output = invoke(["train", "--resume", str(run), "-q"])
     assert code == 0 and not marker.exists()
     assert "model.safetensors was" in output and "rewritten from the checkpoint" in output
-    repaired, original = (load_file(str(r / "model.safetensors")) for r in (run, trained))
+    repaired, original = weights(run), weights(trained)
     assert repaired.keys() == original.keys() and all(torch.equal(repaired[k], original[k]) for k in original)
 
 
@@ -390,6 +391,7 @@ def test_python_tags_in_config_yaml_never_run(copy_run, tmp_path, text):
     assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_a_pickle_as_config_file_is_a_config_error(tmp_path):
     file = tmp_path / "config.pt"
     file.write_bytes(payloads(tmp_path / "MARKER")["torch.save"])
@@ -476,6 +478,7 @@ def test_resume_of_a_checkpoint_that_does_not_fit_is_one_line(copy_run):
     assert code == 2 and "Traceback" not in output and "checkpoint.safetensors" in output
 
 
+@pytest.mark.unit
 def test_a_valid_file_whose_header_length_starts_like_a_pickle_still_loads(tmp_path):
     """A safetensors file starts with its header length: one in 256 begins with byte 0x80, as pickles do."""
     from safetensors.torch import save_file

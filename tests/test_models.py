@@ -6,6 +6,8 @@ from cnnlab.models.cnn import build_model, count_parameters, run_order
 from cnnlab.models.plan import Activation, Pool, plan
 from cnnlab.models.summary import format_summary
 
+pytestmark = pytest.mark.unit  # every test here is in-process and quick
+
 DOCUMENTED_PARAMS = {"perceptron": 7_850, "mlp": 101_770, "seed": 693_962, "seed-dropout": 693_962,
                      "deep": 234_410}
 

@@ -15,6 +15,7 @@ ROOT = Path(__file__).parents[1]
 NOTEBOOK = ROOT / "examples" / "lesson.ipynb"
 
 
+@pytest.mark.unit
 def test_the_notebook_extra_the_docs_install_holds_jupyter_nbconvert_and_a_kernel():
     tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python 3.11+")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
@@ -28,6 +29,7 @@ def test_the_notebook_extra_the_docs_install_holds_jupyter_nbconvert_and_a_kerne
     assert "notebook" not in extras["test"][0]  # the suite runs the notebook with nbclient, not JupyterLab
 
 
+@pytest.mark.unit
 def test_the_committed_notebook_has_no_outputs():
     cells = json.loads(NOTEBOOK.read_text())["cells"]
     code = [cell for cell in cells if cell["cell_type"] == "code"]

@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
-from use_runs import TINY, tiny_run
+from conftest import tiny_train_args
+from use_runs import tiny_run
 
 runner = CliRunner()
 IMAGES = Path(__file__).resolve().parents[1] / "docs" / "img"
@@ -84,6 +85,7 @@ def umask_022():
     os.umask(previous)
 
 
+@pytest.mark.unit
 def test_written_files_get_the_mode_a_plain_open_would_give(tmp_path, umask_022):
     from cnnlab.files import write_text
 
@@ -98,7 +100,8 @@ def test_written_files_get_the_mode_a_plain_open_would_give(tmp_path, umask_022)
 
 def test_a_run_directory_is_readable_by_others_under_the_usual_umask(tmp_path, umask_022):
     """Every file of a run, the safetensors ones too (their writer replaces the file it is handed)."""
-    result = runner.invoke(app, ["train", *TINY, "--epochs", "1", "--runs-dir", str(tmp_path), "--name", "r"])
+    result = runner.invoke(app, ["train", *tiny_train_args("--epochs", "1"), "--runs-dir", str(tmp_path),
+                                 "--name", "r"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "r"
     modes = {p.name: p.stat().st_mode & 0o777 for p in run.iterdir() if p.is_file() and p.name != ".lock"}
@@ -157,7 +160,7 @@ def strict_json(text: str):
 def test_an_epoch_without_validation_is_null_in_every_json_and_read_back_as_missing(tmp_path):
     """`train.val_every: 2` leaves epoch 1 unvalidated: its val_loss was a bare NaN in metrics.jsonl."""
     runner = CliRunner()
-    done = runner.invoke(app, ["train", "--dataset", "mnist-sample", *TINY, "--set", "train.val_every=2",
+    done = runner.invoke(app, ["train", "--dataset", "mnist-sample", *tiny_train_args(), "--set", "train.val_every=2",
                                "--runs-dir", str(tmp_path), "--name", "gaps"])
     assert done.exit_code == 0, done.output
     run = tmp_path / "gaps"
@@ -186,6 +189,7 @@ JSON_WRITERS_ALLOWED = {  # json.dumps outside cnnlab.text: internal formats rea
 }
 
 
+@pytest.mark.unit
 def test_every_json_for_other_programs_goes_through_one_strict_writer():
     """The rule behind the test above: cnnlab.text.to_json (non-finite floats as null, allow_nan=False)."""
     source = Path(__file__).resolve().parents[1] / "src" / "cnnlab"
@@ -202,6 +206,7 @@ def test_every_json_for_other_programs_goes_through_one_strict_writer():
 COMMAND_IN_TEXT = re.compile(r"cnnlab(?: [-\w]+)+ $")
 
 
+@pytest.mark.unit
 def test_every_printed_command_is_quoted_for_the_shell():
     """An f-string that puts a value right after `cnnlab <command> ...` prints an unquoted argument: a run named
     `my run` pasted back became two. The rule: cnnlab.text.command, which quotes each word."""

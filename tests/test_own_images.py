@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cnnlab import pipeline
@@ -18,18 +17,16 @@ from cnnlab.cli import app
 from cnnlab.config import load_config
 from cnnlab.images import fitted
 from cnnlab.training.augment import random_colour, random_zoom
+from conftest import tiny_train_args, weights
 from test_folder_training import with_bad_files, write_colour_folder
 
-QUICK = ["--model", "seed", "--epochs", "1", "--quiet", "--set", "data.image_size=12", "--set", "data.workers=0",
-         "--set", "batch_size=16", "--set", "train.threads=1"]
+# the tiny training's options for a 12x12 folder read in the main process: one epoch of batches of 16
+QUICK = tiny_train_args("--epochs", "1", "--set", "data.image_size=12", "--set", "data.workers=0", "--set",
+                        "batch_size=16", shrink_model=False)
 
 
 def invoke(*args: str):
     return CliRunner().invoke(app, list(args))
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(run / "model.safetensors")
 
 
 # ------------------------------------------------------------------------------------------- held in memory
@@ -51,6 +48,7 @@ def test_a_folder_held_in_memory_trains_bitwise_as_one_streamed_from_disk(tmp_pa
     assert manifests[0]["digest"] == manifests[1]["digest"]
 
 
+@pytest.mark.unit
 def test_a_folder_over_the_memory_budget_streams(tmp_path):
     folder = write_colour_folder(tmp_path / "colours", per_class=10)
     config = load_config("seed", None, ["data.image_size=12", "data.workers=0", "data.memory_mb=0"],
@@ -96,6 +94,7 @@ def test_training_warns_about_imbalance_and_too_few_steps(tmp_path):
     assert "make 2 steps an epoch" in trained.output
 
 
+@pytest.mark.unit
 def test_a_class_with_no_readable_image_stops_training_before_a_run_is_made(tmp_path):
     folder = write_colour_folder(tmp_path / "colours", per_class=10)
     for picture in (folder / "green").iterdir():
@@ -209,6 +208,7 @@ def wide_picture() -> Image.Image:
     return Image.fromarray(pixels)
 
 
+@pytest.mark.unit
 def test_crop_pad_and_squish_fit_a_wide_picture_as_named():
     crop = np.asarray(fitted(wide_picture(), (10, 10), "crop"))
     pad = np.asarray(fitted(wide_picture(), (10, 10), "pad"))
@@ -219,6 +219,7 @@ def test_crop_pad_and_squish_fit_a_wide_picture_as_named():
     assert squish[5, 2, 0] > 150 and squish[5, 7, 2] > 150  # both halves kept, squeezed
 
 
+@pytest.mark.unit
 def test_zoom_keeps_the_batch_and_zero_is_no_change():
     images = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
     assert torch.equal(random_zoom(images, 0.0), images)
@@ -226,6 +227,7 @@ def test_zoom_keeps_the_batch_and_zero_is_no_change():
     assert zoomed.shape == images.shape and zoomed.dtype == torch.uint8 and not torch.equal(zoomed, images)
 
 
+@pytest.mark.unit
 def test_a_zoomed_photo_has_no_black_bars():
     backdrop = torch.full((16, 3, 20, 20), 200, dtype=torch.uint8)  # a light backdrop, as photos have
     backdrop[:, :, 8:12, 8:12] = 30  # the object
@@ -233,6 +235,7 @@ def test_a_zoomed_photo_has_no_black_bars():
     assert int(zoomed.min()) >= 30  # nothing darker than the object: no black bars where the picture ends
 
 
+@pytest.mark.unit
 def test_colour_jitter_keeps_shapes_and_changes_colours():
     torch.manual_seed(0)
     images = torch.zeros((64, 3, 8, 8), dtype=torch.uint8)
@@ -290,6 +293,7 @@ def test_class_names_with_dollars_and_quotes_draw(tmp_path):
         assert shown.exit_code == 0 and "Traceback" not in shown.output, (command, shown.output)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("storage", ["//u:SECRET@host/db", " postgres://u:SECRET@h/db", "postgres://u:p@SECRET@h/db"])
 def test_storage_that_looks_like_a_url_is_refused_without_its_password_or_a_folder(storage, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -299,6 +303,7 @@ def test_storage_that_looks_like_a_url_is_refused_without_its_password_or_a_fold
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.unit
 def test_sweep_status_refuses_a_name_that_leaves_the_sweeps_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     refused = invoke("sweep", "status", "../../etc")

@@ -50,6 +50,7 @@ def size_of(path):
 
 # ---------------------------------------------------------------- convolve
 
+@pytest.mark.unit
 def test_convolve_grey_blur_prints_the_arithmetic(pictures, tmp_path):
     out = tmp_path / "blurred.png"
     result = invoke("convolve", pictures["grey"], "--kernel", "blur", "--out", out)
@@ -60,6 +61,7 @@ def test_convolve_grey_blur_prints_the_arithmetic(pictures, tmp_path):
     assert size_of(out) == ((26, 26), "L")
 
 
+@pytest.mark.unit
 def test_convolve_colour_same_stride_2_sums_the_channels(pictures, tmp_path):
     out = tmp_path / "blurred.png"
     result = invoke("convolve", pictures["rgb"], "--kernel", "blur", "--stride", "2", "--padding", "same", "--out", out)
@@ -70,6 +72,7 @@ def test_convolve_colour_same_stride_2_sums_the_channels(pictures, tmp_path):
     assert size_of(out) == ((14, 14), "L")
 
 
+@pytest.mark.unit
 def test_convolve_custom_edges_on_grey_uses_minmax(pictures, tmp_path):
     out = tmp_path / "edges.png"
     result = invoke("convolve", pictures["rgb"], "--kernel", "1,0,-1;2,0,-2;1,0,-1", "--gray", "--out", out)
@@ -80,6 +83,7 @@ def test_convolve_custom_edges_on_grey_uses_minmax(pictures, tmp_path):
     assert pixels.min() == 0 and pixels.max() == 255  # min-max stretches to the full range
 
 
+@pytest.mark.unit
 def test_convolve_per_channel_keeps_colour(pictures, tmp_path):
     out = tmp_path / "sharp.png"
     result = invoke("convolve", pictures["rgb"], "-k", "sharpen", "--per-channel", "--rescale", "clip", "-o", out)
@@ -88,6 +92,7 @@ def test_convolve_per_channel_keeps_colour(pictures, tmp_path):
     assert size_of(out) == ((26, 26), "RGB")
 
 
+@pytest.mark.unit
 def test_convolve_identity_reproduces_the_picture(pictures, tmp_path):
     out = tmp_path / "same.png"
     result = invoke("convolve", pictures["grey"], "-k", "identity", "--padding", "same", "-o", out)
@@ -95,6 +100,7 @@ def test_convolve_identity_reproduces_the_picture(pictures, tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(pictures["grey"])))
 
 
+@pytest.mark.unit
 def test_convolve_dilation_and_int_padding(pictures, tmp_path):
     out = tmp_path / "dilated.png"
     result = invoke("convolve", pictures["grey"], "--dilation", "2", "--padding", "1", "-o", out)
@@ -102,6 +108,7 @@ def test_convolve_dilation_and_int_padding(pictures, tmp_path):
     assert "out = floor((28 + 2*1 - (2*(3-1)+1)) / 1) + 1 = 26" in result.output
 
 
+@pytest.mark.unit
 def test_fully_transparent_rgba_is_composited_on_white(pictures, tmp_path):
     out = tmp_path / "white.png"
     result = invoke("convolve", pictures["rgba"], "-k", "identity", "--per-channel", "-o", out)
@@ -110,6 +117,7 @@ def test_fully_transparent_rgba_is_composited_on_white(pictures, tmp_path):
     assert (np.asarray(Image.open(out)) == 255).all()  # fully transparent pixels become white
 
 
+@pytest.mark.unit
 def test_palette_png_is_converted(pictures, tmp_path):
     out = tmp_path / "pal.png"
     result = invoke("convolve", pictures["palette"], "-k", "box", "-o", out)
@@ -117,6 +125,7 @@ def test_palette_png_is_converted(pictures, tmp_path):
     assert "palette image expanded to RGB" in result.output and "28 x 28 x 3" in result.output
 
 
+@pytest.mark.unit
 def test_jpeg_exif_rotation_is_applied(pictures, tmp_path):
     out = tmp_path / "rotated.png"
     result = invoke("convolve", pictures["jpeg"], "-k", "identity", "-o", out)
@@ -127,6 +136,7 @@ def test_jpeg_exif_rotation_is_applied(pictures, tmp_path):
 
 # ---------------------------------------------------------------- pool
 
+@pytest.mark.unit
 @pytest.mark.parametrize("mode", ["max", "avg"])
 def test_pool_halves_each_side(pictures, tmp_path, mode):
     out = tmp_path / "half.png"
@@ -136,6 +146,7 @@ def test_pool_halves_each_side(pictures, tmp_path, mode):
     assert size_of(out) == ((14, 14), "RGB")
 
 
+@pytest.mark.unit
 def test_max_pool_same_padding_on_grey(pictures, tmp_path):
     out = tmp_path / "third.png"
     result = invoke("pool", pictures["grey"], "--size", "3", "--padding", "same", "-o", out)
@@ -146,6 +157,7 @@ def test_max_pool_same_padding_on_grey(pictures, tmp_path):
 
 # ---------------------------------------------------------------- explain
 
+@pytest.mark.unit
 def test_explain_conv_gif(pictures, tmp_path):
     out = tmp_path / "conv.gif"
     result = invoke("explain", "conv", pictures["grey"], "--kernel", "sharpen", "--steps", "3", "--out", out)
@@ -173,6 +185,7 @@ def test_explain_conv_colour_with_dilation_keeps_a_row_per_channel(pictures, tmp
     assert on_grey.exit_code == 0 and "is a grey image (one channel): --colour has one row to show" in on_grey.output
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dilation", [1, 2])
 @pytest.mark.parametrize("channels", [0, 3])
 def test_every_explained_window_sums_to_the_convolution(channels, dilation):
@@ -208,6 +221,7 @@ def test_explain_pool_html_is_self_contained(pictures, tmp_path):
 
 # ---------------------------------------------------------------- errors: clean message, exit != 0, no file
 
+@pytest.mark.unit
 @pytest.mark.parametrize("args, message", [
     (["convolve", "{not_image}"], "not a readable image"),
     (["convolve", "{missing}"], "nowhere.png: No such file or directory"),
@@ -235,11 +249,13 @@ def test_bad_input_gives_a_clean_error_and_no_output(pictures, tmp_path, args, m
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a partial file
 
 
+@pytest.mark.unit
 def test_unreadable_file_is_named_in_the_error(pictures, tmp_path):
     result = invoke("convolve", pictures["not_image"], "--out", tmp_path / "x.png")
     assert result.exit_code == 2 and "notes.png" in result.output
 
 
+@pytest.mark.unit
 def test_unknown_output_type_is_refused_before_work(pictures, tmp_path):
     result = invoke("convolve", pictures["grey"], "--out", tmp_path / "x.unknown")
     assert result.exit_code == 2 and "cannot write .unknown" in plain(result.output)
@@ -247,6 +263,7 @@ def test_unknown_output_type_is_refused_before_work(pictures, tmp_path):
     assert result.exit_code == 2 and "must end in .gif or .html" in plain(result.output)
 
 
+@pytest.mark.unit
 def test_help_text_on_every_option():
     for command in (["convolve"], ["pool"], ["explain", "conv"], ["explain", "pool"]):
         result = runner.invoke(app, command + ["--help"])
@@ -254,6 +271,7 @@ def test_help_text_on_every_option():
     assert "sobel-x" in runner.invoke(app, ["convolve", "--help"]).output
 
 
+@pytest.mark.unit
 def test_explain_start_picks_the_positions_shown(pictures, tmp_path):
     out = tmp_path / "later.gif"
     result = invoke("explain", "conv", pictures["grey"], "--start", "95", "--steps", "10", "-o", out)
@@ -263,6 +281,7 @@ def test_explain_start_picks_the_positions_shown(pictures, tmp_path):
         assert gif.n_frames == 6 and gif.size == Image.open(out).size
 
 
+@pytest.mark.unit
 def test_explain_start_past_the_end_is_a_clean_error(pictures, tmp_path):
     result = invoke("explain", "pool", pictures["grey"], "--start", "36", "-o", tmp_path / "x.gif")
     assert result.exit_code == 2 and "0 <= start < 36" in result.output
@@ -271,6 +290,7 @@ def test_explain_start_past_the_end_is_a_clean_error(pictures, tmp_path):
 
 # ---------------------------------------------------------------- display rules (cnnlab.playground.explain.rescale)
 
+@pytest.mark.unit
 def test_rescale_rules():
     from cnnlab.playground.display import rescale
     values = np.array([[-2.0, 0.0], [1.0, 2.0]])

@@ -9,18 +9,15 @@ import torch
 from torch import nn
 
 from cnnlab import pipeline
-from cnnlab.config import ConfigError, load_config
+from cnnlab.config import ConfigError
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.weights import load_model
 from cnnlab.training import precision
-from conftest import StopAt, whole_and_resumed
-
-QUICK = ["epochs=1", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
-         "train.threads=1"]
+from conftest import StopAt, tiny_config, whole_and_resumed
 
 
 def quick(*overrides: str):
-    return load_config("seed", overrides=[*QUICK, *overrides])
+    return tiny_config("epochs=1", *overrides)
 
 
 class ConvOutputs:
@@ -33,6 +30,7 @@ class ConvOutputs:
                 module.register_forward_hook(lambda m, args, out: self.seen.append((m.training, out.dtype)))
 
 
+@pytest.mark.unit
 def test_an_unknown_precision_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match=r"train.precision: expected one of float32, bf16-mixed, found 'fp16'"):
         quick("train.precision=fp16")
@@ -76,6 +74,7 @@ def test_a_bf16_mixed_run_resumes_bitwise_equal(tmp_path):
     assert (reference / "test.json").read_text() == (resumed / "test.json").read_text()
 
 
+@pytest.mark.unit
 def test_a_device_without_bfloat16_instructions_gets_one_line(monkeypatch):
     cpu = torch.device("cpu")
     assert precision.slow_notice("float32", cpu) is None
@@ -105,6 +104,7 @@ def test_early_stopping_judges_only_validated_epochs(tmp_path):
     assert [m["epoch"] for m in result.history if not math.isnan(m["val_loss"])] == [3, 6]
 
 
+@pytest.mark.unit
 def test_the_epoch_line_leaves_out_a_validation_not_made():
     from cnnlab.training.callbacks import format_epoch
 
@@ -113,6 +113,7 @@ def test_the_epoch_line_leaves_out_a_validation_not_made():
     assert "val loss 0.4000 acc 0.9100" in format_epoch({**row, "val_loss": 0.4, "val_accuracy": 0.91}, 3)
 
 
+@pytest.mark.unit
 def test_the_curves_join_the_validated_epochs(monkeypatch, tmp_path):
     from cnnlab.inspect import figures
 
@@ -129,6 +130,7 @@ def test_the_curves_join_the_validated_epochs(monkeypatch, tmp_path):
     assert list(train.get_xdata()) == [1, 2, 3, 4]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("asked", ["bf16", "bfloat16", "fp16", "float16", "half"])
 def test_asking_for_16_bits_is_pointed_to_bf16_mixed(asked):
     with pytest.raises(ConfigError, match=r"; did you mean 'bf16-mixed'\?$"):
@@ -149,6 +151,7 @@ def test_the_early_stop_line_gives_the_gap_between_validations(tmp_path, monkeyp
     assert "for 3 epoch(s) after epoch 3 (0.5000)" in result.stopped  # the gap, not the patience of 1
 
 
+@pytest.mark.unit
 def test_the_runs_table_shows_the_last_validated_accuracy():
     from cnnlab.inspect.run_table import last_validated
 

@@ -99,6 +99,7 @@ def test_preview_shows_what_the_model_saw(digits, pictures, tmp_path):
     assert run("predict", digits, pictures / "zero.png", "--preview", tmp_path / "x.jpg").exit_code == 2
 
 
+@pytest.mark.unit
 def test_predict_needs_a_run(tmp_path, pictures):
     result = run("predict", tmp_path / "nowhere", pictures / "zero.png")
     assert result.exit_code == 2 and "no such run directory" in result.output
@@ -114,6 +115,7 @@ def test_clothing_runs_use_their_own_recipe_and_class_names(tmp_path):
     assert prediction.image.shape == (28, 28) and prediction.image[0].max() == 0
 
 
+@pytest.mark.unit
 def test_preview_strip_grid():
     strip = preview_strip([np.full((28, 28), 255, np.uint8)] * 12, columns=5, scale=2, gap=1)
     assert strip.shape == (1 + 3 * 57, 1 + 5 * 57)

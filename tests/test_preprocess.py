@@ -49,6 +49,7 @@ def png_bytes(image: Image.Image, format="PNG", **options) -> bytes:
 
 
 # ------------------------------------------------------------------------------- digits (MNIST)
+@pytest.mark.unit
 @pytest.mark.parametrize("image", [
     seven(),  # dark on light, off-centre to the right
     seven(ink=255, paper=0),  # already light on dark
@@ -60,12 +61,14 @@ def test_digits_come_out_like_mnist(image):
     assert_like_mnist(prepare(image, "digits"))
 
 
+@pytest.mark.unit
 def test_thin_strokes_are_thickened_to_mnist_pen_width():
     digit = prepare(seven(size=(3000, 3000), at=(500, 500), scale=10, width=3), "digits")
     assert_like_mnist(digit)
     assert 1.5 <= stroke_width(digit / 255.0) <= 4.5  # MNIST strokes are ~2-3 px wide
 
 
+@pytest.mark.unit
 def test_transparent_drawings_get_a_contrasting_background():
     dark = seven(mode="RGBA", ink=(0, 0, 0, 255), paper=(0, 0, 0, 0))  # black pen on a transparent layer
     light = seven(mode="RGBA", ink=(255, 255, 255, 255), paper=(255, 255, 255, 0))  # white pen, transparent
@@ -76,6 +79,7 @@ def test_transparent_drawings_get_a_contrasting_background():
         assert np.abs(digit.astype(int) - expected).mean() < 10
 
 
+@pytest.mark.unit
 def test_palette_grey_alpha_and_16_bit_images():
     palette = seven().convert("P")
     palette_transparent = seven(mode="RGBA", ink=(0, 0, 0, 255), paper=(0, 0, 0, 0)).convert("P")
@@ -85,6 +89,7 @@ def test_palette_grey_alpha_and_16_bit_images():
         assert_like_mnist(prepare(Image.open(io.BytesIO(png_bytes(image))), "digits"))
 
 
+@pytest.mark.unit
 def test_jpeg_exif_rotation_is_applied():
     # a phone held sideways: the pixels lie on their side, the EXIF tag says "rotate 90° clockwise to view"
     upright = seven(size=(200, 300), at=(50, 60))
@@ -97,6 +102,7 @@ def test_jpeg_exif_rotation_is_applied():
     assert np.abs(from_tag.astype(int) - expected).mean() < 12
 
 
+@pytest.mark.unit
 def test_photo_noise_and_shading_stay_background():
     rng = np.random.default_rng(0)
     paper = np.asarray(seven(), dtype=float)
@@ -107,6 +113,7 @@ def test_photo_noise_and_shading_stay_background():
     assert np.abs(digit.astype(int) - prepare(seven(), "digits")).mean() < 12
 
 
+@pytest.mark.unit
 def test_blank_pictures_are_refused():
     with pytest.raises(BlankImage, match="no ink found"):
         prepare(Image.new("L", (50, 50), 255), "digits")
@@ -122,6 +129,7 @@ def shoe(size=(640, 480), paper=(255, 255, 255), colour=(60, 40, 30)) -> Image.I
     return image
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("image", [shoe(), shoe(paper=(235, 232, 225)),
                                    shoe(paper=(10, 10, 10), colour=(200, 180, 160))],
                          ids=["white", "off-white", "dark-background"])
@@ -136,6 +144,7 @@ def test_objects_fill_the_frame_light_on_dark(image):
     assert abs(column - 14) < 3 and abs(row - 14) < 3
 
 
+@pytest.mark.unit
 def test_recipes_are_part_of_the_datasets():
     assert get_dataset("mnist-sample").recipe == "digits"
     assert get_dataset("fashion-mnist-sample").recipe == "objects"
@@ -144,6 +153,7 @@ def test_recipes_are_part_of_the_datasets():
 
 
 # -------------------------------------------------------------------------------- bad files
+@pytest.mark.unit
 def test_decompression_bombs_are_refused_before_decoding():
     with pytest.raises(ImageTooLarge, match="8000x8000 pixels is more than the 50,000,000 allowed"):
         read_image(png_header_claiming(8000, 8000), "bomb.png")
@@ -152,6 +162,7 @@ def test_decompression_bombs_are_refused_before_decoding():
             read_image(png_header_claiming(side, side), "bomb.png", max_pixels=10**12)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("data, message", [
     (b"", "not a readable image"),
     (b"hello, I am text", "not a readable image"),

@@ -1,6 +1,10 @@
 """README.md's quick-start commands are the ones CI runs."""
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.unit  # every test here is in-process and quick
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

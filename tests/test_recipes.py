@@ -13,17 +13,15 @@ from cnnlab.training.augment import augment, random_erase
 from cnnlab.training.evaluate import shifted, views
 from cnnlab.training.lookahead import EVERY, PEAK_DECAY, Lookahead, decay_at
 from cnnlab.training.optim import make_optimizer, make_scheduler
-from conftest import StopAt, whole_and_resumed
-
-QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32",
-         "train.threads=1"]
+from conftest import StopAt, tiny_config, whole_and_resumed
 
 
 def quick(*overrides: str):
-    return load_config("seed", overrides=[*QUICK, *overrides])
+    return tiny_config(*overrides)
 
 
 # ---------------------------------------------------------------------------------- random erasing
+@pytest.mark.unit
 def test_erasing_replaces_one_rectangle_per_chosen_image():
     images = torch.full((64, 1, 28, 28), 7, dtype=torch.uint8)
     torch.manual_seed(0)
@@ -38,6 +36,7 @@ def test_erasing_replaces_one_rectangle_per_chosen_image():
     assert torch.equal(random_erase(images, 0.0), images)
 
 
+@pytest.mark.unit
 def test_erasing_is_drawn_from_the_seeded_generator():
     images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     torch.manual_seed(3)
@@ -47,6 +46,7 @@ def test_erasing_is_drawn_from_the_seeded_generator():
 
 
 # ---------------------------------------------------------------------------------- test-time views
+@pytest.mark.unit
 def test_shifted_moves_the_image_and_fills_with_zeros():
     x = torch.arange(16.0).reshape(1, 1, 4, 4) + 1
     down = shifted(x, 1, 0)
@@ -55,6 +55,7 @@ def test_shifted_moves_the_image_and_fills_with_zeros():
     assert torch.equal(left[0, 0, :, :3], x[0, 0, :, 1:]) and (left[0, 0, :, 3] == 0).all()
 
 
+@pytest.mark.unit
 def test_views_are_the_image_its_mirror_and_their_shifts():
     x = torch.rand(2, 1, 8, 8)
     assert len(views(x, False, 0)) == 1 and len(views(x, True, 0)) == 2
@@ -62,6 +63,7 @@ def test_views_are_the_image_its_mirror_and_their_shifts():
 
 
 # ---------------------------------------------------------------------------------- weight decay groups
+@pytest.mark.unit
 def test_weight_decay_can_skip_biases_and_norm_scales():
     config = load_config("fast", overrides=["train.weight_decay=0.01", "train.decay_norms_and_biases=false"])
     from cnnlab.models.cnn import build_model
@@ -74,6 +76,7 @@ def test_weight_decay_can_skip_biases_and_norm_scales():
                .param_groups) == 1  # the default: everything decays, as before
 
 
+@pytest.mark.unit
 def test_batch_norm_biases_can_learn_faster_through_the_whole_schedule():
     from torch import nn
 
@@ -98,6 +101,7 @@ def test_batch_norm_biases_can_learn_faster_through_the_whole_schedule():
     assert max(g["lr"] for g in optimizer.param_groups) <= 8 * config.train.lr
 
 
+@pytest.mark.unit
 def test_the_default_learning_rate_scale_changes_nothing():
     from cnnlab.models.cnn import build_model
 
@@ -128,6 +132,7 @@ def test_an_ema_run_resumes_bitwise_equal(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- lookahead
+@pytest.mark.unit
 def test_the_lookahead_pull_grows_over_the_run():
     total = 100
     decays = [decay_at(step, total) for step in range(0, total + 1, EVERY)]
@@ -135,6 +140,7 @@ def test_the_lookahead_pull_grows_over_the_run():
     assert all(a < b for a, b in zip(decays, decays[1:]))
 
 
+@pytest.mark.unit
 def test_lookahead_pulls_every_few_steps_and_at_the_last_one():
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(model.weight)
@@ -182,13 +188,15 @@ def test_every_recipe_key_trains_on_a_shipped_sample(tmp_path, override):
 
 
 def test_faster_batch_norm_biases_train_a_batch_norm_network_on_a_shipped_sample(tmp_path):
-    config = load_config("deep", overrides=[*QUICK, "epochs=1", "train.norm_bias_lr_scale=8"])
+    config = tiny_config("epochs=1", "model.conv.0.filters=8", "dense_layer_size=32", "train.norm_bias_lr_scale=8",
+                         model="deep", shrink_model=False)
     result = pipeline.train(config, tmp_path, name="r", progress=False)
     assert result.test is not None and torch.isfinite(torch.tensor(result.history[-1]["train_loss"]))
     checkpoint, _ = load_checkpoint(result.run)
     assert sorted(g["lr_scale"] for g in checkpoint["optimizer"]["param_groups"]) == [1.0, 8.0]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("total_steps", range(1, 9))
 def test_one_cycle_works_for_runs_of_a_few_steps(total_steps):
     """torch's OneCycleLR divides by its warm-up length minus one: 4 steps at a 25% warm-up crashed."""

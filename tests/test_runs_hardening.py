@@ -18,19 +18,18 @@ from typer.testing import CliRunner
 
 from cnnlab.cli import app
 from cnnlab.runs import layout
-from cnnlab.runs.weights import load_model
+from conftest import tiny_train_args, weights
 from use_runs import tiny_run
 
 runner = CliRunner()
 DIGIT = Path(__file__).resolve().parents[1] / "docs" / "img" / "digit.png"
-QUICK = ["--model", "seed", "--epochs", "1", "--set", "first_layer_convs=4", "--set", "dense_layer_size=16",
-         "--threads", "1", "--quiet"]
+SHORT = tiny_train_args("--epochs", "1", "--set", "first_layer_convs=4", "--set", "dense_layer_size=16")
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
-    result = runner.invoke(app, ["train", *QUICK, "--runs-dir", str(root), "--name", "done"])
+    result = runner.invoke(app, ["train", *SHORT, "--runs-dir", str(root), "--name", "done"])
     assert result.exit_code == 0, result.output
     return root / "done"
 
@@ -44,10 +43,6 @@ def copy(finished, tmp_path):
 
 def resume(run: Path):
     return runner.invoke(app, ["train", "--resume", str(run), "--quiet"])
-
-
-def weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_model(run)[0].state_dict()
 
 
 # ---------------------------------------------------------------- resuming a finished run
@@ -71,7 +66,7 @@ def test_resuming_a_finished_run_restores_its_model_file_from_the_checkpoint(fin
     elif damage == "non-finite":
         poisoned(run)
     else:
-        trained = runner.invoke(app, ["train", *QUICK, "--seed", "5", "--runs-dir", str(tmp_path / "o"),
+        trained = runner.invoke(app, ["train", *SHORT, "--seed", "5", "--runs-dir", str(tmp_path / "o"),
                                       "--name", "other"])
         assert trained.exit_code == 0, trained.output
         replaced(run, tmp_path / "o" / "other")
@@ -89,7 +84,7 @@ def test_a_finished_run_keeps_its_last_checkpoint_only_unless_asked(tmp_path, ke
     """Two epochs write two checkpoints: a finished run keeps the last (all --resume reads), both with
     --keep-checkpoints; either way --resume still restores a lost model file."""
     flag = ["--keep-checkpoints"] if keep else []
-    result = runner.invoke(app, ["train", *QUICK, "--epochs", "2", "--runs-dir", str(tmp_path), "--name", "two", *flag])
+    result = runner.invoke(app, ["train", *SHORT, "--epochs", "2", "--runs-dir", str(tmp_path), "--name", "two", *flag])
     assert result.exit_code == 0, result.output
     run = tmp_path / "two"
     assert layout.path(run, "checkpoint").is_file()
@@ -106,7 +101,7 @@ def test_a_finished_run_keeps_its_last_checkpoint_only_unless_asked(tmp_path, ke
 def test_the_previous_checkpoint_stays_when_the_last_is_unreadable(tmp_path):
     from cnnlab.runs.checkpoints import load_checkpoint, prune_finished
 
-    result = runner.invoke(app, ["train", *QUICK, "--epochs", "2", "--runs-dir", str(tmp_path), "--name", "two",
+    result = runner.invoke(app, ["train", *SHORT, "--epochs", "2", "--runs-dir", str(tmp_path), "--name", "two",
                                  "--keep-checkpoints"])
     assert result.exit_code == 0, result.output
     run = tmp_path / "two"
@@ -170,22 +165,23 @@ def test_a_disk_full_before_the_first_checkpoint_does_not_promise_a_resume(tmp_p
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(weights_module, "save_file", full)
-    result = runner.invoke(app, ["train", *QUICK, "--runs-dir", str(tmp_path), "--name", "full"])
+    result = runner.invoke(app, ["train", *SHORT, "--runs-dir", str(tmp_path), "--name", "full"])
     assert result.exit_code == 2
     assert "No space left on device (ENOSPC)" in result.output and "nothing to resume" in result.output
     assert "--resume" not in result.output
 
 
 # ---------------------------------------------------------------- run names
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["../escaped", "/tmp/absolute", "a/b", ".hidden", "..", " "])
 def test_names_that_leave_the_runs_folder_are_refused(tmp_path, name):
-    result = runner.invoke(app, ["train", *QUICK, "--runs-dir", str(tmp_path / "runs"), "--name", name])
+    result = runner.invoke(app, ["train", *SHORT, "--runs-dir", str(tmp_path / "runs"), "--name", name])
     assert result.exit_code == 2 and "error: run name" in result.output and "expected one folder name" in result.output
     assert not (tmp_path / "runs").exists() and not (tmp_path / "escaped").exists()
 
 
 def test_a_name_that_is_not_utf8_is_refused(tmp_path):
-    done = subprocess.run([os.fsencode(sys.executable), b"-m", b"cnnlab", b"train", *(a.encode() for a in QUICK),
+    done = subprocess.run([os.fsencode(sys.executable), b"-m", b"cnnlab", b"train", *(a.encode() for a in SHORT),
                            b"--runs-dir", os.fsencode(tmp_path / "runs"), b"--name", b"caf\xe9"],
                           capture_output=True, timeout=300)
     assert done.returncode == 2 and b"not valid UTF-8" in done.stderr, done.stderr
@@ -193,7 +189,7 @@ def test_a_name_that_is_not_utf8_is_refused(tmp_path):
 
 
 def test_unicode_and_spaces_in_names_work(tmp_path):
-    result = runner.invoke(app, ["train", *QUICK, "--runs-dir", str(tmp_path), "--name", "café au lait ☕"])
+    result = runner.invoke(app, ["train", *SHORT, "--runs-dir", str(tmp_path), "--name", "café au lait ☕"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "café au lait ☕" / "model.safetensors").is_file()
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -36,6 +37,7 @@ def test_samples_writes_the_pictures_the_tour_shows_without_loading_torch(tmp_pa
     assert pixels(tmp_path / "lesson" / "photo.png").shape == (160, 160, 3)
 
 
+@pytest.mark.unit
 def test_the_stand_in_trousers_are_predicted_as_trousers_by_the_recipe(tmp_path):
     from cnnlab.use.recipes import prepare
 
@@ -44,6 +46,7 @@ def test_the_stand_in_trousers_are_predicted_as_trousers_by_the_recipe(tmp_path)
     assert prepared[0, 0] == 0 and prepared[14, 8:20].max() > 100  # light trousers on black, as the dataset's
 
 
+@pytest.mark.unit
 def test_samples_never_overwrites_without_force_and_refuses_a_file(tmp_path):
     mine = tmp_path / "photo.png"
     mine.write_bytes(b"my own picture")

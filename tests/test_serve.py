@@ -235,6 +235,7 @@ def test_serve_binds_to_loopback_by_default(monkeypatch):
     assert "warning: listening on 0.0.0.0" in exposed.output
 
 
+@pytest.mark.unit
 def test_serve_needs_real_runs(tmp_path):
     import cnnlab.cli.use  # noqa: F401
 

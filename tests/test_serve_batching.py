@@ -191,6 +191,7 @@ def test_a_lone_request_does_not_wait_for_company():
 
 
 # ------------------------------------------------------------------------------ the batcher on its own
+@pytest.mark.unit
 def test_the_worker_waits_for_announced_images_only():
     sizes: list[int] = []
     batcher = Batcher(lambda images: sizes.append(len(images)) or np.ones((len(images), 2)),
@@ -208,6 +209,7 @@ def test_the_worker_waits_for_announced_images_only():
         batcher.close()
 
 
+@pytest.mark.unit
 def test_a_failing_pass_fails_its_requests_and_the_worker_goes_on():
     calls: list[int] = []
 
@@ -228,6 +230,7 @@ def test_a_failing_pass_fails_its_requests_and_the_worker_goes_on():
         batcher.submit(np.zeros((28, 28), np.uint8))
 
 
+@pytest.mark.unit
 def test_the_queue_bound_holds_without_a_server():
     release = threading.Event()
     batcher = Batcher(lambda images: release.wait(STATE_SECONDS) and np.ones((len(images), 2)),
@@ -245,6 +248,7 @@ def test_the_queue_bound_holds_without_a_server():
         batcher.close()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("settings", [dict(max_batch=0), dict(queue_size=0), dict(max_wait_ms=-1), dict(timeout_s=0)])
 def test_impossible_settings_are_refused(settings):
     with pytest.raises(ValueError, match="must be"):

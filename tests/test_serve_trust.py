@@ -49,6 +49,7 @@ def test_runs_of_one_folder_name_are_told_apart_by_their_parents_and_each_answer
             assert (list(response.json()["probabilities"]) == DIGITS) is digits  # the model asked for answered
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("paths", [
     ["a/m", "b/m", "c/m-2"], ["x/m", "y/x/m"], ["/x/m", "/y/x/m", "/z/y/x/m"], ["p/q/r/m", "s/q/r/m", "m"],
     ["runs/m", "runs/m-2", "runs/m-3", "old/runs/m"],
@@ -105,6 +106,7 @@ def test_a_request_without_a_host_header_is_refused(server):
     assert reply.startswith(b"HTTP/1.1 400") and b"no Host header" in reply and b"mnist" not in reply
 
 
+@pytest.mark.unit
 def test_the_bound_host_is_answered_and_a_wildcard_adds_no_name():
     assert served_hosts("192.168.1.5") == ("localhost", "127.0.0.1", "::1", "192.168.1.5")
     assert served_hosts("0.0.0.0") == served_hosts("::") == ("localhost", "127.0.0.1", "::1")
@@ -154,6 +156,7 @@ def test_every_error_says_what_was_expected_in_words(server):
         assert "<class" not in message and "missing form field" not in message and "\n" not in message
 
 
+@pytest.mark.unit
 def test_python_type_names_never_reach_a_message():
     assert in_words("Expected UploadFile, received: <class 'str'>") == "Expected UploadFile, received: text"
     assert in_words("found <class 'starlette.datastructures.UploadFile'>") == "found UploadFile"

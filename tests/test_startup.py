@@ -39,6 +39,7 @@ def run_steps(model, optimizer, scheduler, steps: int, seed: int = 0) -> list[fl
     return losses
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("base", list(SETTINGS), ids=lambda b: b.__name__)
 def test_the_eager_optimizer_steps_exactly_as_torchs(base):
     config = load_config("seed", overrides=["model.conv.0.filters=4", "dense_layer_size=16"])
@@ -56,6 +57,7 @@ def test_the_eager_optimizer_steps_exactly_as_torchs(base):
     assert type(made["ours"][0]).__name__ == base.__name__ and isinstance(made["ours"][0], base)
 
 
+@pytest.mark.unit
 def test_the_eager_optimizer_resumes_from_its_state_dict():
     config = load_config("fast", overrides=["train.epochs=1"])
     model = build_model(config.model, seed=0)

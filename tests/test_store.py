@@ -13,6 +13,8 @@ from cnnlab.data import ChecksumMismatch, DatasetUnavailable, load_dataset, loca
 from cnnlab.data.registry import get_dataset
 from conftest import write_dataset
 
+pytestmark = pytest.mark.unit  # every test here is in-process and quick
+
 
 # --------------------------------------------------------------------------------- lookup order
 def test_lookup_order_data_dir_then_cache_then_system(tiny, tmp_path, monkeypatch):

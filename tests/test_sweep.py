@@ -112,6 +112,7 @@ def test_non_finite_objectives_and_diverged_trials_count_as_failed(tmp_path):
     assert best.exit_code != 0  # no trial to call best
 
 
+@pytest.mark.unit
 def test_unknown_key_is_an_error_before_anything_runs(tmp_path):
     file = write_sweep(tmp_path, {"dropotu": {"values": [0.1, 0.2]}})
     result = runner.invoke(app, ["sweep", "run", str(file), "--runs-dir", str(tmp_path / "runs")])
@@ -120,6 +121,7 @@ def test_unknown_key_is_an_error_before_anything_runs(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.unit
 def test_sweep_file_errors_name_the_problem(tmp_path):
     grid_range = write_sweep(tmp_path, {"train.lr": {"min": 1e-4, "max": 1e-2}})
     result = runner.invoke(app, ["sweep", "run", str(grid_range), "--runs-dir", str(tmp_path / "runs")])
@@ -128,6 +130,7 @@ def test_sweep_file_errors_name_the_problem(tmp_path):
     assert missing.exit_code == 2 and "no sweep 'nope'" in missing.output
 
 
+@pytest.mark.unit
 def test_metric_names_and_override_values_keep_their_types():
     assert sweeps.parse_metric({"name": "val_acc", "goal": "maximize"}) == ("val_accuracy", "maximize")
     assert sweeps.parse_metric({"name": "val_loss"}) == ("val_loss", "minimize")

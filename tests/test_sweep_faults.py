@@ -148,6 +148,7 @@ def test_a_journal_cut_mid_record_is_recovered_and_the_sweep_goes_on(tmp_path):
     assert best.exit_code == 0, best.output
 
 
+@pytest.mark.unit
 def test_a_journal_written_on_after_a_torn_record_is_cut_at_that_record(tmp_path):
     fake_study(tmp_path)
     path = journal(tmp_path, "fake")
@@ -161,6 +162,7 @@ def test_a_journal_written_on_after_a_torn_record_is_cut_at_that_record(tmp_path
     assert next(path.parent.glob("optuna.journal.torn-*")).read_bytes() == b'{"op_code":4,"wor' + last + last
 
 
+@pytest.mark.unit
 def test_a_file_that_is_no_journal_is_refused_and_left_as_it_is(tmp_path):
     path = journal(tmp_path, "other")
     path.parent.mkdir(parents=True)
@@ -190,6 +192,7 @@ def test_a_resumed_grid_visits_each_point_once(tmp_path):
         (("dropout", d), ("train.lr", lr)) for d in (0.0, 0.3) for lr in (1e-3, 3e-3))
 
 
+@pytest.mark.unit
 def test_each_trial_has_its_own_seed_and_a_study_is_reproducible():
     spec = parse_sweep({"method": "random", "parameters": {"dropout": {"min": 0.0, "max": 0.5}}})
 
@@ -236,6 +239,7 @@ def fifo(tmp_path):
     os.close(reader)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("target", ["fifo", "folder", "/dev/null"])
 def test_best_out_refuses_what_is_not_a_regular_file(tmp_path, fifo, target):
     fake_study(tmp_path)
@@ -244,6 +248,7 @@ def test_best_out_refuses_what_is_not_a_regular_file(tmp_path, fifo, target):
     one_line_error(cli("best", "fake", "--out", out, "--runs-dir", str(tmp_path / "runs")), out)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("target", ["fifo", "folder", "sweep.xyz"])
 def test_status_plot_refuses_what_it_cannot_write(tmp_path, fifo, target):
     fake_study(tmp_path)
@@ -253,6 +258,7 @@ def test_status_plot_refuses_what_it_cannot_write(tmp_path, fifo, target):
     assert "trial" not in result.stdout  # refused before the study was read
 
 
+@pytest.mark.unit
 def test_best_and_plot_write_whole_files_or_leave_the_old_one(tmp_path, monkeypatch):
     fake_study(tmp_path)
     runs = str(tmp_path / "runs")
@@ -295,6 +301,7 @@ BAD_PARAMETERS = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("parameters, expected", BAD_PARAMETERS)
 def test_bad_parameter_ranges_are_one_line_before_anything_runs(tmp_path, parameters, expected):
     file = write_sweep(tmp_path, parameters)
@@ -316,6 +323,7 @@ BAD_KEYS = [
 ]
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("extra, expected", BAD_KEYS)
 def test_bad_sweep_keys_are_one_line_before_anything_runs(tmp_path, extra, expected):
     file = write_sweep(tmp_path, {"dropout": {"values": [0.1, 0.2]}}, **extra)
@@ -323,6 +331,7 @@ def test_bad_sweep_keys_are_one_line_before_anything_runs(tmp_path, extra, expec
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.unit
 def test_a_grid_too_big_to_visit_is_refused_without_enumerating_it(tmp_path):
     parameters = {f"model.conv.0.{k}": {"values": list(range(20))} for k in ("filters", "kernel_size", "stride")}
     parameters |= {"dropout": {"values": [i / 100 for i in range(20)]}}  # 20**4 = 160,000 points
@@ -330,6 +339,7 @@ def test_a_grid_too_big_to_visit_is_refused_without_enumerating_it(tmp_path):
     one_line_error(cli("run", str(file), "--runs-dir", str(tmp_path / "runs")), "160,000 points")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("option, value", [("--trials", "100001"), ("--workers", "65"), ("--name", "a/b"),
                                            ("--name", "..")])
 def test_absurd_counts_and_names_are_refused_before_anything_runs(tmp_path, option, value):
@@ -339,6 +349,7 @@ def test_absurd_counts_and_names_are_refused_before_anything_runs(tmp_path, opti
 
 
 # ----------------------------------------------------------------------------- 5. files a sweep reads
+@pytest.mark.unit
 def test_a_sweep_file_of_the_wrong_shape_or_kind_is_one_line(tmp_path, fifo):
     as_list = tmp_path / "list.yaml"
     as_list.write_text("- method: grid\n")
@@ -351,6 +362,7 @@ def test_a_sweep_file_of_the_wrong_shape_or_kind_is_one_line(tmp_path, fifo):
     one_line_error(cli("run", str(tmp_path / "missing.yaml")), "missing.yaml")
 
 
+@pytest.mark.unit
 def test_a_journal_that_is_a_fifo_or_too_big_is_refused_unread(tmp_path):
     path = journal(tmp_path, "odd")
     path.parent.mkdir(parents=True)
@@ -375,6 +387,7 @@ def test_sweep_run_on_a_fifo_journal_is_refused_without_hanging(tmp_path):
     assert done.returncode == 2 and "FIFO" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("damage", ["missing", "fifo", "folder", "not a config"])
 def test_best_needs_the_best_trials_config_as_a_regular_file(tmp_path, damage):
     run = fake_study(tmp_path, config=False)
@@ -390,6 +403,7 @@ def test_best_needs_the_best_trials_config_as_a_regular_file(tmp_path, damage):
     assert not (tmp_path / "b.yaml").exists()
 
 
+@pytest.mark.unit
 def test_best_finds_the_trial_run_when_the_study_was_made_from_another_folder(tmp_path):
     fake_study(tmp_path)
     study = study_of(tmp_path, "fake")
@@ -400,6 +414,7 @@ def test_best_finds_the_trial_run_when_the_study_was_made_from_another_folder(tm
 
 
 # ------------------------------------------------------------------------------------- 6. and more
+@pytest.mark.unit
 def test_resuming_with_another_goal_or_method_is_refused(tmp_path):
     fake_study(tmp_path, "fake")  # maximize
     file = write_sweep(tmp_path, {"dropout": {"min": 0.0, "max": 0.5}}, metric={"name": "val_loss"})
@@ -411,12 +426,14 @@ def test_resuming_with_another_goal_or_method_is_refused(tmp_path):
     one_line_error(cli("run", str(grid), "--name", "fake", "--runs-dir", str(tmp_path / "runs")), "method random")
 
 
+@pytest.mark.unit
 def test_a_database_out_of_reach_is_one_line_without_its_password(tmp_path):
     url = "postgresql://user:s3cret@127.0.0.1:1/sweeps"  # port 1: nothing listens
     error = one_line_error(cli("status", "x", "--storage", url))
     assert "s3cret" not in error and "127.0.0.1" in error
 
 
+@pytest.mark.unit
 def test_bad_heartbeat_settings_are_one_line(monkeypatch):
     monkeypatch.setenv("CNNLAB_SWEEP_HEARTBEAT_SECONDS", "0")
     with pytest.raises(SweepError, match="CNNLAB_SWEEP_HEARTBEAT_SECONDS"):
@@ -448,6 +465,7 @@ def test_a_trial_that_cannot_write_its_run_stops_the_sweep_for_a_rerun(tmp_path,
     assert [t.state for t in counted] == [TrialState.COMPLETE] * 2
 
 
+@pytest.mark.unit
 def test_a_trial_directory_left_over_gets_a_fresh_name(tmp_path):
     spec = parse_sweep({"method": "random", "parameters": {"dropout": {"min": 0.0, "max": 0.5}}})
     sweep = sweeps.Sweep(spec, "s", "unused", tmp_path, 2)
@@ -457,6 +475,7 @@ def test_a_trial_directory_left_over_gets_a_fresh_name(tmp_path):
     assert trial_run_dir(sweep, 3).name == "trial-3-2" and trial_run_dir(sweep, 4).name == "trial-4"
 
 
+@pytest.mark.unit
 def test_a_string_in_set_arrives_as_that_string(tmp_path):
     """`set:` values were written back as KEY=VALUE text and read again as YAML: the folder "yes" became true,
     "photos #2" became "photos"; a constant `value:` too. Each value now arrives as the sweep file gave it."""

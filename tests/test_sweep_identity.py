@@ -30,6 +30,7 @@ def files_under(folder: Path) -> set[str]:
 
 
 # ------------------------------------------------------------------------------- 1. spec identity
+@pytest.mark.unit
 @pytest.mark.parametrize("change, expected", [
     (dict(model="top", set={"epochs": 1}), "model seed, this file top"),  # top has none of seed's knobs
     (dict(dataset="fashion-mnist-sample"), "dataset mnist-sample, this file fashion-mnist-sample"),
@@ -57,6 +58,7 @@ def test_another_sweep_file_under_a_name_that_exists_is_refused_saying_what_diff
     open_study(tmp_path, first)  # the file it was started from still resumes it
 
 
+@pytest.mark.unit
 def test_what_does_not_change_a_trials_value_still_resumes(tmp_path):
     open_study(tmp_path, write_sweep(tmp_path, SEARCH))
     # another seed, early termination and a description: other points or earlier stops, the same measurement
@@ -64,6 +66,7 @@ def test_what_does_not_change_a_trials_value_still_resumes(tmp_path):
                                      early_terminate={"type": "hyperband", "min_iter": 1}))
 
 
+@pytest.mark.unit
 def test_a_study_from_before_identities_were_recorded_is_adopted(tmp_path):
     import optuna
 
@@ -98,6 +101,7 @@ REFUSED = {"mysql": "MySQL is not supported", "mysql-driver": "MySQL is not supp
            "no-slashes": "not a database URL"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("kind", SECRET_URLS)
 def test_a_storage_url_is_never_a_folder_and_its_password_never_shows(tmp_path, monkeypatch, kind):
     url = SECRET_URLS[kind]
@@ -115,6 +119,7 @@ def test_a_storage_url_is_never_a_folder_and_its_password_never_shows(tmp_path, 
     assert files_under(work) == set() and not (tmp_path / "runs").exists() and not (tmp_path / "best.yaml").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("url", ["sqlite:///:memory:", "sqlite://", "sqlite:///db?mode=memory&uri=true"])
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_an_in_memory_sqlite_study_is_refused_before_any_trial(tmp_path, monkeypatch, url, workers):
@@ -125,6 +130,7 @@ def test_an_in_memory_sqlite_study_is_refused_before_any_trial(tmp_path, monkeyp
     assert files_under(tmp_path) == {"sweep.yaml"}
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("scheme", ["file", "sqlite"])
 def test_file_and_sqlite_urls_name_a_file_that_status_finds_again(tmp_path, monkeypatch, scheme):
     monkeypatch.chdir(tmp_path)
@@ -140,6 +146,7 @@ def test_file_and_sqlite_urls_name_a_file_that_status_finds_again(tmp_path, monk
                    "no sweep 's'", "does not exist")  # a command that only reads never creates a study
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("url", [
     "postgresql://alice:s3cret@host/db", "postgresql://alice:s3cret@host/db?sslmode=require&password=s3cret",
     "postgres://alice:s3/cret@host/db", "postgres://alice:s3cr@t@host/db", "redis://:s3cret@host:6379/0",
@@ -154,6 +161,7 @@ def test_the_shown_storage_never_holds_the_password(url):
     assert "s3" not in shown and "alice" in shown or url.startswith("redis")
 
 
+@pytest.mark.unit
 def test_a_journal_path_with_a_colon_is_written_as_a_relative_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SweepError, match="unknown storage scheme 'odd:'"):
@@ -164,6 +172,7 @@ def test_a_journal_path_with_a_colon_is_written_as_a_relative_path(tmp_path, mon
     assert os.path.isfile(tmp_path / "odd:name.journal")
 
 
+@pytest.mark.unit
 def test_best_takes_a_trial_folder_found_by_name_only_when_it_holds_that_trials_config(tmp_path):
     from optuna.distributions import FloatDistribution
     from optuna.trial import create_trial

@@ -36,6 +36,7 @@ def made_up_study(n: int, storage: str | None = None, name: str = "made-up", see
     return study
 
 
+@pytest.mark.unit
 def test_the_parameter_that_sets_the_metric_is_found_the_most_important():
     importances = param_importances(made_up_study(40))
     assert list(importances.shares)[0] == "lr"
@@ -45,12 +46,14 @@ def test_the_parameter_that_sets_the_metric_is_found_the_most_important():
     assert "best 4 of 40" in importances.method  # 10%, Optuna's default quantile
 
 
+@pytest.mark.unit
 def test_a_small_sweep_is_judged_by_at_least_two_trials_and_says_it_is_rough():
     assert top_quantile(5) == 0.4 and top_quantile(40) == 0.1 and top_quantile(2) == 0.5
     importances = param_importances(made_up_study(6))
     assert importances.shares and "rough guide" in importances.note and "only 6" in importances.note
 
 
+@pytest.mark.unit
 def test_no_importances_without_two_differing_complete_trials():
     study = made_up_study(1)
     assert param_importances(study).shares == {}
@@ -63,6 +66,7 @@ def test_no_importances_without_two_differing_complete_trials():
     assert found.shares == {} and "same objective" in found.note and found.constant == ["width"]
 
 
+@pytest.mark.unit
 def test_a_parameter_with_one_value_is_not_compared_and_said_so():
     study = optuna.create_study(direction="maximize")
     rng = random.Random(1)
@@ -74,6 +78,7 @@ def test_a_parameter_with_one_value_is_not_compared_and_said_so():
     assert list(found.shares) == ["lr"] and found.constant == ["width"]
 
 
+@pytest.mark.unit
 def test_failed_and_pruned_trials_do_not_count():
     study = made_up_study(3)
     study.add_trial(create_trial(state=TrialState.FAIL, params={}, distributions={}))
@@ -82,6 +87,7 @@ def test_failed_and_pruned_trials_do_not_count():
     assert param_importances(study).complete == 3
 
 
+@pytest.mark.unit
 def test_axes_place_values_as_they_were_sampled():
     trials = made_up_study(5).get_trials()
     lr = param_axis("lr", trials)
@@ -105,6 +111,7 @@ def figure_pixels(fig) -> np.ndarray:
     return np.asarray(canvas.buffer_rgba())
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("trials", [0, 1, 30])
 def test_the_figure_draws_for_any_number_of_trials(trials):
     """Three panels always; with no or one trial each says in words what is missing instead of drawing nothing."""
@@ -143,6 +150,7 @@ def test_status_prints_the_importances_and_plot_writes_the_picture(tmp_path):
         assert image.format == "PNG" and image.size == (1200, 850)
 
 
+@pytest.mark.unit
 def test_plot_trials_returns_the_importances_it_drew(tmp_path):
     study = made_up_study(8)
     drawn = plot_trials(study, tmp_path / "s.svg")

@@ -8,27 +8,25 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cnnlab import pipeline
-from cnnlab.config import load_config
 from cnnlab.runs import layout, records
 from cnnlab.training.callbacks import Callback
 from cnnlab.training.engine import Trainer, TrainingDiverged, TrainingInterrupted
 from cnnlab.training.sampling import steps_in_epoch
+from conftest import tiny_config, weights
 
 pytestmark = pytest.mark.slow
 
-QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32"]
 
 
 def config(*extra: str):
-    return load_config("seed", overrides=[*QUICK, *extra])
+    return tiny_config(*extra)
 
 
 @pytest.fixture(scope="module")
-def every_step(tmp_path_factory):
-    return pipeline.train(config(), tmp_path_factory.mktemp("every"), name="every", progress=False)
+def every_step(tiny_result):
+    return tiny_result  # the suite's shared tiny run: config() reads back every step
 
 
 @pytest.fixture(scope="module")
@@ -40,10 +38,6 @@ def every_third(tmp_path_factory):
 def steps_per_epoch() -> int:
     data = pipeline.open_data(config(), progress=False)
     return steps_in_epoch(len(data.train), config().train.batch_size)
-
-
-def weights(run):
-    return load_file(str(layout.path(run, "weights")))
 
 
 def without_time(history):

@@ -20,10 +20,10 @@ from cnnlab.cli.training import training_callbacks
 from cnnlab.config import load_config
 from cnnlab.trackers.tensorboard import HPARAM_METRICS, TAGS, TensorBoardTracker
 from cnnlab.training.engine import TrainingInterrupted
-from conftest import StopAt
+from conftest import StopAt, tiny_config, tiny_train_args
 
-TINY_SET = ["first_layer_convs=4", "dense_layer_size=8"]
-TINY = ["train", "--model", "seed", "--set", TINY_SET[0], "--set", TINY_SET[1], "--quiet"]
+TINY_SET = ["first_layer_convs=4", "dense_layer_size=8"]  # the 4 filters the logged hyperparameters are checked for
+TINY = ["train", *tiny_train_args("--set", TINY_SET[0], "--set", TINY_SET[1])]
 
 
 def events(log_dir: Path):
@@ -107,7 +107,7 @@ def test_epochs_not_validated_log_no_validation_points(tmp_path):
 @pytest.mark.parametrize("logged_before", [True, False], ids=["logged-before", "first-logged-on-resume"])
 def test_resume_appends_and_continues_by_epoch(tmp_path, logged_before):
     """Stopped in epoch 2 of 3, resumed from the command line: every epoch once, at its own step."""
-    config = load_config("seed", overrides=[*TINY_SET, "epochs=3"])
+    config = tiny_config(*TINY_SET, "epochs=3")
     first = [StopAt(2, 5), *([TensorBoardTracker(config)] if logged_before else [])]
     with pytest.raises(TrainingInterrupted):
         pipeline.train(config, tmp_path, name="cut", callbacks=first, progress=False)
@@ -125,6 +125,7 @@ def test_resume_appends_and_continues_by_epoch(tmp_path, logged_before):
     assert len(logged.Tensors("config/text_summary")) == 1  # the config is logged once, not per session
 
 
+@pytest.mark.unit
 def test_only_the_main_process_gets_trackers():
     """Under data-parallel training the other ranks log nothing (and print nothing)."""
     config = load_config("seed")
@@ -164,6 +165,7 @@ print("loaded:", sorted(m for m in sys.modules if m.startswith(("tensorboard", "
     assert (tmp_path / "n" / "test.json").is_file() and not (tmp_path / "n" / "tensorboard").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("extra", [[], ["--nproc", "2"], ["--tensorboard-dir", "logs"]])
 def test_without_the_package_one_line_says_how_to_install_it_before_any_run_exists(tmp_path, monkeypatch, extra):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # as if not installed: find_spec and import fail

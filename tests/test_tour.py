@@ -73,6 +73,7 @@ def written_files(args: list[str]) -> list[str]:
     return [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--out", "-o", "--plot")]
 
 
+@pytest.mark.unit
 def test_tour_parses_into_the_lessons_steps():
     text = TOUR.read_text()
     commands = tour_commands(text)

@@ -13,9 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from cnnlab.cli import app
+from conftest import tiny_train_args
 
-TINY = ["train", "--model", "seed", "--epochs", "2", "--set", "first_layer_convs=4", "--set", "dense_layer_size=8",
-        "--quiet"]
+# 4 filters and 8 dense units: the 5,546 parameters the summary is checked against
+TINY = ["train", *tiny_train_args("--set", "first_layer_convs=4", "--set", "dense_layer_size=8")]
 
 
 def wandb_records(file: Path) -> list:
@@ -112,7 +113,7 @@ def test_without_the_flag_wandb_is_never_imported(tmp_path):
 import sys
 from typer.testing import CliRunner
 from cnnlab.cli import app
-result = CliRunner().invoke(app, {[*TINY[:4], "1", *TINY[5:], "--runs-dir", str(tmp_path), "--name", "n"]!r})
+result = CliRunner().invoke(app, {[*TINY, "--epochs", "1", "--runs-dir", str(tmp_path), "--name", "n"]!r})
 assert result.exit_code == 0, result.output
 print("wandb loaded:", "wandb" in sys.modules)
 """

@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from cnnlab import pipeline
 from cnnlab.config import list_presets, load_config
@@ -14,22 +13,7 @@ from cnnlab.runs import layout, records
 from cnnlab.runs.checkpoints import load_checkpoint
 from cnnlab.runs.weights import load_model
 from cnnlab.training.engine import TrainingDiverged, TrainingInterrupted
-from conftest import StopAt
-
-QUICK = ["epochs=2", "batch_size=64", "data.val_size=500", "model.conv.0.filters=8", "dense_layer_size=32"]
-
-
-def quick_config(*extra: str):
-    return load_config("seed", overrides=[*QUICK, *extra])
-
-
-def weights(run):
-    return load_file(str(layout.path(run, "weights")))
-
-
-def same_weights(a, b) -> bool:
-    wa, wb = weights(a), weights(b)
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+from conftest import StopAt, same_weights, tiny_config
 
 
 def comparable(metrics: list[dict]) -> list[dict]:
@@ -37,9 +21,9 @@ def comparable(metrics: list[dict]) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """One uninterrupted quick run, shared by the tests that compare against it."""
-    return pipeline.train(quick_config(), tmp_path_factory.mktemp("ref"), name="ref", progress=False)
+def reference(tiny_result):
+    """One uninterrupted tiny run (the suite's shared one), for the tests that compare against it."""
+    return tiny_result
 
 
 def test_a_run_directory_holds_everything(reference):
@@ -61,13 +45,13 @@ def test_a_run_directory_holds_everything(reference):
 
 def test_model_reloads_from_config_and_safetensors(reference):
     model, classes, config = load_model(reference.run)
-    assert classes == tuple("0123456789") and config == quick_config()
+    assert classes == tuple("0123456789") and config == tiny_config()
     evaluation = pipeline.evaluate_run(reference.run, progress=False)
     assert evaluation.accuracy == reference.test.accuracy
 
 
 def test_same_seed_same_result(reference, tmp_path):
-    again = pipeline.train(quick_config(), tmp_path, name="again", progress=False)
+    again = pipeline.train(tiny_config(), tmp_path, name="again", progress=False)
     assert same_weights(reference.run, again.run)
     assert comparable(again.history) == comparable(reference.history)
 
@@ -77,7 +61,7 @@ def test_same_seed_same_result(reference, tmp_path):
 def test_resume_after_an_interrupt_ends_bitwise_equal(reference, tmp_path, epoch, step):
     """Stopped mid-epoch (or at an epoch's last step), resumed: same weights and metrics as never stopping."""
     with pytest.raises(TrainingInterrupted):
-        pipeline.train(quick_config(), tmp_path, name="cut", callbacks=[StopAt(epoch, step)], progress=False)
+        pipeline.train(tiny_config(), tmp_path, name="cut", callbacks=[StopAt(epoch, step)], progress=False)
     run = tmp_path / "cut"
     assert not layout.path(run, "test").exists()
     resumed = pipeline.resume(run, progress=False)
@@ -89,7 +73,7 @@ def test_resume_after_an_interrupt_ends_bitwise_equal(reference, tmp_path, epoch
 @pytest.mark.slow
 def test_resume_skips_a_corrupt_latest_checkpoint(reference, tmp_path):
     with pytest.raises(TrainingInterrupted):
-        pipeline.train(quick_config(), tmp_path, name="cut", callbacks=[StopAt(2, 10)], progress=False)
+        pipeline.train(tiny_config(), tmp_path, name="cut", callbacks=[StopAt(2, 10)], progress=False)
     run = tmp_path / "cut"
     layout.path(run, "checkpoint").write_bytes(b"garbage")
     state, warnings = load_checkpoint(run)
@@ -113,20 +97,22 @@ def test_a_second_training_in_the_same_run_refuses(reference):
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
-    config = quick_config("train.optimizer=sgd", "train.lr=1e12")
+    config = tiny_config("train.optimizer=sgd", "train.lr=1e12")
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf).*train.lr is 1e\+12"):
         pipeline.train(config, tmp_path, name="nan", progress=False)
 
 
+@pytest.mark.unit
 def test_bad_input_leaves_no_run_directory(tmp_path):
-    config = quick_config("data.dataset=mnist")  # not available offline in the test sandbox
+    config = tiny_config("data.dataset=mnist")  # not available offline in the test sandbox
     with pytest.raises(DatasetUnavailable):
         pipeline.train(config, tmp_path / "runs", progress=False)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
 
+@pytest.mark.unit
 def test_run_names_never_collide(tmp_path):
-    config = quick_config()
+    config = tiny_config()
     first, second = layout.new_run(config, tmp_path, None), layout.new_run(config, tmp_path, None)
     assert first != second and first.is_dir() and second.is_dir()
     with pytest.raises(layout.RunError, match="a run of that name exists"):

@@ -27,6 +27,7 @@ def smooth_images(n: int = 400, channels: int = 1, size: int = 16) -> torch.Tens
     return F.avg_pool2d(noise, 3, stride=1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("channels,kernel", [(1, 2), (1, 3), (3, 2)])
 def test_the_fitted_kernels_make_patch_directions_uncorrelated_with_unit_variance(channels, kernel):
     images = smooth_images(channels=channels)
@@ -40,6 +41,7 @@ def test_the_fitted_kernels_make_patch_directions_uncorrelated_with_unit_varianc
     assert torch.equal(kernels[d:], -kernels[:d])  # each direction, then its negative
 
 
+@pytest.mark.unit
 def test_fewer_filters_keep_the_directions_of_largest_variance():
     images = smooth_images()
     full, _ = whitening_kernels(images, (3, 3), 18)
@@ -47,6 +49,7 @@ def test_fewer_filters_keep_the_directions_of_largest_variance():
     assert torch.allclose(some[:3].abs(), full[:3].abs(), atol=1e-5)  # eigenvectors up to sign
 
 
+@pytest.mark.unit
 def test_the_plan_counts_the_frozen_kernels_and_the_summary_says_so():
     config = load_config("seed", overrides=WHITE)
     model = build_model(config.model)
@@ -85,6 +88,7 @@ def test_a_whitened_lookahead_run_resumes_bitwise_equal(tmp_path):
     assert (reference / "test.json").read_text() == (resumed / "test.json").read_text()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("overrides,field", [
     (["model.conv.1.whiten=true"], "model.conv[1].whiten"),
     (["model.conv.0.whiten=true", "model.conv.0.stride=2"], "model.conv[0].whiten"),
@@ -97,6 +101,7 @@ def test_an_impossible_whitening_layer_is_refused_naming_the_key(overrides, fiel
         plan(config.model)
 
 
+@pytest.mark.unit
 def test_an_empty_split_leaves_the_random_kernels():
     config = load_config("seed", overrides=WHITE)
     model = build_model(config.model, seed=0)

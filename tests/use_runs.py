@@ -1,50 +1,25 @@
 """Helpers shared by the preprocess / predict / serve / browser tests: tiny trained runs (trained once per test
-process), a real uvicorn server on a free loopback port, and a decompression-bomb PNG."""
+process, in conftest), a real uvicorn server on a free loopback port, and a decompression-bomb PNG."""
 from __future__ import annotations
 
-import atexit
-import shutil
 import socket
 import struct
-import tempfile
 import threading
 import time
 import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-import torch
-from typer.testing import CliRunner
-
 import cnnlab.cli.use  # noqa: F401  (registers predict/export/serve until cli/__init__ imports it)
-from cnnlab.cli import app
+from conftest import tiny_trained
 
-# 4 filters, 32 dense units, 2 epochs: ~85% on the MNIST sample (1 epoch with 8 units stays near chance). One thread:
-# under load from other processes torch's 2-thread pool spins and the same training takes 30 s instead of 0.5 s.
-TINY = ["--model", "seed", "--epochs", "2", "--set", "first_layer_convs=4", "--set", "dense_layer_size=32",
-        "--threads", "1", "--quiet"]
-_root: Path | None = None
-_trained: dict[str, Path] = {}
+# 4 filters, batches of 32: the serve and browser tests count conv1's four feature maps
+USE_RUN = ("first_layer_convs=4", "batch_size=32")
 
 
 def tiny_run(dataset: str = "mnist-sample") -> Path:
-    """A run trained on a shipped sample, shared by every test module in this process."""
-    global _root
-    if dataset not in _trained:
-        if _root is None:
-            _root = Path(tempfile.mkdtemp(prefix="cnnlab-use-runs-"))
-            atexit.register(shutil.rmtree, _root, ignore_errors=True)
-        name = dataset.removesuffix("-sample")
-        threads = torch.get_num_threads()
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("XDG_CACHE_HOME", str(_root / "cache"))
-            result = CliRunner().invoke(app, ["train", *TINY, "--dataset", dataset, "--runs-dir", str(_root),
-                                              "--name", name], catch_exceptions=False)
-        torch.set_num_threads(threads)  # --threads sets it for the whole process; later tests get theirs back
-        assert result.exit_code == 0, result.output
-        _trained[dataset] = _root / name
-    return _trained[dataset]
+    """The shared tiny run on a shipped sample (conftest.tiny_trained), trained once per test process."""
+    return tiny_trained(dataset, *USE_RUN).run
 
 
 @contextmanager
