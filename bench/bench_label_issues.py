@@ -68,7 +68,13 @@ def main() -> None:
         from cnnlab.inspect.show import LoadedRun
 
         started = time.perf_counter()
-        found = find_label_issues(LoadedRun(Path(tmp) / "runs" / "noisy"), folds=args.folds)
+        from cnnlab.data.sources import load_data
+        from cnnlab.pipeline import cross_validated
+
+        loaded = LoadedRun(Path(tmp) / "runs" / "noisy")
+        data = load_data(loaded.config, progress=False)
+        by_folds = cross_validated(loaded.config, data, args.folds) if args.folds else None
+        found = find_label_issues(loaded, data, by_folds)
         checked = time.perf_counter() - started
         held_out = set()
         from cnnlab.data.folder import open_image_folder

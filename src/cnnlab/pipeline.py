@@ -11,12 +11,15 @@ import contextlib
 import dataclasses
 import html
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,7 +27,7 @@ from cnnlab.config import Config, ConfigError, TrainConfig, check_dataset_name, 
 from cnnlab.data.loading import Dataset
 from cnnlab.data.pinning import FolderChanged, check_folder
 from cnnlab.data.registry import is_image_folder, load_config_for
-from cnnlab.data.sources import Data, load_data, prepare_data
+from cnnlab.data.sources import Data, Subset, deal_folds, load_data, prepare_data
 from cnnlab.data.store import notify
 from cnnlab.errors import UserError
 from cnnlab.files import reason, write_atomic, write_json, write_text
@@ -378,6 +381,28 @@ def merge_skipped(context: Context, data: Data) -> dict[str, str]:
     for part in context.gather_json(mine):
         merged.update(part)
     return dict(sorted(merged.items()))
+
+
+def cross_validated(config: Config, data: Data, folds: int) -> dict[int, np.ndarray]:
+    """Out-of-sample class probabilities (classes,) of each readable training image, keyed by its position in
+    the training split: `folds` runs trained by `config` in a temporary folder (deleted after), each on all the
+    folds but one, each judging the fold it never saw, as its test pass would (`show label-issues --folds`)."""
+    dealt = deal_folds(data.train.labels, folds, config.train.seed)
+    found: dict[int, np.ndarray] = {}
+    with tempfile.TemporaryDirectory(prefix="cnnlab-folds-") as scratch:
+        for number, held in enumerate(dealt):
+            others = torch.sort(torch.cat([f for k, f in enumerate(dealt) if k != number])).values
+            unseen = Subset(data.train, held)
+            print(f"fold {number + 1}/{folds}: training on {len(others):,} images, to judge {len(held):,}",
+                  file=sys.stderr, flush=True)
+            fold = dataclasses.replace(data, train=Subset(data.train, others), test=unseen)
+            result = train(config, dataset=fold, root=scratch, name=f"fold-{number + 1}", progress=False)
+            model, _, trained = load_model(result.run)
+            t = trained.train
+            judged = predict_per_image(model, unseen, t.eval_batch_size, t.channels_last, t.tta, t.tta_shift)
+            probabilities = torch.softmax(judged.logits, 1).numpy()
+            found.update(zip(held[judged.positions].tolist(), probabilities))
+    return found
 
 
 def test_run(run: Path, model: nn.Module, data: Data, config: TrainConfig) -> Evaluation:

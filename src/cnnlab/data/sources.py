@@ -52,6 +52,34 @@ class TensorSource:
             yield self.images[index], self.labels[index]
 
 
+class Subset:
+    """The images of `source` at `indices` (N,), read through it: one fold of a split, as a Source."""
+
+    def __init__(self, source: Source, indices: torch.Tensor):
+        self.source, self.indices = source, indices
+        self.labels = source.labels[indices]
+        self.skipped = source.skipped
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return self.source.batches([self.indices[b] for b in index_batches])
+
+
+def deal_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.Tensor]:
+    """`folds` disjoint, sorted position sets covering labels (N,): each class's positions shuffled (seeded)
+    and dealt in turn, so every fold holds about 1/folds of every class."""
+    generator = torch.Generator().manual_seed(seed)
+    dealt: list[list[torch.Tensor]] = [[] for _ in range(folds)]
+    for k in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == k).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        for fold in range(folds):
+            dealt[fold].append(members[fold::folds])
+    return [torch.sort(torch.cat(parts)).values for parts in dealt]
+
+
 def load_all(source: Source) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole split in memory: uint8 images (M, C, H, W) and int64 labels (M,); M < N when images were skipped."""
     if isinstance(source, TensorSource):

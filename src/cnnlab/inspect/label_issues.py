@@ -7,10 +7,8 @@ on the images labelled with it (its self-confidence); an image is flagged when i
 reaches that class's threshold, or the model predicts another class outright; the suggested class is the most
 probable such class, and images are ranked by the margin p(suggested) - p(given), worst first. The probabilities
 must be out-of-sample: a model repeats the labels it trained on, right or wrong, so only the held-out splits
-(validation and test) are checked, unless `folds` K is given: the training split is then dealt into K folds
-(stratified by class, seeded by the run's seed) and K runs are trained as the run was, each on the other
-folds, each predicting the fold it never saw (cross-validation, as cleanlab does): every file is checked, for
-K trainings' time.
+(validation and test) are checked, unless the training split's probabilities come from cross-validation
+(`pipeline.cross_validated`, `--folds K`: K runs trained as the run was, each judging the fold it never saw).
 
 Duplicates: every image of every split, as the run reads it, shrunk to a 16x16 grey thumbnail; images whose
 8x8 average hashes agree are compared thumbnail to thumbnail, and pairs in different splits that differ by less
@@ -18,11 +16,7 @@ than DUPLICATE_LEVELS grey levels on average are reported (re-saved, resized or 
 """
 from __future__ import annotations
 
-import dataclasses
-import sys
-import tempfile
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -179,65 +173,14 @@ def held_out_splits(config_dataset: str) -> tuple[str, ...]:
     return ("val", "test") if is_image_folder(config_dataset) else ("test",)
 
 
-# ------------------------------------------------------------------------------ the training split, by folds
-class Subset:
-    """The images of `source` at `indices` (N,), read through it: one fold of a split, as a Source."""
-
-    def __init__(self, source: Source, indices: torch.Tensor):
-        self.source, self.indices = source, indices
-        self.labels = source.labels[indices]
-        self.skipped = source.skipped
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def batches(self, index_batches: Sequence[torch.Tensor]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return self.source.batches([self.indices[b] for b in index_batches])
-
-
-def deal_folds(labels: torch.Tensor, folds: int, seed: int) -> list[torch.Tensor]:
-    """`folds` disjoint position sets covering labels (N,): each class's positions shuffled (seeded) and dealt
-    in turn, so every fold holds about 1/folds of every class."""
-    generator = torch.Generator().manual_seed(seed)
-    dealt: list[list[torch.Tensor]] = [[] for _ in range(folds)]
-    for k in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == k).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        for fold in range(folds):
-            dealt[fold].append(members[fold::folds])
-    return [torch.sort(torch.cat(parts)).values for parts in dealt]
-
-
-def fold_probabilities(loaded: LoadedRun, data: Data, folds: int) -> dict[int, np.ndarray]:
-    """Out-of-sample probabilities (K,) of each readable training image, keyed by its position in the training
-    split: `folds` runs trained as `loaded` was (its config), each on the other folds, in a temporary folder."""
-    from cnnlab.pipeline import train  # the whole engine, only when folds are asked for
-
-    dealt = deal_folds(data.train.labels, folds, loaded.config.train.seed)
-    found: dict[int, np.ndarray] = {}
-    with tempfile.TemporaryDirectory(prefix="cnnlab-folds-") as scratch:
-        for number, held in enumerate(dealt):
-            others = torch.sort(torch.cat([f for k, f in enumerate(dealt) if k != number])).values
-            unseen = Subset(data.train, held)
-            fold_data = dataclasses.replace(data, train=Subset(data.train, others), test=unseen)
-            print(f"fold {number + 1}/{folds}: training on {len(others):,} images, to judge {len(held):,}",
-                  file=sys.stderr, flush=True)
-            result = train(loaded.config, dataset=fold_data, root=scratch, name=f"fold-{number + 1}",
-                           progress=False)
-            positions, _, _, probabilities = read_split(LoadedRun(result.run), unseen, predict=True)
-            assert probabilities is not None
-            for position, row in zip(held[positions].tolist(), probabilities):
-                found[position] = row
-    return found
-
-
-def find_label_issues(loaded: LoadedRun, data: Data | None = None, folds: int = 0) -> Findings:
-    """Label issues in the held-out splits (and, with `folds` of 2 or more, in the training split by
-    cross-validation) and duplicates across all splits of a run's dataset."""
+def find_label_issues(loaded: LoadedRun, data: Data | None = None,
+                      by_folds: dict[int, np.ndarray] | None = None) -> Findings:
+    """Label issues in the held-out splits and duplicates across all splits of a run's dataset; with `by_folds`
+    (the training images' out-of-sample probabilities by position, `pipeline.cross_validated`), in the training
+    split too."""
     data = data if data is not None else load_data(loaded.config, progress=False)
     checked = held_out_splits(loaded.config.data.dataset)
-    by_folds = fold_probabilities(loaded, data, folds) if folds >= 2 else {}
-    if folds >= 2:
+    if by_folds:
         checked = ("train", *checked)
     names, split_of, labels_all, thumbs_all = [], [], [], []
     pooled_p, pooled_labels, pooled_names, pooled_splits = [], [], [], []
