@@ -82,7 +82,8 @@ def test_a_fake_kernel_gets_the_notebook_progress_updated_each_epoch(tmp_path, m
         return Handle()
 
     shell = types.SimpleNamespace(kernel=object())
-    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell))
+    # version_info: matplotlib asks a loaded IPython's version the first time a figure is made in the process
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: shell, version_info=(9, 0)))
     monkeypatch.setitem(sys.modules, "IPython.display", types.SimpleNamespace(display=display))
     assert callbacks.in_notebook()
     chosen = callbacks.progress_display(lambda history: len(history))
