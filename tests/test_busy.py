@@ -9,23 +9,27 @@ from cnnlab.training import busy
 from cnnlab.training.busy import busy_note
 
 
+@pytest.mark.unit
 def test_a_load_above_the_cores_is_named_with_both_numbers():
     note = busy_note(threads=1, load=7.9, cores=2)
     assert note == "this machine is busy: load 7.9 on 2 cores, so training took longer"
     assert busy_note(threads=1, load=1.04, cores=1).startswith("this machine is busy: load 1.0 on 1 core, ")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("load, cores", [(1.5, 2), (2.0, 2), (0.0, 16)])
 def test_a_load_within_the_cores_says_nothing(load, cores):
     assert busy_note(threads=4, load=load, cores=cores) is None
 
 
+@pytest.mark.unit
 def test_several_threads_on_a_busy_machine_get_the_one_thread_hint():
     note = busy_note(threads=2, load=13.4, cores=2)
     assert note is not None and note.endswith("its 2 threads also wait for each other, and train.threads=1 may be "
                                               "faster")
 
 
+@pytest.mark.unit
 def test_no_load_average_on_this_system_says_nothing(monkeypatch):
     def unavailable():
         raise OSError("no load average")
@@ -34,6 +38,7 @@ def test_no_load_average_on_this_system_says_nothing(monkeypatch):
     assert busy.one_minute_load() is None and busy_note(threads=2, cores=1) is None
 
 
+@pytest.mark.unit
 def test_the_readings_default_to_this_machine(monkeypatch):
     monkeypatch.setattr(busy, "one_minute_load", lambda: 9.5)
     monkeypatch.setattr(busy, "usable_cores", lambda: 3)

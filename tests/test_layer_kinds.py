@@ -31,6 +31,8 @@ from cnnlab.models.layers import (
 )
 from cnnlab.models.summary import format_summary, rows_of
 
+pytestmark = pytest.mark.unit  # no training run, no process: the inner loop
+
 KINDS = typing.get_args(Spec)
 
 # (spec, channels-last input shape): every kind that has a module, in its variants

@@ -13,6 +13,8 @@ from cnnlab.data import load_dataset
 from cnnlab.use import recipes
 from cnnlab.use.recipes import BlankImage, ink_on_black, level_percentile, prepare
 
+pytestmark = pytest.mark.unit  # no training run, no process: the inner loop
+
 
 def reference_otsu(grey: np.ndarray) -> float:
     counts = np.bincount(np.clip(grey, 0, 255).astype(np.uint8).ravel(), minlength=256).astype(np.float64)
