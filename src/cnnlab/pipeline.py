@@ -4,7 +4,9 @@
 data first, creates and writes the run; the others follow); `evaluate_run` is `cnnlab evaluate`.
 `train` also takes the lesson's settings as keywords, `train(model="seed", dataset="mnist-sample",
 epochs=4, dropout=0.4)`, and shows its progress (live in a notebook).
-"""
+
+Over 400 lines on purpose: it is the job, step by step (train, resume, restart, evaluate, cross-validate); each
+step is a short function calling the packages below it, and reading them in one file is reading the job."""
 from __future__ import annotations
 
 import contextlib

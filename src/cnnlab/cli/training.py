@@ -1,7 +1,9 @@
 """`cnnlab presets`, `summary`, `train` and `evaluate`: thin commands over `cnnlab.pipeline`.
 
 Nothing heavy is imported until a command runs: `presets` and `summary` never load torch.
-"""
+
+Over 400 lines on purpose: `train` has the most options of any command (fine-tuning, trackers, data-parallel
+launch); each is a few lines of parsing handed to `cnnlab.pipeline`."""
 from __future__ import annotations
 
 import os

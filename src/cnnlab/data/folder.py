@@ -23,7 +23,9 @@ read by `cnnlab.files.read_bytes`, which refuses anything but a regular file of 
 MAX_IMAGE_FILE_BYTES without blocking, so a FIFO or a device is skipped and reported like an unreadable image
 and never stalls a DataLoader worker. Class folder names become labels in reports and plots: they must be
 printable UTF-8.
-"""
+
+Over 400 lines on purpose: finding the files is one walk whose rules (links, layouts, splits, digests) depend
+on each other; decoding (`folder_source`) and the layout read without opening images (`folder_layout`) are apart."""
 from __future__ import annotations
 
 import hashlib

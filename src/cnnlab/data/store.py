@@ -16,7 +16,9 @@ than passed over; a copy that cannot be read at all is passed over either way.
 Every file is read by `cnnlab.files`: regular files only (a FIFO or a
 device is refused without blocking), never more than a stated number of bytes. A download that stalls, or
 trickles in slower than LOW_SPEED_BYTES_PER_S over LOW_SPEED_WINDOW_S, is cut off and the next mirror tried.
-"""
+
+Over 400 lines on purpose: the lookup order, verification and downloads are one decision (which copy is used,
+or what to fetch); each step is a small function, and splitting them would scatter that decision."""
 from __future__ import annotations
 
 import hashlib

@@ -1,5 +1,8 @@
 """Running a sweep: each trial a normal run directory, pruned on its validation metric, in one or
-several worker processes; then the results (summary, best config, plot)."""
+several worker processes; then the results (summary, best config, plot).
+
+Over 400 lines on purpose: a trial's life (run, heartbeat, prune, fail, requeue) and the workers that run them are
+one protocol with the study's lock (`study`); the results it writes at the end are the rest."""
 from __future__ import annotations
 
 import errno

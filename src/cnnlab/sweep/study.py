@@ -1,6 +1,9 @@
 """The Optuna side: samplers and pruners for a sweep, storage (journal file or an RDB such as
 PostgreSQL), and claiming trials under a study-wide lock so a total is exact and dead workers' trials
-are failed and retried."""
+are failed and retried.
+
+Over 400 lines on purpose: everything that touches Optuna's storage is here, behind one lock protocol (the journal
+file, the RDB, claiming and failing trials), so nothing else in cnnlab depends on Optuna's storage API."""
 from __future__ import annotations
 
 import contextlib
