@@ -64,7 +64,8 @@ def predict(
     if preview is not None:
         output_file(preview, (".png",), "--preview")
     predictor = Predictor.from_run(run)
-    print(predictor.use_backend(backend.value).line(), file=sys.stderr)  # stderr: stdout may hold the rows
+    # Said on stderr (stdout may hold the rows), once the first picture has been read: a refused input makes nothing
+    predictor.use_backend_when_needed(backend.value, lambda line: print(line, file=sys.stderr, flush=True))
     named = {str(path) for path in images if not path.is_dir()}
     walked = len(named) < len(images)
     tally, seen = Tally(), []

@@ -23,6 +23,7 @@ from cnnlab.errors import UserError
 from cnnlab.files import FileRefused, write_atomic
 from cnnlab.models.cnn import CNN
 from cnnlab.runs.layout import path
+from cnnlab.text import to_json
 
 if TYPE_CHECKING:
     from cnnlab.use.predict import Predictor
@@ -191,7 +192,7 @@ def build_cache(predictor: Predictor, run: Path) -> Path:
     export_checked(predictor, file)
     record = dict(format=RECORD_FORMAT, **sources, onnx_sha256=file_digest(file))
     write_atomic(path(run, "inference_onnx_record"),
-                 lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8"))
+                 lambda tmp: tmp.write_text(to_json(record, indent=1) + "\n", encoding="utf-8"))
     return file
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,8 @@ class Predictor:
     resize: str = "crop"  # how a photo meets the model's square input: its folder's data.resize
     inference_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
     backend: Backend | None = field(default=None, repr=False, compare=False)  # None: torch eager (`use_backend`)
+    # `use_backend_when_needed`: the backend asked for, chosen at the first forward pass, and who is told which
+    pending: tuple[str, Callable[[str], None]] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.backend is None:
@@ -56,6 +58,17 @@ class Predictor:
         choice = choose_backend(self, requested)
         self.backend = choice.backend
         return choice
+
+    def use_backend_when_needed(self, requested: str, announce: Callable[[str], None]) -> None:
+        """`use_backend`, but chosen when the first picture is ready for the model, its line given to `announce`:
+        a command refused for its input (a file that is no picture) makes no ONNX file in the run. A backend that
+        cannot be had at all (`onnx` without onnxruntime) is refused now, before any picture is read."""
+        if requested == "onnx":
+            from cnnlab.use.export import require
+
+            require("onnx")
+            require("onnxruntime")
+        self.pending = (requested, announce)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -83,11 +96,15 @@ class Predictor:
             if x.shape[1] != 1:
                 raise ValueError(f"{self.name}: the model takes {channels} channel(s), the images have {x.shape[1]}")
             x = x.expand(-1, channels, -1, -1)  # a grey picture for a colour model: same value in every channel
-        assert self.backend is not None  # (set in __post_init__)
+        if self.pending is not None:
+            requested, announce = self.pending
+            self.pending = None
+            announce(self.use_backend(requested).line())
+        backend = self.backend if self.backend is not None else TorchBackend(self.model)
         # One forward pass at a time: each backend already spreads a pass over all its threads; a web server's
         # concurrent requests running passes side by side would oversubscribe the cores and stretch the slowest.
         with self.inference_lock:
-            return self.backend.probabilities(x.contiguous().numpy())
+            return backend.probabilities(x.contiguous().numpy())
 
     def describe(self) -> dict:
         """What `GET /api/model` says about this model: never where it lives on disk (the server's callers
