@@ -334,9 +334,10 @@ def colour_run(tiny_cifar, tmp_path, monkeypatch):
 
 
 def cli(*args) -> str:
+    """What `cnnlab ARGS` prints on stdout (stderr holds notes, such as which backend ran the model)."""
     result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    return result.output
+    return result.stdout
 
 
 def test_a_colour_run_through_show_report_predict_and_export(colour_run, tmp_path):

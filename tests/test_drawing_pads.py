@@ -70,7 +70,7 @@ def predicted(run: Path, png: Path) -> dict[str, float]:
     """`cnnlab predict --json`'s probabilities for a PNG."""
     result = runner.invoke(app, ["predict", str(run), str(png), "--json"])
     assert result.exit_code == 0, result.output
-    return json.loads(result.output.splitlines()[0])["probabilities"]
+    return json.loads(result.stdout.splitlines()[0])["probabilities"]  # stderr says which backend ran it
 
 
 def test_a_seven_gets_predicts_answer_on_the_explorers_pad_and_on_the_web_demo(browser, tmp_path):

@@ -26,9 +26,10 @@ CASES = {**{name: (name, []) for name in list_presets()},
 
 
 def cli(*args: str) -> str:
+    """What `cnnlab ARGS` prints on stdout (stderr holds notes, such as which backend ran the model)."""
     result = runner.invoke(app, list(args))
     assert result.exit_code == 0, f"cnnlab {' '.join(args)}:\n{result.output}"
-    return result.output
+    return result.stdout
 
 
 @pytest.fixture(scope="module")

@@ -85,7 +85,7 @@ def test_show_and_predict_work_on_a_folder_run(tmp_path):
     predicted = CliRunner().invoke(app, ["predict", str(run), str(tmp_path / "mine.png"), "--json"])
     assert predicted.exit_code == 0, predicted.output
     # prepared as in training: RGB, centre square
-    assert json.loads(predicted.output.splitlines()[0])["class_name"] == "green"
+    assert json.loads(predicted.stdout.splitlines()[0])["class_name"] == "green"
     shows = (("mistakes", []), ("features", ["--index", "0"]), ("saliency", [str(tmp_path / "mine.png")]))
     for command, extra in shows:
         out = tmp_path / f"{command}.png"

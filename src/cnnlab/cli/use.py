@@ -65,7 +65,7 @@ def predict(
         output_file(preview, (".png",), "--preview")
     predictor = Predictor.from_run(run)
     # Said on stderr (stdout may hold the rows), once the first picture has been read: a refused input makes nothing
-    predictor.use_backend_when_needed(backend.value, lambda line: print(line, file=sys.stderr, flush=True))
+    predictor.use_backend_when_needed(backend.value, lambda line: print(line, file=sys.stderr))
     named = {str(path) for path in images if not path.is_dir()}
     walked = len(named) < len(images)
     tally, seen = Tally(), []
