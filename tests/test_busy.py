@@ -13,13 +13,21 @@ from cnnlab.training.busy import busy_note
 def test_a_load_above_the_cores_is_named_with_both_numbers():
     note = busy_note(threads=1, load=7.9, cores=2)
     assert note == "this machine is busy: load 7.9 on 2 cores, so training took longer"
-    assert busy_note(threads=1, load=1.04, cores=1).startswith("this machine is busy: load 1.0 on 1 core, ")
+    assert busy_note(threads=1, load=2.04, cores=1).startswith("this machine is busy: load 2.0 on 1 core, ")
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("load, cores", [(1.5, 2), (2.0, 2), (0.0, 16)])
+@pytest.mark.parametrize("load, cores", [(1.5, 2), (2.0, 2), (0.0, 16), (3.9, 2)])
 def test_a_load_within_the_cores_says_nothing(load, cores):
     assert busy_note(threads=4, load=load, cores=cores) is None
+
+
+@pytest.mark.unit
+def test_the_run_s_own_threads_do_not_make_a_quiet_machine_busy():
+    # 2 threads training on 2 cores, and a little else: the load reads 2.1, the others' share is 0.1 of a core
+    assert busy_note(threads=2, load=2.1, cores=2) is None
+    assert busy_note(threads=1, load=2.5, cores=2) is None  # one other core's worth: half the machine still free
+    assert busy_note(threads=1, load=3.0, cores=2) is not None
 
 
 @pytest.mark.unit

@@ -27,11 +27,13 @@ def one_minute_load() -> float | None:
 
 
 def busy_note(threads: int, load: float | None = None, cores: int | None = None) -> str | None:
-    """'this machine is busy: load 7.9 on 2 cores ...' when the load (default: now) exceeds the cores (default:
-    this process's), else None. `threads`: torch's intra-op threads, for the hint that one may be faster."""
+    """'this machine is busy: load 7.9 on 2 cores ...' when other work alone would fill the cores (default: this
+    process's), else None. The load (default: now) counts this run's own threads too, up to one per core: a run
+    of 2 threads on 2 quiet cores reads about 2.0 and is not busy. `threads`: torch's intra-op threads, for the
+    hint that one may be faster."""
     load = one_minute_load() if load is None else load
     cores = usable_cores() if cores is None else cores
-    if load is None or load <= cores:
+    if load is None or load - min(threads, cores) < cores:  # the others' share of the cores is under half
         return None
     note = f"this machine is busy: load {load:.1f} on {cores} core{'s' if cores != 1 else ''}, so training took longer"
     if threads > 1:
