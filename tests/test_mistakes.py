@@ -149,6 +149,9 @@ def test_folds_check_the_training_images_too(folder_run, tmp_path):
 
     refused = run("show", "label-issues", run_dir, "--folds", "1")
     assert refused.exit_code == 2 and "--folds: 2 or more" in refused.output
+    too_many = run("show", "label-issues", run_dir, "--folds", "500")  # 121 training images: empty folds
+    assert too_many.exit_code == 2 and "--folds 500: expected 2 to 121" in too_many.output
+    assert "Traceback" not in too_many.output
 
 
 @pytest.mark.unit

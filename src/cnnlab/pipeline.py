@@ -389,6 +389,9 @@ def cross_validated(config: Config, data: Data, folds: int) -> dict[int, np.ndar
     """Out-of-sample class probabilities (classes,) of each readable training image, keyed by its position in
     the training split: `folds` runs trained by `config` in a temporary folder (deleted after), each on all the
     folds but one, each judging the fold it never saw, as its test pass would (`show label-issues --folds`)."""
+    images = len(data.train)
+    if not 2 <= folds <= images:  # an empty fold would have nothing to judge
+        raise ConfigError(f"--folds {folds}: expected 2 to {images:,} (the training images), or 0 for no folds")
     dealt = deal_folds(data.train.labels, folds, config.train.seed)
     found: dict[int, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="cnnlab-folds-") as scratch:
