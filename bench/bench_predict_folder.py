@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_serve import uptime  # the same reading beside every number
+
 HERE = Path(__file__).resolve().parent.parent
 FORMATS = ("png", "jpg", "bmp")
 
@@ -114,13 +116,6 @@ def timed(how: Callable[[], int]) -> tuple[float, float, int]:
     start, cpu = time.perf_counter(), cpu_seconds()
     count = how()
     return time.perf_counter() - start, cpu_seconds() - cpu, count
-
-
-def uptime() -> str:
-    try:
-        return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "load average: " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main() -> None:
