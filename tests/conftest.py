@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import gzip
 import hashlib
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -161,3 +162,63 @@ def whole_and_resumed(config, tmp_path, stop: StopAt):
     with pytest.raises(pipeline.TrainingInterrupted):
         pipeline.train(config, tmp_path, name="cut", callbacks=[stop], progress=False)
     return reference, pipeline.resume(tmp_path / "cut", progress=False).run
+
+
+# ------------------------------------------------------------------------ the suite on every core (pytest-xdist)
+# `pytest` runs on `-n auto` worker processes (pyproject's addopts, --dist loadscope). A module's tests go to one
+# worker, so what they share (a trained run, a started server, a module fixture) is built once. The modules in
+# SPREAD share nothing costly between their tests, each a long one (a preset through every command, a minute of
+# fuzzing): their tests go one by one to whichever worker is free. Work is handed out in the order collected, which
+# `pytest_collection_modifyitems` makes longest first, so the run does not end with one worker alone on a long module.
+SPREAD = {"tests/test_every_preset.py", "tests/test_fuzz.py"}
+MAX_WORKERS = 4  # each worker holds torch and its own shared tiny runs (~1 GB); the tests start processes of their own
+
+
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: a worker per core this process may run on, at most MAX_WORKERS."""
+    return max(1, min(usable_cores(), MAX_WORKERS))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """A worker runs torch on its share of the cores (two workers on two cores: a thread each), as `cnnlab serve
+    --workers` does: a pool of a thread per core in each worker spins against the other's (a test's own
+    train.threads still wins for its run)."""
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput:
+        torch.set_num_threads(max(1, usable_cores() // int(workerinput["workercount"])))
+
+
+def work_unit(nodeid: str) -> str:
+    """What one worker runs together: the test's module, or the test alone in a SPREAD module."""
+    module = nodeid.split("::", 1)[0]
+    return nodeid if module in SPREAD else module
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """--dist loadscope with work_unit's units, handed out in collection order (not by their count of tests)."""
+    if config.getvalue("dist") != "loadscope":
+        return None  # another --dist given on the command line: xdist's own scheduler
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByWorkUnit(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    config.option.loadscopereorder = False
+    return ByWorkUnit(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `-n`: the work units longest first, by an estimate (a `slow` test ~20 s, any other ~1 s); a unit's
+    tests keep their order. Every worker collects and sorts alike, which xdist requires."""
+    if not getattr(config, "workerinput", None):
+        return  # not an xdist worker: the order as written
+    cost: dict[str, int] = {}
+    for item in items:
+        unit = work_unit(item.nodeid)
+        cost[unit] = cost.get(unit, 0) + (20 if item.get_closest_marker("slow") else 1)
+    items.sort(key=lambda item: -cost[work_unit(item.nodeid)])  # stable: a unit's tests stay in order and together

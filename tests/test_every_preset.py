@@ -19,7 +19,7 @@ from conftest import StopAt
 
 runner = CliRunner()
 DIGIT = Path(__file__).resolve().parents[1] / "docs" / "img" / "digit.png"
-SHORT = ["epochs=1", "batch_size=128", "data.val_size=500", "train.threads=2"]
+SHORT = ["epochs=1", "batch_size=128", "data.val_size=500"]  # torch threads: the test process's
 # every preset on the digits, and the presets whose `datasets:` block builds another network on the clothes
 CASES = {**{name: (name, []) for name in list_presets()},
          "fast on fashion-mnist": ("fast", ["data.dataset=fashion-mnist-sample"])}  # a whitening first layer
@@ -32,18 +32,17 @@ def cli(*args: str) -> str:
     return result.stdout
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("presets")
-    return {case: pipeline.train(load_config(name, overrides=[*SHORT, *more]), root, name=case.replace(" ", "-"),
-                                 progress=False).run
-            for case, (name, more) in CASES.items()}
+def train_case(case: str, root: Path) -> Path:
+    """An epoch of the case's preset: the run every command below reads (and none writes into)."""
+    name, more = CASES[case]
+    return pipeline.train(load_config(name, overrides=[*SHORT, *more]), root, name=case.replace(" ", "-"),
+                          progress=False).run
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
-def test_a_preset_works_in_every_command(trained, tmp_path, name):
-    run = trained[name]
+def test_a_preset_works_in_every_command(tmp_path, name):
+    run = train_case(name, tmp_path / "runs")
     model, classes, _ = load_model(run)
     convs = list(model.conv_layers())
     out = tmp_path / "out"
@@ -78,8 +77,7 @@ def test_a_preset_works_in_every_command(trained, tmp_path, name):
 
 @pytest.mark.slow
 def test_a_residual_run_resumes_bitwise_equal(tmp_path):
-    config = load_config("resnet", overrides=["epochs=2", "batch_size=128", "data.val_size=500", "train.threads=2",
-                                              "train.ema=0.9"])
+    config = load_config("resnet", overrides=[*SHORT, "epochs=2", "train.ema=0.9"])
     whole = pipeline.train(config, tmp_path, name="whole", progress=False).run
     with pytest.raises(pipeline.TrainingInterrupted):
         pipeline.train(config, tmp_path, name="cut", callbacks=[StopAt(epoch=2, step=9)], progress=False)
