@@ -76,6 +76,10 @@ def onnx_session(file: Path, threads: int | None = None) -> Any:
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1  # the models are one chain of layers: nothing to run side by side
     options.log_severity_level = 3  # errors only
+    # No spin-waiting for the next run: onnxruntime's threads otherwise spin ~a ms after every run, which doubled
+    # the server's CPU per request (4.5 -> 2.2 ms, one client) and took it from whatever else shares the cores;
+    # requests/s and latency are the same or better without (BENCHMARKS.md, "Serving").
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(file), options, providers=["CPUExecutionProvider"])
 
 
