@@ -88,3 +88,15 @@ def test_level_percentile_is_numpys(q):
     pixels = np.random.default_rng(1).integers(0, 256, 1001).astype(np.uint8)
     counts = np.bincount(pixels, minlength=256).astype(np.float64)
     assert level_percentile(counts, q) == pytest.approx(float(np.percentile(pixels, q)), abs=1e-9)
+
+
+def test_the_ink_lookup_in_the_inked_box_is_the_whole_lookup():
+    """recipes.mapped_where_ink equals table[grey] exactly: ink in a corner, everywhere, nowhere, on one pixel."""
+    rng = np.random.default_rng(1)
+    levels = np.arange(256, dtype=np.float32)
+    for floor in (0.0, 40.0, 254.5, 255.0):
+        table = np.clip((levels - floor) / 60.0, 0.0, 1.0)
+        for grey in (rng.integers(0, 256, (37, 23), dtype=np.uint8), np.zeros((5, 9), np.uint8),
+                     np.full((4, 4), 255, np.uint8), np.pad(np.full((3, 2), 200, np.uint8), ((0, 6), (7, 0)))):
+            assert np.array_equal(recipes.mapped_where_ink(grey, table), table[grey])
+            assert np.array_equal(recipes.grey_histogram(grey), np.bincount(grey.ravel(), minlength=256))

@@ -21,7 +21,7 @@ from cnnlab.config import load_config
 from cnnlab.sweep.spec import parse_sweep, trial_config
 
 runner = CliRunner()
-TINY = {"first_layer_convs": 4, "dense_layer_size": 8, "epochs": 2}  # ~1 s a trial on mnist-sample
+TINY = {"first_layer_convs": 4, "dense_layer_size": 8, "epochs": 2, "train.threads": 1}  # ~1 s a trial on mnist-sample
 
 
 def write_sweep(tmp_path: Path, parameters: dict, method: str = "grid", **extra) -> Path:

@@ -25,7 +25,7 @@ from cnnlab.sweep.spec import SweepError, parse_sweep, trial_config
 from cnnlab.sweep.study import env_seconds, open_storage, trial_sampler
 
 runner = CliRunner()
-TINY = {"first_layer_convs": 4, "dense_layer_size": 8, "epochs": 1}
+TINY = {"first_layer_convs": 4, "dense_layer_size": 8, "epochs": 1, "train.threads": 1}
 HOOKS = Path(__file__).with_name("sweep_hooks.py")  # cnnlab with test hooks: see that file
 
 

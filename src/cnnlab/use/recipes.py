@@ -55,7 +55,7 @@ def ink_on_black(grey: np.ndarray) -> np.ndarray:
     0.5 ms for a 280x280 drawing. (The statistics are float64 sums over the histogram, where they were float32
     sums over the pixels: the same to ~1e-6, see tests/test_recipe_histogram.py.)
     """
-    counts = np.bincount(grey.ravel(), minlength=256).astype(np.float64)  # (256,) pixels per grey level
+    counts = grey_histogram(grey)  # (256,) pixels per grey level
     present = np.flatnonzero(counts)
     if present[-1] - present[0] < 24:  # under 10% contrast: nothing drawn
         raise BlankImage("no ink found: the picture is blank or too faint")
@@ -69,7 +69,28 @@ def ink_on_black(grey: np.ndarray) -> np.ndarray:
     ink_level = level_percentile(above, 95) if above.any() else float(present[-1])
     # float32 table, as the pixels were: (level - floor) / range, clipped to 0..1
     table = np.clip((levels.astype(np.float32) - floor) / max(ink_level - floor, 1.0), 0.0, 1.0)
-    return table[grey]
+    return mapped_where_ink(grey, table)
+
+
+def grey_histogram(grey: np.ndarray) -> np.ndarray:
+    """float64 (256,) pixels per level of uint8 grey (H, W): Pillow's histogram, 2-3x np.bincount's speed (which
+    first copies the pixels to 64-bit integers)."""
+    return np.asarray(Image.fromarray(np.ascontiguousarray(grey)).histogram(), dtype=np.float64)
+
+
+def mapped_where_ink(grey: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """table[grey] (float32 (H, W)), looked up only inside the box around the levels the table maps above 0: a
+    drawing's ink covers a fraction of the canvas, and the rest is exactly 0 either way."""
+    inked = np.flatnonzero(table > 0)
+    ink = np.zeros(grey.shape, dtype=np.float32)
+    if inked.size == 0:
+        return ink
+    mask = grey >= inked[0]  # the table rises with the level: every level from the first inked one is inked
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size:
+        box = (slice(rows[0], rows[-1] + 1), slice(columns[0], columns[-1] + 1))
+        ink[box] = np.take(table, grey[box])
+    return ink
 
 
 def otsu_threshold(counts: np.ndarray) -> float:
@@ -139,7 +160,8 @@ def stroke_width(ink: np.ndarray) -> float:
     area = int(mask.sum())
     if area == 0:
         return 0.0
-    padded = np.pad(mask, 1)
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), dtype=bool)  # np.pad(mask, 1), at a third of its cost
+    padded[1:-1, 1:-1] = mask
     inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
     outline = int((mask & ~inner).sum())
     return area / max(outline / 2, 1)
