@@ -178,6 +178,7 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+@pytest.hookimpl(optionalhook=True)  # xdist's hooks: with the plugin left out pytest would call them unknown
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     """`-n auto`: a worker per core this process may run on, at most MAX_WORKERS."""
     return max(1, min(usable_cores(), MAX_WORKERS))
@@ -198,6 +199,7 @@ def work_unit(nodeid: str) -> str:
     return nodeid if module in SPREAD else module
 
 
+@pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """--dist loadscope with work_unit's units, handed out in collection order (not by their count of tests)."""
     if config.getvalue("dist") != "loadscope":
