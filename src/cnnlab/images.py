@@ -86,10 +86,11 @@ def open_image(source: ImageFile, name: str | None = None, max_pixels: int = MAX
                     raise ImageTooLarge(f"{label}: {width}x{height} pixels is more than the {max_pixels:,} allowed")
                 if draft is not None:
                     opened.draft(None, draft)
-                opened.load()
-                # upright in place: exif_transpose's default returns a copy even when there is nothing to turn
-                ImageOps.exif_transpose(opened, in_place=True)
-                image = opened  # decoded: leaving the `with` only closes the file
+                # exif_transpose's copy is wanted even with nothing to turn: the copy owns its pixels, where the
+                # opened image may map the file (an uncompressed TIFF: a file changed under it kills the process);
+                # and it reads the EXIF before decoding, which Pillow 10.0 cannot do after (multi-page TIFFs)
+                image = ImageOps.exif_transpose(opened)
+                image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"{label}: refused as a possible decompression bomb ({exc})") from None
     except (FileNotFoundError, IsADirectoryError, PermissionError, ImageReadError, MemoryError, RecursionError):
