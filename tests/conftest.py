@@ -179,8 +179,11 @@ def usable_cores() -> int:
 
 
 @pytest.hookimpl(optionalhook=True)  # xdist's hooks: with the plugin left out pytest would call them unknown
-def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """`-n auto`: a worker per core this process may run on, at most MAX_WORKERS."""
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """`-n auto`: a worker per core this process may run on, at most MAX_WORKERS (PYTEST_XDIST_AUTO_NUM_WORKERS,
+    when set, is left to xdist's own hook)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
     return max(1, min(usable_cores(), MAX_WORKERS))
 
 
@@ -210,7 +213,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         def _split_scope(self, nodeid: str) -> str:
             return work_unit(nodeid)
 
-    config.option.loadscopereorder = False
+    config.option.loadscopereorder = False  # the collection's order is the order wanted (see below)
     return ByWorkUnit(config, log)
 
 

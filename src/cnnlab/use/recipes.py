@@ -47,7 +47,7 @@ def prepare_digit(image: Image.Image, size: int = 28, box: int = 20) -> np.ndarr
 
 
 def ink_on_black(grey: np.ndarray) -> np.ndarray:
-    """float32 (H, W) 0..1 from light-on-dark uint8 grey (H, W): ink bright, background exactly 0, paper noise removed.
+    """float (H, W) 0..1 from light-on-dark uint8 grey (H, W): ink bright, background exactly 0, paper noise removed.
 
     Otsu's threshold splits ink from background; values below the background's mean + 3 standard
     deviations count as paper. Every statistic comes from the 256-level histogram, and the pixels are mapped
@@ -67,7 +67,7 @@ def ink_on_black(grey: np.ndarray) -> np.ndarray:
     floor = min(mean + 3 * std, threshold)
     above = np.where(levels > threshold, counts, 0.0)
     ink_level = level_percentile(above, 95) if above.any() else float(present[-1])
-    # float32 table, as the pixels were: (level - floor) / range, clipped to 0..1
+    # (level - floor) / range, clipped to 0..1: float32, or float64 when the floor is the statistics' (a NumPy float64)
     table = np.clip((levels.astype(np.float32) - floor) / max(ink_level - floor, 1.0), 0.0, 1.0)
     return mapped_where_ink(grey, table)
 
@@ -79,10 +79,10 @@ def grey_histogram(grey: np.ndarray) -> np.ndarray:
 
 
 def mapped_where_ink(grey: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """table[grey] (float32 (H, W)), looked up only inside the box around the levels the table maps above 0: a
-    drawing's ink covers a fraction of the canvas, and the rest is exactly 0 either way."""
+    """table[grey] ((H, W), the table's dtype), looked up only inside the box around the levels the table maps
+    above 0: a drawing's ink covers a fraction of the canvas, and the rest is exactly 0 either way."""
     inked = np.flatnonzero(table > 0)
-    ink = np.zeros(grey.shape, dtype=np.float32)
+    ink = np.zeros(grey.shape, dtype=table.dtype)
     if inked.size == 0:
         return ink
     mask = grey >= inked[0]  # the table rises with the level: every level from the first inked one is inked
