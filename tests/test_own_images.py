@@ -2,6 +2,7 @@
 and pictures fitted by crop, pad or squish."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -144,7 +145,12 @@ def test_evaluate_refuses_a_folder_whose_classes_changed_and_keeps_test_json(fol
         shutil.copytree(folder / "red", folder / "yellow")
     else:
         shutil.rmtree(folder / "blue")
-    for command in (["evaluate", str(run)], ["show", "mistakes", str(run), "--out", str(run.parent / "m.png")]):
+    # every command that opens the run's folder again, whichever way it reads it
+    commands = [["evaluate", str(run)], ["show", "mistakes", str(run), "--out", str(run.parent / "m.png")],
+                ["show", "label-issues", str(run), "--json"]]
+    if importlib.util.find_spec("onnxruntime") is not None:  # the export extra: calibration reads the folder
+        commands.append(["export", str(run), "--format", "onnx", "--quantize", "int8"])
+    for command in commands:
         refused = invoke(*command)
         assert refused.exit_code != 0
         error = [line for line in refused.output.splitlines() if line.startswith("error:")]
@@ -152,7 +158,7 @@ def test_evaluate_refuses_a_folder_whose_classes_changed_and_keeps_test_json(fol
         word = {"rename": "renamed green -> lime", "add": "added yellow", "remove": "removed blue"}[change]
         assert word in error[0]
     assert (run / "test.json").read_bytes() == before
-    assert not (run.parent / "m.png").exists()
+    assert not (run.parent / "m.png").exists() and not (run / "model.int8.onnx").exists()
 
 
 def test_evaluate_warns_with_counts_when_files_changed(folder_run):

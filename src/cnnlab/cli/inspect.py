@@ -136,12 +136,11 @@ def show_label_issues(run: Run,
     sit in two splits (near-duplicates)."""
     if folds == 1:
         raise fail("--folds: 2 or more (each fold's run judges the images it did not train on), or 0: off")
-    from cnnlab.data.sources import load_data
     from cnnlab.inspect.label_issues import find_label_issues
     from cnnlab.pipeline import cross_validated
 
     loaded = load(run, data_dir)
-    data = load_data(loaded.config, progress=False)
+    data = loaded.data()
     found = find_label_issues(loaded, data, cross_validated(loaded.config, data, folds) if folds else None)
     issues = found.issues[:limit or None]
     duplicates = found.duplicates[:limit or None]

@@ -168,13 +168,29 @@ def open_dataset(config: Config, progress: bool = True) -> Dataset:
     return load_dataset(d.dataset, d.data_dir, allow_mismatch=d.allow_checksum_mismatch, progress=progress)
 
 
-def load_data(config: Config, progress: bool = True, summary: bool = False, hold: bool = True) -> Data:
+def load_data(config: Config, progress: bool = True, summary: bool = False, hold: bool = True,
+              pinned: dict | None = None, run: str = "the run") -> Data:
     """The configured dataset (named or an image folder), ready to train on; `progress`: bars and warnings;
     `summary`: an image folder's summary printed (training does); `hold` False: an image folder streamed (a
-    command that reads one split once has no use for every split decoded into memory)."""
+    command that reads one split once has no use for every split decoded into memory).
+
+    `pinned`: the image folder's record in `run`'s manifest, for a command that opens a run's folder again:
+    FolderChanged when its classes are not the run's, a warning on stderr when its files changed
+    (`cnnlab.data.pinning`)."""
     if is_image_folder(config.data.dataset):
-        return folder_data(config, progress=progress, summary=summary, hold=hold)
+        data = folder_data(config, progress=progress, summary=summary, hold=hold)
+        check_pinned(data, pinned, run)
+        return data
     return prepare_data(open_dataset(config, progress), config)
+
+
+def check_pinned(data: Data, pinned: dict | None, run: str) -> None:
+    """Compare an image folder opened for `run` with the record the run pinned (see load_data)."""
+    from cnnlab.data.pinning import check_folder
+    from cnnlab.data.store import notify
+
+    for warning in check_folder(pinned, data.about["image_folder"], run):
+        notify(warning)
 
 
 def open_test_set(config: Config, pinned: dict | None = None, run: str = "the run"
@@ -185,12 +201,8 @@ def open_test_set(config: Config, pinned: dict | None = None, run: str = "the ru
     `pinned`: the image folder's record in the run's manifest, compared with the folder now
     (`cnnlab.data.pinning`): FolderChanged when its classes differ, a warning on stderr when its files do."""
     if is_image_folder(config.data.dataset):
-        from cnnlab.data.pinning import check_folder
-        from cnnlab.data.store import notify
-
         data = folder_data(config, hold=False)
-        for warning in check_folder(pinned, data.about["image_folder"], run):
-            notify(warning)
+        check_pinned(data, pinned, run)
         return load_all(data.test)
     dataset = open_dataset(config, progress=False)
     return images_tensor(dataset.test_images), torch.from_numpy(dataset.test_labels)

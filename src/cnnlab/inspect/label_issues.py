@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from cnnlab.data.registry import is_image_folder
-from cnnlab.data.sources import LOAD_ALL_BATCH, Data, Source, load_data
+from cnnlab.data.sources import LOAD_ALL_BATCH, Data, Source
 from cnnlab.inspect.show import LoadedRun
 from cnnlab.runs.predictions import file_names
 from cnnlab.training.evaluate import batches_with_positions, infer
@@ -178,7 +178,7 @@ def find_label_issues(loaded: LoadedRun, data: Data | None = None,
     """Label issues in the held-out splits and duplicates across all splits of a run's dataset; with `by_folds`
     (the training images' out-of-sample probabilities by position, `pipeline.cross_validated`), in the training
     split too."""
-    data = data if data is not None else load_data(loaded.config, progress=False)
+    data = data if data is not None else loaded.data()
     checked = held_out_splits(loaded.config.data.dataset)
     if by_folds:
         checked = ("train", *checked)

@@ -8,11 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cnnlab.data.pinning import check_folder
 from cnnlab.data.pixels import image_input, to_pixels
 from cnnlab.data.registry import dataset_recipe, is_image_folder
-from cnnlab.data.sources import LOAD_ALL_BATCH, folder_data, open_test_set
-from cnnlab.data.store import notify
+from cnnlab.data.sources import LOAD_ALL_BATCH, Data, load_data, open_test_set
 from cnnlab.errors import UserError
 from cnnlab.inspect.activations import (
     FeatureMaps,
@@ -51,6 +49,12 @@ class LoadedRun:
     def name(self) -> str:
         return self.run.resolve().name
 
+    def data(self, hold: bool = True) -> Data:
+        """The run's dataset opened again; an image folder checked against the one the run pinned (FolderChanged
+        when its classes are not the run's, a warning when its files changed). `hold`: see load_data."""
+        pinned = (records.read_record(self.run, "manifest") or {}).get("image_folder")
+        return load_data(self.config, progress=False, hold=hold, pinned=pinned, run=str(self.run))
+
     @cached_property
     def _test_read(self) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """The readable test images, their labels and each one's file (an image folder's relative path, or
@@ -58,10 +62,7 @@ class LoadedRun:
         if not is_image_folder(self.config.data.dataset):
             images, labels = open_test_set(self.config)
             return images, labels, [str(i) for i in range(len(labels))]
-        data = folder_data(self.config, hold=False)  # one split, read once: no need to decode the others
-        manifest = records.read_record(self.run, "manifest") or {}
-        for warning in check_folder(manifest.get("image_folder"), data.about["image_folder"], str(self.run)):
-            notify(warning)
+        data = self.data(hold=False)  # one split, read once: no need to decode the others
         source = data.test
         parts = list(batches_with_positions(source, list(torch.arange(len(source)).split(LOAD_ALL_BATCH))))
         if not parts:

@@ -24,10 +24,9 @@ import torch
 
 from cnnlab.config import Config
 from cnnlab.data.pixels import to_inputs
-from cnnlab.data.registry import is_image_folder
-from cnnlab.data.sources import Data, Source, folder_data, load_all, open_dataset, prepare_data
+from cnnlab.data.sources import Data, Source, load_all, load_data
 from cnnlab.files import output_target, remove_stale_temps, write_atomic
-from cnnlab.runs.records import load_config
+from cnnlab.runs.records import load_config, read_record
 from cnnlab.use.backends import onnx_file, onnx_session
 from cnnlab.use.export import ExportError, require
 from cnnlab.use.predict import Predictor
@@ -89,7 +88,7 @@ def quantize_run(run: str | Path, out: str | Path | None = None, max_drop: float
     out = output_target(Path(out) if out is not None else Path(run) / "model.int8.onnx")  # before the work
     remove_stale_temps(out.parent, [out.name])
     predictor = Predictor.from_run(run)
-    data = run_data(load_config(run))
+    data = run_data(load_config(run), (read_record(run, "manifest") or {}).get("image_folder"), str(run))
     calibration = calibration_inputs(data.train, calibration_images, seed)
     test_x, test_y = test_inputs(data.test)
     with tempfile.TemporaryDirectory(prefix="cnnlab-int8-") as folder:
@@ -110,11 +109,10 @@ def quantize_run(run: str | Path, out: str | Path | None = None, max_drop: float
 
 
 # -------------------------------------------------------------------------------------------- data
-def run_data(config: Config) -> Data:
-    """The run's dataset split as in training (the same validation hold-out), image folders streamed."""
-    if is_image_folder(config.data.dataset):
-        return folder_data(config, hold=False)
-    return prepare_data(open_dataset(config, progress=False), config)
+def run_data(config: Config, pinned: dict | None = None, run: str = "the run") -> Data:
+    """The run's dataset split as in training (the same validation hold-out), image folders streamed and checked
+    against the record the run pinned (`sources.load_data`)."""
+    return load_data(config, progress=False, hold=False, pinned=pinned, run=run)
 
 
 def calibration_inputs(train: Source, count: int, seed: int) -> np.ndarray:
