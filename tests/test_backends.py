@@ -159,6 +159,24 @@ def test_a_run_folder_that_cannot_hold_the_file_gets_one_for_the_session(fresh, 
                   ).max() <= TOLERANCE
 
 
+def test_ctrl_c_while_the_onnx_file_is_made_stops_instead_of_falling_back(fresh, monkeypatch):
+    """torch's exporter catches the KeyboardInterrupt it meets and raises its own error from it; auto must not
+    take that for 'onnx unavailable' and carry on in torch."""
+    for key in ("inference_onnx", "inference_onnx_record"):
+        path(fresh, key).unlink()
+
+    def exporter_seeing_ctrl_c(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError("Failed to export the model with torch.export.") from interrupt
+
+    monkeypatch.setattr(torch.onnx, "export", exporter_seeing_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        Predictor.from_run(fresh).use_backend("auto")
+    assert not path(fresh, "inference_onnx_record").exists()
+
+
 def test_without_onnxruntime_auto_falls_back_to_torch_and_onnx_refuses(cached, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime raises ImportError
     choice = Predictor.from_run(cached).use_backend("auto")

@@ -10,3 +10,19 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input or a state the user can fix; `str(error)` is one line naming what is wrong."""
+
+
+def interrupted(error: BaseException | None) -> bool:
+    """Whether a Ctrl-C (KeyboardInterrupt) lies in `error` or the errors it was raised from or during.
+
+    Some libraries catch the KeyboardInterrupt they meet and raise an error of their own in its place (torch's
+    ONNX exporter: "Failed to export the model with torch.export"), which an `except Exception` that falls
+    back to something else would take for an ordinary failure and carry on. Such handlers ask this first and
+    raise KeyboardInterrupt again: Ctrl-C stops the command, whoever saw it first."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False

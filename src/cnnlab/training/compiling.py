@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from cnnlab.data.store import cache_root
+from cnnlab.errors import interrupted
 
 CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # inductor's own setting; a user's value is kept
 
@@ -87,6 +88,8 @@ class TrainingForward:
         except torch.OutOfMemoryError:
             raise  # the step's size, not the compiler: eager would not fit either
         except Exception as error:  # noqa: BLE001  (whatever the compiler raised: eager may still work)
+            if interrupted(error):  # a Ctrl-C met while compiling, reported as the compiler's own error
+                raise KeyboardInterrupt from None
             print(self.who + failure_line(error), file=sys.stderr)
             self.net = self.eager
             return self.net(inputs)

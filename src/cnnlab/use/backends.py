@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
-from cnnlab.errors import UserError
+from cnnlab.errors import UserError, interrupted
 from cnnlab.files import FileRefused, write_atomic
 from cnnlab.models.cnn import CNN
 from cnnlab.runs.layout import path
@@ -109,6 +109,8 @@ def choose_backend(predictor: Predictor, requested: str = "auto") -> Choice:
     try:
         return onnx_choice(predictor, Path(run))
     except Exception as exc:  # noqa: BLE001 -- auto: any reason ONNX is not at hand falls back to torch, said once
+        if interrupted(exc):
+            raise KeyboardInterrupt from None
         if requested == "onnx":
             if isinstance(exc, UserError):
                 raise
@@ -183,6 +185,8 @@ def cached_backend(model: CNN, run: Path) -> OnnxBackend | str:
         backend = OnnxBackend(file)
         difference = answers_difference(model, backend)
     except Exception as exc:  # noqa: BLE001 -- unreadable record or file, a session that fails: made again
+        if interrupted(exc):
+            raise KeyboardInterrupt from None
         return f"unreadable ({type(exc).__name__}: {first_line(exc)})"
     if not difference <= TOLERANCE:
         return f"its answers differ from the model's by {difference:.1e}"

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from cnnlab.data.pixels import images_tensor, to_inputs
-from cnnlab.errors import UserError
+from cnnlab.errors import UserError, interrupted
 from cnnlab.files import output_target, remove_stale_temps, write_atomic
 from cnnlab.models.cnn import CNN
 from cnnlab.use.predict import Predictor
@@ -132,7 +132,9 @@ def dataset_images(predictor: Predictor, count: int = 64) -> np.ndarray | None:
         if is_image_folder(predictor.dataset):
             return folder_test_images(predictor, count)
         return load_dataset(predictor.dataset, download=False, progress=False).test_images[:count]
-    except Exception:  # noqa: BLE001 -- any reason the data is not at hand: the random check inputs will do
+    except Exception as exc:  # noqa: BLE001 -- any reason the data is not at hand: the random check inputs will do
+        if interrupted(exc):
+            raise KeyboardInterrupt from None
         return None
 
 
@@ -157,9 +159,14 @@ def write_onnx(model: nn.Module, inputs: torch.Tensor, file: Path, metadata: dic
     """torch.onnx.export with a dynamic batch axis, then the metadata stored in the file's metadata_props."""
     onnx = require("onnx")
     with quiet_exporter():
-        torch.onnx.export(model, (inputs,), str(file), input_names=["image"], output_names=["probabilities"],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
-                          external_data=False)
+        try:
+            torch.onnx.export(model, (inputs,), str(file), input_names=["image"], output_names=["probabilities"],
+                              dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True, verbose=False,
+                              external_data=False)
+        except Exception as exc:
+            if interrupted(exc):  # the exporter reports a Ctrl-C as its own failure: it stays a Ctrl-C
+                raise KeyboardInterrupt from None
+            raise
     proto = onnx.load(str(file))
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
