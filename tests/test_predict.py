@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -153,3 +154,26 @@ def test_export_torchscript_matches_the_model(digits, tmp_path):
 def test_export_refuses_unknown_formats(digits):
     result = run("export", digits, "--format", "pickle")
     assert result.exit_code == 2 and "pickle" in result.output
+
+
+@pytest.mark.parametrize("command", [
+    ["export", "{run}", "--format", "onnx", "--out", "{run}/model.safetensors"],  # not an .onnx name
+    ["export", "{run}", "--format", "onnx", "--out", "{run}/inference.onnx"],  # the run's own ONNX cache
+    ["export", "{run}", "--format", "torchscript", "--out", "{tmp}/picture.png"],
+    ["predict", "{run}", "{pictures}", "--out", "{run}/predictions.csv"],  # the run's test predictions
+])
+def test_an_output_never_replaces_a_run_s_own_files_or_takes_another_format_s_name(digits, pictures, tmp_path,
+                                                                                   command):
+    run_copy = shutil.copytree(digits, tmp_path / "run")
+    (tmp_path / "picture.png").write_bytes(b"a picture")
+    before = {f.name: f.read_bytes() for f in run_copy.iterdir() if f.is_file()}
+    result = run(*[part.format(run=run_copy, tmp=tmp_path, pictures=pictures) for part in command])
+    assert result.exit_code == 2, result.output
+    assert result.output.count("error: --out") == 1 and "Traceback" not in result.output
+    assert {f.name: f.read_bytes() for f in run_copy.iterdir() if f.is_file()} == before
+    assert (tmp_path / "picture.png").read_bytes() == b"a picture"
+
+
+def test_max_drop_without_quantize_is_refused(digits):
+    result = run("export", digits, "--max-drop", "1")
+    assert result.exit_code == 2 and "--max-drop: only with --quantize" in result.output

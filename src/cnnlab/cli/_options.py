@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from cnnlab.runs.layout import DEFAULT_ROOT
+from cnnlab.runs.layout import DEFAULT_ROOT, FILES
 
 Model = Annotated[str, typer.Option("--model", "-m", help="Model preset (see `cnnlab presets`).")]
 DefaultModel = Annotated[str | None, typer.Option(
@@ -34,5 +34,15 @@ def output_file(path: Path, suffixes: tuple[str, ...], option: str = "--out") ->
 
     if path.suffix.lower() not in suffixes:
         raise FileRefused(f"{option} {path}: expected a file name ending in {' or '.join(suffixes)}")
-    output_target(path)
+    target = output_target(path)
+    if target.name in RECORDS and all((target.parent / FILES[key]).is_file() for key in ("config", "manifest")):
+        raise FileRefused(f"{option} {path}: {target.name} is one of the run {target.parent}'s own files, which "
+                          "other commands read back: give another name")
     return path
+
+
+# A run's files that commands read back (the weights, its records, the ONNX cache): no --out may replace them.
+# Not the pictures and the report, which a user may well want to make again in their place.
+RECORDS = frozenset(FILES[key] for key in ("config", "summary", "manifest", "metrics", "weights", "checkpoint",
+                                           "previous_checkpoint", "test", "predictions", "skipped", "early_stopping",
+                                           "lr_find", "inference_onnx", "inference_onnx_record", "lock"))

@@ -138,13 +138,17 @@ def export(
     quantize: Annotated[Quantize | None, typer.Option(
         "--quantize", help="int8: onnxruntime's static quantization, calibrated on the run's training images; "
         "reports size, test accuracy and batch-1 latency against float32.")] = None,
-    max_drop: Annotated[float, typer.Option(
+    max_drop: Annotated[float | None, typer.Option(
         "--max-drop", min=0.0, max=100.0, help="With --quantize: refuse to write a model whose test accuracy is more "
-        "than this many points below float32's.")] = 0.5,
+        "than this many points below float32's (default 0.5).")] = None,
 ) -> None:
     """Export the run's model (probabilities out), then run the file and compare it with the original."""
-    from cnnlab.use.export import export_run
+    from cnnlab.use.export import FORMATS, export_run
 
+    if quantize is None and max_drop is not None:
+        raise fail("--max-drop: only with --quantize int8 (it bounds the int8 model's accuracy drop)")
+    if out is not None:
+        output_file(out, (FORMATS[format.value],))
     if quantize is not None:
         quantized(run, format, out, max_drop)
         return
@@ -155,13 +159,13 @@ def export(
           f"{result.max_abs_difference:.2e} in probability")
 
 
-def quantized(run: Path, format: Format, out: Path | None, max_drop: float) -> None:
+def quantized(run: Path, format: Format, out: Path | None, max_drop: float | None) -> None:
     """`export --quantize int8`: the int8 ONNX file and its report, or the refusal."""
-    from cnnlab.use.quantize import quantize_run
+    from cnnlab.use.quantize import MAX_DROP, quantize_run
 
     if format is not Format.onnx:
         raise fail(f"--quantize needs --format onnx, not {format.value}")
-    result = quantize_run(run, out, max_drop)
+    result = quantize_run(run, out, MAX_DROP if max_drop is None else max_drop)
     print(f"saved {result.file}")
     print("\n".join(result.lines()))
 
