@@ -2,7 +2,13 @@
 in the same order, as one process gives, unreadable files included."""
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,3 +72,54 @@ def test_a_folder_with_bad_files_lists_them_and_goes_on(folder, monkeypatch, tmp
     assert [Path(row["file"]).name for row in bad] == ["05-text.png", "17-empty.jpg", "30-cut.png"]
     assert all(row["predicted"] == "" and row["error"].startswith(row["file"]) for row in bad)
     assert result.output.count("error: ") == 3 and "predicted 40 files; 3 unreadable" in result.output
+
+
+def group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["kill", "ctrl-c"])
+def test_a_stop_signal_mid_folder_leaves_no_file_and_no_process(signum, tmp_path):
+    """`kill PID` (SIGTERM to the main process alone) ended the command on the spot: its temporary --out file
+    stayed, and its decoding processes, which leave stop signals to the main process, blocked for good."""
+    digit = Image.fromarray(255 - load_dataset("mnist-sample", progress=False).test_images[0])
+    (tmp_path / "many").mkdir()
+    for i in range(3000):
+        digit.save(tmp_path / "many" / f"{i}.png")
+    process = subprocess.Popen([sys.executable, "-m", "cnnlab", "predict", str(tiny_run("mnist-sample")), "many",
+                                "--out", "rows.csv", "--backend", "torch"], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while process.poll() is None and not list(tmp_path.glob(".rows.csv.*")) and time.monotonic() < deadline:
+            time.sleep(0.005)  # until the rows are being written (the decoding processes run by then)
+        if process.poll() is not None:
+            pytest.skip("the command finished before it could be stopped")
+        process.send_signal(signum)  # to the main process only, as `kill` does
+        _, stderr = process.communicate(timeout=60)
+        deadline = time.monotonic() + 30
+        while group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not group_alive(process.pid), "a decoding process outlived the command"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == (143 if signum == signal.SIGTERM else 130), stderr
+    assert "Traceback" not in stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many"]  # no rows.csv, no temporary file
+
+
+def test_a_name_that_is_not_utf8_is_written_to_the_csv_as_its_bytes(tmp_path):
+    digit = Image.fromarray(255 - load_dataset("mnist-sample", progress=False).test_images[0])
+    (tmp_path / "odd").mkdir()
+    digit.save(tmp_path / "odd" / "plain.png")
+    digit.save(os.fsdecode(bytes(tmp_path / "odd") + b"/bad\xff.png"))
+    result = CliRunner().invoke(app, ["predict", str(tiny_run("mnist-sample")), str(tmp_path / "odd"),
+                                      "--out", str(tmp_path / "rows.csv")])
+    assert result.exit_code == 0, result.output
+    written = (tmp_path / "rows.csv").read_bytes()
+    assert b"/bad\xff.png," in written and b"/plain.png," in written

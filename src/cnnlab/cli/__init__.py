@@ -10,8 +10,10 @@ import contextlib
 import errno
 import io
 import os
+import signal
 import sys
 import threading
+from types import FrameType
 
 import typer
 
@@ -37,14 +39,39 @@ def main() -> None:
         print("error: the current directory no longer exists (it was deleted): cd to one that does",
               file=sys.stderr)
         exit_now(2)
+    stop_on_sigterm_as_on_ctrl_c()
     try:
         app()  # click's standalone mode: always ends in SystemExit
     except SystemExit as done:
-        exit_now(done.code)
+        exit_now(TERMINATED_STATUS if terminated and done.code == INTERRUPTED_STATUS else done.code)
     except OSError as exc:
         if not output_failed(exc):
             raise
         exit_now(report_output_failure(exc))
+
+
+INTERRUPTED_STATUS = 130  # 128 + SIGINT: how typer ends a command that Ctrl-C stopped
+TERMINATED_STATUS = 143  # 128 + SIGTERM
+terminated = False
+
+
+def stop_on_sigterm_as_on_ctrl_c() -> None:
+    """SIGTERM (`kill`, `timeout`, a service manager) stops a command the way Ctrl-C does, exit status 143.
+
+    Left to its default, SIGTERM ended the process on the spot: `predict DIR --out` left its temporary file, and
+    its decoding processes (which leave both signals to this one, `cnnlab.data.workers`) blocked for good on a
+    queue nobody read. As KeyboardInterrupt in the main thread, every `finally` runs instead. Training
+    (`engine.stop_on_signals`) and serving (uvicorn) set their own handlers while they run. A SIGTERM ignored
+    by whoever started cnnlab stays ignored."""
+    if threading.current_thread() is threading.main_thread() and \
+            signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, interrupt_on_sigterm)
+
+
+def interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    global terminated
+    terminated = True
+    raise KeyboardInterrupt
 
 
 STANDARD_STREAMS = ("stdin", "stdout", "stderr")
@@ -130,6 +157,8 @@ def exit_now(code: int | str | None) -> None:
     if isinstance(code, str):  # sys.exit("message"): printed, status 1
         print(code, file=sys.stderr)
     status = code if isinstance(code, int) else 0 if code is None else 1
+    for stop in (signal.SIGINT, signal.SIGTERM):  # the command is over: a late Ctrl-C has nothing left to stop,
+        signal.signal(stop, signal.SIG_IGN)  # and would only print a traceback from some exit handler
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -1,6 +1,7 @@
 """`cnnlab predict`, `export` and `serve`: use a trained run on your own pictures, elsewhere, or in a browser."""
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import sys
 from collections.abc import Iterable, Iterator
@@ -69,9 +70,10 @@ def predict(
     named = {str(path) for path in images if not path.is_dir()}
     walked = len(named) < len(images)
     tally, seen = Tally(), []
+    items = iter_predictions(predictor, expand(images))
 
     def tallied() -> Iterator[Prediction | FileError]:
-        for item in iter_predictions(predictor, expand(images)):
+        for item in items:
             tally.add(item)
             if isinstance(item, FileError):
                 print(f"error: {item.message}", file=sys.stderr)
@@ -79,20 +81,22 @@ def predict(
                 seen.append(item.image)
             yield item
 
-    if out is not None and kind is not None:
-        write_atomic(out, lambda tmp: write_lines(tmp, format_lines(tallied(), kind, predictor.classes)))
-    elif kind is not None:
-        for line in format_lines((i for i in tallied() if not isinstance(i, FileError)), kind, predictor.classes):
-            print(line, end="")
-    else:
-        for item in tallied():
-            if isinstance(item, FileError):
-                continue
-            if walked:
-                best = item.top(1)[0]
-                print(f"{item.file}: {best[0]} ({best[1]:.1%})")
-            else:
-                print_top(item.file, item.top(top_k))
+    with contextlib.closing(items):  # whatever stops the rows (an error, Ctrl-C) ends the decoding processes
+        if out is not None and kind is not None:
+            write_atomic(out, lambda tmp: write_lines(tmp, format_lines(tallied(), kind, predictor.classes)))
+        elif kind is not None:
+            for line in format_lines((i for i in tallied() if not isinstance(i, FileError)), kind,
+                                     predictor.classes):
+                print(line, end="")
+        else:
+            for item in tallied():
+                if isinstance(item, FileError):
+                    continue
+                if walked:
+                    best = item.top(1)[0]
+                    print(f"{item.file}: {best[0]} ({best[1]:.1%})")
+                else:
+                    print_top(item.file, item.top(top_k))
     quiet = kind is not None and out is None  # stdout holds the rows: the rest goes to stderr
     if out is not None:
         print(f"saved {out}", file=sys.stderr if quiet else sys.stdout)
@@ -105,7 +109,10 @@ def predict(
 
 
 def write_lines(tmp: Path, lines: Iterable[str]) -> None:
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+    from cnnlab.text import OUTPUT_ERRORS
+
+    # a file name that is not UTF-8 is written as the bytes it came from, as on stdout
+    with open(tmp, "w", encoding="utf-8", errors=OUTPUT_ERRORS, newline="") as handle:
         handle.writelines(lines)
 
 

@@ -40,6 +40,22 @@ class WorkerLoader(DataLoader):
         # signals cannot reach a worker that has not ignored them yet; in this process they arrive on unblocking.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            return super().__iter__()
-        finally:
+            iterator = super().__iter__()
+        except BaseException:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            raise
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C that came meanwhile is raised here
+        except BaseException:
+            # ...and the iterator would be lost with its workers running: they ignore SIGTERM, so
+            # multiprocessing's exit (terminate, then join) would wait for them for ever
+            shut_down(iterator)
+            raise
+        return iterator
+
+
+def shut_down(iterator: Any) -> None:
+    """End a DataLoader iterator's worker processes now (torch's multi-process iterator; others have none)."""
+    shutdown = getattr(iterator, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()

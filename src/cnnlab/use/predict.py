@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -185,10 +185,11 @@ def default_workers() -> int:
 
 
 def iter_predictions(predictor: Predictor, files: Sequence[str | Path], batch_size: int = 256,
-                     workers: int | None = None) -> Iterator[Prediction | FileError]:
+                     workers: int | None = None) -> Generator[Prediction | FileError, None, None]:
     """A Prediction (or a FileError, for an unreadable file) per file, in order, `batch_size` files per forward
     pass. `workers` processes (default min(4, CPUs); 0: this one) prepare the files while this one runs the model:
-    memory holds a few batches of prepared images, however many files there are."""
+    memory holds a few batches of prepared images, however many files there are. Close it (contextlib.closing)
+    when stopping early: its decoding processes end then."""
     pending: list[tuple[str, np.ndarray] | FileError] = []
 
     def flush() -> Iterator[Prediction | FileError]:
@@ -214,12 +215,17 @@ def prepared_files(predictor: Predictor, files: Sequence[str | Path], workers: i
     if workers == 0 or len(files) <= SMALL_SET:
         yield from (preparing[i] for i in range(len(preparing)))
         return
-    from cnnlab.data.workers import WorkerLoader
+    from cnnlab.data.workers import WorkerLoader, shut_down
 
     tasks = [range(start, min(start + FILES_PER_TASK, len(files))) for start in range(0, len(files), FILES_PER_TASK)]
     loader = WorkerLoader(preparing, batch_sampler=tasks, num_workers=workers, collate_fn=list, prefetch_factor=2)
-    for task in loader:
-        yield from task
+    batches = iter(loader)
+    try:
+        for task in batches:
+            yield from task
+    finally:  # the consumer failed or stopped early (this generator closed): end the decoding processes now,
+        # not at interpreter exit, where workers that ignore SIGTERM blocked the exit for good
+        shut_down(batches)
 
 
 @dataclass(frozen=True)
