@@ -147,7 +147,8 @@ def test_evaluate_refuses_a_folder_whose_classes_changed_and_keeps_test_json(fol
         shutil.rmtree(folder / "blue")
     # every command that opens the run's folder again, whichever way it reads it
     commands = [["evaluate", str(run)], ["show", "mistakes", str(run), "--out", str(run.parent / "m.png")],
-                ["show", "label-issues", str(run), "--json"]]
+                ["show", "label-issues", str(run), "--json"],
+                ["show", "batch", str(run), "--out", str(run.parent / "b.png")]]
     if importlib.util.find_spec("onnxruntime") is not None:  # the export extra: calibration reads the folder
         commands.append(["export", str(run), "--format", "onnx", "--quantize", "int8"])
     for command in commands:
@@ -158,7 +159,8 @@ def test_evaluate_refuses_a_folder_whose_classes_changed_and_keeps_test_json(fol
         word = {"rename": "renamed green -> lime", "add": "added yellow", "remove": "removed blue"}[change]
         assert word in error[0]
     assert (run / "test.json").read_bytes() == before
-    assert not (run.parent / "m.png").exists() and not (run / "model.int8.onnx").exists()
+    assert not (run.parent / "m.png").exists() and not (run.parent / "b.png").exists()
+    assert not (run / "model.int8.onnx").exists()
 
 
 def test_evaluate_warns_with_counts_when_files_changed(folder_run):

@@ -277,9 +277,10 @@ def show_batch(ctx: typer.Context,
     else:
         cfg = load_config_for(model, config, set_, **sections(dataset, data_dir, allow_checksum_mismatch))[0]
     from cnnlab.inspect.batch import first_batch, plot_batch
-    from cnnlab.pipeline import open_data
+    from cnnlab.pipeline import open_data, open_pinned_data
 
-    data = open_data(cfg, progress=False)
+    # a run's folder is checked against the one it pinned: a renamed class would label the batch wrongly
+    data = open_pinned_data(run, cfg, progress=False) if run is not None else open_data(cfg, progress=False)
     batch = first_batch(cfg, data)
     shown = save_png(out, lambda tmp: plot_batch(batch, data.classes, tmp, limit))
     counts = {data.classes[c]: n for c, n in enumerate(batch.labels.bincount(minlength=data.num_classes).tolist())
