@@ -139,6 +139,20 @@ def test_metric_names_and_override_values_keep_their_types():
     assert trial_config(spec, {"train.lr": 1e-7}).train.lr == 1e-7  # as text, "1e-07" read back as a string
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("extra, model", [
+    ({"dataset": "shapes/"}, "photos"),  # a colour folder: what `cnnlab train --dataset shapes/` trains
+    ({"dataset": "shapes/", "set": {"data.channels": 1}}, "seed"),  # read in grey
+    ({"dataset": "fashion-mnist"}, "seed"),
+    ({"dataset": "shapes/", "model": "seed"}, "seed"),  # named: kept
+])
+def test_a_sweep_that_names_no_model_trains_the_dataset_s_default_as_train_does(extra, model):
+    spec = parse_sweep({"method": "random", "metric": {"name": "val_acc"},
+                        "parameters": {"train.lr": {"min": 1e-3, "max": 1e-2}}, **extra})
+    assert spec.model == model and trial_config(spec, {"train.lr": 0.005}).model.name == model
+    assert (spec.model_line is not None) == (model == "photos" and "model" not in extra)
+
+
 HOOKS = Path(__file__).with_name("sweep_hooks.py")  # cnnlab with test hooks: see that file
 
 

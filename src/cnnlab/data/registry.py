@@ -257,8 +257,9 @@ def dataset_shape(data: DataConfig) -> tuple[tuple[int, int, int], int]:
 
 # -------------------------------------------------------------------- the model a dataset gets by default
 PHOTOS_MODEL = "photos"  # the preset for colour image folders when no model is named
-DEFAULT_MODEL_LINE = ("no model named: training 'photos', a small residual network with augmentation for colour "
-                      "image folders (--model seed is the lesson's CNN; cnnlab presets lists the others)")
+DEFAULT_MODEL_LINE = ("no model named: training 'photos', a small residual network with augmentation for image "
+                      "folders read in colour (grey pictures too: --set data.channels=1 reads them grey; --model seed "
+                      "is the lesson's CNN; cnnlab presets lists the others)")
 
 
 def default_model(data: DataConfig) -> str:

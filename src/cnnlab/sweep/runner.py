@@ -272,6 +272,8 @@ def run_workers(sweep: Sweep, workers: int, log: Callable[[str], object] = print
     """Run `workers` processes on this machine (1: in this process), splitting the CPU cores between them."""
     check_counts(sweep.trials, workers)
     check_dataset(trial_config(sweep.spec, {p.key: p.first() for p in sweep.spec.parameters}), sweep.base)
+    if sweep.spec.model_line is not None:
+        log(sweep.spec.model_line)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sweep.open()  # create the study once, before workers race to
     if workers <= 1:

@@ -11,7 +11,9 @@ from typing import Any, Literal
 from optuna.trial import Trial
 
 from cnnlab.config import Config, ConfigError, load_config
+from cnnlab.config.schema import DataConfig
 from cnnlab.config.yamlfile import FileRefused, YAMLProblem, read_yaml_file
+from cnnlab.data.registry import DEFAULT_MODEL_LINE, default_model
 from cnnlab.errors import UserError
 from cnnlab.files import check_regular
 from cnnlab.suggest import did_you_mean
@@ -91,6 +93,7 @@ class SweepSpec:
     seed: int = 0
     name: str | None = None
     epochs: int | None = None  # of the checked trial config: hyperband's default max_iter
+    model_line: str | None = None  # how the model was chosen when the file names none and the dataset's is not seed
 
     @property
     def direction(self) -> Literal["maximize", "minimize"]:
@@ -182,8 +185,17 @@ def parse_sweep(data: dict[str, Any]) -> SweepSpec:
             raise SweepError(f"parameters: the grid has {size:,} points, more than the {MAX_GRID:,} a sweep may "
                              f"visit ({' x '.join(str(len(p.grid_values())) for p in searched)}); use fewer values "
                              "or method random")
-    return SweepSpec(method, metric, goal, searched, model or "seed", dataset, fixed,
-                     parse_early_terminate(data.get("early_terminate")), parse_seed(data.get("seed", 0)), name)
+    chosen = model or dataset_default_model(dataset, fixed)
+    return SweepSpec(method, metric, goal, searched, chosen, dataset, fixed,
+                     parse_early_terminate(data.get("early_terminate")), parse_seed(data.get("seed", 0)), name,
+                     model_line=None if model or chosen == "seed" else DEFAULT_MODEL_LINE)
+
+
+def dataset_default_model(dataset: str | None, fixed: list[tuple[str, Any]]) -> str:
+    """The model `cnnlab train --dataset DATASET` trains when none is named (photos for a colour image folder)."""
+    channels = dict(fixed).get("data.channels", DataConfig.channels)
+    data = DataConfig(dataset=dataset or DataConfig.dataset, channels=channels if whole(channels) else 3)
+    return default_model(data)
 
 
 def optional_text(data: dict[str, Any], key: str) -> str | None:
