@@ -177,3 +177,30 @@ def test_an_output_never_replaces_a_run_s_own_files_or_takes_another_format_s_na
 def test_max_drop_without_quantize_is_refused(digits):
     result = run("export", digits, "--max-drop", "1")
     assert result.exit_code == 2 and "--max-drop: only with --quantize" in result.output
+
+
+def test_an_empty_folder_beside_a_file_is_one_error_line_and_the_file_is_still_predicted(digits, pictures, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = run("predict", digits, tmp_path / "empty", pictures / "zero.png")
+    assert result.exit_code == 1, result.output  # something named on the command line could not be read
+    assert f"error: {tmp_path / 'empty'}: no image files in this folder" in result.output
+    assert f"{pictures / 'zero.png'}: " in result.output and "predicted 1 file" in result.output
+
+
+def test_a_sub_folder_that_cannot_be_listed_is_reported_not_skipped(digits, pictures, tmp_path, monkeypatch):
+    import os
+
+    shutil.copytree(pictures, tmp_path / "walk" / "ok")
+    (tmp_path / "walk" / "locked").mkdir()
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if str(path).endswith("locked"):  # as for a folder of mode 000 (the suite may run as root)
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    result = run("predict", digits, tmp_path / "walk")
+    assert f"error: {tmp_path / 'walk' / 'locked'}: cannot list this folder: Permission denied" in result.output
+    summary = next(line for line in result.output.splitlines() if line.startswith("predicted"))
+    assert "2 unreadable" in summary, result.output  # the locked folder and the empty file

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import itertools
 import sys
 from collections.abc import Iterable, Iterator
 from enum import Enum
@@ -37,7 +38,8 @@ BackendOption = Annotated[BackendName, typer.Option(
 def predict(
     run: Run,
     images: Annotated[list[Path], typer.Argument(
-        help="Image files (PNG, JPEG, ... any size, colour or grey), or folders: every image file under them.")],
+        help="Image files (PNG, JPEG, ... any size, colour or grey), or folders: every image file under them.",
+        readable=False)],  # an unreadable file is one error line among the others' rows, not the end of the command
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, max=1000,
                                        help="How many classes to list per image named on the command line.")] = 3,
     json_: Annotated[bool, typer.Option("--json", help="One JSON object per image, one per line.")] = False,
@@ -67,13 +69,14 @@ def predict(
     predictor = Predictor.from_run(run)
     # Said on stderr (stdout may hold the rows), once the first picture has been read: a refused input makes nothing
     predictor.use_backend_when_needed(backend.value, lambda line: print(line, file=sys.stderr))
-    named = {str(path) for path in images if not path.is_dir()}
-    walked = len(named) < len(images)
+    named = {str(path) for path in images}
+    walked = any(path.is_dir() for path in images)
+    files, problems = expand(images)  # problems: an empty folder, a sub-folder that cannot be listed
     tally, seen = Tally(), []
-    items = iter_predictions(predictor, expand(images))
+    items = iter_predictions(predictor, files)
 
     def tallied() -> Iterator[Prediction | FileError]:
-        for item in items:
+        for item in itertools.chain(problems, items):
             tally.add(item)
             if isinstance(item, FileError):
                 print(f"error: {item.message}", file=sys.stderr)

@@ -26,29 +26,41 @@ class PredictInputError(UserError, ValueError):
     """A folder given to `cnnlab predict` that holds no image file, or output options that disagree."""
 
 
-def walk_images(folder: Path) -> list[Path]:
-    """The image files under `folder`, recursively, sorted by path; hidden entries and folder links skipped."""
+def walk_images(folder: Path, unreadable: list[FileError] | None = None) -> list[Path]:
+    """The image files under `folder`, recursively, sorted by path; hidden entries and folder links skipped. A
+    sub-folder that cannot be listed (no permission) is added to `unreadable`, when given, as a FileError."""
+    def refused(error: OSError) -> None:
+        if unreadable is not None:
+            where = error.filename or folder
+            unreadable.append(FileError(str(where), f"{where}: cannot list this folder: {error.strerror or error}"))
+
     found = []
-    for top, folders, files in os.walk(folder, followlinks=False, onerror=None):
+    for top, folders, files in os.walk(folder, followlinks=False, onerror=refused):
         folders[:] = sorted(f for f in folders if not f.startswith("."))
         found += [Path(top) / f for f in files
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
     return sorted(found)
 
 
-def expand(paths: Sequence[Path]) -> list[Path]:
-    """Files as given, each folder replaced by the image files under it; PredictInputError for one with none."""
+def expand(paths: Sequence[Path]) -> tuple[list[Path], list[FileError]]:
+    """Files as given, each folder replaced by the image files under it; and what could not be looked at: a
+    folder with no image file, a sub-folder that cannot be listed. PredictInputError when nothing is left."""
     files: list[Path] = []
+    problems: list[FileError] = []
     for path in paths:
         if path.is_dir():
-            inside = walk_images(path)
-            if not inside:
-                raise PredictInputError(f"{path}: no image files in this folder or below (looked for "
-                                  f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+            unreadable: list[FileError] = []
+            inside = walk_images(path, unreadable)
+            problems += unreadable
+            if not inside and not unreadable:
+                problems.append(FileError(str(path), f"{path}: no image files in this folder or below (looked for "
+                                                     f"{', '.join(sorted(IMAGE_EXTENSIONS))})"))
             files += inside
         else:
             files.append(path)
-    return files
+    if not files:
+        raise PredictInputError(problems[0].message if problems else "no image given")
+    return files, problems
 
 
 @dataclass
