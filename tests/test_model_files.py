@@ -493,3 +493,22 @@ def test_a_valid_file_whose_header_length_starts_like_a_pickle_still_loads(tmp_p
             assert torch.equal(tensors["x"], torch.ones(2)) and metadata["pad"] == "a" * pad
             return
     pytest.fail("no header length starting with 0x80 in the range tried")
+
+
+def test_a_model_file_that_may_not_be_read_says_so_not_that_it_is_missing(tmp_path, monkeypatch):
+    from cnnlab.runs import weights as weights_module
+    from use_runs import tiny_run
+
+    run = shutil.copytree(tiny_run("mnist-sample"), tmp_path / "run")
+    real_open = open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file).endswith("model.safetensors"):  # as for mode 000 (the suite may run as root)
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(weights_module, "open", refusing_open, raising=False)
+    result = CliRunner().invoke(cnnlab.cli.app, ["predict", str(run), "x.png"])
+    assert result.exit_code == 2
+    assert f"error: {run / 'model.safetensors'}: cannot read it: Permission denied" in result.output
+    assert "No such file" not in result.output

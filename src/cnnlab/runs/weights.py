@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cnnlab.config import Config, ConfigError
-from cnnlab.files import FileRefused, GiB, check_regular, write_atomic
+from cnnlab.files import FileRefused, GiB, check_regular, reason, write_atomic
 from cnnlab.models.cnn import CNN, build_model
 from cnnlab.runs.layout import RunError, check_run, path
 from cnnlab.runs.records import load_config
@@ -64,6 +64,11 @@ def read_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise RunError(str(exc)) from None
     if size > MAX_MODEL_BYTES:
         raise RunError(f"{file}: {size:,} bytes is more than a model file may hold ({MAX_MODEL_BYTES:,})")
+    try:  # safetensors says "No such file or directory" for a file it may not read: ask the system first
+        with open(file, "rb"):
+            pass
+    except OSError as exc:
+        raise RunError(f"{file}: cannot read it: {reason(exc)}") from None
     try:
         with safe_open(str(file), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
