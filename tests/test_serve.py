@@ -5,6 +5,7 @@ import base64
 import io
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -253,3 +254,22 @@ def test_a_huge_declared_length_is_answered_without_reading_the_body(server):
                      b"Content-Type: multipart/form-data; boundary=b\r\nContent-Length: 1000000000\r\n\r\n")
         reply = sock.recv(4096).decode()
     assert reply.startswith("HTTP/1.1 413") and "connection: close" in reply.lower()
+
+
+def test_a_client_that_leaves_mid_body_is_no_crash_in_the_log(server, caplog):
+    """A cut-short upload is a normal client event: one line in the log, no traceback, and the server goes on."""
+    import logging
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(str(server.base_url))
+    caplog.set_level(logging.INFO)
+    with socket.create_connection((where.hostname, where.port)) as connection:
+        connection.sendall(b"POST /api/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: image/png\r\n"
+                           b"Content-Length: 100\r\n\r\nabc")  # 3 of the 100 bytes promised, then gone
+    deadline = time.monotonic() + 10
+    while "went away" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "the client went away before its request was complete" in caplog.text
+    assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
+    assert server.get("/api/model").status_code == 200

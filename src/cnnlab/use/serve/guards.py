@@ -167,6 +167,7 @@ def error(message: object, status: int, headers: Mapping[str, str] | None = None
 def add_error_handlers(app: FastAPI, log: logging.Logger) -> None:
     """Every error is JSON {"error": "one line in words"}: no stack traces, no framework internals."""
     from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 
     @app.exception_handler(StarletteHTTPException)  # FastAPI's HTTPException is one too
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -183,6 +184,11 @@ def add_error_handlers(app: FastAPI, log: logging.Logger) -> None:
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = [f"{' '.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors()]
         return error(f"the request does not fit {request.url.path[:80]!r}: {'; '.join(problems)}", 400)
+
+    @app.exception_handler(ClientDisconnect)  # here, not under Exception, whose handler uvicorn logs as a crash
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        log.info("%s: the client went away before its request was complete", request.url.path[:80])
+        return error("the request ended before its body was complete", 400)  # nobody is left to read it
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
