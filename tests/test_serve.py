@@ -218,20 +218,29 @@ def test_serve_binds_to_loopback_by_default(monkeypatch):
 
     monkeypatch.setattr(server, "usable_cores", lambda: 2)  # one worker by default: served in this process
 
-    calls = []
+    calls, bound = [], []
 
     class Server:  # records the configuration instead of serving
         def __init__(self, config):
             calls.append(config)
 
-        def run(self):
+        def run(self, sockets=None):
+            pass
+
+    class Socket:  # records the address instead of binding it (port 8000 may be taken here)
+        def __init__(self, host, port):
+            bound.append((host, port))
+
+        def close(self):
             pass
 
     monkeypatch.setattr(uvicorn, "Server", Server)
+    monkeypatch.setattr(server, "listening_socket", Socket)
     result = CliRunner().invoke(app, ["serve", str(tiny_run("mnist-sample"))])
     assert result.exit_code == 0, result.output
     [config] = calls
     assert (config.host, config.port, config.limit_concurrency) == ("127.0.0.1", 8000, 512)
+    assert bound == [("127.0.0.1", 8000)]
     exposed = CliRunner().invoke(app, ["serve", str(tiny_run("mnist-sample")), "--host", "0.0.0.0"])
     assert "warning: listening on 0.0.0.0" in exposed.output
 

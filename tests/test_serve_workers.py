@@ -78,7 +78,8 @@ def test_two_workers_answer_and_stop_together(tmp_path):
         httpx.get(f"{url}/api/model", timeout=5)  # nothing listens any more
 
 
-def test_a_taken_port_is_one_line_before_any_worker_starts():
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_taken_port_is_one_line_before_any_worker_starts(workers):
     from typer.testing import CliRunner
 
     from cnnlab.cli import app
@@ -88,7 +89,7 @@ def test_a_taken_port_is_one_line_before_any_worker_starts():
         taken.listen()
         port = taken.getsockname()[1]
         result = CliRunner().invoke(app, ["serve", str(tiny_run("mnist-sample")), "--port", str(port),
-                                          "--workers", "2"])
+                                          "--workers", workers])
     assert result.exit_code == 2, result.output
     assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in result.output
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and "serving" not in result.output  # not announced, then failed

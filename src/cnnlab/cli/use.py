@@ -213,7 +213,7 @@ def serve(
 
         from cnnlab.use.serve.batching import BatchSettings
         from cnnlab.use.serve.guards import served_hosts
-        from cnnlab.use.serve.server import ServedApp, default_workers
+        from cnnlab.use.serve.server import ServedApp, default_workers, listening_socket
         from cnnlab.use.serve.server import serve as run_server
     except ImportError as exc:
         raise fail(f"serve needs the web packages ({exc.name} is missing): pip install 'cnnlab[serve]'") from None
@@ -228,11 +228,12 @@ def serve(
     if not is_loopback(host):
         print(f"warning: listening on {host}: anyone who can reach this machine can use the demo (as host "
               f"{', '.join(served.allowed_hosts)}; add names with --allowed-host)", file=sys.stderr)
+    listening = listening_socket(host, port)  # a port in use is one line, before the server says it serves
     processes = f" ({workers} worker processes)" if workers > 1 else ""
     print(f"serving {', '.join(application.state.batchers)} on http://{host}:{port}/{processes}  (Ctrl+C stops)")
     in_process = application if workers == 1 else None  # with workers, each loads its own copy: drop this one
     del application
-    run_server(served, host, port, workers, in_process)
+    run_server(served, host, port, workers, in_process, listening)
 
 
 def is_loopback(host: str) -> bool:

@@ -135,16 +135,20 @@ def default_workers(cores: int | None = None) -> int:
 
 
 def serve(served: ServedApp, host: str = "127.0.0.1", port: int = 8000, workers: int = 1,
-          application: FastAPI | None = None) -> None:
+          application: FastAPI | None = None, listening: socket.socket | None = None) -> None:
     """Run the server until Ctrl+C or SIGTERM: in this process (workers=1; `application` if already built), or
     in `workers` spawned processes that share one listening socket, the kernel handing each new connection
-    to one of them. Each worker loads the models itself and gets usable_cores() / workers torch threads."""
+    to one of them. Each worker loads the models itself and gets usable_cores() / workers torch threads.
+    `listening`: the socket, bound already (listening_socket), else bound here."""
     import uvicorn
 
+    listening = listening or listening_socket(host, port)
     if workers <= 1:
-        uvicorn.Server(server_config(application or served.build(), host, port)).run()
+        try:
+            uvicorn.Server(server_config(application or served.build(), host, port)).run(sockets=[listening])
+        finally:
+            listening.close()
         return
-    listening = listening_socket(host, port)
     threads = max(1, usable_cores() // workers)
     context = multiprocessing.get_context("spawn")  # never fork a process that holds torch's thread pools
     processes = [context.Process(target=run_worker, args=(served, listening, host, port, threads),
