@@ -251,3 +251,6 @@ def test_the_per_class_table_flags_classes_with_far_fewer_examples():
     assert "d" in [line.split()[0] for line in table.splitlines() if line.endswith("<- few examples")]
     assert "train.class_weights: balanced" in table
     assert few_examples(evaluation([50, 40, 30], ("a", "b", "c")).per_class) == []
+    untested = format_evaluation(evaluation([50, 40, 0], ("a", "b", "c")))  # c has no test image at all
+    assert "c" in [line.split()[0] for line in untested.splitlines() if line.endswith("<- no test image")]
+    assert "no test image: c" in untested and "few examples" not in untested

@@ -340,9 +340,11 @@ def test_class_without_images_is_named(tmp_path):
 
 def test_empty_split_says_counts_and_fractions(tmp_path):
     touch(tmp_path / "a/1.png"), touch(tmp_path / "b/1.png")
-    with pytest.raises(FolderError, match="split is empty \\(2 images, fractions") as error:
+    with pytest.raises(FolderError, match="split is empty \\(2 images; drawn: val 10%, test 10% of each class") \
+            as error:
         open_image_folder(tmp_path)
     assert str(tmp_path) in str(error.value)
+    assert "its own folder beside train/" in str(error.value)  # advice a user can follow: no key sets the fractions
 
 
 def test_split_layout_needs_train_and_test(tmp_path):

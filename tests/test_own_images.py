@@ -316,3 +316,29 @@ def test_sweep_status_refuses_a_name_that_leaves_the_sweeps_folder(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     refused = invoke("sweep", "status", "../../etc")
     assert refused.exit_code != 0 and refused.output.startswith("error:") and "Traceback" not in refused.output
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("batch, advice", [(64, "a lower --set train.batch_size (e.g. 8)"),
+                                           (8, "more images help most")])  # 8 already: not advised again
+def test_the_too_few_steps_advice_never_suggests_the_batch_size_in_use(batch, advice):
+    from cnnlab.config.schema import TrainConfig
+    from cnnlab.data.summary import FolderSummary, schedule_warnings
+
+    counts = {"train": {"a": 24, "b": 21}, "val": {"a": 3, "b": 3}, "test": {"a": 3, "b": 3}}
+    summary = FolderSummary("f", ("a", "b"), counts, counts, {}, {}, 0, (48, 48, 3), "pad", True, 0)
+    [warning] = schedule_warnings(summary, TrainConfig(batch_size=batch, schedule="constant"))
+    assert advice in warning and f"batches of {batch}" in warning
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("layout, advice", [("classes", "or put a test/ folder beside train/"),
+                                            ("splits", "add images to test/")])  # train/ and test/ already
+def test_the_small_test_split_advice_fits_the_folder_s_layout(layout, advice):
+    from cnnlab.data.summary import FolderSummary, data_warnings
+
+    counts = {"train": {"a": 40, "b": 40}, "val": {"a": 5, "b": 5}, "test": {"a": 5, "b": 5}}
+    summary = FolderSummary("f", ("a", "b"), counts, counts, {}, {}, 0, (48, 48, 3), "pad", True, 0,
+                            layout=layout)
+    [warning] = [w for w in data_warnings(summary) if "test images" in w]
+    assert warning.endswith(advice)

@@ -381,11 +381,15 @@ def format_evaluation(result: Evaluation) -> str:
     lines = [f"test accuracy {result.accuracy:.4f}   loss {result.loss:.4f}   "
              f"({int(result.confusion.sum())} images)", "",
              f"{'class':{width}}  precision  recall     f1  support"]
-    few = few_examples(result.per_class)
+    untested = [row["class_name"] for row in result.per_class if row["support"] == 0]
+    few = [name for name in few_examples(result.per_class) if name not in untested]
     for row in result.per_class:
-        flag = "  <- few examples" if row["class_name"] in few else ""
+        flag = ("  <- no test image" if row["class_name"] in untested
+                else "  <- few examples" if row["class_name"] in few else "")
         lines.append(f"{row['class_name']:{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  "
                      f"{row['f1']:5.3f}  {row['support']:7d}{flag}")
+    if untested:
+        lines.append(f"no test image: {', '.join(untested)}; its precision and recall say nothing: add images")
     if few:
         lines.append(f"few examples: {', '.join(few)} (under a third of the median class); "
                      "see train.class_weights: balanced, or train.sampling: balanced")

@@ -380,8 +380,10 @@ def _assemble(root: Path, scans: list[_Scan], assign: list[np.ndarray], fraction
     for split, name in enumerate(SPLIT_FOLDERS):
         chosen = np.flatnonzero(where == split)
         if len(chosen) == 0 and not (name == "val" and fractions.get("val") == 0):
-            raise FolderError(f"{root}: the {name} split is empty ({len(labels)} images, fractions {fractions}); "
-                              "add images or raise the fraction")
+            drawn = ", ".join(f"{split} {fraction:.0%}" for split, fraction in fractions.items())
+            drawn = f"; drawn: {drawn} of each class" if drawn else ""
+            raise FolderError(f"{root}: the {name} split is empty ({len(labels)} images{drawn}); add images, or "
+                              f"give it its own folder beside train/ ({name}/, with the same class folders)")
         sources.append(FolderSource(root, paths.take(chosen), labels[chosen], image_size, channels, workers))
     train, val, test = sources  # one per SPLIT_FOLDERS entry, in that order
     every_file = ((p, st) for scan in scans for p, st in zip(scan.paths, scan.stats))

@@ -40,6 +40,7 @@ class FolderSummary:
     in_memory: bool
     ignored: int  # files without an image's name
     warnings: list[str] = field(default_factory=list)
+    layout: str = "classes"  # "classes": splits drawn from root/<class>/; "splits": root/train/, root/test/ given
 
     @property
     def total(self) -> int:
@@ -107,6 +108,7 @@ def summarize(folder: ImageFolder, train: TrainConfig | None = None) -> FolderSu
     summary = FolderSummary(str(folder.root), folder.classes, counts, readable if folder.in_memory else None,
                             dict(skipped), sizes, sampled, folder.image_shape, folder.train.resize, folder.in_memory,
                             folder.ignored)
+    summary.layout = folder.layout
     summary.warnings = data_warnings(summary) + (schedule_warnings(summary, train) if train is not None else [])
     return summary
 
@@ -160,8 +162,8 @@ def data_warnings(summary: FolderSummary) -> list[str]:
     if few:
         out.append(f"{len(few)} class{'es have' if len(few) > 1 else ' has'} fewer than {FEW_TEST_IMAGES} test images "
                    f"({', '.join(few[:5])}{', ...' if len(few) > 5 else ''}): one image moves its accuracy by "
-                   f"{100 / max(1, min(n for n in test.values() if n)):.0f} points; add images, or put a test/ "
-                   "folder beside train/")
+                   f"{100 / max(1, min(n for n in test.values() if n)):.0f} points; add images"
+                   + (", or put a test/ folder beside train/" if summary.layout == "classes" else " to test/"))
     smallest, largest = min(train.values()), max(train.values())
     if smallest and largest / smallest >= IMBALANCE_RATIO:
         small = min(train, key=lambda name: train[name])
@@ -177,10 +179,12 @@ def schedule_warnings(summary: FolderSummary, train: TrainConfig) -> list[str]:
     images = sum(usable(summary, "train").values())
     steps = max(1, math.ceil(images / train.batch_size))
     out = []
+    smaller = max(8, 2 ** int(math.log2(max(1, images // 20))))
     if steps < 10:
         out.append(f"{images} training images in batches of {train.batch_size} make {steps} step"
-                   f"{'s' if steps > 1 else ''} an epoch: a lower --set train.batch_size (e.g. "
-                   f"{max(8, 2 ** int(math.log2(max(1, images // 20))))}) gives the optimiser more steps")
+                   f"{'s' if steps > 1 else ''} an epoch: "
+                   + (f"a lower --set train.batch_size (e.g. {smaller}) gives the optimiser more steps"
+                      if smaller < train.batch_size else "few for training from scratch; more images help most"))
     patience = train.early_stopping.patience
     warm_epochs = math.ceil(0.25 * train.epochs) if train.schedule == "onecycle" else 0
     if patience and warm_epochs and patience <= warm_epochs:
