@@ -342,3 +342,19 @@ def test_the_small_test_split_advice_fits_the_folder_s_layout(layout, advice):
                             layout=layout)
     [warning] = [w for w in data_warnings(summary) if "test images" in w]
     assert warning.endswith(advice)
+
+
+def test_a_moved_folder_is_named_as_the_run_s_and_data_dir_points_the_run_at_its_new_place(folder_run):
+    run, folder = folder_run
+    moved = folder.parent / "colours-moved"
+    folder.rename(moved)
+    lost = invoke("evaluate", str(run))
+    assert lost.exit_code == 2
+    assert f"the folder {run} was trained on is not there (moved or deleted?)" in lost.output
+    assert "--data-dir FOLDER" in lost.output
+    found = invoke("evaluate", str(run), "--data-dir", str(moved), "--json")
+    assert found.exit_code == 0, found.output
+    assert "changed since" not in found.output  # the same files: the pin holds
+    (moved / "green").rename(moved / "lime")  # another folder given as the new place: still refused
+    refused = invoke("show", "mistakes", str(run), "--data-dir", str(moved), "--out", str(run.parent / "m.png"))
+    assert refused.exit_code == 2 and "renamed green -> lime" in refused.output

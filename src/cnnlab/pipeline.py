@@ -29,7 +29,7 @@ from cnnlab.config import Config, ConfigError, TrainConfig, check_dataset_name, 
 from cnnlab.data.loading import Dataset
 from cnnlab.data.pinning import FolderChanged, check_folder
 from cnnlab.data.registry import is_image_folder, load_config_for
-from cnnlab.data.sources import Data, Subset, deal_folds, load_data, prepare_data
+from cnnlab.data.sources import Data, Subset, check_folder_there, deal_folds, load_data, prepare_data, with_data_dir
 from cnnlab.data.store import notify
 from cnnlab.errors import UserError
 from cnnlab.files import reason, write_atomic, write_json, write_text
@@ -113,8 +113,10 @@ def open_pinned_data(run: Path, config: Config, progress: bool = True, context: 
     in its manifest (FolderChanged, before anything is written, when its classes differ; a warning when its
     files do, or with `same_files` (resuming: the splits must be the ones it trained on) FolderChanged too).
     `hold` False: streamed (see open_data)."""
-    data = open_data(config, progress, context, hold=hold)
     recorded = (records.read_record(run, "manifest") or {}).get("image_folder")
+    if recorded:
+        check_folder_there(config, str(run))
+    data = open_data(config, progress, context, hold=hold)
     now = data.about.get("image_folder")
     for warning in check_folder(recorded, now, str(run)) if now else []:
         if same_files:
@@ -450,8 +452,7 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, progress: 
     A run that cannot be written (read-only, a full disk) raises ResultNotSaved, which holds the evaluation.
     """
     model, classes, config = load_model(run)
-    if data_dir is not None:
-        config.data.data_dir = str(data_dir)
+    config = with_data_dir(config, data_dir)
     data = open_pinned_data(Path(run), config, progress, hold=False)  # the test split, read once
     result, per_image = evaluate_with_files(model, data, config.train)
     try:

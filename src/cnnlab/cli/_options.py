@@ -20,7 +20,8 @@ Dataset = Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset na
                                                "a folder with one sub-folder of images per class; "
                                                "default mnist-sample, shipped with cnnlab.")]
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="Folder holding <dataset>/<dataset files>; "
-                                                 "default $CNNLAB_DATA, then the user cache, then system copies.")]
+                                                 "default $CNNLAB_DATA, then the user cache, then system copies. "
+                                                 "A run trained on an image folder: the folder's new place.")]
 RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run directories.")]
 Run = Annotated[Path, typer.Argument(help="Run directory (made by `cnnlab train`).")]
 LatestRun = Annotated[Path | None, typer.Argument(help="Run directory; default the latest under --runs-dir.")]

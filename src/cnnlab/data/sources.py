@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -178,10 +179,31 @@ def load_data(config: Config, progress: bool = True, summary: bool = False, hold
     FolderChanged when its classes are not the run's, a warning on stderr when its files changed
     (`cnnlab.data.pinning`)."""
     if is_image_folder(config.data.dataset):
+        if pinned is not None:
+            check_folder_there(config, run)
         data = folder_data(config, progress=progress, summary=summary, hold=hold)
         check_pinned(data, pinned, run)
         return data
     return prepare_data(open_dataset(config, progress), config)
+
+
+def with_data_dir(config: Config, data_dir: str | Path | None) -> Config:
+    """A run's config with --data-dir applied: where a named dataset's files are, or, for a run trained on an image
+    folder, the folder's new place (it moved); the pin still checks that it is the same folder."""
+    if data_dir is not None:
+        if is_image_folder(config.data.dataset):
+            config.data.dataset = str(Path(data_dir).resolve())
+        else:
+            config.data.data_dir = str(data_dir)
+    return config
+
+
+def check_folder_there(config: Config, run: str) -> None:
+    """A one-line error when the image folder a run was trained on is gone, saying how to point the run at it."""
+    folder = config.data.dataset
+    if is_image_folder(folder) and not Path(folder).is_dir():
+        raise ConfigError(f"{folder}: the folder {run} was trained on is not there (moved or deleted?); give its "
+                          "new place with --data-dir FOLDER (--resume needs it back where it was)")
 
 
 def check_pinned(data: Data, pinned: dict | None, run: str) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from cnnlab.data.pixels import image_input, to_pixels
 from cnnlab.data.registry import dataset_recipe, is_image_folder
-from cnnlab.data.sources import LOAD_ALL_BATCH, Data, load_data, open_test_set
+from cnnlab.data.sources import LOAD_ALL_BATCH, Data, load_data, open_test_set, with_data_dir
 from cnnlab.errors import UserError
 from cnnlab.inspect.activations import (
     FeatureMaps,
@@ -42,8 +42,7 @@ class LoadedRun:
     def __init__(self, run: str | Path, data_dir: str | Path | None = None):
         self.run = Path(run)
         self.model, self.classes, self.config = load_model(run)
-        if data_dir is not None:
-            self.config.data.data_dir = str(data_dir)
+        self.config = with_data_dir(self.config, data_dir)
 
     @property
     def name(self) -> str:
