@@ -358,3 +358,21 @@ def test_a_moved_folder_is_named_as_the_run_s_and_data_dir_points_the_run_at_its
     (moved / "green").rename(moved / "lime")  # another folder given as the new place: still refused
     refused = invoke("show", "mistakes", str(run), "--data-dir", str(moved), "--out", str(run.parent / "m.png"))
     assert refused.exit_code == 2 and "renamed green -> lime" in refused.output
+
+
+@pytest.mark.unit
+def test_a_runs_dir_that_is_a_file_or_a_taken_name_is_refused_before_the_folder_is_read(tmp_path, monkeypatch):
+    from cnnlab.data import sources
+
+    def never(*args, **kwargs):
+        raise AssertionError("the folder was read before the run's place was checked")
+
+    monkeypatch.setattr(sources, "folder_data", never)
+    folder = write_colour_folder(tmp_path / "colours", per_class=4)
+    (tmp_path / "afile").write_text("x")
+    as_file = invoke("train", "--dataset", str(folder), "--runs-dir", str(tmp_path / "afile"))
+    assert as_file.exit_code == 2 and f"--runs-dir {tmp_path / 'afile'}: {tmp_path / 'afile'} is a file, not a " \
+        "folder" in as_file.output, as_file.output
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+    taken = invoke("train", "--dataset", str(folder), "--runs-dir", str(tmp_path / "runs"), "--name", "taken")
+    assert taken.exit_code == 2 and "a run of that name exists" in taken.output, taken.output

@@ -168,6 +168,8 @@ def train(
             cfg = training_config(ctx, model, config, set_, init_from, sections(
                 dataset, data_dir, allow_checksum_mismatch, image_size, epochs=epochs, batch_size=batch_size, lr=lr,
                 seed=seed, threads=threads, device=device, keep_checkpoints=keep_checkpoints or None))
+            if not distributed.launched_by_torchrun():  # a restarted job reuses its run: pipeline checks
+                layout.check_new_run(runs_dir, name)  # before the data: a folder may take minutes to read
             context = distributed.init(cfg.train.device)
             if init_from is not None:
                 say(context, fine_tuning_line(init_from, cfg))

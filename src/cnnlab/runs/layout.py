@@ -81,9 +81,26 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_new_run(root: str | Path = DEFAULT_ROOT, name: str | None = None) -> None:
+    """RunError now, before any data is read, when a run cannot be made there: `root` is not a folder, or a run
+    of that `name` exists."""
+    root = Path(root)
+    if name is not None:
+        check_name(name)
+    for above in (root, *root.parents):
+        if above.exists() or above.is_symlink():
+            if not above.is_dir():
+                raise RunError(f"--runs-dir {root}: {above} is a file, not a folder")
+            break
+    if name is not None and (root / name).exists():
+        raise RunError(f"{root / name}: a run of that name exists; pick another name or --resume it")
+
+
 def new_run(config: Config, root: str | Path = DEFAULT_ROOT, name: str | None = None, reuse: bool = False) -> Path:
     """Create a fresh, empty run directory; never reuses an existing one unless `reuse` (a restarted job's)."""
-    if name is not None:
+    if not reuse:
+        check_new_run(root, name)
+    elif name is not None:
         check_name(name)
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
