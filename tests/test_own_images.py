@@ -376,3 +376,16 @@ def test_a_runs_dir_that_is_a_file_or_a_taken_name_is_refused_before_the_folder_
     (tmp_path / "runs" / "taken").mkdir(parents=True)
     taken = invoke("train", "--dataset", str(folder), "--runs-dir", str(tmp_path / "runs"), "--name", "taken")
     assert taken.exit_code == 2 and "a run of that name exists" in taken.output, taken.output
+
+
+@pytest.mark.unit
+def test_a_report_without_enough_test_images_for_a_map_says_so_and_keeps_the_rest(monkeypatch):
+    from cnnlab.inspect import report
+    from cnnlab.inspect.embedding import EmbeddingError
+
+    def too_few(*args, **kwargs):
+        raise EmbeddingError("a map needs at least 3 images, got 2")  # a folder's test split of 2 images
+
+    monkeypatch.setattr(report, "show_embedding", too_few)
+    section = report.map_section(loaded=None)
+    assert "No map: a map needs at least 3 images, got 2" in section

@@ -20,6 +20,7 @@ import numpy as np
 
 from cnnlab.files import write_text
 from cnnlab.images import png_data_url
+from cnnlab.inspect.embedding import EmbeddingError
 from cnnlab.inspect.figures import Mistake, plot_confusion
 from cnnlab.inspect.run_table import format_cell, run_row
 from cnnlab.inspect.show import (
@@ -154,7 +155,11 @@ def map_section(loaded: LoadedRun) -> str:
                      "pip install scikit-learn, then make the report again.)</p>")
     for method in methods:
         buffer = io.BytesIO()
-        described = show_embedding(loaded, buffer, method, MAP_IMAGES).describe()
+        try:
+            described = show_embedding(loaded, buffer, method, MAP_IMAGES).describe()
+        except EmbeddingError as exc:  # too few test images for a map: the rest of the report still stands
+            parts.append(f'<p class="note">(No map: {html.escape(str(exc))}.)</p>')
+            break
         uri = png_data_url(buffer.getvalue())
         parts.append(f"<p>{html.escape(described)}.</p>{img(uri, f'{method} map of the test images')}")
     return "".join(parts)
