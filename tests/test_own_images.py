@@ -389,3 +389,16 @@ def test_a_report_without_enough_test_images_for_a_map_says_so_and_keeps_the_res
     monkeypatch.setattr(report, "show_embedding", too_few)
     section = report.map_section(loaded=None)
     assert "No map: a map needs at least 3 images, got 2" in section
+
+
+def test_the_manifest_records_the_threads_the_run_was_given(tmp_path):
+    folder = write_colour_folder(tmp_path / "colours", per_class=12)
+    before = torch.get_num_threads()
+    wanted = 3 if before != 3 else 2  # not what the process has already
+    try:
+        trained = invoke("train", "--dataset", str(folder), *QUICK, "--threads", str(wanted), "--runs-dir",
+                         str(tmp_path / "runs"), "--name", "t")
+    finally:
+        torch.set_num_threads(before)
+    assert trained.exit_code == 0, trained.output
+    assert json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["threads"] == wanted

@@ -232,6 +232,7 @@ def train(config: Config | str | Path | None = None, root: str | Path = layout.D
     if name is not None:
         layout.check_name(name)  # before the data is loaded: a bad name costs nothing
     config = pinned(config)
+    prepare_process(config.train, context.device)  # threads first: the manifest records them, the data uses them
     if isinstance(dataset, Data):
         data = dataset
     else:
