@@ -402,3 +402,28 @@ def test_the_manifest_records_the_threads_the_run_was_given(tmp_path):
         torch.set_num_threads(before)
     assert trained.exit_code == 0, trained.output
     assert json.loads((tmp_path / "runs" / "t" / "manifest.json").read_text())["threads"] == wanted
+
+
+def test_a_huge_header_in_a_folder_is_counted_not_warned_about_by_pillow(tmp_path):
+    from use_runs import png_header_claiming
+
+    folder = write_colour_folder(tmp_path / "colours", per_class=10)
+    (folder / "red" / "huge.png").write_bytes(png_header_claiming(12000, 12000))  # 144 Mpx: Pillow warns
+    import warnings
+
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        shown = invoke("datasets", "info", str(folder))
+    assert shown.exit_code == 0, shown.output
+    assert not [w for w in raised if issubclass(w.category, Image.DecompressionBombWarning)]  # on the user's stderr
+    assert "too large" in shown.output
+
+
+@pytest.mark.unit
+def test_the_preview_of_a_big_folder_draws_a_bounded_number_of_pictures(tmp_path):
+    from cnnlab.use.predict import PREVIEW_IMAGES, save_preview
+
+    images = [np.full((28, 28), i % 256, np.uint8) for i in range(PREVIEW_IMAGES + 300)]
+    with Image.open(save_preview(images, tmp_path / "p.png")) as drawn:
+        rows = -(-PREVIEW_IMAGES // 10)  # ten a row
+        assert drawn.height == rows * (28 * 4 + 2) + 2

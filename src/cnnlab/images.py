@@ -92,7 +92,12 @@ def open_image(source: ImageFile, name: str | None = None, max_pixels: int = MAX
                 image = ImageOps.exif_transpose(opened)
                 image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageTooLarge(f"{label}: refused as a possible decompression bomb ({exc})") from None
+        # Pillow refuses a huge header itself, before its size reaches the check above: said the same way
+        counted = re.search(r"\((\d+) pixels\)", str(exc))
+        if counted is None or int(counted.group(1)) <= max_pixels:  # a caller that lifted the limit past Pillow's
+            raise ImageTooLarge(f"{label}: refused as a possible decompression bomb ({exc})") from None
+        raise ImageTooLarge(f"{label}: {int(counted.group(1)):,} pixels is more than the {max_pixels:,} "
+                            "allowed") from None
     except (FileNotFoundError, IsADirectoryError, PermissionError, ImageReadError, MemoryError, RecursionError):
         raise
     except Exception as exc:  # noqa: BLE001

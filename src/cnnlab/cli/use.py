@@ -17,6 +17,8 @@ from cnnlab.cli._errors import fail, friendly_errors
 from cnnlab.cli._options import Run, output_file
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from cnnlab.use.predict import Prediction
 
 
@@ -59,7 +61,7 @@ def predict(
     and a summary line. Exit status 1 when a file named on the command line could not be read."""
     from cnnlab.files import write_atomic
     from cnnlab.use.folder_predict import Tally, expand, format_lines, output_format
-    from cnnlab.use.predict import FileError, Predictor, iter_predictions, save_preview
+    from cnnlab.use.predict import PREVIEW_IMAGES, FileError, Predictor, iter_predictions, save_preview
 
     kind = output_format(out, csv_, json_)
     if out is not None:
@@ -72,7 +74,8 @@ def predict(
     named = {str(path) for path in images}
     walked = any(path.is_dir() for path in images)
     files, problems = expand(images)  # problems: an empty folder, a sub-folder that cannot be listed
-    tally, seen = Tally(), []
+    tally = Tally()
+    seen: list[np.ndarray] = []  # the prepared images --preview draws
     items = iter_predictions(predictor, files)
 
     def tallied() -> Iterator[Prediction | FileError]:
@@ -80,7 +83,7 @@ def predict(
             tally.add(item)
             if isinstance(item, FileError):
                 print(f"error: {item.message}", file=sys.stderr)
-            elif preview is not None:
+            elif preview is not None and len(seen) < PREVIEW_IMAGES:  # kept only while they will be drawn
                 seen.append(item.image)
             yield item
 

@@ -8,6 +8,7 @@ files were unreadable) and the headers of up to SIZE_SAMPLE pictures; no torch.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -129,8 +130,10 @@ def sample_sizes(folder: ImageFolder) -> tuple[dict[str, int], int]:
     sampled = 0
     for path in paths[::step]:
         try:
-            with Image.open(path) as image:  # the header only: nothing is decoded
-                sizes[f"{image.width}x{image.height}"] += 1
+            with warnings.catch_warnings():  # a huge header: counted as too large where it is decoded, not
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # Pillow's warning on stderr
+                with Image.open(path) as image:  # the header only: nothing is decoded
+                    sizes[f"{image.width}x{image.height}"] += 1
             sampled += 1
         except Exception:  # noqa: BLE001 -- an unreadable file is counted where it is decoded, not here
             continue

@@ -296,11 +296,14 @@ def preview_strip(images: list[np.ndarray], columns: int = 10, scale: int = 4, g
     return grid
 
 
+PREVIEW_IMAGES = 500  # at most this many in --preview: a folder of 3,000 made a 113-megapixel PNG (and 1 GB more)
+
+
 def save_preview(images: list[np.ndarray], out: str | Path) -> Path:
-    """Write the preview grid as a PNG (atomically)."""
+    """Write the preview grid of the first PREVIEW_IMAGES images as a PNG (atomically)."""
     from PIL import Image
 
     out = Path(out)
-    grid = preview_strip(images)
+    grid = preview_strip(images[:PREVIEW_IMAGES])
     write_atomic(out, lambda tmp: Image.fromarray(grid).save(tmp, format="PNG"))
     return out
