@@ -237,6 +237,8 @@ def test_a_signal_while_a_sweep_trial_tests_records_the_trial_and_stops_the_swee
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 130, done.stdout + done.stderr
     assert "stopped after trial 0, which is recorded. Resume with the same command" in done.stderr
+    # the command printed resumes this sweep: its options are in it (without them it started a new one)
+    assert f"--trials 2 --runs-dir {tmp_path / 'runs'})" in done.stderr
     trials = sweeps.load_study("sweep", sweeps.default_storage(tmp_path / "runs", "sweep")).get_trials()
     assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE]  # the second never started
 

@@ -164,6 +164,23 @@ def wait_for(path: Path, proc: subprocess.Popen, seconds: float = 300) -> None:
     assert path.exists(), f"the worker did not reach its first epoch (exit status {proc.poll()})"
 
 
+def test_a_trial_stopped_by_ctrl_c_says_so_in_the_status(tmp_path):
+    file = write_sweep(tmp_path, {"dropout": {"values": [0.0, 0.1, 0.2]}}, method="random", set={"epochs": 3})
+    args = ["sweep", "run", str(file), "--trials", "2", "--runs-dir", str(tmp_path / "runs")]
+    held = tmp_path / "held"  # the hook holds the worker after trial 0's first epoch
+    proc = subprocess.Popen([sys.executable, str(HOOKS), *args], env=dict(os.environ, CNNLAB_TEST_HOLD=str(held)),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(held, proc)
+    proc.send_signal(signal.SIGINT)  # the first asks the trial to stop after its step; the hook holds it there
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # the second stops it at once
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    status = CliRunner().invoke(app, ["sweep", "status", "sweep", "--runs-dir", str(tmp_path / "runs")])
+    assert "failed: interrupted (Ctrl-C or SIGTERM); queued again" in status.output, status.output
+    assert "no error recorded" not in status.output
+
+
 @pytest.mark.slow
 def test_killed_sweep_resumes_and_leaves_no_trial_running(tmp_path):
     file = write_sweep(tmp_path, {"dropout": {"values": [0.0, 0.1, 0.2]}}, method="random", set={"epochs": 3})

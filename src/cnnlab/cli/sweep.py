@@ -27,6 +27,9 @@ RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Folder that holds run
 Name = Annotated[str, typer.Argument(help="Sweep (study) name.")]
 
 
+TRIALS = 10  # --trials by default
+
+
 def storage_for(storage: str | None, runs_dir: Path, name: str) -> str:
     from cnnlab.sweep.study import default_storage
 
@@ -38,7 +41,7 @@ def storage_for(storage: str | None, runs_dir: Path, name: str) -> str:
 def run(
     file: Annotated[Path, typer.Argument(help="Sweep YAML (W&B format plus model, dataset, set).")],
     trials: Annotated[int, typer.Option("--trials", "-n", min=1, help="Trials in the whole study, all workers "
-                                        "and machines together.")] = 10,
+                                        "and machines together.")] = TRIALS,
     workers: Annotated[int, typer.Option("--workers", "-w", min=1, help="Worker processes on this machine.")] = 1,
     storage: Storage = None,
     name: Annotated[str | None, typer.Option(help="Sweep name; default the file's `name:` or its stem. "
@@ -63,7 +66,12 @@ def run(
         sweeps.run_workers(sweep, workers)
     except TrainingInterrupted as exc:
         what = str(exc) or "interrupted; the trial will be retried"
-        again = command("sweep", "run", file, "--name", name)
+        given: list[str] = []  # the options given, so the command resumes this sweep, not a new one
+        for flag, value, default in (("--trials", trials, TRIALS), ("--workers", workers, 1),
+                                     ("--runs-dir", runs_dir, RUNS_DIR)):
+            given += [flag, str(value)] if value != default else []
+        given += ["--storage", shown_storage(storage)] if storage else []  # its password hidden, if any
+        again = command("sweep", "run", file, "--name", name, *given)
         raise fail(f"{what}. Resume with the same command ({again})", code=130) from None
     summary = print_status(sweeps.load_study(name, sweep.storage))
     if summary.best is None:  # every trial failed (or was pruned): the sweep has no result to give

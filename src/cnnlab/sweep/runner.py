@@ -201,7 +201,8 @@ def run_trial(sweep: Sweep, study: optuna.Study, trial: Trial, datasets: TrialDa
         study.tell(trial, state=TrialState.PRUNED)
         log(f"trial {trial.number} {params}: pruned ({exc})")
         return TrialState.PRUNED
-    except TrainingInterrupted:  # Ctrl-C or SIGTERM: queue the trial again for the resumed sweep
+    except (TrainingInterrupted, KeyboardInterrupt):  # Ctrl-C (twice: at once) or SIGTERM: queued again
+        trial.set_user_attr("error", "interrupted (Ctrl-C or SIGTERM); queued again for the resumed sweep")
         requeue(study, trial)
         raise
     except (OSError, ConfigError, RuntimeError, ValueError) as exc:
