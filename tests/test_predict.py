@@ -204,3 +204,27 @@ def test_a_sub_folder_that_cannot_be_listed_is_reported_not_skipped(digits, pict
     assert f"error: {tmp_path / 'walk' / 'locked'}: cannot list this folder: Permission denied" in result.output
     summary = next(line for line in result.output.splitlines() if line.startswith("predicted"))
     assert "2 unreadable" in summary, result.output  # the locked folder and the empty file
+
+
+def test_a_model_whose_output_overflows_says_so_instead_of_naming_class_0(digits, pictures, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from cnnlab.use.serve import create_app
+    from use_runs import running_server
+
+    spiked = shutil.copytree(digits, tmp_path / "run", ignore=shutil.ignore_patterns("inference.onnx*"))
+    with safe_open(str(spiked / "model.safetensors"), "pt") as handle:
+        metadata, tensors = handle.metadata(), {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    for key in tensors:
+        if key.endswith("weight"):
+            tensors[key] = tensors[key] * 1e20  # finite weights whose products overflow to inf, then NaN
+    save_file(tensors, str(spiked / "model.safetensors"), metadata=metadata)
+    result = run("predict", spiked, pictures / "zero.png", "--json", "--backend", "torch")
+    assert result.exit_code == 2, result.output
+    assert "the model's output is not a number (NaN or infinite) for 1 of 1 pictures" in result.output
+    import httpx
+
+    with running_server(create_app([spiked])) as url:
+        answer = httpx.post(f"{url}/api/predict", files={"file": ("d.png", (pictures / "zero.png").read_bytes())})
+    assert answer.status_code == 500 and "not a number" in answer.json()["error"]

@@ -14,6 +14,7 @@ import numpy as np
 
 from cnnlab.data.pixels import images_tensor, to_inputs
 from cnnlab.data.registry import dataset_recipe, is_image_folder
+from cnnlab.errors import UserError
 from cnnlab.files import write_atomic
 from cnnlab.images import MAX_PIXELS, ImageFile, ImageReadError
 from cnnlab.models.cnn import CNN, count_parameters
@@ -104,7 +105,12 @@ class Predictor:
         # One forward pass at a time: each backend already spreads a pass over all its threads; a web server's
         # concurrent requests running passes side by side would oversubscribe the cores and stretch the slowest.
         with self.inference_lock:
-            return backend.probabilities(x.contiguous().numpy())
+            probabilities = backend.probabilities(x.contiguous().numpy())
+        broken = int((~np.isfinite(probabilities).all(axis=1)).sum())
+        if broken:  # finite weights can still overflow on some inputs: no class may be read from NaN
+            raise ModelOutputError(f"{self.name}: the model's output is not a number (NaN or infinite) for {broken} of "
+                                   f"{len(probabilities)} pictures: its weights overflow on them; retrain the run")
+        return probabilities
 
     def describe(self) -> dict:
         """What `GET /api/model` says about this model: never where it lives on disk (the server's callers
@@ -140,6 +146,10 @@ class Prediction:
         """The JSON of `cnnlab predict --json` and `POST /api/predict`."""
         return {"file": self.file, "label": self.label, "class_name": self.classes[self.label],
                 "probabilities": {name: float(p) for name, p in zip(self.classes, self.probabilities)}}
+
+
+class ModelOutputError(UserError, ArithmeticError):
+    """The model's forward pass gave NaN or infinite probabilities."""
 
 
 @dataclass

@@ -35,7 +35,7 @@ from starlette.datastructures import UploadFile as FormFile
 
 from cnnlab.errors import UserError
 from cnnlab.images import MAX_PIXELS, ImageReadError, ImageTooLarge, png_data_url
-from cnnlab.use.predict import Prediction, Predictor
+from cnnlab.use.predict import ModelOutputError, Prediction, Predictor
 from cnnlab.use.recipes import BlankImage
 from cnnlab.use.serve.batching import Batcher, BatchSettings, Forward, QueueFull
 from cnnlab.use.serve.guards import (
@@ -289,6 +289,8 @@ async def probabilities(batcher: Batcher, image: np.ndarray) -> np.ndarray:
     seconds = batcher.settings.timeout_s
     try:
         return await asyncio.wait_for(asyncio.wrap_future(pending), seconds)
+    except ModelOutputError as exc:  # the model's fault, not the request's: said, not hidden in the log
+        raise HTTPException(500, str(exc)) from None
     except asyncio.TimeoutError:  # (the builtin TimeoutError only from Python 3.11)
         batcher.withdraw(pending)
         raise HTTPException(504, f"model {batcher.name!r} did not answer within {seconds:g} s: the server is "
