@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from cnnlab.data.folder import FolderError, FolderSource, PathTable, decode_image, open_image_folder
+from cnnlab.data.folder_layout import class_names
 from cnnlab.data.sources import load_all
 from cnnlab.images import ImageTooLarge
 
@@ -360,3 +361,12 @@ def test_bad_arguments(tmp_path, kwargs):
     touch(tmp_path / "a/1.png"), touch(tmp_path / "b/1.png")
     with pytest.raises(FolderError):
         open_image_folder(tmp_path, **kwargs)
+
+
+def test_a_class_called_train_is_a_class_when_its_folder_holds_pictures(tmp_path):
+    for name in ("train", "car", "bus"):
+        for i in range(10):
+            solid(tmp_path / "vehicles" / name / f"{i}.png")
+    folder = open_image_folder(tmp_path / "vehicles")
+    assert folder.classes == ("bus", "car", "train") and folder.layout == "classes"
+    assert class_names(tmp_path / "vehicles") == ("bus", "car", "train")

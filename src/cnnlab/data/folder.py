@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cnnlab.data.folder_layout import FolderError
+from cnnlab.data.folder_layout import FolderError, split_folders
 from cnnlab.data.folder_source import MAX_IMAGE_FILE_BYTES, FolderSource, PathTable, decode_image  # noqa: F401
 from cnnlab.files import reason
 from cnnlab.text import utf8_text
@@ -299,10 +299,7 @@ def open_image_folder(root: str | Path, image_size: tuple[int, int] = (32, 32), 
                           "folder with one sub-folder of images per class (or train/ and test/ folders of those)")
     _check_fractions(val_fraction, test_fraction)
     names = {e.name for e in _visible_entries(root) if _is_dir(e, follow=True)}
-    present = [s for s in SPLIT_FOLDERS if s in names]
-    if present and not {"train", "test"} <= names:
-        raise FolderError(f"{root}: found {', '.join(s + '/' for s in present)} but the split layout needs both "
-                          f"{root / 'train'} and {root / 'test'} (each with one sub-folder per class)")
+    present = split_folders(root, names)
     walker = _Walker(root)
     scans, assign, fractions, layout = _split_layout(walker, present, val_fraction) if present else \
         _class_layout(walker, val_fraction, test_fraction)

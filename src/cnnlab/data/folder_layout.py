@@ -8,6 +8,7 @@ the images can tell (an empty class, a split left empty) is found when the folde
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from cnnlab.errors import UserError
@@ -41,6 +42,20 @@ def _shown(name: str) -> str:
     return name if name.isprintable() else repr(name)
 
 
+def split_folders(root: Path, names: Iterable[str]) -> list[str]:
+    """The split folders (train/, val/, test/) of `root`, whose sub-folders are `names`: all of them when root is
+    in the split layout, none when it is in the class layout (a class may be called train or test: its folder
+    holds pictures, not class folders). FolderError for a split layout without both train/ and test/."""
+    names = set(names)
+    present = [s for s in SPLIT_FOLDERS if s in names]
+    if not present or {"train", "test"} <= names:
+        return present
+    if not any(sub_folders(root / s) for s in present):
+        return []  # classes that happen to be named like splits
+    raise FolderError(f"{root}: found {', '.join(s + '/' for s in present)} but the split layout needs both "
+                      f"{root / 'train'} and {root / 'test'} (each with one sub-folder per class)")
+
+
 def class_names(root: str | Path) -> tuple[str, ...]:
     """The class names of the image folder `root`, from its folder names alone; FolderError saying what was
     expected when `root` is missing, not a folder, has train/ without test/, or fewer than 2 class folders."""
@@ -49,10 +64,7 @@ def class_names(root: str | Path) -> tuple[str, ...]:
         raise FolderError(f"{root}: {'not a directory' if root.exists() else 'no such folder'}; expected a "
                           "folder with one sub-folder of images per class (or train/ and test/ folders of those)")
     names = sub_folders(root)
-    present = [s for s in SPLIT_FOLDERS if s in names]
-    if present and not {"train", "test"} <= set(names):
-        raise FolderError(f"{root}: found {', '.join(s + '/' for s in present)} but the split layout needs both "
-                          f"{root / 'train'} and {root / 'test'} (each with one sub-folder per class)")
+    present = split_folders(root, names)
     folder = root / "train" if present else root
     classes = sub_folders(folder) if present else names
     if len(classes) < 2:
