@@ -123,3 +123,14 @@ def test_a_name_that_is_not_utf8_is_written_to_the_csv_as_its_bytes(tmp_path):
     assert result.exit_code == 0, result.output
     written = (tmp_path / "rows.csv").read_bytes()
     assert b"/bad\xff.png," in written and b"/plain.png," in written
+
+
+@pytest.mark.unit
+def test_a_worker_says_nothing_when_the_main_process_left_mid_hand_over(capsys):
+    from cnnlab.data.workers import quiet_when_the_main_process_left
+
+    for gone in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "Connection reset by peer")):
+        quiet_when_the_main_process_left(type(gone), gone, None)
+    assert capsys.readouterr().err == ""
+    quiet_when_the_main_process_left(ValueError, ValueError("a real bug"), None)  # anything else is reported
+    assert "ValueError: a real bug" in capsys.readouterr().err

@@ -10,6 +10,7 @@ then ends its workers itself, so workers ignore both signals. Every DataLoader i
 from __future__ import annotations
 
 import signal
+import sys
 from typing import Any
 
 from torch.utils.data import DataLoader
@@ -24,6 +25,19 @@ def ignore_stop_signals(worker_id: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    sys.excepthook = quiet_when_the_main_process_left
+
+
+# A worker hands each batch's shared memory to the main process through multiprocessing's resource sharer, a
+# thread that reports its errors through sys.excepthook. When Ctrl-C stops the main process mid-hand-over, the
+# sharer's connection breaks and it printed a traceback (BrokenPipeError, ConnectionResetError) into the
+# terminal, after the command had said how it stopped.
+MAIN_PROCESS_LEFT = (BrokenPipeError, ConnectionResetError, EOFError)
+
+
+def quiet_when_the_main_process_left(kind: type[BaseException], error: BaseException, trace: Any) -> None:
+    if not issubclass(kind, MAIN_PROCESS_LEFT):
+        sys.__excepthook__(kind, error, trace)
 
 
 class WorkerLoader(DataLoader):
