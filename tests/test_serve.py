@@ -282,3 +282,17 @@ def test_a_client_that_leaves_mid_body_is_no_crash_in_the_log(server, caplog):
     assert "the client went away before its request was complete" in caplog.text
     assert "Traceback" not in caplog.text and not any(r.exc_info for r in caplog.records)
     assert server.get("/api/model").status_code == 200
+
+
+def test_two_pictures_or_two_models_in_one_request_are_refused_not_half_read(server, digit_png):
+    two = server.post("/api/predict", files=[("file", ("a.png", digit_png, "image/png")),
+                                             ("file", ("b.png", digit_png, "image/png"))])
+    assert two.status_code == 400 and "send one picture per request" in two.json()["error"]
+    names = server.get("/api/model").json()["models"]
+    first, second = names[0]["name"], names[1]["name"]
+    both = server.post(f"/api/predict?model={first}", files={"file": ("a.png", digit_png, "image/png")},
+                       data={"model": second})
+    assert both.status_code == 400 and "two models named" in both.json()["error"]
+    same = server.post(f"/api/predict?model={first}", files={"file": ("a.png", digit_png, "image/png")},
+                       data={"model": first})
+    assert same.status_code == 200

@@ -148,7 +148,7 @@ def create_app(models: Sequence[str | Path | Predictor], max_upload_bytes: int =
         raw = is_raw_picture(request)  # the picture is the body: no form to parse (what scripts and apps send)
         form = None if raw else await read_form(request)
         field = None if form is None else picture_field(form)
-        chosen = request.query_params.get("model") or (None if form is None else form.get("model"))
+        chosen = chosen_model(request, form)
         predictor = choose_model(by_name, chosen, predictors[0])
         details = query_flag(request, "details")
         name = RAW_BODY_NAME if field is None else plain_name(field.filename)
@@ -207,9 +207,21 @@ async def read_form(request: Request) -> FormData:
     return form
 
 
+def chosen_model(request: Request, form: FormData | None) -> Any:
+    """The model a request names, in the query (?model=) or the form (field 'model'); 400 when they disagree."""
+    in_query = request.query_params.get("model")
+    in_form = None if form is None else form.get("model")
+    if in_query and isinstance(in_form, str) and in_form and in_form != in_query:
+        raise HTTPException(400, f"two models named: {in_query!r} in the query, {in_form!r} in the form; name one")
+    return in_query or in_form  # choose_model refuses a file in the field
+
+
 def picture_field(form: FormData) -> FormFile:
     """The uploaded file of field 'file'; 400 saying what was expected when it is missing or text."""
-    upload = form.get("file")
+    uploads = form.getlist("file")
+    if len(uploads) > 1:  # one answer per request: the others would be dropped without a word
+        raise HTTPException(400, f"{len(uploads)} 'file' fields: send one picture per request")
+    upload = uploads[0] if uploads else None
     if upload is None:
         raise HTTPException(400, "no picture in the request: send it as the multipart/form-data file field 'file'")
     if not isinstance(upload, FormFile):
