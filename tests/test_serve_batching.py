@@ -261,6 +261,7 @@ def serve_config(monkeypatch, *options: str):
     import uvicorn
 
     import cnnlab.cli.use  # noqa: F401
+    from cnnlab.use.serve import server
 
     calls = []
 
@@ -268,10 +269,18 @@ def serve_config(monkeypatch, *options: str):
         def __init__(self, config):
             calls.append(config)
 
-        def run(self):
+        def run(self, sockets=None):
+            pass
+
+    class Socket:  # not bound: port 8000 may be taken where the suite runs
+        def __init__(self, host, port):
+            pass
+
+        def close(self):
             pass
 
     monkeypatch.setattr(uvicorn, "Server", Server)
+    monkeypatch.setattr(server, "listening_socket", Socket)
     result = CliRunner().invoke(app, ["serve", str(tiny_run("mnist-sample")), *options])
     return result, calls
 
