@@ -355,6 +355,8 @@ def test_a_moved_folder_is_named_as_the_run_s_and_data_dir_points_the_run_at_its
     found = invoke("evaluate", str(run), "--data-dir", str(moved), "--json")
     assert found.exit_code == 0, found.output
     assert "changed since" not in found.output  # the same files: the pin holds
+    batch = invoke("show", "batch", str(run), "--data-dir", str(moved), "--out", str(run.parent / "b.png"))
+    assert batch.exit_code == 0, batch.output
     (moved / "green").rename(moved / "lime")  # another folder given as the new place: still refused
     refused = invoke("show", "mistakes", str(run), "--data-dir", str(moved), "--out", str(run.parent / "m.png"))
     assert refused.exit_code == 2 and "renamed green -> lime" in refused.output
@@ -427,3 +429,12 @@ def test_the_preview_of_a_big_folder_draws_a_bounded_number_of_pictures(tmp_path
     with Image.open(save_preview(images, tmp_path / "p.png")) as drawn:
         rows = -(-PREVIEW_IMAGES // 10)  # ten a row
         assert drawn.height == rows * (28 * 4 + 2) + 2
+
+
+@pytest.mark.unit
+def test_a_misspelt_key_on_a_folder_run_is_checked_against_the_model_that_trains(tmp_path):
+    folder = write_colour_folder(tmp_path / "colours", per_class=4)
+    refused = invoke("train", "--dataset", str(folder), "--set", "bogus=1", "--runs-dir", str(tmp_path / "runs"))
+    assert refused.exit_code == 2
+    assert "this model's knobs: filters, widen" in refused.output  # photos', not the lesson's seed's
+    assert not (tmp_path / "runs").exists()

@@ -270,10 +270,12 @@ def show_batch(ctx: typer.Context,
                  is not None and source.name != "DEFAULT"]
         if given:
             raise fail(f"the run's config.yaml says how it trains; drop {', '.join(given)} (or drop the run)")
+        from cnnlab.data.sources import with_data_dir
+
         cfg = records.load_config(layout.check_run(run, "config"))
-        if data_dir is not None or allow_checksum_mismatch:
-            cfg = load_config(None, None, None, base=cfg.to_dict(),
-                              **sections(None, data_dir, allow_checksum_mismatch))
+        if allow_checksum_mismatch:
+            cfg = load_config(None, None, None, base=cfg.to_dict(), **sections(None, None, True))
+        cfg = with_data_dir(cfg, data_dir)  # a folder run: the folder's new place (as evaluate and show take it)
     else:
         cfg = load_config_for(model, config, set_, **sections(dataset, data_dir, allow_checksum_mismatch))[0]
     from cnnlab.inspect.batch import first_batch, plot_batch

@@ -273,8 +273,16 @@ def load_config_for(model: str | None, file: str | Path | None = None,
                     **sections: dict) -> tuple[Config, str | None]:
     """`load_config` where `model` None means the dataset's default model (`default_model`); with the line
     that says which was chosen, or None when the model was named or is the lesson's."""
-    config = load_config(model or "seed", file, overrides, **sections)
     own_model = file is not None and "model" in (read_yaml(file) or {})  # a config file that describes a network
-    if model is not None or own_model or default_model(config.data) == "seed":
-        return config, None
-    return load_config(default_model(config.data), file, overrides, **sections), DEFAULT_MODEL_LINE
+    if model is not None or own_model:
+        return load_config(model or "seed", file, overrides, **sections), None
+    # The dataset decides the model, and the model decides which keys exist: the data settings are read first,
+    # so that a misspelt key is checked against the model that will train (photos' knobs for a folder, not seed's)
+    data_only = [item for item in overrides or [] if override_key(item).startswith("data.")]
+    chosen = default_model(load_config("seed", file, data_only, **sections).data)
+    return load_config(chosen, file, overrides, **sections), None if chosen == "seed" else DEFAULT_MODEL_LINE
+
+
+def override_key(item: str | tuple[str, Any]) -> str:
+    """The key of a `key=value` override (or of a (key, value) pair)."""
+    return item[0] if isinstance(item, tuple) else item.split("=", 1)[0].strip()
