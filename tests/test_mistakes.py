@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -173,3 +174,18 @@ def test_a_named_dataset_names_its_test_images_by_index():
     test = json.loads((run_dir / "test.json").read_text())
     assert [r["file"] for r in rows] == [str(i) for i in range(test["num_images"])]
     assert np.isclose(np.mean([r["true"] == r["predicted"] for r in rows]), test["accuracy"])
+
+
+@pytest.mark.unit
+def test_two_pictures_of_one_shape_in_two_colours_are_not_duplicates():
+    from cnnlab.inspect.label_issues import duplicate_pairs, thumbnails
+
+    disc = np.zeros((32, 32), np.uint8)
+    yy, xx = np.mgrid[:32, :32]
+    disc[(yy - 16) ** 2 + (xx - 16) ** 2 < 100] = 200
+    red, green = np.zeros((2, 3, 32, 32), np.uint8)
+    red[0], green[1] = disc, disc  # the same disc, in red and in green: equal in grey
+    copy = red.copy()
+    thumbs = thumbnails(torch.from_numpy(np.stack([red, green, copy])))
+    pairs = duplicate_pairs(thumbs, np.array([0, 2, 2]))  # red in train; green and red's copy in test
+    assert [(i, j) for i, j, _ in pairs] == [(0, 2)]  # the copy, not the green disc

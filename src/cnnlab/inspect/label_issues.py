@@ -115,18 +115,20 @@ def confident_issues(probabilities: np.ndarray, labels: np.ndarray) -> tuple[np.
 
 
 def thumbnails(images: torch.Tensor) -> np.ndarray:
-    """uint8 images (B, C, H, W) -> grey (B, THUMB, THUMB) float32, 0-255."""
-    grey = images.float().mean(dim=1, keepdim=True)
-    return F.adaptive_avg_pool2d(grey, THUMB)[:, 0].numpy()
+    """uint8 images (B, C, H, W) -> (B, C, THUMB, THUMB) float32, 0-255: colour kept (a red disc and a green one
+    in the same place are two pictures)."""
+    return F.adaptive_avg_pool2d(images.float(), THUMB).numpy()
 
 
 def duplicate_pairs(thumbs: np.ndarray, splits: np.ndarray) -> list[tuple[int, int, float]]:
-    """(earlier, later, difference) for thumbnails (N, THUMB, THUMB) in different splits that are one picture."""
+    """(earlier, later, difference) for thumbnails (N, C, THUMB, THUMB) in different splits that are one picture:
+    grouped by the average hash of their grey, then compared channel by channel."""
     n = len(thumbs)
-    small = thumbs.reshape(n, 8, THUMB // 8, 8, THUMB // 8).mean(axis=(2, 4)).reshape(n, 64)
+    grey = thumbs.mean(axis=1)  # (N, THUMB, THUMB)
+    small = grey.reshape(n, 8, THUMB // 8, 8, THUMB // 8).mean(axis=(2, 4)).reshape(n, 64)
     bits = np.packbits(small > small.mean(axis=1, keepdims=True), axis=1)  # (N, 8) the 64-bit average hash
     groups: dict[bytes, list[int]] = defaultdict(list)
-    for k in np.flatnonzero(thumbs.reshape(n, -1).std(axis=1) >= FLAT_LEVELS).tolist():
+    for k in np.flatnonzero(grey.reshape(n, -1).std(axis=1) >= FLAT_LEVELS).tolist():
         groups[bits[k].tobytes()].append(k)
     pairs: list[tuple[int, int, float]] = []
     for members in groups.values():
@@ -162,7 +164,8 @@ def read_split(loaded: LoadedRun, source: Source, predict: bool) -> tuple[np.nda
     if not positions:
         empty = np.zeros(0, dtype=np.int64)
         k = len(loaded.classes)
-        return empty, empty, np.zeros((0, THUMB, THUMB), np.float32), np.zeros((0, k)) if predict else None
+        channels = loaded.model.input_shape[2]
+        return empty, empty, np.zeros((0, channels, THUMB, THUMB), np.float32), np.zeros((0, k)) if predict else None
     return (np.concatenate(positions), np.concatenate(labels), np.concatenate(thumbs),
             np.concatenate(probabilities) if predict else None)
 
