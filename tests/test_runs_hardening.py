@@ -245,3 +245,17 @@ def test_evaluate_on_a_read_only_run_prints_the_evaluation_then_one_line_on_what
         else:
             assert any(line.startswith("test accuracy") for line in lines)
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing half-written, no temporary file
+
+
+@pytest.mark.parametrize("line, said", [
+    ('{"epoch": "x", "train_loss": 1.0}', 'epoch is "x", expected a whole number'),
+    ('{"epoch": 1, "train_loss": "abc"}', 'train_loss is "abc", expected a number'),
+])
+def test_a_metrics_value_of_the_wrong_type_is_one_line_not_a_traceback(tmp_path, line, said):
+    run = shutil.copytree(tiny_run("mnist-sample"), tmp_path / "run")
+    layout.path(run, "metrics").write_text(line + "\n")
+    for command in (["show", "curves", str(run), "--out", str(tmp_path / "c.png")],
+                    ["report", str(run), "--out", str(tmp_path / "r.html")]):
+        result = CliRunner().invoke(app, command)
+        assert result.exit_code == 2, result.output
+        assert f"metrics.jsonl: line 1: {said}" in result.output and "Traceback" not in result.output

@@ -99,8 +99,20 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
             raise RunError(f"{file}: line {number} is not JSON ({exc.msg}); expected one object per line") from None
         if not isinstance(row, dict):
             raise RunError(f"{file}: line {number} is a JSON {type(row).__name__}, expected an object per epoch")
+        wrong = next((key for key, value in row.items() if not metric_value(key, value)), None)
+        if wrong is not None:  # every reader does arithmetic on them: a text epoch ended in a TypeError
+            raise RunError(f"{file}: line {number}: {wrong} is {json.dumps(row[wrong])[:40]}, expected "
+                           f"{'a whole number' if wrong == 'epoch' else 'a number or null'}")
         rows.append(from_null(row))  # null: a number that was not finite (an epoch not validated)
     return rows
+
+
+def metric_value(key: str, value: Any) -> bool:
+    """Whether a metrics.jsonl value has the type its readers expect (`engine.EpochMetrics`): the epoch a whole
+    number, every other value a number (or null: one that was not finite)."""
+    if key == "epoch":
+        return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
 
 
 def rewrite_metrics(run: Path, history: list[dict[str, Any]]) -> None:
