@@ -241,3 +241,13 @@ def test_a_tall_kernel_grid_says_how_many_filters_it_leaves_out_and_keeps_its_ti
     wrapped = wrap_title(long_title + "\n(the first 16 of 32 filters shown)", 4.5)  # a 3-column grid's width
     assert wrapped.replace("\n", " ") == long_title + " (the first 16 of 32 filters shown)"
     assert all(len(line) <= 49 for line in wrapped.splitlines())
+
+
+@pytest.mark.unit
+def test_a_class_is_found_by_its_name_before_its_index():
+    from cnnlab.inspect.show import class_index
+
+    classes = ("10", "2", "3")  # a folder of classes named by numbers, in label (sorted) order
+    assert class_index(classes, "2") == 1 and class_index(classes, "10") == 0
+    assert class_index(classes, "0") == 0  # not a name: an index
+    assert class_index(("cat", "dog"), "DOG") == 1 and class_index(("cat", "dog"), "1") == 1

@@ -201,10 +201,11 @@ def show_curves(run: str | Path, out: Output) -> Output:
 
 
 def class_index(classes: tuple[str, ...], name_or_index: str) -> int:
-    """A class given by name (case-insensitive) or index."""
-    if name_or_index.isdigit() and int(name_or_index) < len(classes):
-        return int(name_or_index)
+    """A class given by name (case-insensitive), else by index: a name first, so that in a folder of classes
+    named 10, 2 and 3 (labels in that order) "2" is the class called 2, not label 2."""
     lowered = {c.lower(): i for i, c in enumerate(classes)}
     if name_or_index.lower() in lowered:
         return lowered[name_or_index.lower()]
+    if name_or_index.isdigit() and int(name_or_index) < len(classes):
+        return int(name_or_index)
     raise InputError(f"unknown class {name_or_index!r}; classes: {', '.join(classes)} (or 0..{len(classes) - 1})")
