@@ -121,7 +121,8 @@ def open_pinned_data(run: Path, config: Config, progress: bool = True, context: 
     for warning in check_folder(recorded, now, str(run)) if now else []:
         if same_files:
             raise FolderChanged(f"{warning}; --resume would go on with other splits (a test image could reach "
-                                "training): restore the folder, or train a new run on it")
+                                "training): restore the folder with its files' times (cp -p, rsync -a), or "
+                                "train a new run on it")
         if progress and context.is_main:
             notify(warning)
     return data

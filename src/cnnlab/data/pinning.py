@@ -5,6 +5,8 @@ digest of its file list (per class too), all in the run's manifest. Commands tha
   classes renamed, added, removed or reordered   refused, one line: label k would mean another class
   files added, removed or changed                a warning with counts per class: the classes still mean
                                                  what they meant, but the test is no longer the same test
+                                                 (a file is known by its path, size and modification time:
+                                                 a copy that did not keep the times counts as changed)
 
 No torch: this compares two `ImageFolder.describe()` records.
 """
@@ -68,9 +70,9 @@ def files_changed(recorded: dict[str, Any], now: dict[str, Any], run: str) -> st
         detail.append("files per class: " + ", ".join(moved[:LISTED]) + (" ..." if len(moved) > LISTED else ""))
     unchanged_count = [name for name in edited if dict(deltas).get(name) == 0]
     if unchanged_count:
-        detail.append(f"files replaced or edited in {', '.join(unchanged_count[:LISTED])}"
+        detail.append(f"files with another size or modification time in {', '.join(unchanged_count[:LISTED])}"
                       + (" ..." if len(unchanged_count) > LISTED else ""))
-    what = "; ".join(detail) or "files replaced or edited"
+    what = "; ".join(detail) or "files with another size or modification time"
     total_then, total_now = sum(then_counts.values()), sum(now_counts.values())
     return (f"{now['root']} changed since {run} was trained ({total_then} -> {total_now} files; {what}): "
             "the splits are not the ones it was tested on")
