@@ -438,3 +438,14 @@ def test_a_misspelt_key_on_a_folder_run_is_checked_against_the_model_that_trains
     assert refused.exit_code == 2
     assert "this model's knobs: filters, widen" in refused.output  # photos', not the lesson's seed's
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.unit
+def test_load_dataset_given_a_folder_says_it_is_one_and_what_takes_it(tmp_path, monkeypatch):
+    import cnnlab
+
+    write_colour_folder(tmp_path / "colours", per_class=2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(cnnlab.UserError) as error:
+        cnnlab.load_dataset("colours/")
+    assert "that is an image folder" in str(error.value) and "does not exist" not in str(error.value)

@@ -224,7 +224,11 @@ def get_dataset(name: str) -> DatasetSpec:
     except KeyError:
         near = did_you_mean(name, DATASETS)
         # a run trained on a relative folder, opened from elsewhere, lands here: say where a folder was looked for
-        folder = "" if near else f"; nor an image folder ({Path(name).absolute()} does not exist)"
+        if Path(name).is_dir():  # a folder, given to a function of registered datasets (load_dataset)
+            folder = ("; that is an image folder: this takes registered names, and cnnlab.train(dataset=...) "
+                      "and every command's --dataset take folders")
+        else:
+            folder = "" if near else f"; nor an image folder ({Path(name).absolute()} does not exist)"
         raise UnknownDataset(f"unknown dataset {name!r}{near} (known: {', '.join(DATASETS)}){folder}") from None
 
 
