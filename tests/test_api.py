@@ -61,6 +61,17 @@ def test_a_reopened_run_evaluates_as_its_test_did(keyword_run):
     assert again.test is None and again.evaluate().accuracy == pytest.approx(keyword_run.test.accuracy)
 
 
+def test_a_test_index_predicts_as_the_docs_say_an_image_may_be_given(keyword_run):
+    """docs/notebook.md: an image is a test index, a file or a PIL image; prediction(3) said "not a readable image"."""
+    again = cnnlab.open_run(keyword_run.run)
+    answer = again.predict(3)
+    assert answer.probabilities.shape == (10,) and answer.probabilities.sum() == pytest.approx(1.0, abs=1e-5)
+    test_image = cnnlab.load_dataset("mnist-sample", progress=False).test_images[3]
+    expected = again.predictor.probabilities(test_image[None])[0]  # the model on test image 3, read directly
+    assert answer.probabilities == pytest.approx(expected, abs=1e-6)
+    assert isinstance(again.show.prediction(3), Figure)
+
+
 @pytest.mark.unit
 def test_an_unknown_keyword_is_named_with_a_suggestion(tmp_path):
     with pytest.raises(cnnlab.UserError, match="'dropuot'; did you mean 'dropout'") as caught:

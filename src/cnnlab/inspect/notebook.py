@@ -89,9 +89,14 @@ class Run:
     def predictor(self) -> Predictor:
         return Predictor.from_run(self.run)
 
-    def predict(self, image: ImageFile) -> Prediction:
-        """One picture (a file, bytes or a PIL image) prepared as the dataset's were, and the model's answer;
-        `.top(3)` gives the three likeliest classes."""
+    def predict(self, image: Image) -> Prediction:
+        """One picture (a file, bytes, a PIL image, pixels, or a test index as `show` takes them) prepared as the
+        dataset's were, and the model's answer; `.top(3)` gives the three likeliest classes."""
+        if isinstance(image, (int, np.integer, np.ndarray)):  # a test image, or pixels: as run.show sees them
+            picture = self.show.picture(image)
+            pixels = picture.pixels
+            return Prediction(picture.source, pixels, self.predictor.probabilities(pixels[None])[0],
+                              self.predictor.classes)
         name = Path(image).name if isinstance(image, (str, Path)) else "image"
         return predict_image(self.predictor, image, name)
 
@@ -198,7 +203,7 @@ class RunPictures:
         """A map of the first `count` test images by the features the classifier reads (PCA or t-SNE)."""
         return png_figure(lambda out: show.show_embedding(self.loaded, out, method, count))
 
-    def prediction(self, image: ImageFile, top_k: int = 5) -> InlineFigure:
+    def prediction(self, image: Image, top_k: int = 5) -> InlineFigure:
         """The picture as the model received it, beside its `top_k` likeliest classes."""
         result = self.run.predict(image)
         top = result.top(top_k)
