@@ -73,6 +73,13 @@ def test_a_test_index_predicts_as_the_docs_say_an_image_may_be_given(keyword_run
 
 
 @pytest.mark.unit
+def test_a_preset_given_as_the_first_argument_is_pointed_to_model(tmp_path):
+    with pytest.raises(cnnlab.ConfigError, match="a preset is named as model='seed'"):
+        cnnlab.train("seed", epochs=1, root=tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.unit
 def test_an_unknown_keyword_is_named_with_a_suggestion(tmp_path):
     with pytest.raises(cnnlab.UserError, match="'dropuot'; did you mean 'dropout'") as caught:
         cnnlab.train(model="seed", dataset="mnist-sample", dropuot=0.4, root=tmp_path)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from cnnlab.config import Config, ConfigError, TrainConfig, check_dataset_name, dotted_keys
+from cnnlab.config import Config, ConfigError, TrainConfig, check_dataset_name, dotted_keys, list_presets
 from cnnlab.data.loading import Dataset
 from cnnlab.data.pinning import FolderChanged, check_folder
 from cnnlab.data.registry import is_image_folder, load_config_for
@@ -218,6 +218,9 @@ def train(config: Config | str | Path | None = None, root: str | Path = layout.D
         model=(model, (str, type(None)), "a model preset's name"))
     if isinstance(dataset, Path):
         dataset = str(dataset)  # an image folder's path
+    if isinstance(config, str) and config in list_presets() and not Path(config).exists():
+        raise ConfigError(f"train({config!r}, ...): the first argument is a Config or a YAML file; a preset is "
+                          f"named as model={config!r}")
     keywords = not isinstance(config, Config)
     if not isinstance(config, Config):
         config = keyword_config(model, config, dataset if isinstance(dataset, str) else None, settings)
