@@ -134,3 +134,23 @@ def test_a_worker_says_nothing_when_the_main_process_left_mid_hand_over(capsys):
     assert capsys.readouterr().err == ""
     quiet_when_the_main_process_left(ValueError, ValueError("a real bug"), None)  # anything else is reported
     assert "ValueError: a real bug" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_a_stop_signal_the_moment_the_temporary_file_exists_leaves_nothing(tmp_path, monkeypatch):
+    """The instant between making the temporary file and the `try` that removes it: a Ctrl-C there left it."""
+    import tempfile
+
+    from cnnlab.files import write_atomic
+
+    real_mkstemp = tempfile.mkstemp
+
+    def mkstemp_then_ctrl_c(*args, **kwargs):
+        made = real_mkstemp(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)  # delivered now, as the file exists
+        return made
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(tmp_path / "rows.csv", lambda tmp: tmp.write_text("a,b\n"))
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import stat
 import tempfile
 from collections.abc import Callable, Iterator
@@ -199,18 +200,24 @@ def write_atomic(path: str | Path, write: Callable[[Path], object],
     Returns the file written (a link's target). Nothing is left behind when `write` fails.
     """
     target = output_target(path)
-    # .<name>.<pid>.<random>.tmp<suffix>: the pid lets a later writer tell a dead writer's leftovers from a
-    # live one's; the suffix keeps libraries that choose a format by extension (Pillow, ONNX) happy
+    tmp: str | None = None
+    # Ctrl-C or SIGTERM (a KeyboardInterrupt, `cnnlab.cli`) waits while the temporary file is made, and arrives once
+    # its name is known, inside the `try` that removes it: between the two it left the file behind
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(target)}{os.getpid()}.", suffix=f".tmp{target.suffix}",
-                                   dir=target.parent)
-    except OSError as exc:  # name the file the user asked for, not the hidden temporary one
-        raise type(exc)(exc.errno, exc.strerror, str(target)) from None
-    os.close(fd)
-    # mkstemp makes the file private (0600); give it the mode a plain open() would: the old file's, or the umask's.
-    # Set after `write`: a writer may replace the file it is handed (safetensors' save_file writes a new 0600 one).
-    mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~current_umask()
-    try:
+        # .<name>.<pid>.<random>.tmp<suffix>: the pid lets a later writer tell a dead writer's leftovers from a
+        # live one's; the suffix keeps libraries that choose a format by extension (Pillow, ONNX) happy
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(target)}{os.getpid()}.",
+                                       suffix=f".tmp{target.suffix}", dir=target.parent)
+        except OSError as exc:  # name the file the user asked for, not the hidden temporary one
+            raise type(exc)(exc.errno, exc.strerror, str(target)) from None
+        os.close(fd)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        # mkstemp makes the file private (0600); give it the mode a plain open() would: the old file's, or the
+        # umask's. Set after `write`: a writer may replace the file it is handed (safetensors' save_file writes a
+        # new 0600 one).
+        mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~current_umask()
         write(Path(tmp))
         os.chmod(tmp, mode)
         with open(tmp, "rb") as handle:
@@ -223,8 +230,13 @@ def write_atomic(path: str | Path, write: Callable[[Path], object],
             raise
         raise type(exc)(exc.errno, exc.strerror, str(target)) from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     return target
+
+
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def current_umask() -> int:

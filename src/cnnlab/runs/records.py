@@ -101,7 +101,7 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
             raise RunError(f"{file}: line {number} is a JSON {type(row).__name__}, expected an object per epoch")
         wrong = next((key for key, value in row.items() if not metric_value(key, value)), None)
         if wrong is not None:  # every reader does arithmetic on them: a text epoch ended in a TypeError
-            raise RunError(f"{file}: line {number}: {wrong} is {json.dumps(row[wrong])[:40]}, expected "
+            raise RunError(f"{file}: line {number}: {wrong} is {to_json(row[wrong])[:40]}, expected "
                            f"{'a whole number' if wrong == 'epoch' else 'a number or null'}")
         rows.append(from_null(row))  # null: a number that was not finite (an epoch not validated)
     return rows
