@@ -139,18 +139,17 @@ def test_a_worker_says_nothing_when_the_main_process_left_mid_hand_over(capsys):
 @pytest.mark.unit
 def test_a_stop_signal_the_moment_the_temporary_file_exists_leaves_nothing(tmp_path, monkeypatch):
     """The instant between making the temporary file and the `try` that removes it: a Ctrl-C there left it."""
-    import tempfile
-
     from cnnlab.files import write_atomic
 
-    real_mkstemp = tempfile.mkstemp
+    real_open = os.open
 
-    def mkstemp_then_ctrl_c(*args, **kwargs):
-        made = real_mkstemp(*args, **kwargs)
-        os.kill(os.getpid(), signal.SIGINT)  # delivered now, as the file exists
+    def open_then_ctrl_c(file, flags, *args, **kwargs):
+        made = real_open(file, flags, *args, **kwargs)
+        if flags & os.O_EXCL:  # the temporary file: Ctrl-C the instant it exists
+            signal.raise_signal(signal.SIGINT)  # its handler raises KeyboardInterrupt at the next instruction
         return made
 
-    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_then_ctrl_c)
+    monkeypatch.setattr(os, "open", open_then_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         write_atomic(tmp_path / "rows.csv", lambda tmp: tmp.write_text("a,b\n"))
     assert list(tmp_path.iterdir()) == []

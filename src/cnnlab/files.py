@@ -14,9 +14,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
+import secrets
 import stat
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -201,22 +200,28 @@ def write_atomic(path: str | Path, write: Callable[[Path], object],
     """
     target = output_target(path)
     tmp: str | None = None
-    # Ctrl-C or SIGTERM (a KeyboardInterrupt, `cnnlab.cli`) waits while the temporary file is made, and arrives once
-    # its name is known, inside the `try` that removes it: between the two it left the file behind
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     try:
-        # .<name>.<pid>.<random>.tmp<suffix>: the pid lets a later writer tell a dead writer's leftovers from a
-        # live one's; the suffix keeps libraries that choose a format by extension (Pillow, ONNX) happy
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f"{temp_prefix(target)}{os.getpid()}.",
-                                       suffix=f".tmp{target.suffix}", dir=target.parent)
-        except OSError as exc:  # name the file the user asked for, not the hidden temporary one
-            raise type(exc)(exc.errno, exc.strerror, str(target)) from None
-        os.close(fd)
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        # mkstemp makes the file private (0600); give it the mode a plain open() would: the old file's, or the
-        # umask's. Set after `write`: a writer may replace the file it is handed (safetensors' save_file writes a
-        # new 0600 one).
+        # The name first, then the file, inside the `try` that removes it: a Ctrl-C or SIGTERM (a KeyboardInterrupt,
+        # `cnnlab.cli`) the instant the file exists finds its name known (between mkstemp's return and a `try`
+        # it left the file behind)
+        for _ in range(100):
+            # .<name>.<pid>.<random>.tmp<suffix>: the pid lets a later writer tell a dead writer's leftovers from a
+            # live one's; the suffix keeps libraries that choose a format by extension (Pillow, ONNX) happy
+            tmp = str(target.parent / f"{temp_prefix(target)}{os.getpid()}.{secrets.token_hex(4)}.tmp{target.suffix}")
+            try:
+                os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:  # name the file the user asked for, not the hidden temporary one
+                tmp = None
+                raise type(exc)(exc.errno, exc.strerror, str(target)) from None
+        else:  # a hundred names taken: never write into (or remove) another writer's file
+            tmp = None
+            raise FileExistsError(errno.EEXIST, "no free temporary name beside it", str(target))
+        # The file is made private (0600); give it the mode a plain open() would: the old file's, or the umask's.
+        # Set after `write`: a writer may replace the file it is handed (safetensors' save_file writes a new 0600
+        # one).
         mode = stat.S_IMODE(target.stat().st_mode) if target.exists() else 0o666 & ~current_umask()
         write(Path(tmp))
         os.chmod(tmp, mode)
@@ -230,13 +235,9 @@ def write_atomic(path: str | Path, write: Callable[[Path], object],
             raise
         raise type(exc)(exc.errno, exc.strerror, str(target)) from None
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
     return target
-
-
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def current_umask() -> int:
