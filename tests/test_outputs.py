@@ -118,13 +118,16 @@ def test_a_command_output_is_readable_by_others_under_the_usual_umask(tmp_path, 
 
 def test_an_unwritable_folder_is_named_as_the_user_gave_it(tmp_path, monkeypatch):
     import errno
-    import tempfile
 
-    def refuse(prefix: str = "", suffix: str = "", dir: str = "") -> tuple[int, str]:
-        # what the system says when the folder is not writable (tests may run as root, who can write anywhere)
-        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, prefix + "x" + suffix))
+    real_open = os.open
 
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    def refuse(file, flags, *args, **kwargs):
+        if flags & os.O_EXCL:  # the temporary file beside the output: the folder is not writable
+            # what the system says then (tests may run as root, who can write anywhere)
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
     out = tmp_path / "blurred.png"
     result = runner.invoke(app, commands(tiny_run(), out)["convolve"])
     assert result.exit_code == 2 and f"{out}: Permission denied" in result.output, result.output
