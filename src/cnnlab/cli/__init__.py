@@ -157,8 +157,10 @@ def exit_now(code: int | str | None) -> None:
     if isinstance(code, str):  # sys.exit("message"): printed, status 1
         print(code, file=sys.stderr)
     status = code if isinstance(code, int) else 0 if code is None else 1
-    for stop in (signal.SIGINT, signal.SIGTERM):  # the command is over: a late Ctrl-C has nothing left to stop,
-        signal.signal(stop, signal.SIG_IGN)  # and would only print a traceback from some exit handler
+    # The command is over: a late Ctrl-C or SIGTERM ends the process at once, with no traceback from whichever
+    # exit handler it lands in (as a KeyboardInterrupt it printed one), and still breaks an exit that hangs
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(INTERRUPTED_STATUS))
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(TERMINATED_STATUS))
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
